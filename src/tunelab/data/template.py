@@ -1,0 +1,137 @@
+"""Chat-template rendering and loss masking for the canonical conversation form.
+
+A canonical record is ``{"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}`` with an
+optional ``"tools"`` entry. The tokenizer's own chat template renders it (any template, nothing hard-coded); the
+trained spans are found by rendering the conversation up to each assistant turn, so each span covers the
+assistant's content *and* the template's end-of-turn token(s) — the model learns to stop.
+
+    enc = encode_record(tokenizer, record["messages"], max_length=512)
+    enc.input_ids, enc.labels   # labels are -100 outside the trained spans (unshifted, HF convention)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(TunelabError, ValueError):
+    """The chat template cannot render this conversation in a way we can mask safely."""
+
+
+class RecordRejected(ValueError):
+    """A record that must not be trained (e.g. nothing left to train after truncation)."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    eos_appended: bool = False
+    spans: list[tuple[int, int]] = field(default_factory=list)  # trained token spans [start, end)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def render(tokenizer, messages: list[dict[str, Any]], tools: Any = None, add_generation_prompt: bool = False) -> str:
+    kwargs = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict[str, Any]], tools: Any = None,
+                         train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of the assistant turns that carry loss."""
+    text = render(tokenizer, messages, tools)
+    if train_on == "all":
+        return text, [(0, len(text))]
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        idx = idx[-1:]
+    spans = []
+    for i in idx:
+        before = render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1], tools)
+        if not (text.startswith(before) and text.startswith(upto)) or len(upto) <= len(before):
+            raise TemplateError(
+                f"the chat template renders turn {i + 1} differently inside the whole conversation than on its own "
+                "(some templates rewrite earlier turns, e.g. dropping reasoning); use data.train_on=last_assistant")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return ids
+
+
+def encode_record(tokenizer, messages: list[dict[str, Any]], *, tools: Any = None, max_length: int | None = None,
+                  train_on: str = "assistant", overflow: str = "truncate") -> Encoded:
+    """Tokenise one conversation and build its labels. Raises RecordRejected when nothing would be trained."""
+    text, spans = assistant_char_spans(tokenizer, messages, tools, train_on)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    tok_spans = []
+    for start_c, end_c in spans:
+        first = last = None
+        for t, (s, e) in enumerate(offsets):
+            if start_c <= s < end_c:
+                labels[t] = ids[t]
+                first = t if first is None else first
+                last = t
+        if first is not None:
+            tok_spans.append((first, last + 1))
+    eos_appended = False
+    if train_on != "all" and tok_spans and tokenizer.eos_token_id is not None:
+        s, e = tok_spans[-1]
+        if not set(ids[s:e]) & _eos_ids(tokenizer):
+            # The template closes assistant turns with no stop token (some base-model templates): add EOS so
+            # the model learns to stop, and train on it.
+            ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
+            tok_spans[-1] = (s, len(ids))
+            eos_appended = True
+    if not tok_spans:
+        raise RecordRejected("no assistant answer to train on (every label would be masked)")
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        if overflow == "drop":
+            raise RecordRejected(f"{len(ids)} tokens is longer than data.max_length={max_length} (overflow=drop)")
+        if overflow == "truncate":
+            ids, labels, truncated = ids[:max_length], labels[:max_length], True
+            tok_spans = [(s, min(e, max_length)) for s, e in tok_spans if s < max_length]
+            if not tok_spans or all(x == IGNORE_INDEX for x in labels):
+                raise RecordRejected(f"nothing left to train after truncation to data.max_length={max_length} "
+                                     "(the prompt alone fills it); raise max_length or shorten the prompt")
+    return Encoded(ids, labels, truncated, eos_appended, tok_spans)
+
+
+def prompt_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """Split a conversation into (the prompt up to its last assistant turn, that turn's text as reference)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "assistant":
+            return messages[:i], messages[i]["content"]
+    return messages, None
+
+
+def show_trained_span(tokenizer, enc: Encoded, open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """Decode a record with the trained spans wrapped in markers, so a person sees what the loss covers."""
+    out, pos = [], 0
+    for s, e in enc.spans:
+        out.append(tokenizer.decode(enc.input_ids[pos:s]))
+        out.append(open_mark + tokenizer.decode(enc.input_ids[s:e]) + close_mark)
+        pos = e
+    out.append(tokenizer.decode(enc.input_ids[pos:]))
+    return "".join(out)

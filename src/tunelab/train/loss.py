@@ -1,0 +1,69 @@
+"""Causal-LM loss that never materialises full-vocabulary logits for tokens that carry no loss.
+
+The decoder runs once; only the hidden states at trained positions go through the output head, in chunks of
+`chunk_size` tokens, each chunk recomputed in backward (so at most one chunk of `chunk_size x vocab` logits is
+alive at a time). The sum of token losses and the token count are returned, so callers weight by tokens across
+micro-batches and processes: loss = sum / count, perplexity = exp(sum / count).
+
+Used by training and by `tunelab eval` alike, so eval perplexity is exactly exp(eval loss) of training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tunelab.data.template import IGNORE_INDEX
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a (peft) causal LM; forward returns (loss_sum, num_tokens). DDP/FSDP wrap this module."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        base = _base(self.model)
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
+            # Models that post-process logits (Gemma 2, Cohere): use their own head, still without storing
+            # logits for untrained tokens.
+            return self._fallback(input_ids, labels, attention_mask, position_ids)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        hidden, targets = hidden[keep], targets[keep]
+        count = torch.tensor(targets.numel(), device=input_ids.device)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), self.chunk_size):
+            h, t = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_head_loss, head, h, t, use_reentrant=False)
+            else:
+                total = total + _head_loss(head, h, t)
+        if targets.numel() == 0:  # keep the graph connected so DDP sees every parameter used
+            total = total + 0.0 * hidden.sum()
+        return total, count
+
+    def _fallback(self, input_ids, labels, attention_mask, position_ids):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).logits[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
