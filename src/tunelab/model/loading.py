@@ -120,10 +120,11 @@ class DtypeChoice:
 def cpu_has_fast_bf16() -> bool:
     """AMX-BF16 or AVX512-BF16 (Sapphire Rapids and later, Zen 4): bf16 matmul is several times fp32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    flags = set(line.split(":", 1)[1].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def choose_dtype(requested: str = "auto") -> DtypeChoice:

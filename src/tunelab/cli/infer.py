@@ -1,0 +1,68 @@
+"""`tunelab infer`: chat with a model, answer one prompt or a file of prompts, or compare base and fine-tuned.
+
+    tunelab infer --model models/merged                          # interactive, streaming; /reset /system /exit
+    tunelab infer --model bundled:smollm2-135m-instruct --adapter outputs/run --prompt "Who are you?"
+    tunelab infer --model models/merged --input prompts.jsonl --output answers.jsonl
+    tunelab infer --adapter outputs/run --compare --prompt "Who are you?"
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_COMPARE_PROMPTS = ["Who are you?", "What can you help me with?", "Give me one tip for learning Python."]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder, hub id or bundled name (default with --adapter: "
+                                                 "the adapter's base model)")
+    p.add_argument("--adapter", default=None, help="run folder or adapter checkpoint to apply to --model")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    mode.add_argument("--input", default=None, help="JSONL of prompts ({\"prompt\": ...} or {\"messages\": [...]})")
+    p.add_argument("--output", default=None, help="with --input: JSONL to write the answers to")
+    p.add_argument("--compare", action="store_true", help="show base and fine-tuned answers side by side "
+                                                          "(prompts from --prompt, --input or a built-in few)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together with --input")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunelab import infer
+    from tunelab.errors import TunelabError
+
+    if not args.model and not args.adapter:
+        raise TunelabError("give --model (a model folder, hub id or bundled name) and/or --adapter (a run folder)")
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+               repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.compare:
+        if args.input:
+            prompts = [r["messages"] for r in infer.read_prompts(args.input)]
+        else:
+            prompts = [args.prompt] if args.prompt else DEFAULT_COMPARE_PROMPTS
+        if args.adapter:
+            rows = infer.compare_answers(args.model, args.adapter, prompts, system=args.system, **gen)
+        else:
+            rows = infer.compare_answers(None, args.model, prompts, system=args.system, **gen)
+        infer.print_comparison(rows)
+        return 0
+    if args.output and not args.input:
+        raise TunelabError("--output goes with --input (a JSONL file of prompts)")
+    model, tok = infer.load(args.model, adapter=args.adapter, dtype=args.dtype)
+    if args.prompt is not None:
+        print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], **gen)[0])
+    elif args.input:
+        if not args.output:
+            raise TunelabError("--input needs --output (where to write the answers)")
+        n = infer.answer_file(model, tok, args.input, args.output, system=args.system, batch_size=args.batch_size,
+                              **gen)
+        print(f"wrote {n} answers to {args.output}")
+    else:
+        infer.chat_loop(model, tok, system=args.system, **gen)
+    return 0

@@ -1,0 +1,27 @@
+"""`tunelab merge --adapter outputs/RUN --output models/merged [--dtype bf16] [--no-verify]`"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="run folder (its checkpoint-final is used) or checkpoint folder")
+    p.add_argument("--output", required=True, help="folder for the merged model (written atomically)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the saved weights (the merge itself is always done in fp32)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max |logit diff| relative to the largest logit (default: 1e-3 fp32, 2e-2 fp16, 1e-1 bf16)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the adapter-vs-merged comparison")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from tunelab.merge import merge_adapter
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = merge_adapter(args.adapter, args.output, dtype=args.dtype, verify=args.verify, tolerance=args.tolerance)
+    print(report.summary())
+    return 0

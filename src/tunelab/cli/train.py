@@ -1,0 +1,38 @@
+"""tunelab train --config config.yaml [section.key=value ...] [--resume [RUN_DIR]] [--num-processes N]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see docs/config.md); defaults apply without one")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.epochs=1 lora.r=8")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue from the newest complete checkpoint of RUN_DIR (default: the config's run, or "
+                        "the newest unfinished run in output.dir)")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine through torchrun (DDP; gloo on CPU). For several "
+                        "machines or FSDP/DeepSpeed use `accelerate launch -m tunelab train ...`")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
+               "-m", "tunelab", "train"]
+        cmd += (["--config", args.config] if args.config else []) + list(args.overrides)
+        cmd += ["--resume", args.resume] if args.resume else []
+        return subprocess.call(cmd)
+    return train_from_args(args.config, args.overrides, args.resume)
+
+
+def train_from_args(config: str | None, overrides: list[str], resume: str | None = None) -> int:
+    from tunelab.config import load_config
+    from tunelab.train.recipe import train
+
+    cfg = load_config(config, overrides)
+    train(cfg, resume=resume, config_path=config)
+    return 0

@@ -1,0 +1,340 @@
+"""Turn one raw record (Alpaca, ShareGPT, OpenAI messages, LLaMA-Factory v1) into the canonical conversation.
+
+    conv = normalize(record, fmt="auto", column_map=None, system_prompt=None, notes=Counter())
+    conv.messages   # [{"role": "system|user|assistant|tool", "content": str}, ...]
+    conv.tools      # list of tool schemas or None
+    conv.warnings   # [(category, message)] kept with the record (e.g. tool result without a call)
+
+A record that cannot be trained raises ``Invalid(category, reason)`` with a reason a person understands.
+Every normalisation (role alias mapped, whitespace trimmed, tools parsed from a JSON string...) is counted in
+``notes`` so the report can show it.
+
+Decisions worth knowing:
+- Tool calls stay text. A ShareGPT ``function_call`` turn, OpenAI ``tool_calls`` and v1 ``tool_call`` blocks
+  become an assistant turn whose content is the call's JSON; ``observation``/``tool`` turns become ``tool``.
+- v1 ``reasoning`` blocks become ``<think>...</think>`` before the answer; ``loss_weight`` is ignored (the loss
+  mask comes from roles and ``train_on``).
+- Preference data is used for supervised fine-tuning only where that is safe: a DPO record (``chosen`` /
+  ``rejected``, or v1 ``chosen_messages``) becomes its prompt plus the *chosen* answer (counted as a warning);
+  a KTO record labelled ``false`` (an undesirable answer) is rejected, one labelled ``true`` is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+# Keys a column map may rename: record level, then turn level (inside conversations/messages).
+RECORD_KEYS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools")
+TURN_KEYS = ("role", "content")
+
+USER, ASSISTANT, SYSTEM, TOOL, CALL = "user", "assistant", "system", "tool", "call"
+ROLE_ALIASES = {
+    "user": USER, "human": USER, "prompter": USER,
+    "assistant": ASSISTANT, "gpt": ASSISTANT, "chatgpt": ASSISTANT, "bing": ASSISTANT, "bard": ASSISTANT,
+    "model": ASSISTANT, "bot": ASSISTANT,
+    "system": SYSTEM,
+    "function_call": CALL, "tool_call": CALL,
+    "observation": TOOL, "tool": TOOL, "function": TOOL, "ipython": TOOL, "tool_response": TOOL,
+}
+_PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_]\w*\s*\}\}")
+
+
+class Invalid(ValueError):
+    """This record cannot be used; ``category`` groups reasons in the report, ``reason`` is for a person."""
+
+    def __init__(self, category: str, reason: str):
+        super().__init__(reason)
+        self.category, self.reason = category, reason
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    tools: list[Any] | None = None
+    format: str = "?"
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "true/false", int: "a number", float: "a number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _clean(s: str, notes: Counter) -> str:
+    if "\r" in s:
+        s = s.replace("\r\n", "\n")
+        notes["CRLF inside text → LF"] += 1
+    t = s.strip()
+    if t is not s and t != s:
+        notes["whitespace trimmed"] += 1
+    return t
+
+
+def _text(record: dict, key: str, notes: Counter, required: bool, what: str | None = None) -> str:
+    """A text field, trimmed; Invalid when required and missing/empty or when it is not text."""
+    what = what or f"field '{key}'"
+    v = record.get(key)
+    if v is None:
+        if required:
+            raise Invalid("missing_field", f"missing {what}" if key not in record else f"{what} is null")
+        return ""
+    if not isinstance(v, str):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+            notes[f"number in {what} → text"] += 1
+        else:
+            raise Invalid("wrong_type", f"{what} must be text, got {_type_name(v)}")
+    v = _clean(v, notes)
+    if required and not v:
+        raise Invalid("empty_field", f"{what} is empty")
+    return v
+
+
+def _maybe_json(v: Any, what: str, notes: Counter) -> Any:
+    """List-valued fields sometimes arrive as JSON strings (CSV cells, the glaive `tools`): parse them."""
+    if isinstance(v, str) and v.strip()[:1] in ("[", "{"):
+        try:
+            v = json.loads(v)
+        except ValueError as e:
+            raise Invalid("invalid_json", f"{what} is a string that is not valid JSON ({e})") from None
+        notes[f"{what} parsed from a JSON string"] += 1
+    return v
+
+
+def _tools(record: dict, notes: Counter) -> list[Any] | None:
+    v = record.get("tools")
+    if v is None or v == "" or v == []:
+        return None
+    v = _maybe_json(v, "tools", notes)
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        raise Invalid("wrong_type", f"'tools' must be a list of tool schemas (objects), got {_type_name(v)}")
+    return v or None
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _alpaca(rec: dict, notes: Counter) -> list[dict[str, str]]:
+    if "instruction" not in rec and "input" not in rec:
+        raise Invalid("missing_field", "missing field 'instruction'")
+    instruction = _text(rec, "instruction", notes, required=False)
+    inp = _text(rec, "input", notes, required=False)
+    if not instruction and not inp:
+        raise Invalid("empty_field", "field 'instruction' is empty (and there is no 'input')")
+    output = _text(rec, "output", notes, required=True)
+    msgs: list[dict[str, str]] = []
+    system = _text(rec, "system", notes, required=False)
+    if system:
+        msgs.append({"role": SYSTEM, "content": system})
+    history = _maybe_json(rec.get("history"), "history", notes) or []
+    if not isinstance(history, list):
+        raise Invalid("wrong_type", f"'history' must be a list of [prompt, answer] pairs, got {_type_name(history)}")
+    for i, pair in enumerate(history, 1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise Invalid("wrong_type", f"history item {i} must be a [prompt, answer] pair of texts")
+        q, a = _clean(pair[0], notes), _clean(pair[1], notes)
+        if not q or not a:
+            raise Invalid("empty_field", f"history item {i} has an empty {'prompt' if not q else 'answer'}")
+        msgs += [{"role": USER, "content": q}, {"role": ASSISTANT, "content": a}]
+    prompt = f"{instruction}\n\n{inp}" if instruction and inp else instruction or inp
+    msgs += [{"role": USER, "content": prompt}, {"role": ASSISTANT, "content": output}]
+    return msgs
+
+
+def _blocks(content: list, j: int, notes: Counter) -> tuple[str, bool]:
+    """OpenAI / LLaMA-Factory v1 content blocks → (text, has a tool call)."""
+    parts, call = [], False
+    for b in content:
+        if isinstance(b, str):
+            parts.append(b)
+            continue
+        if not isinstance(b, dict):
+            raise Invalid("wrong_type", f"turn {j}: a content block must be an object, got {_type_name(b)}")
+        kind = b.get("type", "text")
+        value = b.get("text", b.get("value"))
+        if kind not in ("text", "reasoning", "tool_call") or not isinstance(value, str):
+            raise Invalid("wrong_type", f"turn {j}: content block of type '{kind}' is not supported "
+                                        "(tunelab prepares text conversations)")
+        value = value.strip()
+        if kind == "reasoning":
+            value = f"<think>\n{value}\n</think>"
+        elif kind == "tool_call":
+            call = True
+        parts.append(value)
+    notes["content blocks joined into text"] += 1
+    return "\n".join(p for p in parts if p), call
+
+
+def _tool_calls_text(calls: Any, j: int) -> str:
+    if not isinstance(calls, list):
+        raise Invalid("wrong_type", f"turn {j}: 'tool_calls' must be a list")
+    out = []
+    for c in calls:
+        fn = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or "name" not in fn:
+            raise Invalid("wrong_type", f"turn {j}: a tool call needs a function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        out.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
+    return "\n".join(out)
+
+
+def _turns(turns: Any, key: str, rec_map: dict[str, str], notes: Counter) -> tuple[list[dict[str, str]], list[str]]:
+    """Conversation turns → canonical messages and the raw kind of each (user/assistant/system/tool/call)."""
+    turns = _maybe_json(turns, f"'{key}'", notes)
+    if not isinstance(turns, list):
+        raise Invalid("wrong_type", f"'{key}' must be a list of turns, got {_type_name(turns)}")
+    role_key, content_key = rec_map.get("role"), rec_map.get("content")
+    msgs, kinds = [], []
+    for j, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            raise Invalid("wrong_type", f"turn {j} must be an object with a role and a text, got {_type_name(t)}")
+        role = t.get(role_key) if role_key else t.get("from", t.get("role"))
+        if not isinstance(role, str):
+            raise Invalid("missing_field", f"turn {j} has no role ('from' or 'role')")
+        kind = ROLE_ALIASES.get(role.strip().lower())
+        if kind is None:
+            raise Invalid("unknown_role", f"turn {j} has an unknown role '{role}' (known: "
+                                          f"{', '.join(sorted(ROLE_ALIASES))})")
+        canon = ASSISTANT if kind == CALL else kind
+        if role != canon:
+            notes[f"role '{role}' → {canon}"] += 1
+        if content_key:
+            content = t.get(content_key)
+        else:
+            content = next((t[k] for k in ("value", "content", "text") if k in t), None)
+        call = kind == CALL
+        if isinstance(content, list):
+            content, call = _blocks(content, j, notes)
+            call = call or kind == CALL
+        elif isinstance(content, (int, float)) and not isinstance(content, bool):
+            content = str(content)
+        elif content is not None and not isinstance(content, str):
+            raise Invalid("wrong_type", f"turn {j} ({canon}): the text must be a string, got {_type_name(content)}")
+        content = _clean(content or "", notes)
+        if t.get("tool_calls"):
+            calls = _tool_calls_text(t["tool_calls"], j)
+            content = f"{content}\n{calls}" if content else calls
+            call = True
+        if not content:
+            raise Invalid("empty_field", f"turn {j} ({canon}) is empty")
+        msgs.append({"role": canon, "content": content})
+        kinds.append(CALL if call else canon)
+    return msgs, kinds
+
+
+def _detect(rec: dict) -> str:
+    if "messages" in rec or "chosen_messages" in rec:
+        return "openai"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec or "output" in rec:
+        return "alpaca"
+    keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+    if set(rec) <= {"text", "id", "meta", "url", "timestamp", "title"} and "text" in rec:
+        raise Invalid("unknown_format", "plain pretraining text (a 'text' field), not a conversation: tunelab "
+                                        "prepare builds chat fine-tuning data")
+    raise Invalid("unknown_format", f"not a recognised record: expected 'instruction'/'output' (Alpaca), "
+                                    f"'conversations' (ShareGPT) or 'messages' (OpenAI); found keys: {keys}. "
+                                    "Use --map to name your columns, e.g. --map instruction=question,output=answer")
+
+
+def _preference(rec: dict, fmt: str, warnings: list) -> str | None:
+    """Which key holds the conversation of a preference record, after deciding whether it may be used."""
+    if "label" in rec and isinstance(rec["label"], bool):
+        if not rec["label"]:
+            raise Invalid("preference_rejected", "KTO record labelled false (an undesirable answer): not used for "
+                                                 "supervised fine-tuning")
+        warnings.append(("kto_label_true_kept", "KTO record labelled true: kept as an ordinary conversation"))
+    if "chosen_messages" in rec:
+        warnings.append(("preference_chosen_used", "preference record: trained on the chosen answer only"))
+        return "chosen_messages"
+    return None
+
+
+def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = None,
+              system_prompt: str | None = None, notes: Counter | None = None) -> Conversation:
+    """One raw record → a canonical Conversation, or Invalid with the reason."""
+    notes = Counter() if notes is None else notes
+    if not isinstance(rec, dict):
+        raise Invalid("wrong_type", f"a record must be a JSON object, got {_type_name(rec)}")
+    turn_map = {}
+    if column_map:
+        rename = {src: dst for dst, src in column_map.items() if dst in RECORD_KEYS and src in rec}
+        if rename:
+            renamed = {k: v for k, v in rec.items() if k not in rename}
+            renamed.update({dst: rec[src] for src, dst in rename.items()})
+            rec = renamed
+        turn_map = {k: v for k, v in column_map.items() if k in TURN_KEYS}
+    kind = _detect(rec) if fmt == "auto" else fmt
+    warnings: list[tuple[str, str]] = []
+    tools = _tools(rec, notes)
+    if kind == "alpaca":
+        msgs = _alpaca(rec, notes)
+        kinds = [m["role"] for m in msgs]
+    else:
+        key = "messages" if kind == "openai" else "conversations"
+        key = _preference(rec, kind, warnings) or key
+        if key not in rec:
+            raise Invalid("missing_field", f"missing field '{key}' (format {kind})")
+        msgs, kinds = _turns(rec[key], key, turn_map, notes)
+        if kind == "sharegpt" and "system" in rec and not (msgs and msgs[0]["role"] == SYSTEM):
+            system = _text(rec, "system", notes, required=False)
+            if system:
+                msgs.insert(0, {"role": SYSTEM, "content": system})
+                kinds.insert(0, SYSTEM)
+        chosen = rec.get("chosen")
+        if isinstance(chosen, str) and chosen.strip():
+            chosen = {"role": ASSISTANT, "content": chosen}
+        if isinstance(chosen, dict) and kind == "sharegpt":
+            more, more_kinds = _turns([chosen], "chosen", turn_map, notes)
+            msgs += more
+            kinds += more_kinds
+            warnings.append(("preference_chosen_used", "preference record: trained on the chosen answer only"))
+    if system_prompt and not (msgs and msgs[0]["role"] == SYSTEM):
+        msgs.insert(0, {"role": SYSTEM, "content": system_prompt})
+        kinds.insert(0, SYSTEM)
+        notes["system prompt added"] += 1
+    check_order(kinds, warnings)
+    if any("{{" in m["content"] and _PLACEHOLDER.search(m["content"]) for m in msgs):
+        warnings.append(("template_placeholders", "contains {{placeholder}} text (e.g. {{name}}): replace it "
+                                                  "before training or the model learns it literally"))
+    return Conversation(msgs, tools, kind, warnings)
+
+
+def check_order(kinds: list[str], warnings: list[tuple[str, str]]) -> None:
+    """Conversation order rules; Invalid for what cannot be trained, a warning for what merely looks odd."""
+    if not kinds:
+        raise Invalid("order", "the conversation has no turns")
+    for j, k in enumerate(kinds, 1):
+        prev = kinds[j - 2] if j > 1 else None
+        if k == SYSTEM and j > 1:
+            raise Invalid("order", f"system turn in the middle of the conversation (turn {j}); a system prompt "
+                                   "must be the first turn")
+        if prev in (None, SYSTEM) and k != USER and k != SYSTEM:
+            raise Invalid("order", f"the conversation starts with the {'assistant' if k != TOOL else 'tool'} "
+                                   f"(turn {j}); it must start with the user")
+        if k == USER and prev == USER:
+            raise Invalid("order", f"two user turns in a row (turns {j - 1} and {j})")
+        if k == ASSISTANT and prev in (ASSISTANT, CALL):
+            raise Invalid("order", f"two assistant turns in a row (turns {j - 1} and {j})")
+        if k == TOOL:
+            if prev == USER:
+                raise Invalid("order", f"a tool result (turn {j}) follows the user; it must follow a tool call")
+            if prev == ASSISTANT:
+                warnings.append(("tool_result_without_call", f"turn {j} is a tool result after an assistant turn "
+                                                             "that is not a tool call (the call is in plain text?)"))
+    if kinds[-1] not in (ASSISTANT, CALL):
+        last = {USER: "the user", TOOL: "a tool result", SYSTEM: "the system prompt"}[kinds[-1]]
+        raise Invalid("order", f"the conversation ends without an assistant answer (the last turn is {last})")

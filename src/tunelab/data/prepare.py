@@ -1,0 +1,612 @@
+"""Prepare a raw dataset for training: read, normalise, validate, count, split, write — losing nothing silently.
+
+    from tunelab.data.prepare import prepare_dataset, load_prepared
+    result = prepare_dataset("data/raw/my_data.json", tokenizer=tok, max_length=512)
+    result.usable, result.report["records_accepted"], result.output      # data/processed/my_data/
+    data = load_prepared(result.output)                                    # .train / .val canonical records
+
+Every record read ends up in exactly one place: ``train.jsonl``/``val.jsonl`` (accepted), or ``rejected.jsonl``
+with its source, location, reason and raw text (rejected, or a duplicate with ``duplicate_of``), so
+``records_read = records_accepted + records_rejected + duplicates_removed`` always holds; it is printed and
+stored in ``report.json``. The prepared folder also holds ``report.md`` and ``length_histogram.png``.
+
+With a tokenizer, every accepted record is encoded with the real chat template and loss mask
+(`tunelab.data.template.encode_record`): token statistics, ``overflow`` handling (truncate / drop / keep) and the
+rejection of records that would have nothing left to train all come from there. The fingerprint (which
+training records in its manifest) hashes the input bytes, the options, the tokenizer's vocabulary and its chat
+template. Memory stays flat on large JSONL: records stream through to a temporary file; only a 64-bit hash
+and a token count per record are kept.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.data import report as rpt
+from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
+from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, read_file
+
+__all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", "DataError", "resolve_inputs"]
+
+PREPARE_VERSION = 1  # bump when the canonical output of the same input changes (part of the fingerprint)
+DATA_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq"}
+OVERFLOW = ("truncate", "drop", "keep")
+TRAIN_ON = ("assistant", "all", "last_assistant")
+SHOW_REJECTIONS = 10
+ENCODE_CHUNK = 256  # records tokenised in one batch: parallel in Rust, still a flat memory profile  # printed to the terminal; all of them go to rejected.jsonl
+
+
+@dataclass
+class PrepareResult:
+    output: Path | None  # the prepared folder; None for check=True
+    report: dict[str, Any]
+    usable: bool
+    problems: list[str] = field(default_factory=list)
+
+    def raise_if_unusable(self) -> None:
+        if not self.usable:
+            raise DataError("the dataset is not usable: " + "; ".join(self.problems))
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    report: dict[str, Any]
+    fingerprint: str
+    folder: Path | None = None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Files, folders (their data files, recursively, sorted) and globs → a list of files, in the order given."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(DATA_SUFFIXES))})")
+            out += found
+        elif any(c in str(item) for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            if not found:
+                raise DataError(f"no files match {item}")
+            out += found
+        else:
+            raise DataError(f"input not found: {item}")
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _check_options(format: str, column_map: dict[str, str] | None, overflow: str, train_on: str,
+                   val_ratio: float, max_length: int, max_reject_ratio: float) -> None:
+    import difflib
+
+    problems = []
+    if format not in FORMATS:
+        problems.append(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if overflow not in OVERFLOW:
+        problems.append(f"overflow must be one of {', '.join(OVERFLOW)}, not {overflow!r}")
+    if train_on not in TRAIN_ON:
+        problems.append(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+    if not 0 <= val_ratio < 1:
+        problems.append(f"val_ratio must be in [0, 1), not {val_ratio}")
+    if max_length < 8:
+        problems.append(f"max_length must be at least 8, not {max_length}")
+    if not 0 <= max_reject_ratio <= 1:
+        problems.append(f"max_reject_ratio must be in [0, 1], not {max_reject_ratio}")
+    for key in column_map or {}:
+        if key not in RECORD_KEYS + TURN_KEYS:
+            close = difflib.get_close_matches(key, RECORD_KEYS + TURN_KEYS, 1)
+            problems.append(f"cannot map {key!r}: the names are {', '.join(RECORD_KEYS + TURN_KEYS)}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+class _FastTokenizer:
+    """Delegates to a transformers tokenizer, with two caches that make `encode_record` fast on many records.
+
+    `template._eos_ids` calls ``get_vocab()`` (a fresh 49k-entry dict) several times per record: cached here.
+    `encode_record` renders the same prefixes of one conversation more than once: memoised (the key is the
+    identity of the prefix's last message, valid while the caller holds those messages; ``begin()`` clears it).
+    ``pretokenize`` renders a batch of conversations and tokenises them together (parallel in the Rust
+    tokenizer); a later ``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)`` of one of those
+    texts is answered from there, any other text goes straight to the Rust tokenizer. The results are identical
+    to the tokenizer's own (a test checks it), without the per-call BatchEncoding overhead.
+    """
+
+    def __init__(self, tok):
+        self._tok, self._vocab, self._renders, self._pretok = tok, None, {}, {}
+        backend = getattr(tok, "_tokenizer", None)
+        self._backend = backend if hasattr(backend, "encode") and hasattr(backend, "encode_batch") else None
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def begin(self) -> None:
+        self._renders.clear()
+        self._pretok.clear()
+
+    def pretokenize(self, convs: list[Conversation]) -> None:
+        if self._backend is None:
+            return
+        texts = []
+        for c in convs:
+            try:  # the same call as template.render, so encode_record finds it in the memo
+                kwargs = {"tools": c.tools} if c.tools else {}
+                texts.append(self.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=False,
+                                                      **kwargs))
+            except Exception:  # the record's own encode reports it
+                pass
+        for text, enc in zip(texts, self._backend.encode_batch(texts, add_special_tokens=False)):
+            self._pretok[text] = (enc.ids, enc.offsets)
+
+    def get_vocab(self):
+        if self._vocab is None:
+            self._vocab = self._tok.get_vocab()
+        return self._vocab
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        if args or kwargs.get("tokenize", True) or kwargs.keys() - {"tokenize", "add_generation_prompt", "tools"}:
+            return self._tok.apply_chat_template(conversation, *args, **kwargs)
+        key = (len(conversation), id(conversation[-1]) if conversation else 0,
+               bool(kwargs.get("add_generation_prompt")), id(kwargs.get("tools")))
+        if key not in self._renders:
+            self._renders[key] = self._tok.apply_chat_template(conversation, **kwargs)
+        return self._renders[key]
+
+    def __call__(self, text, *args, **kwargs):
+        if (self._backend is not None and isinstance(text, str) and not args
+                and kwargs == {"add_special_tokens": False, "return_offsets_mapping": True}):
+            hit = self._pretok.get(text)
+            if hit is not None:
+                return {"input_ids": hit[0], "offset_mapping": hit[1]}
+            enc = self._backend.encode(text, add_special_tokens=False)
+            return {"input_ids": enc.ids, "offset_mapping": enc.offsets}
+        return self._tok(text, *args, **kwargs)
+
+
+def _tokenizer_identity(tok) -> dict[str, str]:
+    vocab = tok.get_vocab()
+    h = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+    template = getattr(tok, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return {"name": str(getattr(tok, "name_or_path", "") or type(tok).__name__), "vocab_sha256": h,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "eos_token": str(getattr(tok, "eos_token", ""))}
+
+
+def fingerprint(files: list[tuple[str, Path]], options: dict[str, Any], tok_id: dict[str, str] | None) -> str:
+    """sha256 of the input bytes (with their role), the options and the tokenizer identity."""
+    h = hashlib.sha256(f"tunelab-prepare-v{PREPARE_VERSION}\n".encode())
+    for role, path in files:
+        h.update(f"file:{role}\n".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(json.dumps(options, sort_keys=True, ensure_ascii=False).encode())
+    tok_part = {k: v for k, v in (tok_id or {}).items() if k != "name"}  # a path differs between machines
+    h.update(json.dumps(tok_part, sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------- one pass over the inputs
+
+
+class _Pass:
+    """The counters and sinks of one prepare run; `add` decides the fate of every record read."""
+
+    def __init__(self, tokenizer, opts: dict[str, Any], console: Callable[[str], None], workdir: Path | None,
+                 show_samples: int):
+        self.tok = _FastTokenizer(tokenizer) if tokenizer is not None else None
+        self.opts, self.console = opts, console
+        self.read = self.accepted = self.rejected = self.duplicates = 0
+        self.notes: Counter = Counter()
+        self.warnings: Counter = Counter()
+        self.warning_examples: dict[str, list[str]] = {}
+        self.rejected_by: Counter = Counter()
+        self.rejected_examples: list[dict[str, str]] = []
+        self.seen: dict[int, tuple[int, int]] = {}  # content hash -> (file index, line, or -item number)
+        self.file_names: list[str] = []
+        self.lengths, self.trained = array("i"), array("i")
+        self.tok_counts = Counter({k: 0 for k in ("over_max_length", "truncated", "dropped", "kept_over_max_length",
+                                                  "nothing_to_train", "eos_appended")})
+        self.samples: list[tuple[Conversation, Any]] = []
+        self.show_samples = show_samples
+        self.workdir = workdir
+        self.rejected_file = open(workdir / "rejected.jsonl", "w", encoding="utf-8") if workdir else None
+        self.sinks: dict[str, Any] = {}
+        self.counts_by_role: Counter = Counter()
+        self.pending: list[tuple] = []  # records waiting to be encoded together (ENCODE_CHUNK at a time)
+
+    def sink(self, role: str):
+        if role not in self.sinks:
+            self.sinks[role] = open(self.workdir / f".{role}.tmp.jsonl", "w", encoding="utf-8") if self.workdir else None
+        return self.sinks[role]
+
+    def close(self) -> None:
+        for f in [self.rejected_file, *self.sinks.values()]:
+            if f is not None:
+                f.close()
+
+    def reject(self, source: str, item: RawItem, category: str, reason: str, fstats: Counter,
+               duplicate_of: str | None = None) -> None:
+        if duplicate_of:
+            self.duplicates += 1
+            fstats["duplicates"] += 1
+        else:
+            self.rejected += 1
+            fstats["rejected"] += 1
+            self.rejected_by[category] += 1
+            if len(self.rejected_examples) < 50:
+                self.rejected_examples.append({"source": source, "location": item.location, "reason": reason})
+            if self.rejected < SHOW_REJECTIONS:
+                self.console(f"  rejected {source} {item.location}: {reason}")
+            elif self.rejected == SHOW_REJECTIONS:
+                self.console("  ... (further rejections are listed in rejected.jsonl and report.md)")
+        if self.rejected_file is not None:
+            entry = {"source": source, "location": item.location, "reason": reason, "category": category}
+            if duplicate_of:
+                entry["duplicate_of"] = duplicate_of
+            entry["raw"] = item.raw
+            self.rejected_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def warn(self, category: str, where: str) -> None:
+        self.warnings[category] += 1
+        ex = self.warning_examples.setdefault(category, [])
+        if len(ex) < 5:
+            ex.append(where)
+
+    def encode(self, conv: Conversation):
+        """Encode with the real template and mask; Invalid when the record cannot be trained."""
+        from tunelab.data.template import RecordRejected, TemplateError, encode_record
+
+        o, tok = self.opts, self.tok
+        try:
+            enc = encode_record(tok, conv.messages, tools=conv.tools, max_length=None, train_on=o["train_on"])
+            n = len(enc.input_ids)
+            self.lengths.append(n)  # every record that reached the tokenizer, dropped ones included
+            if n > o["max_length"]:
+                self.tok_counts["over_max_length"] += 1
+                if o["overflow"] == "keep":
+                    self.tok_counts["kept_over_max_length"] += 1
+                else:
+                    enc = encode_record(tok, conv.messages, tools=conv.tools, max_length=o["max_length"],
+                                        train_on=o["train_on"], overflow=o["overflow"])
+                    self.tok_counts["truncated"] += enc.truncated
+        except RecordRejected as e:
+            if o["overflow"] == "drop" and "longer than" in str(e):
+                self.tok_counts["dropped"] += 1
+                raise Invalid("too_long", str(e)) from None
+            self.tok_counts["nothing_to_train"] += 1
+            raise Invalid("nothing_to_train", str(e)) from None
+        except TemplateError as e:
+            raise Invalid("chat_template", str(e)) from None
+        except Exception as e:  # a Jinja template may raise anything (e.g. "roles must alternate")
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise Invalid("chat_template", f"the chat template cannot render this record: {msg}") from None
+        self.tok_counts["eos_appended"] += enc.eos_appended
+        self.trained.append(enc.num_trained)
+        return enc
+
+    def add(self, source: str, file_idx: int, item_no: int, item: RawItem, role: str, fstats: Counter) -> None:
+        self.read += 1
+        fstats["records_read"] += 1
+        if item.error:
+            category = "encoding" if "UTF" in item.error else "invalid_json" if "JSON" in item.error else "malformed"
+            return self.reject(source, item, category, item.error, fstats)
+        try:
+            conv = normalize(item.value, self.opts["format"], self.opts["column_map"], self.opts["system_prompt"],
+                             self.notes)
+        except Invalid as e:
+            return self.reject(source, item, e.category, e.reason, fstats)
+        record_json = json.dumps([conv.messages, conv.tools], ensure_ascii=False)
+        key = hash(record_json)
+        first = self.seen.get(key)
+        if first is not None:
+            return self.reject(source, item, "duplicate", "duplicate of an earlier record", fstats,
+                               duplicate_of=self._where(first))
+        self.seen[key] = (file_idx, item.line or -item_no)
+        if self.tok is None:
+            return self._accept(source, item, role, fstats, conv, None)
+        self.pending.append((source, item, role, fstats, conv))
+        if len(self.pending) >= ENCODE_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Encode the pending records (tokenised together, in parallel, by the Rust tokenizer) and file them."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        self.tok.begin()
+        self.tok.pretokenize([conv for *_, conv in pending])
+        for source, item, role, fstats, conv in pending:
+            try:
+                enc = self.encode(conv)
+            except Invalid as e:
+                self.reject(source, item, e.category, e.reason, fstats)
+                continue
+            self._accept(source, item, role, fstats, conv, enc)
+        self.tok.begin()
+
+    def _accept(self, source: str, item: RawItem, role: str, fstats: Counter, conv: Conversation, enc) -> None:
+        for category, _msg in conv.warnings:
+            self.warn(category, f"{source} {item.location}")
+        self.accepted += 1
+        fstats["accepted"] += 1
+        fstats[f"format {conv.format}"] += 1
+        self.counts_by_role[role] += 1
+        if len(self.samples) < self.show_samples:
+            self.samples.append((conv, enc))
+        out = self.sink(role)
+        if out is not None:
+            out.write(json.dumps({"messages": conv.messages, "tools": conv.tools, "source": source,
+                                  "location": item.location}, ensure_ascii=False) + "\n")
+
+    def _where(self, first: tuple[int, int]) -> str:
+        file_idx, n = first
+        return f"{self.file_names[file_idx]} " + (f"line {n}" if n > 0 else f"record {-n}")
+
+
+# ---------------------------------------------------------------- the public function
+
+
+def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *, format: str = "auto",
+                    column_map: dict[str, str] | None = None, tokenizer=None, max_length: int = 512,
+                    overflow: str = "truncate", train_on: str = "assistant", val_ratio: float = 0.1,
+                    eval_inputs: list[str] | str | None = None, seed: int = 42, system_prompt: str | None = None,
+                    check: bool = False, max_reject_ratio: float = 1.0, show_samples: int = 0,
+                    name: str | None = None, console: Callable[[str], None] = print) -> PrepareResult:
+    """Validate and prepare raw data (see the module docstring). `check=True` writes nothing.
+
+    Raises DataError for whole-file problems (every file is checked first, all problems reported at once) and
+    bad options; returns a PrepareResult whose ``usable`` is False when nothing was accepted or rejections
+    exceed ``max_reject_ratio`` (the folder is still written so the rejections can be read).
+    """
+    _check_options(format, column_map, overflow, train_on, val_ratio, max_length, max_reject_ratio)
+    files = [("train", p) for p in resolve_inputs(inputs)]
+    if eval_inputs:
+        files += [("eval", p) for p in resolve_inputs(eval_inputs)]
+    name = name or (Path(inputs if isinstance(inputs, str) else inputs[0]).stem.replace("*", "") or "dataset")
+    out_dir = None if check else Path(output) if output else Path("data") / "processed" / name
+    options = {"format": format, "column_map": column_map or {}, "max_length": max_length, "overflow": overflow,
+               "train_on": train_on, "val_ratio": 0.0 if eval_inputs else val_ratio, "seed": seed,
+               "system_prompt": system_prompt, "tokenizer": bool(tokenizer is not None)}
+    tok_id = _tokenizer_identity(tokenizer) if tokenizer is not None else None
+
+    workdir = None
+    if out_dir is not None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        p = _Pass(tokenizer, options | {"column_map": column_map}, console, workdir, show_samples)
+        p.file_names = [str(path) for _, path in files]
+        file_reports = _read_all(p, files, console)
+        report = _build_report(p, files, file_reports, options, tok_id, name, max_reject_ratio, out_dir)
+        split_counts = _split(p, workdir, val_ratio if not eval_inputs else None, seed, report)
+        report["split"] = split_counts
+        _print_summary(p, report, console)
+        if workdir is not None:
+            _write_folder(workdir, report, out_dir)
+            workdir = None
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if out_dir is not None:
+        console(f"wrote {out_dir}/ (train.jsonl, val.jsonl, report.json, report.md, rejected.jsonl"
+                + (", length_histogram.png)" if report["token_stats"] else ")"))
+    return PrepareResult(out_dir, report, report["usable"], report["problems"])
+
+
+def _read_all(p: _Pass, files: list[tuple[str, Path]], console) -> list[dict[str, Any]]:
+    errors: list[str] = []
+    file_reports = []
+    try:
+        for idx, (role, path) in enumerate(files):
+            info = FileInfo(str(path))
+            fstats: Counter = Counter({"records_read": 0, "accepted": 0, "rejected": 0, "duplicates": 0})
+            source = str(path)
+            try:
+                items = read_file(path, info)
+                first = next(items, None)
+                console(f"reading {path} ({info.describe()})")
+                if first is not None:
+                    p.add(source, idx, 1, first, role, fstats)
+                    for n, item in enumerate(items, 2):
+                        p.add(source, idx, n, item, role, fstats)
+                p.flush()
+            except FileError as e:
+                errors.append(str(e))
+            if info.encoding.endswith("BOM"):
+                p.notes["byte-order mark stripped"] += 1
+            if info.crlf:
+                p.notes["CRLF line endings read"] += 1
+            if info.blank_lines:
+                p.notes["blank lines skipped"] += info.blank_lines
+            formats = {k[7:]: v for k, v in fstats.items() if k.startswith("format ")}
+            file_reports.append({"path": source, "role": role, "container": info.container,
+                                 "encoding": info.encoding, "crlf": info.crlf, "formats": formats,
+                                 **{k: v for k, v in fstats.items() if not k.startswith("format ")}})
+    finally:
+        p.close()
+    if errors:
+        raise DataError(("these files cannot be read as datasets:\n  " if len(errors) > 1 else "")
+                        + "\n  ".join(errors))
+    return file_reports
+
+
+def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reject_ratio, out_dir) -> dict:
+    assert p.read == p.accepted + p.rejected + p.duplicates, "conservation broken: a record was lost"
+    notes = dict(p.notes)
+    if p.duplicates:
+        notes["duplicates removed"] = p.duplicates
+    token_stats = None
+    if p.tok is not None:
+        token_stats = rpt.token_stats(p.lengths, p.trained, options["max_length"], dict(p.tok_counts), tok_id["name"])
+        token_stats["overflow"] = options["overflow"]
+    problems = []
+    if p.counts_by_role["train"] == 0:
+        problems.append("no record was accepted for training" + (
+            f" (all {p.read} rejected or duplicates; see the reasons above and rejected.jsonl)" if p.read else ""))
+    ratio = p.rejected / p.read if p.read else 0.0
+    if ratio > max_reject_ratio:
+        problems.append(f"{p.rejected} of {p.read} records ({ratio:.1%}) were rejected, more than "
+                        f"max_reject_ratio={max_reject_ratio:g}")
+    return {
+        "name": name, "tunelab_prepare_version": PREPARE_VERSION,
+        "records_read": p.read, "records_accepted": p.accepted, "records_rejected": p.rejected,
+        "duplicates_removed": p.duplicates, "reject_ratio": round(ratio, 6),
+        "usable": not problems, "problems": problems,
+        "warnings": dict(p.warnings), "warning_examples": p.warning_examples, "normalisations": notes,
+        "rejected_by_reason": dict(p.rejected_by), "rejected_examples": p.rejected_examples,
+        "token_stats": token_stats, "fingerprint": fingerprint(files, options, tok_id),
+        "tokenizer": tok_id, "options": options | {"max_reject_ratio": max_reject_ratio}, "files": file_reports,
+        "output": str(out_dir) if out_dir else None,
+    }
+
+
+def _split(p: _Pass, workdir: Path | None, val_ratio: float | None, seed: int, report: dict) -> dict[str, Any]:
+    """Deterministic split by seed: exactly round(n * val_ratio) records (at least 1 when n >= 2) go to val."""
+    n = p.counts_by_role["train"]
+    if val_ratio is None:  # an explicit eval file
+        counts = {"train": n, "val": p.counts_by_role["eval"], "how": "explicit eval file"}
+        val_idx: set[int] = set()
+    else:
+        k = round(n * val_ratio)
+        if val_ratio > 0 and k == 0 and n >= 2:
+            k = 1
+        if val_ratio > 0 and n == 1:
+            report["warnings"]["no_validation_split"] = 1
+            report["warning_examples"]["no_validation_split"] = ["only 1 accepted record: nothing held out for validation"]
+        val_idx = set(random.Random(seed).sample(range(n), k)) if k else set()
+        counts = {"train": n - k, "val": k, "how": f"val_ratio={val_ratio:g}, seed={seed}"}
+    if workdir is not None:
+        with open(workdir / "train.jsonl", "w", encoding="utf-8") as tr, \
+                open(workdir / "val.jsonl", "w", encoding="utf-8") as va:
+            src = workdir / ".train.tmp.jsonl"
+            if src.exists():
+                with open(src, encoding="utf-8") as f:
+                    for i, line in enumerate(f):
+                        (va if i in val_idx else tr).write(line)
+                src.unlink()
+            ev = workdir / ".eval.tmp.jsonl"
+            if ev.exists():
+                with open(ev, encoding="utf-8") as f:
+                    shutil.copyfileobj(f, va)
+                ev.unlink()
+    return counts
+
+
+def _print_summary(p: _Pass, report: dict, console) -> None:
+    if report["normalisations"]:
+        console("normalised: " + ", ".join(f"{k} ×{v}" for k, v in sorted(report["normalisations"].items(),
+                                                                           key=lambda kv: -kv[1])))
+    for cat, count in report["warnings"].items():
+        ex = report["warning_examples"].get(cat, [])
+        console(f"warning: {cat}: {count} record(s), e.g. {'; '.join(ex[:3])}")
+    if report["rejected_by_reason"]:
+        console("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in report["rejected_by_reason"].items()))
+    ts = report["token_stats"]
+    if ts:
+        console(f"tokens ({ts['tokenizer']}, chat template applied): p50 {ts['p50']}, p95 {ts['p95']}, "
+                f"max {ts['max']}; {ts['over_max_length']} over max_length={ts['max_length']} "
+                f"(overflow={ts['overflow']}: {ts['truncated']} truncated, {ts['dropped']} dropped, "
+                f"{ts['kept_over_max_length']} kept); {ts['nothing_to_train']} with nothing to train (rejected)")
+        for line in rpt.histogram_lines(ts["histogram"], ts["max_length"]):
+            console(line)
+    _print_samples(p, console)
+    console(f"records: {rpt.conservation_line(report)}")
+    s = report["split"]
+    console(f"split: {s['train']} train / {s['val']} val ({s['how']}); fingerprint {report['fingerprint'][:19]}…")
+    for problem in report["problems"]:
+        console(f"NOT USABLE: {problem}")
+
+
+def _print_samples(p: _Pass, console) -> None:
+    if not p.samples:
+        return
+    from tunelab.data.template import show_trained_span
+
+    console(f"{len(p.samples)} sample(s); the text between [[ and ]] is what the loss trains on:")
+    for i, (conv, enc) in enumerate(p.samples, 1):
+        console(f"--- sample {i}")
+        if enc is not None:
+            console(show_trained_span(p.tok, enc))
+        else:  # no tokenizer: no chat template to render, show the turns with the assistant marked
+            for m in conv.messages:
+                text = f"[[{m['content']}]]" if m["role"] == "assistant" else m["content"]
+                console(f"{m['role']}: {text}")
+
+
+def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
+    ts = report["token_stats"]
+    if ts:
+        rpt.write_histogram_png(ts["histogram"], ts["max_length"], workdir / "length_histogram.png",
+                                f"{report['name']}: tokens per record ({report['records_accepted']} records)")
+    (workdir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (workdir / "report.md").write_text(rpt.markdown(report), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    os.replace(workdir, out_dir)
+
+
+# ---------------------------------------------------------------- reading a prepared folder
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e}); re-run tunelab prepare") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+                    raise DataError(f"{path}:{n}: not a prepared record (no 'messages'); re-run tunelab prepare")
+                out.append(rec)
+    return out
+
+
+def is_prepared(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and (folder / "report.json").is_file() and (folder / "train.jsonl").is_file()
+
+
+def load_prepared(folder: str | Path) -> PreparedData:
+    """The train/val records, report and fingerprint of a folder written by `prepare_dataset`."""
+    folder = Path(folder)
+    if not is_prepared(folder):
+        raise DataError(f"{folder} is not a prepared dataset (it needs train.jsonl and report.json); "
+                        f"create one with: tunelab prepare --input FILE --output {folder}")
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    train = _read_jsonl(folder / "train.jsonl")
+    val = _read_jsonl(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else []
+    if not train:
+        raise DataError(f"{folder}/train.jsonl holds no records"
+                        + (": " + "; ".join(report.get("problems", [])) if report.get("problems") else ""))
+    return PreparedData(train, val, report, report.get("fingerprint", ""), folder)

@@ -1,0 +1,76 @@
+"""Perplexity over the trained tokens, with exactly the masking and loss of training.
+
+Each record is encoded by `encode_record` with the run's `max_length`, `train_on` and `overflow`, and the loss is
+`CausalLMLoss` — the same function training optimises — summed over every trained token and divided by their
+count (token-weighted, not an average of per-record means). So on the same records this is exp(eval loss) of
+training, to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass
+class PerplexityResult:
+    loss: float  # mean cross-entropy (nats) per trained token
+    perplexity: float
+    tokens: int  # trained tokens scored
+    records: int  # records scored
+    skipped: int  # records with nothing to train on (same rule as training)
+
+    @property
+    def as_metrics(self) -> dict[str, float]:
+        return {"perplexity": self.perplexity, "eval_loss": self.loss, "eval_tokens": self.tokens}
+
+
+def encode_for_loss(tokenizer, records: Sequence[dict[str, Any]], *, max_length: int, train_on: str,
+                    overflow: str = "truncate") -> tuple[list[dict[str, list[int]]], int]:
+    """Encoded examples ({input_ids, labels}) and how many records were skipped as untrainable."""
+    from tunelab.data.template import RecordRejected, encode_record
+
+    examples, skipped = [], 0
+    for rec in records:
+        try:
+            enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=max_length,
+                                train_on=train_on, overflow=overflow)
+        except RecordRejected:
+            skipped += 1
+            continue
+        examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return examples, skipped
+
+
+def perplexity(model, tokenizer, records: Sequence[dict[str, Any]], *, max_length: int = 512,
+               train_on: str = "assistant", overflow: str = "truncate", batch_size: int = 8,
+               chunk_size: int = 1024) -> PerplexityResult:
+    import torch
+
+    from tunelab.train.batching import collate_padded
+    from tunelab.train.loss import CausalLMLoss
+
+    examples, skipped = encode_for_loss(tokenizer, records, max_length=max_length, train_on=train_on,
+                                        overflow=overflow)
+    # Similar lengths share a batch (little padding); the order does not change a sum.
+    examples.sort(key=lambda ex: len(ex["input_ids"]))
+    loss_fn = CausalLMLoss(model, chunk_size=chunk_size)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate_padded(examples[start:start + batch_size], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss_sum, n = loss_fn(**batch)
+                total += float(loss_sum)  # python float (fp64) accumulation across batches
+                count += int(n)
+    finally:
+        model.train(was_training)
+    loss = total / count if count else float("nan")
+    return PerplexityResult(loss=loss, perplexity=math.exp(loss) if count else float("nan"), tokens=count,
+                            records=len(examples), skipped=skipped)

@@ -1,0 +1,314 @@
+"""Evaluate a model on canonical records, and `tunelab eval`: load, evaluate (optionally base too), write results.
+
+    from tunelab.evaluate import evaluate_records
+    result = evaluate_records(model, tokenizer, val_records, ["perplexity", "bleu", "rouge"])
+    result.metrics["perplexity"], result.predictions[0]["prediction"]
+
+    from tunelab.evaluate import run_eval
+    out = run_eval(adapter="outputs/my-run", data="outputs/my-run/data", compare_base=True)
+    out.json_path   # outputs/my-run/eval/val.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate.metrics import ALL_METRICS, GENERATION_METRICS
+
+METRIC_ALIASES = {"rouge_l": "rouge", "rougel": "rouge", "ppl": "perplexity", "em": "exact_match",
+                  "exact-match": "exact_match"}
+
+
+class EvalError(TunelabError):
+    """Evaluation could not run as asked; the message says what to change."""
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # perplexity, eval_loss, eval_tokens, bleu, chrf, rouge_l, exact_match (as asked)
+    predictions: list[dict[str, Any]]  # {index, prompt, messages, reference, prediction, scores}
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_metrics(metrics: Sequence[str] | str) -> list[str]:
+    if isinstance(metrics, str):
+        metrics = [m for m in re.split(r"[,\s]+", metrics) if m]
+    out, unknown = [], []
+    for m in metrics:
+        key = METRIC_ALIASES.get(m.strip().lower(), m.strip().lower())
+        (out if key in ALL_METRICS else unknown).append(key)
+    if unknown:
+        raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    return list(dict.fromkeys(out))
+
+
+def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
+                     metrics: Sequence[str] = ("perplexity", "bleu"), *, max_length: int = 512,
+                     train_on: str = "assistant", max_new_tokens: int = 64, max_samples: int = 32,
+                     batch_size: int = 8, chunk_size: int = 1024, overflow: str = "truncate") -> EvalResult:
+    """Perplexity over every record (trained tokens, training's masking); generation metrics on the first
+    `max_samples` records that end in an assistant answer (the reference), generated greedily."""
+    from tunelab.data.template import prompt_messages
+    from tunelab.evaluate.generation import generate_answers
+    from tunelab.evaluate.metrics import score_texts
+    from tunelab.evaluate.perplexity import perplexity
+
+    metrics = normalize_metrics(metrics)
+    out: dict[str, float] = {}
+    settings: dict[str, Any] = {"metrics": metrics, "max_length": max_length, "train_on": train_on,
+                                "overflow": overflow, "records": len(records)}
+    if "perplexity" in metrics:
+        ppl = perplexity(model, tokenizer, records, max_length=max_length, train_on=train_on, overflow=overflow,
+                         batch_size=batch_size, chunk_size=chunk_size)
+        out.update(ppl.as_metrics)
+        settings.update(perplexity_records=ppl.records, perplexity_skipped=ppl.skipped)
+    predictions: list[dict[str, Any]] = []
+    gen_metrics = [m for m in metrics if m in GENERATION_METRICS]
+    if gen_metrics:
+        for i, rec in enumerate(records):
+            if len(predictions) >= max_samples:
+                break
+            prompt, reference = prompt_messages(rec["messages"])
+            if reference is None or not prompt:
+                continue
+            last_user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+            predictions.append({"index": i, "prompt": last_user, "messages": prompt, "reference": reference})
+        texts = generate_answers(model, tokenizer, [p["messages"] for p in predictions],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+        scores = score_texts(texts, [p["reference"] for p in predictions], gen_metrics)
+        for p, text, s in zip(predictions, texts, scores.per_sample):
+            p["prediction"], p["scores"] = text, s
+        out.update(scores.corpus)
+        settings.update(max_new_tokens=max_new_tokens, max_samples=max_samples, samples=len(predictions),
+                        generation="greedy", tokenizer_choice=scores.describe())
+    return EvalResult(out, predictions, settings)
+
+
+# ---------------------------------------------------------------- the `tunelab eval` command as a function
+
+
+@dataclass
+class EvalData:
+    records: list[dict[str, Any]]
+    fingerprint: str | None
+    source: str
+    split: str
+
+
+@dataclass
+class EvalRun:
+    name: str
+    result: EvalResult
+    base_result: EvalResult | None
+    json_path: Path
+    predictions_path: Path
+    record: dict[str, Any]
+
+
+def load_eval_data(data: str | os.PathLike, split: str = "val") -> EvalData:
+    """Records to evaluate: a prepared folder (its `split`), a run folder (its prepared data/), or a raw file
+    (prepared in memory: every record, no split)."""
+    path = Path(data)
+    if not path.exists():
+        raise EvalError(f"evaluation data not found: {path}")
+    if path.is_dir() and (path / "manifest.json").is_file():  # a run folder: the data it trained and evaluated on
+        folder = (json.loads((path / "manifest.json").read_text()).get("data") or {}).get("folder")
+        path = Path(folder) if folder and Path(folder).is_dir() else path / "data"
+        if not path.is_dir():
+            raise EvalError(f"the run {data} holds no prepared data ({path}); pass --data")
+    if path.is_dir():
+        if not (path / "train.jsonl").is_file():
+            raise EvalError(f"{path} is not a prepared dataset folder (no train.jsonl); run `tunelab prepare` or "
+                            "pass a raw data file")
+        if split not in ("train", "val"):
+            raise EvalError(f"--split must be train or val, not {split!r}")
+        from tunelab.data.prepare import load_prepared
+
+        prepared = load_prepared(path)
+        records, fingerprint = list(getattr(prepared, split)), prepared.fingerprint
+        if not records:
+            raise EvalError(f"{path} has no {split} records" + (" (use --split train)" if split == "val" else ""))
+        return EvalData(records, fingerprint, str(path), split)
+    return _prepare_raw(path)
+
+
+def _prepare_raw(path: Path) -> EvalData:
+    """A raw file, validated and normalised by the prepare pipeline (every record, no split)."""
+    import tempfile
+
+    from tunelab.data.prepare import load_prepared, prepare_dataset
+
+    with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
+        result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=lambda *_: None)
+        result.raise_if_unusable()
+        prepared = load_prepared(result.output)
+        records = list(prepared.train) + list(prepared.val)
+        return EvalData(records, prepared.fingerprint, str(path), "all")
+
+
+def run_folder_of(adapter: str | os.PathLike | None) -> Path | None:
+    """The run folder an adapter path belongs to (the folder itself or the parent of a checkpoint), if any."""
+    if not adapter:
+        return None
+    p = Path(adapter)
+    for candidate in (p, p.parent):
+        if (candidate / "manifest.json").is_file() and (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def _defaults_from(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, Any]:
+    """Settings the run was trained with (so eval masks, truncates and computes exactly as training did)."""
+    out: dict[str, Any] = {}
+    if run_dir is not None:
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        data, training, ev = cfg.get("data", {}), cfg.get("training", {}), cfg.get("eval", {})
+        out.update({k: v for k, v in {
+            "max_length": data.get("max_length"), "train_on": data.get("train_on"), "overflow": data.get("overflow"),
+            "chunk_size": training.get("loss_chunk_size"), "max_new_tokens": ev.get("max_new_tokens"),
+            "max_samples": ev.get("max_samples"), "batch_size": ev.get("batch_size"), "metrics": ev.get("metrics"),
+            "dtype": (cfg.get("model") or {}).get("dtype"), "system_prompt": data.get("system_prompt")}.items()
+            if v is not None})
+    if adapter_dir is not None and (adapter_dir / "tunelab.json").is_file():
+        meta = json.loads((adapter_dir / "tunelab.json").read_text())
+        out.update({k: meta[k] for k in ("max_length", "train_on") if meta.get(k) is not None})
+        if meta.get("dtype") in ("bf16", "fp16", "fp32"):  # the precision the run trained and evaluated in
+            out["dtype"] = meta["dtype"]
+    return out
+
+
+def _load(model: str, adapter_dir: Path | None, dtype: str):
+    """(model, tokenizer): a base/merged model, base + LoRA adapter, or a method=full checkpoint.
+
+    The tokenizer (with the chat template used in training) comes from the checkpoint when it holds one.
+    """
+    from transformers import AutoTokenizer
+
+    from tunelab.model.loading import load_model, load_tokenizer
+
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        model, adapter_dir = str(adapter_dir), None  # method=full: the checkpoint is a whole model
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(adapter_dir)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+    else:
+        tok = load_tokenizer(model)
+    lm, _ = load_model(model, dtype=dtype)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+    lm.eval()
+    return lm, tok
+
+
+def _evaluate_tuned_and_base(model: str, adapter_dir: Path | None, base: str | None, dtype: str,
+                             records: list[dict[str, Any]], metrics: list[str],
+                             opts: dict[str, Any]) -> tuple[EvalResult, EvalResult | None]:
+    """The model (with its adapter) and, when `base` is given, the base model, never both in memory twice."""
+    import gc
+
+    lm, tok = _load(model, adapter_dir, dtype)
+    result = evaluate_records(lm, tok, records, metrics, **opts)
+    base_result = None
+    if base and hasattr(lm, "disable_adapter"):  # a LoRA adapter: the base is the same weights, adapter off
+        with lm.disable_adapter():
+            base_result = evaluate_records(lm, tok, records, metrics, **opts)
+    elif base:
+        del lm
+        gc.collect()
+        lm, _ = _load(base, None, dtype)  # the tuned model's tokenizer and chat template for both
+        base_result = evaluate_records(lm, tok, records, metrics, **opts)
+    return result, base_result
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "eval"
+
+
+def run_eval(model: str | None = None, adapter: str | None = None, data: str | None = None, *,
+             metrics: Sequence[str] | str | None = None, name: str | None = None, split: str = "val",
+             compare_base: bool = False, base: str | None = None, max_samples: int | None = None,
+             max_new_tokens: int | None = None, batch_size: int | None = None, max_length: int | None = None,
+             train_on: str | None = None, dtype: str | None = None,
+             output_dir: str | os.PathLike | None = None) -> EvalRun:
+    """Evaluate a base/merged model or a run's adapter and write `eval/<name>.json` + `.predictions.jsonl`."""
+    from tunelab.model.loading import base_model_of, resolve_adapter_dir
+    from tunelab.train.rundir import now_iso, package_versions
+
+    if adapter and not Path(adapter).exists():  # a run name under outputs/
+        from tunelab.runs import resolve_run
+
+        adapter = str(resolve_run(adapter))
+    run_dir = run_folder_of(adapter)
+    adapter_dir = resolve_adapter_dir(adapter) if adapter else None
+    if model is None:
+        if adapter_dir is None:
+            raise EvalError("give --model (a base or merged model), --adapter (a run or checkpoint), or both")
+        model = base_model_of(adapter_dir)
+    if data is None:
+        if run_dir is None:
+            raise EvalError("give --data (a prepared folder or a raw file) to evaluate on")
+        data = str(run_dir)
+    d = _defaults_from(adapter_dir, run_dir)
+    metrics = normalize_metrics(metrics if metrics else d.get("metrics", ["perplexity", "bleu"]))
+    opts = dict(max_length=max_length or d.get("max_length", 512), train_on=train_on or d.get("train_on", "assistant"),
+                overflow=d.get("overflow", "truncate"), chunk_size=d.get("chunk_size", 1024),
+                max_new_tokens=max_new_tokens or d.get("max_new_tokens", 64),
+                max_samples=max_samples or d.get("max_samples", 32), batch_size=batch_size or d.get("batch_size", 8))
+    dtype = dtype or d.get("dtype", "auto")
+    ev_data = load_eval_data(data, split)
+    if d.get("system_prompt"):  # as training encoded them: the run's system prompt where a record has none
+        ev_data.records = [r if r["messages"][0]["role"] == "system" else
+                           {**r, "messages": [{"role": "system", "content": d["system_prompt"]}] + r["messages"]}
+                           for r in ev_data.records]
+    own_data = run_dir is not None and Path(data).resolve() == run_dir.resolve()
+    name = _safe_name(name or (ev_data.split if own_data else f"{Path(data).stem}-{ev_data.split}"))
+    out_dir = Path(output_dir) if output_dir else (run_dir / "eval" if run_dir else Path("outputs") / "eval")
+
+    base_name = base or (base_model_of(adapter_dir) if adapter_dir else _base_of_merged(model))
+    if compare_base and not base_name:
+        raise EvalError(f"--compare-base: cannot tell the base model of {model}; pass --base BASE_MODEL")
+
+    result, base_result = _evaluate_tuned_and_base(model, adapter_dir, base_name if compare_base else None, dtype,
+                                                   ev_data.records, metrics, opts)
+    record = {
+        "name": name, "created_at": now_iso(), "metrics": result.metrics,
+        "base_metrics": base_result.metrics if base_result else None,
+        "settings": {**result.settings, "dtype": dtype, "split": ev_data.split},
+        "tokenizer_choice": result.settings.get("tokenizer_choice"),
+        "data": {"path": str(data), "source": ev_data.source, "split": ev_data.split,
+                 "records": len(ev_data.records), "fingerprint": ev_data.fingerprint},
+        "model": {"model": model, "adapter": str(adapter_dir) if adapter_dir else None, "base_model": base_name,
+                  "run": str(run_dir) if run_dir else None},
+        "versions": package_versions(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, pred_path = out_dir / f"{name}.json", out_dir / f"{name}.predictions.jsonl"
+    json_path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    base_preds = {p["index"]: p for p in base_result.predictions} if base_result else {}
+    with open(pred_path, "w", encoding="utf-8") as f:
+        for p in result.predictions:
+            row = {k: p[k] for k in ("index", "prompt", "reference", "prediction", "scores")}
+            if p["index"] in base_preds:
+                row["base_prediction"] = base_preds[p["index"]]["prediction"]
+                row["base_scores"] = base_preds[p["index"]]["scores"]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return EvalRun(name, result, base_result, json_path, pred_path, record)
+
+
+def _base_of_merged(model: str) -> str | None:
+    """A merged/full model folder written by tunelab records its base in tunelab.json."""
+    meta = Path(model) / "tunelab.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("base_model")
+    return None

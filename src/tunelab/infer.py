@@ -1,0 +1,318 @@
+"""Generation: batched answers, a streaming chat loop, a file of prompts, and base-vs-fine-tuned side by side.
+
+    model, tok = load("models/merged")                         # or load(base, adapter="outputs/run")
+    generate(model, tok, [[{"role": "user", "content": "Who are you?"}]])  # -> ["I am ..."]
+    chat_loop(model, tok)                                                  # /reset, /system TEXT, /exit
+    answer_file(model, tok, "prompts.jsonl", "answers.jsonl")
+    rows = compare_answers("bundled:smollm2-135m-instruct", "outputs/run", ["Who are you?"])
+
+Every prompt is rendered with the chat template saved with the model or adapter (the one used in training), and
+generation stops on EOS and the template's end-of-turn token. Greedy unless temperature > 0. Prompts are
+left-padded and run in batches sorted by length: on 2 CPU cores a batch of 16 is several times faster in tokens/s
+than one prompt at a time (see bench/infer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.template import prompt_messages, render
+from tunelab.errors import TunelabError
+from tunelab.export.template_check import stop_token_ids
+
+Conversation = list[dict[str, Any]]
+
+
+def _generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float,
+                       repetition_penalty: float):
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample,
+                                  repetition_penalty=repetition_penalty, eos_token_id=stop_token_ids(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                  else tokenizer.eos_token_id)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)  # top_k=0: only top_p filters
+    return GenerationConfig(**kwargs)
+
+
+def _set_seed(seed: int | None) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def as_conversation(prompt: str | Conversation, system: str | None = None) -> Conversation:
+    convo = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not (convo and convo[0]["role"] == "system"):
+        convo = [{"role": "system", "content": system}] + convo
+    return convo
+
+
+def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             seed: int | None = None, batch_size: int = 16) -> list[str]:
+    """Answer each conversation (rendered with add_generation_prompt). Returns the answers in input order."""
+    import torch
+
+    if not conversations:
+        return []
+    _set_seed(seed)
+    cfg = _generation_config(tokenizer, max_new_tokens, temperature, top_p, repetition_penalty)
+    texts = [render(tokenizer, c, add_generation_prompt=True) for c in conversations]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    answers: list[str] = [""] * len(encoded)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        pad = cfg.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        for row, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return answers
+
+
+@dataclass
+class StreamResult:
+    """Filled in when a streamed generation ends."""
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # stop | length
+    error: BaseException | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def stream_generate(model, tokenizer, prompt_ids: list[int], result: StreamResult, max_new_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    seed: int | None = None) -> Iterator[str]:
+    """Yield text pieces as they are generated (a background thread runs `generate`); `result` gets the totals.
+
+    Setting `result.cancel` stops the generation at the next token (a client that went away).
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return result.cancel.is_set()
+
+    cfg = _generation_config(tokenizer, max_new_tokens, temperature, top_p, repetition_penalty)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    result.prompt_tokens = len(prompt_ids)
+
+    def work():
+        try:
+            _set_seed(seed)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+            new = out[0, ids.shape[1]:].tolist()
+            result.completion_tokens = len(new)
+            stops = set(cfg.eos_token_id)
+            result.finish_reason = "stop" if (new and new[-1] in stops) else "length"
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises
+            result.error = e
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    pieces: list[str] = []
+    completed = False
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            if piece:
+                yield piece
+        completed = True
+    finally:
+        if not completed:  # the consumer stopped early: stop generating at the next token
+            result.cancel.set()
+        thread.join()
+        result.text = "".join(pieces)
+    if result.error is not None:
+        raise result.error
+
+
+def load_tokenizer_from(folder: str | Path):
+    """The tokenizer saved in a model or adapter folder (an adapter folder has no config.json)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(model: str, adapter: str | None = None, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) for generation: a model folder / hub id / bundled name, optionally with an adapter.
+
+    With an adapter (run folder or checkpoint) the tokenizer, so the chat template, is the one saved with it;
+    when `model` is None the adapter's recorded base model is used.
+    """
+    from tunelab.model.loading import base_model_of, load_model, load_tokenizer, resolve_adapter_dir
+
+    if adapter is None:
+        tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        m, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        return m.eval(), tok
+    adapter_dir = resolve_adapter_dir(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():  # method=full: the checkpoint is a model
+        return load(str(adapter_dir), None, dtype, trust_remote_code)
+    from peft import PeftModel
+
+    base, _ = load_model(model or base_model_of(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer_from(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else \
+        load_tokenizer(model or base_model_of(adapter_dir))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tok
+
+
+# ---------------------------------------------------------------- interactive chat
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit"
+
+
+def chat_loop(model, tokenizer, system: str | None = None, input_fn: Callable[[str], str] = input,
+              out=None, **gen: Any) -> Conversation:
+    """Stream answers to what the user types, keeping the history. Returns the final conversation."""
+    out = out or sys.stdout
+    history: Conversation = []
+    print(HELP, file=out)
+    while True:
+        try:
+            line = input_fn("\n>>> ")
+        except EOFError:
+            break
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history = []
+            print("(conversation cleared)", file=out)
+            continue
+        if cmd.startswith("/system"):
+            system = cmd[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'removed'}; conversation cleared)", file=out)
+            continue
+        if cmd.startswith("/"):
+            print(f"unknown command {cmd.split()[0]}; {HELP}", file=out)
+            continue
+        history.append({"role": "user", "content": line})
+        text = render(tokenizer, as_conversation(history, system), add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        result = StreamResult()
+        for piece in stream_generate(model, tokenizer, ids, result, **gen):
+            print(piece, end="", file=out, flush=True)
+        print(file=out)
+        history.append({"role": "assistant", "content": result.text.strip()})
+    return as_conversation(history, system)
+
+
+# ---------------------------------------------------------------- files of prompts
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """JSONL lines: {"prompt": "..."}, {"messages": [...]} (a trailing assistant turn becomes the reference),
+    or a plain JSON string per line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TunelabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if "messages" in obj:
+            msgs, ref = prompt_messages(obj["messages"])
+            rows.append({"messages": msgs, "reference": ref, **{k: v for k, v in obj.items() if k != "messages"}})
+        elif "prompt" in obj or "instruction" in obj:
+            text = obj.get("prompt") or obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+            rows.append({"messages": [{"role": "user", "content": text}], **obj})
+        else:
+            raise TunelabError(f"{path}:{n}: expected a \"prompt\" or \"messages\" field, found {sorted(obj)}")
+    if not rows:
+        raise TunelabError(f"{path} holds no prompts")
+    return rows
+
+
+def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Path, system: str | None = None,
+                **gen: Any) -> int:
+    """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt."""
+    rows = read_prompts(input_path)
+    answers = generate(model, tokenizer, [as_conversation(r["messages"], system) for r in rows], **gen)
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row, answer in zip(rows, answers):
+            f.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return len(rows)
+
+
+# ---------------------------------------------------------------- side by side
+
+
+def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: list[str | Conversation],
+                    system: str | None = None, **gen: Any) -> list[tuple[str, str, str]]:
+    """(prompt, base answer, fine-tuned answer) per prompt.
+
+    `adapter_or_merged` is a run folder, an adapter checkpoint or a merged model folder. With an adapter the
+    base is loaded once and its answers come from the same weights with the adapter switched off; `base_model`
+    defaults to the adapter's recorded base. Both use the chat template saved with the fine-tuned model.
+    """
+    from tunelab.model.loading import resolve_adapter_dir
+
+    convos = [as_conversation(p, system) for p in prompts]
+    labels = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    target = resolve_adapter_dir(adapter_or_merged)
+    if (target / "adapter_config.json").is_file():
+        model, tok = load(base_model, adapter=str(target))
+        with model.disable_adapter():
+            base_answers = generate(model, tok, convos, **gen)
+        tuned_answers = generate(model, tok, convos, **gen)
+    else:
+        tuned, tok = load(str(target))
+        tuned_answers = generate(tuned, tok, convos, **gen)
+        del tuned
+        if base_model is None:
+            meta = target / "tunelab.json"
+            base_model = json.loads(meta.read_text()).get("base_model") if meta.is_file() else None
+        if base_model is None:
+            raise TunelabError(f"{target} records no base model; pass the base model to compare against")
+        base, _ = load(base_model)
+        base_answers = generate(base, tok, convos, **gen)
+    return list(zip(labels, base_answers, tuned_answers))
+
+
+def print_comparison(rows: list[tuple[str, str, str]], console=None, titles=("base", "fine-tuned")) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=True, expand=True)
+    table.add_column("prompt", ratio=1)
+    table.add_column(titles[0], ratio=2)
+    table.add_column(titles[1], ratio=2)
+    for row in rows:
+        table.add_row(*row)
+    (console or Console()).print(table)

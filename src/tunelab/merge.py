@@ -1,0 +1,212 @@
+"""Merge a LoRA/DoRA/QLoRA adapter into its base model and prove the merged model computes the same thing.
+
+    report = merge_adapter("outputs/my-run", "models/merged", dtype="bf16")
+    print(report.summary())
+
+The output is a standalone folder that plain `transformers.AutoModelForCausalLM.from_pretrained` loads: weights
+(safetensors), config, the tokenizer with the chat template used in training, and a generation_config whose
+eos_token_id holds EOS and the template's end-of-turn token (so generation stops after one answer). A
+`tunelab.json` records where it came from and the verification figures.
+
+How it is verified: a few chat samples go through the adapter model (fp32 base + adapter, unmerged) and through
+the merged folder as saved, reloaded in the output dtype. The max |logit difference| and the share of positions
+whose greedy (argmax) token agrees are printed; beyond the tolerance the merge fails and nothing is written.
+
+QLoRA adapters were trained against 4-bit (NF4) weights. Merging into 4-bit weights would round the update away,
+so the base is reloaded in full precision (fp32) and the adapter merged there; the report says so.
+
+For method=full the checkpoint already is a model: it is copied into the same standalone form and verified alike.
+The output folder is written to a temporary folder beside it and renamed into place only once verified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+# Max |logit difference| allowed between the adapter model (fp32) and the merged model in the output dtype,
+# relative to the largest |logit| of the reference (SmolLM2-135M's logits reach ~25-35).
+# fp32: only summation order differs (W+BA)x vs Wx+B(Ax): ~1e-6 relative. bf16 keeps 8 bits of mantissa, so
+# rounding 30 layers of weights moves logits by a few percent; fp16 keeps 11 bits.
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
+# Share of positions whose argmax token must agree. Rounding can flip near-ties in bf16/fp16, never in fp32.
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.97, "bf16": 0.9}
+
+
+class MergeError(TunelabError):
+    """The merge could not be done, or the merged model does not match the adapter model."""
+
+
+@dataclass
+class MergeReport:
+    output: str
+    adapter: str
+    base_model: str
+    method: str
+    dtype: str
+    verified: bool = False
+    max_logit_diff: float | None = None
+    relative_diff: float | None = None
+    token_agreement: float | None = None
+    positions: int = 0
+    tolerance: float | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"merged {self.adapter} ({self.method}) into {self.base_model} -> {self.output} [{self.dtype}]"]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.verified:
+            lines.append(f"verified on {self.positions} positions: max |logit diff| {self.max_logit_diff:.3g} "
+                         f"({self.relative_diff:.2%} of the largest logit; tolerance {self.tolerance:.2%}), "
+                         f"greedy-token agreement {self.token_agreement:.1%}")
+        else:
+            lines.append("verification skipped (--no-verify)")
+        lines.append(f"generation stops on token ids {self.eos_token_ids}")
+        return "\n".join(lines)
+
+
+def _sample_ids(tokenizer) -> list[list[int]]:
+    """Token ids of complete chat samples (prompt + an answer): logits are compared at every position."""
+    from tunelab.data.template import render
+
+    samples = []
+    for convo in SAMPLE_CONVERSATIONS[:3]:
+        text = render(tokenizer, convo + [{"role": "assistant", "content": "Paris is the capital of France."}])
+        samples.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return samples
+
+
+def _logits(model, samples: list[list[int]]):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in samples]
+
+
+def compare_logits(reference, candidate) -> tuple[float, float, float, int]:
+    """(max |diff|, max |diff| / max |reference|, argmax agreement, positions)."""
+    diff = max(float((r - c).abs().max()) for r, c in zip(reference, candidate))
+    scale = max(float(r.abs().max()) for r in reference) or 1.0
+    agree = sum(int((r.argmax(-1) == c.argmax(-1)).sum()) for r, c in zip(reference, candidate))
+    n = sum(r.shape[0] for r in reference)
+    return diff, diff / scale, agree / n, n
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()) and not (output / "config.json").is_file():
+        raise MergeError(f"{output} exists and is not a model folder; choose another --output or empty it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_reference(adapter_dir: Path, meta: dict):
+    """(the model the adapter defines, in fp32 and unmerged; the training tokenizer; base name; notes)."""
+    from tunelab.infer import load_tokenizer_from
+    from tunelab.model.loading import base_model_of, load_model
+
+    notes = []
+    method = meta.get("method", "lora")
+    tok = load_tokenizer_from(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():  # method=full: the checkpoint is the model
+        model, _ = load_model(str(adapter_dir), dtype="fp32")
+        return model.eval(), tok, meta.get("base_model", str(adapter_dir)), notes
+    base_name = base_model_of(adapter_dir)
+    if method == "qlora":
+        notes.append("QLoRA adapter: merged into a full-precision (fp32) copy of the base model, never into the "
+                     "4-bit weights it was trained against; expect small differences from the 4-bit model")
+    from peft import PeftModel
+
+    base, _ = load_model(base_name, dtype="fp32")
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.eval(), tok, base_name, notes
+
+
+def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp32", verify: bool = True,
+                  tolerance: float | None = None) -> MergeReport:
+    """Merge `adapter` (a run folder or checkpoint) into its base; write a standalone model folder at `output`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tunelab.model.loading import resolve_adapter_dir
+
+    if dtype not in DEFAULT_TOLERANCE:
+        raise MergeError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
+    adapter_dir = resolve_adapter_dir(adapter)
+    meta_path = adapter_dir / "tunelab.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    method = meta.get("method") or ("lora" if (adapter_dir / "adapter_config.json").is_file() else "full")
+    output = Path(output)
+    _prepare_output(output)
+
+    model, tok, base_name, notes = _load_reference(adapter_dir, meta)
+    for n in notes:
+        log.warning(n)
+    report = MergeReport(str(output), str(adapter_dir), base_name, method, dtype, notes=notes,
+                         tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE[dtype])
+    samples = _sample_ids(tok)
+    reference = _logits(model, samples) if verify else None
+
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    merged = merged.to(torch_dtype)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(merged.config, attr):
+            delattr(merged.config, attr)
+    merged.config.dtype = torch_dtype
+
+    stops = stop_token_ids(tok)
+    gen = GenerationConfig.from_model_config(merged.config)
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.pad_token_id = tok.pad_token_id
+    gen.bos_token_id = tok.bos_token_id
+    report.eos_token_ids = stops
+    merged.generation_config = gen
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        del merged, model
+        if verify:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
+            diff, rel, agree, n = compare_logits(reference, _logits(reloaded, samples))
+            del reloaded
+            report.verified, report.max_logit_diff, report.relative_diff = True, diff, rel
+            report.token_agreement, report.positions = agree, n
+            if rel > report.tolerance or agree < MIN_AGREEMENT[dtype]:
+                raise MergeError(
+                    f"the merged model does not match the adapter model: max |logit diff| {diff:.4g} "
+                    f"({rel:.2%} of the largest logit, tolerance {report.tolerance:.2%}), greedy-token agreement "
+                    f"{agree:.1%} (need {MIN_AGREEMENT[dtype]:.0%}). Nothing was written to {output}. Try --dtype "
+                    "fp32, or check that the adapter matches its base model")
+            check_templates({"training": tok, "merged": AutoTokenizer.from_pretrained(tmp)})
+        (tmp / "tunelab.json").write_text(json.dumps(
+            {"merged_from": str(adapter_dir), "base_model": base_name, "method": method, "dtype": dtype,
+             "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
+                 "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
+             "eos_token_ids": stops, "notes": notes}, indent=2) + "\n")
+        _swap_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -1,0 +1,57 @@
+"""The one place peft and bitsandbytes objects are built from our schema (translate at the boundary)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.config import Config
+from tunelab.errors import TunelabError
+
+
+def bnb_config(cfg: Config, compute_dtype):
+    """4-bit NF4 (or FP4) with optional double quantisation, for training.method=qlora."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelabError("training.method=qlora needs bitsandbytes: pip install 'tunelab[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization.quant_type,
+                              bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig, TaskType
+
+    lc = cfg.lora
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                      target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
+                      use_rslora=lc.use_rslora, use_dora=cfg.training.method == "dora", bias=lc.bias)
+
+
+def apply_method(model: Any, cfg: Config) -> Any:
+    """Return the model to train: a peft model for lora/qlora/dora, the model itself (all weights) for full."""
+    method = cfg.training.method
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
+    return get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        # a bitsandbytes 4-bit tensor packs two values per byte; count logical parameters
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+    return trainable, total

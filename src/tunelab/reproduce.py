@@ -1,0 +1,157 @@
+"""Repeat a finished run from its own folder and measure how far the repeat lands from the original.
+
+    tunelab reproduce outputs/my-run        # -> outputs/my-run-repro, and the largest loss-curve difference
+
+The run's resolved `config.yaml` is trained again unchanged (same seed, same data settings) into `<name>-repro`
+beside it. Before anything runs, the data on disk is fingerprinted exactly as training does it and compared with
+the fingerprint in the run's manifest: if the data changed, the run cannot be reproduced and we refuse. On CPU
+with the same versions the two loss curves are identical (difference 0); across GPUs or library versions small
+differences are expected, and the hardware and versions of both runs are reported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tunelab.errors import TunelabError
+
+
+class ReproduceError(TunelabError):
+    """The run cannot be reproduced as it stands (changed data, unfinished run, missing files)."""
+
+
+@dataclass
+class CurveDiff:
+    max_abs_diff: float | None  # over the train-loss points both runs logged
+    eval_max_abs_diff: float | None  # over the eval-loss points both runs logged
+    steps_compared: int
+    only_in_original: list[int] = field(default_factory=list)
+    only_in_repro: list[int] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return (self.steps_compared > 0 and self.max_abs_diff == 0 and self.eval_max_abs_diff in (0, None)
+                and not self.only_in_original and not self.only_in_repro)
+
+
+@dataclass
+class ReproResult:
+    original: Path
+    reproduction: Path
+    diff: CurveDiff
+    final_original: dict[str, float]
+    final_repro: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return self.diff.max_abs_diff
+
+
+def loss_curve_diff(original: Path, repro: Path) -> CurveDiff:
+    """Largest |difference| between the logged train losses (and eval losses) of two runs, step by step."""
+    from tunelab.runs import curve, read_metrics
+
+    a, b = read_metrics(original), read_metrics(repro)
+    ta = dict(curve((r for r in a if not r.get("final")), "loss"))
+    tb = dict(curve((r for r in b if not r.get("final")), "loss"))
+    ea, eb = dict(curve(a, "eval_loss")), dict(curve(b, "eval_loss"))
+    common = sorted(set(ta) & set(tb))
+    ecommon = sorted(set(ea) & set(eb))
+    return CurveDiff(
+        max_abs_diff=max((abs(ta[s] - tb[s]) for s in common), default=None),
+        eval_max_abs_diff=max((abs(ea[s] - eb[s]) for s in ecommon), default=None),
+        steps_compared=len(common),
+        only_in_original=sorted(set(ta) - set(tb)), only_in_repro=sorted(set(tb) - set(ta)))
+
+
+def data_fingerprint(cfg, run_name: str) -> str:
+    """Fingerprint the data on disk exactly as training does: a prepared folder's own fingerprint, or the raw
+    files checked afresh by `prepare_dataset(check=True)` with the run's settings and tokenizer (writes nothing)."""
+    from tunelab.data.prepare import is_prepared, load_prepared, prepare_dataset
+    from tunelab.model.loading import load_tokenizer
+
+    src = Path(cfg.data.train)
+    if is_prepared(src):
+        return load_prepared(src).fingerprint
+    tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                         chat_template=cfg.model.chat_template)
+    try:
+        result = prepare_dataset([str(src)], format=cfg.data.format, column_map=cfg.data.map or None,
+                                 tokenizer=tok, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
+                                 train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
+                                 eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
+                                 system_prompt=cfg.data.system_prompt, name=run_name, check=True,
+                                 console=lambda *_: None)
+    except TunelabError as e:
+        raise ReproduceError(f"cannot read the run's training data {cfg.data.train} (relative paths are read from "
+                             f"the current folder, {Path.cwd()}):\n{e}") from None
+    return result.report["fingerprint"]
+
+
+def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
+    """The run's config, after checking it finished, its seed and that its data is unchanged on disk."""
+    from tunelab.config import load_config
+    from tunelab.runs import read_manifest
+
+    manifest = read_manifest(run)
+    status = manifest.get("status")
+    if status != "completed":
+        hint = f"; continue it with: tunelab train --resume {run}" if status in ("interrupted", "failed") else ""
+        raise ReproduceError(f"{run} has status {status!r}: only a completed run can be reproduced{hint}")
+    cfg = load_config(run / "config.yaml")
+    if manifest.get("seed") is not None and manifest["seed"] != cfg.training.seed:
+        raise ReproduceError(f"{run}: the manifest's seed {manifest['seed']} differs from config.yaml's "
+                             f"training.seed {cfg.training.seed}; the run folder was edited")
+    recorded = manifest.get("data_fingerprint")
+    if not recorded:
+        raise ReproduceError(f"{run}/manifest.json records no data_fingerprint, so the data cannot be checked")
+    now = (fingerprint_fn or data_fingerprint)(cfg, run.name)
+    if now != recorded:
+        raise ReproduceError(
+            f"the data changed since {run.name} was trained, so it cannot be reproduced:\n"
+            f"  {cfg.data.train}: fingerprint now {now[:16]}, at training time {recorded[:16]}.\n"
+            "Restore the original data (same file, same records), or train a new run on the new data.")
+    return cfg, manifest
+
+
+def _free_name(parent: Path, name: str) -> str:
+    candidate, k = f"{name}-repro", 2
+    while (parent / candidate).exists():
+        candidate, k = f"{name}-repro{k}", k + 1
+    return candidate
+
+
+def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs", name: str | None = None,
+              train_fn: Callable | None = None, fingerprint_fn: Callable | None = None) -> ReproResult:
+    """Train `run` again from its folder into `<run>-repro` and compare the two loss curves."""
+    from tunelab.runs import final_metrics, read_manifest, resolve_run
+
+    original = resolve_run(run, runs_dir)
+    cfg, manifest = check_reproducible(original, fingerprint_fn)
+    cfg.output.dir = str(original.parent)
+    cfg.output.run_name = name or _free_name(original.parent, original.name)
+    if train_fn is None:
+        from tunelab.train.recipe import train as train_fn
+    repro = Path(train_fn(cfg))
+    rmanifest = read_manifest(repro)
+    notes = []
+    if rmanifest.get("data_fingerprint") != manifest.get("data_fingerprint"):
+        notes.append("the reproduction saw a different data fingerprint than the original")
+    for key in ("hardware", "versions"):
+        if manifest.get(key) and rmanifest.get(key) and manifest[key] != rmanifest[key]:
+            changed = sorted(k for k in set(manifest[key]) | set(rmanifest[key])
+                             if manifest[key].get(k) != rmanifest[key].get(k))
+            notes.append(f"{key} differ ({', '.join(changed)}): small loss differences are expected")
+    result = ReproResult(original, repro, loss_curve_diff(original, repro), final_metrics(manifest),
+                         final_metrics(rmanifest), notes)
+    summary = {"original": str(original), "max_abs_diff": result.diff.max_abs_diff,
+               "eval_max_abs_diff": result.diff.eval_max_abs_diff, "steps_compared": result.diff.steps_compared,
+               "identical": result.diff.identical, "notes": notes}
+    from tunelab.train.rundir import RunDir
+
+    RunDir(repro).update_manifest(reproduction_of=summary)  # the repeat records what it repeated and how closely
+    return result

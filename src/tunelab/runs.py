@@ -1,0 +1,415 @@
+"""Runs as data: find, list, show, compare and plot run folders (see docs/architecture.md, "Run folder").
+
+    from tunelab import runs
+    table = runs.list_runs("outputs")                     # one RunSummary per run, newest first
+    cmp = runs.compare_runs(["outputs/a", "outputs/b"])   # config / data / metric differences, best marked
+    runs.plot_runs(["outputs/a", "outputs/b"], "loss", "loss.png")
+
+`list_runs` reads only each run's manifest.json, so it stays fast with hundreds of runs. Metrics read from
+metrics.jsonl tolerate a torn last line (a run killed mid-write).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tunelab.errors import TunelabError
+
+# Metrics where a lower value is better; every other numeric metric is higher-is-better.
+LOWER_IS_BETTER = {"loss", "train_loss", "eval_loss", "perplexity", "eval_perplexity", "best_eval_loss"}
+HIGHER_IS_BETTER = {"bleu", "chrf", "rouge_l", "exact_match"}
+KNOWN_METRICS = ("train_loss", "eval_loss", "perplexity", "bleu", "chrf", "rouge_l", "exact_match")
+
+
+class RunError(TunelabError):
+    """A run folder that cannot be found or read."""
+
+
+# ---------------------------------------------------------------- finding runs
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def iter_run_dirs(runs_dir: str | os.PathLike = "outputs") -> list[Path]:
+    """Run folders directly under `runs_dir`, and one level deeper (runs grouped in a folder, e.g. a sweep)."""
+    root = Path(runs_dir)
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    with os.scandir(root) as it:
+        for entry in it:
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            p = Path(entry.path)
+            if is_run_dir(p):
+                found.append(p)
+                continue
+            with os.scandir(p) as inner:
+                found.extend(Path(e.path) for e in inner
+                             if e.is_dir() and not e.name.startswith(".") and is_run_dir(Path(e.path)))
+    return found
+
+
+def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "outputs") -> Path:
+    """A run folder given as a path, or as a name under `runs_dir`."""
+    p = Path(run)
+    for candidate in (p, Path(runs_dir) / p):
+        if is_run_dir(candidate):
+            return candidate
+        if candidate.name.startswith("checkpoint-") and is_run_dir(candidate.parent):
+            return candidate.parent
+    names = [str(d.relative_to(runs_dir)) for d in iter_run_dirs(runs_dir)]
+    close = difflib.get_close_matches(str(run), names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else (
+        f"; `tunelab runs list --dir {runs_dir}` shows the runs there" if names else "")
+    raise RunError(f"no run {str(run)!r} (a run folder holds manifest.json; looked at {p} and "
+                   f"{Path(runs_dir) / p}){hint}")
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {Path(run) / 'manifest.json'}: {e}") from None
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(run) / "config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a torn line from a killed run
+            continue
+    return out
+
+
+def read_evals(run: Path) -> dict[str, dict[str, Any]]:
+    """`eval/<name>.json` files of a run, by name."""
+    out = {}
+    for f in sorted((Path(run) / "eval").glob("*.json")):
+        try:
+            out[f.stem] = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+    return out
+
+
+def final_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    """The final metrics of a run: the manifest's `metrics`/`final_metrics` section and top-level metric keys."""
+    out: dict[str, float] = {}
+    for key in ("final_metrics", "metrics"):
+        if isinstance(manifest.get(key), dict):
+            out.update({k: v for k, v in manifest[key].items() if isinstance(v, (int, float))})
+    for k in KNOWN_METRICS:
+        if isinstance(manifest.get(k), (int, float)):
+            out.setdefault(k, manifest[k])
+    if "loss" in out and "train_loss" not in out:
+        out["train_loss"] = out["loss"]
+    return out
+
+
+# ---------------------------------------------------------------- list
+
+
+@dataclass
+class RunSummary:
+    name: str
+    path: Path
+    date: str
+    status: str
+    method: str
+    model: str
+    data: str
+    steps: int | None
+    duration_s: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    started_at: str = ""
+
+
+def _model_name(manifest: dict[str, Any]) -> str:
+    for key in ("model", "base_model", "model_name"):
+        v = manifest.get(key)
+        if isinstance(v, dict):
+            v = v.get("name") or v.get("base_model")
+        if v:
+            v = str(v)
+            # a local folder: its name is enough in a table (hub ids such as Qwen/Qwen2.5-0.5B stay whole)
+            return Path(v).name if v.startswith(("/", ".", "~")) else v
+    return "?"
+
+
+def _data_name(manifest: dict[str, Any]) -> str:
+    """`demo.json (90/10)`: the data source and its train/val record counts."""
+    data = manifest.get("data")
+    if not isinstance(data, dict):
+        return str(data or "?")
+    path = data.get("source") or data.get("train") or data.get("folder") or data.get("path")
+    n_train, n_val = data.get("train_records"), data.get("val_records")
+    name = Path(str(path)).name if path else "?"
+    if isinstance(n_train, int):
+        name += f" ({n_train}" + (f"/{n_val})" if isinstance(n_val, int) else ")")
+    return name
+
+
+def summarize(run: Path, manifest: dict[str, Any] | None = None, runs_dir: Path | None = None) -> RunSummary:
+    m = manifest if manifest is not None else read_manifest(run)
+    started = str(m.get("started_at") or "")
+    try:
+        date = dt.datetime.fromisoformat(started).strftime("%Y-%m-%d %H:%M") if started else ""
+    except ValueError:
+        date = started[:16]
+    name = str(run.relative_to(runs_dir)) if runs_dir is not None else m.get("run_name") or run.name
+    return RunSummary(name=name, path=run, date=date, status=str(m.get("status", "?")),
+                      method=str(m.get("method") or "?"), model=_model_name(m), data=_data_name(m),
+                      steps=m.get("global_step"), duration_s=m.get("duration_s"), metrics=final_metrics(m),
+                      started_at=started)
+
+
+def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None) -> list[RunSummary]:
+    """Every run under `runs_dir`, newest first (reads only manifest.json)."""
+    root = Path(runs_dir)
+    keep = None
+    if sweep:
+        from tunelab.sweep import load_sweep
+
+        keep = {Path(r["run_dir"]).resolve() for r in load_sweep(root, sweep)["runs"].values()}
+    out = []
+    for run in iter_run_dirs(root):
+        if keep is not None and run.resolve() not in keep:
+            continue
+        try:
+            out.append(summarize(run, read_manifest(run), root))
+        except RunError:
+            out.append(RunSummary(run.name, run, "", "unreadable", "?", "?", "?", None, None))
+    return sorted(out, key=lambda s: s.started_at, reverse=True)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def fmt_num(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def make_console():
+    """A rich console; when the output is piped or captured, wide enough that table cells are not squashed."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def runs_table(summaries: Sequence[RunSummary]):
+    from rich.table import Table
+
+    t = Table(title=f"{len(summaries)} run{'s' * (len(summaries) != 1)}")
+    for col in ("name", "date", "status", "method", "model", "data", "steps", "train loss", "eval loss",
+                "perplexity", "BLEU", "duration"):
+        t.add_column(col, justify="right" if col in ("steps", "train loss", "eval loss", "perplexity", "BLEU",
+                                                      "duration") else "left")
+    colour = {"completed": "green", "failed": "red", "diverged": "red", "interrupted": "yellow", "running": "cyan"}
+    for s in summaries:
+        m = s.metrics
+        t.add_row(s.name, s.date, f"[{colour.get(s.status, 'white')}]{s.status}[/]", s.method, s.model, s.data,
+                  fmt_num(s.steps), fmt_num(m.get("train_loss")), fmt_num(m.get("eval_loss")),
+                  fmt_num(m.get("perplexity")), fmt_num(m.get("bleu")), fmt_duration(s.duration_s))
+    return t
+
+
+# ---------------------------------------------------------------- show
+
+
+def show_run(run: Path) -> dict[str, Any]:
+    """Everything a person wants about one run, as data."""
+    manifest = read_manifest(run)
+    checkpoints = sorted(p.name for p in Path(run).glob("checkpoint-*") if p.is_dir())
+    return {"path": str(run), "summary": summarize(run, manifest), "manifest": manifest, "config": read_config(run),
+            "metrics": final_metrics(manifest), "evals": read_evals(run), "checkpoints": checkpoints,
+            "logged_steps": sum(1 for r in read_metrics(run) if "loss" in r)}
+
+
+# ---------------------------------------------------------------- compare
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_MISSING = object()
+
+
+@dataclass
+class Comparison:
+    names: list[str]
+    config_diff: dict[str, list[Any]]  # dotted key -> value per run (only keys that differ)
+    data: dict[str, list[Any]]  # fingerprint, data, records per run
+    data_same: bool
+    metrics: dict[str, list[float | None]]  # metric -> value per run
+    best: dict[str, list[int]]  # metric -> indices of the best run(s)
+
+
+def _better(metric: str) -> str | None:
+    leaf = metric.split(":")[-1]
+    if leaf in LOWER_IS_BETTER or leaf.endswith("loss") or leaf.endswith("perplexity"):
+        return "min"
+    if leaf in HIGHER_IS_BETTER:
+        return "max"
+    return None
+
+
+def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike = "outputs") -> Comparison:
+    paths = [resolve_run(r, runs_dir) for r in runs]
+    if len(paths) < 2:
+        raise RunError("compare needs at least two runs")
+    manifests = [read_manifest(p) for p in paths]
+    names = [m.get("run_name") or p.name for p, m in zip(paths, manifests)]
+    configs = [flatten(read_config(p)) for p in paths]
+    config_diff = {}
+    for key in sorted(set().union(*configs)):
+        if key == "output.run_name":
+            continue
+        values = [c.get(key, _MISSING) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            config_diff[key] = [None if v is _MISSING else v for v in values]
+    fps = [m.get("data_fingerprint") for m in manifests]
+    data = {"fingerprint": fps, "data": [_data_name(m) for m in manifests]}
+    metrics: dict[str, list[float | None]] = {}
+    per_run = [dict(final_metrics(m)) for m in manifests]
+    for i, p in enumerate(paths):
+        for ev_name, ev in read_evals(p).items():
+            for k, v in (ev.get("metrics") or {}).items():
+                if isinstance(v, (int, float)):
+                    per_run[i][f"{ev_name}:{k}"] = v
+    order = [k for k in KNOWN_METRICS if any(k in r for r in per_run)]
+    order += sorted(k for k in set().union(*per_run) if k not in order)
+    best: dict[str, list[int]] = {}
+    for k in order:
+        values = [r.get(k) for r in per_run]
+        metrics[k] = values
+        direction, present = _better(k), [(v, i) for i, v in enumerate(values) if v is not None]
+        if direction and len(present) >= 2:
+            target = (min if direction == "min" else max)(v for v, _ in present)
+            best[k] = [i for v, i in present if v == target]
+    return Comparison(names, config_diff, data, len(set(fps)) == 1 and fps[0] is not None, metrics, best)
+
+
+def comparison_tables(cmp: Comparison) -> list:
+    from rich.table import Table
+
+    tables = []
+    t = Table(title="config differences" if cmp.config_diff else "config: identical (except run name)")
+    t.add_column("key")
+    for n in cmp.names:
+        t.add_column(n)
+    for key, values in cmp.config_diff.items():
+        t.add_row(key, *[json.dumps(v) if not isinstance(v, str) else v for v in values])
+    tables.append(t)
+    t = Table(title="data: same fingerprint" if cmp.data_same else "data: DIFFERENT fingerprints")
+    t.add_column("")
+    for n in cmp.names:
+        t.add_column(n)
+    for key, values in cmp.data.items():
+        t.add_row(key, *[str(v) if v is not None else "?" for v in values])
+    tables.append(t)
+    t = Table(title="metrics (★ best)")
+    t.add_column("metric")
+    for n in cmp.names:
+        t.add_column(n, justify="right")
+    for key, values in cmp.metrics.items():
+        best = set(cmp.best.get(key, []))
+        t.add_row(key, *[("[bold green]★ " + fmt_num(v) + "[/]") if i in best else fmt_num(v)
+                         for i, v in enumerate(values)])
+    tables.append(t)
+    return tables
+
+
+# ---------------------------------------------------------------- plot
+
+
+def curve(records: Iterable[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) points of one metric, one per step (a later line for the same step wins)."""
+    points: dict[int, float] = {}
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and isinstance(r.get("step"), int):
+            points[r["step"]] = float(v)
+    return sorted(points.items())
+
+
+def plot_runs(runs: Sequence[str | os.PathLike], metric: str = "loss", output: str | os.PathLike = "loss.png",
+              runs_dir: str | os.PathLike = "outputs", title: str | None = None) -> Path:
+    """Overlay `metric` of several runs: train as solid lines, eval (eval_<metric>) dashed in the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [resolve_run(r, runs_dir) for r in runs]
+    train_key = metric
+    eval_key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    drawn = 0
+    for i, p in enumerate(paths):
+        recs, colour, name = read_metrics(p), f"C{i % 10}", p.name
+        train = curve((r for r in recs if "eval_loss" not in r or "loss" in r), train_key) \
+            if train_key != eval_key else []
+        evals = curve(recs, eval_key)
+        if train:
+            ax.plot(*zip(*train), color=colour, lw=1.5, label=f"{name} train")
+            drawn += 1
+        if evals:
+            ax.plot(*zip(*evals), color=colour, lw=1.5, ls="--", marker="o", ms=3, label=f"{name} eval")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise RunError(f"no {metric!r} values in the metrics.jsonl of {', '.join(p.name for p in paths)}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric}: " + ", ".join(p.name for p in paths)[:90])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,239 @@
+"""Sweeps: a grid of config variations, trained one after another as separate runs grouped under one sweep.
+
+    tunelab sweep --config config.yaml --grid lora.r=8,16 --grid training.learning_rate=1e-4,2e-4
+
+Layout: `<output.dir>/<sweep>/sweep.json` lists the grid and every combination; each combination is an ordinary
+run folder `<output.dir>/<sweep>/<combo>` (e.g. `r8-learning_rate1e-4`), so `tunelab runs list/compare` see them.
+Running the same command again continues the sweep: completed (and diverged) runs are skipped, an interrupted or
+failed run is resumed from its last complete checkpoint, and the rest are trained. The sweep name defaults to the
+config file's name plus a hash of the grid, so the same command always finds the same sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tunelab.errors import TunelabError
+
+DONE = ("completed", "diverged")  # a diverged run would diverge again: it is a result, not a gap
+
+
+class SweepError(TunelabError):
+    """A sweep that cannot start or continue as asked."""
+
+
+def split_values(text: str) -> list[str]:
+    """`8,16` -> [8, 16]; commas inside brackets stay: `[q_proj,v_proj],all-linear` -> 2 values."""
+    values, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{("
+        depth -= ch in "]})"
+        if ch == "," and depth == 0:
+            values.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    values.append(cur.strip())
+    return [v for v in values if v]
+
+
+def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    grid, problems = [], []
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = split_values(values)
+        if not sep or not key.strip() or not vals:
+            problems.append(f"  - {item!r}: a grid axis looks like section.key=v1,v2 (e.g. lora.r=8,16)")
+            continue
+        grid.append((key.strip(), vals))
+    keys = [k for k, _ in grid]
+    problems += [f"  - {k}: given twice" for k in sorted({k for k in keys if keys.count(k) > 1})]
+    if problems or not grid:
+        raise SweepError("bad --grid:\n" + ("\n".join(problems) or "  - no --grid axis given"))
+    return grid
+
+
+def combo_name(assignment: Sequence[tuple[str, str]]) -> str:
+    """`[(lora.r, 8), (training.learning_rate, 1e-4)]` -> `r8-learning_rate1e-4` (full keys if leaves clash)."""
+    leaves = [k.split(".")[-1] for k, _ in assignment]
+    use_full = len(set(leaves)) < len(leaves)
+    parts = [f"{k if use_full else k.split('.')[-1]}{v}" for k, v in assignment]
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", "-".join(parts)).strip("_")
+
+
+def combinations(grid: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of every point of the grid, in a stable order (the first axis varies slowest)."""
+    out = []
+    for values in itertools.product(*[vals for _, vals in grid]):
+        assignment = [(k, v) for (k, _), v in zip(grid, values)]
+        out.append((combo_name(assignment), [f"{k}={v}" for k, v in assignment]))
+    return out
+
+
+def default_sweep_name(config: str | None, grid: list[tuple[str, list[str]]], overrides: Sequence[str]) -> str:
+    """`<config stem>-sweep-<hash>` of the grid, the overrides and the config's text: the same command finds the
+    same sweep again, and an edited config starts a new one instead of mixing results."""
+    stem = Path(config).stem if config else "defaults"
+    text = Path(config).read_text(encoding="utf-8") if config and Path(config).is_file() else ""
+    digest = hashlib.sha256(json.dumps([grid, list(overrides), text]).encode()).hexdigest()[:6]
+    return f"{stem}-sweep-{digest}"
+
+
+def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
+    return Path(output_dir) / name
+
+
+def load_sweep(output_dir: str | os.PathLike, name: str) -> dict[str, Any]:
+    path = sweep_dir(output_dir, name) / "sweep.json"
+    if not path.is_file():
+        raise SweepError(f"no sweep {name!r} in {output_dir} (looked for {path})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    from tunelab.train.rundir import write_json_atomic
+
+    write_json_atomic(path, state)
+
+
+@dataclass
+class SweepRow:
+    combo: str
+    run_dir: Path
+    status: str
+    value: float | None
+    overrides: list[str]
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    name: str
+    folder: Path
+    metric: str
+    rows: list[SweepRow]  # sorted by the metric, best first; runs without a value last
+    trained: list[str]
+    skipped: list[str]
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_loss", name: str | None = None,
+              overrides: Sequence[str] = (), train_fn: Callable | None = None,
+              say: Callable[[str], None] = print) -> SweepResult:
+    """Train every point of `grid` (dotted key=v1,v2 axes) on top of `config` + `overrides`, one at a time."""
+    from tunelab.config import ConfigError, load_config
+    from tunelab.train.rundir import now_iso
+
+    axes = parse_grid(grid)
+    combos = combinations(axes)
+    # Validate every combination before training any: a typo in the last one must not surface hours later.
+    cfgs, problems = {}, []
+    for combo, ovr in combos:
+        try:
+            cfgs[combo] = load_config(config, list(overrides) + ovr)
+        except ConfigError as e:
+            problems.append(f"{combo}: {e}")
+    if problems:
+        raise SweepError("the sweep has invalid combinations:\n" + "\n".join(problems))
+    base = next(iter(cfgs.values()))
+    name = name or default_sweep_name(config, axes, overrides)
+    folder = sweep_dir(base.output.dir, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "sweep.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {
+        "name": name, "config": config, "grid": [f"{k}={','.join(v)}" for k, v in axes],
+        "overrides": list(overrides), "metric": metric, "created_at": now_iso(), "runs": {}}
+    if state.get("grid") != [f"{k}={','.join(v)}" for k, v in axes] or state.get("overrides") != list(overrides):
+        raise SweepError(f"sweep {name!r} in {folder} was started with another grid ({state.get('grid')}, overrides "
+                         f"{state.get('overrides')}); pass --name to start a new sweep")
+    state["metric"] = metric
+    for combo, ovr in combos:
+        state["runs"].setdefault(combo, {"overrides": ovr, "run_dir": str(folder / combo), "status": "pending"})
+    _save(state_path, state)
+    if train_fn is None:
+        from tunelab.train.recipe import train as train_fn
+
+    trained, skipped = [], []
+    for i, (combo, ovr) in enumerate(combos, 1):
+        entry, run_dir = state["runs"][combo], folder / combo
+        status = _status(run_dir)
+        if status in DONE:
+            entry["status"] = status
+            skipped.append(combo)
+            say(f"[{i}/{len(combos)}] {combo}: already {status}, skipped")
+            continue
+        cfg = cfgs[combo]
+        cfg.output.dir, cfg.output.run_name = str(folder), combo
+        resume = str(run_dir) if status is not None else None
+        say(f"[{i}/{len(combos)}] {combo}: {'resuming' if resume else 'training'} ({' '.join(ovr)})")
+        entry.update(status="running", started_at=now_iso())
+        _save(state_path, state)
+        try:
+            train_fn(cfg, resume=resume) if resume else train_fn(cfg)
+        except KeyboardInterrupt:
+            entry["status"] = "interrupted"
+            _save(state_path, state)
+            raise SweepError(f"sweep {name} interrupted during {combo}; run the same command again to continue "
+                             "(finished runs are skipped)") from None
+        except Exception as e:  # one bad combination (divergence, out of memory) does not end the sweep
+            if type(e).__name__ == "TrainingInterrupted":
+                entry["status"] = "interrupted"
+                _save(state_path, state)
+                raise SweepError(f"sweep {name} interrupted during {combo}; run the same command again to "
+                                 "continue (finished runs are skipped)") from None
+            entry.update(status=_status(run_dir) or "failed", error=f"{type(e).__name__}: {e}"[:500])
+            say(f"  {combo} did not complete: {entry['error']}")
+        else:
+            entry.update(status=_status(run_dir) or "completed", error=None)
+            trained.append(combo)
+        entry["ended_at"] = now_iso()
+        _save(state_path, state)
+    result = SweepResult(name, folder, metric, sweep_rows(folder, state, metric), trained, skipped)
+    state["ranking"] = [r.combo for r in result.rows]
+    _save(state_path, state)
+    return result
+
+
+def sweep_rows(folder: Path, state: dict[str, Any], metric: str) -> list[SweepRow]:
+    from tunelab.runs import _better, final_metrics
+
+    rows = []
+    for combo, entry in state["runs"].items():
+        run_dir = folder / combo
+        try:
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        value = final_metrics(manifest).get(metric)
+        rows.append(SweepRow(combo, run_dir, manifest.get("status") or entry.get("status", "pending"), value,
+                             entry["overrides"], entry.get("error")))
+    sign = -1 if _better(metric) == "max" else 1
+    return sorted(rows, key=lambda r: (r.value is None, sign * r.value if r.value is not None else 0))
+
+
+def sweep_table(result: SweepResult):
+    from rich.table import Table
+
+    from tunelab.runs import fmt_num
+
+    t = Table(title=f"sweep {result.name} — sorted by {result.metric} (best first)")
+    for col in ("rank", "run", *[o.split("=")[0] for o in (result.rows[0].overrides if result.rows else [])],
+                "status", result.metric):
+        t.add_column(col, justify="right" if col in ("rank", result.metric) else "left")
+    for i, r in enumerate(result.rows, 1):
+        t.add_row(str(i) if r.value is not None else "", r.combo, *[o.split("=", 1)[1] for o in r.overrides],
+                  r.status, fmt_num(r.value))
+    return t

@@ -1,0 +1,137 @@
+"""The run folder contract (see docs/architecture.md): creation, manifest, metrics, log.
+
+Every write that another process may read (manifest.json) goes through a temporary file and `os.replace`, so a
+kill never leaves a half-written manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import Config, save_config
+
+PACKAGES = ("tunelab", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def default_run_name(cfg: Config) -> str:
+    model = re.sub(r"[^A-Za-z0-9.]+", "-", cfg.model.name.split("/")[-1].split(":")[-1]).strip("-").lower()
+    return f"{model}-{cfg.training.method}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    from tunelab.model.loading import cpu_has_fast_bf16
+
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                            "cpu_fast_bf16": cpu_has_fast_bf16(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    """A run folder: config.yaml, manifest.json, metrics.jsonl, train.log, checkpoints."""
+
+    def __init__(self, path: Path, main_process: bool = True):
+        self.path = Path(path)
+        self.main = main_process
+
+    @classmethod
+    def create(cls, cfg: Config, main_process: bool = True) -> "RunDir":
+        name = cfg.output.run_name or default_run_name(cfg)
+        path = Path(cfg.output.dir) / name
+        if main_process:
+            if (path / "manifest.json").exists():
+                from tunelab.errors import TunelabError
+
+                raise TunelabError(f"run folder {path} already holds a run; use --resume to continue it or pick "
+                                   "another output.run_name")
+            path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, path / "config.yaml")
+        return cls(path, main_process)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+
+    def update_manifest(self, **fields: Any) -> None:
+        if not self.main:
+            return
+        data = self.manifest()
+        data.update(fields)
+        write_json_atomic(self.manifest_path, data)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: drop metric lines logged after the checkpoint we continue from (they will be redone)."""
+        path = self.path / "metrics.jsonl"
+        if not self.main or not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= after_step and not json.loads(line).get("final")]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,254 @@
+"""The prepare pipeline: conservation, rejections, split, report, tokens, fingerprint, load_prepared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.data.prepare import (DataError, PreparedData, PrepareResult, _FastTokenizer, load_prepared,
+                                  prepare_dataset)
+from tunelab.data.formats import Conversation
+from tunelab.data.template import encode_record
+from tunelab.errors import TunelabError
+
+from data_helpers import alpaca, jsonl, quiet
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@pytest.fixture
+def messy(write):
+    """10 lines: 6 good, 1 duplicate, 1 invalid JSON, 1 missing output, 1 wrong order (ShareGPT)."""
+    good = [alpaca(i) for i in range(6)]
+    text = jsonl(good[:3]) + jsonl([alpaca(1)]) + '{"instruction": "x", \n' + jsonl([{"instruction": "q"}])
+    text += jsonl([{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}])
+    text += jsonl(good[3:])
+    return write("messy.json", text)
+
+
+def test_public_api_types():
+    assert issubclass(DataError, TunelabError)
+    assert {"output", "report", "usable"} <= set(PrepareResult.__dataclass_fields__)
+    assert {"train", "val", "report", "fingerprint"} <= set(PreparedData.__dataclass_fields__)
+
+
+def test_conservation_and_rejected_file(messy, tmp_path):
+    out = tmp_path / "out"
+    printed = []
+    r = prepare_dataset(str(messy), out, console=printed.append)
+    rep = r.report
+    assert (rep["records_read"], rep["records_accepted"], rep["records_rejected"], rep["duplicates_removed"]) == \
+        (10, 6, 3, 1)
+    assert "records: 10 read = 6 accepted + 3 rejected + 1 duplicates removed" in printed
+    assert r.usable and r.output == out
+    assert sorted(p.name for p in out.iterdir()) == ["rejected.jsonl", "report.json", "report.md", "train.jsonl",
+                                                     "val.jsonl"]
+    rej = lines(out / "rejected.jsonl")
+    assert len(rej) == rep["records_rejected"] + rep["duplicates_removed"]
+    by_loc = {x["location"]: x for x in rej}
+    assert by_loc["line 4"]["duplicate_of"].endswith("messy.json line 2")
+    assert by_loc["line 5"]["reason"].startswith("invalid JSON") and by_loc["line 5"]["raw"] == '{"instruction": "x",'
+    assert by_loc["line 6"]["reason"] == "missing field 'output'" and json.loads(by_loc["line 6"]["raw"])
+    assert "starts with the assistant" in by_loc["line 7"]["reason"]
+    assert all({"source", "location", "reason", "raw"} <= set(x) for x in rej)
+    saved = json.loads((out / "report.json").read_text())
+    for key in ("records_read", "records_accepted", "records_rejected", "duplicates_removed", "warnings",
+                "token_stats", "fingerprint", "options"):
+        assert key in saved
+    assert saved["rejected_by_reason"] == {"invalid_json": 1, "missing_field": 1, "order": 1}
+    assert "10 read = 6 accepted + 3 rejected + 1 duplicates removed" in (out / "report.md").read_text()
+    data = load_prepared(out)
+    assert len(data.train) + len(data.val) == 6 and data.fingerprint == rep["fingerprint"]
+    rec = data.train[0]
+    assert set(rec) == {"messages", "tools", "source", "location"} and rec["source"] == str(messy)
+
+
+def test_split_is_deterministic_and_exact(write, tmp_path):
+    src = write("d.jsonl", jsonl([alpaca(i) for i in range(50)]))
+    a = prepare_dataset(str(src), tmp_path / "a", val_ratio=0.2, seed=1, console=quiet)
+    b = prepare_dataset(str(src), tmp_path / "b", val_ratio=0.2, seed=1, console=quiet)
+    c = prepare_dataset(str(src), tmp_path / "c", val_ratio=0.2, seed=2, console=quiet)
+    va, vb, vc = (load_prepared(x.output).val for x in (a, b, c))
+    assert len(va) == 10 and va == vb and va != vc
+    assert len(load_prepared(a.output).train) == 40
+    assert a.report["fingerprint"] == b.report["fingerprint"] != c.report["fingerprint"]
+
+
+def test_tiny_dataset_still_gets_one_validation_record(write, tmp_path):
+    r = prepare_dataset(str(write("d.jsonl", jsonl([alpaca(i) for i in range(3)]))), tmp_path / "o", console=quiet)
+    assert r.report["split"]["val"] == 1 and r.report["split"]["train"] == 2
+
+
+def test_explicit_eval_file(write, tmp_path):
+    train = write("t.jsonl", jsonl([alpaca(i) for i in range(5)]))
+    ev = write("e.jsonl", jsonl([alpaca(i) for i in range(100, 103)] + [alpaca(0)]))  # one leaks from train
+    r = prepare_dataset(str(train), tmp_path / "o", eval_inputs=str(ev), console=quiet)
+    data = load_prepared(r.output)
+    assert len(data.train) == 5 and len(data.val) == 3 and r.report["duplicates_removed"] == 1
+    assert [f["role"] for f in r.report["files"]] == ["train", "eval"]
+
+
+def test_check_writes_nothing(messy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = prepare_dataset(str(messy), check=True, console=quiet)
+    assert r.output is None and r.usable and not (tmp_path / "data").exists()
+
+
+def test_default_output_is_data_processed_name(messy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = prepare_dataset(str(messy), console=quiet)
+    assert r.output == tmp_path.joinpath("data", "processed", "messy").relative_to(tmp_path)
+    assert (tmp_path / "data/processed/messy/train.jsonl").is_file()
+    assert not [p for p in (tmp_path / "data/processed").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_nothing_usable_and_reject_ratio(write, tmp_path):
+    bad = write("bad.jsonl", jsonl([{"instruction": "q"}] * 2 + [{"text": "web"}]))
+    r = prepare_dataset(str(bad), tmp_path / "o", console=quiet)
+    assert not r.usable and "no record was accepted" in r.problems[0]
+    with pytest.raises(DataError, match="not usable"):
+        r.raise_if_unusable()
+    mixed = write("mixed.jsonl", jsonl([alpaca(1), alpaca(2), {"instruction": "q"}]))
+    assert prepare_dataset(str(mixed), check=True, max_reject_ratio=0.5, console=quiet).usable
+    r = prepare_dataset(str(mixed), check=True, max_reject_ratio=0.2, console=quiet)
+    assert not r.usable and "33.3%" in r.problems[0]
+
+
+def test_whole_file_errors_from_several_files_are_reported_together(write, tmp_path):
+    a = write("a.json", "[\n" + json.dumps(alpaca(1)) + ",\n]")
+    b = write("b.json", "")
+    c = write("c.jsonl", jsonl([alpaca(1)]))
+    with pytest.raises(DataError) as e:
+        prepare_dataset([str(a), str(b), str(c)], tmp_path / "o", console=quiet)
+    msg = str(e.value)
+    assert "a.json: line 2, column" in msg and "trailing comma" in msg and "b.json: the file is empty" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_inputs_folder_glob_and_missing(write, tmp_path):
+    write("in/x.jsonl", jsonl([alpaca(1)]))
+    write("in/sub/y.csv", "instruction,output\nq,a\n")
+    write("in/notes.md", "not data")
+    r = prepare_dataset(str(tmp_path / "in"), check=True, console=quiet)
+    assert r.report["records_accepted"] == 2 and len(r.report["files"]) == 2
+    r = prepare_dataset(str(tmp_path / "in" / "**" / "*.csv"), check=True, console=quiet)
+    assert [f["container"] for f in r.report["files"]] == ["CSV"]
+    with pytest.raises(DataError, match="input not found"):
+        prepare_dataset(str(tmp_path / "nope.json"), check=True, console=quiet)
+    with pytest.raises(DataError, match="no files match"):
+        prepare_dataset(str(tmp_path / "*.nothing"), check=True, console=quiet)
+
+
+def test_bad_options_are_refused_together(messy):
+    with pytest.raises(DataError) as e:
+        prepare_dataset(str(messy), check=True, format="alpacca", overflow="cut", column_map={"instuction": "q"})
+    assert "format must be one of" in str(e.value) and "overflow" in str(e.value)
+    assert "did you mean 'instruction'" in str(e.value)
+
+
+def test_normalisations_and_warnings_are_counted(write):
+    text = "\ufeff" + jsonl([alpaca(1, output=" padded "), {"conversations": [{"from": "human", "value": "a"},
+                             {"from": "gpt", "value": "{{name}}"}]}]).replace("\n", "\r\n")
+    r = prepare_dataset(str(write("d.jsonl", text)), check=True, console=quiet)
+    n = r.report["normalisations"]
+    assert n["byte-order mark stripped"] == 1 and n["CRLF line endings read"] == 1 and n["whitespace trimmed"] == 1
+    assert n["role 'human' → user"] == 1 and n["role 'gpt' → assistant"] == 1
+    assert r.report["warnings"] == {"template_placeholders": 1}
+    assert r.report["warning_examples"]["template_placeholders"][0].endswith("d.jsonl line 2")
+
+
+# ---------------------------------------------------------------- with the real tokenizer and chat template
+
+
+def test_fast_tokenizer_proxy_gives_identical_encodings(tiny_tokenizer):
+    proxy = _FastTokenizer(tiny_tokenizer)
+    convs = [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+         {"role": "user", "content": "c 你好"}, {"role": "assistant", "content": "d ☕"}],
+    ]
+    for m in convs:
+        for kw in ({}, {"max_length": 40}, {"train_on": "last_assistant"}, {"train_on": "all"}):
+            proxy.begin()
+            proxy.pretokenize([Conversation(m)])  # answered from the batch
+            a, b = encode_record(proxy, m, **kw), encode_record(tiny_tokenizer, m, **kw)
+            assert (a.input_ids, a.labels, a.spans, a.truncated) == (b.input_ids, b.labels, b.spans, b.truncated)
+            proxy.begin()  # answered by the single-text path
+            assert (a.input_ids, a.labels, a.spans, a.truncated) == (b.input_ids, b.labels, b.spans, b.truncated)
+
+
+def long_alpaca(i, prompt_words, answer_words):
+    return {"instruction": f"q{i} " + "word " * prompt_words, "output": f"a{i} " + "ok " * answer_words}
+
+
+@pytest.mark.parametrize("overflow,accepted,truncated,dropped,kept", [
+    ("truncate", 3, 1, 0, 0), ("drop", 2, 0, 1, 0), ("keep", 3, 0, 0, 1)])
+def test_overflow_modes_are_counted(write, tiny_tokenizer, overflow, accepted, truncated, dropped, kept):
+    recs = [long_alpaca(0, 3, 3), long_alpaca(1, 3, 3), long_alpaca(2, 3, 200)]
+    r = prepare_dataset(str(write("d.jsonl", jsonl(recs))), check=True, tokenizer=tiny_tokenizer, max_length=64,
+                        overflow=overflow, console=quiet)
+    ts = r.report["token_stats"]
+    assert r.report["records_accepted"] == accepted and ts["over_max_length"] == 1
+    assert (ts["truncated"], ts["dropped"], ts["kept_over_max_length"]) == (truncated, dropped, kept)
+    assert ts["max"] > 64 and ts["p50"] < 64 and ts["records"] == 3
+    if overflow == "drop":
+        assert r.report["rejected_by_reason"] == {"too_long": 1}
+
+
+def test_prompt_filling_max_length_is_rejected_nothing_to_train(write, tiny_tokenizer, tmp_path):
+    recs = [long_alpaca(0, 3, 3), long_alpaca(1, 200, 3)]
+    r = prepare_dataset(str(write("d.jsonl", jsonl(recs))), tmp_path / "o", tokenizer=tiny_tokenizer, max_length=64,
+                        console=quiet)
+    assert r.report["records_rejected"] == 1 and r.report["token_stats"]["nothing_to_train"] == 1
+    rej = lines(tmp_path / "o" / "rejected.jsonl")[0]
+    assert rej["location"] == "line 2" and "nothing left to train" in rej["reason"]
+    assert (tmp_path / "o" / "length_histogram.png").stat().st_size > 1000
+
+
+def test_token_stats_histogram_and_samples(write, tiny_tokenizer):
+    printed = []
+    recs = [long_alpaca(i, i, 2 * i) for i in range(20)]
+    r = prepare_dataset(str(write("d.jsonl", jsonl(recs))), check=True, tokenizer=tiny_tokenizer, max_length=128,
+                        show_samples=2, console=printed.append)
+    ts = r.report["token_stats"]
+    assert ts["records"] == 20 and ts["p50"] <= ts["p95"] <= ts["max"] and sum(ts["histogram"]["counts"]) == 20
+    out = "\n".join(printed)
+    assert "◀ max_length" in out and out.count("--- sample") == 2
+    assert "[[a0<|im_end|>" in out  # the trained span covers the answer and the end-of-turn token
+    assert "user\nq0" in out and "[[q0" not in out
+
+
+def test_fingerprint_covers_bytes_options_and_tokenizer(write, tiny_tokenizer):
+    src = write("d.jsonl", jsonl([alpaca(1), alpaca(2)]))
+
+    def fp(**kw):
+        return prepare_dataset(str(src), check=True, console=quiet, **kw).report["fingerprint"]
+
+    base = fp()
+    assert fp() == base and fp(max_length=256) != base and fp(seed=3) != base
+    with_tok = fp(tokenizer=tiny_tokenizer)
+    assert with_tok != base and fp(tokenizer=tiny_tokenizer) == with_tok
+    src.write_text(jsonl([alpaca(1), alpaca(3)]))
+    assert fp() != base
+
+
+def test_chat_template_that_refuses_a_record_rejects_it(write, tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+                         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    recs = [alpaca(1), {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "call"},
+                                     {"role": "tool", "content": "r"}, {"role": "assistant", "content": "b"}]}]
+    r = prepare_dataset(str(write("d.jsonl", jsonl(recs))), check=True, tokenizer=tok, console=quiet)
+    assert r.report["rejected_by_reason"] == {"chat_template": 1}
+    assert "no tools" in r.report["rejected_examples"][0]["reason"]
+
+
+def test_load_prepared_refuses_what_is_not_a_prepared_folder(tmp_path):
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        load_prepared(tmp_path)

@@ -1,0 +1,177 @@
+"""Containers, encodings and whole-file errors: tunelab.data.readers."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from tunelab.data.readers import DataError, FileError, FileInfo, read_file
+from tunelab.errors import TunelabError
+
+from data_helpers import alpaca, jsonl
+
+
+def read(path):
+    info = FileInfo(str(path))
+    return list(read_file(path, info)), info
+
+
+def test_data_error_is_a_tunelab_error():
+    assert issubclass(DataError, TunelabError) and issubclass(FileError, DataError)
+
+
+def test_json_array_records_are_located_by_record_and_line(write):
+    path = write("a.json", [alpaca(1), alpaca(2), alpaca(3)])
+    items, info = read(path)
+    assert info.container == "JSON array"
+    assert [i.location for i in items] == ["record 1 (line 2)", "record 2 (line 7)", "record 3 (line 12)"]
+    assert items[1].value == alpaca(2)
+    assert json.loads(items[2].raw) == alpaca(3)
+
+
+def test_jsonl_named_json_is_detected_from_content(write):
+    path = write("really_lines.json", jsonl([alpaca(1), alpaca(2)]))
+    items, info = read(path)
+    assert info.container == "JSONL"
+    assert [i.location for i in items] == ["line 1", "line 2"]
+
+
+def test_single_object_json_is_one_record(write):
+    path = write("one.json", {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+    items, info = read(path)
+    assert info.container == "JSON object" and len(items) == 1 and items[0].location == "record 1 (line 1)"
+
+
+@pytest.mark.parametrize("encoding,bom,label", [
+    ("utf-8", b"\xef\xbb\xbf", "UTF-8 with BOM"),
+    ("utf-16-le", b"\xff\xfe", "UTF-16 (BOM)"),
+    ("utf-16-be", b"\xfe\xff", "UTF-16 (BOM)"),
+])
+@pytest.mark.parametrize("container", ["json", "jsonl"])
+def test_bom_encodings_and_crlf(write, encoding, bom, label, container):
+    recs = [alpaca(1), {"instruction": "café ☕ 你好", "output": "ok"}]
+    text = json.dumps(recs, ensure_ascii=False, indent=1) if container == "json" else jsonl(recs)
+    path = write(f"x.{container}", bom + text.replace("\n", "\r\n").encode(encoding))
+    items, info = read(path)
+    assert info.encoding == label and info.crlf
+    assert [i.value for i in items] == recs
+    assert not any(i.error for i in items)
+
+
+def test_invalid_utf8_is_reported_per_line_jsonl(write):
+    good = json.dumps(alpaca(1)).encode()
+    bad = b'{"instruction": "caf\xe9", "output": "x"}'
+    path = write("bad.jsonl", good + b"\n" + bad + b"\n" + good.replace(b"1", b"3") + b"\n")
+    items, info = read(path)
+    assert [bool(i.error) for i in items] == [False, True, False]
+    assert items[1].location == "line 2"
+    assert "invalid UTF-8 byte 0xe9 at column 21" in items[1].error and "cp1252" in items[1].error
+    assert info.bad_lines == 1
+
+
+def test_invalid_utf8_inside_json_array_rejects_only_that_record(write):
+    text = json.dumps([alpaca(1), {"instruction": "XX", "output": "y"}, alpaca(3)], indent=2).encode()
+    path = write("bad.json", text.replace(b"XX", b"\xff\xfe\xfd"))
+    items, _ = read(path)
+    assert [bool(i.error) for i in items] == [False, True, False]
+    assert items[1].error.startswith("line 8: invalid UTF-8 byte 0xff")
+
+
+def test_invalid_json_line_is_a_record_problem_and_truncation_is_named(write):
+    path = write("x.jsonl", jsonl([alpaca(1)]) + '{"instruction": "a" "output": "b"}\n' + '{"instruction": "cut')
+    items, _ = read(path)
+    assert items[0].error is None
+    assert items[1].error == "invalid JSON at column 21: Expecting ',' delimiter"
+    assert "truncated" in items[2].error and items[2].location == "line 3"
+
+
+def test_blank_jsonl_lines_are_skipped_and_counted(write):
+    path = write("x.jsonl", "\n" + jsonl([alpaca(1)]) + "\n   \n" + jsonl([alpaca(2)]))
+    items, info = read(path)
+    assert [i.location for i in items] == ["line 2", "line 5"] and info.blank_lines == 3
+
+
+@pytest.mark.parametrize("content,message,line,column", [
+    ("", "the file is empty", None, None),
+    ("  \n\n ", "the file is empty", None, None),
+    ("[]", "the JSON array is empty", 1, 2),
+    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "out', "ends in the middle of record 2", 3, 27),
+    ('[\n {"instruction": "a", "output": "b"}\n', "ends before the JSON array is closed", 3, 1),
+    ('[\n {"instruction": "a", "output": "b"},\n]\n', "trailing comma after record 1", 2, 37),
+    ('[\n {"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}]', "a missing comma?", 3, 2),
+    ('[{"a": 1}] [', "extra data after the closing ']'", 1, 12),
+    ('{\n  "instruction": "a",\n  "output": "b"\n}\n{"x": 1', "extra data after the JSON object", 5, 1),
+    ('[\n {"instruction": "a", output: "b"}]', "invalid JSON in record 1: Expecting property name", 2, 23),
+    ("hello world, this is prose\nmore prose", "cannot tell what this file is", 1, 1),
+])
+def test_whole_file_problems_are_one_located_message(write, content, message, line, column):
+    path = write("bad.json", content)
+    with pytest.raises(FileError) as e:
+        read(path)
+    assert message in str(e.value)
+    assert (e.value.line, e.value.column) == (line, column)
+    if line:
+        assert f"line {line}, column {column}" in str(e.value)
+
+
+def test_binary_file_is_a_clear_error(write):
+    with pytest.raises(FileError, match="binary"):
+        read(write("x.bin", bytes(range(256)) * 20))
+
+
+def test_csv_rows_with_physical_lines_bom_crlf_and_quoted_newlines(write):
+    text = '\ufeffinstruction,input,output\r\n"two\r\nlines",,a\r\nq2,ctx,"b, with comma"\r\nq3,only-two\r\n'
+    path = write("data.txt", text)
+    items, info = read(path)
+    assert info.container == "CSV" and info.crlf and info.encoding == "UTF-8 with BOM"
+    assert [i.location for i in items] == ["row 1 (line 2)", "row 2 (line 4)", "row 3 (line 5)"]
+    assert items[0].value == {"instruction": "two\r\nlines", "input": "", "output": "a"}
+    assert items[1].value["output"] == "b, with comma"
+    assert items[2].error.startswith("the row has 2 fields but the header has 3")
+
+
+def test_tsv_is_detected(write):
+    items, info = read(write("d.tsv", "instruction\toutput\nq\ta\n"))
+    assert info.container == "TSV" and items[0].value == {"instruction": "q", "output": "a"}
+
+
+def test_csv_unclosed_quote_is_a_file_error(write):
+    with pytest.raises(FileError, match="CSV cannot be parsed"):
+        read(write("d.csv", 'instruction,output\nq,"never closed\nmore\n'))
+
+
+def test_parquet_rows(write, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.data"  # no telling extension: the magic bytes decide
+    pq.write_table(pa.Table.from_pylist([alpaca(1), alpaca(2)]), path)
+    items, info = read(path)
+    assert info.container == "Parquet"
+    assert [i.location for i in items] == ["row 1", "row 2"] and items[1].value == alpaca(2)
+    assert json.loads(items[0].raw) == alpaca(1)
+
+
+def test_broken_parquet_is_a_file_error(write):
+    with pytest.raises(FileError, match="not a readable Parquet file"):
+        read(write("d.parquet", b"PAR1" + b"\x00garbage" * 10))
+
+
+def _peak_reading(path) -> int:
+    tracemalloc.start()
+    count = sum(1 for _ in read_file(path, FileInfo(str(path))))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count > 0
+    return peak
+
+
+def test_jsonl_is_streamed_memory_does_not_grow_with_file_size(tmp_path):
+    line = json.dumps(alpaca(0, output="x" * 400)) + "\n"
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_text(line * 500)
+    big.write_text(line * 20000)  # ~9 MB
+    peak_small, peak_big = _peak_reading(small), _peak_reading(big)
+    assert peak_big < peak_small + 256 * 1024, (peak_small, peak_big)

@@ -1,0 +1,194 @@
+"""Evaluation: metrics that score unsegmented text, perplexity with training's masking, `tunelab eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tunelab.evaluate import EvalError, choose_tokenize, normalize_metrics, score_texts
+
+ZH_REF = "中国的首都是北京，它是一座历史悠久的城市。"
+ZH_PRED = "北京是中国的首都，历史很悠久。"
+
+
+# ---------------------------------------------------------------- text metrics
+
+
+def test_chinese_reference_does_not_score_zero():
+    from rouge_score import rouge_scorer
+
+    # rouge-score's own tokeniser keeps only [a-z0-9]: a Chinese pair scores 0 with it ...
+    default = rouge_scorer.RougeScorer(["rougeL"]).score(ZH_REF, ZH_PRED)["rougeL"].fmeasure
+    assert default == 0.0
+    # ... and sacrebleu's 13a sees one "word" per sentence: BLEU 0 as well.
+    import sacrebleu
+
+    assert sacrebleu.corpus_bleu([ZH_PRED], [[ZH_REF]], tokenize="13a").score == 0.0
+
+    s = score_texts([ZH_PRED], [ZH_REF], ["bleu", "chrf", "rouge", "exact_match"])
+    assert s.tokenize == "zh"
+    assert s.corpus["bleu"] > 0 and s.corpus["chrf"] > 0 and s.corpus["rouge_l"] > 0
+    assert s.per_sample[0]["bleu"] > 0 and s.per_sample[0]["rouge_l"] > 0
+    assert "Chinese" in s.describe()["bleu_tokenize_reason"]
+
+
+def test_identical_chinese_answer_is_perfect():
+    s = score_texts([ZH_REF], [ZH_REF], ["bleu", "chrf", "rouge", "exact_match"])
+    assert s.corpus["bleu"] == pytest.approx(100)
+    assert s.corpus["rouge_l"] == pytest.approx(100)
+    assert s.corpus["exact_match"] == 100
+
+
+@pytest.mark.parametrize("refs, expected", [
+    (["The cat sat on the mat."], "13a"),
+    (["北京是首都", "hello"], "zh"),
+    (["わたしはねこがすきです"], "char"),  # kana: not split by sacrebleu's zh tokeniser
+    (["สวัสดีครับ"], "char"),
+])
+def test_tokenizer_choice(refs, expected):
+    assert choose_tokenize(refs)[0] == expected
+
+
+def test_english_scores_match_sacrebleu_and_rouge_defaults():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    pred, ref = "the cat sat on the mat", "the cat is on the mat"
+    s = score_texts([pred], [ref], ["bleu", "rouge"])
+    assert s.corpus["bleu"] == pytest.approx(sacrebleu.corpus_bleu([pred], [[ref]]).score)
+    default = rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
+    assert s.corpus["rouge_l"] == pytest.approx(100 * default)
+
+
+def test_exact_match_is_normalised():
+    s = score_texts(["  Paris. ", "北京 是 首都", "Lyon"], ["paris", "北京是首都。", "Paris"], ["exact_match"])
+    assert [p["exact_match"] for p in s.per_sample] == [100.0, 100.0, 0.0]
+    assert s.corpus["exact_match"] == pytest.approx(200 / 3)
+
+
+def test_metric_names():
+    assert normalize_metrics("perplexity, bleu,rouge_l") == ["perplexity", "bleu", "rouge"]
+    with pytest.raises(EvalError, match="unknown metric"):
+        normalize_metrics(["bleu", "meteor"])
+
+
+# ---------------------------------------------------------------- perplexity and evaluate_records
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Who are you?"},
+                  {"role": "assistant", "content": "I am Tuna, a small assistant."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "首都？"},
+                  {"role": "assistant", "content": "中国的首都是北京。"}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Say more"},
+                  {"role": "assistant", "content": "Hello again, from a longer answer than before."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from tunelab.model.loading import load_for_inference
+
+    return load_for_inference(str(tiny_model_dir), dtype="fp32")
+
+
+def test_perplexity_is_token_weighted_exp_of_training_loss(tiny):
+    """Independent reference: HF's own loss per record (mean over its trained tokens), weighted by token count."""
+    import torch
+
+    from tunelab.data.template import encode_record
+    from tunelab.evaluate import evaluate_records
+
+    model, tok = tiny
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rec in RECORDS:
+            enc = encode_record(tok, rec["messages"], max_length=512)
+            n = sum(1 for x in enc.labels[1:] if x != -100)
+            out = model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels]))
+            total += float(out.loss) * n
+            count += n
+    res = evaluate_records(model, tok, RECORDS, ["perplexity"], batch_size=2)
+    assert res.metrics["eval_tokens"] == count
+    assert res.metrics["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert res.metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    # Batching does not change a token-weighted sum.
+    one = evaluate_records(model, tok, RECORDS, ["perplexity"], batch_size=1)
+    assert one.metrics["eval_loss"] == pytest.approx(res.metrics["eval_loss"], rel=1e-6)
+
+
+def test_perplexity_counts_only_assistant_tokens(tiny):
+    from tunelab.evaluate import evaluate_records
+
+    model, tok = tiny
+    assistant = evaluate_records(model, tok, RECORDS, ["perplexity"])
+    everything = evaluate_records(model, tok, RECORDS, ["perplexity"], train_on="all")
+    last = evaluate_records(model, tok, RECORDS, ["perplexity"], train_on="last_assistant")
+    assert last.metrics["eval_tokens"] < assistant.metrics["eval_tokens"] < everything.metrics["eval_tokens"]
+
+
+def test_generation_metrics_and_predictions(tiny):
+    from tunelab.evaluate import evaluate_records
+
+    model, tok = tiny
+    res = evaluate_records(model, tok, RECORDS, ["bleu", "chrf", "rouge", "exact_match"], max_new_tokens=4,
+                           max_samples=2, batch_size=2)
+    assert set(res.metrics) == {"bleu", "chrf", "rouge_l", "exact_match"}
+    assert len(res.predictions) == 2
+    p = res.predictions[1]
+    assert p["reference"] == "中国的首都是北京。" and p["prompt"] == "首都？"
+    assert isinstance(p["prediction"], str) and set(p["scores"]) == {"bleu", "chrf", "rouge_l", "exact_match"}
+    assert res.settings["tokenizer_choice"]["bleu_tokenize"] == "zh"  # one Chinese reference among the samples
+
+
+def test_greedy_fallback_is_deterministic_and_batch_independent(tiny):
+    from tunelab.evaluate.generation import greedy_generate
+
+    model, tok = tiny
+    convs = [r["messages"][:-1] for r in RECORDS]
+    a = greedy_generate(model, tok, convs, max_new_tokens=5, batch_size=3)
+    b = greedy_generate(model, tok, convs, max_new_tokens=5, batch_size=1)
+    assert a == b and len(a) == 3
+
+
+# ---------------------------------------------------------------- tunelab eval on a plain model
+
+
+def _prepared_folder(tmp_path, records):
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    for split, recs in (("train", records), ("val", records)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    (folder / "report.json").write_text(json.dumps({"fingerprint": "f" * 64}))
+    return folder
+
+
+def test_eval_cli_on_a_model_writes_results(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from tunelab.cli import main
+
+    data = _prepared_folder(tmp_path, RECORDS)
+    from tunelab.evaluate import runner
+
+    # The prepared-folder reader belongs to the data module; here only the eval plumbing is under test.
+    monkeypatch.setattr(runner, "load_eval_data", lambda d, split: runner.EvalData(RECORDS, "f" * 64, str(d), split))
+    rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--metrics", "perplexity,bleu,rouge",
+               "--max-new-tokens", "3", "--dtype", "fp32", "--output-dir", str(tmp_path / "ev"), "--name", "t"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Perplexity" in out and "BLEU tokenisation" in out
+    rec = json.loads((tmp_path / "ev" / "t.json").read_text())
+    assert rec["data"]["fingerprint"] == "f" * 64
+    assert rec["model"]["model"] == str(tiny_model_dir)
+    assert rec["tokenizer_choice"]["bleu_tokenize"] == "zh"
+    assert set(rec["metrics"]) >= {"perplexity", "eval_loss", "bleu", "rouge_l"}
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "t.predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and set(rows[0]) >= {"prompt", "reference", "prediction", "scores"}
+
+
+def test_eval_without_a_model_says_what_to_give():
+    from tunelab.evaluate import run_eval
+
+    with pytest.raises(EvalError, match="--model"):
+        run_eval(data="x")

@@ -1,0 +1,173 @@
+"""Inference: batched greedy equals one-at-a-time, stops on the end-of-turn token, chat loop, files, compare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROMPTS = ["Hi", "What is the capital of France? Answer briefly, please.", "Tell me a story about a dragon",
+           "2+2?", "Name three colours"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with larger random weights: its greedy output varies from prompt to prompt instead of
+    repeating one token, so comparing answers means something."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    out = tmp_path_factory.mktemp("noisy-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    from tunelab.infer import load
+
+    return load(str(model_dir), dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def run_dir(model_dir, tmp_path_factory) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ckpt = out / "checkpoint-final"
+    model.save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(ckpt)
+    (ckpt / "tunelab.json").write_text(json.dumps({"base_model": str(model_dir), "method": "lora"}))
+    return out
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    from tunelab.infer import as_conversation, generate
+
+    model, tok = tiny
+    convos = [as_conversation(p) for p in PROMPTS]
+    batched = generate(model, tok, convos, max_new_tokens=12, batch_size=16)
+    single = [generate(model, tok, [c], max_new_tokens=12, batch_size=1)[0] for c in convos]
+    assert batched == single
+    assert all(isinstance(a, str) for a in batched) and any(batched)
+
+
+def test_sampling_is_seeded(tiny):
+    from tunelab.infer import as_conversation, generate
+
+    model, tok = tiny
+    convos = [as_conversation("Hi there")]
+    a = generate(model, tok, convos, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    b = generate(model, tok, convos, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert a == b
+
+
+def test_generation_stops_at_end_of_turn(tiny):
+    """A model whose output head always prefers <|im_end|> answers with nothing and stops after one token."""
+    import torch
+
+    from tunelab.export.template_check import stop_token_ids
+    from tunelab.infer import as_conversation, generate
+
+    model, tok = tiny
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in stop_token_ids(tok)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[im_end] = 1e4
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        out = generate(model, tok, [as_conversation("Hi")], max_new_tokens=50)
+    finally:
+        hook.remove()
+    assert out == [""]
+
+
+def test_chat_loop_streams_keeps_history_and_handles_commands(tiny):
+    import io
+
+    from tunelab.infer import chat_loop
+
+    model, tok = tiny
+    lines = iter(["Hello", "And again?", "/system Be brief.", "After system", "/reset", "/bogus", "Fresh", "/exit",
+                  "never read"])
+    out = io.StringIO()
+    convo = chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=4)
+    text = out.getvalue()
+    assert "system prompt set" in text and "conversation cleared" in text and "unknown command /bogus" in text
+    assert [m["role"] for m in convo] == ["system", "user", "assistant"]
+    assert convo[0]["content"] == "Be brief." and convo[1]["content"] == "Fresh"
+
+
+def test_stream_generate_matches_generate(tiny):
+    from tunelab.data.template import render
+    from tunelab.infer import StreamResult, as_conversation, generate, stream_generate
+
+    model, tok = tiny
+    convo = as_conversation("Tell me a story about a dragon")
+    ids = tok(render(tok, convo, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    result = StreamResult()
+    pieces = list(stream_generate(model, tok, ids, result, max_new_tokens=10))
+    assert "".join(pieces).strip() == generate(model, tok, [convo], max_new_tokens=10)[0]
+    assert result.completion_tokens == 10 and result.finish_reason == "length"
+    assert result.prompt_tokens == len(ids)
+
+
+def test_answer_file_and_cli(tiny_model_dir, tmp_path):
+    from tunelab.cli import main
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join([json.dumps({"prompt": "Hi"}), json.dumps("Bare string"),
+                              json.dumps({"messages": [{"role": "user", "content": "Q"},
+                                                       {"role": "assistant", "content": "A"}]})]) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert main(["infer", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(out),
+                 "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all("answer" in r for r in rows)
+    assert rows[2]["reference"] == "A" and rows[2]["messages"] == [{"role": "user", "content": "Q"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{oops\n')
+    assert main(["infer", "--model", str(tiny_model_dir), "--input", str(bad), "--output", str(out)]) == 2
+
+
+def test_cli_prompt_and_root_script(tiny_model_dir, run_dir, capsys):
+    from tunelab.cli import main
+
+    assert main(["infer", "--adapter", str(run_dir), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "inference.py"), "--model", str(tiny_model_dir), "--prompt",
+                           "Hi", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compare_answers_base_vs_adapter(model_dir, run_dir, capsys):
+    from tunelab.infer import as_conversation, compare_answers, generate, load, print_comparison
+
+    rows = compare_answers(None, str(run_dir), ["Hi", "Name three colours"], max_new_tokens=6)
+    base, tok = load(str(model_dir), dtype="fp32")
+    tuned, _ = load(str(model_dir), adapter=str(run_dir), dtype="fp32")
+    convos = [as_conversation("Hi"), as_conversation("Name three colours")]
+    assert [r[1] for r in rows] == generate(base, tok, convos, max_new_tokens=6)
+    assert [r[2] for r in rows] == generate(tuned, tok, convos, max_new_tokens=6)
+    assert [r[1] for r in rows] != [r[2] for r in rows]
+    print_comparison(rows)
+    assert "fine-tuned" in capsys.readouterr().out

@@ -1,0 +1,168 @@
+"""Merge: the merged folder computes what the adapter computes, loads without tunelab, and stops generating."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tunelab.errors import TunelabError
+
+
+def make_adapter(model_dir: Path, out: Path, method: str = "lora", use_dora: bool = False, seed: int = 1,
+                 std: float = 0.5) -> Path:
+    """A tunelab-style checkpoint-final: a peft LoRA on the tiny model with random non-zero B (a real update)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"], use_dora=use_dora)
+    model = get_peft_model(base, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    ckpt = out / "checkpoint-final"
+    model.save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(ckpt)
+    (ckpt / "tunelab.json").write_text(json.dumps(
+        {"base_model": str(model_dir), "method": method, "dtype": "fp32", "run_name": out.name}))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny-run"
+    make_adapter(tiny_model_dir, out)
+    return out
+
+
+def _logits(model_or_dir, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = model_or_dir
+    if isinstance(model_or_dir, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_merged_logits_equal_adapter_logits(run_dir, tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.merge import merge_adapter
+
+    report = merge_adapter(run_dir, tmp_path / "merged")  # a run folder resolves to its checkpoint-final
+    assert report.verified and report.token_agreement == 1.0 and report.max_logit_diff < 1e-4
+
+    ids = tiny_tokenizer("<|im_start|>user\nIndependent check text<|im_end|>\n")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base_logits = _logits(base, ids)
+    adapted = PeftModel.from_pretrained(base, str(run_dir / "checkpoint-final")).eval()
+    want = _logits(adapted, ids)
+    got = _logits(tmp_path / "merged", ids)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert (want - base_logits).abs().max() > 1e-2  # the adapter really changes the model: the check has teeth
+
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "tunelab.json"} <= files
+    assert not list(tmp_path.glob(".merged*"))  # no temporary folder left behind
+    assert "adapter_config.json" not in files
+
+
+def test_merged_folder_loads_without_tunelab(run_dir, tmp_path):
+    from tunelab.merge import merge_adapter
+
+    merge_adapter(run_dir / "checkpoint-final", tmp_path / "m", dtype="bf16")
+    code = textwrap.dedent(f"""
+        import sys, json
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})
+        t = AutoTokenizer.from_pretrained({str(tmp_path / 'm')!r})
+        assert "tunelab" not in sys.modules and "peft" not in sys.modules, sorted(sys.modules)
+        eos = m.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        print(json.dumps({{"dtype": str(m.dtype), "eos": eos, "im_end": t.convert_tokens_to_ids("<|im_end|>"),
+                          "template": t.apply_chat_template([{{"role": "user", "content": "hi"}}], tokenize=False,
+                                                            add_generation_prompt=True)}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dtype"] == "torch.bfloat16"
+    assert out["im_end"] in out["eos"]  # stops at the template's end of turn
+    assert out["template"].endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_dora_and_qlora_adapters_merge_and_say_so(tiny_model_dir, tmp_path):
+    from tunelab.merge import merge_adapter
+
+    make_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
+    assert merge_adapter(tmp_path / "dora", tmp_path / "m1").token_agreement == 1.0
+    make_adapter(tiny_model_dir, tmp_path / "ql", method="qlora")
+    report = merge_adapter(tmp_path / "ql", tmp_path / "m2")
+    assert report.verified and any("full-precision" in n for n in report.notes)
+    assert "full-precision" in report.summary()
+
+
+def test_merge_fails_loudly_beyond_tolerance_and_writes_nothing(run_dir, tmp_path):
+    from tunelab.merge import MergeError, merge_adapter
+
+    with pytest.raises(MergeError, match="does not match"):
+        merge_adapter(run_dir, tmp_path / "bad", dtype="bf16", tolerance=1e-9)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    assert not list(tmp_path.glob(".bad*"))
+
+
+def test_merge_refuses_non_model_output_and_missing_adapter(run_dir, tmp_path):
+    from tunelab.merge import merge_adapter
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(TunelabError, match="not a model folder"):
+        merge_adapter(run_dir, tmp_path / "notes")
+    with pytest.raises(TunelabError, match="no adapter"):
+        merge_adapter(tmp_path / "nowhere", tmp_path / "x")
+
+
+def test_cli_and_root_script(run_dir, tmp_path):
+    from tunelab.cli import main
+
+    assert main(["merge", "--adapter", str(run_dir), "--output", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+    assert main(["merge", "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "y")]) == 2
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "merge_model.py"), "--adapter", str(run_dir / "checkpoint-final"),
+                           "--output", str(tmp_path / "script"), "--no-verify"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "script" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_bundled_model_merge_bf16(tmp_path):
+    """On the real model: bf16 rounding stays inside the default tolerance and fp32 is exact."""
+    from tunelab.merge import merge_adapter
+    from tunelab.model.loading import ensure_bundled
+
+    make_adapter(ensure_bundled(), tmp_path / "run", std=0.02)
+    # tunelab.json names the bundled model as configured, like the trainer writes it
+    meta = tmp_path / "run" / "checkpoint-final" / "tunelab.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_model": "bundled:smollm2-135m-instruct"}))
+    r32 = merge_adapter(tmp_path / "run", tmp_path / "m32")
+    r16 = merge_adapter(tmp_path / "run", tmp_path / "m16", dtype="bf16")
+    print(r32.summary(), r16.summary(), sep="\n")
+    assert r32.relative_diff < 1e-4 and r32.token_agreement == 1.0
+    assert r16.token_agreement >= 0.9

@@ -1,0 +1,257 @@
+"""Reproduce (same curves on CPU, refuses changed data) and sweeps (grid, ranking, resume after interruption).
+
+The fast tests drive the sweep and reproduce logic with a stand-in trainer that writes run folders as the recipe
+does; the end-to-end tests train the tiny 2-layer model for a few steps with the real recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.reproduce import ReproduceError, check_reproducible, loss_curve_diff
+from tunelab.sweep import SweepError, combinations, parse_grid, run_sweep
+
+
+def fake_train(calls: list, interrupt_on: str | None = None):
+    """Writes a completed run whose eval_loss depends on lora.r and the learning rate."""
+
+    def train(cfg, resume=None):
+        from tunelab.config import save_config
+
+        run = Path(cfg.output.dir) / cfg.output.run_name
+        calls.append((cfg.output.run_name, resume))
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+        if cfg.output.run_name == interrupt_on:
+            (run / "manifest.json").write_text(json.dumps({"status": "interrupted"}))
+            raise KeyboardInterrupt
+        loss = 1.0 + cfg.lora.r / 100 - cfg.training.learning_rate * 1000
+        (run / "manifest.json").write_text(json.dumps({
+            "run_name": run.name, "status": "completed", "metrics": {"eval_loss": loss, "bleu": 100 * loss},
+            "started_at": "2026-11-20T10:00:00+00:00"}))
+        return run
+
+    return train
+
+
+GRID = ["lora.r=8,16", "training.learning_rate=1e-4,2e-4"]
+
+
+def test_grid_parsing_and_names():
+    grid = parse_grid(GRID + ["lora.target_modules=[q_proj,v_proj],all-linear"])
+    assert grid[2] == ("lora.target_modules", ["[q_proj,v_proj]", "all-linear"])
+    combos = combinations(parse_grid(GRID))
+    assert [c for c, _ in combos] == ["r8-learning_rate1e-4", "r8-learning_rate2e-4", "r16-learning_rate1e-4",
+                                      "r16-learning_rate2e-4"]
+    assert combos[1][1] == ["lora.r=8", "training.learning_rate=2e-4"]
+    for bad in (["lora.r"], ["lora.r=8", "lora.r=16"], []):
+        with pytest.raises(SweepError, match="bad --grid"):
+            parse_grid(bad)
+
+
+def test_sweep_runs_every_combination_and_ranks_them(tmp_path):
+    calls: list = []
+    res = run_sweep(None, GRID, overrides=[f"output.dir={tmp_path}"], name="s", train_fn=fake_train(calls),
+                    say=lambda *_: None)
+    assert len(calls) == 4 and res.trained == [c for c, _ in calls]
+    values = [r.value for r in res.rows]
+    assert values == sorted(values) and res.rows[0].combo == "r8-learning_rate2e-4"  # lowest eval_loss first
+    state = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert state["ranking"][0] == "r8-learning_rate2e-4" and len(state["runs"]) == 4
+    assert all((tmp_path / "s" / c / "manifest.json").is_file() for c in state["runs"])
+    # higher-is-better metrics rank the other way round
+    by_bleu = run_sweep(None, GRID, overrides=[f"output.dir={tmp_path}"], name="s", metric="bleu",
+                        train_fn=fake_train([]), say=lambda *_: None)
+    assert by_bleu.rows[0].combo == "r16-learning_rate1e-4"
+    # the sweep's runs are ordinary runs, grouped one level down
+    from tunelab.runs import list_runs
+
+    assert len(list_runs(tmp_path, sweep="s")) == 4
+
+
+def test_interrupted_sweep_continues_and_skips_done_runs(tmp_path):
+    first: list = []
+    with pytest.raises(SweepError, match="run the same command again"):
+        run_sweep(None, GRID, overrides=[f"output.dir={tmp_path}"], train_fn=fake_train(first, "r16-learning_rate1e-4"),
+                  say=lambda *_: None)
+    assert [c for c, _ in first] == ["r8-learning_rate1e-4", "r8-learning_rate2e-4", "r16-learning_rate1e-4"]
+    second: list = []
+    res = run_sweep(None, GRID, overrides=[f"output.dir={tmp_path}"], train_fn=fake_train(second),
+                    say=lambda *_: None)  # same command: same (default) sweep name
+    assert res.skipped == ["r8-learning_rate1e-4", "r8-learning_rate2e-4"]
+    interrupted = next(p for p in tmp_path.iterdir() if p.is_dir()) / "r16-learning_rate1e-4"
+    assert second == [("r16-learning_rate1e-4", str(interrupted)),  # the interrupted run is resumed
+                      ("r16-learning_rate2e-4", None)]
+    assert all(r.status == "completed" for r in res.rows)
+
+
+def test_sweep_checks_every_combination_before_training(tmp_path):
+    calls: list = []
+    with pytest.raises(SweepError) as e:
+        run_sweep(None, ["lora.r=8,0", "training.learning_rate=1e-4,-1"], overrides=[f"output.dir={tmp_path}"],
+                  train_fn=fake_train(calls), say=lambda *_: None)
+    assert "r0" in str(e.value) and "learning_rate-1" in str(e.value) and calls == []
+
+
+def test_sweep_refuses_a_different_grid_under_the_same_name(tmp_path):
+    run_sweep(None, ["lora.r=8"], overrides=[f"output.dir={tmp_path}"], name="s", train_fn=fake_train([]),
+              say=lambda *_: None)
+    with pytest.raises(SweepError, match="another grid"):
+        run_sweep(None, ["lora.r=4"], overrides=[f"output.dir={tmp_path}"], name="s", train_fn=fake_train([]),
+                  say=lambda *_: None)
+
+
+def test_a_failing_combination_does_not_end_the_sweep(tmp_path):
+    calls: list = []
+    ok = fake_train(calls)
+
+    def flaky(cfg, resume=None):
+        if cfg.lora.r == 8:
+            raise RuntimeError("CUDA out of memory")
+        return ok(cfg, resume)
+
+    res = run_sweep(None, ["lora.r=8,16"], overrides=[f"output.dir={tmp_path}"], train_fn=flaky, say=lambda *_: None)
+    assert [(r.combo, r.status) for r in res.rows] == [("r16", "completed"), ("r8", "failed")]
+    assert "out of memory" in res.rows[1].error
+
+
+# ---------------------------------------------------------------- reproduce, with fabricated runs
+
+
+def _fabricated_run(tmp_path, status="completed", fingerprint="sha256:old"):
+    from tunelab.config import load_config, save_config
+
+    run = tmp_path / "r"
+    run.mkdir()
+    save_config(load_config(None, ["training.seed=7"]), run / "config.yaml")
+    (run / "manifest.json").write_text(json.dumps({"status": status, "seed": 7, "data_fingerprint": fingerprint}))
+    return run
+
+
+def test_reproduce_refuses_changed_data(tmp_path):
+    run = _fabricated_run(tmp_path)
+    with pytest.raises(ReproduceError, match="the data changed") as e:
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:new")
+    assert "Restore the original data" in str(e.value)
+    cfg, _ = check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert cfg.training.seed == 7
+
+
+def test_reproduce_refuses_unfinished_runs(tmp_path):
+    run = _fabricated_run(tmp_path, status="interrupted")
+    with pytest.raises(ReproduceError, match="tunelab train --resume"):
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+
+
+def test_loss_curve_diff(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run, losses in ((a, [2.0, 1.5, 1.25]), (b, [2.0, 1.5, 1.0, 0.5])):
+        run.mkdir()
+        lines = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)] + [{"step": 2, "eval_loss": 1.7}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    d = loss_curve_diff(a, b)
+    assert d.max_abs_diff == 0.25 and d.eval_max_abs_diff == 0 and d.steps_compared == 3
+    assert d.only_in_repro == [4] and not d.identical
+    assert loss_curve_diff(a, a).identical
+
+
+# ---------------------------------------------------------------- end to end with the real recipe
+
+
+def _tiny_config(tmp_path, tiny_model_dir, **extra):
+    from tunelab.config import load_config
+    from tunelab.demo_data import alpaca_records
+
+    data = tmp_path / "raw.json"
+    if not data.exists():
+        data.write_text(json.dumps(alpaca_records()[:16]))
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.train={data}", "data.max_length=96",
+                 "data.val_ratio=0.25", "training.max_steps=4", "training.batch_size=4", "training.logging_steps=1",
+                 "training.eval_steps=2", "training.learning_rate=1e-3", "lora.r=4", "eval.metrics=[perplexity]",
+                 "tracking.report_to=[none]", f"output.dir={tmp_path / 'outputs'}"]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return load_config(None, overrides), data
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    """One tiny run (4 steps, eval at step 2 and at the end) shared by the end-to-end tests."""
+    pytest.importorskip("tunelab.train.recipe")
+    from tunelab.train.recipe import train
+
+    cfg, data = _tiny_config(tmp_path_factory.mktemp("e2e"), tiny_model_dir, output__run_name="base")
+    return train(cfg), data
+
+
+def test_reproduce_gives_identical_curves_and_refuses_changed_data(trained_run, capsys):
+    from tunelab.reproduce import reproduce
+
+    run, data = trained_run
+    res = reproduce(run)
+    assert res.reproduction == run.parent / "base-repro"
+    assert res.diff.steps_compared == 4 and res.diff.identical and res.max_abs_diff == 0
+    assert res.final_repro["eval_loss"] == res.final_original["eval_loss"]
+    manifest = json.loads((res.reproduction / "manifest.json").read_text())
+    assert manifest["reproduction_of"]["max_abs_diff"] == 0
+
+    records = json.loads(data.read_text())
+    records[0]["output"] = "a different answer"
+    data.write_text(json.dumps(records))
+    from tunelab.cli import main
+
+    assert main(["reproduce", str(run)]) == 2
+    assert "the data changed since base was trained" in capsys.readouterr().err
+    assert not (run.parent / "base-repro2").exists()
+
+
+def test_eval_perplexity_equals_exp_of_training_eval_loss(trained_run, capsys):
+    import math
+
+    from tunelab.cli import main
+
+    run, _ = trained_run
+    final = json.loads((run / "manifest.json").read_text())["metrics"]
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in logged if x.get("final")][-1]["eval_loss"] == final["eval_loss"]
+
+    rc = main(["eval", "--adapter", str(run), "--metrics", "perplexity,bleu,rouge", "--compare-base",
+               "--max-samples", "3", "--max-new-tokens", "4", "--name", "val"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "fine-tuned" in out
+    rec = json.loads((run / "eval" / "val.json").read_text())
+    assert rec["metrics"]["eval_tokens"] == final["eval_tokens"]
+    assert rec["metrics"]["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert rec["metrics"]["perplexity"] == pytest.approx(math.exp(final["eval_loss"]), rel=1e-5)
+    assert rec["data"]["fingerprint"] == json.loads((run / "manifest.json").read_text())["data_fingerprint"]
+    # the adapter changed the model: base and tuned losses differ
+    assert rec["base_metrics"]["eval_loss"] != pytest.approx(rec["metrics"]["eval_loss"], rel=1e-6)
+    rows = [json.loads(x) for x in (run / "eval" / "val.predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "base_prediction" in rows[0]
+
+    from tunelab.evaluate.report import write_run_report
+
+    report = write_run_report(run).read_text()
+    assert "base:" in report and "Eval loss" in report
+
+
+def test_sweep_end_to_end(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("tunelab.train.recipe")
+    import yaml
+
+    cfg, _ = _tiny_config(tmp_path, tiny_model_dir, training__max_steps=2, training__eval_steps=0)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    res = run_sweep(str(config), ["lora.r=2,4"], name="grid", say=lambda *_: None)
+    assert [r.status for r in res.rows] == ["completed", "completed"]
+    assert res.rows[0].value <= res.rows[1].value
+    from tunelab.cli import main
+
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(config), "--grid", "lora.r=2,4", "--name", "grid"]) == 0
+    out = capsys.readouterr().out
+    assert "r2: already completed, skipped" in out and "r4: already completed, skipped" in out
+    assert "sorted by eval_loss" in out

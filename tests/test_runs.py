@@ -1,0 +1,161 @@
+"""Runs as data: list, show, compare (best marked), plot and report over run folders (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tunelab import runs
+from tunelab.cli import main
+
+
+def make_run(root: Path, name: str, *, lr: float = 2e-4, r: int = 16, status: str = "completed",
+             losses=(2.0, 1.5, 1.2), eval_losses=((3, 1.4),), metrics=None, fingerprint="a" * 64,
+             started="2026-11-20T10:00:00+00:00", predictions=None) -> Path:
+    """A run folder as the training recipe writes it (config.yaml, manifest.json, metrics.jsonl)."""
+    from tunelab.config import load_config, save_config
+
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = load_config(None, [f"training.learning_rate={lr}", f"lora.r={r}", f"output.dir={root}",
+                             f"output.run_name={name}"])
+    save_config(cfg, run / "config.yaml")
+    metrics = metrics if metrics is not None else {"train_loss": losses[-1], "eval_loss": eval_losses[-1][1],
+                                                   "perplexity": 2.718 ** eval_losses[-1][1], "bleu": 12.5}
+    manifest = {"run_name": name, "status": status, "seed": 42, "method": "lora", "model": "bundled:smollm2",
+                "data_fingerprint": fingerprint,
+                "data": {"folder": str(run / "data"), "source": "data/raw/demo.json", "train_records": 30,
+                         "val_records": 4},
+                "dtype": {"name": "fp32", "reason": "no GPU"}, "started_at": started,
+                "ended_at": started, "global_step": len(losses), "duration_s": 75.0, "metrics": metrics}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    lines = [{"step": i + 1, "epoch": 0.1 * (i + 1), "loss": v, "lr": lr, "grad_norm": 1.0, "tokens_per_s": 9.0,
+              "elapsed_s": i} for i, v in enumerate(losses)]
+    lines += [{"step": s, "epoch": 0.3, "eval_loss": v, "eval_perplexity": 2.718 ** v} for s, v in eval_losses]
+    lines.append({"step": len(losses), "final": True, **metrics})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if predictions:
+        (run / "eval").mkdir()
+        (run / "eval" / "val.json").write_text(json.dumps({
+            "metrics": {"bleu": 30.0, "perplexity": 3.0}, "base_metrics": {"bleu": 5.0, "perplexity": 9.0},
+            "tokenizer_choice": {"bleu_tokenize": "zh", "bleu_tokenize_reason": "references contain Chinese"}}))
+        (run / "eval" / "val.predictions.jsonl").write_text(
+            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    return run
+
+
+def test_list_shows_every_column_newest_first(tmp_path, capsys):
+    make_run(tmp_path, "old", started="2026-11-01T10:00:00+00:00")
+    make_run(tmp_path, "new", started="2026-11-21T10:00:00+00:00", status="interrupted", metrics={})
+    make_run(tmp_path / "mysweep", "r8", started="2026-11-10T10:00:00+00:00")  # grouped one level deeper
+    (tmp_path / "not-a-run").mkdir()
+    listed = runs.list_runs(tmp_path)
+    assert [s.name for s in listed] == ["new", "mysweep/r8", "old"]
+    old = listed[-1]
+    assert (old.status, old.method, old.model, old.data, old.steps) == ("completed", "lora", "bundled:smollm2",
+                                                                        "demo.json (30/4)", 3)
+    assert old.metrics["eval_loss"] == 1.4 and old.metrics["bleu"] == 12.5
+    assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for word in ("name", "status", "BLEU", "duration", "interrupted", "1m15s", "mysweep/r8"):
+        assert word in out
+
+
+def test_list_is_fast_with_hundreds_of_runs(tmp_path):
+    manifest = json.dumps({"run_name": "x", "status": "completed", "metrics": {"eval_loss": 1.0},
+                           "started_at": "2026-11-01T10:00:00+00:00"})
+    for i in range(300):
+        d = tmp_path / f"run-{i:03d}"
+        d.mkdir()
+        (d / "manifest.json").write_text(manifest)
+        (d / "metrics.jsonl").write_text("not json, and never read by list\n" * 1000)
+    t = time.perf_counter()
+    assert len(runs.list_runs(tmp_path)) == 300
+    assert time.perf_counter() - t < 2.0
+
+
+def test_resolve_run_by_name_or_path_and_suggests(tmp_path):
+    run = make_run(tmp_path, "lora-r16")
+    assert runs.resolve_run("lora-r16", tmp_path) == run
+    assert runs.resolve_run(run / "checkpoint-final", tmp_path) == run
+    with pytest.raises(runs.RunError, match="did you mean lora-r16"):
+        runs.resolve_run("lora-r61", tmp_path)
+
+
+def test_show(tmp_path, capsys):
+    make_run(tmp_path, "a")
+    assert main(["runs", "show", "a", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 (no GPU)" in out and "aaaaaaaa" in out and "learning_rate" in out and "Eval loss" in out
+
+
+def test_compare_marks_the_best_and_diffs_config_and_data(tmp_path, capsys):
+    make_run(tmp_path, "a", lr=1e-4, eval_losses=((3, 1.4),), metrics={"eval_loss": 1.4, "bleu": 20.0})
+    make_run(tmp_path, "b", lr=2e-4, eval_losses=((3, 1.1),), metrics={"eval_loss": 1.1, "bleu": 10.0},
+             fingerprint="b" * 64)
+    make_run(tmp_path, "c", lr=2e-4, metrics={"eval_loss": 1.3, "bleu": 20.0})
+    cmp = runs.compare_runs(["a", "b", "c"], tmp_path)
+    assert cmp.best["eval_loss"] == [1]  # lower is better
+    assert cmp.best["bleu"] == [0, 2]  # higher is better; ties are all marked
+    assert cmp.config_diff == {"training.learning_rate": [1e-4, 2e-4, 2e-4]}  # run names and dirs aside
+    assert not cmp.data_same and cmp.data["fingerprint"][1] == "b" * 64
+    assert main(["runs", "compare", "a", "b", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "★" in out and "DIFFERENT" in out and "training.learning_rate" in out
+
+
+def test_compare_needs_two_runs(tmp_path):
+    make_run(tmp_path, "a")
+    with pytest.raises(runs.RunError, match="at least two"):
+        runs.compare_runs(["a"], tmp_path)
+
+
+def test_plot_overlays_train_and_eval_curves(tmp_path):
+    a = make_run(tmp_path, "a")
+    b = make_run(tmp_path, "b", losses=(2.2, 1.9, 1.7))
+    out = runs.plot_runs([a, b], "loss", tmp_path / "plots" / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["runs", "plot", "a", "b", "--dir", str(tmp_path), "--metric", "perplexity",
+                 "-o", str(tmp_path / "ppl.png")]) == 0
+    assert (tmp_path / "ppl.png").stat().st_size > 1000
+    with pytest.raises(runs.RunError, match="no 'nonsense' values"):
+        runs.plot_runs([a], "nonsense", tmp_path / "x.png")
+
+
+def test_curve_reader_survives_a_torn_last_line(tmp_path):
+    run = make_run(tmp_path, "a")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert [s for s, _ in runs.curve(runs.read_metrics(run), "loss")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("fmt", ["md", "html"])
+def test_report_has_plot_config_data_evals_and_samples(tmp_path, fmt):
+    from tunelab.evaluate.report import write_run_report
+
+    preds = [{"index": 0, "prompt": "Who are you?", "reference": "I am Tuna.", "prediction": "I am Tuna.",
+              "base_prediction": "I am SmolLM.", "scores": {"bleu": 100.0}, "base_scores": {"bleu": 10.0}},
+             {"index": 1, "prompt": "首都？", "reference": "北京。", "prediction": "北京。",
+              "base_prediction": "不知道", "scores": {"bleu": 100.0}}]
+    run = make_run(tmp_path, "a", predictions=preds)
+    out = write_run_report(run, fmt=fmt)
+    text = out.read_text()
+    assert out == run / f"report.{fmt}"
+    for needle in ("Loss", "learning_rate", "fingerprint", "demo.json", "BLEU", "I am SmolLM.", "不知道",
+                   "fine-tuned", "references contain Chinese"):
+        assert needle in text, needle
+    if fmt == "md":
+        assert (run / "report" / "loss.png").is_file() and "![loss curves](report/loss.png)" in text
+    else:
+        assert "data:image/png;base64," in text
+    # base 9.0 -> tuned 3.0 perplexity is an improvement; BLEU 5 -> 30 too
+    assert text.count("(better)") >= 2
+
+
+def test_report_cli(tmp_path, capsys):
+    make_run(tmp_path, "a")
+    assert main(["runs", "report", "a", "--dir", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
