@@ -91,11 +91,21 @@ def test_q8_0_export_is_smaller_and_verified(llama_dir, tmp_path):
     assert all("differs" not in c for c in q8.checks)
 
 
-def test_qwen2_export(qwen_dir, tmp_path):
+def test_qwen2_export(qwen_dir, tmp_path, monkeypatch):
     import gguf
+    from transformers import AutoTokenizer
 
+    from tunelab.export import gguf as export
     from tunelab.export.gguf import export_gguf
 
+    # transformers loads the SmolLM2 vocabulary of this folder as a Qwen2Tokenizer (Qwen's pre-tokenizer): tell
+    # the exporter that its token hash is llama.cpp's "qwen2", as a real Qwen tokenizer's hash is.
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    with pytest.raises(TunelabError, match="pre-tokenizer"):
+        export._pre_tokenizer(tok)
+    from hashlib import sha256
+    monkeypatch.setitem(export.KNOWN_PRE, sha256(str(tok.encode(export.CHK_TXT, add_special_tokens=False))
+                                                 .encode()).hexdigest(), "qwen2")
     report = export_gguf(qwen_dir, tmp_path / "q.gguf")
     names = {t.name for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
     assert {"blk.0.attn_q.bias", "blk.1.attn_k.bias", "output.weight"} <= names
@@ -108,7 +118,7 @@ def test_modelfile_matches_the_chat_template(llama_dir, tmp_path):
     from tunelab.export.gguf import export_gguf
     from tunelab.export.template_check import SAMPLE_CONVERSATIONS, render_go, template_from_modelfile
 
-    report = export_gguf(llama_dir, tmp_path / "out" / "m.gguf")
+    report = export_gguf(llama_dir, tmp_path / "out" / "m.gguf", verify=False)
     text = Path(report.modelfile).read_text()
     assert text.count("FROM ./m.gguf") == 1 and 'PARAMETER stop "<|im_end|>"' in text
     tok = AutoTokenizer.from_pretrained(llama_dir)
@@ -130,7 +140,7 @@ def test_untranslatable_template_fails_clearly_unless_no_modelfile(llama_dir, tm
     with pytest.raises(TunelabError, match="ChatML"):
         export_gguf(other, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
-    report = export_gguf(other, tmp_path / "y.gguf", modelfile=False)
+    report = export_gguf(other, tmp_path / "y.gguf", modelfile=False, verify=False)
     assert report.modelfile is None and (tmp_path / "y.gguf").is_file()
 
 
@@ -184,7 +194,7 @@ def test_cli_export(llama_dir, tmp_path):
     from tunelab.cli import main
 
     assert main(["export", "--model", str(llama_dir), "--format", "gguf", "--quant", "q8_0", "--output",
-                 str(tmp_path / "c.gguf")]) == 0
+                 str(tmp_path / "c.gguf"), "--no-verify"]) == 0
     assert (tmp_path / "c.gguf").is_file() and (tmp_path / "Modelfile").is_file()
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "d.gguf")]) == 2
 

@@ -182,7 +182,8 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     pytest.importorskip("tunelab.train.recipe")
     from tunelab.train.recipe import train
 
-    cfg, data = _tiny_config(tmp_path_factory.mktemp("e2e"), tiny_model_dir, output__run_name="base")
+    cfg, data = _tiny_config(tmp_path_factory.mktemp("e2e"), tiny_model_dir, output__run_name="base",
+                             eval__metrics="[perplexity,bleu]", eval__max_samples=2, eval__max_new_tokens=4)
     return train(cfg), data
 
 
@@ -214,6 +215,7 @@ def test_eval_perplexity_equals_exp_of_training_eval_loss(trained_run, capsys):
 
     run, _ = trained_run
     final = json.loads((run / "manifest.json").read_text())["metrics"]
+    assert "bleu" in final  # the recipe's final 评估结果 block comes from evaluate_records
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x for x in logged if x.get("final")][-1]["eval_loss"] == final["eval_loss"]
 

@@ -102,9 +102,19 @@ def test_compare_marks_the_best_and_diffs_config_and_data(tmp_path, capsys):
     assert cmp.best["bleu"] == [0, 2]  # higher is better; ties are all marked
     assert cmp.config_diff == {"training.learning_rate": [1e-4, 2e-4, 2e-4]}  # run names and dirs aside
     assert not cmp.data_same and cmp.data["fingerprint"][1] == "b" * 64
+    assert cmp.env_diff == {}  # same seed, precision, versions
     assert main(["runs", "compare", "a", "b", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "★" in out and "DIFFERENT" in out and "training.learning_rate" in out
+
+
+def test_compare_shows_environment_differences(tmp_path):
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest.update(seed=7, versions={"torch": "2.13.0"}, dtype={"name": "bf16", "reason": "GPU"})
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    env = runs.compare_runs([a, b]).env_diff
+    assert env["seed"] == [42, 7] and env["dtype.name"] == ["fp32", "bf16"] and env["versions.torch"] == [None, "2.13.0"]
 
 
 def test_compare_needs_two_runs(tmp_path):

@@ -282,6 +282,21 @@ class Comparison:
     data_same: bool
     metrics: dict[str, list[float | None]]  # metric -> value per run
     best: dict[str, list[int]]  # metric -> indices of the best run(s)
+    env_diff: dict[str, list[Any]] = field(default_factory=dict)  # seed, dtype, versions, hardware, git commit
+
+
+ENV_KEYS = ("seed", "dtype", "versions", "hardware", "git_commit", "processes")
+
+
+def _differing(rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, list[Any]]:
+    out = {}
+    for key in sorted(set().union(*rows)):
+        if key in skip:
+            continue
+        values = [r.get(key, _MISSING) for r in rows]
+        if any(v != values[0] for v in values[1:]):
+            out[key] = [None if v is _MISSING else v for v in values]
+    return out
 
 
 def _better(metric: str) -> str | None:
@@ -300,13 +315,9 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
     manifests = [read_manifest(p) for p in paths]
     names = [m.get("run_name") or p.name for p, m in zip(paths, manifests)]
     configs = [flatten(read_config(p)) for p in paths]
-    config_diff = {}
-    for key in sorted(set().union(*configs)):
-        if key == "output.run_name":
-            continue
-        values = [c.get(key, _MISSING) for c in configs]
-        if any(v != values[0] for v in values[1:]):
-            config_diff[key] = [None if v is _MISSING else v for v in values]
+    config_diff = _differing(configs, skip=("output.run_name",))
+    env_diff = _differing([flatten({k: m.get(k) for k in ENV_KEYS if k in m}) for m in manifests],
+                          skip=("dtype.reason",))
     fps = [m.get("data_fingerprint") for m in manifests]
     data = {"fingerprint": fps, "data": [_data_name(m) for m in manifests]}
     metrics: dict[str, list[float | None]] = {}
@@ -326,7 +337,8 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
         if direction and len(present) >= 2:
             target = (min if direction == "min" else max)(v for v, _ in present)
             best[k] = [i for v, i in present if v == target]
-    return Comparison(names, config_diff, data, len(set(fps)) == 1 and fps[0] is not None, metrics, best)
+    return Comparison(names, config_diff, data, len(set(fps)) == 1 and fps[0] is not None, metrics, best,
+                      env_diff)
 
 
 def comparison_tables(cmp: Comparison) -> list:
@@ -345,8 +357,17 @@ def comparison_tables(cmp: Comparison) -> list:
     for n in cmp.names:
         t.add_column(n)
     for key, values in cmp.data.items():
-        t.add_row(key, *[str(v) if v is not None else "?" for v in values])
+        t.add_row(key, *[(str(v)[:23] + "…" if key == "fingerprint" and len(str(v)) > 24 else str(v))
+                         if v is not None else "?" for v in values])
     tables.append(t)
+    if cmp.env_diff:
+        t = Table(title="environment differences (seed, precision, versions, hardware)")
+        t.add_column("key")
+        for n in cmp.names:
+            t.add_column(n)
+        for key, values in cmp.env_diff.items():
+            t.add_row(key, *[str(v) if v is not None else "—" for v in values])
+        tables.append(t)
     t = Table(title="metrics (★ best)")
     t.add_column("metric")
     for n in cmp.names:

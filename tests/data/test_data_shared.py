@@ -92,3 +92,10 @@ def test_shared_dataset_with_the_real_chat_template(rel, tiny_tokenizer):
     # every record that reached the tokenizer is in the statistics, including those rejected for its sake
     assert ts["records"] == r.report["records_accepted"] + ts["nothing_to_train"] + ts["dropped"]
     assert r.report["records_read"] == EXPECTED[rel][0]
+
+
+def test_tools_the_template_ignores_are_flagged(tiny_tokenizer):
+    # SmolLM2's ChatML template has no tools section: the glaive schemas would silently vanish from training.
+    r = prepare_dataset(str(shared_file("llamafactory/glaive_toolcall_en_demo.json")), check=True,
+                        tokenizer=tiny_tokenizer, max_length=2048, console=quiet)
+    assert r.report["warnings"]["tools_not_rendered"] > 100

@@ -322,10 +322,11 @@ class _Pass:
         try:
             conv = normalize(item.value, self.opts["format"], self.opts["column_map"], self.opts["system_prompt"],
                              self.notes)
+            key = hash(json.dumps([conv.messages, conv.tools], ensure_ascii=False))
         except Invalid as e:
             return self.reject(source, item, e.category, e.reason, fstats)
-        record_json = json.dumps([conv.messages, conv.tools], ensure_ascii=False)
-        key = hash(record_json)
+        except (RecursionError, ValueError, TypeError) as e:  # e.g. tools nested thousands deep: reject, never crash
+            return self.reject(source, item, "malformed", f"cannot be processed ({type(e).__name__}: {e})", fstats)
         first = self.seen.get(key)
         if first is not None:
             return self.reject(source, item, "duplicate", "duplicate of an earlier record", fstats,
@@ -350,8 +351,23 @@ class _Pass:
             except Invalid as e:
                 self.reject(source, item, e.category, e.reason, fstats)
                 continue
+            if conv.tools and self._template_ignores_tools():
+                conv.warnings.append(("tools_not_rendered", "the record has tools but the chat template does not "
+                                                            "render them: the model will not see the schemas"))
             self._accept(source, item, role, fstats, conv, enc)
         self.tok.begin()
+
+    def _template_ignores_tools(self) -> bool:
+        if not hasattr(self, "_ignores_tools"):
+            probe = [{"role": "user", "content": "hi"}]
+            tool = [{"type": "function", "function": {"name": "tunelab_probe", "description": "probe",
+                                                      "parameters": {"type": "object", "properties": {}}}}]
+            try:
+                self._ignores_tools = (self.tok._tok.apply_chat_template(probe, tokenize=False, tools=tool)
+                                       == self.tok._tok.apply_chat_template(probe, tokenize=False))
+            except Exception:  # a template that refuses tools is reported per record by encode
+                self._ignores_tools = False
+        return self._ignores_tools
 
     def _accept(self, source: str, item: RawItem, role: str, fstats: Counter, conv: Conversation, enc) -> None:
         for category, _msg in conv.warnings:

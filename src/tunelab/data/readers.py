@@ -145,7 +145,7 @@ def _first_lines(path: Path, codec: str, bom_len: int, info: FileInfo, k: int = 
 def _is_json_object(s: str) -> bool:
     try:
         return isinstance(json.loads(s), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -227,6 +227,8 @@ def _read_jsonl(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterato
             yield RawItem(loc, n, loads(s), raw=s)
         except ValueError as e:
             yield RawItem(loc, n, error=_json_line_reason(e, s), raw=s)
+        except RecursionError:
+            yield RawItem(loc, n, error="invalid JSON: nested too deeply", raw=s)
 
 
 def _json_line_reason(e: ValueError, s: str) -> str:
@@ -298,6 +300,8 @@ def _json_error(path: Path, e: json.JSONDecodeError, lines: _Lines, bad: dict[in
 def _scan_object(path, text, pos, lines, bad):
     try:
         value, end = json.JSONDecoder().raw_decode(text, pos)
+    except RecursionError:
+        raise FileError(path, "the JSON object is nested too deeply to read", *lines.at(pos)) from None
     except json.JSONDecodeError as e:
         if e.pos >= len(text.rstrip()) or not text.rstrip().endswith("}"):
             line, col = lines.at(len(text))
@@ -330,6 +334,8 @@ def _scan_array(path: Path, text: str, pos: int, lines: _Lines, bad: dict[int, s
                                   "']'; delete it", *lines.at(comma))
         try:
             value, end = decode(text, pos)
+        except RecursionError:
+            raise FileError(path, f"record {len(out) + 1} is nested too deeply to read", *lines.at(pos)) from None
         except json.JSONDecodeError as e:
             if e.pos >= len(text.rstrip()) or not text.rstrip().endswith("]"):
                 raise FileError(path, f"the file ends in the middle of record {len(out) + 1} (truncated?); "
@@ -366,6 +372,7 @@ def _read_csv(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[
             physical.append(item)
             yield item[1]
 
+    csv.field_size_limit(2**31 - 1)  # long answers are normal; the default 128 KiB limit is not
     first = _first_lines(path, codec, bom_len, info, 1)
     delim = _csv_delimiter(first[0]) if first else ","
     reader = csv.reader(feed(), delimiter=delim or ",", strict=True)

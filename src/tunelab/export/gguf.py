@@ -20,6 +20,7 @@ logits and greedy tokens compared with the source model's; (3) when llama.cpp's 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -224,12 +225,12 @@ def _field(reader, key):
     return None if f is None else f.contents()
 
 
-def _check_readback(path: Path, cfg, tok, arch: str, written: dict, heads) -> str:
+def _check_readback(path: Path, model_dir: Path, cfg, tok, arch: str, written: dict, heads):
     """Every tensor and the key metadata, read back with GGUFReader, against the source."""
     import gguf
     import numpy as np
 
-    r = gguf.GGUFReader(str(path))
+    r = gguf.GGUFReader(str(path))  # parsing 49k tokens + merges takes seconds: read once, return it
     problems = []
     want = {"general.architecture": arch, f"{arch}.block_count": cfg.num_hidden_layers,
             f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.attention.head_count": heads[0],
@@ -244,6 +245,10 @@ def _check_readback(path: Path, cfg, tok, arch: str, written: dict, heads) -> st
     vocab = tok.get_vocab()
     if len(tokens) != cfg.vocab_size or any(vocab.get(t, i) != i for i, t in enumerate(tokens)):
         problems.append("tokenizer.ggml.tokens differs from the tokenizer's vocabulary")
+    merges = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"].get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    if _field(r, "tokenizer.ggml.merges") != merges:
+        problems.append("tokenizer.ggml.merges differs from tokenizer.json's merges")
     seen = set()
     for t in r.tensors:
         seen.add(t.name)
@@ -262,7 +267,7 @@ def _check_readback(path: Path, cfg, tok, arch: str, written: dict, heads) -> st
     problems += [f"tensor {n} missing" for n in set(written) - seen]
     if problems:
         raise ExportError(f"{path} does not match its source:\n  " + "\n  ".join(problems[:20]))
-    return f"GGUFReader: {len(r.tensors)} tensors and metadata match the source"
+    return f"GGUFReader: {len(r.tensors)} tensors and metadata match the source", r
 
 
 def _greedy(model, ids, n: int) -> list[int]:
@@ -280,7 +285,8 @@ def _check_transformers(path: Path, model_dir: Path, tok, quant: str, n_tokens: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ggm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ggm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                               config=src.config).eval()  # the config is checked by readback
     gtok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompts = [render_hf(tok, c) for c in SAMPLE_CONVERSATIONS[:3]]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -360,11 +366,11 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
         arch, written, heads = _write(model_dir, tmp, cfg, tok, quant)
         report = ExportReport(str(output), arch, quant, tensors=len(written), size_bytes=tmp.stat().st_size)
         if verify:
-            import gguf
-
-            report.checks.append(_check_readback(tmp, cfg, tok, arch, written, heads))
+            msg, reader = _check_readback(tmp, model_dir, cfg, tok, arch, written, heads)
+            report.checks.append(msg)
             gguf_tok = AutoTokenizer.from_pretrained(model_dir)
-            gguf_tok.chat_template = _field(gguf.GGUFReader(str(tmp)), "tokenizer.chat_template")
+            gguf_tok.chat_template = _field(reader, "tokenizer.chat_template")
+            del reader
             tokenizers = {"model folder": tok, "GGUF metadata": gguf_tok}
             n = check_templates(tokenizers, template_from_modelfile(modelfile_body) if modelfile_body else None)
             report.checks.append(f"chat template: {n} sample conversations render identically from the "

@@ -148,7 +148,9 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
                    chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    # an adapter checkpoint carries its tokenizer (and training chat template) without a config.json
+    local_tok = Path(name).expanduser()
+    path = str(local_tok) if (local_tok / "tokenizer_config.json").is_file() else resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:

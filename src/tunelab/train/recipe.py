@@ -391,7 +391,7 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
                     trackers.log(rec, step)
                 if t_cfg.eval_steps and step % t_cfg.eval_steps == 0 and data.val and step < total_steps:
                     if _evaluate_and_track(loss_fn, data, cfg, tokenizer, autocast, run, trackers, state, step,
-                                           steps_per_epoch, inner, say, main):
+                                           steps_per_epoch, inner, say, main, choice.name):
                         say(f"Early stopping: no eval improvement in {t_cfg.early_stopping_patience} evaluations")
                         total_steps = step
                         break
@@ -460,7 +460,7 @@ def _duration(started: str | None) -> float | None:
 
 
 def _evaluate_and_track(loss_fn, data, cfg, tokenizer, autocast, run, trackers, state, step, steps_per_epoch,
-                        inner, say, main) -> bool:
+                        inner, say, main, dtype_name) -> bool:
     """Eval loss + perplexity; keep the best checkpoint; return True when early stopping should stop."""
     ev, n = eval_loss(loss_fn, data.val, cfg.training.batch_size, tokenizer.pad_token_id, autocast)
     ppl = math.exp(ev) if ev < 50 else float("inf")
@@ -474,7 +474,7 @@ def _evaluate_and_track(loss_fn, data, cfg, tokenizer, autocast, run, trackers, 
         state.update(best_eval=ev, best_step=step, bad_evals=0)
         if main:
             ckpt.save_checkpoint(run.path, "checkpoint-best",
-                                 lambda d: save_final_artifacts(inner, tokenizer, cfg, d, run.path.name, "best"),
+                                 lambda d: save_final_artifacts(inner, tokenizer, cfg, d, run.path.name, dtype_name),
                                  estimate_bytes=checkpoint_bytes(inner, cfg.training.method))
     else:
         state["bad_evals"] += 1

@@ -1,0 +1,152 @@
+"""Unit tests of the training building blocks on the tiny random Llama: masking, loss, packing, LoRA updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunelab.config import Config
+from tunelab.data.template import IGNORE_INDEX, RecordRejected, encode_record
+from tunelab.model.adapters import apply_method
+from tunelab.train.batching import batches_for_epoch, collate_packed, collate_padded
+from tunelab.train.loss import CausalLMLoss
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there"},
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "I am Tuna."},
+]
+
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def _trained_texts(tok, enc):
+    return [tok.decode(enc.input_ids[s:e]) for s, e in enc.spans]
+
+
+@pytest.fixture
+def zephyr_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = ZEPHYR
+    return tok
+
+
+def test_chatml_masks_every_assistant_turn_with_end_of_turn(tiny_tokenizer):
+    enc = encode_record(tiny_tokenizer, CONV)
+    assert _trained_texts(tiny_tokenizer, enc) == ["Hello there<|im_end|>\n", "I am Tuna.<|im_end|>\n"]
+    labelled = [i for i, x in enumerate(enc.labels) if x != IGNORE_INDEX]
+    assert labelled == [i for s, e in enc.spans for i in range(s, e)]
+    assert all(enc.labels[i] == enc.input_ids[i] for i in labelled)
+
+
+def test_second_template_masks_exact_spans(zephyr_tokenizer):
+    tok = zephyr_tokenizer
+    enc = encode_record(tok, CONV)
+    assert _trained_texts(tok, enc) == [f"Hello there{tok.eos_token}\n", f"I am Tuna.{tok.eos_token}\n"]
+    assert not enc.eos_appended
+
+
+def test_train_on_options(tiny_tokenizer):
+    last = encode_record(tiny_tokenizer, CONV, train_on="last_assistant")
+    assert _trained_texts(tiny_tokenizer, last) == ["I am Tuna.<|im_end|>\n"]
+    every = encode_record(tiny_tokenizer, CONV, train_on="all")
+    assert every.labels == every.input_ids
+
+
+def test_template_without_stop_token_gets_eos_appended(tiny_tokenizer, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
+                        "{% if add_generation_prompt %}assistant: {% endif %}"
+    enc = encode_record(tok, CONV[:3])
+    assert enc.eos_appended and enc.input_ids[-1] == tok.eos_token_id and enc.labels[-1] == tok.eos_token_id
+
+
+def test_all_masked_record_is_refused(tiny_tokenizer):
+    with pytest.raises(RecordRejected, match="no assistant answer"):
+        encode_record(tiny_tokenizer, [{"role": "user", "content": "Hi"}])
+    long_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(RecordRejected, match="nothing left to train"):
+        encode_record(tiny_tokenizer, long_prompt, max_length=64)
+    with pytest.raises(RecordRejected, match="overflow=drop"):
+        encode_record(tiny_tokenizer, long_prompt, max_length=64, overflow="drop")
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def _examples(tok, n=4):
+    convs = [[{"role": "user", "content": f"Question number {i} " * (i + 1)},
+              {"role": "assistant", "content": f"Answer {i} " * (2 * i + 1)}] for i in range(n)]
+    return [vars(encode_record(tok, c)) for c in convs]
+
+
+def test_chunked_loss_equals_full_logits_loss(tiny_model, tiny_tokenizer):
+    exs = _examples(tiny_tokenizer)
+    batch = collate_padded(exs, tiny_tokenizer.pad_token_id)
+    s, n = CausalLMLoss(tiny_model, chunk_size=7)(**batch)
+    ref = tiny_model(**batch).loss  # transformers' own shifted, masked mean
+    assert n == sum(sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in exs)
+    assert torch.allclose(s / n, ref, atol=1e-5)
+
+
+def test_packing_matches_padded_loss(tiny_model, tiny_tokenizer):
+    exs = _examples(tiny_tokenizer)
+    loss_fn = CausalLMLoss(tiny_model)
+    s_pad, n_pad = loss_fn(**collate_padded(exs, tiny_tokenizer.pad_token_id))
+    packed = collate_packed(exs)
+    assert packed["input_ids"].shape[0] == 1 and packed["position_ids"][0].tolist().count(0) == len(exs)
+    s_pack, n_pack = loss_fn(**packed)
+    assert int(n_pad) == int(n_pack)
+    assert torch.allclose(s_pad, s_pack, rtol=1e-4), "packed records must not attend to each other"
+
+
+def test_lora_changes_every_adapter_weight_and_no_base_weight(tiny_model, tiny_tokenizer):
+    cfg = Config()
+    model = apply_method(tiny_model, cfg)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss_fn = CausalLMLoss(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    batch = collate_packed(_examples(tiny_tokenizer))
+    losses = []
+    for _ in range(20):
+        s, n = loss_fn(**batch)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(s.detach() / n))
+    assert losses[-1] < losses[0] - 0.3 and losses[-1] < min(losses[:5]), losses  # memorising the batch
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == ("lora_" in name), name
+
+
+def test_length_grouped_batches_cover_every_record_once():
+    lengths = [5, 100, 7, 90, 6, 95, 8, 99, 3, 97, 4, 92]
+    batches = batches_for_epoch(lengths, 3, seed=1, epoch=0, group_by_length=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert max(spread) < 50
+    assert batches_for_epoch(lengths, 3, 1, 0) == batches_for_epoch(lengths, 3, 1, 0)
+    assert batches_for_epoch(lengths, 3, 1, 0) != batches_for_epoch(lengths, 3, 1, 1)
+
+
+def test_dtype_auto_says_why():
+    from tunelab.model.loading import choose_dtype
+
+    c = choose_dtype("auto")
+    assert c.name in {"bf16", "fp16", "fp32"} and c.reason
+    assert choose_dtype("fp32").torch_dtype == torch.float32
+    assert math.isfinite(1.0)
