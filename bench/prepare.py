@@ -4,8 +4,8 @@
     python bench/prepare.py --n 20000 --model /path/to/model_or_tokenizer
 
 Both sides run in their own subprocess, measured the same way: wall time from process start to exit (imports
-and tokenizer loading included), the time the work itself took (reported by the child), and peak RSS (from
-`os.wait4`, for that child only). Both use the same tokenizer and chat template:
+and tokenizer loading included), the wall and CPU time of the work itself (reported by the child; CPU time is
+the fairer figure on a shared machine), and peak RSS (from `os.wait4`, for that child only). Both use the same tokenizer and chat template:
 - tunelab: `prepare_dataset` (read, validate, deduplicate, encode every record with the real chat template and
   loss mask, split, write the folder and report);
 - baseline: `datasets.load_dataset("json")` + `map` with `tokenizer.apply_chat_template(..., tokenize=True)`
@@ -48,10 +48,10 @@ t0 = time.perf_counter()
 from tunelab.cli.prepare import load_stats_tokenizer
 from tunelab.data.prepare import prepare_dataset
 tok = load_stats_tokenizer(sys.argv[2])
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 r = prepare_dataset(sys.argv[1], sys.argv[3], tokenizer=tok, max_length=512, console=lambda *a: None)
-t2 = time.perf_counter()
-print(json.dumps({"records": r.report["records_accepted"], "work_s": t2 - t1, "setup_s": t1 - t0}))
+t2, c2 = time.perf_counter(), time.process_time()
+print(json.dumps({"records": r.report["records_accepted"], "work_s": t2 - t1, "cpu_s": c2 - c1, "setup_s": t1 - t0}))
 """
 
 BASELINE_CHILD = """
@@ -61,7 +61,7 @@ import datasets
 from tunelab.cli.prepare import load_stats_tokenizer
 datasets.disable_progress_bars()
 tok = load_stats_tokenizer(sys.argv[2])
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 ds = datasets.load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=sys.argv[3])
 
 def encode(r):
@@ -72,8 +72,8 @@ def encode(r):
     return {"input_ids": ids, "length": len(ids)}
 
 ds = ds.map(encode, remove_columns=ds.column_names)
-t2 = time.perf_counter()
-print(json.dumps({"records": len(ds), "work_s": t2 - t1, "setup_s": t1 - t0}))
+t2, c2 = time.perf_counter(), time.process_time()
+print(json.dumps({"records": len(ds), "work_s": t2 - t1, "cpu_s": c2 - c1, "setup_s": t1 - t0}))
 """
 
 
@@ -110,10 +110,11 @@ def main() -> None:
                          measure(TUNELAB_CHILD, [str(small), args.model, str(tmp / "out-small")])))
         size_mb = data.stat().st_size / 2**20
     print(f"\n{args.n} generated Alpaca records ({size_mb:.1f} MB JSONL), tokenizer {args.model}\n")
-    print(f"{'':28} {'records':>8} {'work s':>8} {'records/s':>10} {'wall s':>8} {'peak RSS MB':>12}")
+    print(f"{'':28} {'records':>8} {'work s':>7} {'records/s':>10} {'work cpu s':>11} {'records/cpu s':>14} "
+          f"{'wall s':>7} {'peak RSS MB':>12}")
     for name, n, m in rows:
-        print(f"{name:28} {n:>8} {m['work_s']:>8.1f} {n / m['work_s']:>10.0f} {m['wall_s']:>8.1f} "
-              f"{m['peak_rss_mb']:>12.0f}")
+        print(f"{name:28} {n:>8} {m['work_s']:>7.1f} {n / m['work_s']:>10.0f} {m['cpu_s']:>11.1f} "
+              f"{n / m['cpu_s']:>14.0f} {m['wall_s']:>7.1f} {m['peak_rss_mb']:>12.0f}")
 
 
 if __name__ == "__main__":

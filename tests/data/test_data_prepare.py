@@ -163,7 +163,10 @@ def test_normalisations_and_warnings_are_counted(write):
 # ---------------------------------------------------------------- with the real tokenizer and chat template
 
 
-def test_fast_tokenizer_proxy_gives_identical_encodings(tiny_tokenizer):
+def test_fast_tokenizer_proxy_gives_identical_encodings(tiny_tokenizer, monkeypatch):
+    calls = []
+    real = tiny_tokenizer.apply_chat_template
+    monkeypatch.setattr(tiny_tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or real(*a, **k))
     proxy = _FastTokenizer(tiny_tokenizer)
     convs = [
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
@@ -173,10 +176,14 @@ def test_fast_tokenizer_proxy_gives_identical_encodings(tiny_tokenizer):
     for m in convs:
         for kw in ({}, {"max_length": 40}, {"train_on": "last_assistant"}, {"train_on": "all"}):
             proxy.begin()
-            proxy.pretokenize([Conversation(m)])  # answered from the batch
-            a, b = encode_record(proxy, m, **kw), encode_record(tiny_tokenizer, m, **kw)
+            proxy.pretokenize([Conversation(m)], kw.get("train_on", "assistant"))  # answered from the batch
+            calls.clear()
+            a = encode_record(proxy, m, **kw)
+            assert not calls  # every render encode_record asked for was predicted and batched
+            b = encode_record(tiny_tokenizer, m, **kw)
             assert (a.input_ids, a.labels, a.spans, a.truncated) == (b.input_ids, b.labels, b.spans, b.truncated)
-            proxy.begin()  # answered by the single-text path
+            proxy.begin()  # now answered by the single-text path
+            a = encode_record(proxy, m, **kw)
             assert (a.input_ids, a.labels, a.spans, a.truncated) == (b.input_ids, b.labels, b.spans, b.truncated)
 
 
@@ -252,3 +259,18 @@ def test_chat_template_that_refuses_a_record_rejects_it(write, tiny_tokenizer):
 def test_load_prepared_refuses_what_is_not_a_prepared_folder(tmp_path):
     with pytest.raises(DataError, match="not a prepared dataset"):
         load_prepared(tmp_path)
+
+
+def test_parquet_and_csv_through_the_pipeline(write, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([alpaca(1), alpaca(2), alpaca(1)]), tmp_path / "d.parquet")
+    csv_path = write("d.csv", 'instruction,input,output\nq,,"a, b"\n"multi\nline",,x\nq,,"a, b"\n')
+    r = prepare_dataset([str(tmp_path / "d.parquet"), str(csv_path)], tmp_path / "o", val_ratio=0, console=quiet)
+    rej = {x["location"]: x for x in lines(tmp_path / "o" / "rejected.jsonl")}
+    assert rej["row 3"]["duplicate_of"].endswith("d.parquet row 1")
+    assert rej["row 3 (line 5)"]["duplicate_of"].endswith("d.csv line 2")
+    train = load_prepared(tmp_path / "o").train
+    assert [t["location"] for t in train] == ["row 1", "row 2", "row 1 (line 2)", "row 2 (line 3)"]
+    assert train[3]["messages"][0]["content"] == "multi\nline" and r.report["duplicates_removed"] == 2

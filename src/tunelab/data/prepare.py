@@ -150,12 +150,39 @@ class _FastTokenizer:
         self._renders.clear()
         self._pretok.clear()
 
-    def pretokenize(self, convs: list[Conversation]) -> None:
+    @staticmethod
+    def _key(conversation, add_generation_prompt: bool, tools) -> tuple:
+        return (len(conversation), id(conversation[-1]) if conversation else 0, bool(add_generation_prompt),
+                id(tools))
+
+    def pretokenize(self, convs: list[Conversation], train_on: str = "assistant") -> None:
+        """Render (batched, the official API) the texts `encode_record` will ask for, then tokenise together."""
         if self._backend is None:
             return
+        wanted: dict[bool, list[list[dict]]] = {False: [], True: []}
+        for c in convs:
+            if c.tools:
+                continue
+            m = c.messages
+            wanted[False].append(m)
+            idx = [] if train_on == "all" else [i for i, x in enumerate(m) if x["role"] == "assistant"]
+            for i in idx[-1:] if train_on == "last_assistant" else idx:
+                if i:
+                    wanted[True].append(m[:i])
+                if i + 1 < len(m):
+                    wanted[False].append(m[: i + 1])
+        for gen, group in wanted.items():
+            if not group:
+                continue
+            try:
+                texts = self._tok.apply_chat_template(group, tokenize=False, add_generation_prompt=gen)
+            except Exception:  # one record the template refuses: leave them all to the per-record path
+                continue
+            for m, text in zip(group, texts):
+                self._renders[self._key(m, gen, None)] = text
         texts = []
         for c in convs:
-            try:  # the same call as template.render, so encode_record finds it in the memo
+            try:  # the same call as template.render: found in the memo, or rendered now (records with tools)
                 kwargs = {"tools": c.tools} if c.tools else {}
                 texts.append(self.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=False,
                                                       **kwargs))
@@ -172,8 +199,7 @@ class _FastTokenizer:
     def apply_chat_template(self, conversation, *args, **kwargs):
         if args or kwargs.get("tokenize", True) or kwargs.keys() - {"tokenize", "add_generation_prompt", "tools"}:
             return self._tok.apply_chat_template(conversation, *args, **kwargs)
-        key = (len(conversation), id(conversation[-1]) if conversation else 0,
-               bool(kwargs.get("add_generation_prompt")), id(kwargs.get("tools")))
+        key = self._key(conversation, kwargs.get("add_generation_prompt"), kwargs.get("tools"))
         if key not in self._renders:
             self._renders[key] = self._tok.apply_chat_template(conversation, **kwargs)
         return self._renders[key]
@@ -230,7 +256,7 @@ class _Pass:
         self.warning_examples: dict[str, list[str]] = {}
         self.rejected_by: Counter = Counter()
         self.rejected_examples: list[dict[str, str]] = []
-        self.seen: dict[int, tuple[int, int]] = {}  # content hash -> (file index, line, or -item number)
+        self.seen: dict[int, int] = {}  # content hash -> where it was first seen, packed (see _where)
         self.file_names: list[str] = []
         self.lengths, self.trained = array("i"), array("i")
         self.tok_counts = Counter({k: 0 for k in ("over_max_length", "truncated", "dropped", "kept_over_max_length",
@@ -331,7 +357,8 @@ class _Pass:
         if first is not None:
             return self.reject(source, item, "duplicate", "duplicate of an earlier record", fstats,
                                duplicate_of=self._where(first))
-        self.seen[key] = (file_idx, item.line or -item_no)
+        # One int per record keeps memory flat: the file, and its line (or, for Parquet, the row number).
+        self.seen[key] = (file_idx << 40) | (item.line or (1 << 39) | item_no)
         if self.tok is None:
             return self._accept(source, item, role, fstats, conv, None)
         self.pending.append((source, item, role, fstats, conv))
@@ -344,7 +371,7 @@ class _Pass:
         if not pending:
             return
         self.tok.begin()
-        self.tok.pretokenize([conv for *_, conv in pending])
+        self.tok.pretokenize([conv for *_, conv in pending], self.opts["train_on"])
         for source, item, role, fstats, conv in pending:
             try:
                 enc = self.encode(conv)
@@ -383,9 +410,9 @@ class _Pass:
             out.write(json.dumps({"messages": conv.messages, "tools": conv.tools, "source": source,
                                   "location": item.location}, ensure_ascii=False) + "\n")
 
-    def _where(self, first: tuple[int, int]) -> str:
-        file_idx, n = first
-        return f"{self.file_names[file_idx]} " + (f"line {n}" if n > 0 else f"record {-n}")
+    def _where(self, packed: int) -> str:
+        file_idx, n = packed >> 40, packed & ((1 << 40) - 1)
+        return f"{self.file_names[file_idx]} " + (f"row {n & ~(1 << 39)}" if n >> 39 else f"line {n}")
 
 
 # ---------------------------------------------------------------- the public function

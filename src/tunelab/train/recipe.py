@@ -226,7 +226,6 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     accelerator = _accelerator()
     main = accelerator.is_main_process
     world = accelerator.num_processes
-    t_cfg = cfg.training
 
     # ---- run folder (new, or the one we resume)
     resume_from = None
@@ -246,6 +245,7 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     if world > 1 and not cfg.output.run_name and not resume:
         raise TunelabError("with several processes set output.run_name so every process writes the same run")
 
+    t_cfg = cfg.training
     torch.manual_seed(t_cfg.seed)
     from tunelab.model.loading import load_tokenizer
 

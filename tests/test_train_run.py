@@ -1,0 +1,139 @@
+"""End-to-end behaviour of `tunelab.train.recipe.train` on the tiny model: the run folder contract, resume
+equivalence after a mid-epoch stop, reproducibility, the divergence guard and crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.config import load_config
+from tunelab.demo_data import write_demo_data
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.recipe import TrainingDiverged, TrainingInterrupted, train
+from tunelab.train.rundir import read_metrics
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("raw")
+    write_demo_data(folder)
+    return str(folder / "demo_*.json")
+
+
+def _cfg(tiny_model_dir, demo_files, out, name, *extra):
+    return load_config(None, [f"model.name={tiny_model_dir}", f"data.train={demo_files}", f"output.dir={out}",
+                              f"output.run_name={name}", "training.epochs=1", "training.batch_size=4",
+                              "training.logging_steps=1", "training.learning_rate=5e-3", "eval.metrics=[perplexity]",
+                              "tracking.report_to=[none]", *extra])
+
+
+def _losses(run: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")]
+
+
+def test_run_folder_contract(tiny_model_dir, demo_files, tmp_path):
+    run = train(_cfg(tiny_model_dir, demo_files, tmp_path, "contract", "training.save_steps=3",
+                     "training.eval_steps=3", "tracking.report_to=[tensorboard]"))
+    top = {p.name for p in run.iterdir()}
+    assert top == {"config.yaml", "manifest.json", "metrics.jsonl", "train.log", "data", "tensorboard",
+                   "checkpoint-3", "checkpoint-6", "checkpoint-best", "checkpoint-final"}
+    final = {p.name for p in (run / "checkpoint-final").iterdir()}
+    assert final == {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "chat_template.jinja", "tunelab.json", "README.md", "manifest.json"}
+    step = {p.name for p in (run / "checkpoint-3").iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json",
+            "manifest.json"} <= step
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["status"] == "completed" and man["seed"] == 42 and man["data_fingerprint"].startswith("sha256:")
+    assert {"torch", "transformers", "peft"} <= set(man["versions"]) and man["hardware"]["cpu_count"]
+    assert man["started_at"] and man["ended_at"] and man["global_step"] == man["total_steps"]
+    assert "eval_loss" in man["metrics"] and "perplexity" in man["metrics"]
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics if "loss" in m and not m.get("final")] == list(range(1, man["total_steps"] + 1))
+    assert any("eval_loss" in m and not m.get("final") for m in metrics)
+    log = (run / "train.log").read_text()
+    assert "Epoch 1/1:" in log and "| Loss: " in log and "Perplexity:" in log
+
+    # plain peft + transformers load the final adapter, with no tunelab involved
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run / "checkpoint-final")
+    assert tok.chat_template
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "checkpoint-final")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_path, monkeypatch):
+    full = train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2"))
+
+    # Same run, stopped by SIGTERM after step 3 (mid-epoch, between checkpoints): the handler lets the step
+    # finish, writes checkpoint-3 and raises with the resume command.
+    import tunelab.train.recipe as recipe
+
+    original = recipe.Reporter.advance
+
+    def advance(self, step, info):
+        original(self, step, info)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(recipe.Reporter, "advance", advance)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2"))
+    monkeypatch.setattr(recipe.Reporter, "advance", original)
+    split = tmp_path / "split"
+    assert json.loads((split / "manifest.json").read_text())["status"] == "interrupted"
+    assert [s for s, _ in ckpt.complete_checkpoints(split)][-1] == 3
+    assert not (split / "checkpoint-final").exists()
+
+    train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(split))
+    assert json.loads((split / "manifest.json").read_text())["status"] == "completed"
+    a, b = _losses(full), _losses(split)
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    wa = load_file(full / "checkpoint-final" / "adapter_model.safetensors")
+    wb = load_file(split / "checkpoint-final" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_same_seed_same_losses(tiny_model_dir, demo_files, tmp_path):
+    a = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "a", "training.max_steps=3")))
+    b = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "b", "training.max_steps=3")))
+    c = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "c", "training.max_steps=3", "training.seed=7")))
+    assert a == b
+    assert a != c
+
+
+def test_divergence_guard_names_step_and_batch(tiny_model_dir, demo_files, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+.*the batch held .*demo_"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "nan", "training.learning_rate=1e30",
+                   "training.max_grad_norm=0", "training.save_steps=1"))
+    run = tmp_path / "nan"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "diverged"
+    for _, folder in ckpt.complete_checkpoints(run):  # every kept checkpoint holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(folder / "adapter_model.safetensors").values())
+
+
+def test_half_written_checkpoint_is_never_used(tmp_path):
+    good = ckpt.save_checkpoint(tmp_path, "checkpoint-2", lambda d: (d / "w.bin").write_bytes(b"x" * 10))
+    assert ckpt.is_complete(good)
+    broken = tmp_path / "checkpoint-4"
+    broken.mkdir()
+    (broken / "w.bin").write_bytes(b"partial")  # no manifest: a kill mid-write
+    truncated = ckpt.save_checkpoint(tmp_path, "checkpoint-6", lambda d: (d / "w.bin").write_bytes(b"y" * 10))
+    (truncated / "w.bin").write_bytes(b"y")  # size no longer matches the manifest
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2]
+
+
+def test_disk_check_refuses_clearly(tmp_path):
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="not enough free disk"):
+        ckpt.check_disk(tmp_path, 10 * 2**50)
