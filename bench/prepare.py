@@ -5,7 +5,8 @@
 
 Both sides run in their own subprocess, measured the same way: wall time from process start to exit (imports
 and tokenizer loading included), the wall and CPU time of the work itself (reported by the child; CPU time is
-the fairer figure on a shared machine), and peak RSS (from `os.wait4`, for that child only). Both use the same tokenizer and chat template:
+the fairer figure on a shared machine), and peak RSS (from `os.wait4`, for that child only). Both use the same
+tokenizer and chat template:
 - tunelab: `prepare_dataset` (read, validate, deduplicate, encode every record with the real chat template and
   loss mask, split, write the folder and report);
 - baseline: `datasets.load_dataset("json")` + `map` with `tokenizer.apply_chat_template(..., tokenize=True)`

@@ -344,7 +344,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         spec["result"] = str(work / f"{name}.result.json")
         spec_path.write_text(json.dumps(spec))
         res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)],
-                        env={"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                        env={"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
                              "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
                         log_path=work / f"{name}.log", timeout_s=args.timeout, echo=args.verbose)
         out = json.loads(Path(spec["result"]).read_text()) if res.returncode == 0 and Path(spec["result"]).is_file() \

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -227,4 +226,3 @@ def test_bundled_export_matches_llama_cpps_own_conversion(tmp_path):
         want = gguf.quants.dequantize(t.data, t.tensor_type)
         got = gguf.quants.dequantize(t_ours[t.name].data, t_ours[t.name].tensor_type).reshape(want.shape)
         assert np.allclose(got, want, atol=2e-3 * max(1.0, float(np.abs(want).max()))), t.name
-    json.dumps(report.checks)

@@ -166,3 +166,17 @@ def test_bundled_model_merge_bf16(tmp_path):
     print(r32.summary(), r16.summary(), sep="\n")
     assert r32.relative_diff < 1e-4 and r32.token_agreement == 1.0
     assert r16.token_agreement >= 0.9
+
+
+def test_full_checkpoint_becomes_a_standalone_folder(tiny_model_dir, tmp_path):
+    """method=full: the checkpoint is already a model; merge writes it in the standard form and verifies it."""
+    import shutil
+
+    from tunelab.merge import merge_adapter
+
+    ckpt = tmp_path / "full-run" / "checkpoint-final"
+    shutil.copytree(tiny_model_dir, ckpt)
+    (ckpt / "tunelab.json").write_text(json.dumps({"base_model": "x", "method": "full", "run_name": "full-run"}))
+    report = merge_adapter(tmp_path / "full-run", tmp_path / "out", dtype="fp16")
+    assert report.method == "full" and report.verified and report.token_agreement >= 0.97
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] in (2, [2])

@@ -299,7 +299,8 @@ def markdown_reference() -> str:
         lines += [f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for name, f in model.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default
-            typ = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+            ann = f.annotation
+            typ = (ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")).replace("|", "\\|")
             lines.append(f"| `{section}.{name}` | `{typ}` | `{json.dumps(default)}` | {f.description or ''} |")
         lines.append("")
     return "\n".join(lines)

@@ -200,7 +200,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
                     f"({rel:.2%} of the largest logit, tolerance {report.tolerance:.2%}), greedy-token agreement "
                     f"{agree:.1%} (need {MIN_AGREEMENT[dtype]:.0%}). Nothing was written to {output}. Try --dtype "
                     "fp32, or check that the adapter matches its base model")
-            check_templates({"training": tok, "merged": AutoTokenizer.from_pretrained(tmp)})
+        check_templates({"training": tok, "merged": AutoTokenizer.from_pretrained(tmp)})
         (tmp / "tunelab.json").write_text(json.dumps(
             {"merged_from": str(adapter_dir), "base_model": base_name, "method": method, "dtype": dtype,
              "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (

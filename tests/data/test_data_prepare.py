@@ -274,3 +274,34 @@ def test_parquet_and_csv_through_the_pipeline(write, tmp_path):
     train = load_prepared(tmp_path / "o").train
     assert [t["location"] for t in train] == ["row 1", "row 2", "row 1 (line 2)", "row 2 (line 3)"]
     assert train[3]["messages"][0]["content"] == "multi\nline" and r.report["duplicates_removed"] == 2
+
+
+def test_pipeline_memory_per_record_is_a_few_bytes_not_the_record(tmp_path):
+    """Records stream through; only a hash per record is kept (for duplicates), so memory stays nearly flat."""
+    import tracemalloc
+
+    def peak(n):
+        src = tmp_path / f"d{n}.jsonl"
+        src.write_text(jsonl([alpaca(i, output="x" * 400) for i in range(n)]))
+        tracemalloc.start()
+        prepare_dataset(str(src), tmp_path / f"o{n}", console=quiet)
+        p = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return p
+
+    small, big = peak(1000), peak(11000)
+    per_record = (big - small) / 10000
+    assert per_record < 250, per_record  # each record is ~500 bytes of JSON, far more as Python objects
+
+
+def test_output_that_is_not_a_prepared_folder_is_never_replaced(messy, tmp_path):
+    precious = tmp_path / "raw"
+    precious.mkdir()
+    (precious / "keep.json").write_text("[]")
+    with pytest.raises(DataError, match="refusing to replace it"):
+        prepare_dataset(str(messy), precious, console=quiet)
+    assert (precious / "keep.json").is_file()
+    out = tmp_path / "prepared"
+    prepare_dataset(str(messy), out, console=quiet)
+    r = prepare_dataset([messy], out, val_ratio=0, console=quiet)  # a prepared folder is replaced; Path inputs work
+    assert r.report["split"]["val"] == 0 and len(load_prepared(out).val) == 0

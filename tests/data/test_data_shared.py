@@ -51,6 +51,7 @@ def test_glaive_en_tool_turns_and_tools(tmp_path):
     r = prepare_dataset(str(shared_file("llamafactory/glaive_toolcall_en_demo.json")), tmp_path / "g",
                         console=quiet, val_ratio=0)
     recs = [json.loads(x) for x in (tmp_path / "g" / "train.jsonl").read_text().splitlines()]
+    assert len(recs) == r.report["records_accepted"] == 265
     assert all(x["tools"] is None or isinstance(x["tools"], list) for x in recs)
     assert sum(x["tools"] is not None for x in recs) > 100
     call = next(x for x in recs if any(m["role"] == "tool" for m in x["messages"]))

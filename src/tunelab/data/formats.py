@@ -37,7 +37,7 @@ ROLE_ALIASES = {
     "user": USER, "human": USER, "prompter": USER,
     "assistant": ASSISTANT, "gpt": ASSISTANT, "chatgpt": ASSISTANT, "bing": ASSISTANT, "bard": ASSISTANT,
     "model": ASSISTANT, "bot": ASSISTANT,
-    "system": SYSTEM,
+    "system": SYSTEM, "developer": SYSTEM,
     "function_call": CALL, "tool_call": CALL,
     "observation": TOOL, "tool": TOOL, "function": TOOL, "ipython": TOOL, "tool_response": TOOL,
 }

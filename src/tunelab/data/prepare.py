@@ -44,8 +44,8 @@ PREPARE_VERSION = 1  # bump when the canonical output of the same input changes 
 DATA_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq"}
 OVERFLOW = ("truncate", "drop", "keep")
 TRAIN_ON = ("assistant", "all", "last_assistant")
-SHOW_REJECTIONS = 10
-ENCODE_CHUNK = 256  # records tokenised in one batch: parallel in Rust, still a flat memory profile  # printed to the terminal; all of them go to rejected.jsonl
+SHOW_REJECTIONS = 10  # printed to the terminal; all of them go to rejected.jsonl
+ENCODE_CHUNK = 256  # records tokenised in one batch: parallel in Rust, still a flat memory profile
 
 
 @dataclass
@@ -271,7 +271,8 @@ class _Pass:
 
     def sink(self, role: str):
         if role not in self.sinks:
-            self.sinks[role] = open(self.workdir / f".{role}.tmp.jsonl", "w", encoding="utf-8") if self.workdir else None
+            path = self.workdir / f".{role}.tmp.jsonl" if self.workdir else None
+            self.sinks[role] = open(path, "w", encoding="utf-8") if path else None
         return self.sinks[role]
 
     def close(self) -> None:
@@ -434,8 +435,12 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     files = [("train", p) for p in resolve_inputs(inputs)]
     if eval_inputs:
         files += [("eval", p) for p in resolve_inputs(eval_inputs)]
-    name = name or (Path(inputs if isinstance(inputs, str) else inputs[0]).stem.replace("*", "") or "dataset")
+    first = inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs)[0]
+    name = name or (Path(first).stem.replace("*", "") or "dataset")
     out_dir = None if check else Path(output) if output else Path("data") / "processed" / name
+    if out_dir is not None and out_dir.exists() and not (is_prepared(out_dir) or _is_empty_dir(out_dir)):
+        raise DataError(f"{out_dir} exists and is not a prepared dataset: refusing to replace it; "
+                        "choose another --output (an existing prepared folder is replaced)")
     options = {"format": format, "column_map": column_map or {}, "max_length": max_length, "overflow": overflow,
                "train_on": train_on, "val_ratio": 0.0 if eval_inputs else val_ratio, "seed": seed,
                "system_prompt": system_prompt, "tokenizer": bool(tokenizer is not None)}
@@ -459,7 +464,9 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-    if out_dir is not None:
+    if out_dir is None:
+        console("check only: nothing was written")
+    else:
         console(f"wrote {out_dir}/ (train.jsonl, val.jsonl, report.json, report.md, rejected.jsonl"
                 + (", length_histogram.png)" if report["token_stats"] else ")"))
     return PrepareResult(out_dir, report, report["usable"], report["problems"])
@@ -544,7 +551,7 @@ def _split(p: _Pass, workdir: Path | None, val_ratio: float | None, seed: int, r
             k = 1
         if val_ratio > 0 and n == 1:
             report["warnings"]["no_validation_split"] = 1
-            report["warning_examples"]["no_validation_split"] = ["only 1 accepted record: nothing held out for validation"]
+            report["warning_examples"]["no_validation_split"] = ["only 1 accepted record: nothing held out"]
         val_idx = set(random.Random(seed).sample(range(n), k)) if k else set()
         counts = {"train": n - k, "val": k, "how": f"val_ratio={val_ratio:g}, seed={seed}"}
     if workdir is not None:
@@ -633,6 +640,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{n}: not a prepared record (no 'messages'); re-run tunelab prepare")
                 out.append(rec)
     return out
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def is_prepared(folder: str | Path) -> bool:

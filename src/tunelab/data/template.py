@@ -67,11 +67,19 @@ def assistant_char_spans(tokenizer, messages: list[dict[str, Any]], tools: Any =
 
 
 def _eos_ids(tokenizer) -> set[int]:
+    """EOS plus the common end-of-turn tokens the vocabulary has (cached: get_vocab() rebuilds a dict per call)."""
+    cached = getattr(tokenizer, "_tunelab_eos_ids", None)
+    if cached is not None:
+        return cached
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
-        if tid is not None:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if tid is not None and tid != tokenizer.unk_token_id:
             ids.add(tid)
+    try:
+        tokenizer._tunelab_eos_ids = ids
+    except AttributeError:  # a tokenizer that refuses new attributes: recompute next time
+        pass
     return ids
 
 

@@ -315,7 +315,12 @@ def _check_llama_cpp(path: Path, tok, want: list[list[int]], n_tokens: int) -> s
     except ImportError:
         return "verification by llama.cpp skipped (llama-cpp-python not installed: pip install 'tunelab[llamacpp]')"
     # use_extra_bufts=False: llama.cpp's AMX kernels crash on some Xeons (see docs/machine-notes)
-    llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, use_extra_bufts=False, seed=0)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, use_extra_bufts=False, seed=0)
+    except TypeError:
+        return "verification by llama.cpp skipped (this llama-cpp-python has no use_extra_bufts option)"
+    except Exception as e:  # noqa: BLE001 - llama.cpp refusing the file is the failure this check looks for
+        raise ExportError(f"llama.cpp could not load {path.name}: {e}") from None
     prompts = [render_hf(tok, c) for c in SAMPLE_CONVERSATIONS[:3]]
     got = []
     for p in prompts:
@@ -347,7 +352,8 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
         raise ExportError(f"{model_dir} is not a model folder (no config.json); merge an adapter first: "
                           "tunelab merge --adapter RUN --output DIR")
     if (model_dir / "adapter_config.json").is_file():
-        raise ExportError(f"{model_dir} is an adapter; merge it first: tunelab merge --adapter {model_dir} --output DIR")
+        raise ExportError(f"{model_dir} is an adapter; merge it first: "
+                          f"tunelab merge --adapter {model_dir} --output DIR")
     cfg = AutoConfig.from_pretrained(model_dir)
     if cfg.model_type not in ARCHS:
         raise ExportError(f"GGUF export supports {', '.join(ARCHS)} models, not {cfg.model_type!r}")

@@ -245,7 +245,8 @@ def _eval(expr: str, dot: Any, root: Any, env: dict[str, Any]) -> Any:
     if len(args) > 1:
         fn, rest = args[0], [_eval(a, dot, root, env) for a in args[1:]]
         funcs = {"eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b,
-                 "and": lambda *a: next((x for x in a if not x), a[-1]), "or": lambda *a: next((x for x in a if x), a[-1]),
+                 "and": lambda *a: next((x for x in a if not x), a[-1]),
+                 "or": lambda *a: next((x for x in a if x), a[-1]),
                  "not": lambda a: not a, "len": len, "index": lambda a, *k: _index(a, k)}
         if fn not in funcs:
             raise UnsupportedTemplate(f"Go template function {fn!r} is not supported by tunelab's checker")

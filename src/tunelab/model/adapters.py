@@ -21,13 +21,30 @@ def bnb_config(cfg: Config, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def lora_config(cfg: Config):
+def lora_config(cfg: Config, tie_embeddings: bool = False):
+    """The peft LoraConfig of our schema. `tie_embeddings`: the model ties its input and output embeddings and the
+    adapter trains one of them (see `adapts_tied_embeddings`), so peft must keep the two tied."""
     from peft import LoraConfig, TaskType
 
     lc = cfg.lora
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                       target_modules=lc.target_modules, modules_to_save=lc.modules_to_save or None,
-                      use_rslora=lc.use_rslora, use_dora=cfg.training.method == "dora", bias=lc.bias)
+                      use_rslora=lc.use_rslora, use_dora=cfg.training.method == "dora", bias=lc.bias,
+                      ensure_weight_tying=tie_embeddings)
+
+
+def adapts_tied_embeddings(model: Any, cfg: Config) -> bool:
+    """True when the model ties lm_head to the input embeddings and lora.modules_to_save (or a target_modules
+    list) names one of them. Without peft's weight tying the two copies would train apart, and a merged model,
+    reloaded with tie_word_embeddings=True, would silently drop the trained output head (peft issue 2777)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
+    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in embeddings}
+    named = set(cfg.lora.modules_to_save)
+    if isinstance(cfg.lora.target_modules, list):
+        named |= set(cfg.lora.target_modules)
+    return any(n.rsplit(".", 1)[-1] in leaf_names for n in named)
 
 
 def apply_method(model: Any, cfg: Config) -> Any:
@@ -42,7 +59,7 @@ def apply_method(model: Any, cfg: Config) -> Any:
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
-    return get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+    return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)), autocast_adapter_dtype=True)
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tunelab.errors import TunelabError
 
@@ -87,54 +89,114 @@ class Reporter:
 
 
 class Trackers:
-    """TensorBoard (default), MLflow and Weights & Biases behind one small interface; main process only."""
+    """TensorBoard (default), MLflow and Weights & Biases behind one small interface; main process only.
+
+    Metric names: TensorBoard groups them as train/<name>, eval/<name> and final/<name>; MLflow and W&B get the
+    names as logged (loss, lr, eval_loss, final/perplexity, ...). `run_ids` (from a previous `.run_ids`, kept in
+    the run's manifest) continues the same MLflow / W&B run when a training run is resumed.
+    """
 
     def __init__(self, names: list[str], run_dir: Path, run_name: str, project: str, config: dict[str, Any],
-                 mlflow_uri: str | None = None, enabled: bool = True):
+                 mlflow_uri: str | None = None, enabled: bool = True, run_ids: dict[str, str] | None = None):
         self.tb = self.mlflow = self.wandb = None
+        self.run_ids: dict[str, str] = {}
         if not enabled:
             return
         names = [n for n in names if n != "none"]
-        if "tensorboard" in names:
-            from torch.utils.tensorboard import SummaryWriter
+        run_ids = run_ids or {}
+        try:
+            if "tensorboard" in names:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if "mlflow" in names:
-            try:
-                import mlflow
-            except ImportError:
-                raise TunelabError("tracking.report_to includes mlflow: pip install 'tunelab[mlflow]'") from None
-            if mlflow_uri:
-                mlflow.set_tracking_uri(mlflow_uri)
-            mlflow.set_experiment(project)
-            mlflow.start_run(run_name=run_name)
-            mlflow.log_params(_flatten(config))
-            self.mlflow = mlflow
-        if "wandb" in names:
-            try:
-                import wandb
-            except ImportError:
-                raise TunelabError("tracking.report_to includes wandb: pip install 'tunelab[wandb]'") from None
-            self.wandb = wandb.init(project=project, name=run_name, config=config, dir=str(run_dir))
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if "mlflow" in names:
+                self.mlflow = _MlflowRun(mlflow_uri, Path(run_dir).parent / "mlruns", project, run_name, config,
+                                         run_ids.get("mlflow"))
+                self.run_ids["mlflow"] = self.mlflow.run_id
+            if "wandb" in names:
+                try:
+                    import wandb
+                except ImportError:
+                    raise TunelabError("tracking.report_to includes wandb: pip install 'tunelab[wandb]' "
+                                       "(or remove wandb from tracking.report_to)") from None
+                self.wandb = wandb.init(project=project, name=run_name, config=config, dir=str(run_dir),
+                                        id=run_ids.get("wandb"), resume="allow" if run_ids.get("wandb") else None)
+                self.run_ids["wandb"] = self.wandb.id
+        except BaseException:
+            self.close("FAILED")
+            raise
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("step",)}
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.tb:
             for k, v in scalars.items():
                 self.tb.add_scalar(k if "/" in k else ("eval/" + k[5:] if k.startswith("eval_") else "train/" + k),
                                    v, step)
         if self.mlflow:
-            self.mlflow.log_metrics(scalars, step=step)
+            self.mlflow.log(scalars, step)
         if self.wandb:
             self.wandb.log(scalars, step=step)
 
     def close(self, status: str = "FINISHED") -> None:
+        """`status`: FINISHED, FAILED or KILLED (MLflow's run states; W&B gets exit code 0 or 1)."""
         if self.tb:
             self.tb.close()
+            self.tb = None
         if self.mlflow:
-            self.mlflow.end_run(status=status)
+            self.mlflow.close(status)
+            self.mlflow = None
         if self.wandb:
             self.wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+            self.wandb = None
+
+
+class _MlflowRun:
+    """One MLflow run through an explicit `MlflowClient`: no process-global tracking URI or active run, so
+    several runs in one process (tests, sweeps) never log into each other."""
+
+    def __init__(self, uri: str | None, default_dir: Path, project: str, run_name: str, config: dict[str, Any],
+                 run_id: str | None = None):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise TunelabError("tracking.report_to includes mlflow: pip install 'tunelab[mlflow]' "
+                               "(or remove mlflow from tracking.report_to)") from None
+        # Without a URI, keep the runs next to the run folders rather than MLflow's default sqlite:///mlflow.db in
+        # the working directory (which needs SQLAlchemy, absent from mlflow-skinny).
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_dir.resolve().as_uri()
+        if _is_file_store(uri):
+            # MLflow 3 refuses its file store unless asked; a local file store is what tracking.mlflow_tracking_uri
+            # documents (file:./mlruns), so ask for it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id:  # a resumed training run continues its MLflow run
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in _flatten(config).items()]
+        for k in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[k:k + 100])
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _is_file_store(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # a plain path, file:..., or a Windows drive letter
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

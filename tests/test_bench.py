@@ -1,0 +1,77 @@
+"""Smoke tests of the benchmarks: bench/train.py end to end on a tiny model, and the shared measuring helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def _alpaca(path: Path, n: int = 48) -> Path:
+    recs = [{"instruction": f"Question {i}: what is {i} plus {i}?", "input": "" if i % 2 else f"context {i}",
+             "output": f"The answer is {2 * i}. " * (1 + i % 4)} for i in range(n)]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_text_table_and_median():
+    from common import median_after_warmup, text_table
+
+    t = text_table(["row", "tok/s"], [["a", "1"], ["bbb", "22"]])
+    lines = t.splitlines()
+    assert lines[0].startswith("| row") and len(lines) == 4 and all(len(x) == len(lines[0]) for x in lines)
+    assert median_after_warmup([10.0, 1.0, 2.0, 3.0], 1) == 2.0
+
+
+def test_run_child_reports_peak_rss(tmp_path):
+    from common import run_child
+
+    code = "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); print('done')"
+    res = run_child([sys.executable, "-c", code], log_path=tmp_path / "log")
+    assert res.returncode == 0 and "done" in res.output_tail
+    assert res.peak_rss_bytes > 200 * 2**20  # the child's own high-water mark, not the parent's
+    assert (tmp_path / "log").read_text().strip() == "done"
+
+
+def test_matmul_peak_positive():
+    from common import matmul_peak
+
+    r = matmul_peak("fp32", sizes=(128,), seconds=0.05)
+    assert r["gflops"] > 0 and r["n"] == 128
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path, tiny_model_dir):
+    """Two steps of the baseline, tunelab's default and one lever on a tiny 2-layer model: table and JSON."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train.py"), "--model", str(tiny_model_dir), "--steps", "2",
+         "--warmup", "0", "--eval-records", "4", "--only", "trl,tunelab,padded", "--lr", "1e-3",
+         "--data", str(_alpaca(tmp_path / "alpaca.json")), "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| row"):]
+    header = table.splitlines()[0]
+    for col in ("tok/s", "s/step", "peak RSS GiB", "train loss", "eval loss", "MFU bf16", "MFU fp32"):
+        assert col in header
+    for key in ("trl", "tunelab", "padded"):
+        assert f"| {key} " in table
+    report = json.loads(out.read_text())
+    assert report["settings"]["steps"] == 2 and report["params"] > 0
+    assert report["matmul_peak"]["fp32"]["gflops"] > 0
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"trl", "tunelab", "padded"}
+    for r in rows.values():
+        assert r["ok"], r
+        assert r["tokens_per_s"] > 0 and r["s_per_step"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["final_train_loss"] > 0 and r["eval_loss"] > 0 and r["mfu_fp32"] > 0
+        assert len(r["step_times"]) == 2
+    # both sides train the same records with the same masking: same step token counts, similar first losses
+    assert rows["trl"]["step_tokens"] == rows["tunelab"]["step_tokens"]
+    assert rows["trl"]["losses"][0] == pytest.approx(rows["tunelab"]["losses"][0], rel=0.02)

@@ -1,0 +1,76 @@
+"""The config schema (typos, every problem at once, overrides, the generated reference) and the CLI surface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import ConfigError, load_config, markdown_reference
+from tunelab.cli import VERBS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_brief_keys_and_defaults():
+    cfg = load_config(REPO / "config.yaml")
+    assert cfg.model.name == "bundled:smollm2-135m-instruct"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert (cfg.training.epochs, cfg.training.batch_size) == (3, 4)
+
+
+def test_typo_gets_path_line_and_hint(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  name: x\nlora:\n  r: 8\n  alpah: 16\ntraining:\n  epoch: 2\n  batch_size: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "3 problems" in msg  # every problem at once
+    assert "lora.alpah: unknown key" in msg and "line 5" in msg and "did you mean lora.alpha?" in msg
+    assert "training.epoch: unknown key" in msg and "did you mean training.epochs?" in msg
+    assert "training.batch_size" in msg and "'many'" in msg
+
+
+def test_dotted_overrides_and_scientific_notation():
+    cfg = load_config(REPO / "config.yaml", ["training.epochs=1", "lora.r=8", "training.learning_rate=2e-4",
+                                             "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.training.epochs == 1 and cfg.lora.r == 8 and cfg.training.learning_rate == 2e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="did you mean training.max_steps"):
+        load_config(None, ["training.max_step=3"])
+
+
+def test_config_reference_is_current():
+    assert (REPO / "docs" / "config.md").read_text() == markdown_reference() + "\n", \
+        "regenerate: python -m tunelab.config --markdown > docs/config.md"
+
+
+def test_help_is_fast_and_lists_every_verb():
+    code = "import sys, time; t=time.time(); from tunelab.cli import main; main(['--help'])"
+    t = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and all(v in out.stdout for v in VERBS)
+    heavy = subprocess.run([sys.executable, "-c", "import sys; from tunelab.cli import build_parser; build_parser();"
+                            "print(','.join(m for m in ('torch', 'transformers', 'peft', 'pandas') if m in sys.modules))"],
+                           capture_output=True, text=True)
+    assert heavy.stdout.strip() == "", f"heavy imports on the --help path: {heavy.stdout}"
+    assert time.time() - t < 20  # generous: the real guard is the import check above
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_each_verb_help(verb):
+    out = subprocess.run([sys.executable, "-m", "tunelab", verb, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage: tunelab" in out.stdout
+
+
+def test_unreachable_hub_id_is_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = subprocess.run([sys.executable, "-m", "tunelab", "train", "model.name=SomeOrg/not-a-model-xyz",
+                          "data.train=nothing.json"], capture_output=True, text=True, env=None)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "bundled:smollm2-135m-instruct" in out.stderr

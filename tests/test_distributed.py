@@ -1,0 +1,134 @@
+"""`tunelab train --num-processes 2` on CPU (torch.distributed.run, gloo) against the same run in one process.
+
+Both processes must end with identical adapter weights, only rank 0 may write the run folder, and the
+token-weighted loss of a step must not depend on how its records are split across processes (batch 1 x 2
+processes = batch 2 x 1 process). The epoch has 5 records, so its last step holds one record: one process has
+nothing to train on and must still take part in the step.
+
+Each process's weights are read through a test-only `sitecustomize` module put on PYTHONPATH: it wraps
+`tunelab.model.adapters.apply_method` to keep the trained model and saves its trainable tensors when the process
+exits. The library carries no test hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.config import load_config
+from tunelab.demo_data import alpaca_records
+from tunelab.train.recipe import train
+from tunelab.train.rundir import read_metrics
+
+SITECUSTOMIZE = '''
+"""Test-only (tests/test_distributed.py): each training process saves its trainable weights when it exits."""
+import atexit
+import os
+
+_out = os.environ.get("TUNELAB_TEST_WEIGHTS_DIR")
+if _out and "RANK" in os.environ:
+    import tunelab.model.adapters as _adapters
+
+    _held = {}
+    _original = _adapters.apply_method
+
+    def _apply_method(model, cfg):
+        _held["model"] = _original(model, cfg)
+        return _held["model"]
+
+    _adapters.apply_method = _apply_method
+
+    @atexit.register
+    def _dump():
+        if "model" in _held:
+            from safetensors.torch import save_file
+
+            weights = {n: p.detach().cpu().contiguous() for n, p in _held["model"].named_parameters()
+                       if p.requires_grad}
+            save_file(weights, os.path.join(_out, "rank%s.safetensors" % os.environ["RANK"]))
+'''
+
+TIMEOUT_S = 240
+STEPS = 3  # 5 records: batch 2 x 1 process or batch 1 x 2 processes -> 2 + 2 + 1 records
+
+
+def _overrides(tiny_model_dir, data, out, name, batch_size):
+    return [f"model.name={tiny_model_dir}", f"data.train={data / 'train.json'}", f"data.eval={data / 'eval.json'}",
+            "data.val_ratio=0", f"output.dir={out}", f"output.run_name={name}",
+            "model.dtype=fp32", "data.max_length=96", "training.epochs=1", f"training.batch_size={batch_size}",
+            "training.logging_steps=1", "training.learning_rate=1e-2", "training.warmup_ratio=0", "lora.r=4",
+            "lora.dropout=0", "eval.metrics=[perplexity]", "tracking.report_to=[tensorboard]"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")}
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_path):
+    data = tmp_path / "raw"
+    data.mkdir()
+    records = alpaca_records()
+    (data / "train.json").write_text(json.dumps(records[17:22]))  # five different questions
+    (data / "eval.json").write_text(json.dumps(records[:2]))
+    out = tmp_path / "runs"
+
+    hooks, weights = tmp_path / "hooks", tmp_path / "weights"
+    hooks.mkdir()
+    weights.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
+           "TUNELAB_TEST_WEIGHTS_DIR": str(weights), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tunelab", "train", "--num-processes", "2",
+           *_overrides(tiny_model_dir, data, out, "ddp", batch_size=1)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a hang is killed whole
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"2-process training did not finish in {TIMEOUT_S} s (a collective that one rank never "
+                    f"joined?). Last output:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+
+    ddp = out / "ddp"
+    single = train(load_config(None, _overrides(tiny_model_dir, data, out, "single", batch_size=2)))
+
+    # both ranks hold the same trained weights, and they are the ones rank 0 saved
+    rank0, rank1 = load_file(weights / "rank0.safetensors"), load_file(weights / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) == 28  # 7 projections x 2 layers x (A, B)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), f"ranks disagree on {k}"
+    saved = load_file(ddp / "checkpoint-final" / "adapter_model.safetensors")
+    assert {k.replace(".default", "") for k in rank0} == saved.keys()
+    for k, v in rank0.items():
+        assert torch.equal(v, saved[k.replace(".default", "")]), k
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+
+    # only rank 0 wrote the run folder: every line once, one event file, the same files as a 1-process run
+    assert {p.name for p in ddp.iterdir()} == {p.name for p in single.iterdir()}
+    assert len(list((ddp / "tensorboard").iterdir())) == 1
+    log = (ddp / "train.log").read_text(encoding="utf-8")
+    assert log.count("Epoch 1/1:") == 1 and "x 2 process(es) per step" in log
+    assert all(log.count(f"  Step {k}/{STEPS} |") == 1 for k in range(1, STEPS + 1))
+    assert output.count("Run: ") == 1
+    metrics = read_metrics(ddp)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)) + [STEPS] and metrics[-1].get("final")
+    manifest = json.loads((ddp / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["processes"] == 2 and manifest["global_step"] == STEPS
+
+    # the same global batch gives the same token-weighted loss, whatever the split across processes
+    one, two = _losses(single), _losses(ddp)
+    assert one.keys() == two.keys() == set(range(1, STEPS + 1))
+    assert two[1] == pytest.approx(one[1], abs=1e-4)
+    assert all(two[s] == pytest.approx(one[s], abs=1e-3) for s in one)  # later steps: reduction order only

@@ -1,0 +1,167 @@
+"""Monitoring: the brief's lines in train.log, TensorBoard by default, MLflow for real against a local file store,
+W&B offline when installed. One tiny training run (2 epochs x 3 steps) is shared by the tests of this module."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import Config, load_config
+from tunelab.demo_data import write_demo_data
+from tunelab.train.monitor import Trackers
+from tunelab.train.recipe import train
+from tunelab.train.rundir import read_metrics
+
+HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
+needs_mlflow = pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow not installed (pip install 'tunelab[mlflow]')")
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_model_dir, tmp_path_factory) -> dict:
+    """23 train / 3 eval records, batch 8 -> 3 steps per epoch, 2 epochs; eval at step 3; BLEU at the end."""
+    root = tmp_path_factory.mktemp("tracked")
+    alpaca, _ = write_demo_data(root / "raw")
+    uri = (root / "mlruns").as_uri()
+    report_to = "[tensorboard,mlflow]" if HAS_MLFLOW else "[tensorboard]"
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={alpaca}", f"output.dir={root / 'runs'}",
+                             "output.run_name=tracked", "model.dtype=fp32", "data.max_length=96",
+                             "training.epochs=2", "training.batch_size=8", "training.logging_steps=1",
+                             "training.eval_steps=3", "training.learning_rate=1e-2", "lora.r=4",
+                             "eval.metrics=[perplexity,bleu]", "eval.max_new_tokens=4", "eval.max_samples=3",
+                             f"tracking.report_to={report_to}", f"tracking.mlflow_tracking_uri={uri}",
+                             "tracking.project=tunelab-tests"])
+    run = train(cfg)
+    return {"run": run, "uri": uri, "cfg": cfg, "metrics": read_metrics(run)}
+
+
+def _train_losses(metrics: list[dict]) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics if "loss" in m and not m.get("final")}
+
+
+def test_train_log_has_the_briefs_monitoring_shape(tracked):
+    text = (tracked["run"] / "train.log").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    epochs = [i for i, line in enumerate(lines) if re.fullmatch(r"Epoch \d+/2:", line)]
+    assert [lines[i] for i in epochs] == ["Epoch 1/2:", "Epoch 2/2:"]
+    step_re = re.compile(r"  Step (\d+)/6 \| Loss: (\d+\.\d{3}) \| LR: (\S+) \| Time: \d+:\d\d:\d\d( \| .*)?")
+    steps = {int(m.group(1)): (i, m) for i, line in enumerate(lines) if (m := step_re.fullmatch(line))}
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # logging_steps=1: every step
+    assert epochs[0] < steps[1][0] < steps[3][0] < epochs[1] < steps[4][0] < steps[6][0]
+    losses = _train_losses(tracked["metrics"])
+    for step, (_, m) in steps.items():
+        assert m.group(2) == f"{losses[step]:.3f}"  # the printed loss is the logged loss
+        assert float(m.group(3)) == pytest.approx(next(x["lr"] for x in tracked["metrics"]
+                                                       if x.get("step") == step and "lr" in x), rel=1e-2)
+    assert re.search(r"  Eval @ step 3 \| Loss: \d+\.\d{4} \| Perplexity: \d+\.\d{2}", text)
+
+    # the final evaluation block, after the last step line
+    final = next(m for m in tracked["metrics"] if m.get("final"))
+    tail = "\n".join(lines[steps[6][0] + 1:])
+    ppl = re.search(r"^  Perplexity: (\d+\.\d{2}) ", tail, re.M)
+    assert ppl and float(ppl.group(1)) == pytest.approx(math.exp(final["eval_loss"]), abs=0.01)
+    bleu = re.search(r"^  BLEU: (\d+\.\d)$", tail, re.M)
+    assert bleu and float(bleu.group(1)) == pytest.approx(final["bleu"], abs=0.05)
+    assert json.loads((tracked["run"] / "manifest.json").read_text())["metrics"]["bleu"] == final["bleu"]
+
+
+def test_tensorboard_is_the_default_and_holds_the_loss_curve(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert Config().tracking.report_to == ["tensorboard"]
+    assert list((tracked["run"] / "tensorboard").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(tracked["run"] / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity",
+            "final/perplexity", "final/bleu"} <= tags
+    losses = _train_losses(tracked["metrics"])
+    curve = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert curve.keys() == losses.keys()
+    assert all(curve[s] == pytest.approx(losses[s], rel=1e-6) for s in losses)
+    assert [e.step for e in acc.Scalars("eval/loss")] == [3]
+
+
+@needs_mlflow
+def test_mlflow_file_store_gets_params_and_the_loss_history(tracked):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracked["uri"])
+    experiment = client.get_experiment_by_name("tunelab-tests")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'tracked'")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["training.method"] == "lora" and params["lora.r"] == "4" and params["training.epochs"] == "2.0"
+    assert params["model.name"] == str(tracked["cfg"].model.name)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    losses = _train_losses(tracked["metrics"])
+    assert history.keys() == losses.keys()
+    assert all(history[s] == pytest.approx(losses[s], rel=1e-9) for s in losses)
+    final = next(m for m in tracked["metrics"] if m.get("final"))
+    assert run.data.metrics["final/perplexity"] == pytest.approx(final["perplexity"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [3]
+
+
+@needs_mlflow
+def test_mlflow_run_status_and_resumed_run_continue_one_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = Config().to_dict()
+    first = Trackers(["mlflow"], tmp_path / "run", "interrupted", "p", cfg, uri)
+    first.log({"loss": 2.0, "lr": 1e-4, "step": 1}, 1)
+    first.close("KILLED")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(first.run_ids["mlflow"]).info.status == "KILLED"
+
+    again = Trackers(["mlflow"], tmp_path / "run", "interrupted", "p", cfg, uri, run_ids=first.run_ids)
+    assert again.run_ids == first.run_ids
+    again.log({"loss": 1.5, "final": True}, 2)  # booleans are flags, not metrics
+    again.close("FINISHED")
+    run = client.get_run(first.run_ids["mlflow"])
+    assert run.info.status == "FINISHED" and "final" not in run.data.metrics
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 2.0), (2, 1.5)]
+
+
+@needs_mlflow
+def test_mlflow_without_uri_stores_beside_the_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trackers = Trackers(["mlflow"], tmp_path / "runs" / "r1", "r1", "p", {"a": 1})
+    trackers.close()
+    assert (tmp_path / "runs" / "mlruns").is_dir() and not (tmp_path / "runs" / "r1").exists()
+
+
+def test_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from tunelab.errors import TunelabError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    with pytest.raises(TunelabError, match=r"tunelab\[wandb\]"):
+        Trackers(["tensorboard", "wandb"], tmp_path, "r", "p", {})
+    with pytest.raises(TunelabError, match=r"tunelab\[mlflow\]"):
+        Trackers(["mlflow"], tmp_path, "r", "p", {})
+    off = Trackers(["none"], tmp_path / "quiet", "r", "p", {})
+    off.log({"loss": 1.0}, 1)
+    off.close()
+    assert not (tmp_path / "quiet").exists()
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trackers = Trackers(["wandb"], tmp_path, "offline-run", "tunelab-tests", {"lora": {"r": 4}})
+    run_id = trackers.run_ids["wandb"]
+    for step, loss in ((1, 2.0), (2, 1.0)):
+        trackers.log({"loss": loss, "step": step}, step)
+    trackers.close()
+    (offline,) = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert list(offline.glob("*.wandb"))
