@@ -69,6 +69,21 @@ def _overrides(tiny_model_dir, data, out, name, batch_size):
             "lora.dropout=0", "eval.metrics=[perplexity]", "tracking.report_to=[tensorboard]"]
 
 
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")}
 
@@ -90,12 +105,11 @@ def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_p
            "TUNELAB_TEST_WEIGHTS_DIR": str(weights), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "tunelab", "train", "--num-processes", "2",
            *_overrides(tiny_model_dir, data, out, "ddp", batch_size=1)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a hang is killed whole
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)  # torchrun puts its workers in their own sessions: kill every descendant by pid
         output, _ = proc.communicate()
         pytest.fail(f"2-process training did not finish in {TIMEOUT_S} s (a collective that one rank never "
                     f"joined?). Last output:\n{output[-3000:]}")

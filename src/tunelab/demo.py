@@ -55,7 +55,7 @@ def run_demo(config: str = "config.yaml", merged: str = "models/merged", overrid
 
     stage("4/5 merge (verified)")
     report = merge_adapter(str(run), merged)
-    console.print(f"merged model: {merged}")
+    console.print(report.summary())
 
     stage("5/5 inference: the same prompts, base vs fine-tuned (merged)")
     rows = compare_answers(cfg.model.name, merged, DEMO_PROMPTS, max_new_tokens=48)
