@@ -69,7 +69,7 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, poll_s:
     """
     import psutil
 
-    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    log = open(log_path, "w", encoding="utf-8", buffering=1) if log_path else None
     start = time.perf_counter()
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, bufsize=1)

@@ -1,7 +1,7 @@
 """Batched vs one-at-a-time generation on the bundled model: tokens/s of `tunelab.infer.generate`.
 
     python bench/infer.py                           # 16 prompts, 64 new tokens, batch 1 vs 4 vs 16, auto dtype
-    python bench/infer.py --dtype fp32 --max-new-tokens 128 --batch-sizes 1,16
+    python bench/infer.py --dtype fp32 --max-new-tokens 128 --batch-sizes 1,16 --threads 1
 
 Same process, same prompts, greedy, side by side (the machine is shared: compare only within one run).
 tokens/s counts the answer tokens each prompt really produced (up to and including its end-of-turn token), not
@@ -32,9 +32,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=16, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice). On a shared, loaded machine 1 thread can be "
+                        "several times faster than 2: OpenMP threads wait for each other at every matmul")
     args = p.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from rich.console import Console
     from rich.table import Table
 

@@ -145,4 +145,5 @@ def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_p
     one, two = _losses(single), _losses(ddp)
     assert one.keys() == two.keys() == set(range(1, STEPS + 1))
     assert two[1] == pytest.approx(one[1], abs=1e-4)
-    assert all(two[s] == pytest.approx(one[s], abs=1e-3) for s in one)  # later steps: reduction order only
+    # lora.dropout=0, so later steps match too: the updates differ only by float summation order
+    assert all(two[s] == pytest.approx(one[s], abs=1e-4) for s in one)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,7 +26,15 @@ def run(args: argparse.Namespace) -> int:
                "-m", "tunelab", "train"]
         cmd += (["--config", args.config] if args.config else []) + list(args.overrides)
         cmd += ["--resume", args.resume] if args.resume else []
-        return subprocess.call(cmd)
+        # own process group, so Ctrl-C / SIGTERM reach torchrun and every worker (each checkpoints and stops)
+        proc = subprocess.Popen(cmd, start_new_session=True)
+
+        def forward(signum, _frame):
+            os.killpg(proc.pid, signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, forward)
+        return proc.wait()
     return train_from_args(args.config, args.overrides, args.resume)
 
 

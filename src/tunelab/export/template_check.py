@@ -59,22 +59,14 @@ def end_of_turn_tokens(tokenizer) -> list[str]:
         text = tokenizer.apply_chat_template(convo, tokenize=False)
     except Exception:  # noqa: BLE001 - a template without an assistant turn form: no end-of-turn token known
         return []
-    after = text[text.rfind(marker) + len(marker):]
-    specials = sorted((t for t in tokenizer.get_vocab() if _is_special(tokenizer, t)), key=len, reverse=True)
-    found = []
-    pos = after.lstrip()
-    for tok in specials:
-        if tok and pos.startswith(tok):
-            found.append(tok)
-            break
-    return found
-
-
-def _is_special(tokenizer, token: str) -> bool:
-    if token in tokenizer.all_special_tokens:
-        return True
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return any(str(a) == token and getattr(a, "special", False) for a in added.values())
+    after = text[text.rfind(marker) + len(marker):].lstrip()
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {str(a) for a in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                 if getattr(a, "special", False)}
+    for tok in sorted(specials, key=len, reverse=True):  # longest first: <|im_end|> before <|im
+        if tok and after.startswith(tok):
+            return [tok]
+    return []
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -173,9 +173,10 @@ def make_scheduler(optimizer, cfg: Config, total_steps: int):
 # ---------------------------------------------------------------- saving
 
 
-def save_final_artifacts(model, tokenizer, cfg: Config, folder: Path, run_name: str, dtype: str) -> None:
+def save_final_artifacts(model, tokenizer, cfg: Config, folder: Path, run_name: str, dtype: str,
+                         state_dict: dict | None = None) -> None:
     """The adapter (or full model) plus tokenizer, chat template and tunelab.json: loadable by plain peft."""
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     meta = {"base_model": cfg.model.name, "method": cfg.training.method, "dtype": dtype, "run_name": run_name,
             "max_length": cfg.data.max_length, "train_on": cfg.data.train_on}
@@ -227,6 +228,9 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     main = accelerator.is_main_process
     world = accelerator.num_processes
 
+    if world > 1 and not cfg.output.run_name and not resume:
+        raise TunelabError("with several processes set output.run_name so every process writes the same run")
+
     # ---- run folder (new, or the one we resume)
     resume_from = None
     if resume:
@@ -242,8 +246,6 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
         _barrier()
         if not main:
             run = RunDir(Path(cfg.output.dir) / (cfg.output.run_name or ""), main)
-    if world > 1 and not cfg.output.run_name and not resume:
-        raise TunelabError("with several processes set output.run_name so every process writes the same run")
 
     t_cfg = cfg.training
     torch.manual_seed(t_cfg.seed)
@@ -308,8 +310,7 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
         versions=package_versions(), hardware=hardware(), git_commit=git_commit(), processes=world,
         config_path=str(config_path) if config_path else None, total_steps=total_steps,
         started_at=run.manifest().get("started_at") or now_iso(), resumed_at=now_iso() if resume_from else None)
-    trackers = Trackers(cfg.tracking.report_to, run.path, run.path.name, cfg.tracking.project, cfg.to_dict(),
-                        cfg.tracking.mlflow_tracking_uri, enabled=main)
+    trackers = None
 
     # ---- Ctrl-C / SIGTERM: finish the step, checkpoint, say how to resume
     stop = {"signal": None}
@@ -323,8 +324,10 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def save_step_checkpoint(step: int) -> None:
+        sd = _gathered_state_dict(accelerator, loss_fn)  # every process takes part when weights are sharded
         if main:
-            ckpt.save_checkpoint(run.path, f"checkpoint-{step}", lambda d: inner.save_pretrained(d, safe_serialization=True),
+            ckpt.save_checkpoint(run.path, f"checkpoint-{step}",
+                                 lambda d: inner.save_pretrained(d, state_dict=sd, safe_serialization=True),
                                  optimizer=optimizer, scheduler=scheduler, trainer_state=state,
                                  estimate_bytes=checkpoint_bytes(inner, t_cfg.method))
             ckpt.rotate(run.path, t_cfg.save_total_limit)
@@ -336,6 +339,10 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     step = start_step = state["global_step"]
     epoch_batches: dict[int, list[list[int]]] = {}
     try:
+        trackers = Trackers(cfg.tracking.report_to, run.path, run.path.name, cfg.tracking.project, cfg.to_dict(),
+                            cfg.tracking.mlflow_tracking_uri, enabled=main,
+                            run_ids=run.manifest().get("tracking") if resume_from is not None else None)
+        run.update_manifest(tracking=trackers.run_ids)
         with reporter:
             reporter.start = t_last = time.time()  # the clock starts with the first step, not with loading
             while step < total_steps:
@@ -349,6 +356,11 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
                 group = epoch_batches[epoch][pos * group_size:(pos + 1) * group_size]
                 step_tokens = sum(data.train[i]["n_targets"] for b in group for i in b)
                 mine = group[accelerator.process_index::world]
+                # The last step of an epoch may hold fewer micro-batches than processes: a process left without one
+                # still runs a zero-weighted pass so that it joins the gradient all-reduce (or the others hang).
+                weight = 1.0
+                if not mine:
+                    mine, weight = group[:1], 0.0
                 step_loss = torch.zeros((), dtype=torch.float64)
                 for k, idx in enumerate(mine):
                     batch = {key: v.to(accelerator.device) for key, v in collate([data.train[i] for i in idx]).items()}
@@ -356,9 +368,11 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
                     with (nullcontext() if sync else accelerator.no_sync(loss_fn)), autocast():
                         loss_sum, _ = loss_fn(**batch)
                     # token-weighted mean over the whole step; DDP averages over processes, hence x world
-                    accelerator.backward(loss_sum / max(step_tokens, 1) * world)
-                    step_loss += loss_sum.detach().double()
-                    tokens_since += int(batch["input_ids"].numel() if t_cfg.packing else batch["attention_mask"].sum())
+                    accelerator.backward(loss_sum / max(step_tokens, 1) * world * weight)
+                    step_loss += loss_sum.detach().double() * weight
+                    if weight:
+                        tokens_since += int(batch["input_ids"].numel() if t_cfg.packing
+                                            else batch["attention_mask"].sum())
                 if world > 1:
                     step_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="sum").cpu()
                 loss_value = float(step_loss) / max(step_tokens, 1)
@@ -408,9 +422,11 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
             if data.val:
                 ev, n = eval_loss(loss_fn, data.val, t_cfg.batch_size, tokenizer.pad_token_id, autocast)
                 final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
+            sd = _gathered_state_dict(accelerator, loss_fn)
             if main:
                 ckpt.save_checkpoint(run.path, "checkpoint-final",
-                                     lambda d: save_final_artifacts(inner, tokenizer, cfg, d, run.path.name, choice.name),
+                                     lambda d: save_final_artifacts(inner, tokenizer, cfg, d, run.path.name,
+                                                                    choice.name, sd),
                                      estimate_bytes=checkpoint_bytes(inner, t_cfg.method))
                 ckpt.rotate(run.path, t_cfg.save_total_limit)
                 final.update(_final_generation_metrics(inner, tokenizer, cfg, data, say))
@@ -435,7 +451,8 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        trackers.close("FINISHED" if status == "completed" else "FAILED" if status != "interrupted" else "KILLED")
+        if trackers is not None:
+            trackers.close("FINISHED" if status == "completed" else "FAILED" if status != "interrupted" else "KILLED")
         started = run.manifest().get("started_at")
         summary = {}
         if status == "completed":
@@ -444,6 +461,16 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
         run.update_manifest(status=status, ended_at=now_iso(), global_step=state["global_step"],
                             duration_s=_duration(started), metrics=summary or run.manifest().get("metrics", {}))
         reporter.close()
+
+
+def _gathered_state_dict(accelerator, wrapped) -> dict | None:
+    """Full weights gathered from every process under FSDP / DeepSpeed (None when each process holds them all)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    sd = accelerator.get_state_dict(wrapped)
+    return {k.removeprefix("model."): v for k, v in sd.items()} if sd is not None else None
 
 
 def _grad_norm(model) -> torch.Tensor:
