@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--json", help="write every measurement to this JSON file")
     ap.add_argument("--workdir", help="keep runs, logs and data here (default: a temporary folder, removed)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --workdir: reuse the rows an earlier run of the same settings finished there")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per row (default 3600)")
     ap.add_argument("--verbose", action="store_true", help="echo every child's output")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -386,6 +388,11 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
                     "trl_options": opts}
         else:
             spec = {"overrides": common + [f"output.run_name={key}"] + list(opts)}
+        saved = work / f"{key}.row.json"
+        if args.resume and saved.is_file():
+            rows[key] = json.loads(saved.read_text())
+            say(f"[{key}] reused from {saved}")
+            continue
         say(f"[{key}] {label} ...")
         res, out = child(kind, spec, key)
         row.update(peak_rss_bytes=res.peak_rss_bytes, polled_peak_rss_bytes=res.polled_peak_rss_bytes,
@@ -398,6 +405,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             continue
         row.update(out)
         row.update(summarise(key, out, tokens, warmup, peaks, params))
+        saved.write_text(json.dumps(row, default=str))
         say(f"[{key}] {fmt(row['tokens_per_s'], '.0f')} tok/s, {fmt(row['s_per_step'], '.2f')} s/step, peak RSS "
             f"{row['peak_rss_bytes'] / GIB:.2f} GiB, train loss {fmt(row['final_train_loss'], '.4f')}, "
             f"dtype {(row.get('dtype') or {}).get('name')}, {res.wall_s:.0f} s")
