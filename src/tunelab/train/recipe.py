@@ -225,6 +225,10 @@ def find_resume_run(cfg: Config, resume: str | bool) -> Path:
 
 def train(cfg: Config, resume: str | bool | None = None, config_path: str | None = None) -> Path:
     accelerator = _accelerator()
+    if accelerator.device.type == "cpu":
+        # denormal floats (activation tails, tiny LoRA gradients) are many times slower on x86: flush them to
+        # zero, as GPUs do (measured ~10% faster per step here, losses unchanged at printed precision)
+        torch.set_flush_denormal(True)
     main = accelerator.is_main_process
     world = accelerator.num_processes
 
