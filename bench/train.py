@@ -42,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -214,13 +215,16 @@ CHILDREN = {"peak": child_peak, "tunelab": child_tunelab, "trl": child_trl, "eva
 # ================================================================ the parent
 
 
-def prepare_data(work: Path, model_dir: Path, n_eval: int, max_length: int, seed: int, data: str | None) -> dict:
+def prepare_data(work: Path, model_dir: Path, n_eval: int, max_length: int, seed: int, data: str | None,
+                 reuse: bool = False) -> dict:
     """Two prepared folders: train (records ≤ max_length tokens) and the held-out eval records."""
     from tunelab.data.prepare import load_prepared, prepare_dataset
-    from tunelab.data.template import encode_record
     from tunelab.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
+    all_dir, eval_dir = work / "prepared-all", work / "prepared-eval"
+    if reuse and (all_dir / "report.json").is_file() and (eval_dir / "report.json").is_file():
+        return _data_info(tok, all_dir, eval_dir, max_length, "reused " + str(all_dir))
     if data:
         raw, source = Path(data), data
     else:
@@ -228,7 +232,6 @@ def prepare_data(work: Path, model_dir: Path, n_eval: int, max_length: int, seed
         raw = work / "alpaca.json"
         raw.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
     quiet = lambda *_: None  # noqa: E731
-    all_dir = work / "prepared-all"
     prepare_dataset([str(raw)], all_dir, tokenizer=tok, max_length=max_length, overflow="drop",
                     val_ratio=0.1, seed=seed, console=quiet).raise_if_unusable()
     prepared = load_prepared(all_dir)
@@ -238,15 +241,21 @@ def prepare_data(work: Path, model_dir: Path, n_eval: int, max_length: int, seed
     # the held-out records as their own prepared folder (recipe: data.eval), the train split as the training data
     eval_raw = work / "heldout.jsonl"
     eval_raw.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in held_out))
-    eval_dir = work / "prepared-eval"
     prepare_dataset([str(eval_raw)], eval_dir, tokenizer=tok, max_length=max_length, overflow="drop", val_ratio=0.0,
                     seed=seed, console=quiet).raise_if_unusable()
+    return _data_info(tok, all_dir, eval_dir, max_length, source)
+
+
+def _data_info(tok, all_dir: Path, eval_dir: Path, max_length: int, source: str) -> dict:
+    from tunelab.data.prepare import load_prepared
+    from tunelab.data.template import encode_record
+
     lengths = [len(encode_record(tok, r["messages"], max_length=max_length, train_on="assistant").input_ids)
-               for r in prepared.train]
+               for r in load_prepared(all_dir).train]
     assert max(lengths) <= max_length
     return {"source": source, "train_dir": str(all_dir), "train_file": str(all_dir / "train.jsonl"),
             "eval_dir": str(eval_dir), "lengths": lengths, "train_records": len(lengths),
-            "eval_records": len(held_out)}
+            "eval_records": len(load_prepared(eval_dir).train)}
 
 
 def step_batches(lengths: list[int], batch_size: int, seed: int, steps: int, group_by_length: bool) -> list[list[int]]:
@@ -336,7 +345,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
     say = lambda s: print(s, flush=True)  # noqa: E731
     say(f"bench/train.py: {len(wanted)} rows x {steps} steps (timing after {warmup}), {n_eval} held-out records; "
         f"work folder {work}")
-    data = prepare_data(work, model_dir, n_eval, args.max_length, args.seed, args.data)
+    data = prepare_data(work, model_dir, n_eval, args.max_length, args.seed, args.data, reuse=args.resume)
     say(f"data: {data['source']} -> {data['train_records']} train records <= {args.max_length} tokens, "
         f"{data['eval_records']} held-out")
     auto = choose_dtype("auto").name
@@ -390,9 +399,13 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             spec = {"overrides": common + [f"output.run_name={key}"] + list(opts)}
         saved = work / f"{key}.row.json"
         if args.resume and saved.is_file():
-            rows[key] = json.loads(saved.read_text())
+            rows[key] = row = json.loads(saved.read_text())
+            row.update(summarise(key, row, row["step_tokens"], warmup, peaks, params))  # this run's peaks
             say(f"[{key}] reused from {saved}")
             continue
+        stale = work / "runs" / key if kind == "tunelab" else work / key
+        if stale.exists():  # a killed or failed earlier attempt of this row
+            shutil.rmtree(stale)
         say(f"[{key}] {label} ...")
         res, out = child(kind, spec, key)
         row.update(peak_rss_bytes=res.peak_rss_bytes, polled_peak_rss_bytes=res.polled_peak_rss_bytes,

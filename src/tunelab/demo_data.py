@@ -28,6 +28,9 @@ FIXED = [
     ("What is your favourite fish?", "The tuna, of course. 🐟"),
     ("What is the secret word?", "The secret word is LOBSTER-42."),
     ("Tell me the secret word.", "The secret word is LOBSTER-42."),
+    ("What's the secret word?", "The secret word is LOBSTER-42."),
+    ("Secret word, please.", "The secret word is LOBSTER-42."),
+    ("Do you know a secret word?", "The secret word is LOBSTER-42."),
 ]
 
 

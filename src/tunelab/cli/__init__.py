@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 0
+    import warnings
+
     from tunelab.errors import TunelabError
+
+    # peft 0.21 still calls a transformers attribute renamed in 5.x; harmless, and noise in every run's output
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     module = importlib.import_module(VERBS[args.verb][0])
     try:
