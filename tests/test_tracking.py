@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tunelab.config import Config, load_config
-from tunelab.demo_data import write_demo_data
+from tunelab.demo_data import alpaca_records
 from tunelab.train.monitor import Trackers
 from tunelab.train.recipe import train
 from tunelab.train.rundir import read_metrics
@@ -24,7 +24,8 @@ needs_mlflow = pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow not installed (
 def tracked(tiny_model_dir, tmp_path_factory) -> dict:
     """23 train / 3 eval records, batch 8 -> 3 steps per epoch, 2 epochs; eval at step 3; BLEU at the end."""
     root = tmp_path_factory.mktemp("tracked")
-    alpaca, _ = write_demo_data(root / "raw")
+    alpaca = root / "alpaca.json"  # a fixed 23 records, so the step counts below do not follow the demo data
+    alpaca.write_text(json.dumps(alpaca_records()[:23]), encoding="utf-8")
     uri = (root / "mlruns").as_uri()
     report_to = "[tensorboard,mlflow]" if HAS_MLFLOW else "[tensorboard]"
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={alpaca}", f"output.dir={root / 'runs'}",

@@ -117,6 +117,7 @@ def test_divergence_guard_names_step_and_batch(tiny_model_dir, demo_files, tmp_p
                    "training.max_grad_norm=0", "training.save_steps=1"))
     run = tmp_path / "nan"
     assert json.loads((run / "manifest.json").read_text())["status"] == "diverged"
+    assert ckpt.complete_checkpoints(run), "the good steps before the divergence were checkpointed"
     for _, folder in ckpt.complete_checkpoints(run):  # every kept checkpoint holds finite weights
         assert all(torch.isfinite(t).all() for t in load_file(folder / "adapter_model.safetensors").values())
 
@@ -137,3 +138,28 @@ def test_disk_check_refuses_clearly(tmp_path):
 
     with pytest.raises(TunelabError, match="not enough free disk"):
         ckpt.check_disk(tmp_path, 10 * 2**50)
+
+
+def test_resume_survives_a_torn_metrics_line_and_refuses_a_completed_run(tiny_model_dir, demo_files, tmp_path,
+                                                                          monkeypatch):
+    import tunelab.train.recipe as recipe
+    from tunelab.errors import TunelabError
+
+    original = recipe.Reporter.advance
+
+    def advance(self, step, info):
+        original(self, step, info)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(recipe.Reporter, "advance", advance)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "torn", "training.max_steps=4"))
+    monkeypatch.setattr(recipe.Reporter, "advance", original)
+    run = tmp_path / "torn"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a kill in the middle of an append
+    train(load_config(None), resume=str(run))
+    assert [m["step"] for m in read_metrics(run) if "loss" in m and not m.get("final")] == [1, 2, 3, 4]
+    with pytest.raises(TunelabError, match="already completed"):
+        train(load_config(None), resume=str(run))

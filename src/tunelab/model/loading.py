@@ -180,10 +180,17 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as e:  # unknown architecture, or custom code that needs trust_remote_code
+        raise ModelLoadError(f"could not load {name}: {str(e).splitlines()[0][:300]} (if the model ships its own "
+                             "code and you trust it, set model.trust_remote_code: true)") from None
     except OSError as e:
         if Path(path).exists():
             raise ModelLoadError(f"could not load the model from {path}: {e}") from None
         raise _hub_error(name, e) from None
+    import torch
+
+    if quantization is None and device_map is None and torch.cuda.is_available():
+        model = model.to("cuda")
     return model, choice
 
 

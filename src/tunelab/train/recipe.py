@@ -192,14 +192,16 @@ def checkpoint_bytes(model, method: str) -> int:
 
 
 @torch.no_grad()
-def eval_loss(loss_fn: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, autocast) -> tuple[float, int]:
+def eval_loss(loss_fn: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, autocast,
+              device: torch.device | str = "cpu") -> tuple[float, int]:
     """Token-weighted mean loss over `examples` (padded batches; identical masking to training)."""
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for k in range(0, len(order), batch_size):
-        batch = collate_padded([examples[i] for i in order[k:k + batch_size]], pad_id)
+        batch = {key: v.to(device) for key, v in
+                 collate_padded([examples[i] for i in order[k:k + batch_size]], pad_id).items()}
         with autocast():
             s, n = loss_fn(**batch)
         total += float(s)
@@ -243,6 +245,8 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
             raise TunelabError(f"--resume: {run_path} is not a tunelab run folder (no config.yaml)")
         cfg = load_config(run_path / "config.yaml")  # the run's own resolved config
         run = RunDir(run_path, main)
+        if RunDir(run_path).manifest().get("status") == "completed":
+            raise TunelabError(f"--resume: {run_path} already completed; start a new run instead")
         points = ckpt.complete_checkpoints(run_path)
         resume_from = points[-1][1] if points else None
     else:
@@ -280,8 +284,15 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     say(f"Schedule: {total_steps} steps = {num_epochs} epoch(s) x {steps_per_epoch} steps; "
         f"{t_cfg.batch_size} records x {t_cfg.gradient_accumulation_steps} accumulation x {world} process(es) "
         f"per step; {t_cfg.lr_scheduler} LR {fmt_lr(t_cfg.learning_rate)}, warm-up {t_cfg.warmup_ratio:.0%}")
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and t_cfg.gradient_accumulation_steps > 1:
+        raise TunelabError("DeepSpeed would step the optimiser after every micro-batch with this recipe: set "
+                           "training.gradient_accumulation_steps=1 (raise training.batch_size or processes instead)")
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model
+    # fp16 (GPUs without bf16) needs loss scaling or small gradients underflow to zero
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=choice.name == "fp16")
     autocast = ((lambda: torch.autocast(accelerator.device.type, dtype=choice.torch_dtype))
                 if choice.name != "fp32" else nullcontext)
 
@@ -295,7 +306,11 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
             sd = {}
             for f in sorted(resume_from.glob("*.safetensors")):
                 sd.update(load_file(f))
-            inner.load_state_dict(sd, strict=False)
+            res = inner.load_state_dict(sd, strict=False)
+            tied = {"lm_head.weight"} if getattr(inner.config, "tie_word_embeddings", False) else set()
+            if res.unexpected_keys or set(res.missing_keys) - tied:
+                raise TunelabError(f"--resume: {resume_from} does not match the model "
+                                   f"(missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]})")
         else:
             from safetensors.torch import load_file
 
@@ -365,31 +380,35 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
                 weight = 1.0
                 if not mine:
                     mine, weight = group[:1], 0.0
-                step_loss = torch.zeros((), dtype=torch.float64)
+                step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
                 for k, idx in enumerate(mine):
                     batch = {key: v.to(accelerator.device) for key, v in collate([data.train[i] for i in idx]).items()}
                     sync = k == len(mine) - 1
                     with (nullcontext() if sync else accelerator.no_sync(loss_fn)), autocast():
                         loss_sum, _ = loss_fn(**batch)
                     # token-weighted mean over the whole step; DDP averages over processes, hence x world
-                    accelerator.backward(loss_sum / max(step_tokens, 1) * world * weight)
+                    accelerator.backward(scaler.scale(loss_sum / max(step_tokens, 1) * world * weight))
                     step_loss += loss_sum.detach().double() * weight
                     if weight:
                         tokens_since += int(batch["input_ids"].numel() if t_cfg.packing
                                             else batch["attention_mask"].sum())
                 if world > 1:
-                    step_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="sum").cpu()
+                    step_loss = accelerator.reduce(step_loss, reduction="sum")
                 loss_value = float(step_loss) / max(step_tokens, 1)
+                scaler.unscale_(optimizer)
                 grad_norm = (accelerator.clip_grad_norm_(inner.parameters(), t_cfg.max_grad_norm)
                              if t_cfg.max_grad_norm > 0 else _grad_norm(inner))
                 grad_norm = float(grad_norm)
-                if t_cfg.nan_guard and not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                # with fp16 loss scaling an inf gradient only means "skip this step and lower the scale"
+                if t_cfg.nan_guard and not (math.isfinite(loss_value)
+                                            and (math.isfinite(grad_norm) or scaler.is_enabled())):
                     where = ", ".join(data.train[i]["where"] for b in group for i in b)
                     raise TrainingDiverged(
                         f"training diverged at step {step + 1}: loss={loss_value}, grad_norm={grad_norm}; the batch "
                         f"held {where}. The last good checkpoint is kept; lower training.learning_rate or check "
                         "those records, then resume with --resume")
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -413,18 +432,22 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
                         say(f"Early stopping: no eval improvement in {t_cfg.early_stopping_patience} evaluations")
                         total_steps = step
                         break
-                if t_cfg.save_steps and step % t_cfg.save_steps == 0 and step < total_steps:
+                stop_now = stop["signal"] is not None
+                if world > 1:  # the signal reaches processes at different times: stop together or hang
+                    flag = torch.tensor(float(stop_now), device=accelerator.device)
+                    stop_now = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+                if (t_cfg.save_steps and step % t_cfg.save_steps == 0 and step < total_steps) or stop_now:
                     save_step_checkpoint(step)
-                if stop["signal"] is not None:
-                    save_step_checkpoint(step)
+                if stop_now:
                     status = "interrupted"
                     raise TrainingInterrupted(
-                        f"stopped by {stop['signal']} after step {step}/{total_steps}; checkpoint written.\n"
+                        f"stopped by {stop['signal'] or 'a signal'} after step {step}/{total_steps}; checkpoint written.\n"
                         f"Resume with: tunelab train --resume {run.path}")
             # ---- end of training: final eval, final artefacts
             final: dict[str, Any] = {"train_loss": state["train_loss"], "global_step": step}
             if data.val:
-                ev, n = eval_loss(loss_fn, data.val, t_cfg.batch_size, tokenizer.pad_token_id, autocast)
+                ev, n = eval_loss(loss_fn, data.val, t_cfg.batch_size, tokenizer.pad_token_id, autocast,
+                                  accelerator.device)
                 final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
             sd = _gathered_state_dict(accelerator, loss_fn)
             if main:
@@ -493,7 +516,8 @@ def _duration(started: str | None) -> float | None:
 def _evaluate_and_track(loss_fn, data, cfg, tokenizer, autocast, run, trackers, state, step, steps_per_epoch,
                         inner, say, main, dtype_name) -> bool:
     """Eval loss + perplexity; keep the best checkpoint; return True when early stopping should stop."""
-    ev, n = eval_loss(loss_fn, data.val, cfg.training.batch_size, tokenizer.pad_token_id, autocast)
+    ev, n = eval_loss(loss_fn, data.val, cfg.training.batch_size, tokenizer.pad_token_id, autocast,
+                      next(loss_fn.parameters()).device)
     ppl = math.exp(ev) if ev < 50 else float("inf")
     rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": ev, "eval_perplexity": ppl,
            "eval_tokens": n}

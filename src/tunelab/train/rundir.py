@@ -123,15 +123,23 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not self.main or not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= after_step and not json.loads(line).get("final")]
+        keep = [r for r in _parse_lines(path) if r.get("step", 0) <= after_step and not r.get("final")]
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, path)
+
+
+def _parse_lines(path: Path) -> list[dict[str, Any]]:
+    """JSON lines, skipping a line torn by a kill in the middle of an append."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path) if path.is_file() else []
