@@ -24,11 +24,9 @@ LOWER = {"perplexity", "eval_loss", "train_loss"}
 
 
 def _f(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
+    from tunelab.runs import fmt_num
+
+    return "—" if v is None else fmt_num(v)
 
 
 def before_after_rows(tuned: dict[str, float], base: dict[str, float] | None) -> list[tuple[str, str, str, str]]:
