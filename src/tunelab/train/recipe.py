@@ -188,6 +188,25 @@ def checkpoint_bytes(model, method: str) -> int:
     return trainable * 4 * 3 + 20 * 2**20  # weights + two Adam moments (fp32) + tokenizer
 
 
+def load_checkpoint_weights(inner, folder: Path, method: str) -> None:
+    """Put a step checkpoint's weights (adapter, or the whole model for method=full) back into `inner`."""
+    from safetensors.torch import load_file
+
+    if method != "full":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(inner, load_file(folder / "adapter_model.safetensors"))
+        return
+    sd = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        sd.update(load_file(f))
+    res = inner.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if getattr(inner.config, "tie_word_embeddings", False) else set()
+    if res.unexpected_keys or set(res.missing_keys) - tied:
+        raise TunelabError(f"--resume: {folder} does not match the model "
+                           f"(missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]})")
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -211,6 +230,23 @@ def eval_loss(loss_fn: CausalLMLoss, examples: list[dict], batch_size: int, pad_
 
 
 # ---------------------------------------------------------------- the recipe
+
+
+def open_run(cfg: Config, resume: str | bool | None, main: bool) -> tuple[Config, RunDir, Path | None]:
+    """(config, run folder, checkpoint to resume from): a new run, or an unfinished one with its own config."""
+    if not resume:
+        run = RunDir.create(cfg, main) if main else None
+        _barrier()
+        return cfg, run or RunDir(Path(cfg.output.dir) / (cfg.output.run_name or ""), main), None
+    run_path = find_resume_run(cfg, resume)
+    if not (run_path / "config.yaml").is_file():
+        raise TunelabError(f"--resume: {run_path} is not a tunelab run folder (no config.yaml)")
+    run = RunDir(run_path, main)
+    if run.manifest().get("status") == "completed":
+        raise TunelabError(f"--resume: {run_path} already completed; start a new run instead")
+    points = ckpt.complete_checkpoints(run_path)
+    # the run's own resolved config, not the one on the command line
+    return load_config(run_path / "config.yaml"), run, points[-1][1] if points else None
 
 
 def find_resume_run(cfg: Config, resume: str | bool) -> Path:
@@ -237,24 +273,7 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     if world > 1 and not cfg.output.run_name and not resume:
         raise TunelabError("with several processes set output.run_name so every process writes the same run")
 
-    # ---- run folder (new, or the one we resume)
-    resume_from = None
-    if resume:
-        run_path = find_resume_run(cfg, resume)
-        if not (run_path / "config.yaml").is_file():
-            raise TunelabError(f"--resume: {run_path} is not a tunelab run folder (no config.yaml)")
-        cfg = load_config(run_path / "config.yaml")  # the run's own resolved config
-        run = RunDir(run_path, main)
-        if RunDir(run_path).manifest().get("status") == "completed":
-            raise TunelabError(f"--resume: {run_path} already completed; start a new run instead")
-        points = ckpt.complete_checkpoints(run_path)
-        resume_from = points[-1][1] if points else None
-    else:
-        run = RunDir.create(cfg, main) if main else None
-        _barrier()
-        if not main:
-            run = RunDir(Path(cfg.output.dir) / (cfg.output.run_name or ""), main)
-
+    cfg, run, resume_from = open_run(cfg, resume, main)
     t_cfg = cfg.training
     torch.manual_seed(t_cfg.seed)
     from tunelab.model.loading import load_tokenizer
@@ -298,23 +317,7 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
 
     state = {"global_step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "train_loss": None}
     if resume_from is not None:
-        from peft import set_peft_model_state_dict
-
-        if cfg.training.method == "full":
-            from safetensors.torch import load_file
-
-            sd = {}
-            for f in sorted(resume_from.glob("*.safetensors")):
-                sd.update(load_file(f))
-            res = inner.load_state_dict(sd, strict=False)
-            tied = {"lm_head.weight"} if getattr(inner.config, "tie_word_embeddings", False) else set()
-            if res.unexpected_keys or set(res.missing_keys) - tied:
-                raise TunelabError(f"--resume: {resume_from} does not match the model "
-                                   f"(missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]})")
-        else:
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(inner, load_file(resume_from / "adapter_model.safetensors"))
+        load_checkpoint_weights(inner, resume_from, cfg.training.method)
         state = ckpt.load_training_state(resume_from, optimizer, scheduler)
         run.truncate_metrics(state["global_step"])
         say(f"Resuming from {resume_from.name} (step {state['global_step']}/{total_steps})")
@@ -373,28 +376,9 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
                                                               t_cfg.group_by_length)}
                 group_size = t_cfg.gradient_accumulation_steps * world
                 group = epoch_batches[epoch][pos * group_size:(pos + 1) * group_size]
-                step_tokens = sum(data.train[i]["n_targets"] for b in group for i in b)
-                mine = group[accelerator.process_index::world]
-                # The last step of an epoch may hold fewer micro-batches than processes: a process left without one
-                # still runs a zero-weighted pass so that it joins the gradient all-reduce (or the others hang).
-                weight = 1.0
-                if not mine:
-                    mine, weight = group[:1], 0.0
-                step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-                for k, idx in enumerate(mine):
-                    batch = {key: v.to(accelerator.device) for key, v in collate([data.train[i] for i in idx]).items()}
-                    sync = k == len(mine) - 1
-                    with (nullcontext() if sync else accelerator.no_sync(loss_fn)), autocast():
-                        loss_sum, _ = loss_fn(**batch)
-                    # token-weighted mean over the whole step; DDP averages over processes, hence x world
-                    accelerator.backward(scaler.scale(loss_sum / max(step_tokens, 1) * world * weight))
-                    step_loss += loss_sum.detach().double() * weight
-                    if weight:
-                        tokens_since += int(batch["input_ids"].numel() if t_cfg.packing
-                                            else batch["attention_mask"].sum())
-                if world > 1:
-                    step_loss = accelerator.reduce(step_loss, reduction="sum")
-                loss_value = float(step_loss) / max(step_tokens, 1)
+                loss_value, n_tokens = forward_backward(group, data.train, collate, accelerator, loss_fn, autocast,
+                                                        scaler)
+                tokens_since += n_tokens
                 scaler.unscale_(optimizer)
                 grad_norm = (accelerator.clip_grad_norm_(inner.parameters(), t_cfg.max_grad_norm)
                              if t_cfg.max_grad_norm > 0 else _grad_norm(inner))
@@ -488,6 +472,34 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
         run.update_manifest(status=status, ended_at=now_iso(), global_step=state["global_step"],
                             duration_s=_duration(started), metrics=summary or run.manifest().get("metrics", {}))
         reporter.close()
+
+
+def forward_backward(group: list[list[int]], train: list[dict], collate, accelerator, loss_fn, autocast,
+                     scaler) -> tuple[float, int]:
+    """Backward over this process's micro-batches of one optimiser step; (step loss, non-padding tokens here)."""
+    world = accelerator.num_processes
+    step_tokens = max(sum(train[i]["n_targets"] for b in group for i in b), 1)
+    mine = group[accelerator.process_index::world]
+    # The last step of an epoch may hold fewer micro-batches than processes: a process left without one still
+    # runs a zero-weighted pass so that it joins the gradient all-reduce (or the others hang).
+    weight = 1.0
+    if not mine:
+        mine, weight = group[:1], 0.0
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = 0
+    for k, idx in enumerate(mine):
+        batch = {key: v.to(accelerator.device) for key, v in collate([train[i] for i in idx]).items()}
+        sync = k == len(mine) - 1
+        with (nullcontext() if sync else accelerator.no_sync(loss_fn)), autocast():
+            loss_sum, _ = loss_fn(**batch)
+        # token-weighted mean over the whole step; DDP averages over processes, hence x world
+        accelerator.backward(scaler.scale(loss_sum / step_tokens * world * weight))
+        step_loss += loss_sum.detach().double() * weight
+        if weight:
+            tokens += int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
+    if world > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+    return float(step_loss) / step_tokens, tokens
 
 
 def _gathered_state_dict(accelerator, wrapped) -> dict | None:
