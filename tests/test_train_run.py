@@ -33,6 +33,23 @@ def _cfg(tiny_model_dir, demo_files, out, name, *extra):
                               "tracking.report_to=[none]", *extra])
 
 
+def _interrupted_run(monkeypatch, step: int, signum: int, cfg) -> None:
+    """Train `cfg`, sending `signum` to ourselves once `step` is done; the run must stop with TrainingInterrupted."""
+    import tunelab.train.recipe as recipe
+
+    original = recipe.Reporter.advance
+
+    def advance(self, s, info):
+        original(self, s, info)
+        if s == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(recipe.Reporter, "advance", advance)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(cfg)
+    monkeypatch.setattr(recipe.Reporter, "advance", original)
+
+
 def _losses(run: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")]
 
@@ -75,19 +92,8 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_pa
 
     # Same run, stopped by SIGTERM after step 3 (mid-epoch, between checkpoints): the handler lets the step
     # finish, writes checkpoint-3 and raises with the resume command.
-    import tunelab.train.recipe as recipe
-
-    original = recipe.Reporter.advance
-
-    def advance(self, step, info):
-        original(self, step, info)
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(recipe.Reporter, "advance", advance)
-    with pytest.raises(TrainingInterrupted, match="--resume"):
-        train(_cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2"))
-    monkeypatch.setattr(recipe.Reporter, "advance", original)
+    _interrupted_run(monkeypatch, 3, signal.SIGTERM,
+                     _cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2"))
     split = tmp_path / "split"
     assert json.loads((split / "manifest.json").read_text())["status"] == "interrupted"
     assert [s for s, _ in ckpt.complete_checkpoints(split)][-1] == 3
@@ -142,20 +148,10 @@ def test_disk_check_refuses_clearly(tmp_path):
 
 def test_resume_survives_a_torn_metrics_line_and_refuses_a_completed_run(tiny_model_dir, demo_files, tmp_path,
                                                                           monkeypatch):
-    import tunelab.train.recipe as recipe
     from tunelab.errors import TunelabError
 
-    original = recipe.Reporter.advance
-
-    def advance(self, step, info):
-        original(self, step, info)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(recipe.Reporter, "advance", advance)
-    with pytest.raises(TrainingInterrupted):
-        train(_cfg(tiny_model_dir, demo_files, tmp_path, "torn", "training.max_steps=4"))
-    monkeypatch.setattr(recipe.Reporter, "advance", original)
+    _interrupted_run(monkeypatch, 2, signal.SIGINT, _cfg(tiny_model_dir, demo_files, tmp_path, "torn",
+                                                         "training.max_steps=4"))
     run = tmp_path / "torn"
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 1.2')  # a kill in the middle of an append
