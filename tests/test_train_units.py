@@ -113,6 +113,58 @@ def test_packing_matches_padded_loss(tiny_model, tiny_tokenizer):
     assert torch.allclose(s_pad, s_pack, rtol=1e-4), "packed records must not attend to each other"
 
 
+def test_per_record_packed_attention_equals_the_masked_row(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """tunelab's packed SDPA (one causal attention per record) gives the loss and gradients of transformers' SDPA
+    with the block-diagonal mask, and of padded batches; unpacked inputs go through SDPA unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train import attention
+    from tunelab.train.attention import NAME, packed_kwargs, use_packed_attention
+
+    exs = _examples(tiny_tokenizer, n=5)
+    packed = collate_packed(exs)
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append((q.shape[2], k.get("is_causal"))) or sdpa(q, *a, **k))
+    results = {}
+    for kind in ("sdpa", "packed"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if kind == "packed":
+            assert use_packed_attention(model) and model.config._attn_implementation == NAME
+        s, n = CausalLMLoss(model)(**packed)
+        s.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        padded, _ = CausalLMLoss(model)(**collate_padded(exs, tiny_tokenizer.pad_token_id))
+        results[kind] = (float(s.detach()), grads, float(padded.detach()))
+    # the packed model attended record by record: 5 causal calls per layer on the packed row, none longer than it
+    row = packed["input_ids"].shape[1]
+    per_record = [c for c in calls if c[1] is True and c[0] < row]
+    assert len(per_record) == 5 * 2, calls
+    assert results["packed"][0] == pytest.approx(results["sdpa"][0], rel=1e-5)
+    assert results["packed"][2] == pytest.approx(results["sdpa"][2], rel=1e-6)  # padded: the SDPA path itself
+    assert results["packed"][0] == pytest.approx(results["packed"][2], rel=1e-4)
+    for k, g in results["sdpa"][1].items():
+        assert torch.allclose(results["packed"][1][k], g, rtol=1e-4, atol=1e-6), k
+    cu = packed_kwargs(packed["position_ids"], 1)["cu_seq_lens_q"].tolist()
+    assert cu[0] == 0 and cu[-1] == packed["input_ids"].shape[1] and len(cu) == len(exs) + 1
+    assert packed_kwargs(packed["position_ids"], 2) == {} and packed_kwargs(None, 1) == {}
+
+
+def test_packed_attention_is_not_used_where_it_would_differ(tiny_model_dir):
+    """Sliding-window models (and non-SDPA attention) keep transformers' masks."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    from tunelab.train.attention import use_packed_attention
+
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=16))
+    assert not use_packed_attention(windowed) and windowed.config._attn_implementation == "sdpa"
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert not use_packed_attention(eager) and eager.config._attn_implementation == "eager"
+
+
 def test_lora_changes_every_adapter_weight_and_no_base_weight(tiny_model, tiny_tokenizer):
     cfg = Config()
     model = apply_method(tiny_model, cfg)
@@ -150,3 +202,41 @@ def test_dtype_auto_says_why():
     assert c.name in {"bf16", "fp16", "fp32"} and c.reason
     assert choose_dtype("fp32").torch_dtype == torch.float32
     assert math.isfinite(1.0)
+
+
+def test_fast_dropout_masks_are_unbiased_and_back_propagate_through_the_same_mask():
+    from tunelab.train.dropout import FastDropout, keep_mask
+
+    torch.manual_seed(0)
+    mask, scale = keep_mask(torch.Size([1000, 4000]), 0.05)
+    words = mask.view(-1, 4).float()  # the four 15-bit draws cut from each 64-bit word, position by position
+    for column in words.unbind(1):
+        assert abs(1 - float(column.mean()) - 0.05) < 5 * (0.05 * 0.95 / column.numel()) ** 0.5
+    assert scale == pytest.approx(1 / 0.95, rel=2e-5)
+    drop = FastDropout(0.1)
+    x = torch.randn(64, 300, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert 0.08 < 1 - float(kept.float().mean()) < 0.12
+    assert torch.allclose(y[kept], x.detach()[kept] / 0.9, rtol=1e-4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad == 0, ~kept) and torch.allclose(x.grad[kept], g[kept] / 0.9, rtol=1e-4)
+    torch.manual_seed(1)
+    a = drop(x.detach())
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x.detach())), "masks come from the seeded global generator"
+    drop.eval()
+    assert torch.equal(drop(x.detach()), x.detach())
+
+
+def test_lora_dropout_is_swapped_for_the_fast_cpu_masks(tiny_model):
+    from torch import nn
+
+    from tunelab.train.dropout import FastDropout, install_fast_dropout
+
+    model = apply_method(tiny_model, Config.model_validate({"lora": {"dropout": 0.05}}))
+    n_lora = sum(1 for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict))
+    assert install_fast_dropout(model) == n_lora > 0
+    assert all(type(m) is not nn.Dropout or m.p == 0 for m in model.modules())
+    assert sum(isinstance(m, FastDropout) for m in model.modules()) == n_lora

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.template import IGNORE_INDEX
+from tunelab.train.attention import packed_kwargs
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -43,7 +44,8 @@ class CausalLMLoss(nn.Module):
             # Models that post-process logits (Gemma 2, Cohere): use their own head, still without storing
             # logits for untrained tokens.
             return self._fallback(input_ids, labels, attention_mask, position_ids)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                      **packed_kwargs(position_ids, input_ids.shape[0]))
         hidden = out.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
