@@ -240,3 +240,34 @@ def test_lora_dropout_is_swapped_for_the_fast_cpu_masks(tiny_model):
     assert install_fast_dropout(model) == n_lora > 0
     assert all(type(m) is not nn.Dropout or m.p == 0 for m in model.modules())
     assert sum(isinstance(m, FastDropout) for m in model.modules()) == n_lora
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_frozen_head_loss_matches_autograd_through_full_logits(tiny_model, tiny_tokenizer, chunk):
+    """The fused frozen-head loss (gradient made in forward) equals plain autograd through all logits."""
+    from tunelab.train import loss as loss_mod
+
+    model = apply_method(tiny_model, Config()).eval()  # eval: no dropout, the two passes see the same network
+    batch = collate_packed(_examples(tiny_tokenizer))
+    fused = CausalLMLoss(model, chunk_size=chunk)
+    calls = []
+    orig = loss_mod._FrozenHeadCE.apply
+    loss_mod._FrozenHeadCE.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        s, n = fused(**batch)
+    finally:
+        loss_mod._FrozenHeadCE.apply = orig
+    assert calls, "a LoRA model's frozen head takes the fused path"
+    (2.5 * s / n).backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (a cache would disable the packed mask)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    assert float(s.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    (2.5 * ref / n).backward()
+    ref_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == ref_grads.keys()
+    for k, g in ref_grads.items():
+        assert torch.allclose(got[k], g, rtol=1e-3, atol=1e-5 * float(g.abs().max())), (k, (got[k] - g).abs().max())

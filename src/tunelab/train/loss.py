@@ -1,8 +1,10 @@
 """Causal-LM loss that never materialises full-vocabulary logits for tokens that carry no loss.
 
 The decoder runs once; only the hidden states at trained positions go through the output head, in chunks of
-`chunk_size` tokens, each chunk recomputed in backward (so at most one chunk of `chunk_size x vocab` logits is
-alive at a time). The sum of token losses and the token count are returned, so callers weight by tokens across
+`chunk_size` tokens, so at most one chunk of `chunk_size x vocab` logits is alive at a time. With a frozen head
+(LoRA, QLoRA, DoRA) the gradient w.r.t. the hidden states is made chunk by chunk in the forward pass itself
+(`_FrozenHeadCE`): backward neither keeps nor recomputes logits. A trained head (method=full, modules_to_save)
+recomputes each chunk's logits in backward instead. The sum of token losses and the token count are returned, so callers weight by tokens across
 micro-batches and processes: loss = sum / count, perplexity = exp(sum / count).
 
 Used by training and by `tunelab eval` alike, so eval perplexity is exactly exp(eval loss) of training.
@@ -26,6 +28,34 @@ def _base(model: nn.Module) -> nn.Module:
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _FrozenHeadCE(torch.autograd.Function):
+    """Sum of token cross-entropies of `hidden @ weight.T` for a frozen `weight`, chunk by chunk. d(sum)/d(hidden)
+    is computed in forward from each chunk's softmax while its logits exist; backward only scales it. Versus
+    recomputing under checkpoint, one head matmul and one softmax pass fewer per trained token."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32 if autocast else hidden.dtype, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, targets.numel(), chunk_size):
+            h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+            logits = F.linear(h, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d(sum of CE) / d(logits)
+            grad_h[s:s + chunk_size] = F.linear(g.to(weight.dtype) if not autocast else g, weight.t())
+        ctx.save_for_backward(grad_h)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.hidden_dtype), None, None, None
 
 
 class CausalLMLoss(nn.Module):
@@ -52,6 +82,9 @@ class CausalLMLoss(nn.Module):
         hidden, targets = hidden[keep], targets[keep]
         count = torch.tensor(targets.numel(), device=input_ids.device)
         total = hidden.new_zeros((), dtype=torch.float32)
+        if (torch.is_grad_enabled() and targets.numel() and type(head) is nn.Linear and head.bias is None
+                and not head.weight.requires_grad and hidden.requires_grad):
+            return _FrozenHeadCE.apply(hidden, head.weight, targets, self.chunk_size), count
         for start in range(0, targets.numel(), self.chunk_size):
             h, t = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
             if torch.is_grad_enabled():
