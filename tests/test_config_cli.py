@@ -74,3 +74,24 @@ def test_unreachable_hub_id_is_a_clear_message(monkeypatch):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "bundled:smollm2-135m-instruct" in out.stderr
+
+
+def test_allocator_reexec_only_for_training_verbs_from_a_command_line(monkeypatch):
+    from tunelab import runtime
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("TUNELAB_ALLOCATOR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/tunelab", "train"])
+    glibc = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"
+    assert runtime.wants_allocator_reexec("train") is glibc
+    assert not runtime.wants_allocator_reexec("prepare") and not runtime.wants_allocator_reexec(None)
+    monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
+    assert not runtime.wants_allocator_reexec("train")
+    monkeypatch.delenv("TUNELAB_ALLOCATOR")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=3")  # the user's own choice wins
+    assert not runtime.wants_allocator_reexec("train")
+    assert runtime.allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"
+    monkeypatch.setattr(sys, "argv", ["-c"])  # `python -c` / a REPL calling main(): never re-executed
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert not runtime.wants_allocator_reexec("train")

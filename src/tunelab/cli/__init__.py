@@ -44,7 +44,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> int:
+    """Run one verb. `command_line` (default: argv is None) marks a real process start, where the training verbs
+    may re-execute the process once with tunelab's allocator settings (tunelab.runtime)."""
+    command_line = argv is None if command_line is None else command_line
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=verb if verb in VERBS else None)
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 0
+    if command_line:
+        from tunelab.runtime import reexec_with_allocator_settings
+
+        reexec_with_allocator_settings(args.verb)
     import warnings
 
     from tunelab.errors import TunelabError

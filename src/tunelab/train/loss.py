@@ -42,10 +42,12 @@ class _FrozenHeadCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, targets.numel(), chunk_size):
             h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-            logits = F.linear(h, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            logits = F.linear(h, weight).float()  # the only (chunk x vocabulary) buffer: all below is in place
+            picked = logits.gather(1, t[:, None])
+            top = logits.amax(dim=1, keepdim=True)
+            denom = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
+            total += (top + denom.log() - picked).sum()  # log-sum-exp minus the target's logit
+            g = logits.div_(denom)  # softmax
             g[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d(sum of CE) / d(logits)
             grad_h[s:s + chunk_size] = F.linear(g.to(weight.dtype) if not autocast else g, weight.t())
         ctx.save_for_backward(grad_h)
