@@ -18,10 +18,16 @@ Rows:
   for such data) trains exactly the tokens tunelab trains (the answer, `<|im_end|>` and the newline after it; the
   SmolLM2 ChatML template has no `{% generation %}` markers, so `assistant_only_loss` is not available for it).
 - `trl-nogc`: the same with `gradient_checkpointing=False` (TRL's default turns it on; HF Trainer's does not).
-- `tunelab`: `tunelab.train.recipe.train(cfg)` with its defaults: auto dtype, packing, chunked loss.
-- one lever at a time: `padded` (packing off), `group_by_length` (padded, length-grouped batches), `fp32`,
-  `bf16`, `grad_ckpt`, `full_logits` (loss_chunk_size huge: the logits of all trained tokens at once), and the
-  methods `qlora` (4-bit NF4 base, bitsandbytes) and `full` (every weight trained).
+- `tunelab`: `tunelab.train.recipe.train(cfg)` with its defaults: auto dtype, packing with per-record attention,
+  chunked loss with the frozen-head gradient made in forward, cheap CPU LoRA dropout masks, and the process started
+  as `tunelab train` starts itself (glibc tcache off, see `tunelab.runtime`).
+- one lever switched off at a time (`TUNELAB_PERF_OFF`): `masked_attention` (packed rows through SDPA with
+  transformers' block-diagonal mask), `torch_dropout` (`torch.bernoulli_` masks), `recomputed_head` (each head
+  chunk recomputed in backward), `system_malloc` (glibc defaults).
+- one setting at a time: `padded` (packing off), `group_by_length` (padded, length-grouped batches), `fp32`,
+  `bf16`, `grad_ckpt`, `lean` (gradient checkpointing and 256-token loss chunks: the least memory),
+  `full_logits` (loss_chunk_size huge: the logits of all trained tokens at once), and the methods `qlora`
+  (4-bit NF4 base, bitsandbytes) and `full` (every weight trained).
 
 Every row runs in its own process, so its peak RSS (the child's own high-water mark from `os.wait4`) is clean.
 Measured per row: non-padding tokens/s and the median seconds per step after `--warmup` steps (timed around each
@@ -66,11 +72,19 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("fp32", "tunelab, model.dtype=fp32", "tunelab", ["model.dtype=fp32"]),
     ("bf16", "tunelab, model.dtype=bf16", "tunelab", ["model.dtype=bf16"]),
     ("grad_ckpt", "tunelab, gradient_checkpointing", "tunelab", ["training.gradient_checkpointing=true"]),
+    ("lean", "tunelab, gradient_checkpointing + loss_chunk_size=256", "tunelab",
+     ["training.gradient_checkpointing=true", "training.loss_chunk_size=256"]),
+    ("masked_attention", "tunelab, packed rows through SDPA with a block mask", "tunelab", []),
+    ("torch_dropout", "tunelab, LoRA dropout masks from torch.bernoulli_", "tunelab", []),
+    ("recomputed_head", "tunelab, head + CE recomputed in backward", "tunelab", []),
+    ("system_malloc", "tunelab, glibc allocator defaults (tcache on)", "tunelab", []),
     ("full_logits", "tunelab, loss_chunk_size=1e6 (all logits)", "tunelab", ["training.loss_chunk_size=1000000"]),
     ("qlora", "tunelab, method=qlora (4-bit NF4)", "tunelab", ["training.method=qlora"]),
     ("full", "tunelab, method=full", "tunelab", ["training.method=full"]),
 ]
 KEYS = [v[0] for v in VARIANTS]
+# levers switched off through the environment (tunelab.runtime): same config, one lever off
+LEVER_OFF = {"masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head"}
 
 
 # ================================================================ children (each in its own process)
@@ -270,6 +284,22 @@ def step_batches(lengths: list[int], batch_size: int, seed: int, steps: int, gro
     return out[:steps]
 
 
+def row_env(key: str, kind: str) -> dict[str, str]:
+    """A tunelab row's process starts as `tunelab train` starts itself (tunelab.runtime: glibc's tcache off), except
+    `system_malloc`; a LEVER_OFF row switches its one lever off."""
+    from tunelab.runtime import allocator_env
+
+    env: dict[str, str] = {}
+    if kind == "tunelab" and key != "system_malloc":
+        env["GLIBC_TUNABLES"] = allocator_env()["GLIBC_TUNABLES"]
+    elif kind == "tunelab":  # glibc as it comes, even if this benchmark was started with tunelab's setting
+        env["GLIBC_TUNABLES"] = ":".join(x for x in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                                         if x and "tcache_count" not in x)
+    if key in LEVER_OFF:
+        env["TUNELAB_PERF_OFF"] = LEVER_OFF[key]
+    return env
+
+
 def summarise(key: str, res: dict, tokens: list[int], warmup: int, peaks: dict, params: int) -> dict:
     times = res.get("step_times") or []
     n = min(len(times), len(tokens))
@@ -350,13 +380,13 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         f"{data['eval_records']} held-out")
     auto = choose_dtype("auto").name
 
-    def child(kind: str, spec: dict, name: str):
+    def child(kind: str, spec: dict, name: str, extra_env: dict | None = None):
         spec_path = work / f"{name}.spec.json"
         spec["result"] = str(work / f"{name}.result.json")
         spec_path.write_text(json.dumps(spec))
         res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)],
                         env={"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
-                             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
+                             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(extra_env or {})},
                         log_path=work / f"{name}.log", timeout_s=args.timeout, echo=args.verbose)
         out = json.loads(Path(spec["result"]).read_text()) if res.returncode == 0 and Path(spec["result"]).is_file() \
             else None
@@ -407,7 +437,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         if stale.exists():  # a killed or failed earlier attempt of this row
             shutil.rmtree(stale)
         say(f"[{key}] {label} ...")
-        res, out = child(kind, spec, key)
+        res, out = child(kind, spec, key, row_env(key, kind))
         row.update(peak_rss_bytes=res.peak_rss_bytes, polled_peak_rss_bytes=res.polled_peak_rss_bytes,
                    wall_s=res.wall_s, step_tokens=tokens, ok=out is not None)
         if out is None:

@@ -1,4 +1,4 @@
-"""Process-level settings for the training verbs: glibc's allocator, set before the process starts.
+"""Process-level settings: glibc's allocator for the training verbs, and switches to measure each speed lever.
 
 glibc's per-thread cache of freed blocks (tcache) keeps the heap from coalescing the memory a training step frees
 layer by layer; measured here, a LoRA step with gradient checkpointing grew the heap to 2.4 GiB while 0.2 GiB was in
@@ -41,3 +41,15 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv[1:]], allocator_env())
+
+
+# ---------------------------------------------------------------- switches for measuring each speed lever
+
+LEVERS = ("packed_attention", "fast_dropout", "fused_head")
+
+
+def lever_enabled(name: str) -> bool:
+    """False when TUNELAB_PERF_OFF (comma-separated, of LEVERS) names this lever: how bench/train.py measures each
+    lever on its own. Every lever gives the same results within float rounding; switching one off only costs time."""
+    assert name in LEVERS, name
+    return name not in {x.strip() for x in os.environ.get("TUNELAB_PERF_OFF", "").split(",")}

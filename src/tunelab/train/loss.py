@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.template import IGNORE_INDEX
+from tunelab.runtime import lever_enabled
 from tunelab.train.attention import packed_kwargs
 
 
@@ -30,26 +31,36 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                grad_h: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the cross-entropies of `hidden @ weight.T`, one chunk of logits at a time and in place (one
+    chunk x vocabulary buffer). With `grad_h`, also write d(sum)/d(hidden) into it from each chunk's softmax."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, targets.numel(), chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        logits = F.linear(h, weight).float()
+        picked = logits.gather(1, t[:, None])
+        top = logits.amax(dim=1, keepdim=True)
+        denom = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
+        total += (top + denom.log() - picked).sum()  # log-sum-exp minus the target's logit
+        if grad_h is not None:
+            g = logits.div_(denom)  # softmax
+            g[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d(sum of CE) / d(logits)
+            autocast = torch.is_autocast_enabled(hidden.device.type)  # autocast casts g itself
+            grad_h[s:s + chunk_size] = F.linear(g if autocast else g.to(weight.dtype), weight.t())
+    return total
+
+
 class _FrozenHeadCE(torch.autograd.Function):
-    """Sum of token cross-entropies of `hidden @ weight.T` for a frozen `weight`, chunk by chunk. d(sum)/d(hidden)
-    is computed in forward from each chunk's softmax while its logits exist; backward only scales it. Versus
-    recomputing under checkpoint, one head matmul and one softmax pass fewer per trained token."""
+    """`_chunked_ce` for a frozen `weight` under autograd: d(sum)/d(hidden) is made in forward while each chunk's
+    logits exist, and backward only scales it. Versus recomputing each chunk under checkpoint: one head matmul and
+    one softmax pass fewer per trained token, and no logits kept."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
         autocast = torch.is_autocast_enabled(hidden.device.type)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32 if autocast else hidden.dtype, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, targets.numel(), chunk_size):
-            h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-            logits = F.linear(h, weight).float()  # the only (chunk x vocabulary) buffer: all below is in place
-            picked = logits.gather(1, t[:, None])
-            top = logits.amax(dim=1, keepdim=True)
-            denom = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
-            total += (top + denom.log() - picked).sum()  # log-sum-exp minus the target's logit
-            g = logits.div_(denom)  # softmax
-            g[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d(sum of CE) / d(logits)
-            grad_h[s:s + chunk_size] = F.linear(g.to(weight.dtype) if not autocast else g, weight.t())
+        total = _chunked_ce(hidden, weight, targets, chunk_size, grad_h)
         ctx.save_for_backward(grad_h)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -67,6 +78,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.fused_head = lever_enabled("fused_head")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +96,11 @@ class CausalLMLoss(nn.Module):
         hidden, targets = hidden[keep], targets[keep]
         count = torch.tensor(targets.numel(), device=input_ids.device)
         total = hidden.new_zeros((), dtype=torch.float32)
-        if (torch.is_grad_enabled() and targets.numel() and type(head) is nn.Linear and head.bias is None
-                and not head.weight.requires_grad and hidden.requires_grad):
+        plain_head = type(head) is nn.Linear and head.bias is None
+        if plain_head and not torch.is_grad_enabled():  # evaluation: one in-place logits buffer per chunk
+            return _chunked_ce(hidden, head.weight, targets, self.chunk_size), count
+        if (self.fused_head and plain_head and targets.numel() and not head.weight.requires_grad
+                and hidden.requires_grad):
             return _FrozenHeadCE.apply(hidden, head.weight, targets, self.chunk_size), count
         for start in range(0, targets.numel(), self.chunk_size):
             h, t = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]

@@ -128,6 +128,7 @@ def build_model(cfg: Config, accelerator, say):
     from tunelab.model.adapters import apply_method, bnb_config, parameter_counts
     from tunelab.model.loading import choose_dtype, load_model
     from tunelab.train.attention import use_packed_attention
+    from tunelab.runtime import lever_enabled
     from tunelab.train.dropout import install_fast_dropout
 
     choice = choose_dtype(cfg.model.dtype)
@@ -147,13 +148,13 @@ def build_model(cfg: Config, accelerator, say):
                           attn_implementation=cfg.model.attn_implementation, quantization=quant,
                           device_map={"": accelerator.device} if quant is not None and torch.cuda.is_available() else None)
     model.config.use_cache = False
-    if cfg.training.packing and use_packed_attention(model):
+    if cfg.training.packing and lever_enabled("packed_attention") and use_packed_attention(model):
         say("Attention: per-record causal SDPA over packed rows (no cross-record or masked work)")
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
     model = apply_method(model, cfg)
-    if install_fast_dropout(model):
+    if lever_enabled("fast_dropout") and install_fast_dropout(model):
         say(f"LoRA dropout {cfg.lora.dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
     trainable, total = parameter_counts(model)
     say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
