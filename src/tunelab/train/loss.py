@@ -96,7 +96,10 @@ class CausalLMLoss(nn.Module):
         hidden, targets = hidden[keep], targets[keep]
         count = torch.tensor(targets.numel(), device=input_ids.device)
         total = hidden.new_zeros((), dtype=torch.float32)
-        plain_head = type(head) is nn.Linear and head.bias is None
+        # the weight is read directly below: only for a plain local head (a peft wrapper, or a weight sharded by
+        # FSDP2 as a DTensor, goes through the module call instead)
+        plain_head = (type(head) is nn.Linear and head.bias is None
+                      and type(head.weight) in (torch.Tensor, nn.Parameter))
         if plain_head and not torch.is_grad_enabled():  # evaluation: one in-place logits buffer per chunk
             return _chunked_ce(hidden, head.weight, targets, self.chunk_size), count
         if (self.fused_head and plain_head and targets.numel() and not head.weight.requires_grad
