@@ -4,8 +4,8 @@ The decoder runs once; only the hidden states at trained positions go through th
 `chunk_size` tokens, so at most one chunk of `chunk_size x vocab` logits is alive at a time. With a frozen head
 (LoRA, QLoRA, DoRA) the gradient w.r.t. the hidden states is made chunk by chunk in the forward pass itself
 (`_FrozenHeadCE`): backward neither keeps nor recomputes logits. A trained head (method=full, modules_to_save)
-recomputes each chunk's logits in backward instead. The sum of token losses and the token count are returned, so callers weight by tokens across
-micro-batches and processes: loss = sum / count, perplexity = exp(sum / count).
+recomputes each chunk's logits in backward instead. The sum of token losses and the token count are returned,
+so callers weight by tokens across micro-batches and processes: loss = sum / count, perplexity = exp(sum / count).
 
 Used by training and by `tunelab eval` alike, so eval perplexity is exactly exp(eval loss) of training.
 """

@@ -127,8 +127,8 @@ def _barrier() -> None:
 def build_model(cfg: Config, accelerator, say):
     from tunelab.model.adapters import apply_method, bnb_config, parameter_counts
     from tunelab.model.loading import choose_dtype, load_model
-    from tunelab.train.attention import use_packed_attention
     from tunelab.runtime import lever_enabled
+    from tunelab.train.attention import use_packed_attention
     from tunelab.train.dropout import install_fast_dropout
 
     choice = choose_dtype(cfg.model.dtype)
@@ -154,7 +154,7 @@ def build_model(cfg: Config, accelerator, say):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
     model = apply_method(model, cfg)
-    if lever_enabled("fast_dropout") and install_fast_dropout(model):
+    if accelerator.device.type == "cpu" and lever_enabled("fast_dropout") and install_fast_dropout(model):
         say(f"LoRA dropout {cfg.lora.dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
     trainable, total = parameter_counts(model)
     say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
