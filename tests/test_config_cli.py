@@ -92,6 +92,30 @@ def test_allocator_reexec_only_for_training_verbs_from_a_command_line(monkeypatc
     assert not runtime.wants_allocator_reexec("train")
     assert runtime.allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
         "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"
-    monkeypatch.setattr(sys, "argv", ["-c"])  # `python -c` / a REPL calling main(): never re-executed
+    monkeypatch.setattr(sys, "argv", ["-c"])  # `python -c`, `python -` or a REPL calling main(): never
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert not runtime.wants_allocator_reexec("train")
+
+
+def test_allocator_reexec_keeps_the_command_line_and_runs_once(monkeypatch):
+    from tunelab import runtime
+
+    if not (sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"):
+        pytest.skip("glibc only")
+    for var in ("GLIBC_TUNABLES", "TUNELAB_ALLOCATOR", "TUNELAB_REEXECUTED"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    monkeypatch.setattr(sys, "argv", ["/x/bin/tunelab", "train", "--config", "c.yaml"])
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", "/x/bin/tunelab", "train", "--config", "c.yaml"])
+    runtime.reexec_with_allocator_settings("train")
+    (exe, argv, env), = calls
+    assert exe == sys.executable and argv == [sys.executable, "/x/bin/tunelab", "train", "--config", "c.yaml"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0" and env["TUNELAB_REEXECUTED"] == "1"
+    monkeypatch.setenv("TUNELAB_REEXECUTED", "1")  # already restarted: never again
+    runtime.reexec_with_allocator_settings("train")
+    assert len(calls) == 1
+    monkeypatch.delenv("TUNELAB_REEXECUTED")
+    monkeypatch.setattr(sys, "argv", ["/home/me/my_script.py"])  # someone's script calling main(): left alone
+    runtime.reexec_with_allocator_settings("train")
+    assert len(calls) == 1

@@ -57,8 +57,10 @@ def test_cli_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     run = tmp_path / "outputs" / "cli"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":  # the script re-ran itself once
-        assert "glibc.malloc.tcache_count=0" in manifest["hardware"]["glibc_tunables"]
+    assert manifest["runtime"]["levers_off"] == []
+    if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+            and "GLIBC_TUNABLES" not in os.environ and "TUNELAB_ALLOCATOR" not in os.environ):
+        assert "glibc.malloc.tcache_count=0" in manifest["runtime"]["glibc_tunables"]  # train.py re-ran itself once
 
     # eval before/after
     tunelab("eval", "--adapter", str(run), "--compare-base", "--max-samples", "2", cwd=tmp_path)

@@ -140,6 +140,33 @@ def test_reproduce_refuses_changed_data(tmp_path):
     assert cfg.training.seed == 7
 
 
+def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, monkeypatch):
+    """A run from before the CPU speed levers (no `runtime` in its manifest) is repeated with all of them off,
+    a recorded run with exactly the ones it had off."""
+    import os
+
+    from tunelab.reproduce import reproduce
+
+    monkeypatch.delenv("TUNELAB_PERF_OFF", raising=False)
+    seen = []
+
+    def fake(cfg):
+        seen.append(os.environ.get("TUNELAB_PERF_OFF"))
+        out = Path(cfg.output.dir) / cfg.output.run_name
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"status": "completed", "data_fingerprint": "sha256:old"}))
+        return out
+
+    run = _fabricated_run(tmp_path)
+    res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert seen[-1] == "packed_attention,fast_dropout,fused_head" and "predates" in res.notes[0]
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["runtime"] = {"levers_off": ["fused_head"]}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert seen[-1] == "fused_head" and "TUNELAB_PERF_OFF" not in os.environ
+
+
 def test_reproduce_refuses_unfinished_runs(tmp_path):
     run = _fabricated_run(tmp_path, status="interrupted")
     with pytest.raises(ReproduceError, match="tunelab train --resume"):

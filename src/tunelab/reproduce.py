@@ -136,9 +136,16 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     cfg.output.run_name = name or _free_name(original.parent, original.name)
     if train_fn is None:
         from tunelab.train.recipe import train as train_fn
-    repro = Path(train_fn(cfg))
-    rmanifest = read_manifest(repro)
+    from tunelab.runtime import LEVERS, levers_off
+
     notes = []
+    off = (manifest.get("runtime") or {}).get("levers_off")
+    if off is None:  # trained before tunelab's CPU speed levers existed: their fast dropout masks would differ
+        off = list(LEVERS)
+        notes.append("the original predates tunelab's CPU speed levers: reproduced with them off")
+    with levers_off(off):
+        repro = Path(train_fn(cfg))
+    rmanifest = read_manifest(repro)
     if rmanifest.get("data_fingerprint") != manifest.get("data_fingerprint"):
         notes.append("the reproduction saw a different data fingerprint than the original")
     for key in ("hardware", "versions"):

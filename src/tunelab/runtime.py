@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 TUNABLE = "glibc.malloc.tcache_count=0"
 TRAINING_VERBS = {"train", "demo", "sweep", "reproduce"}
+_SENTINEL = "TUNELAB_REEXECUTED"
 
 
 def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -26,10 +29,15 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def wants_allocator_reexec(verb: str | None) -> bool:
-    started_from_a_file = bool(sys.argv) and sys.argv[0] not in ("", "-c")  # not a REPL or `python -c`
-    return (verb in TRAINING_VERBS and started_from_a_file and sys.platform.startswith("linux")
+def wants_allocator_reexec(verb: str | None, own_entry_point: bool = True) -> bool:
+    """True when this process should restart itself with the allocator setting: a training verb, started from
+    tunelab's own entry point (console script, `python -m tunelab`, or the brief's train.py), on Linux/glibc, not
+    opted out, and not restarted already."""
+    entry = Path(sys.argv[0]).name if sys.argv else ""
+    own_entry_point = own_entry_point and entry in ("tunelab", "__main__.py", "train.py")
+    return (verb in TRAINING_VERBS and own_entry_point and sys.platform.startswith("linux")
             and platform.libc_ver()[0] == "glibc" and os.environ.get("TUNELAB_ALLOCATOR", "tunelab") != "system"
+            and not os.environ.get(_SENTINEL)
             and "glibc.malloc.tcache_count" not in os.environ.get("GLIBC_TUNABLES", ""))
 
 
@@ -40,7 +48,9 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
     argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], allocator_env())
+    env = allocator_env()
+    env[_SENTINEL] = "1"  # never twice, even if something strips GLIBC_TUNABLES on the way
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
 # ---------------------------------------------------------------- switches for measuring each speed lever
@@ -50,6 +60,28 @@ LEVERS = ("packed_attention", "fast_dropout", "fused_head")
 
 def lever_enabled(name: str) -> bool:
     """False when TUNELAB_PERF_OFF (comma-separated, of LEVERS) names this lever: how bench/train.py measures each
-    lever on its own. Every lever gives the same results within float rounding; switching one off only costs time."""
+    lever on its own. packed_attention and fused_head change results only within float rounding; fast_dropout
+    draws its masks from another random stream (same statistics), so losses differ from a run without it. The
+    manifest records which levers were off (`runtime`), and `tunelab reproduce` switches the same ones off."""
     assert name in LEVERS, name
     return name not in {x.strip() for x in os.environ.get("TUNELAB_PERF_OFF", "").split(",")}
+
+
+def runtime_info() -> dict:
+    """What of this process changes a run's numbers or memory but is not config: for the manifest."""
+    return {"levers_off": [name for name in LEVERS if not lever_enabled(name)],
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+
+
+@contextmanager
+def levers_off(names: list[str]):
+    """Switch these levers off for the duration (in this process)."""
+    before = os.environ.get("TUNELAB_PERF_OFF")
+    os.environ["TUNELAB_PERF_OFF"] = ",".join(names)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TUNELAB_PERF_OFF", None)
+        else:
+            os.environ["TUNELAB_PERF_OFF"] = before

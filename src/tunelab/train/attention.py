@@ -3,7 +3,8 @@
 A packed row holds several records back to back with `position_ids` restarting at 0 for each. transformers'
 `sdpa` then builds a block-diagonal (L x L) mask and the kernel computes every score of the row, (sum of lengths)^2,
 although only the blocks on the diagonal are used; a mask also stops SDPA from using its causal fast path. Here
-each record is attended to separately with `is_causal=True`: sum(length^2) / 2 scores, the same result. On this
+each record is attended to separately with `is_causal=True`: sum(length^2) / 2 scores, the same result (the mask
+is still built, once per forward, for the fallback; it is not used). On this
 project's 2-core CPU that was ~16% of a LoRA step for 4 Alpaca records per row (see docs/perf-notes.md).
 
 The record boundaries reach the attention function as `cu_seq_lens_q` (the keyword flash_attention_2 also reads,
@@ -25,10 +26,11 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
+    if cu is None or special or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bounds = cu.tolist()
+    bounds = getattr(cu, "tunelab_bounds", None) or cu.tolist()  # a list made once per forward (no device sync)
     gqa = query.shape[1] != key.shape[1]
     outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
                                            scale=scaling, is_causal=True, enable_gqa=gqa)
@@ -85,5 +87,7 @@ def packed_kwargs(position_ids: torch.Tensor | None, batch_size: int) -> dict:
     if starts.numel() == 0 or int(starts[0]) != 0:
         return {}
     cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    bounds = cu.tolist()
+    cu.tunelab_bounds = bounds  # read by packed_sdpa_forward in every layer without another device sync
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

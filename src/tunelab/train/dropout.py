@@ -45,10 +45,9 @@ class _MaskedScale(torch.autograd.Function):
 
 class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or round(self.p * _LEVELS) == 0:
-            return F.dropout(x, self.p, self.training, self.inplace)
-        if self.p >= 1:
-            return x * 0.0
+        drop = round(self.p * _LEVELS)
+        if not self.training or x.device.type != "cpu" or drop == 0 or drop >= _LEVELS:
+            return F.dropout(x, self.p, self.training, self.inplace)  # also p == 0, and p within 2^-16 of 1
         mask, scale = keep_mask(x.shape, self.p, x.device)
         return _MaskedScale.apply(x, mask, scale)
 

@@ -46,8 +46,16 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         if grad_h is not None:
             g = logits.div_(denom)  # softmax
             g[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d(sum of CE) / d(logits)
-            autocast = torch.is_autocast_enabled(hidden.device.type)  # autocast casts g itself
-            grad_h[s:s + chunk_size] = F.linear(g if autocast else g.to(weight.dtype), weight.t())
+            device = hidden.device.type
+            if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+                # fp16 (with a GradScaler): small softmax gradients would underflow before the loss scale
+                # reaches them in backward, so this product stays in fp32
+                with torch.autocast(device, enabled=False):
+                    grad_h[s:s + chunk_size] = F.linear(g, weight.t().float())
+            elif torch.is_autocast_enabled(device):  # bf16: autocast casts g itself
+                grad_h[s:s + chunk_size] = F.linear(g, weight.t())
+            else:
+                grad_h[s:s + chunk_size] = F.linear(g.to(weight.dtype), weight.t())
     return total
 
 
@@ -96,10 +104,11 @@ class CausalLMLoss(nn.Module):
         hidden, targets = hidden[keep], targets[keep]
         count = torch.tensor(targets.numel(), device=input_ids.device)
         total = hidden.new_zeros((), dtype=torch.float32)
-        # the weight is read directly below: only for a plain local head (a peft wrapper, or a weight sharded by
-        # FSDP2 as a DTensor, goes through the module call instead)
+        # the weight is read directly below: only for a plain local head (a peft wrapper, a weight sharded by FSDP2
+        # as a DTensor or partitioned by ZeRO-3 goes through the module call instead)
         plain_head = (type(head) is nn.Linear and head.bias is None
-                      and type(head.weight) in (torch.Tensor, nn.Parameter))
+                      and type(head.weight) in (torch.Tensor, nn.Parameter)
+                      and not hasattr(head.weight, "ds_id"))  # DeepSpeed ZeRO-3 gathers it only in head's call
         if plain_head and not torch.is_grad_enabled():  # evaluation: one in-place logits buffer per chunk
             return _chunked_ce(hidden, head.weight, targets, self.chunk_size), count
         if (self.fused_head and plain_head and targets.numel() and not head.weight.requires_grad

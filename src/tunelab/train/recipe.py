@@ -149,7 +149,7 @@ def build_model(cfg: Config, accelerator, say):
                           device_map={"": accelerator.device} if quant is not None and torch.cuda.is_available() else None)
     model.config.use_cache = False
     if cfg.training.packing and lever_enabled("packed_attention") and use_packed_attention(model):
-        say("Attention: per-record causal SDPA over packed rows (no cross-record or masked work)")
+        say("Attention: per-record causal SDPA over packed rows (no scores across records)")
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
@@ -284,6 +284,7 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     t_cfg = cfg.training
     torch.manual_seed(t_cfg.seed)
     from tunelab.model.loading import load_tokenizer
+    from tunelab.runtime import runtime_info
 
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
@@ -336,7 +337,8 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     run.update_manifest(
         run_name=run.path.name, status="running", seed=t_cfg.seed, method=t_cfg.method, model=cfg.model.name,
         data_fingerprint=data.fingerprint, data=data.data_info, dtype={"name": choice.name, "reason": choice.reason},
-        versions=package_versions(), hardware=hardware(), git_commit=git_commit(), processes=world,
+        versions=package_versions(), hardware=hardware(), runtime=runtime_info(), git_commit=git_commit(),
+        processes=world,
         config_path=str(config_path) if config_path else None, total_steps=total_steps,
         started_at=run.manifest().get("started_at") or now_iso(), resumed_at=now_iso() if resume_from else None)
     trackers = None

@@ -60,8 +60,7 @@ def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                            "cpu_fast_bf16": cpu_has_fast_bf16(), "cuda": torch.cuda.is_available(),
-                            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # tunelab.runtime sets the allocator
+                            "cpu_fast_bf16": cpu_has_fast_bf16(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
