@@ -29,12 +29,11 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def wants_allocator_reexec(verb: str | None, own_entry_point: bool = True) -> bool:
+def wants_allocator_reexec(verb: str | None) -> bool:
     """True when this process should restart itself with the allocator setting: a training verb, started from
     tunelab's own entry point (console script, `python -m tunelab`, or the brief's train.py), on Linux/glibc, not
     opted out, and not restarted already."""
-    entry = Path(sys.argv[0]).name if sys.argv else ""
-    own_entry_point = own_entry_point and entry in ("tunelab", "__main__.py", "train.py")
+    own_entry_point = bool(sys.argv) and Path(sys.argv[0]).name in ("tunelab", "__main__.py", "train.py")
     return (verb in TRAINING_VERBS and own_entry_point and sys.platform.startswith("linux")
             and platform.libc_ver()[0] == "glibc" and os.environ.get("TUNELAB_ALLOCATOR", "tunelab") != "system"
             and not os.environ.get(_SENTINEL)
