@@ -279,8 +279,13 @@ def test_frozen_head_loss_matches_autograd_through_full_logits(tiny_model, tiny_
 def test_frozen_head_loss_under_autocast_matches_the_recomputing_path(tiny_model, tiny_tokenizer, dtype,
                                                                      monkeypatch):
     """Under bf16/fp16 autocast the fused head gives the loss and gradients of the checkpointed path."""
+    from tunelab.train import loss as loss_mod
+
     model = apply_method(tiny_model, Config()).eval()
     batch = collate_packed(_examples(tiny_tokenizer))
+    fused_calls = []
+    orig = loss_mod._FrozenHeadCE.apply
+    monkeypatch.setattr(loss_mod._FrozenHeadCE, "apply", lambda *a: fused_calls.append(1) or orig(*a))
     results = []
     for perf_off in ("", "fused_head"):
         monkeypatch.setenv("TUNELAB_PERF_OFF", perf_off)
@@ -291,6 +296,7 @@ def test_frozen_head_loss_under_autocast_matches_the_recomputing_path(tiny_model
         results.append((float(s.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
                                             if p.grad is not None}))
     (fused, g1), (recomputed, g2) = results
+    assert len(fused_calls) == 1, "the first pass took the fused path, the second the recomputing one"
     assert fused == pytest.approx(recomputed, rel=1e-3)
     for k, g in g2.items():
         assert torch.allclose(g1[k], g, rtol=0.05, atol=0.02 * float(g.abs().max())), k

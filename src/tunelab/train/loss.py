@@ -103,7 +103,6 @@ class CausalLMLoss(nn.Module):
         keep = targets != IGNORE_INDEX
         hidden, targets = hidden[keep], targets[keep]
         count = torch.tensor(targets.numel(), device=input_ids.device)
-        total = hidden.new_zeros((), dtype=torch.float32)
         # the weight is read directly below: only for a plain local head (a peft wrapper, a weight sharded by FSDP2
         # as a DTensor or partitioned by ZeRO-3 goes through the module call instead)
         plain_head = (type(head) is nn.Linear and head.bias is None
@@ -114,6 +113,7 @@ class CausalLMLoss(nn.Module):
         if (self.fused_head and plain_head and targets.numel() and not head.weight.requires_grad
                 and hidden.requires_grad):
             return _FrozenHeadCE.apply(hidden, head.weight, targets, self.chunk_size), count
+        total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.chunk_size):
             h, t = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
             if torch.is_grad_enabled():
