@@ -1,0 +1,49 @@
+"""tunelab ui [--dir outputs] [--port 7860] [--host 127.0.0.1 --token SECRET] [--no-browser]
+
+    tunelab ui                                  # http://127.0.0.1:7860, runs under ./outputs
+    tunelab ui --host 0.0.0.0 --token s3cret    # reachable from other machines; every request needs the token
+
+Runs in the foreground; Ctrl-C stops the web server only: runs started from it keep training.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="outputs", help="folder that holds the runs (output.dir; default outputs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--token", default=None,
+                   help="secret every request must carry (?token= once in the browser); required with a --host "
+                        "other than loopback")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunelab.errors import TunelabError
+
+    if args.host not in LOOPBACK and not args.token:
+        raise TunelabError(f"--host {args.host} makes the UI reachable from other machines, and it can start "
+                           "processes: add --token SECRET (every request then needs it)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise TunelabError(f"tunelab ui needs the ui extra ({e.name} is missing): pip install 'tunelab[ui]'") from None
+    from tunelab.ui.app import LOOPBACK_NAMES, create_app
+
+    allowed = tuple(LOOPBACK_NAMES) if args.host in LOOPBACK else None
+    app = create_app(args.dir, token=args.token, allowed_hosts=allowed)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown_host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
+    print(f"tunelab ui: {url}  (runs in {args.dir}; Ctrl-C stops the server, not the runs)", flush=True)
+    if not args.no_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    return 0

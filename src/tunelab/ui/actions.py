@@ -1,0 +1,341 @@
+"""Routes that act: new runs from the form, stop / resume / eval / merge / export / report, datasets, chat.
+
+Each action is an ordinary `tunelab` command started through `Jobs` (its own process, its command shown and
+saved), or a call to the same library function the CLI calls (dataset validation, chat generation).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from tunelab import runs
+from tunelab.errors import TunelabError
+from tunelab.ui import forms, views
+from tunelab.ui.jobs import JobError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq")
+RUN_ACTIONS = ("stop", "resume", "eval", "merge", "export", "report")
+
+
+class ConfigRequest(BaseModel):
+    values: dict[str, Any] | None = None  # form values (dotted key -> value); or
+    yaml: str | None = None  # the YAML text as edited
+    config_path: str | None = None
+
+
+class ActionRequest(BaseModel):
+    name: str
+    action: str
+
+
+class CompareRequest(BaseModel):
+    names: list[str]
+
+
+class ValidateRequest(BaseModel):
+    path: str
+    format: str = "auto"
+    model: str | None = None  # a model whose tokenizer gives token statistics; None: no tokenizer
+
+
+class ChatRequest(BaseModel):
+    target: str  # a run name under output.dir, or a model folder inside the working folder
+    prompt: str
+    system: str | None = None
+    history: dict[str, list[dict[str, str]]] = Field(default_factory=lambda: {"base": [], "tuned": []})
+    max_new_tokens: int = Field(128, ge=1, le=2048)
+    temperature: float = Field(0.0, ge=0)
+
+
+def _ui(request: Request):
+    return request.app.state.ui
+
+
+def add_routes(app: FastAPI) -> None:
+    _config_routes(app)
+    _run_routes(app)
+    _data_routes(app)
+    _chat_routes(app)
+
+
+# ---------------------------------------------------------------- new run
+
+
+def _prepare(ui, req: ConfigRequest) -> dict[str, Any]:
+    """Form values or YAML text -> YAML, the config file path, the `tunelab train` command and any error."""
+    if req.yaml is None:
+        values = dict(req.values or {})
+        if not str(values.get("output.run_name") or "").strip():
+            values["output.run_name"] = _default_run_name(values)
+        data = forms.values_to_data(values)
+        text = forms.to_yaml(data)
+    else:
+        text = req.yaml
+    name = _run_name_in(text) or "run"
+    config_path = req.config_path or f"configs/{name}.yaml"
+    views.inside(ui.workdir, config_path, "config file")
+    cfg, error = forms.check_config(text, config_path)
+    args = forms.train_command(config_path)
+    out = {"yaml": text, "config_path": config_path, "error": error, "command": forms.shown(args), "args": args}
+    if cfg is not None and not cfg.output.run_name:
+        # fix the name now (as a command-line override, the file stays as written) so the UI knows the folder
+        name = _default_run_name({"model.name": cfg.model.name, "training.method": cfg.training.method})
+        args.append(f"output.run_name={name}")
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_name": name})})
+        out.update(command=forms.shown(args), args=args)
+    if cfg is not None:
+        out["run"] = _run_under_root(ui, cfg)
+    return out
+
+
+def _default_run_name(values: dict[str, Any]) -> str:
+    try:
+        from tunelab.rundir import default_run_name
+    except ImportError:  # before the run-folder module moved out of tunelab.train
+        from tunelab.train.rundir import default_run_name
+    try:  # the name training would pick, fixed now so the UI knows which folder the run will write
+        return default_run_name(_partial_config(values))
+    except Exception:  # noqa: BLE001 - an invalid form: validation reports it, any name will do
+        return "run"
+
+
+def _partial_config(values: dict[str, Any]):
+    from tunelab.config import Config
+
+    cfg = Config()
+    cfg.model.name = str(values.get("model.name") or cfg.model.name)
+    cfg.training.method = str(values.get("training.method") or cfg.training.method)
+    return cfg
+
+
+def _run_name_in(text: str) -> str | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) or {}
+        name = (data.get("output") or {}).get("run_name")
+    except Exception:  # noqa: BLE001 - invalid YAML: check_config says why
+        return None
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)) if name else None
+
+
+def _run_under_root(ui, cfg) -> str | None:
+    """The run's name under the UI's output.dir, or None when the config writes it somewhere else."""
+    if not cfg.output.run_name:
+        return None
+    folder = (ui.workdir / cfg.output.dir / cfg.output.run_name).resolve()
+    try:
+        return str(folder.relative_to(ui.root))
+    except ValueError:
+        return None
+
+
+def _config_routes(app: FastAPI) -> None:
+    @app.get("/api/schema")
+    def schema(request: Request):
+        ui = _ui(request)
+        sections = forms.form_schema()
+        for s in sections:  # the form starts from this UI's runs folder, so new runs show in its table
+            for f in s["fields"]:
+                if f["key"] == "output.dir":
+                    f["value"] = ui.dir_arg
+        return {"sections": sections}
+
+    @app.post("/api/config/render")
+    def render(request: Request, req: ConfigRequest):
+        return _prepare(_ui(request), req)
+
+    @app.post("/api/train")
+    def train(request: Request, req: ConfigRequest):
+        ui = _ui(request)
+        out = _prepare(ui, req)
+        if out["error"]:
+            return out
+        path = views.inside(ui.workdir, out["config_path"], "config file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(out["yaml"], encoding="utf-8")
+        out["job"] = ui.jobs.start(out["args"], kind="train", run=out.get("run"))
+        return out
+
+
+# ---------------------------------------------------------------- run actions
+
+
+def _merged_dir(name: str) -> str:
+    return f"models/{name.replace('/', '-')}-merged"
+
+
+def run_command(ui, name: str, action: str) -> tuple[list[str], list[str]]:
+    """(tunelab arguments, outputs) of a run action: the same command a person would type."""
+    run_arg = ui.run_arg(name)
+    merged = _merged_dir(name)
+    if action == "resume":
+        return ["train", "--resume", run_arg], []
+    if action == "eval":
+        return ["eval", "--adapter", run_arg, "--compare-base"], ["val"]
+    if action == "merge":
+        return ["merge", "--adapter", run_arg, "--output", merged], [merged]
+    if action == "export":
+        if not (ui.workdir / merged).is_dir():
+            raise JobError(f"export needs a merged model: merge first (expected {merged})")
+        gguf = f"models/{name.replace('/', '-')}.gguf"
+        return ["export", "--model", merged, "--format", "gguf", "--output", gguf], [gguf]
+    if action == "report":
+        report = f"{run_arg}/report.html"
+        return ["runs", "report", run_arg, "-o", report], [report]
+    raise TunelabError(f"unknown action {action!r}; one of {', '.join(RUN_ACTIONS)}")
+
+
+def stop_run(ui, name: str) -> dict[str, Any]:
+    """SIGINT to the training process, as Ctrl-C: the UI's own job, else the pid the manifest records."""
+    path = views.run_path(ui.root, name)
+    live = [j for j in ui.jobs.for_run(name) if j.get("kind") == "train" and j["state"] == "running"]
+    if live:
+        return {"stopped": live[0]["id"], "command": "Ctrl-C (SIGINT) to: " + live[0]["command"],
+                "job": ui.jobs.stop(live[0]["id"])}
+    pid = runs.read_manifest(path).get("pid")
+    if views.pid_alive(pid):
+        os.kill(pid, signal.SIGINT)
+        return {"stopped": pid, "command": f"kill -INT {pid}"}
+    raise JobError(f"{name} has no training process this UI can reach; press Ctrl-C where it runs")
+
+
+def _run_routes(app: FastAPI) -> None:
+    @app.post("/api/run/action")
+    def action(request: Request, req: ActionRequest):
+        ui = _ui(request)
+        views.run_path(ui.root, req.name)
+        if req.action == "stop":
+            return stop_run(ui, req.name)
+        args, outputs = run_command(ui, req.name, req.action)
+        kind = "train" if req.action == "resume" else req.action
+        job = ui.jobs.start(args, kind=kind, run=req.name, outputs=outputs)
+        return {"job": job, "command": job["command"]}
+
+    @app.post("/api/compare/export")
+    def compare_export(request: Request, req: CompareRequest):
+        """`tunelab runs compare A B ...`: its output, saved with the job, is the exported comparison."""
+        ui = _ui(request)
+        for n in req.names:
+            views.run_path(ui.root, n)
+        job = ui.jobs.start(["runs", "compare", *[ui.run_arg(n) for n in req.names]], kind="compare")
+        return {"job": job, "command": job["command"]}
+
+    @app.post("/api/jobs/{job_id}/stop")
+    def stop_job(request: Request, job_id: str):
+        return _ui(request).jobs.stop(job_id)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _data_routes(app: FastAPI) -> None:
+    @app.get("/api/datasets")
+    def datasets(request: Request):
+        ui = _ui(request)
+        found = []
+        for folder in ("data/raw", "data/processed", "data"):
+            base = ui.workdir / folder
+            if not base.is_dir():
+                continue
+            for p in sorted(base.iterdir()):
+                rel = str(p.relative_to(ui.workdir))
+                if p.is_file() and p.suffix.lower() in DATA_SUFFIXES:
+                    found.append({"path": rel, "kind": "file", "bytes": p.stat().st_size})
+                elif p.is_dir() and (p / "train.jsonl").is_file():
+                    found.append({"path": rel, "kind": "prepared"})
+        return {"datasets": found}
+
+    @app.put("/api/datasets/upload")
+    async def upload(request: Request, name: str):
+        """The file's bytes as the request body, saved under data/raw/ (never replacing a file)."""
+        ui = _ui(request)
+        clean = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".")
+        if not clean or Path(clean).suffix.lower() not in DATA_SUFFIXES:
+            raise TunelabError(f"{name!r}: a dataset file ends in one of {', '.join(DATA_SUFFIXES)}")
+        target = ui.workdir / "data" / "raw" / clean
+        stem, n = target.stem, 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{stem}-{n}{target.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(await request.body())
+        return {"path": str(target.relative_to(ui.workdir))}
+
+    @app.post("/api/datasets/validate")
+    def validate(request: Request, req: ValidateRequest):
+        return validate_dataset(_ui(request), req)
+
+
+def validate_dataset(ui, req: ValidateRequest) -> dict[str, Any]:
+    """`tunelab validate PATH`: the same library call (prepare_dataset with check=True), its printed lines too."""
+    import shlex
+
+    from tunelab.cli.prepare import load_stats_tokenizer
+    from tunelab.data.prepare import prepare_dataset
+
+    path = views.inside(ui.workdir, req.path, "dataset")
+    args = ["validate", req.path, "--format", req.format] + (["--model", req.model] if req.model else
+                                                             ["--no-tokenizer"])
+    lines: list[str] = []
+    cwd_path = str(path)
+    try:
+        tokenizer = load_stats_tokenizer(req.model) if req.model else None
+        result = prepare_dataset([cwd_path], format=req.format, tokenizer=tokenizer, check=True,
+                                 console=lines.append)
+    except TunelabError as e:
+        return {"command": "tunelab " + shlex.join(args), "error": str(e), "output": "\n".join(lines)}
+    rep = result.report
+    keep = ("records_read", "records_accepted", "records_rejected", "duplicates_removed", "usable", "problems",
+            "warnings", "rejected_by_reason", "rejected_examples", "fingerprint")
+    return {"command": "tunelab " + shlex.join(args), "report": {k: rep.get(k) for k in keep},
+            "output": "\n".join(lines).replace(cwd_path, req.path)}
+
+
+# ---------------------------------------------------------------- chat
+
+
+def chat_target(ui, target: str) -> Path:
+    """A run (its checkpoint-final) under output.dir, or a model folder inside the working folder."""
+    try:
+        return views.run_path(ui.root, target)
+    except runs.RunError:
+        path = views.inside(ui.workdir, target, "model")
+        if not path.is_dir():
+            raise runs.RunError(f"no run or model folder {target!r}") from None
+        return path
+
+
+def _chat_routes(app: FastAPI) -> None:
+    @app.get("/api/chat/targets")
+    def targets(request: Request):
+        ui = _ui(request)
+        found = [r["name"] for r in ui.table.rows() if (ui.root / r["name"] / "checkpoint-final").is_dir()]
+        models = ui.workdir / "models"
+        if models.is_dir():
+            found += [str(p.relative_to(ui.workdir)) for p in sorted(models.iterdir())
+                      if (p / "config.json").is_file()]
+        return {"targets": found}
+
+    @app.post("/api/chat")
+    async def chat(request: Request, req: ChatRequest):
+        from tunelab.ui.chat import stream_pair
+
+        ui = _ui(request)
+        target = chat_target(ui, req.target)
+        convs = {}
+        for side in ("base", "tuned"):
+            msgs = ([{"role": "system", "content": req.system}] if req.system else [])
+            msgs += [m for m in req.history.get(side, []) if m.get("role") in ("user", "assistant")]
+            convs[side] = msgs + [{"role": "user", "content": req.prompt}]
+        gen = {"max_new_tokens": req.max_new_tokens, "temperature": req.temperature}
+        return StreamingResponse(stream_pair(ui.chat, target, convs, gen, request.is_disconnected),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-store"})

@@ -1,0 +1,151 @@
+"""Commands the UI launches: each one an ordinary `tunelab ...` command line, shown, saved and run in its own process.
+
+    jobs = Jobs(Path("outputs/.ui/jobs"), workdir=Path.cwd())
+    job = jobs.start(["train", "--config", "configs/a.yaml"], kind="train", run="a")
+    jobs.stop(job["id"])            # SIGINT, the same as Ctrl-C: the run checkpoints and prints its resume command
+
+A job is `<state_dir>/<id>.json` (the command, pid, times, exit code) plus `<id>.log` (everything it printed).
+The process runs in its own session, so closing the browser or stopping the UI server does not stop it, and a
+restarted server finds its jobs again from those files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.rundir import write_json_atomic
+
+
+class JobError(TunelabError):
+    """A job that cannot be started or stopped."""
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def display_command(args: list[str]) -> str:
+    """What a person would type: `tunelab train --config configs/a.yaml`."""
+    return "tunelab " + shlex.join(args)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Jobs:
+    def __init__(self, state_dir: Path, workdir: Path):
+        self.dir = Path(state_dir)
+        self.workdir = Path(workdir)
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, job_id: str) -> Path:
+        if not job_id.isalnum():
+            raise JobError(f"no job {job_id!r}")
+        return self.dir / f"{job_id}.json"
+
+    def start(self, args: list[str], kind: str, run: str | None = None, outputs: list[str] | None = None) -> dict:
+        """Run `tunelab ARGS` in the working folder (python -m tunelab: the same install as this server)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        job_id = dt.datetime.now().strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
+        log = self.dir / f"{job_id}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TUNELAB_UI_JOB=job_id)
+        with open(log, "wb") as out:
+            # own session: not killed with the server, and SIGINT to the group reaches torchrun's workers too
+            proc = subprocess.Popen([sys.executable, "-m", "tunelab", *args], cwd=self.workdir, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        record = {"id": job_id, "kind": kind, "run": run, "args": args, "command": display_command(args),
+                  "cwd": str(self.workdir), "pid": proc.pid, "started_at": now_iso(), "ended_at": None,
+                  "returncode": None, "outputs": outputs or [], "log": log.name}
+        write_json_atomic(self._path(job_id), record)
+        with self._lock:
+            self._procs[job_id] = proc
+        threading.Thread(target=self._wait, args=(job_id, proc), daemon=True).start()
+        return record
+
+    def _wait(self, job_id: str, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        record = self.get(job_id)
+        record.update(returncode=code, ended_at=now_iso())
+        write_json_atomic(self._path(job_id), record)
+        with self._lock:
+            self._procs.pop(job_id, None)
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        path = self._path(job_id)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise JobError(f"no job {job_id!r}") from None
+        return self._with_liveness(record)
+
+    def _with_liveness(self, record: dict[str, Any]) -> dict[str, Any]:
+        # a job started by an earlier server: its exit code is unknown, but whether it still runs is not
+        if record.get("returncode") is None and record["id"] not in self._procs and not _alive(record["pid"]):
+            record["state"] = "ended"
+        else:
+            record["state"] = "running" if record.get("returncode") is None else "ended"
+        return record
+
+    def all(self) -> list[dict[str, Any]]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in self.dir.glob("*.json"):
+            try:
+                out.append(self._with_liveness(json.loads(p.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError):
+                continue
+        return sorted(out, key=lambda r: r["id"], reverse=True)
+
+    def for_run(self, run: str) -> list[dict[str, Any]]:
+        return [j for j in self.all() if j.get("run") == run]
+
+    def latest_by_run(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for j in self.all():  # newest first
+            if j.get("run") and j.get("kind") == "train":
+                out.setdefault(j["run"], j)
+        return out
+
+    def log(self, job_id: str, max_bytes: int = 20000) -> str:
+        from tunelab.ui.views import tail
+
+        self._path(job_id)
+        return tail(self.dir / f"{job_id}.log", max_bytes)
+
+    def stop(self, job_id: str) -> dict[str, Any]:
+        """SIGINT to the job's process group: what Ctrl-C in its terminal would do."""
+        record = self.get(job_id)
+        if record["state"] != "running":
+            raise JobError(f"job {job_id} is not running")
+        send_sigint(record["pid"])
+        return record
+
+
+def send_sigint(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGINT)
+    except ProcessLookupError:
+        raise JobError(f"process {pid} is gone") from None
+    except PermissionError:
+        os.kill(pid, signal.SIGINT)
