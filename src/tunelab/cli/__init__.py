@@ -23,6 +23,7 @@ VERBS = {
     "runs": ("tunelab.cli.runs", "list, show, compare, plot and report runs"),
     "reproduce": ("tunelab.cli.reproduce", "re-run a finished run from its folder and compare the loss curves"),
     "sweep": ("tunelab.cli.sweep", "run a grid of config variations as one sweep"),
+    "ui": ("tunelab.cli.ui", "web dashboard over the runs: live curves, compare, new runs, chat"),
     "demo": ("tunelab.cli.demo", "write the demo datasets and run the whole pipeline on the bundled model"),
 }
 
