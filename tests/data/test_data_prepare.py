@@ -156,7 +156,7 @@ def test_normalisations_and_warnings_are_counted(write):
     n = r.report["normalisations"]
     assert n["byte-order mark stripped"] == 1 and n["CRLF line endings read"] == 1 and n["whitespace trimmed"] == 1
     assert n["role 'human' → user"] == 1 and n["role 'gpt' → assistant"] == 1
-    assert r.report["warnings"] == {"template_placeholders": 1}
+    assert r.report["warnings"] == {"template_placeholders": 1, "mixed_formats": 1}  # alpaca + sharegpt
     assert r.report["warning_examples"]["template_placeholders"][0].endswith("d.jsonl line 2")
 
 

@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.data.values import record_problem
+
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 # Keys a column map may rename: record level, then turn level (inside conversations/messages).
 RECORD_KEYS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools")
@@ -50,6 +52,7 @@ class Invalid(ValueError):
     def __init__(self, category: str, reason: str):
         super().__init__(reason)
         self.category, self.reason = category, reason
+        self.format: str | None = None  # the record's format, when it was known before the problem was found
 
 
 @dataclass
@@ -205,7 +208,7 @@ def _turns(turns: Any, key: str, rec_map: dict[str, str], notes: Counter) -> tup
             raise Invalid("missing_field", f"turn {j} has no role ('from' or 'role')")
         kind = ROLE_ALIASES.get(role.strip().lower())
         if kind is None:
-            raise Invalid("unknown_role", f"turn {j} has an unknown role '{role}' (known: "
+            raise Invalid("unknown_role", f"turn {j} has an unknown role {role[:40]!r} (known: "
                                           f"{', '.join(sorted(ROLE_ALIASES))})")
         canon = ASSISTANT if kind == CALL else kind
         if role != canon:
@@ -220,6 +223,7 @@ def _turns(turns: Any, key: str, rec_map: dict[str, str], notes: Counter) -> tup
             call = call or kind == CALL
         elif isinstance(content, (int, float)) and not isinstance(content, bool):
             content = str(content)
+            notes["number in a turn's text → text"] += 1
         elif content is not None and not isinstance(content, str):
             raise Invalid("wrong_type", f"turn {j} ({canon}): the text must be a string, got {_type_name(content)}")
         content = _clean(content or "", notes)
@@ -269,6 +273,9 @@ def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = N
     notes = Counter() if notes is None else notes
     if not isinstance(rec, dict):
         raise Invalid("wrong_type", f"a record must be a JSON object, got {_type_name(rec)}")
+    problem = record_problem(rec)
+    if problem:
+        raise Invalid(*problem)
     turn_map = {}
     if column_map:
         rename = {src: dst for dst, src in column_map.items() if dst in RECORD_KEYS and src in rec}
@@ -278,6 +285,15 @@ def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = N
             rec = renamed
         turn_map = {k: v for k, v in column_map.items() if k in TURN_KEYS}
     kind = _detect(rec) if fmt == "auto" else fmt
+    try:
+        return _normalize_as(kind, rec, turn_map, system_prompt, notes)
+    except Invalid as e:
+        e.format = kind  # counted per format in the report even when rejected (mixed-format files)
+        raise
+
+
+def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt: str | None,
+                  notes: Counter) -> Conversation:
     warnings: list[tuple[str, str]] = []
     tools = _tools(rec, notes)
     if kind == "alpaca":

@@ -69,6 +69,17 @@ class PreparedData:
     folder: Path | None = None
 
 
+def _dumps(obj: Any, **kw) -> str:
+    """JSON for our own files: readable UTF-8, except that text which is not valid Unicode (the raw line of a
+    rejected record, with a lone surrogate or an undecodable byte) is escaped instead of crashing the write."""
+    text = json.dumps(obj, ensure_ascii=False, **kw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, **kw)
+    return text
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -188,7 +199,11 @@ class _FastTokenizer:
                                                       **kwargs))
             except Exception:  # the record's own encode reports it
                 pass
-        for text, enc in zip(texts, self._backend.encode_batch(texts, add_special_tokens=False)):
+        try:
+            batch = self._backend.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # e.g. a TypeError for text the Rust side refuses: each record's own encode reports it
+            return
+        for text, enc in zip(texts, batch):
             self._pretok[text] = (enc.ids, enc.offsets)
 
     def get_vocab(self):
@@ -268,6 +283,7 @@ class _Pass:
         self.sinks: dict[str, Any] = {}
         self.counts_by_role: Counter = Counter()
         self.pending: list[tuple] = []  # records waiting to be encoded together (ENCODE_CHUNK at a time)
+        self.format_first: dict[str, str] = {}  # of the file being read: format -> location of its first record
 
     def sink(self, role: str):
         if role not in self.sinks:
@@ -300,7 +316,7 @@ class _Pass:
             if duplicate_of:
                 entry["duplicate_of"] = duplicate_of
             entry["raw"] = item.raw
-            self.rejected_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.rejected_file.write(_dumps(entry) + "\n")
 
     def warn(self, category: str, where: str) -> None:
         self.warnings[category] += 1
@@ -351,9 +367,12 @@ class _Pass:
                              self.notes)
             key = hash(json.dumps([conv.messages, conv.tools], ensure_ascii=False))
         except Invalid as e:
+            if e.format:
+                self._saw_format(e.format, item, fstats)
             return self.reject(source, item, e.category, e.reason, fstats)
         except (RecursionError, ValueError, TypeError) as e:  # e.g. tools nested thousands deep: reject, never crash
             return self.reject(source, item, "malformed", f"cannot be processed ({type(e).__name__}: {e})", fstats)
+        self._saw_format(conv.format, item, fstats)
         first = self.seen.get(key)
         if first is not None:
             return self.reject(source, item, "duplicate", "duplicate of an earlier record", fstats,
@@ -402,7 +421,6 @@ class _Pass:
             self.warn(category, f"{source} {item.location}")
         self.accepted += 1
         fstats["accepted"] += 1
-        fstats[f"format {conv.format}"] += 1
         self.counts_by_role[role] += 1
         if len(self.samples) < self.show_samples:
             self.samples.append((conv, enc))
@@ -410,6 +428,10 @@ class _Pass:
         if out is not None:
             out.write(json.dumps({"messages": conv.messages, "tools": conv.tools, "source": source,
                                   "location": item.location}, ensure_ascii=False) + "\n")
+
+    def _saw_format(self, fmt: str, item: RawItem, fstats: Counter) -> None:
+        fstats[f"format {fmt}"] += 1
+        self.format_first.setdefault(fmt, item.location)
 
     def _where(self, packed: int) -> str:
         file_idx, n = packed >> 40, packed & ((1 << 40) - 1)
@@ -491,22 +513,35 @@ def _read_all(p: _Pass, files: list[tuple[str, Path]], console) -> list[dict[str
                 p.flush()
             except FileError as e:
                 errors.append(str(e))
-            if info.encoding.endswith("BOM"):
-                p.notes["byte-order mark stripped"] += 1
-            if info.crlf:
-                p.notes["CRLF line endings read"] += 1
-            if info.blank_lines:
-                p.notes["blank lines skipped"] += info.blank_lines
-            formats = {k[7:]: v for k, v in fstats.items() if k.startswith("format ")}
-            file_reports.append({"path": source, "role": role, "container": info.container,
-                                 "encoding": info.encoding, "crlf": info.crlf, "formats": formats,
-                                 **{k: v for k, v in fstats.items() if not k.startswith("format ")}})
+            file_reports.append(_file_report(p, source, role, info, fstats))
+            p.format_first = {}
     finally:
         p.close()
     if errors:
         raise DataError(("these files cannot be read as datasets:\n  " if len(errors) > 1 else "")
                         + "\n  ".join(errors))
     return file_reports
+
+
+def _file_report(p: _Pass, source: str, role: str, info: FileInfo, fstats: Counter) -> dict[str, Any]:
+    """One file's line of the report; a file that mixes record formats is a warning (see docs/data.md)."""
+    if info.encoding.endswith("BOM"):
+        p.notes["byte-order mark stripped"] += 1
+    if info.crlf:
+        p.notes["CRLF line endings read"] += 1
+    if info.blank_lines:
+        p.notes["blank lines skipped"] += info.blank_lines
+    # Records of each format (accepted or rejected, in order of first appearance) and where each first occurs.
+    formats = {k[7:]: v for k, v in fstats.items() if k.startswith("format ")}
+    if len(formats) > 1:
+        # Each record is still read by its own format, so nothing is lost; but a file that mixes them is
+        # usually two exports concatenated, or a format detected wrongly: say so, with where each one starts.
+        p.warnings["mixed_formats"] += sum(formats.values()) - max(formats.values())
+        p.warning_examples.setdefault("mixed_formats", []).append(
+            f"{source}: " + rpt.formats_text(formats, p.format_first))
+    return {"path": source, "role": role, "container": info.container, "encoding": info.encoding,
+            "crlf": info.crlf, "formats": formats, "format_first": dict(p.format_first),
+            **{k: v for k, v in fstats.items() if not k.startswith("format ")}}
 
 
 def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reject_ratio, out_dir) -> dict:
@@ -577,7 +612,12 @@ def _print_summary(p: _Pass, report: dict, console) -> None:
                                                                            key=lambda kv: -kv[1])))
     for cat, count in report["warnings"].items():
         ex = report["warning_examples"].get(cat, [])
-        console(f"warning: {cat}: {count} record(s), e.g. {'; '.join(ex[:3])}")
+        if cat != "mixed_formats":
+            console(f"warning: {cat}: {count} record(s), e.g. {'; '.join(ex[:3])}")
+    for f in report["files"]:
+        if len(f["formats"]) > 1:
+            console(f"warning: {f['path']} mixes record formats: {rpt.formats_text(f['formats'], f['format_first'])}; "
+                    "each record was read by its own format (use --format to insist on one)")
     if report["rejected_by_reason"]:
         console("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in report["rejected_by_reason"].items()))
     ts = report["token_stats"]
@@ -617,7 +657,7 @@ def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
     if ts:
         rpt.write_histogram_png(ts["histogram"], ts["max_length"], workdir / "length_histogram.png",
                                 f"{report['name']}: tokens per record ({report['records_accepted']} records)")
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (workdir / "report.json").write_text(_dumps(report, indent=2) + "\n", encoding="utf-8")
     (workdir / "report.md").write_text(rpt.markdown(report), encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()

@@ -11,12 +11,16 @@ use LF or CRLF line endings.
 Problems of one record (invalid JSON on a JSONL line, invalid UTF-8 bytes, a CSV row with the wrong number of
 fields) come back as an item with ``error`` set, so the caller rejects just that record. Problems of the whole
 file (empty, truncated JSON array, trailing comma, unknown container) raise ``FileError`` with line and column.
-JSONL, CSV and Parquet are streamed (memory does not grow with the file); a JSON array is parsed whole.
+Every container is streamed: memory does not grow with the file. A JSON array is read element by element
+through a moving window (`_Window`, ``json.JSONDecoder.raw_decode`` over chunks), so a multi-GB array needs a
+few MB and every element keeps its exact line; a record nested too deeply for Python's parser is rejected
+alone. (ijson would stream too, but it parses numbers as Decimal and reports neither the element's text nor
+positions for the messages below; raw_decode gives both with the standard library.)
 """
 
 from __future__ import annotations
 
-import bisect
+import codecs
 import csv
 import io
 import json
@@ -26,10 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.values import parse_int
 from tunelab.errors import TunelabError
 
 _WS = re.compile(r"[ \t\n\r]*")
 _SNIFF_BYTES = 1 << 16  # enough to see the first JSONL line or CSV header of any sane file
+_MARK = "tunelab-mark-bad-bytes"
+_MARKED = re.compile("[\udc00-\udcff]")  # what _MARK decodes a bad byte to; valid decoding never yields these
 _BOMS = [  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32 (BOM)"),
     (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32 (BOM)"),
@@ -37,6 +44,15 @@ _BOMS = [  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (b"\xff\xfe", "utf-16-le", "UTF-16 (BOM)"),
     (b"\xfe\xff", "utf-16-be", "UTF-16 (BOM)"),
 ]
+
+
+def _mark_bad_bytes(e: UnicodeDecodeError) -> tuple[str, int]:
+    # Like "surrogateescape" but for every byte (UTF-16 errors involve bytes < 128 too): each undecodable byte
+    # becomes U+DC00 + byte, which no valid decoding produces, so a reader can find and locate it later.
+    return "".join(chr(0xDC00 + b) for b in e.object[e.start:e.end]), e.end
+
+
+codecs.register_error(_MARK, _mark_bad_bytes)
 
 
 class DataError(TunelabError):
@@ -120,10 +136,13 @@ def _text_lines(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterato
                     info.bad_lines += 1
                 yield n, s, bad
         else:
-            stream = io.TextIOWrapper(f, encoding=codec, errors="replace", newline="")
+            stream = io.TextIOWrapper(f, encoding=codec, errors=_MARK, newline="")
             for n, s in enumerate(stream, 1):
-                bad = f"invalid {info.encoding.split()[0]} data on this line" if "\ufffd" in s else None
-                info.bad_lines += bad is not None
+                m = _MARKED.search(s)
+                bad = f"invalid {info.encoding.split()[0]} data at column {m.start() + 1}" if m else None
+                if m:
+                    info.bad_lines += 1
+                    s = _MARKED.sub("\ufffd", s)
                 yield n, s, bad
 
 
@@ -211,7 +230,7 @@ def _csv_rows_agree(text: str, delim: str) -> bool:
 
 
 def _read_jsonl(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[RawItem]:
-    loads = json.loads
+    loads = json.JSONDecoder(parse_int=parse_int).decode
     for n, s, bad in _text_lines(path, codec, bom_len, info):
         if s.endswith("\r\n"):
             info.crlf = True
@@ -238,125 +257,205 @@ def _json_line_reason(e: ValueError, s: str) -> str:
     return f"invalid JSON: {e}"
 
 
-# ---------------------------------------------------------------- JSON document (array or one object)
+# ---------------------------------------------------------------- JSON document (array or one object), streamed
+
+# Characters decoded per read. The window holds about two of these plus the record being read, so memory does
+# not grow with the file (a multi-GB array reads in a few MB); a larger record widens the window as needed.
+CHUNK_CHARS = 1 << 20
+_DECODE = json.JSONDecoder(parse_int=parse_int).raw_decode
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)  # strings (skipped whole) and brackets
 
 
-def _decode_whole(path: Path, codec: str, bom_len: int, info: FileInfo) -> tuple[str, dict[int, str]]:
-    """The file's text and {line: encoding problem} for lines with invalid bytes (replaced by U+FFFD)."""
-    data = path.read_bytes()[bom_len:]
-    try:
-        return data.decode(codec), {}
-    except UnicodeDecodeError:
-        pass
-    parts, bad = [], {}
-    for n, s, problem in _text_lines(path, codec, bom_len, info):
-        parts.append(s)
-        if problem:
-            bad[n] = problem
-    return "".join(parts), bad
+class _Window:
+    """A moving window over a decoded text file: read on in chunks, drop what was consumed, keep line numbers.
+
+    ``buf[pos]`` is the next character to read; it is on line ``line``, which starts at buffer index
+    ``line_start`` (negative once the start of the line has been dropped). Undecodable bytes are kept as marker
+    characters (see `_MARK`) so a record holding one can be rejected with its line and column.
+    """
+
+    def __init__(self, f, codec: str, chunk: int):
+        self._f, self._chunk = f, chunk
+        self._dec = codecs.getincrementaldecoder(codec)(errors=_MARK)
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line, self.line_start = 1, 0
+
+    def more(self, at_least: int = 0) -> bool:
+        """Read on by a chunk, or by `at_least` characters (to double the window); False at the end."""
+        if self.eof:
+            return False
+        self.buf, self.line_start, self.pos = self.buf[self.pos:], self.line_start - self.pos, 0
+        parts, got = [self.buf], 0
+        while got < max(self._chunk, at_least):
+            b = self._f.read(self._chunk)
+            parts.append(self._dec.decode(b, final=not b))
+            got += len(parts[-1])
+            if not b:
+                self.eof = True
+                break
+        self.buf = "".join(parts)
+        return True
+
+    def advance(self, to: int) -> None:
+        n = self.buf.count("\n", self.pos, to)
+        if n:
+            self.line += n
+            self.line_start = self.buf.rfind("\n", self.pos, to) + 1
+        self.pos = to
+
+    def where(self, i: int) -> tuple[int, int]:
+        """(line, column) of buffer index ``i >= pos``, both from 1."""
+        n = self.buf.count("\n", self.pos, i)
+        if not n:
+            return self.line, i - self.line_start + 1
+        return self.line + n, i - self.buf.rfind("\n", self.pos, i)
+
+    def next_char(self) -> str:
+        """Skip whitespace; the next character, or '' at the end of the file."""
+        while True:
+            self.advance(_WS.match(self.buf, self.pos).end())
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
+
+    def value(self) -> tuple[Any, int]:
+        """Decode the JSON value at ``pos``: (value, end). Reads on while the window's end may cut it."""
+        while True:
+            try:
+                value, end = _DECODE(self.buf, self.pos)
+                # A number may go on past the window ("1500." of "1500.25", "1e" of "1e+5"): at most two
+                # characters stop the number grammar early, so keep more than two in view after any value.
+                if end + 2 < len(self.buf) or self.eof:
+                    return value, end
+            except json.JSONDecodeError as e:
+                cut = e.pos >= len(self.buf) - 16 or e.msg.startswith("Unterminated string")
+                if self.eof or not cut:
+                    raise
+            self.more(at_least=len(self.buf) - self.pos)
+
+    def skip_value(self) -> int | None:
+        """The end of the (too deeply nested) value at ``pos`` by counting brackets; None if the file ends first."""
+        while True:
+            depth = 0
+            for m in _BRACKETS.finditer(self.buf, self.pos):
+                c = m.group()
+                depth += 1 if c in "[{" else -1 if c in "]}" else 0
+                if depth == 0:
+                    return m.end()
+            if not self.more(at_least=len(self.buf) - self.pos):
+                return None
 
 
-class _Lines:
-    """Map a character offset to (line, column), both from 1."""
-
-    def __init__(self, text: str):
-        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
-
-    def at(self, pos: int) -> tuple[int, int]:
-        i = bisect.bisect_right(self.starts, pos) - 1
-        return i + 1, pos - self.starts[i] + 1
+def _tail_closes(path: Path, codec: str, bom_len: int, closer: str) -> bool:
+    """Whether the file's last non-blank character is `closer` (to tell a truncated file from a broken one)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(bom_len, size - 64 + (size - bom_len) % 4))  # whole UTF-16/32 code units
+        return f.read().decode(codec, "replace").rstrip().endswith(closer)
 
 
-def _read_json(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[RawItem]:
-    text, bad = _decode_whole(path, codec, bom_len, info)
-    lines = _Lines(text)
-    pos = _WS.match(text, 0).end()
-    if pos >= len(text):
-        raise FileError(path, "the file is empty (no records)")
-    if text[pos] == "[":
-        spans = _scan_array(path, text, pos, lines, bad)
-    elif text[pos] == "{":
-        spans = [_scan_object(path, text, pos, lines, bad)]
-    else:
-        line, col = lines.at(pos)
-        raise FileError(path, "expected a JSON array of records or one record object", line, col)
-    for i, (start, end, value) in enumerate(spans, 1):
-        line, _ = lines.at(start)
-        last, _ = lines.at(end - 1)
-        loc = f"record {i} (line {line})"
-        problem = next((f"line {n}: {bad[n]}" for n in range(line, last + 1) if n in bad), None) if bad else None
-        if problem:
-            yield RawItem(loc, line, error=problem, span=(text, start, end))
-        else:
-            yield RawItem(loc, line, value, span=(text, start, end))
+def _marked_reason(w: _Window, start: int, end: int, label: str) -> str | None:
+    """Where the first undecodable byte between buffer indexes start and end is, or None."""
+    m = _MARKED.search(w.buf, start, end)
+    if m is None:
+        return None
+    line, col = w.where(m.start())
+    if label.startswith("UTF-8"):
+        text = w.buf[start:end]
+        latin = not any(ord(c) > 127 and not _MARKED.match(c) for c in text)
+        hint = "; the file looks like Latin-1/Windows-1252: convert it, e.g. iconv -f cp1252 -t utf-8" if latin else ""
+        return f"line {line}: invalid UTF-8 byte 0x{ord(m.group()) - 0xDC00:02x} at column {col}{hint}"
+    return f"line {line}: invalid {label.split()[0]} data at column {col}"
 
 
-def _json_error(path: Path, e: json.JSONDecodeError, lines: _Lines, bad: dict[int, str], what: str) -> FileError:
-    line, col = lines.at(e.pos)
-    hint = f"; note line {min(bad)} has {bad[min(bad)]}" if bad else ""
-    return FileError(path, f"invalid JSON in {what}: {e.msg}{hint}", line, col)
+def _read_json(path: Path, codec: str, bom_len: int, info: FileInfo, chunk: int = CHUNK_CHARS) -> Iterator[RawItem]:
+    """The elements of a JSON array (or the one object of a JSON object file), streamed through a `_Window`."""
+    with open(path, "rb") as f:
+        f.seek(bom_len)
+        w = _Window(f, codec, chunk)
+        c = w.next_char()
+        if not c:
+            raise FileError(path, "the file is empty (no records)")
+        if c not in "[{":
+            raise FileError(path, "expected a JSON array of records or one record object", *w.where(w.pos))
+        closes = _tail_closes(path, codec, bom_len, "]" if c == "[" else "}")
+        if c == "{":
+            yield _element(path, w, 1, info.encoding, closes, "the JSON object")
+            if w.next_char():
+                raise FileError(path, "extra data after the JSON object (for one record per line, every line must "
+                                      "be a complete JSON object: JSON Lines)", *w.where(w.pos))
+            return
+        w.advance(w.pos + 1)
+        if w.next_char() == "]":
+            raise FileError(path, "the JSON array is empty (no records)", *w.where(w.pos))
+        yield from _array_elements(path, w, info.encoding, closes)
 
 
-def _scan_object(path, text, pos, lines, bad):
-    try:
-        value, end = json.JSONDecoder().raw_decode(text, pos)
-    except RecursionError:
-        raise FileError(path, "the JSON object is nested too deeply to read", *lines.at(pos)) from None
-    except json.JSONDecodeError as e:
-        if e.pos >= len(text.rstrip()) or not text.rstrip().endswith("}"):
-            line, col = lines.at(len(text))
-            raise FileError(path, "the file ends in the middle of the JSON object (truncated?)", line, col) from None
-        raise _json_error(path, e, lines, bad, "the JSON object") from None
-    rest = _WS.match(text, end).end()
-    if rest < len(text):
-        line, col = lines.at(rest)
-        raise FileError(path, "extra data after the JSON object (for one record per line, every line must be a "
-                              "complete JSON object: JSON Lines)", line, col)
-    return pos, end, value
+def _array_elements(path: Path, w: _Window, label: str, closes: bool) -> Iterator[RawItem]:
+    count, comma = 0, None
 
+    def truncated() -> FileError:
+        w.advance(len(w.buf))
+        return FileError(path, f"the file ends before the JSON array is closed with ']' (truncated?); {count} "
+                               "complete records before that", *w.where(w.pos))
 
-def _scan_array(path: Path, text: str, pos: int, lines: _Lines, bad: dict[int, str]) -> list[tuple[int, int, Any]]:
-    """Split a JSON array into (start, end, value) per element, with exact positions for every problem."""
-    decode = json.JSONDecoder().raw_decode
-    ws = _WS.match
-    n = len(text)
-    out: list[tuple[int, int, Any]] = []
-    pos = ws(text, pos + 1).end()
-    if pos < n and text[pos] == "]":
-        raise FileError(path, "the JSON array is empty (no records)", *lines.at(pos))
-    comma = None
     while True:
-        if pos >= n:
-            raise FileError(path, f"the file ends before the JSON array is closed with ']' (truncated?); "
-                                  f"{len(out)} complete records before that", *lines.at(n))
-        if text[pos] == "]" and comma is not None:
-            raise FileError(path, f"trailing comma after record {len(out)}: JSON does not allow a comma before "
-                                  "']'; delete it", *lines.at(comma))
-        try:
-            value, end = decode(text, pos)
-        except RecursionError:
-            raise FileError(path, f"record {len(out) + 1} is nested too deeply to read", *lines.at(pos)) from None
-        except json.JSONDecodeError as e:
-            if e.pos >= len(text.rstrip()) or not text.rstrip().endswith("]"):
-                raise FileError(path, f"the file ends in the middle of record {len(out) + 1} (truncated?); "
-                                      f"{len(out)} complete records before it", *lines.at(n)) from None
-            raise _json_error(path, e, lines, bad, f"record {len(out) + 1}") from None
-        out.append((pos, end, value))
-        pos = ws(text, end).end()
-        if pos >= n:
-            raise FileError(path, f"the file ends before the JSON array is closed with ']' (truncated?); "
-                                  f"{len(out)} complete records before that", *lines.at(n))
-        c = text[pos]
+        c = w.next_char()
+        if not c:
+            raise truncated()
+        if c == "]" and comma is not None:
+            raise FileError(path, f"trailing comma after record {count}: JSON does not allow a comma before ']'; "
+                                  "delete it", *comma)
+        count += 1
+        yield _element(path, w, count, label, closes, f"record {count}")
+        c = w.next_char()
         if c == ",":
-            comma, pos = pos, ws(text, pos + 1).end()
+            comma = w.where(w.pos)
+            w.advance(w.pos + 1)
         elif c == "]":
-            rest = ws(text, pos + 1).end()
-            if rest < n:
-                raise FileError(path, "extra data after the closing ']' of the JSON array", *lines.at(rest))
-            return out
+            w.advance(w.pos + 1)
+            if w.next_char():
+                raise FileError(path, "extra data after the closing ']' of the JSON array", *w.where(w.pos))
+            return
+        elif not c:
+            raise truncated()
         else:
-            raise FileError(path, f"expected ',' or ']' after record {len(out)}, found {c!r} (a missing comma?)",
-                            *lines.at(pos))
+            raise FileError(path, f"expected ',' or ']' after record {count}, found {c!r} (a missing comma?)",
+                            *w.where(w.pos))
+
+
+def _element(path: Path, w: _Window, n: int, label: str, closes: bool, what: str) -> RawItem:
+    """One array element (or the whole object) as a located RawItem; the window moves past it."""
+    line = w.line
+    loc = f"record {n} (line {line})"
+    try:  # reading on may move the window: the element starts at w.pos afterwards, not at the old index
+        value, end = w.value()
+    except RecursionError:  # deeper than Python's parser goes: reject this record, read on after it
+        end = w.skip_value()
+        if end is None:
+            raise FileError(path, f"{what} is nested too deeply to read, and the file ends inside it",
+                            *w.where(w.pos)) from None
+        raw = w.buf[w.pos:end]
+        w.advance(end)
+        return RawItem(loc, line, error="invalid JSON: nested too deeply (thousands of levels)", raw=raw)
+    except json.JSONDecodeError as e:
+        raise _element_error(path, w, e, n, closes, what, label) from None
+    raw = w.buf[w.pos:end]
+    bad = _marked_reason(w, w.pos, end, label)
+    w.advance(end)
+    return RawItem(loc, line, error=bad, raw=raw) if bad else RawItem(loc, line, value, raw=raw)
+
+
+def _element_error(path: Path, w: _Window, e: json.JSONDecodeError, n: int, closes: bool, what: str,
+                   label: str) -> FileError:
+    if w.eof and (e.pos >= len(w.buf.rstrip()) or not closes):
+        before = f"; {n - 1} complete records before it" if what.startswith("record") else ""
+        w.advance(len(w.buf))
+        return FileError(path, f"the file ends in the middle of {what} (truncated?){before}", *w.where(w.pos))
+    bad = _marked_reason(w, w.pos, min(len(w.buf), e.pos + 1), label)
+    hint = f"; note {bad}" if bad else ""
+    return FileError(path, f"invalid JSON in {what}: {e.msg}{hint}", *w.where(e.pos))
 
 
 # ---------------------------------------------------------------- CSV / TSV

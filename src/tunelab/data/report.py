@@ -81,6 +81,12 @@ def conservation_line(r: dict[str, Any]) -> str:
             f"{r['duplicates_removed']} duplicates removed")
 
 
+def formats_text(formats: dict[str, int], first: dict[str, str]) -> str:
+    """``alpaca 3 (first at line 1), sharegpt 2 (first at line 4)``: a file's record formats."""
+    return ", ".join(f"{fmt} {n} (first at {first[fmt]})" if fmt in first else f"{fmt} {n}"
+                     for fmt, n in formats.items())
+
+
 def _table(rows: list[tuple], header: tuple) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |" for row in rows]
@@ -95,9 +101,15 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"- problem: {p}")
     lines += ["", f"Split: {r['split']['train']} train / {r['split']['val']} validation ({r['split']['how']}).",
               "", f"Fingerprint: `{r['fingerprint']}`", "", "## Inputs", ""]
-    lines += _table([(f["path"], f["role"], f["container"], f["encoding"], f["records_read"], f["accepted"],
-                      f["rejected"], f["duplicates"]) for f in r["files"]],
-                    ("file", "role", "container", "encoding", "read", "accepted", "rejected", "duplicates"))
+    lines += _table([(f["path"], f["role"], f["container"], f["encoding"],
+                      formats_text(f.get("formats", {}), f.get("format_first", {})) or "-", f["records_read"],
+                      f["accepted"], f["rejected"], f["duplicates"]) for f in r["files"]],
+                    ("file", "role", "container", "encoding", "formats", "read", "accepted", "rejected",
+                     "duplicates"))
+    mixed = [f for f in r["files"] if len(f.get("formats", {})) > 1]
+    if mixed:
+        lines += ["", f"**Mixed formats** in {len(mixed)} file(s): each record was read by its own format; "
+                  "use `--format` to insist on one, or split the file."]
     if r["rejected_by_reason"]:
         lines += ["", "## Rejected records", "", "Every rejected record is in `rejected.jsonl` with its raw text.", ""]
         lines += _table(sorted(r["rejected_by_reason"].items(), key=lambda kv: -kv[1]), ("reason", "records"))
