@@ -180,7 +180,7 @@ function runSections(info) {
         h("td", {}, p.base_prediction ?? ""), h("td", {}, p.prediction)))))));
   const arts = info.artefacts;
   sec(t("run.artefacts"), arts && arts.error ? h("p", { class: "error" }, arts.error) : h("table", { id: "artefacts" },
-    (arts || []).map(a => h("tr", {}, h("td", {}, a.outside ? a.path : h("a", {
+    (arts || []).map(a => h("tr", {}, h("td", {}, a.outside || a.path.startsWith("checkpoint-") ? a.path : h("a", {
       href: `/api/run/file?name=${encodeURIComponent(info.name)}&path=${encodeURIComponent(a.path)}` }, a.path)),
       h("td", {}, cmdBox(a.command), a.recorded ? "" : h("span", { class: "muted" }, "(rebuilt from the manifest)"))))));
   sec(t("run.config"), h("pre", { id: "config-yaml" }, info.config_yaml ?? "(no config.yaml)"));
