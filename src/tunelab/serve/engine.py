@@ -1,0 +1,362 @@
+"""Continuous batching: one worker thread owns the model and decodes every active request in one forward pass.
+
+    engine = Engine(model, tokenizer, max_batch_size=32, max_queue=64)
+    engine.start()
+    job = Job([1, 2, 3], Sampling(max_new_tokens=16), stops=["\\n\\n"], sink=print)
+    engine.submit(job)        # QueueFull when max_batch_size + max_queue jobs are already waiting or running
+    ...
+    engine.stop()
+
+A request that arrives while others are decoding joins at the next step: its prompt is prefilled on its own (no
+padding, so its cache and first token are exactly what it would get alone), then its cache is left-padded to the
+batch's length and appended as a new row. Every step feeds each row its last token with its own position id and
+an attention mask that hides the padding; finished or cancelled rows leave the batch at once. On CPU a decode step
+of 16 rows costs little more than a step of one (the weights are read once per step either way), which is where
+the aggregate throughput comes from.
+
+Each row samples with its own settings and its own seeded generator, so a seeded request gives the same answer
+whatever else shares the batch. Text is handed to the job's `sink` from the worker thread as it is decoded, minus
+stop strings (held back while they could still be starting) and incomplete UTF-8 sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tunelab.export.template_check import stop_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Every slot (running batch + waiting queue) is taken; the client should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The server stopped before this request finished."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt to answer. `sink(piece)` is called from the worker with each text piece, then `sink(None)`."""
+    prompt_ids: list[int]
+    sampling: Sampling
+    stops: list[str] = field(default_factory=list)
+    sink: Callable[[str | None], None] = lambda piece: None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    text: str = ""  # what was handed to the sink so far
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # stop | length | cancelled
+    error: BaseException | None = None
+    _released: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+class _Row:
+    """A job in the running batch: its generated tokens, its next input and its decoding state."""
+
+    def __init__(self, job: Job, device):
+        import torch
+
+        self.job = job
+        self.tokens: list[int] = []
+        self.length = len(job.prompt_ids)  # tokens in the cache = position id of the next input
+        self.decoded = ""  # decode(tokens) as of the last emitted piece
+        self.sent = 0  # characters of `decoded` handed to the sink
+        s = job.sampling
+        self.generator = None
+        if s.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if s.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(s.seed % 2**64)
+
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None and self.job.sampling.repetition_penalty == 1.0
+
+
+class Engine:
+    """Owns the model, the job queue and the worker thread; `submit` and `release` are safe from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 64):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
+        self.eos = set(stop_token_ids(tokenizer))
+        self.device = next(model.parameters()).device
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0  # jobs submitted and not yet released: the slots in use
+        self._rows: list[_Row] = []
+        self._cache = None  # transformers DynamicCache, one row per entry of _rows, right-aligned
+        self._mask = None  # [rows, cache length] 1 for real tokens, 0 for left padding
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tunelab-serve-engine", daemon=True)
+
+    # ------------------------------------------------------------ the API the routes use
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stopping.set()
+        self._queue.put(None)  # wake the worker if it is waiting for work
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                raise ShuttingDown("the server is shutting down")
+            if self._pending >= self.capacity:
+                raise QueueFull(f"all {self.capacity} slots are busy")
+            self._pending += 1
+        self._queue.put(job)
+
+    def release(self, job: Job) -> None:
+        """Free the job's slot now (idempotent); a job still running stops at the next step."""
+        job.cancel.set()
+        with self._lock:
+            if not job._released:
+                job._released = True
+                self._pending -= 1
+
+    def load(self) -> dict[str, int]:
+        """Slots in use: running (decoding or being prefilled) and queued; a released job counts in neither."""
+        with self._lock:
+            pending = self._pending
+        queued = min(pending, self._queue.qsize())  # a cancelled job may still sit in the queue until admitted
+        return {"active": pending - queued, "queued": queued, "capacity": self.capacity}
+
+    # ------------------------------------------------------------ the worker
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - fail the batch, keep serving the next requests
+                    log.exception("generation failed; failing the %d requests in the batch", len(self._rows))
+                    self._fail_all(e)
+        self._fail_all(ShuttingDown("the server is shutting down"))
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._finish(job, None, ShuttingDown("the server is shutting down"))
+
+    def _admit(self) -> None:
+        """Prefill waiting jobs into free rows; block (briefly) only when nothing is running."""
+        block = not self._rows
+        while len(self._rows) < self.max_batch_size:
+            try:
+                job = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if job is None or self._stopping.is_set():
+                if job is not None:
+                    self._finish(job, None, ShuttingDown("the server is shutting down"))
+                return
+            if job.cancel.is_set():
+                self._finish(job, "cancelled")
+                continue
+            try:
+                self._prefill(job)
+            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
+                log.exception("prefill failed")
+                self._finish(job, None, e)
+
+    def _prefill(self, job: Job) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([job.prompt_ids], device=self.device)
+        n = ids.shape[1]
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         position_ids=torch.arange(n, device=self.device)[None], cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        row = _Row(job, self.device)
+        token = self._pick([row], out.logits[:, -1, :])[0]
+        if self._accept(row, token):
+            self._join(row, cache, n)
+
+    def _step(self) -> None:
+        """One decode step for every row: feed each its pending token, pick the next, drop finished rows."""
+        import torch
+
+        self._drop([r for r in self._rows if r.job.cancel.is_set()])
+        if not self._rows:
+            return
+        rows = self._rows
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        # the query's offset into the cache is the cache length for every row; its RoPE position is its
+        # own length, which differs from row to row by the row's left padding
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache,
+                         use_cache=True, logits_to_keep=1)
+        self._mask = mask
+        self.stats["steps"] += 1
+        for r in rows:
+            r.length += 1
+        tokens = self._pick(rows, out.logits[:, -1, :])
+        self._drop([r for r, t in zip(rows, tokens) if not self._accept(r, t)])
+
+    # ------------------------------------------------------------ the batch's cache
+
+    def _join(self, row: _Row, cache, n: int) -> None:
+        """Append a prefilled row: left-pad the shorter of (batch cache, new cache) so both end together."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        ones = torch.ones(1, n, dtype=torch.long, device=self.device)
+        if not self._rows:
+            self._rows, self._cache, self._mask = [row], cache, ones
+            return
+        width = max(self._mask.shape[1], n)
+
+        def left_pad(x, dim_from_end: int):
+            missing = width - x.shape[-dim_from_end]
+            return x if missing == 0 else F.pad(x, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        layers = [(torch.cat([left_pad(a.keys, 2), left_pad(b.keys, 2)]),
+                   torch.cat([left_pad(a.values, 2), left_pad(b.values, 2)]))
+                  for a, b in zip(self._cache.layers, cache.layers)]
+        self._cache = DynamicCache(layers)
+        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(ones, 1)])
+        self._rows.append(row)
+
+    def _drop(self, gone: list[_Row]) -> None:
+        """Remove rows from the batch, then the columns that are now padding in every remaining row."""
+        import torch
+
+        for r in gone:
+            if r.job.finish_reason is None:
+                self._finish(r.job, "cancelled")
+        if not gone:
+            return
+        keep = [i for i, r in enumerate(self._rows) if r not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask = self._mask[index]
+        first = int(self._mask.any(dim=0).int().argmax())  # the first column some row still uses
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for r in self._rows:
+            self._finish(r.job, None, error)
+        self._rows, self._cache, self._mask = [], None, None
+
+    # ------------------------------------------------------------ sampling and text
+
+    def _pick(self, rows: list[_Row], logits) -> list[int]:
+        """The next token of each row: greedy, or sampled with that row's temperature, top_p and generator."""
+        import torch
+
+        logits = logits.float()
+        if all(r.greedy for r in rows):
+            return logits.argmax(dim=-1).tolist()
+        picked = []
+        for r, x in zip(rows, logits):
+            s = r.job.sampling
+            if s.repetition_penalty != 1.0:
+                seen = torch.tensor(r.job.prompt_ids + r.tokens, device=x.device)
+                score = x[seen]  # transformers' rule: shrink positive scores, push negative ones further down
+                x = x.scatter(0, seen, torch.where(score > 0, score / s.repetition_penalty,
+                                                   score * s.repetition_penalty))
+            if r.generator is None:
+                picked.append(int(x.argmax()))
+                continue
+            probs = torch.softmax(x / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                outside = sorted_p.cumsum(0) - sorted_p >= s.top_p  # the smallest set reaching top_p stays
+                probs = probs.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
+            picked.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+        return picked
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Record `token`, hand the text that is now safe to the sink; False when the row has finished."""
+        job = row.job
+        job.completion_tokens += 1  # the end-of-turn token counts too, as it does in transformers' output
+        if token in self.eos:
+            self._emit(row, len(row.decoded))
+            self._finish(job, "stop")
+            return False
+        row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
+            row.decoded = text
+        hit = _first_stop(row.decoded, job.stops, row.sent)
+        if hit is not None:
+            self._emit(row, hit)
+            self._finish(job, "stop")
+            return False
+        if len(row.tokens) >= job.sampling.max_new_tokens:
+            self._emit(row, len(row.decoded))
+            self._finish(job, "length")
+            return False
+        hold = max((len(s) - 1 for s in job.stops), default=0)  # the start of a stop string might be forming
+        self._emit(row, len(row.decoded) - hold)
+        return True
+
+    def _emit(self, row: _Row, upto: int) -> None:
+        if upto > row.sent:
+            piece = row.decoded[row.sent:upto]
+            row.sent = upto
+            row.job.text += piece
+            self._deliver(row.job, piece)
+
+    def _finish(self, job: Job, reason: str | None, error: BaseException | None = None) -> None:
+        job.finish_reason, job.error = reason or "error", error
+        self.stats["failed" if error else "cancelled" if reason == "cancelled" else "finished"] += 1
+        self.release(job)
+        self._deliver(job, None)
+
+    @staticmethod
+    def _deliver(job: Job, piece: str | None) -> None:
+        try:
+            job.sink(piece)
+        except Exception:  # noqa: BLE001 - a sink whose event loop has closed: nobody is listening any more
+            log.debug("could not deliver to a finished request", exc_info=True)
+
+
+def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Where the first stop string starts, looking only where one could start after the text already sent."""
+    if not stops:
+        return None
+    hold = max(len(s) for s in stops) - 1
+    hits = [i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0]
+    return min(hits) if hits else None
