@@ -233,9 +233,11 @@ def artefacts(run: Path, run_arg: str, manifest: dict[str, Any], jobs: list[dict
     from the manifest (marked `recorded: false`)."""
     import shlex
 
-    train_job = next((j for j in jobs if j.get("kind") == "train"), None)
+    # the train commands that wrote the checkpoints, oldest first (a stopped run and its resume)
+    chain = [j["command"] for j in reversed(jobs) if j.get("kind") == "train"]
+    train_job = chain or None
     cfg_path = manifest.get("config_path")
-    train_cmd = train_job["command"] if train_job else (
+    train_cmd = "\n".join(chain) if chain else (
         f"tunelab train --config {shlex.quote(str(cfg_path))}" if cfg_path else "tunelab train")
     out = []
     for p in sorted(run.glob("checkpoint-*")):

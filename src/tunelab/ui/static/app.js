@@ -44,7 +44,8 @@ function toast(text, ms = 4000) {
   el.textContent = text; el.hidden = false;
   clearTimeout(toast.timer); toast.timer = setTimeout(() => { el.hidden = true; }, ms);
 }
-function cmdBox(command) { return h("code", { class: "cmd" }, "$ " + command); }
+// One command per line, each shown as typed at a prompt.
+function cmdBox(command) { return h("code", { class: "cmd" }, String(command).split("\n").map(c => "$ " + c).join("\n")); }
 
 // Streams opened by a page are closed when the page changes (the server keeps nothing per tab).
 const page = { cleanups: [], visit: 0 };

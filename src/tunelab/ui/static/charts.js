@@ -27,7 +27,7 @@ class LineChart {
       this.plot = new uPlot({
         title: this.title, width, height: 210,
         scales: { x: { time: false }, y: this.opts.log ? { distr: 3 } : {} },
-        axes: [{ label: this.opts.xlabel || "step" }, { size: 60 }],
+        axes: [{ label: this.opts.xlabel || "step" }, { size: 64, values: (u, vals) => vals.map(v => v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(1) : fmt(v)) }],
         series: [{ label: this.opts.xlabel || "step" }, ...this.names.map((n, i) => ({
           label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
           dash: (this.opts.dashed || []).includes(i) ? [6, 4] : undefined,

@@ -20,7 +20,7 @@ function formValues(form) {
 ROUTES.new = async (main) => {
   const schema = await api("/api/schema");
   const form = h("div", { id: "config-form" });
-  schema.sections.forEach(s => form.append(h("details", { class: "form-section", open: ["model", "data", "lora", "training", "output"].includes(s.name) },
+  schema.sections.forEach(s => form.append(h("details", { class: "form-section", open: s.name !== "quantization" },
     h("summary", {}, s.name), s.fields.map(f => h("div", { class: "field" },
       h("label", { for: "f-" + f.key.replace(".", "-") }, f.key), fieldInput(f), h("span", { class: "help" }, f.help))))));
   const yaml = h("textarea", { id: "yaml", rows: 14 });

@@ -140,12 +140,19 @@ ROUTES.run = async (main, name) => {
     charts.memory.update([memKey ? pointsOf(records, memKey) : []]);
   }
   drawHead(); drawCharts();
-  main.append(...runSections(info), h("h2", {}, t("run.jobs")), jobsBox, h("h2", {}, t("run.log")), log);
+  const sections = h("div", { id: "sections" }, ...runSections(info));
+  main.append(sections, h("h2", {}, t("run.jobs")), jobsBox, h("h2", {}, t("run.log")), log);
+  // data report, evaluations and artefacts appear as the run goes on: re-read them when its status changes
+  const refresh = async () => { sections.replaceChildren(...runSections(await api("/api/run?name=" + encodeURIComponent(name)))); };
 
   const es = new EventSource(`/api/run/events?name=${encodeURIComponent(name)}&offset=${info.metrics_offset}`);
   es.addEventListener("metrics", e => { records = records.concat(JSON.parse(e.data).records); drawCharts(); drawHead(); });
   es.addEventListener("reset", e => { records = JSON.parse(e.data).records; drawCharts(); drawHead(); });
-  es.addEventListener("status", e => { status = JSON.parse(e.data); drawHead(); });
+  es.addEventListener("status", e => {
+    const next = JSON.parse(e.data), changed = next.status !== status.status || JSON.stringify(next.jobs) !== JSON.stringify(status.jobs);
+    status = next; drawHead();
+    if (changed) refresh().catch(() => {});
+  });
   es.addEventListener("log", e => { log.textContent = JSON.parse(e.data).text; log.scrollTop = log.scrollHeight; });
   onLeave(() => es.close());
 };
