@@ -34,7 +34,7 @@ Measured per row: non-padding tokens/s and the median seconds per step after `--
 optimiser step: data collation, forward, backward, clipping, optimiser, logging), peak RSS, the last step's train
 loss, and the eval loss on the same held-out records, computed afterwards for every row by one function: each
 row's saved adapter (or full model) on the fp32 base, `tunelab.data.template.encode_record` masking and
-`tunelab.train.loss.CausalLMLoss` (so the baseline is measured exactly like tunelab). Model-FLOPs utilisation
+`tunelab.model.loss.CausalLMLoss` (so the baseline is measured exactly like tunelab). Model-FLOPs utilisation
 uses training FLOPs = 6 x N x non-padding tokens (N = every parameter of the base model, the tied embedding/output
 head counted once; attention-score FLOPs ignored), against fp32 and bf16 matmul peaks measured in the same run.
 6N is the usual convention; LoRA skips the frozen weights' gradients (about 4N of real work) and tunelab skips the
@@ -274,7 +274,7 @@ def _data_info(tok, all_dir: Path, eval_dir: Path, max_length: int, source: str)
 
 def step_batches(lengths: list[int], batch_size: int, seed: int, steps: int, group_by_length: bool) -> list[list[int]]:
     """The records of each optimiser step, exactly as tunelab's recipe draws them (epoch after epoch)."""
-    from tunelab.train.batching import batches_for_epoch
+    from tunelab.data.batching import batches_for_epoch
 
     out: list[list[int]] = []
     epoch = 0

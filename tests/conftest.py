@@ -14,6 +14,61 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# ---------------------------------------------------------------- no trace in the repository
+
+# Caches that tools (not tests) write; everything else the suite leaves in the working tree is a bug: a test must
+# write under tmp_path. (outputs/, models/ and data/processed/ are git-ignored, so `git status` would not show it.)
+_TOOL_CACHES = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}
+
+
+def _tree_files() -> set[str]:
+    found = set()
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in _TOOL_CACHES and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(root, f), REPO) for f in files if not f.endswith(".pyc"))
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config._tunelab_tree_before = _tree_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_tunelab_tree_before", None)
+    if before is None or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    gained = sorted(_tree_files() - before)
+    if gained:
+        shown = "\n  ".join(gained[:20]) + (f"\n  ... and {len(gained) - 20} more" if len(gained) > 20 else "")
+        print(f"\nFAILED: the test session left {len(gained)} new file(s) in the repository (tests must write "
+              f"under tmp_path):\n  {shown}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Tests that load or train a model: `make test` runs them a second time with `model.dtype: auto` forced to the
+# other precision (TUNELAB_AUTO_DTYPE), so an AVX2 machine catches what a bf16 one would, and the reverse.
+_MODEL_FIXTURES = {"tiny_model_dir", "tiny_model", "model_dir", "run_dir"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "model: loads or trains a model (run again with the other auto dtype)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
+try:  # property tests: no example database in the repository, same examples on every machine
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("tunelab", database=None, derandomize=True, deadline=None)
+    _hyp_settings.load_profile("tunelab")
+except ImportError:
+    pass
+
+
 def shared_file(rel: str) -> Path:
     """A file under ../shared/data, or skip the test when it is absent."""
     path = SHARED_DATA / rel

@@ -67,13 +67,15 @@ def test_each_verb_help(verb):
     assert "usage: tunelab" in out.stdout
 
 
-def test_unreachable_hub_id_is_a_clear_message(monkeypatch):
+def test_unreachable_hub_id_is_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = subprocess.run([sys.executable, "-m", "tunelab", "train", "model.name=SomeOrg/not-a-model-xyz",
-                          "data.train=nothing.json"], capture_output=True, text=True, env=None)
+                          "data.train=nothing.json", f"output.dir={tmp_path / 'outputs'}"],
+                         capture_output=True, text=True, env=None, cwd=tmp_path)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "bundled:smollm2-135m-instruct" in out.stderr
+    assert not any((tmp_path / "outputs").iterdir()), "a run that failed before training leaves no folder"
 
 
 def test_allocator_reexec_only_for_training_verbs_from_a_command_line(monkeypatch):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tunelab.config import load_config
 from tunelab.demo_data import alpaca_records
 from tunelab.train.recipe import train
-from tunelab.train.rundir import read_metrics
+from tunelab.rundir import read_metrics
 
 SITECUSTOMIZE = '''
 """Test-only (tests/test_distributed.py): each training process saves its trainable weights when it exits."""
@@ -139,7 +139,7 @@ def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_p
     metrics = read_metrics(ddp)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)) + [STEPS] and metrics[-1].get("final")
     manifest = json.loads((ddp / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and manifest["processes"] == 2 and manifest["global_step"] == STEPS
+    assert manifest["status"] == "finished" and manifest["processes"] == 2 and manifest["global_step"] == STEPS
 
     # the same global batch gives the same token-weighted loss, whatever the split across processes
     one, two = _losses(single), _losses(ddp)

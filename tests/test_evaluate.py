@@ -89,9 +89,9 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from tunelab.model.loading import load_for_inference
+    from tunelab.model.loading import load_pretrained
 
-    return load_for_inference(str(tiny_model_dir), dtype="fp32")
+    return load_pretrained(str(tiny_model_dir), dtype="fp32")
 
 
 def test_perplexity_is_token_weighted_exp_of_training_loss(tiny):

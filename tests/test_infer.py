@@ -85,7 +85,7 @@ def test_generation_stops_at_end_of_turn(tiny):
     """A model whose output head always prefers <|im_end|> answers with nothing and stops after one token."""
     import torch
 
-    from tunelab.export.template_check import stop_token_ids
+    from tunelab.model.stop_tokens import stop_token_ids
     from tunelab.infer import as_conversation, generate
 
     model, tok = tiny
@@ -159,12 +159,13 @@ def test_cli_prompt_and_root_script(tiny_model_dir, run_dir, capsys):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_compare_answers_base_vs_adapter(model_dir, run_dir, capsys):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compare_answers_base_vs_adapter(model_dir, run_dir, capsys, dtype):
     from tunelab.infer import as_conversation, compare_answers, generate, load, print_comparison
 
-    rows = compare_answers(None, str(run_dir), ["Hi", "Name three colours"], max_new_tokens=6)
-    base, tok = load(str(model_dir), dtype="fp32")
-    tuned, _ = load(str(model_dir), adapter=str(run_dir), dtype="fp32")
+    rows = compare_answers(None, str(run_dir), ["Hi", "Name three colours"], max_new_tokens=6, dtype=dtype)
+    base, tok = load(str(model_dir), dtype=dtype)
+    tuned, _ = load(str(model_dir), adapter=str(run_dir), dtype=dtype)
     convos = [as_conversation("Hi"), as_conversation("Name three colours")]
     assert [r[1] for r in rows] == generate(base, tok, convos, max_new_tokens=6)
     assert [r[2] for r in rows] == generate(tuned, tok, convos, max_new_tokens=6)

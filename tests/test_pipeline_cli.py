@@ -56,7 +56,7 @@ def test_cli_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     assert "Perplexity:" in out.stdout and "BLEU:" in out.stdout
     run = tmp_path / "outputs" / "cli"
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "completed"
+    assert manifest["status"] == "finished"
     assert manifest["runtime"]["levers_off"] == []
     if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
             and "GLIBC_TUNABLES" not in os.environ and "TUNELAB_ALLOCATOR" not in os.environ):

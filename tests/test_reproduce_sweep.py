@@ -85,7 +85,7 @@ def test_interrupted_sweep_continues_and_skips_done_runs(tmp_path):
     interrupted = next(p for p in tmp_path.iterdir() if p.is_dir()) / "r16-learning_rate1e-4"
     assert second == [("r16-learning_rate1e-4", str(interrupted)),  # the interrupted run is resumed
                       ("r16-learning_rate2e-4", None)]
-    assert all(r.status == "completed" for r in res.rows)
+    assert all(r.status == "finished" for r in res.rows)
 
 
 def test_sweep_checks_every_combination_before_training(tmp_path):
@@ -114,7 +114,7 @@ def test_a_failing_combination_does_not_end_the_sweep(tmp_path):
         return ok(cfg, resume)
 
     res = run_sweep(None, ["lora.r=8,16"], overrides=[f"output.dir={tmp_path}"], train_fn=flaky, say=lambda *_: None)
-    assert [(r.combo, r.status) for r in res.rows] == [("r16", "completed"), ("r8", "failed")]
+    assert [(r.combo, r.status) for r in res.rows] == [("r16", "finished"), ("r8", "failed")]
     assert "out of memory" in res.rows[1].error
 
 
@@ -275,12 +275,12 @@ def test_sweep_end_to_end(tmp_path, tiny_model_dir, capsys):
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     res = run_sweep(str(config), ["lora.r=2,4"], name="grid", say=lambda *_: None)
-    assert [r.status for r in res.rows] == ["completed", "completed"]
+    assert [r.status for r in res.rows] == ["finished", "finished"]
     assert res.rows[0].value <= res.rows[1].value
     from tunelab.cli import main
 
     capsys.readouterr()
     assert main(["sweep", "--config", str(config), "--grid", "lora.r=2,4", "--name", "grid"]) == 0
     out = capsys.readouterr().out
-    assert "r2: already completed, skipped" in out and "r4: already completed, skipped" in out
+    assert "r2: already finished, skipped" in out and "r4: already finished, skipped" in out
     assert "sorted by eval_loss" in out

@@ -12,7 +12,7 @@ from tunelab import runs
 from tunelab.cli import main
 
 
-def make_run(root: Path, name: str, *, lr: float = 2e-4, r: int = 16, status: str = "completed",
+def make_run(root: Path, name: str, *, lr: float = 2e-4, r: int = 16, status: str = "finished",
              losses=(2.0, 1.5, 1.2), eval_losses=((3, 1.4),), metrics=None, fingerprint="a" * 64,
              started="2026-11-20T10:00:00+00:00", predictions=None) -> Path:
     """A run folder as the training recipe writes it (config.yaml, manifest.json, metrics.jsonl)."""
@@ -55,7 +55,7 @@ def test_list_shows_every_column_newest_first(tmp_path, capsys):
     listed = runs.list_runs(tmp_path)
     assert [s.name for s in listed] == ["new", "mysweep/r8", "old"]
     old = listed[-1]
-    assert (old.status, old.method, old.model, old.data, old.steps) == ("completed", "lora", "bundled:smollm2",
+    assert (old.status, old.method, old.model, old.data, old.steps) == ("finished", "lora", "bundled:smollm2",
                                                                         "demo.json (30/4)", 3)
     assert old.metrics["eval_loss"] == 1.4 and old.metrics["bleu"] == 12.5
     assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
@@ -169,3 +169,13 @@ def test_report_cli(tmp_path, capsys):
     make_run(tmp_path, "a")
     assert main(["runs", "report", "a", "--dir", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+
+
+def test_statuses_of_older_runs_read_in_todays_words(tmp_path):
+    from tunelab.rundir import run_status
+    from tunelab.runs import list_runs
+
+    assert run_status({"status": "completed"}) == "finished" and run_status({"status": "diverged"}) == "failed"
+    assert run_status({}) == "unknown"
+    make_run(tmp_path, "old", status="completed")
+    assert [r.status for r in list_runs(tmp_path)] == ["finished"]

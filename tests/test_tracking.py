@@ -14,7 +14,7 @@ from tunelab.config import Config, load_config
 from tunelab.demo_data import alpaca_records
 from tunelab.train.monitor import Trackers
 from tunelab.train.recipe import train
-from tunelab.train.rundir import read_metrics
+from tunelab.rundir import read_metrics
 
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 needs_mlflow = pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow not installed (pip install 'tunelab[mlflow]')")

@@ -16,7 +16,7 @@ from tunelab.config import load_config
 from tunelab.demo_data import write_demo_data
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.recipe import TrainingDiverged, TrainingInterrupted, train
-from tunelab.train.rundir import read_metrics
+from tunelab.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,10 @@ def demo_files(tmp_path_factory) -> str:
     return str(folder / "demo_*.json")
 
 
-def _cfg(tiny_model_dir, demo_files, out, name, *extra):
-    return load_config(None, [f"model.name={tiny_model_dir}", f"data.train={demo_files}", f"output.dir={out}",
+def _cfg(tiny_model_dir, demo_files, out, name, *extra, dtype="fp32"):
+    """Pinned precision: these tests compare numbers, which must not depend on what `auto` picks on this CPU."""
+    return load_config(None, [f"model.name={tiny_model_dir}", f"model.dtype={dtype}", f"data.train={demo_files}",
+                              f"output.dir={out}",
                               f"output.run_name={name}", "training.epochs=1", "training.batch_size=4",
                               "training.logging_steps=1", "training.learning_rate=5e-3", "eval.metrics=[perplexity]",
                               "tracking.report_to=[none]", *extra])
@@ -35,19 +37,19 @@ def _cfg(tiny_model_dir, demo_files, out, name, *extra):
 
 def _interrupted_run(monkeypatch, step: int, signum: int, cfg) -> None:
     """Train `cfg`, sending `signum` to ourselves once `step` is done; the run must stop with TrainingInterrupted."""
-    import tunelab.train.recipe as recipe
+    import tunelab.train.monitor as monitor
 
-    original = recipe.Reporter.advance
+    original = monitor.Reporter.advance
 
     def advance(self, s, info):
         original(self, s, info)
         if s == step:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(recipe.Reporter, "advance", advance)
+    monkeypatch.setattr(monitor.Reporter, "advance", advance)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         train(cfg)
-    monkeypatch.setattr(recipe.Reporter, "advance", original)
+    monkeypatch.setattr(monitor.Reporter, "advance", original)
 
 
 def _losses(run: Path) -> list[float]:
@@ -67,7 +69,7 @@ def test_run_folder_contract(tiny_model_dir, demo_files, tmp_path):
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json",
             "manifest.json"} <= step
     man = json.loads((run / "manifest.json").read_text())
-    assert man["status"] == "completed" and man["seed"] == 42 and man["data_fingerprint"].startswith("sha256:")
+    assert man["status"] == "finished" and man["seed"] == 42 and man["data_fingerprint"].startswith("sha256:")
     assert {"torch", "transformers", "peft"} <= set(man["versions"]) and man["hardware"]["cpu_count"]
     assert man["started_at"] and man["ended_at"] and man["global_step"] == man["total_steps"]
     assert "eval_loss" in man["metrics"] and "perplexity" in man["metrics"]
@@ -87,20 +89,21 @@ def test_run_folder_contract(tiny_model_dir, demo_files, tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_path, monkeypatch):
-    full = train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2"))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_path, monkeypatch, dtype):
+    full = train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2", dtype=dtype))
 
     # Same run, stopped by SIGTERM after step 3 (mid-epoch, between checkpoints): the handler lets the step
-    # finish, writes checkpoint-3 and raises with the resume command.
+    # finish, writes checkpoint-3 and raises with the resume command. Exact in bf16 too: same ops, same order.
     _interrupted_run(monkeypatch, 3, signal.SIGTERM,
-                     _cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2"))
+                     _cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2", dtype=dtype))
     split = tmp_path / "split"
     assert json.loads((split / "manifest.json").read_text())["status"] == "interrupted"
     assert [s for s, _ in ckpt.complete_checkpoints(split)][-1] == 3
     assert not (split / "checkpoint-final").exists()
 
     train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(split))
-    assert json.loads((split / "manifest.json").read_text())["status"] == "completed"
+    assert json.loads((split / "manifest.json").read_text())["status"] == "finished"
     a, b = _losses(full), _losses(split)
     assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
     wa = load_file(full / "checkpoint-final" / "adapter_model.safetensors")
@@ -109,10 +112,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_pa
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
-def test_same_seed_same_losses(tiny_model_dir, demo_files, tmp_path):
-    a = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "a", "training.max_steps=3")))
-    b = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "b", "training.max_steps=3")))
-    c = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "c", "training.max_steps=3", "training.seed=7")))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_same_seed_same_losses(tiny_model_dir, demo_files, tmp_path, dtype):
+    a = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "a", "training.max_steps=3", dtype=dtype)))
+    b = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "b", "training.max_steps=3", dtype=dtype)))
+    c = _losses(train(_cfg(tiny_model_dir, demo_files, tmp_path, "c", "training.max_steps=3", "training.seed=7",
+                           dtype=dtype)))
     assert a == b
     assert a != c
 
@@ -122,7 +127,9 @@ def test_divergence_guard_names_step_and_batch(tiny_model_dir, demo_files, tmp_p
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "nan", "training.learning_rate=1e30",
                    "training.max_grad_norm=0", "training.save_steps=1"))
     run = tmp_path / "nan"
-    assert json.loads((run / "manifest.json").read_text())["status"] == "diverged"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failure"] == "diverged"
+    assert "diverged at step" in manifest["error"] and "diverged at step" in (run / "train.log").read_text()
     assert ckpt.complete_checkpoints(run), "the good steps before the divergence were checkpointed"
     for _, folder in ckpt.complete_checkpoints(run):  # every kept checkpoint holds finite weights
         assert all(torch.isfinite(t).all() for t in load_file(folder / "adapter_model.safetensors").values())
@@ -146,7 +153,7 @@ def test_disk_check_refuses_clearly(tmp_path):
         ckpt.check_disk(tmp_path, 10 * 2**50)
 
 
-def test_resume_survives_a_torn_metrics_line_and_refuses_a_completed_run(tiny_model_dir, demo_files, tmp_path,
+def test_resume_survives_a_torn_metrics_line_and_refuses_a_finished_run(tiny_model_dir, demo_files, tmp_path,
                                                                           monkeypatch):
     from tunelab.errors import TunelabError
 
@@ -157,5 +164,5 @@ def test_resume_survives_a_torn_metrics_line_and_refuses_a_completed_run(tiny_mo
         f.write('{"step": 3, "loss": 1.2')  # a kill in the middle of an append
     train(load_config(None), resume=str(run))
     assert [m["step"] for m in read_metrics(run) if "loss" in m and not m.get("final")] == [1, 2, 3, 4]
-    with pytest.raises(TunelabError, match="already completed"):
+    with pytest.raises(TunelabError, match="already finished"):
         train(load_config(None), resume=str(run))

@@ -10,8 +10,8 @@ import torch
 from tunelab.config import Config
 from tunelab.data.template import IGNORE_INDEX, RecordRejected, encode_record
 from tunelab.model.adapters import apply_method
-from tunelab.train.batching import batches_for_epoch, collate_packed, collate_padded
-from tunelab.train.loss import CausalLMLoss
+from tunelab.data.batching import batches_for_epoch, collate_packed, collate_padded
+from tunelab.model.loss import CausalLMLoss
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -120,8 +120,8 @@ def test_per_record_packed_attention_equals_the_masked_row(tiny_model_dir, tiny_
     with the block-diagonal mask, and of padded batches; unpacked inputs go through SDPA unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train import attention
-    from tunelab.train.attention import NAME, packed_kwargs, use_packed_attention
+    from tunelab.model import attention
+    from tunelab.model.attention import NAME, packed_kwargs, use_packed_attention
 
     exs = _examples(tiny_tokenizer, n=5)
     packed = collate_packed(exs)
@@ -157,7 +157,7 @@ def test_packed_attention_is_not_used_where_it_would_differ(tiny_model_dir):
     """Sliding-window models (and non-SDPA attention) keep transformers' masks."""
     from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
-    from tunelab.train.attention import use_packed_attention
+    from tunelab.model.attention import use_packed_attention
 
     windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -249,7 +249,7 @@ def test_lora_dropout_is_swapped_for_the_fast_cpu_masks(tiny_model):
 @pytest.mark.parametrize("chunk", [3, 1024])
 def test_frozen_head_loss_matches_autograd_through_full_logits(tiny_model, tiny_tokenizer, chunk, monkeypatch):
     """The fused frozen-head loss (gradient made in forward) equals plain autograd through all logits."""
-    from tunelab.train import loss as loss_mod
+    from tunelab.model import loss as loss_mod
 
     model = apply_method(tiny_model, Config()).eval()  # eval: no dropout, the two passes see the same network
     batch = collate_packed(_examples(tiny_tokenizer))
@@ -279,7 +279,7 @@ def test_frozen_head_loss_matches_autograd_through_full_logits(tiny_model, tiny_
 def test_frozen_head_loss_under_autocast_matches_the_recomputing_path(tiny_model, tiny_tokenizer, dtype,
                                                                      monkeypatch):
     """Under bf16/fp16 autocast the fused head gives the loss and gradients of the checkpointed path."""
-    from tunelab.train import loss as loss_mod
+    from tunelab.model import loss as loss_mod
 
     model = apply_method(tiny_model, Config()).eval()
     batch = collate_packed(_examples(tiny_tokenizer))

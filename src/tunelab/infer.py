@@ -24,7 +24,8 @@ from typing import Any
 
 from tunelab.data.template import prompt_messages, render
 from tunelab.errors import TunelabError
-from tunelab.export.template_check import stop_token_ids
+from tunelab.model.loading import load_pretrained as load  # noqa: F401 (the one loader, as infer.load)
+from tunelab.model.stop_tokens import stop_token_ids
 
 Conversation = list[dict[str, Any]]
 
@@ -149,39 +150,6 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], result: StreamResul
         raise result.error
 
 
-def load_tokenizer_from(folder: str | Path):
-    """The tokenizer saved in a model or adapter folder (an adapter folder has no config.json)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load(model: str, adapter: str | None = None, dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) for generation: a model folder / hub id / bundled name, optionally with an adapter.
-
-    With an adapter (run folder or checkpoint) the tokenizer, so the chat template, is the one saved with it;
-    when `model` is None the adapter's recorded base model is used.
-    """
-    from tunelab.model.loading import base_model_of, load_model, load_tokenizer, resolve_adapter_dir
-
-    if adapter is None:
-        tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        m, _ = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-        return m.eval(), tok
-    adapter_dir = resolve_adapter_dir(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():  # method=full: the checkpoint is a model
-        return load(str(adapter_dir), None, dtype, trust_remote_code)
-    from peft import PeftModel
-
-    base, _ = load_model(model or base_model_of(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code)
-    tok = load_tokenizer_from(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else \
-        load_tokenizer(model or base_model_of(adapter_dir))
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tok
-
-
 # ---------------------------------------------------------------- interactive chat
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit"
@@ -274,7 +242,7 @@ def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Pat
 
 
 def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: list[str | Conversation],
-                    system: str | None = None, **gen: Any) -> list[tuple[str, str, str]]:
+                    system: str | None = None, dtype: str = "auto", **gen: Any) -> list[tuple[str, str, str]]:
     """(prompt, base answer, fine-tuned answer) per prompt.
 
     `adapter_or_merged` is a run folder, an adapter checkpoint or a merged model folder. With an adapter the
@@ -287,12 +255,12 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
     labels = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
     target = resolve_adapter_dir(adapter_or_merged)
     if (target / "adapter_config.json").is_file():
-        model, tok = load(base_model, adapter=str(target))
+        model, tok = load(base_model, adapter=str(target), dtype=dtype)
         with model.disable_adapter():
             base_answers = generate(model, tok, convos, **gen)
         tuned_answers = generate(model, tok, convos, **gen)
     else:
-        tuned, tok = load(str(target))
+        tuned, tok = load(str(target), dtype=dtype)
         tuned_answers = generate(tuned, tok, convos, **gen)
         del tuned
         if base_model is None:
@@ -300,7 +268,7 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
             base_model = json.loads(meta.read_text()).get("base_model") if meta.is_file() else None
         if base_model is None:
             raise TunelabError(f"{target} records no base model; pass the base model to compare against")
-        base, _ = load(base_model)
+        base, _ = load(base_model, dtype=dtype)
         base_answers = generate(base, tok, convos, **gen)
     return list(zip(labels, base_answers, tuned_answers))
 

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates, stop_token_ids
+from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates
+from tunelab.model.stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +123,16 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 
 def _load_reference(adapter_dir: Path, meta: dict):
     """(the model the adapter defines, in fp32 and unmerged; the training tokenizer; base name; notes)."""
-    from tunelab.infer import load_tokenizer_from
-    from tunelab.model.loading import base_model_of, load_model
+    from tunelab.model.loading import base_model_of, load_pretrained
 
     notes = []
-    method = meta.get("method", "lora")
-    tok = load_tokenizer_from(adapter_dir)
+    model, tok = load_pretrained(adapter=adapter_dir, dtype="fp32")
     if not (adapter_dir / "adapter_config.json").is_file():  # method=full: the checkpoint is the model
-        model, _ = load_model(str(adapter_dir), dtype="fp32")
-        return model.eval(), tok, meta.get("base_model", str(adapter_dir)), notes
-    base_name = base_model_of(adapter_dir)
-    if method == "qlora":
+        return model, tok, meta.get("base_model", str(adapter_dir)), notes
+    if meta.get("method", "lora") == "qlora":
         notes.append("QLoRA adapter: merged into a full-precision (fp32) copy of the base model, never into the "
                      "4-bit weights it was trained against; expect small differences from the 4-bit model")
-    from peft import PeftModel
-
-    base, _ = load_model(base_name, dtype="fp32")
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return model.eval(), tok, base_name, notes
+    return model, tok, base_model_of(adapter_dir), notes
 
 
 def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp32", verify: bool = True,
@@ -148,7 +141,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tunelab.model.loading import resolve_adapter_dir
+    from tunelab.model.loading import quiet_local_loading, resolve_adapter_dir
 
     if dtype not in DEFAULT_TOLERANCE:
         raise MergeError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
@@ -189,7 +182,8 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
         tok.save_pretrained(tmp)
         del merged, model
         if verify:
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
+            with quiet_local_loading(tmp):
+                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
             diff, rel, agree, n = compare_logits(reference, _logits(reloaded, samples))
             del reloaded
             report.verified, report.max_logit_diff, report.relative_diff = True, diff, rel

@@ -95,13 +95,14 @@ def data_fingerprint(cfg, run_name: str) -> str:
 def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
     """The run's config, after checking it finished, its seed and that its data is unchanged on disk."""
     from tunelab.config import load_config
+    from tunelab.rundir import run_status
     from tunelab.runs import read_manifest
 
     manifest = read_manifest(run)
-    status = manifest.get("status")
-    if status != "completed":
+    status = run_status(manifest)
+    if status != "finished":
         hint = f"; continue it with: tunelab train --resume {run}" if status in ("interrupted", "failed") else ""
-        raise ReproduceError(f"{run} has status {status!r}: only a completed run can be reproduced{hint}")
+        raise ReproduceError(f"{run} has status {status!r}: only a finished run can be reproduced{hint}")
     cfg = load_config(run / "config.yaml")
     if manifest.get("seed") is not None and manifest["seed"] != cfg.training.seed:
         raise ReproduceError(f"{run}: the manifest's seed {manifest['seed']} differs from config.yaml's "
@@ -139,6 +140,10 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     from tunelab.runtime import LEVERS, levers_off
 
     notes = []
+    recorded_dtype = (manifest.get("dtype") or {}).get("name")
+    if cfg.model.dtype == "auto" and recorded_dtype:  # `auto` may pick another precision on this machine
+        cfg.model.dtype = recorded_dtype
+        notes.append(f"model.dtype auto → {recorded_dtype}, the precision the original trained in")
     off = (manifest.get("runtime") or {}).get("levers_off")
     if off is None:  # trained before tunelab's CPU speed levers existed: their fast dropout masks would differ
         off = list(LEVERS)
@@ -158,7 +163,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     summary = {"original": str(original), "max_abs_diff": result.diff.max_abs_diff,
                "eval_max_abs_diff": result.diff.eval_max_abs_diff, "steps_compared": result.diff.steps_compared,
                "identical": result.diff.identical, "notes": notes}
-    from tunelab.train.rundir import RunDir
+    from tunelab.rundir import RunDir
 
     RunDir(repro).update_manifest(reproduction_of=summary)  # the repeat records what it repeated and how closely
     return result

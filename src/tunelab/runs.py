@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tunelab.errors import TunelabError
+from tunelab.rundir import run_status
 
 # Metrics where a lower value is better; every other numeric metric is higher-is-better.
 LOWER_IS_BETTER = {"loss", "train_loss", "eval_loss", "perplexity", "eval_perplexity", "best_eval_loss"}
@@ -177,10 +178,18 @@ def summarize(run: Path, manifest: dict[str, Any] | None = None, runs_dir: Path 
     except ValueError:
         date = started[:16]
     name = str(run.relative_to(runs_dir)) if runs_dir is not None else m.get("run_name") or run.name
-    return RunSummary(name=name, path=run, date=date, status=str(m.get("status", "?")),
+    return RunSummary(name=name, path=run, date=date, status=run_status(m),
                       method=str(m.get("method") or "?"), model=_model_name(m), data=_data_name(m),
                       steps=m.get("global_step"), duration_s=m.get("duration_s"), metrics=final_metrics(m),
                       started_at=started)
+
+
+def load_sweep(output_dir: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The state file of `tunelab sweep` (`<output_dir>/<name>/sweep.json`): its runs and their status."""
+    path = Path(output_dir) / name / "sweep.json"
+    if not path.is_file():
+        raise RunError(f"no sweep {name!r} in {output_dir} (looked for {path})")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None) -> list[RunSummary]:
@@ -188,8 +197,6 @@ def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None)
     root = Path(runs_dir)
     keep = None
     if sweep:
-        from tunelab.sweep import load_sweep
-
         keep = {Path(r["run_dir"]).resolve() for r in load_sweep(root, sweep)["runs"].values()}
     out = []
     for run in iter_run_dirs(root):
@@ -236,7 +243,7 @@ def runs_table(summaries: Sequence[RunSummary]):
                 "perplexity", "BLEU", "duration"):
         t.add_column(col, justify="right" if col in ("steps", "train loss", "eval loss", "perplexity", "BLEU",
                                                       "duration") else "left")
-    colour = {"completed": "green", "failed": "red", "diverged": "red", "interrupted": "yellow", "running": "cyan"}
+    colour = {"finished": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "starting": "cyan"}
     for s in summaries:
         m = s.metrics
         t.add_row(s.name, s.date, f"[{colour.get(s.status, 'white')}]{s.status}[/]", s.method, s.model, s.data,

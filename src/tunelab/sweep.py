@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from tunelab.errors import TunelabError
 
-DONE = ("completed", "diverged")  # a diverged run would diverge again: it is a result, not a gap
+DONE = ("finished", "diverged")  # a diverged run would diverge again: it is a result, not a gap
 
 
 class SweepError(TunelabError):
@@ -90,15 +90,8 @@ def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / name
 
 
-def load_sweep(output_dir: str | os.PathLike, name: str) -> dict[str, Any]:
-    path = sweep_dir(output_dir, name) / "sweep.json"
-    if not path.is_file():
-        raise SweepError(f"no sweep {name!r} in {output_dir} (looked for {path})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _save(path: Path, state: dict[str, Any]) -> None:
-    from tunelab.train.rundir import write_json_atomic
+    from tunelab.rundir import write_json_atomic
 
     write_json_atomic(path, state)
 
@@ -124,10 +117,15 @@ class SweepResult:
 
 
 def _status(run_dir: Path) -> str | None:
+    """The run's status, with a run that failed by diverging told apart (it is a result, not a gap)."""
+    from tunelab.rundir import run_status
+
     try:
-        return json.loads((run_dir / "manifest.json").read_text()).get("status")
+        manifest = json.loads((run_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
+    diverged = manifest.get("status") == "diverged" or manifest.get("failure") == "diverged"
+    return "diverged" if diverged else run_status(manifest)
 
 
 def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_loss", name: str | None = None,
@@ -135,7 +133,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
               say: Callable[[str], None] = print) -> SweepResult:
     """Train every point of `grid` (dotted key=v1,v2 axes) on top of `config` + `overrides`, one at a time."""
     from tunelab.config import ConfigError, load_config
-    from tunelab.train.rundir import now_iso
+    from tunelab.rundir import now_iso
 
     axes = parse_grid(grid)
     combos = combinations(axes)
@@ -197,7 +195,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
             entry.update(status=_status(run_dir) or "failed", error=f"{type(e).__name__}: {e}"[:500])
             say(f"  {combo} did not complete: {entry['error']}")
         else:
-            entry.update(status=_status(run_dir) or "completed", error=None)
+            entry.update(status=_status(run_dir) or "finished", error=None)
             trained.append(combo)
         entry["ended_at"] = now_iso()
         _save(state_path, state)
@@ -218,7 +216,7 @@ def sweep_rows(folder: Path, state: dict[str, Any], metric: str) -> list[SweepRo
         except (OSError, ValueError):
             manifest = {}
         value = final_metrics(manifest).get(metric)
-        rows.append(SweepRow(combo, run_dir, manifest.get("status") or entry.get("status", "pending"), value,
+        rows.append(SweepRow(combo, run_dir, _status(run_dir) or entry.get("status", "pending"), value,
                              entry["overrides"], entry.get("error")))
     sign = -1 if _better(metric) == "max" else 1
     return sorted(rows, key=lambda r: (r.value is None, sign * r.value if r.value is not None else 0))

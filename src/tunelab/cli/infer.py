@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             prompts = [args.prompt] if args.prompt else DEFAULT_COMPARE_PROMPTS
         if args.adapter:
-            rows = infer.compare_answers(args.model, args.adapter, prompts, system=args.system, **gen)
+            rows = infer.compare_answers(args.model, args.adapter, prompts, system=args.system, dtype=args.dtype, **gen)
         else:
-            rows = infer.compare_answers(None, args.model, prompts, system=args.system, **gen)
+            rows = infer.compare_answers(None, args.model, prompts, system=args.system, dtype=args.dtype, **gen)
         infer.print_comparison(rows)
         return 0
     if args.output and not args.input:

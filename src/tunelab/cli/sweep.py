@@ -28,4 +28,4 @@ def run(args: argparse.Namespace) -> int:
     console.print(sweep_table(result))
     console.print(f"sweep folder: {result.folder} (tunelab runs list --dir {result.folder.parent} "
                   f"--sweep {result.name})")
-    return 0 if all(r.status in ("completed", "diverged") for r in result.rows) else 1
+    return 0 if all(r.status in ("finished", "diverged") for r in result.rows) else 1

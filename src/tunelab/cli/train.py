@@ -43,5 +43,6 @@ def train_from_args(config: str | None, overrides: list[str], resume: str | None
     from tunelab.train.recipe import train
 
     cfg = load_config(config, overrides)
-    train(cfg, resume=resume, config_path=config)
+    # on --resume the run's own config.yaml rules: overrides safe mid-run are applied, the others refused by name
+    train(cfg, resume=resume, config_path=config, overrides=list(overrides) if resume else None)
     return 0

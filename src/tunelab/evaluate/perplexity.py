@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclass
@@ -45,32 +45,25 @@ def encode_for_loss(tokenizer, records: Sequence[dict[str, Any]], *, max_length:
 
 def perplexity(model, tokenizer, records: Sequence[dict[str, Any]], *, max_length: int = 512,
                train_on: str = "assistant", overflow: str = "truncate", batch_size: int = 8,
-               chunk_size: int = 1024) -> PerplexityResult:
-    import torch
-
-    from tunelab.train.batching import collate_padded
-    from tunelab.train.loss import CausalLMLoss
+               chunk_size: int = 1024, autocast: Callable | None = None) -> PerplexityResult:
+    """`autocast`: training's policy for the precision the model computes in (default: from its weights' dtype)."""
+    from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 
     examples, skipped = encode_for_loss(tokenizer, records, max_length=max_length, train_on=train_on,
                                         overflow=overflow)
-    # Similar lengths share a batch (little padding); the order does not change a sum.
-    examples.sort(key=lambda ex: len(ex["input_ids"]))
-    loss_fn = CausalLMLoss(model, chunk_size=chunk_size)
     device = next(model.parameters()).device
+    if autocast is None:
+        autocast = autocast_for(device.type, compute_dtype_name(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = collate_padded(examples[start:start + batch_size], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss_sum, n = loss_fn(**batch)
-                total += float(loss_sum)  # python float (fp64) accumulation across batches
-                count += int(n)
-    finally:
-        model.train(was_training)
-    loss = total / count if count else float("nan")
+    loss, count = eval_loss(CausalLMLoss(model, chunk_size=chunk_size), examples, batch_size, pad_id, autocast,
+                            device)
     return PerplexityResult(loss=loss, perplexity=math.exp(loss) if count else float("nan"), tokens=count,
                             records=len(examples), skipped=skipped)
+
+
+def compute_dtype_name(model) -> str:
+    """bf16 / fp16 / fp32: the dtype of the model's (base) weights, which training computed in."""
+    import torch
+
+    dtype = model.get_input_embeddings().weight.dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

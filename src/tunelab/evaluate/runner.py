@@ -185,39 +185,15 @@ def _defaults_from(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, 
     return out
 
 
-def _load(model: str, adapter_dir: Path | None, dtype: str):
-    """(model, tokenizer): a base/merged model, base + LoRA adapter, or a method=full checkpoint.
-
-    The tokenizer (with the chat template used in training) comes from the checkpoint when it holds one.
-    """
-    from transformers import AutoTokenizer
-
-    from tunelab.model.loading import load_model, load_tokenizer
-
-    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
-        model, adapter_dir = str(adapter_dir), None  # method=full: the checkpoint is a whole model
-    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(adapter_dir)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-    else:
-        tok = load_tokenizer(model)
-    lm, _ = load_model(model, dtype=dtype)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, str(adapter_dir))
-    lm.eval()
-    return lm, tok
-
-
 def _evaluate_tuned_and_base(model: str, adapter_dir: Path | None, base: str | None, dtype: str,
                              records: list[dict[str, Any]], metrics: list[str],
                              opts: dict[str, Any]) -> tuple[EvalResult, EvalResult | None]:
     """The model (with its adapter) and, when `base` is given, the base model, never both in memory twice."""
     import gc
 
-    lm, tok = _load(model, adapter_dir, dtype)
+    from tunelab.model.loading import load_pretrained
+
+    lm, tok = load_pretrained(model, adapter_dir, dtype=dtype)
     result = evaluate_records(lm, tok, records, metrics, **opts)
     base_result = None
     if base and hasattr(lm, "disable_adapter"):  # a LoRA adapter: the base is the same weights, adapter off
@@ -226,7 +202,7 @@ def _evaluate_tuned_and_base(model: str, adapter_dir: Path | None, base: str | N
     elif base:
         del lm
         gc.collect()
-        lm, _ = _load(base, None, dtype)  # the tuned model's tokenizer and chat template for both
+        lm, _ = load_pretrained(base, dtype=dtype)  # the tuned model's tokenizer and chat template for both
         base_result = evaluate_records(lm, tok, records, metrics, **opts)
     return result, base_result
 
@@ -243,7 +219,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
              output_dir: str | os.PathLike | None = None) -> EvalRun:
     """Evaluate a base/merged model or a run's adapter and write `eval/<name>.json` + `.predictions.jsonl`."""
     from tunelab.model.loading import base_model_of, resolve_adapter_dir
-    from tunelab.train.rundir import now_iso, package_versions
+    from tunelab.rundir import now_iso, package_versions
 
     if adapter and not Path(adapter).exists():  # a run name under outputs/
         from tunelab.runs import resolve_run

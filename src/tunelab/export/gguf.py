@@ -284,9 +284,12 @@ def _check_transformers(path: Path, model_dir: Path, tok, quant: str, n_tokens: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ggm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                               config=src.config).eval()  # the config is checked by readback
+    from tunelab.model.loading import quiet_local_loading
+
+    with quiet_local_loading(model_dir):
+        src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ggm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                   config=src.config).eval()  # the config is checked by readback
     gtok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompts = [render_hf(tok, c) for c in SAMPLE_CONVERSATIONS[:3]]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -59,7 +59,12 @@ def apply_method(model: Any, cfg: Config) -> Any:
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
-    return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)), autocast_adapter_dtype=True)
+    try:
+        return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)), autocast_adapter_dtype=True)
+    except ValueError as e:  # e.g. lora.target_modules naming no module of this model
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise TunelabError(f"lora: {str(e).splitlines()[0][:300]} (this model's linear layers: "
+                           f"{', '.join(linear)}; or use lora.target_modules: all-linear)") from None
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,19 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
+AUTO_DTYPE_ENV = "TUNELAB_AUTO_DTYPE"  # what `auto` resolves to, forced (CI runs the suite under the other kind)
+
+
 def choose_dtype(requested: str = "auto") -> DtypeChoice:
     import torch
 
     if requested != "auto":
         return DtypeChoice(requested, "set in the config (model.dtype)")
+    forced = os.environ.get(AUTO_DTYPE_ENV, "")
+    if forced:
+        if forced not in ("bf16", "fp16", "fp32"):
+            raise TunelabError(f"{AUTO_DTYPE_ENV}={forced!r}: use bf16, fp16 or fp32 (or unset it)")
+        return DtypeChoice(forced, f"{AUTO_DTYPE_ENV}={forced} is set")
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bf16", f"CUDA device {torch.cuda.get_device_name(0)} supports bf16")
@@ -165,6 +174,22 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
+@contextmanager
+def quiet_local_loading(path: str | os.PathLike):
+    """No transformers "Loading weights" bar for a local folder (it cluttered tunelab's own output); a hub
+    download keeps its progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = Path(path).is_dir() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", quantization: Any = None, device_map: Any = None):
     """Load a causal LM. `quantization`: a transformers BitsAndBytesConfig for QLoRA, else None."""
@@ -179,7 +204,8 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_local_loading(path):
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as e:  # unknown architecture, or custom code that needs trust_remote_code
         raise ModelLoadError(f"could not load {name}: {str(e).splitlines()[0][:300]} (if the model ships its own "
                              "code and you trust it, set model.trust_remote_code: true)") from None
@@ -194,26 +220,42 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
     return model, choice
 
 
-def load_for_inference(model: str, adapter: str | None = None, dtype: str = "auto",
-                       trust_remote_code: bool = False):
-    """(model, tokenizer) ready for generation: a base model, a merged folder, or base + a tunelab adapter.
+def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None = None, *, dtype: str = "auto",
+                    revision: str | None = None, trust_remote_code: bool | None = None):
+    """(model in eval mode, tokenizer): the one loader of infer, eval, merge and serve.
 
-    `adapter` may be a run folder (its checkpoint-final is used) or a checkpoint folder. The tokenizer (and so
-    the chat template) comes from the adapter when it has one: the template used in training is the one used here.
+    `model`: a base or merged model (hub id, folder, bundled name). `adapter`: a run folder (→ its
+    checkpoint-final) or a checkpoint; a LoRA/DoRA/QLoRA adapter goes onto its base, a method=full checkpoint is
+    the model itself. Without `model` the adapter's recorded base is used, at the revision and with the
+    remote-code setting the run recorded (tunelab.json) unless given here. The tokenizer, so the chat template,
+    is the one saved with the checkpoint when it holds one: the template used in training is the one used here.
     """
-    tok_source = model
-    if adapter:
-        adapter_dir = resolve_adapter_dir(adapter)
-        if (adapter_dir / "tokenizer_config.json").is_file():
-            tok_source = str(adapter_dir)
-    tok = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
-    base, choice = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    if adapter:
+    adapter_dir = resolve_adapter_dir(adapter) if adapter else None
+    meta = read_tunelab_json(adapter_dir) if adapter_dir else {}
+    if model is None and adapter_dir is None:
+        raise ModelLoadError("nothing to load: give a model, an adapter (run folder or checkpoint), or both")
+    revision = revision if revision is not None else meta.get("revision")
+    trust = bool(meta.get("trust_remote_code")) if trust_remote_code is None else trust_remote_code
+    is_full = adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file()
+    if is_full:  # method=full: the checkpoint is a whole model
+        model, revision, adapter_dir = str(adapter_dir), None, None
+    base_name = model or base_model_of(adapter_dir)
+    tok_source = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else None
+    tok = load_tokenizer(str(tok_source) if tok_source else base_name,
+                         revision=None if tok_source else revision, trust_remote_code=trust)
+    lm, _ = load_model(base_name, dtype=dtype, revision=revision, trust_remote_code=trust)
+    if adapter_dir is not None:
         from peft import PeftModel
 
-        base = PeftModel.from_pretrained(base, str(resolve_adapter_dir(adapter)))
-    base.eval()
-    return base, tok
+        with quiet_local_loading(adapter_dir):
+            lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+    return lm.eval(), tok
+
+
+def read_tunelab_json(folder: Path | None) -> dict[str, Any]:
+    """What tunelab recorded beside a checkpoint or merged model (base model, method, dtype, revision, ...)."""
+    meta = Path(folder) / "tunelab.json" if folder else None
+    return json.loads(meta.read_text()) if meta is not None and meta.is_file() else {}
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
@@ -227,8 +269,17 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
 
 def base_model_of(adapter_dir: Path) -> str:
     """The base model a tunelab adapter was trained on (from its tunelab.json, else peft's record)."""
-    meta = adapter_dir / "tunelab.json"
-    if meta.is_file():
-        return json.loads(meta.read_text())["base_model"]
+    meta = read_tunelab_json(adapter_dir)
+    if meta.get("base_model"):
+        return meta["base_model"]
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     return cfg["base_model_name_or_path"]
+
+
+if __name__ == "__main__":  # `python -m tunelab.model.loading --other-auto-dtype`: used by `make test`
+    import sys
+
+    if sys.argv[1:] != ["--other-auto-dtype"]:
+        sys.exit("usage: python -m tunelab.model.loading --other-auto-dtype")
+    os.environ.pop(AUTO_DTYPE_ENV, None)
+    print("fp32" if choose_dtype("auto").name != "fp32" else "bf16")

@@ -7,6 +7,7 @@ files do not match it, is never used for resuming.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -84,7 +85,24 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     final = run / name
     tmp = run / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_files(tmp, save_model, optimizer, scheduler, trainer_state)
+    except OSError as e:  # disk full, quota, I/O error: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{type(e).__name__}: {e}"
+        raise TunelabError(f"could not write {name} in {run}: {why}. The previous checkpoints are intact; free "
+                           f"some space and resume with: tunelab train --resume {run}") from None
+    old = run / f".{name}.old"
+    if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, save_model, optimizer, scheduler, trainer_state: dict[str, Any] | None) -> None:
     save_model(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -96,13 +114,6 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     sizes = _fsync_tree(tmp)
     (tmp / "manifest.json").write_text(json.dumps({"files": sizes, "complete": True}, indent=2))
     _fsync_tree(tmp)
-    old = run / f".{name}.old"
-    if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def rotate(run: Path, keep: int) -> None:

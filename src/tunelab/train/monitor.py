@@ -41,21 +41,19 @@ class Reporter:
         self.start = time.time()
         self.progress = None
         self.task = None
-        if enabled and sys.stdout.isatty():
+
+    def begin(self, total_steps: int) -> None:
+        """Training starts: the clock (not counting loading) and, on a terminal, the live progress bar."""
+        self.total = total_steps
+        self.start = time.time()
+        if self.enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                      TextColumn("{task.fields[info]}"), transient=True)
             self.task = self.progress.add_task("train", total=total_steps, info="")
-
-    def __enter__(self) -> "Reporter":
-        if self.progress:
             self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.progress:

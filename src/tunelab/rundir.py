@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import Config, save_config
+from tunelab.config import Config
 
 PACKAGES = ("tunelab", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors")
 
@@ -77,26 +77,22 @@ def git_commit() -> str | None:
         return None
 
 
+STATUSES = ("starting", "running", "finished", "failed", "interrupted")
+_OLD_STATUSES = {"completed": "finished", "diverged": "failed"}  # written by tunelab before the run lifecycle
+
+
+def run_status(manifest: dict[str, Any]) -> str:
+    """The run's status in today's words (runs made by older versions said completed / diverged)."""
+    status = manifest.get("status") or "unknown"
+    return _OLD_STATUSES.get(status, status)
+
+
 class RunDir:
     """A run folder: config.yaml, manifest.json, metrics.jsonl, train.log, checkpoints."""
 
     def __init__(self, path: Path, main_process: bool = True):
         self.path = Path(path)
         self.main = main_process
-
-    @classmethod
-    def create(cls, cfg: Config, main_process: bool = True) -> "RunDir":
-        name = cfg.output.run_name or default_run_name(cfg)
-        path = Path(cfg.output.dir) / name
-        if main_process:
-            if (path / "manifest.json").exists():
-                from tunelab.errors import TunelabError
-
-                raise TunelabError(f"run folder {path} already holds a run; use --resume to continue it or pick "
-                                   "another output.run_name")
-            path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, path / "config.yaml")
-        return cls(path, main_process)
 
     @property
     def manifest_path(self) -> Path:

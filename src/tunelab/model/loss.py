@@ -12,6 +12,9 @@ Used by training and by `tunelab eval` alike, so eval perplexity is exactly exp(
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.template import IGNORE_INDEX
 from tunelab.runtime import lever_enabled
-from tunelab.train.attention import packed_kwargs
+from tunelab.model.attention import packed_kwargs
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -131,3 +134,35 @@ class CausalLMLoss(nn.Module):
         keep = targets != IGNORE_INDEX
         loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
         return loss, keep.sum()
+
+
+def autocast_for(device_type: str, dtype_name: str) -> Callable:
+    """The one autocast policy of training and evaluation: matmuls in bf16/fp16, fp32 weights kept as loaded."""
+    if dtype_name == "fp32":
+        return nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+@torch.no_grad()
+def eval_loss(loss_fn: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, autocast,
+              device: torch.device | str = "cpu") -> tuple[float, int]:
+    """Token-weighted mean loss over `examples` (padded batches; identical masking to training).
+
+    The one eval loss: training's evaluations and `tunelab eval` perplexity both call it, with the same autocast.
+    """
+    from tunelab.data.batching import collate_padded
+
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for k in range(0, len(order), batch_size):
+        batch = {key: v.to(device) for key, v in
+                 collate_padded([examples[i] for i in order[k:k + batch_size]], pad_id).items()}
+        with autocast():
+            s, n = loss_fn(**batch)
+        total += float(s)
+        count += int(n)
+    loss_fn.train(was_training)
+    return (total / count if count else float("nan")), count

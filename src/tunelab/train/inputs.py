@@ -1,0 +1,104 @@
+"""A run's training data: prepared into the run folder (or read from a prepared folder), then encoded.
+
+A fresh run always prepares its own copy (the run folder is new: nothing stale can be in it); a resumed run reads
+the copy it prepared and refuses one whose fingerprint differs from the one its manifest recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import Config
+from tunelab.errors import TunelabError
+from tunelab.train.distributed import barrier
+
+
+@dataclass
+class Encoded:
+    train: list[dict]
+    val: list[dict]
+    val_records: list[dict]  # the held-out records as messages (system prompt applied): for generation metrics
+    fingerprint: str
+    data_info: dict[str, Any]
+
+
+def with_system_prompt(records: list[dict], system_prompt: str | None) -> list[dict]:
+    """The records as training encodes them: the run's system prompt where a record has none."""
+    if not system_prompt:
+        return records
+    return [r if r["messages"][0]["role"] == "system" else
+            {**r, "messages": [{"role": "system", "content": system_prompt}] + r["messages"]} for r in records]
+
+
+def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
+              expected_fingerprint: str | None = None, say=print) -> Encoded:
+    """Prepare raw files into `<run>/data` (or read a prepared folder), then encode with the chat template."""
+    from tunelab.data.prepare import load_prepared
+
+    src = Path(cfg.data.train)
+    folder = src if src.is_dir() and (src / "train.jsonl").is_file() else run_path / "data"
+    if folder != src and main and (fresh or not (folder / "train.jsonl").is_file()):
+        _prepare_into(cfg, tokenizer, src, folder, run_path.name)
+    barrier()
+    prepared = load_prepared(folder)
+    if expected_fingerprint and prepared.fingerprint != expected_fingerprint:
+        raise TunelabError(f"--resume: the data in {folder} (fingerprint {prepared.fingerprint[:19]}) is not the data "
+                           f"this run trained on ({expected_fingerprint[:19]}); start a new run instead")
+    val_records = prepared.val
+    if cfg.data.eval and folder == src:  # a prepared train folder plus a separate eval source
+        ev = load_prepared(Path(cfg.data.eval))
+        val_records = ev.val or ev.train
+    train_recs = with_system_prompt(prepared.train, cfg.data.system_prompt)
+    val_recs = with_system_prompt(val_records, cfg.data.system_prompt)
+    train = _encode(cfg, tokenizer, train_recs, "train", run_path, main, say)
+    val = _encode(cfg, tokenizer, val_recs, "val", run_path, main, say)
+    if not train:
+        raise TunelabError(f"no trainable records in {folder}: every record was rejected (see its report.md)")
+    info = {"folder": str(folder), "source": cfg.data.train, "train_records": len(train), "val_records": len(val),
+            "train_tokens": sum(len(e["input_ids"]) for e in train),
+            "train_target_tokens": sum(e["n_targets"] for e in train)}
+    kept = {e["where"] for e in val}
+    val_kept = [r for r in val_recs if f"{r.get('source')}:{r.get('location')}" in kept]
+    return Encoded(train, val, val_kept, prepared.fingerprint, info)
+
+
+def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) -> None:
+    import shutil
+
+    from tunelab.data.prepare import prepare_dataset
+
+    shutil.rmtree(folder, ignore_errors=True)
+    result = prepare_dataset([str(src)], folder, format=cfg.data.format, column_map=cfg.data.map or None,
+                             tokenizer=tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
+                             train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
+                             eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
+                             system_prompt=cfg.data.system_prompt, name=name)
+    if not result.usable:
+        raise TunelabError(f"no usable training data in {src}; see {folder / 'report.md'}")
+
+
+def _encode(cfg: Config, tokenizer, records: list[dict], split: str, run_path: Path, main: bool, say) -> list[dict]:
+    from tunelab.data.template import RecordRejected, encode_record
+
+    out, rejected = [], []
+    for rec in records:
+        try:
+            enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=cfg.data.max_length,
+                                train_on=cfg.data.train_on, overflow=cfg.data.overflow)
+        except RecordRejected as e:
+            rejected.append({"source": rec.get("source"), "location": rec.get("location"), "reason": str(e)})
+            continue
+        n_targets = sum(1 for x in enc.labels[1:] if x != -100)
+        out.append({"input_ids": enc.input_ids, "labels": enc.labels, "n_targets": n_targets,
+                    "where": f"{rec.get('source')}:{rec.get('location')}"})
+    if rejected:
+        listing = run_path / f"rejected_at_encode.{split}.jsonl"
+        if main:
+            with open(listing, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+        say(f"warning: {len(rejected)} {split} records could not be trained with these settings "
+            f"(e.g. {rejected[0]['location']}: {rejected[0]['reason']}); listed in {listing}")
+    return out

@@ -1,0 +1,219 @@
+"""One owner for a run's life (tunelab.train.lifecycle): status from starting to finished / failed / interrupted,
+the error in the manifest and train.log, no orphan folder, no stale data, resume overrides, and checkpoints that
+survive SIGKILL in the middle of a save and a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.config import load_config
+from tunelab.demo_data import write_demo_data
+from tunelab.errors import TunelabError
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.recipe import train
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("raw")
+    write_demo_data(folder)
+    return str(folder / "demo_*.json")
+
+
+def _overrides(model, data, out, name, *extra) -> list[str]:
+    return [f"model.name={model}", "model.dtype=fp32", f"data.train={data}", f"output.dir={out}",
+            f"output.run_name={name}", "training.epochs=1", "training.batch_size=4", "training.logging_steps=1",
+            "training.learning_rate=5e-3", "eval.metrics=[perplexity]", "tracking.report_to=[none]", *extra]
+
+
+def _cfg(model, data, out, name, *extra):
+    return load_config(None, _overrides(model, data, out, name, *extra))
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def test_a_failure_before_training_leaves_no_folder_and_says_why(tiny_model_dir, demo_files, tmp_path,
+                                                                  monkeypatch):
+    import tunelab.train.recipe as recipe
+
+    seen = {}
+    original = recipe.build_model
+
+    def build_model(cfg, accelerator, say):
+        seen["status"] = _manifest(tmp_path / "bad")["status"]  # the folder exists and says so while loading
+        return original(cfg, accelerator, say)
+
+    monkeypatch.setattr(recipe, "build_model", build_model)
+    with pytest.raises(TunelabError, match=r"lora: .*no_such_proj.*q_proj"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "bad", "lora.target_modules=[no_such_proj]"))
+    assert seen["status"] == "starting"
+    assert not (tmp_path / "bad").exists(), "nothing was trained: no orphan run folder, no prepared data"
+
+
+def test_rerun_after_a_failed_start_prepares_the_new_data(tiny_model_dir, demo_files, tmp_path):
+    # an older tunelab left config.yaml and data/ behind when a run failed before its manifest existed
+    stale = tmp_path / "same"
+    (stale / "data").mkdir(parents=True)
+    (stale / "config.yaml").write_text("model: {}\n")
+    (stale / "data" / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "stale"}]}\n')
+    new_data = tmp_path / "new.json"
+    new_data.write_text(json.dumps([{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(12)]))
+    run = train(_cfg(tiny_model_dir, str(new_data), tmp_path, "same", "training.max_steps=1"))
+    man = _manifest(run)
+    assert man["status"] == "finished" and man["data"]["source"] == str(new_data)
+    assert "stale" not in (run / "data" / "train.jsonl").read_text()
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tiny_model_dir, demo_files, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(TunelabError, match="not a tunelab run"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "mine"))
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_a_failure_after_training_started_is_recorded_and_listed(tiny_model_dir, demo_files, tmp_path,
+                                                                  monkeypatch):
+    import tunelab.train.recipe as recipe
+    from tunelab.runs import list_runs
+
+    def broken(s):
+        raise RuntimeError("the evaluation backend fell over")
+
+    monkeypatch.setattr(recipe, "_final_generation_metrics", broken)
+    with pytest.raises(RuntimeError):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "late", "training.max_steps=2"))
+    man = _manifest(tmp_path / "late")
+    assert man["status"] == "failed" and man["failure"] == "error" and man["global_step"] == 2
+    assert man["error"] == "RuntimeError: the evaluation backend fell over" and man["ended_at"]
+    assert "error: RuntimeError: the evaluation backend fell over" in (tmp_path / "late" / "train.log").read_text()
+    assert [(r.name, r.status) for r in list_runs(tmp_path)] == [("late", "failed")]
+
+
+def _interrupt_after(monkeypatch, step: int) -> None:
+    import tunelab.train.monitor as monitor
+
+    original = monitor.Reporter.advance
+
+    def advance(self, s, info):
+        original(self, s, info)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+
+
+def test_resume_applies_safe_overrides_and_refuses_the_others_by_name(tiny_model_dir, demo_files, tmp_path,
+                                                                       monkeypatch):
+    from tunelab.cli.train import train_from_args
+    from tunelab.train.lifecycle import TrainingInterrupted
+
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "r", "training.max_steps=4"))
+    monkeypatch.undo()
+    run = tmp_path / "r"
+    assert _manifest(run)["status"] == "interrupted"
+    with pytest.raises(TunelabError, match=r"--resume cannot change training.learning_rate, lora.r\b"):
+        train_from_args(None, [f"output.dir={tmp_path}", "training.learning_rate=1e-3", "lora.r=4",
+                               "training.eval_steps=1"], resume=str(run))
+    assert load_config(run / "config.yaml").training.eval_steps == 0  # nothing applied from a refused resume
+    train_from_args(None, [f"output.dir={tmp_path}", "training.eval_steps=1"], resume=str(run))
+    assert load_config(run / "config.yaml").training.eval_steps == 1
+    log = (run / "train.log").read_text()
+    assert "Changed on resume: training.eval_steps=1" in log and "Eval @ step 3" in log
+    assert _manifest(run)["status"] == "finished"
+
+
+def test_resume_refuses_data_that_is_not_the_runs(tiny_model_dir, demo_files, tmp_path, monkeypatch):
+    from tunelab.train.lifecycle import TrainingInterrupted
+
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "fp", "training.max_steps=3"))
+    monkeypatch.undo()
+    report = tmp_path / "fp" / "data" / "report.json"
+    data = json.loads(report.read_text())
+    data["fingerprint"] = "sha256:" + "0" * 64
+    report.write_text(json.dumps(data))
+    with pytest.raises(TunelabError, match="is not the data this run trained on"):
+        train(load_config(None), resume=str(tmp_path / "fp"))
+    assert _manifest(tmp_path / "fp")["status"] == "failed"  # kept: it holds a checkpoint
+
+
+# ---------------------------------------------------------------- faults while saving
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from tunelab.config import load_config
+    from tunelab.train.recipe import train
+
+    kill_in = sys.argv[1]  # a checkpoint name: SIGKILL between its adapter file and its optimizer file
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if kill_in != "-" and str(path).endswith(f".{kill_in}.tmp/optimizer.pt"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, path, *a, **k)
+
+    torch.save = save
+    train(load_config(None, sys.argv[2:]))
+""")
+
+
+def _child(kill_in: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _CHILD, kill_in, *overrides], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TUNELAB_ALLOCATOR": "system"})
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_model_dir, demo_files,
+                                                                                       tmp_path):
+    extra = ("training.save_steps=2", "training.max_steps=6")
+    whole = _child("-", _overrides(tiny_model_dir, demo_files, tmp_path, "whole", *extra))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _child("checkpoint-4", _overrides(tiny_model_dir, demo_files, tmp_path, "killed", *extra))
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "killed"
+    assert (run / ".checkpoint-4.tmp" / "adapter_model.safetensors").is_file()  # killed between two files
+    assert [s for s, _ in ckpt.complete_checkpoints(run)] == [2]
+    train(load_config(None), resume=str(run))
+    assert _manifest(run)["status"] == "finished" and not (run / ".checkpoint-4.tmp").exists()
+    a = load_file(tmp_path / "whole" / "checkpoint-final" / "adapter_model.safetensors")
+    b = load_file(run / "checkpoint-final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_model_dir, demo_files,
+                                                                                       tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if ".checkpoint-4.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(TunelabError, match=r"could not write checkpoint-4 .*the disk is full.*--resume"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2", "training.max_steps=6"))
+    run = tmp_path / "full"
+    assert [s for s, _ in ckpt.complete_checkpoints(run)] == [2]
+    assert not (run / ".checkpoint-4.tmp").exists()
+    man = _manifest(run)
+    assert man["status"] == "failed" and "the disk is full" in man["error"]
+    monkeypatch.undo()
+    train(load_config(None), resume=str(run))
+    assert _manifest(run)["status"] == "finished"
