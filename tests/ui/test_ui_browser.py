@@ -137,6 +137,7 @@ def test_browser_flow(workdir, tiny_model_dir, tmp_path, no_dtype_second_pass):
         page.click("#chat-send")
         page.wait_for_selector('#chat-base [data-done]', timeout=LONG)
         page.wait_for_selector('#chat-tuned [data-done]', timeout=LONG)
+        assert page.get_attribute('#chat-tuned [data-done]', 'data-done') in ('stop', 'length')
         shots(page, "chat")
 
         # ---- 中文

@@ -31,7 +31,7 @@ class LineChart {
         series: [{ label: this.opts.xlabel || "step" }, ...this.names.map((n, i) => ({
           label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
           dash: (this.opts.dashed || []).includes(i) ? [6, 4] : undefined,
-          points: { show: (this.opts.dashed || []).includes(i) },
+          points: { show: !!this.opts.points || (this.opts.dashed || []).includes(i), size: 6 },
         }))],
       }, data, this.el);
     } else {

@@ -210,7 +210,8 @@ ROUTES.compare = async (main, arg) => {
   [["loss", "chart.loss"], ["eval_loss", "eval_loss"], ["lr", "chart.lr"]].forEach(([key, title]) => {
     const el = h("div", { class: "chart", id: `cmp-${key}` });
     grid.append(h("div", { class: "card" }, el));
-    new LineChart(el, t(title), c.labels).update(c.curves.map(recs => pointsOf(recs, key)));
+    // eval losses are few points per run (often one, at the end): draw the points, not only lines
+    new LineChart(el, t(title), c.labels, { points: key === "eval_loss" }).update(c.curves.map(recs => pointsOf(recs, key)));
   });
   const diff = Object.entries(c.config_diff);
   main.append(h("h2", {}, t("cmp.config")), diff.length ? h("table", { id: "config-diff" },
