@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,17 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+
+def _keep_hypothesis_out_of_the_repository() -> None:
+    """Hypothesis caches what it learns in ./.hypothesis, from the moment a test module is collected: move that
+    to the temp folder before any is (tests must not add files to the repository)."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:  # not installed: the property tests skip themselves
+        return
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "tunelab-hypothesis")
+
+
+_keep_hypothesis_out_of_the_repository()

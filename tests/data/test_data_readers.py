@@ -175,3 +175,24 @@ def test_jsonl_is_streamed_memory_does_not_grow_with_file_size(tmp_path):
     big.write_text(line * 20000)  # ~9 MB
     peak_small, peak_big = _peak_reading(small), _peak_reading(big)
     assert peak_big < peak_small + 256 * 1024, (peak_small, peak_big)
+
+
+def test_json_array_is_streamed_peak_memory_far_below_file_size(tmp_path):
+    """A JSON array is read element by element through a window of about 1M characters, not parsed whole."""
+    path = tmp_path / "big.json"
+    record = json.dumps(alpaca(0, output="x" * 400))
+    with open(path, "w", encoding="utf-8") as f:  # ~40 MB, written in pieces (the test itself stays flat)
+        f.write("[\n")
+        for i in range(80_000):
+            f.write(("," if i else "") + record + "\n")
+        f.write("]\n")
+    size = path.stat().st_size
+    tracemalloc.start()
+    count = last = 0
+    for item in read_file(path, FileInfo(str(path))):
+        count += 1
+        last = item.line
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (count, last) == (80_000, 80_001)  # every element, with its line
+    assert peak < size / 5 and peak < 16 * 2**20, (peak, size)

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.values import record_problem
+from tunelab.data.values import BigNumber, number_problem, text_problem, value_problem
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 # Keys a column map may rename: record level, then turn level (inside conversations/messages).
@@ -78,6 +78,26 @@ def _clean(s: str, notes: Counter) -> str:
     return t
 
 
+def _number_text(v: int | float | BigNumber, what: str, notes: Counter, note: str | None = None) -> str:
+    """A number where text belongs (an answer of 42): kept as its text and counted, unless it is no number."""
+    problem = number_problem(v)
+    if problem:
+        raise Invalid("invalid_number", f"{what} {problem}")
+    notes[note or f"number in {what} → text"] += 1
+    return str(v)
+
+
+def _valid_text(v: str, what: str) -> str:
+    problem = text_problem(v)
+    if problem:
+        raise Invalid("invalid_text", f"{what}: {problem}")
+    return v
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, BigNumber)) and not isinstance(v, bool)
+
+
 def _text(record: dict, key: str, notes: Counter, required: bool, what: str | None = None) -> str:
     """A text field, trimmed; Invalid when required and missing/empty or when it is not text."""
     what = what or f"field '{key}'"
@@ -86,13 +106,11 @@ def _text(record: dict, key: str, notes: Counter, required: bool, what: str | No
         if required:
             raise Invalid("missing_field", f"missing {what}" if key not in record else f"{what} is null")
         return ""
-    if not isinstance(v, str):
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)
-            notes[f"number in {what} → text"] += 1
-        else:
-            raise Invalid("wrong_type", f"{what} must be text, got {_type_name(v)}")
-    v = _clean(v, notes)
+    if _is_number(v):
+        v = _number_text(v, what, notes)
+    elif not isinstance(v, str):
+        raise Invalid("wrong_type", f"{what} must be text, got {_type_name(v)}")
+    v = _clean(_valid_text(v, what), notes)
     if required and not v:
         raise Invalid("empty_field", f"{what} is empty")
     return v
@@ -118,6 +136,9 @@ def _tools(record: dict, notes: Counter) -> list[Any] | None:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
         raise Invalid("wrong_type", f"'tools' must be a list of tool schemas (objects), got {_type_name(v)}")
+    problem = value_problem(v, "tools")  # the schemas are rendered into the prompt
+    if problem:
+        raise Invalid(*problem)
     return v or None
 
 
@@ -142,7 +163,8 @@ def _alpaca(rec: dict, notes: Counter) -> list[dict[str, str]]:
     for i, pair in enumerate(history, 1):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise Invalid("wrong_type", f"history item {i} must be a [prompt, answer] pair of texts")
-        q, a = _clean(pair[0], notes), _clean(pair[1], notes)
+        q = _clean(_valid_text(pair[0], f"history item {i} prompt"), notes)
+        a = _clean(_valid_text(pair[1], f"history item {i} answer"), notes)
         if not q or not a:
             raise Invalid("empty_field", f"history item {i} has an empty {'prompt' if not q else 'answer'}")
         msgs += [{"role": USER, "content": q}, {"role": ASSISTANT, "content": a}]
@@ -187,8 +209,11 @@ def _tool_calls_text(calls: Any, j: int) -> str:
         if isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
+        problem = value_problem({"name": fn["name"], "arguments": args}, f"turn {j} tool call")
+        if problem:  # the call becomes trained text: a NaN argument would be learnt as "NaN"
+            raise Invalid(*problem)
         out.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
     return "\n".join(out)
 
@@ -206,6 +231,7 @@ def _turns(turns: Any, key: str, rec_map: dict[str, str], notes: Counter) -> tup
         role = t.get(role_key) if role_key else t.get("from", t.get("role"))
         if not isinstance(role, str):
             raise Invalid("missing_field", f"turn {j} has no role ('from' or 'role')")
+        _valid_text(role, f"turn {j} role")  # strip() would quietly drop a form feed: say the data is damaged
         kind = ROLE_ALIASES.get(role.strip().lower())
         if kind is None:
             raise Invalid("unknown_role", f"turn {j} has an unknown role {role[:40]!r} (known: "
@@ -221,11 +247,12 @@ def _turns(turns: Any, key: str, rec_map: dict[str, str], notes: Counter) -> tup
         if isinstance(content, list):
             content, call = _blocks(content, j, notes)
             call = call or kind == CALL
-        elif isinstance(content, (int, float)) and not isinstance(content, bool):
-            content = str(content)
-            notes["number in a turn's text → text"] += 1
+        elif _is_number(content):
+            content = _number_text(content, f"turn {j} ({canon})", notes, "number in a turn's text → text")
         elif content is not None and not isinstance(content, str):
             raise Invalid("wrong_type", f"turn {j} ({canon}): the text must be a string, got {_type_name(content)}")
+        if content:
+            _valid_text(content, f"turn {j} ({canon})")
         content = _clean(content or "", notes)
         if t.get("tool_calls"):
             calls = _tool_calls_text(t["tool_calls"], j)
@@ -273,9 +300,6 @@ def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = N
     notes = Counter() if notes is None else notes
     if not isinstance(rec, dict):
         raise Invalid("wrong_type", f"a record must be a JSON object, got {_type_name(rec)}")
-    problem = record_problem(rec)
-    if problem:
-        raise Invalid(*problem)
     turn_map = {}
     if column_map:
         rename = {src: dst for dst, src in column_map.items() if dst in RECORD_KEYS and src in rec}
@@ -323,6 +347,8 @@ def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt:
         kinds.insert(0, SYSTEM)
         notes["system prompt added"] += 1
     check_order(kinds, warnings)
+    for j, m in enumerate(msgs, 1):  # every text checked above where its field is named; this catches the rest
+        _valid_text(m["content"], f"turn {j} ({m['role']})")
     if any("{{" in m["content"] and _PLACEHOLDER.search(m["content"]) for m in msgs):
         warnings.append(("template_placeholders", "contains {{placeholder}} text (e.g. {{name}}): replace it "
                                                   "before training or the model learns it literally"))

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import tempfile
+import weakref
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -230,9 +231,26 @@ class _FastTokenizer:
         return self._tok(text, *args, **kwargs)
 
 
+# tokenizer -> (its size, sha256 of its vocabulary): hashing 49k entries takes ~0.2 s, once per tokenizer object
+# is enough (a vocabulary only changes by adding tokens, which changes the size).
+_VOCAB_SHA256: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vocab_sha256(tok) -> str:
+    size = len(tok)
+    cached = _VOCAB_SHA256.get(tok)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    h = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()).hexdigest()
+    try:
+        _VOCAB_SHA256[tok] = (size, h)
+    except TypeError:  # not weak-referenceable: hash again next time
+        pass
+    return h
+
+
 def _tokenizer_identity(tok) -> dict[str, str]:
-    vocab = tok.get_vocab()
-    h = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+    h = _vocab_sha256(tok)
     template = getattr(tok, "chat_template", None) or ""
     if isinstance(template, dict):
         template = json.dumps(template, sort_keys=True)

@@ -46,6 +46,9 @@ _BOMS = [  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
 ]
 
 
+_LOADS = json.JSONDecoder(parse_int=parse_int).decode  # json.loads raises ValueError past 4,300 digits
+
+
 def _mark_bad_bytes(e: UnicodeDecodeError) -> tuple[str, int]:
     # Like "surrogateescape" but for every byte (UTF-16 errors involve bytes < 128 too): each undecodable byte
     # becomes U+DC00 + byte, which no valid decoding produces, so a reader can find and locate it later.
@@ -161,11 +164,22 @@ def _first_lines(path: Path, codec: str, bom_len: int, info: FileInfo, k: int = 
     return out
 
 
-def _is_json_object(s: str) -> bool:
+def _is_json(s: str, kind: type = object) -> bool:
     try:
-        return isinstance(json.loads(s), dict)
-    except (ValueError, RecursionError):
+        return isinstance(_LOADS(s), kind)
+    except RecursionError:  # JSON nested deeper than Python parses: a record to reject later, not a file error
+        return kind is object or s.startswith("{") == (kind is dict)
+    except ValueError:
         return False
+
+
+def _head_lines(text: str, whole: bool, k: int = 2) -> list[str]:
+    """The first `k` non-blank lines that end inside the sniffed head (never reads on: a minified array is one
+    multi-GB line)."""
+    lines = text.split("\n")
+    if not whole:
+        lines = lines[:-1]  # the last piece may be cut by the head's end
+    return [x.strip() for x in lines if x.strip()][:k]
 
 
 def sniff(path: Path, info: FileInfo) -> tuple[str, str, int]:
@@ -185,12 +199,19 @@ def sniff(path: Path, info: FileInfo) -> tuple[str, str, int]:
     if not stripped:
         raise FileError(path, "the file is empty (no records)")
     first = stripped[:1]
+    if first != "{":
+        # JSON Lines whose first record is not an object ([...], null, "text", 3) is still JSON Lines: that
+        # record is rejected alone, not the file.
+        lines = _head_lines(stripped, len(head) < _SNIFF_BYTES)
+        if lines and _is_json(lines[0]) and (first != "[" or len(lines) > 1 and _is_json(lines[1])):
+            info.container = "JSONL"
+            return "jsonl", codec, bom_len
     if first == "[":
         info.container = "JSON array"
         return "json", codec, bom_len
     if first == "{":
         lines = _first_lines(path, codec, bom_len, info)
-        if lines and (_is_json_object(lines[0]) or (len(lines) > 1 and _is_json_object(lines[1]))):
+        if lines and (_is_json(lines[0], dict) or (len(lines) > 1 and _is_json(lines[1], dict))):
             info.container = "JSONL"
             return "jsonl", codec, bom_len
         info.container = "JSON object"
@@ -230,7 +251,7 @@ def _csv_rows_agree(text: str, delim: str) -> bool:
 
 
 def _read_jsonl(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[RawItem]:
-    loads = json.JSONDecoder(parse_int=parse_int).decode
+    loads = _LOADS
     for n, s, bad in _text_lines(path, codec, bom_len, info):
         if s.endswith("\r\n"):
             info.crlf = True
@@ -444,7 +465,9 @@ def _element(path: Path, w: _Window, n: int, label: str, closes: bool, what: str
     raw = w.buf[w.pos:end]
     bad = _marked_reason(w, w.pos, end, label)
     w.advance(end)
-    return RawItem(loc, line, error=bad, raw=raw) if bad else RawItem(loc, line, value, raw=raw)
+    if bad:  # the raw text goes to rejected.jsonl: show each bad byte as U+FFFD, as JSONL lines do
+        return RawItem(loc, line, error=bad, raw=_MARKED.sub("\ufffd", raw))
+    return RawItem(loc, line, value, raw=raw)
 
 
 def _element_error(path: Path, w: _Window, e: json.JSONDecodeError, n: int, closes: bool, what: str,
@@ -526,10 +549,38 @@ def _read_parquet(path: Path, info: FileInfo) -> Iterator[RawItem]:
     except Exception as e:  # pyarrow raises its own ArrowInvalid/OSError family for a broken file
         raise FileError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=2048):
-        for value in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=2048)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged page: the rest of the file is lost
+            raise FileError(path, f"the Parquet file cannot be read after row {row}: {str(e).splitlines()[0]}"
+                                  " (damaged or truncated?)") from None
+        if batch is None:
+            return
+        try:
+            values = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the rows
+            values = None
+        for i in range(batch.num_rows):
             row += 1
-            yield RawItem(f"row {row}", None, value)
+            if values is not None:
+                yield RawItem(f"row {row}", None, values[i])
+            else:
+                yield _parquet_row(batch, i, row)
+
+
+def _parquet_row(batch, i: int, row: int) -> RawItem:
+    """One row converted column by column, so invalid UTF-8 in one cell rejects just this row, with its column."""
+    value = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            value[name] = column[i].as_py()
+        except UnicodeDecodeError as e:
+            return RawItem(f"row {row}", None, error=f"column '{name}': invalid UTF-8 byte "
+                                                     f"0x{e.object[e.start]:02x} at byte {e.start + 1} of the text",
+                           raw=f"{name}: {bytes(e.object).decode('utf-8', 'replace')}")
+    return RawItem(f"row {row}", None, value)
 
 
 def read_file(path: Path, info: FileInfo) -> Iterator[RawItem]:

@@ -1,16 +1,19 @@
-"""What every value inside a raw record must be before it is normalised: valid text, finite numbers, shallow.
+"""What a value must be to become training text: valid text, a finite number of sane size, not absurdly deep.
 
-    problem = record_problem(record)   # None, or ("invalid_text" | "invalid_number" | "too_deep", reason)
+    text_problem("hi\x00")          # "NUL U+0000 at character 3: ..." (None when the text is fine)
+    number_problem(float("nan"))    # "is NaN (not a number), ..." (None for a finite number of sane size)
+    value_problem(tools, "tools")   # ("invalid_text" | "invalid_number" | "too_deep", reason with the path)
 
-The rules hold for the whole record, used fields or not, because an invalid value anywhere breaks what comes
-after: a lone surrogate cannot be written back out as UTF-8 (train.jsonl, rejected.jsonl) nor passed to the
-Rust tokenizer (a TypeError), and NaN is not JSON at all. Paths in reasons read like ``messages[2].content``.
+`tunelab.data.formats` applies these to what a record contributes to the conversation (its texts, numbers
+turned into text, tool schemas and tool-call arguments), not to fields it ignores: a NaN in an unused
+``score`` column must not cost the record. The rules:
 
-- Text: no unpaired UTF-16 surrogates (``"\\ud800"`` is legal JSON but not Unicode) and no control characters
-  except tab, newline and carriage return (NUL, escape codes, C1 controls from mis-decoded Windows-1252...).
+- Text: no unpaired UTF-16 surrogates (``"\ud800"`` is legal JSON but not Unicode: it cannot be written as
+  UTF-8 and the Rust tokenizer raises a TypeError on it) and no control characters except tab, newline and
+  carriage return (NUL, escape codes, C1 controls from mis-decoded Windows-1252, a ``\f`` from ``\frac``...).
 - Numbers: finite (Python's json reads ``NaN``/``Infinity``, and ``1e999`` becomes infinity; pandas writes NaN
-  for missing values) and integers within 64 bits (a longer one is an id or a hash that should be quoted text).
-- Nesting: at most ``MAX_DEPTH`` levels; a real conversation needs about five.
+  for missing values) and integers within 64 bits (a longer one is an id or a hash that should be quoted).
+- Nesting: at most ``MAX_DEPTH`` levels; a tool schema needs about ten.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def text_problem(s: str) -> str | None:
             f"carriage return are not text; {why}")
 
 
-def _number_problem(v: Any) -> str | None:
+def number_problem(v: Any) -> str | None:
+    """Why this number cannot become text, or None (also None for what is not a number)."""
     if isinstance(v, float) and not math.isfinite(v):
         if math.isnan(v):
             return "is NaN (not a number), which JSON does not have: a missing value exported by pandas?"
@@ -84,12 +88,11 @@ def _number_problem(v: Any) -> str | None:
     return None
 
 
-def record_problem(rec: Any) -> tuple[str, str] | None:
-    """(category, reason) for the first invalid value found in the record (depth first), or None."""
-    stack: list[tuple[Any, str, int]] = [(rec, "", 0)]
+def value_problem(value: Any, path: str) -> tuple[str, str] | None:
+    """(category, reason) for the first invalid text, number or nesting inside `value` (depth first), or None."""
+    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
     while stack:
-        v, path, depth = stack.pop()
-        where = f"field {path}" if path else "the record"
+        v, where, depth = stack.pop()
         if isinstance(v, str):
             problem = text_problem(v)
             if problem:
@@ -99,13 +102,12 @@ def record_problem(rec: Any) -> tuple[str, str] | None:
                 return "too_deep", f"{where}: nested more than {MAX_DEPTH} levels deep"
             items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
             for key, child in reversed(items):
-                if isinstance(v, dict):
-                    problem = text_problem(key) if isinstance(key, str) else None
-                    if problem:
-                        return "invalid_text", f"a field name in {where}: {problem}"
-                stack.append((child, _path(path, key), depth + 1))
+                problem = text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    return "invalid_text", f"a field name in {where}: {problem}"
+                stack.append((child, _path(where, key), depth + 1))
         else:
-            problem = _number_problem(v)
+            problem = number_problem(v)
             if problem:
                 return "invalid_number", f"{where} {problem}"
     return None
