@@ -10,6 +10,10 @@ Every normalisation (role alias mapped, whitespace trimmed, tools parsed from a 
 ``notes`` so the report can show it.
 
 Decisions worth knowing:
+- What reaches the conversation must be valid text (`tunelab.data.values`): a lone surrogate, a control
+  character, NaN/Infinity or an integer beyond 64 bits used as text rejects the record, naming the field or
+  turn.
+  Fields that are not read are not checked.
 - Tool calls stay text. A ShareGPT ``function_call`` turn, OpenAI ``tool_calls`` and v1 ``tool_call`` blocks
   become an assistant turn whose content is the call's JSON; ``observation``/``tool`` turns become ``tool``.
 - v1 ``reasoning`` blocks become ``<think>...</think>`` before the answer; ``loss_weight`` is ignored (the loss

@@ -9,6 +9,8 @@ Every record read ends up in exactly one place: ``train.jsonl``/``val.jsonl`` (a
 with its source, location, reason and raw text (rejected, or a duplicate with ``duplicate_of``), so
 ``records_read = records_accepted + records_rejected + duplicates_removed`` always holds; it is printed and
 stored in ``report.json``. The prepared folder also holds ``report.md`` and ``length_histogram.png``.
+Each file's line in the report counts its records by format; a file that mixes formats is a warning (each
+record is still read by its own format). The rules a record must meet are in docs/data.md.
 
 With a tokenizer, every accepted record is encoded with the real chat template and loss mask
 (`tunelab.data.template.encode_record`): token statistics, ``overflow`` handling (truncate / drop / keep) and the
