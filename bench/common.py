@@ -235,5 +235,19 @@ def machine_summary() -> dict[str, Any]:
     choice = choose_dtype("auto")
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "fast_bf16_cpu": cpu_has_fast_bf16(), "auto_dtype": choice.name, "auto_dtype_reason": choice.reason,
+            "fast_bf16_cpu": cpu_has_fast_bf16(), "cpu_kind": cpu_kind(), "auto_dtype": choice.name,
+            "auto_dtype_reason": choice.reason,
             "load_avg": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def cpu_kind() -> str:
+    """AMX, AVX512-BF16 or AVX2-only: the three CPU kinds these machines come as (see machine-notes)."""
+    try:
+        flags = set(next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    if "amx_bf16" in flags:
+        return "AVX512-BF16 + AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return "AVX2" if "avx2" in flags else "no AVX2"

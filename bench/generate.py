@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     recs, source = alpaca_records()
     prompts = [r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "") for r in recs[-n_prompts:]]
     machine = machine_summary()
-    dtype = choose_dtype(args.dtype).name
-    say(f"bench/generate.py: {args.model}, {dtype}, {machine['cpu']}, {machine['torch_threads']} threads; "
-        f"data {source}")
+    choice = choose_dtype(args.dtype)
+    dtype = choice.name
+    say(f"bench/generate.py: {args.model}, {dtype} ({choice.reason}), {machine['cpu']} ({machine['cpu_kind']}), "
+        f"{machine['torch_threads']} threads; data {source}")
     t0 = time.perf_counter()
     model, tok = load(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0

@@ -397,7 +397,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         print(res.output_tail, file=sys.stderr)
         raise SystemExit("the matmul-peak child failed")
     params, peaks = peak["params"], peak["peaks"]
-    say(f"machine: {peak['machine']['cpu']}, {peak['machine']['torch_threads']} torch threads; auto dtype "
+    say(f"machine: {peak['machine']['cpu']} ({peak['machine']['cpu_kind']}), {peak['machine']['torch_threads']} torch threads; auto dtype "
         f"{auto} ({peak['machine']['auto_dtype_reason']}); matmul peak fp32 {peaks['fp32']['gflops']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']['gflops']:.0f} GFLOP/s; model {params / 1e6:.1f} M parameters")
 

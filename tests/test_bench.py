@@ -52,7 +52,7 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train.py"), "--model", str(tiny_model_dir), "--steps", "2",
-         "--warmup", "0", "--eval-records", "4", "--only", "trl,tunelab,padded", "--lr", "1e-3",
+         "--warmup", "0", "--eval-records", "4", "--only", "trl,fp32,padded", "--lr", "1e-3",
          "--data", str(_alpaca(tmp_path / "alpaca.json")), "--workdir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -60,18 +60,19 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
     header = table.splitlines()[0]
     for col in ("tok/s", "s/step", "peak RSS GiB", "train loss", "eval loss", "MFU bf16", "MFU fp32"):
         assert col in header
-    for key in ("trl", "tunelab", "padded"):
-        assert f"| {key} " in table
+    for key in ("trl", "fp32", "padded"):
+        assert f"| {key}" in table
     report = json.loads(out.read_text())
     assert report["settings"]["steps"] == 2 and report["params"] > 0
     assert report["matmul_peak"]["fp32"]["gflops"] > 0
     rows = {r["key"]: r for r in report["rows"]}
-    assert set(rows) == {"trl", "tunelab", "padded"}
+    assert set(rows) == {"trl", "fp32", "padded"}
     for r in rows.values():
         assert r["ok"], r
         assert r["tokens_per_s"] > 0 and r["s_per_step"] > 0 and r["peak_rss_bytes"] > 0
         assert r["final_train_loss"] > 0 and r["eval_loss"] > 0 and r["mfu_fp32"] > 0
         assert len(r["step_times"]) == 2
-    # both sides train the same records with the same masking: same step token counts, similar first losses
-    assert rows["trl"]["step_tokens"] == rows["tunelab"]["step_tokens"]
-    assert rows["trl"]["losses"][0] == pytest.approx(rows["tunelab"]["losses"][0], rel=0.02)
+    # both sides train the same records with the same masking, both in fp32 (TRL's baseline is fp32; `auto`
+    # may pick bf16 on this CPU): same step token counts, similar first losses
+    assert rows["trl"]["step_tokens"] == rows["fp32"]["step_tokens"]
+    assert rows["trl"]["losses"][0] == pytest.approx(rows["fp32"]["losses"][0], rel=0.02)

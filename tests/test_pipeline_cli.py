@@ -54,6 +54,7 @@ def test_cli_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
                  "output.run_name=cli", "eval.metrics=[perplexity,bleu]", cwd=tmp_path)
     assert "Epoch 1/" in out.stdout and "Step 2/4 | Loss:" in out.stdout
     assert "Perplexity:" in out.stdout and "BLEU:" in out.stdout
+    assert "Loading weights" not in out.stdout + out.stderr
     run = tmp_path / "outputs" / "cli"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "finished"
@@ -68,9 +69,12 @@ def test_cli_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     assert evals and "perplexity" in json.loads(evals[0].read_text())["metrics"]
 
     # merge with the brief's script (verified inside), then infer with the brief's script and the verb
-    out = script("merge_model.py", "--adapter", str(run / "checkpoint-final"), "--output", "models/merged",
+    # the brief's merge line exactly as typed: outputs/checkpoint-final is the newest finished run's
+    out = script("merge_model.py", "--adapter", "outputs/checkpoint-final", "--output", "models/merged",
                  cwd=tmp_path)
+    assert f"using {Path('outputs/cli/checkpoint-final')} (the newest finished run, cli)" in out.stdout
     assert (tmp_path / "models/merged/config.json").is_file()
+    assert "Loading weights" not in out.stdout + out.stderr  # transformers' per-load bars stay out of our output
     tunelab("infer", "--model", "models/merged", "--prompt", "Who are you?", "--max-new-tokens", "5", cwd=tmp_path)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Who are you?"}\n{"prompt": "Say hello."}\n')
     tunelab("infer", "--model", "models/merged", "--input", "prompts.jsonl", "--output", "answers.jsonl",

@@ -75,6 +75,23 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "outputs")
                    f"{Path(runs_dir) / p}){hint}")
 
 
+def newest_run_checkpoint(path: str | os.PathLike) -> Path | None:
+    """`outputs/checkpoint-final` as the brief writes it (no such folder): that checkpoint of the newest finished
+    run under `outputs/`, or None when `path` exists or does not have that shape."""
+    p = Path(path)
+    if p.exists() or not p.name.startswith("checkpoint-") or not p.parent.is_dir():
+        return None
+    found = []
+    for run in iter_run_dirs(p.parent):
+        try:
+            manifest = read_manifest(run)
+        except RunError:
+            continue
+        if run_status(manifest) == "finished" and (run / p.name).is_dir():
+            found.append((manifest.get("ended_at") or "", run / p.name))
+    return max(found)[1] if found else None
+
+
 def read_manifest(run: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8"))

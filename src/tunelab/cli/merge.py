@@ -21,7 +21,13 @@ def run(args: argparse.Namespace) -> int:
 
     from tunelab.merge import merge_adapter
 
+    from tunelab.runs import newest_run_checkpoint
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = merge_adapter(args.adapter, args.output, dtype=args.dtype, verify=args.verify, tolerance=args.tolerance)
+    adapter = newest_run_checkpoint(args.adapter)
+    if adapter is not None:
+        print(f"{args.adapter}: using {adapter} (the newest finished run, {adapter.parent.name})")
+    report = merge_adapter(adapter or args.adapter, args.output, dtype=args.dtype, verify=args.verify,
+                           tolerance=args.tolerance)
     print(report.summary())
     return 0

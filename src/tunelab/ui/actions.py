@@ -97,10 +97,8 @@ def _prepare(ui, req: ConfigRequest) -> dict[str, Any]:
 
 
 def _default_run_name(values: dict[str, Any]) -> str:
-    try:
-        from tunelab.rundir import default_run_name
-    except ImportError:  # before the run-folder module moved out of tunelab.train
-        from tunelab.train.rundir import default_run_name
+    from tunelab.rundir import default_run_name
+
     try:  # the name training would pick, fixed now so the UI knows which folder the run will write
         return default_run_name(_partial_config(values))
     except Exception:  # noqa: BLE001 - an invalid form: validation reports it, any name will do
