@@ -167,6 +167,28 @@ def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, mo
     assert seen[-1] == "fused_head" and "TUNELAB_PERF_OFF" not in os.environ
 
 
+@pytest.mark.parametrize("recorded", ["fp32", "bf16"])
+def test_reproduce_uses_the_dtype_the_run_recorded(tmp_path, recorded):
+    """`auto` may pick another precision on this machine than on the original's: the repeat uses the original's."""
+    from tunelab.reproduce import reproduce
+
+    seen = []
+
+    def fake(cfg):
+        seen.append(cfg.model.dtype)
+        out = Path(cfg.output.dir) / cfg.output.run_name
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"status": "finished", "data_fingerprint": "sha256:old"}))
+        return out
+
+    run = _fabricated_run(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update(dtype={"name": recorded, "reason": "CPU has AMX/AVX512-BF16"}, runtime={"levers_off": []})
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert seen == [recorded] and any(f"auto → {recorded}" in n for n in res.notes)
+
+
 def test_reproduce_refuses_unfinished_runs(tmp_path):
     run = _fabricated_run(tmp_path, status="interrupted")
     with pytest.raises(ReproduceError, match="tunelab train --resume"):
