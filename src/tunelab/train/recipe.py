@@ -282,12 +282,7 @@ def evaluate(s: Session) -> bool:
         state.bad_evals += 1
     else:
         state.best_eval, state.best_step, state.bad_evals = ev, step, 0
-        sd = gathered_state_dict(s.accelerator, s.loss_fn)
-        if s.main:
-            ckpt.save_checkpoint(s.life.path, "checkpoint-best",
-                                 lambda d: save_final_artifacts(s.inner, s.tokenizer, s.cfg, d, s.life.path.name,
-                                                                s.dtype.name, sd),
-                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+        save_artifacts(s, "checkpoint-best")
         barrier()
     patience = s.cfg.training.early_stopping_patience
     return bool(patience and state.bad_evals >= patience)
@@ -305,6 +300,16 @@ def save_step_checkpoint(s: Session) -> None:
     barrier()
 
 
+def save_artifacts(s: Session, name: str) -> None:
+    """checkpoint-best / checkpoint-final: adapter (or model) from gathered weights, tokenizer, tunelab.json."""
+    sd = gathered_state_dict(s.accelerator, s.loss_fn)  # every process takes part when weights are sharded
+    if s.main:
+        ckpt.save_checkpoint(s.life.path, name,
+                             lambda d: save_final_artifacts(s.inner, s.tokenizer, s.cfg, d, s.life.path.name,
+                                                            s.dtype.name, sd),
+                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+
+
 def finish(s: Session) -> None:
     """Final eval loss, the final artefacts, generation metrics and the brief's evaluation block."""
     step = s.state.global_step
@@ -313,12 +318,8 @@ def finish(s: Session) -> None:
         ev, n = eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
                           s.accelerator.device)
         final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
-    sd = gathered_state_dict(s.accelerator, s.loss_fn)
+    save_artifacts(s, "checkpoint-final")
     if s.main:
-        ckpt.save_checkpoint(s.life.path, "checkpoint-final",
-                             lambda d: save_final_artifacts(s.inner, s.tokenizer, s.cfg, d, s.life.path.name,
-                                                            s.dtype.name, sd),
-                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
         ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
         final.update(_final_generation_metrics(s))
         _print_eval_block(final, s.say)
