@@ -40,6 +40,11 @@ class ModelConfig(_Section):
         "sdpa", description="Attention kernel passed to transformers.")
     chat_template: str | None = Field(
         None, description="Jinja chat template to use instead of the tokenizer's own (a string or a path to a file).")
+    adapter: str | None = Field(
+        None, description="Start from this LoRA/DoRA adapter (an SFT run folder or a checkpoint), on top of "
+                          "model.name: training continues that adapter, and for preference stages it is also the "
+                          "reference policy (evaluated with the adapter's weights frozen as they started). A merged "
+                          "model needs no adapter: give it as model.name.")
 
 
 class LoraConfig(_Section):
@@ -80,6 +85,10 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    stage: Literal["sft", "pt", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="Objective: sft (chat fine-tuning), pt (continued pretraining on raw text, every token "
+                           "trained), dpo / orpo / simpo (pairs of chosen and rejected answers), kto (answers "
+                           "labelled desirable or undesirable). Orthogonal to training.method; see docs/preference.md.")
     method: Literal["lora", "qlora", "dora", "full"] = Field(
         "lora", description="lora; qlora (4-bit NF4 base via bitsandbytes); dora (weight-decomposed LoRA); "
                             "full (every weight trained).")
@@ -109,6 +118,25 @@ class TrainingConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
 
+class PreferenceConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward: dpo and kto (reward = "
+                                               "beta x log-ratio to the reference), simpo (beta x mean log-prob), "
+                                               "orpo (weight of the odds-ratio term, TRL's beta / LLaMA-Factory's "
+                                               "pref_beta).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO variant: sigmoid (the DPO paper), ipo (squared loss towards 1/(2 beta)), hinge "
+                               "(SLiC).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid / simpo: assumed share of pairs whose "
+                                                                  "labels are flipped (conservative DPO).")
+    gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma in -log sigmoid(beta x (mean "
+                                                "logp chosen - mean logp rejected) - gamma) (TRL's simpo_gamma).")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) examples.")
+    precompute_ref_logps: bool = Field(False, description="dpo / kto: compute the reference log-probabilities once "
+                                                          "before training and cache them in the run folder, "
+                                                          "instead of a reference forward every step.")
+
+
 class EvalConfig(_Section):
     metrics: list[Literal["perplexity", "bleu", "rouge", "chrf", "exact_match"]] = Field(
         default_factory=lambda: ["perplexity", "bleu"], description="Metrics of the final evaluation block.")
@@ -135,6 +163,7 @@ class Config(_Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -166,3 +166,49 @@ def eval_loss(loss_fn: CausalLMLoss, examples: list[dict], batch_size: int, pad_
         count += int(n)
     loss_fn.train(was_training)
     return (total / count if count else float("nan")), count
+
+
+# ---------------------------------------------------------------- per-sequence log-probabilities (preference stages)
+
+
+def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of `hidden`, in fp32: the target's logit minus the log-sum-exp of its row."""
+    logits = head(hidden).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, groups: torch.Tensor, n_groups: int,
+                   position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of token groups, never holding more than one chunk of vocabulary logits.
+
+    `groups[b, t] = g >= 0` adds log p(input_ids[b, t] | tokens before t) to group g (-1: not counted); position 0
+    of a record is never a target. Preference stages make one group per answer (chosen i, rejected i) of a packed
+    row. Returns (sum of log-probs per group in fp32, tokens per group). With gradients enabled, each chunk's
+    logits are recomputed in backward (checkpoint) instead of being kept.
+    """
+    base = _base(model)
+    if position_ids is not None:  # a record's first token is not predicted by the record before it in the row
+        groups = groups.masked_fill(position_ids == 0, -1)
+    groups = groups[:, 1:]
+    keep = groups >= 0
+    if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, :-1][keep].float()
+        targets = input_ids[:, 1:][keep]
+        per_token = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+    else:
+        out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False, **packed_kwargs(position_ids, input_ids.shape[0]))
+        hidden, targets = out.last_hidden_state[:, :-1][keep], input_ids[:, 1:][keep]
+        head, parts = base.get_output_embeddings(), []
+        for s in range(0, targets.numel(), chunk_size):
+            h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+            parts.append(checkpoint(_target_logps, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                         else _target_logps(head, h, t))
+        per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    index = groups[keep]
+    sums = per_token.new_zeros(n_groups).index_add(0, index, per_token)
+    counts = torch.zeros(n_groups, dtype=torch.long, device=input_ids.device).index_add(
+        0, index, torch.ones_like(index))
+    return sums, counts
