@@ -65,6 +65,7 @@ class RunLife:
 
     def __enter__(self) -> "RunLife":
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.run.update_manifest(status="starting", pid=os.getpid())  # a resumed run loads again too
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -73,8 +74,8 @@ class RunLife:
             signal.signal(s, h)
         if self.trackers is not None:
             self.trackers.close({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
-        if error:
-            self.say(f"{'error' if status == 'failed' else 'stopped'}: {error}")
+        if error:  # the caller (the CLI) shows the message; the log keeps it beside the run
+            self.reporter.log_only(f"{'error' if status == 'failed' else 'stopped'}: {error}")
         self.reporter.close()
         if self.main and status != "finished" and self.fresh and not self._has_results():
             shutil.rmtree(self.path, ignore_errors=True)  # nothing useful: no orphan folder, no stale data
@@ -94,6 +95,10 @@ class RunLife:
         self.reporter.begin(total_steps)
         self.run.update_manifest(status="running")
         self.graceful = True
+
+    def end_training(self) -> None:
+        """The steps are done: a signal from here on aborts the final evaluation at once (resume redoes it)."""
+        self.graceful = False
 
     def resume_hint(self, what: str) -> str:
         if self.fresh and not self._has_results():

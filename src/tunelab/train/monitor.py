@@ -74,6 +74,11 @@ class Reporter:
             self.log.write(text + "\n")
             self.log.flush()
 
+    def log_only(self, text: str) -> None:
+        if self.log:
+            self.log.write(text + "\n")
+            self.log.flush()
+
     def advance(self, step: int, info: str) -> None:
         if self.progress:
             self.progress.update(self.task, completed=step, info=info)

@@ -24,7 +24,8 @@ from tunelab.config import Config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.data.batching import batches_for_epoch, collate_packed, collate_padded
-from tunelab.train.distributed import any_process, barrier, gathered_state_dict, make_accelerator
+from tunelab.train.distributed import (any_process, barrier, gathered_state_dict, make_accelerator, params_sharded,
+                                       refuse_unverified_sharding, require_shared_run_folder)
 from tunelab.train.inputs import Encoded, load_data
 from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
@@ -97,6 +98,7 @@ class Session:
 def train(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
           overrides: list[str] | None = None) -> Path:
     """Train `cfg` (or resume a run, applying the `overrides` that are safe mid-run); return the run folder."""
+    refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything
     accelerator = make_accelerator()
     if accelerator.device.type == "cpu":
         # denormal floats (activation tails, tiny LoRA gradients) are many times slower on x86: flush them to
@@ -118,6 +120,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     from tunelab.runtime import runtime_info
 
     t_cfg, main, world = cfg.training, accelerator.is_main_process, accelerator.num_processes
+    require_shared_run_folder(accelerator, life.path)  # the other processes read the data prepared there
     torch.manual_seed(t_cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
@@ -312,6 +315,7 @@ def save_artifacts(s: Session, name: str) -> None:
 
 def finish(s: Session) -> None:
     """Final eval loss, the final artefacts, generation metrics and the brief's evaluation block."""
+    s.life.end_training()
     step = s.state.global_step
     final: dict[str, Any] = {"train_loss": s.state.train_loss, "global_step": step}
     if s.data.val:
@@ -319,9 +323,11 @@ def finish(s: Session) -> None:
                           s.accelerator.device)
         final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
     save_artifacts(s, "checkpoint-final")
+    # with sharded weights every forward pass needs every process: all generate (in step), the main one reports
+    generated = _final_generation_metrics(s) if s.main or params_sharded(s.accelerator) else {}
     if s.main:
         ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
-        final.update(_final_generation_metrics(s))
+        final.update(generated)
         _print_eval_block(final, s.say)
         s.life.run.log_metrics({"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "final": True,
                                 **{k: v for k, v in final.items() if k != "global_step"}})
