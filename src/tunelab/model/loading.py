@@ -215,9 +215,16 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
         raise _hub_error(name, e) from None
     import torch
 
-    if quantization is None and device_map is None and torch.cuda.is_available():
+    # Under a distributed launcher accelerate.prepare places the model: each process on its own GPU, and FSDP's
+    # cpu_ram_efficient_loading shards it from rank 0's CPU copy; a whole copy per GPU here would defeat that.
+    if quantization is None and device_map is None and torch.cuda.is_available() and not under_launcher():
         model = model.to("cuda")
     return model, choice
+
+
+def under_launcher() -> bool:
+    """True in a process started by torchrun / accelerate launch (they set LOCAL_RANK for every process)."""
+    return "LOCAL_RANK" in os.environ
 
 
 def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None = None, *, dtype: str = "auto",
