@@ -48,6 +48,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail (exit 1) when more than this share of records is rejected (default 1.0: never)")
     p.add_argument("--show-samples", type=int, default=0, metavar="N",
                    help="print N rendered records with the trained span marked [[ ]]")
+    p.add_argument("--stage", default="sft", choices=["sft", "pt", "dpo", "orpo", "simpo", "kto"],
+                   help="what the data trains (training.stage): sft conversations (default), pt raw text, "
+                        "dpo/orpo/simpo chosen/rejected pairs, kto answers labelled true/false")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +89,8 @@ def run_prepare(args: argparse.Namespace, inputs: list[str], check: bool) -> int
         max_length=args.max_length, overflow=args.overflow, train_on=args.train_on,
         val_ratio=getattr(args, "val_ratio", 0.1), eval_inputs=getattr(args, "eval_file", None),
         seed=getattr(args, "seed", 42), system_prompt=args.system_prompt, check=check,
-        max_reject_ratio=args.max_reject_ratio, show_samples=args.show_samples, name=getattr(args, "name", None))
+        max_reject_ratio=args.max_reject_ratio, show_samples=args.show_samples, name=getattr(args, "name", None),
+        stage=getattr(args, "stage", "sft"))
     return 0 if result.usable else 1
 
 

@@ -304,6 +304,12 @@ class _Pass:
         self.counts_by_role: Counter = Counter()
         self.pending: list[tuple] = []  # records waiting to be encoded together (ENCODE_CHUNK at a time)
         self.format_first: dict[str, str] = {}  # of the file being read: format -> location of its first record
+        self.stage = opts.get("stage", "sft")  # preference stages read pairs / labelled answers (data/preference.py)
+        self.pref_stats = None
+        if self.stage != "sft":
+            from tunelab.data.preference import PreferenceStats
+
+            self.pref_stats = PreferenceStats(opts["max_length"])
 
     def sink(self, role: str):
         if role not in self.sinks:
@@ -383,9 +389,15 @@ class _Pass:
             category = "encoding" if "UTF" in item.error else "invalid_json" if "JSON" in item.error else "malformed"
             return self.reject(source, item, category, item.error, fstats)
         try:
-            conv = normalize(item.value, self.opts["format"], self.opts["column_map"], self.opts["system_prompt"],
-                             self.notes)
-            key = hash(json.dumps([conv.messages, conv.tools], ensure_ascii=False))
+            if self.stage != "sft":
+                from tunelab.data.preference import normalize_preference
+
+                conv = normalize_preference(item.value, self.stage, self.notes, self.opts["system_prompt"])
+                key = hash(json.dumps(conv.row(), ensure_ascii=False))
+            else:
+                conv = normalize(item.value, self.opts["format"], self.opts["column_map"],
+                                 self.opts["system_prompt"], self.notes)
+                key = hash(json.dumps([conv.messages, conv.tools], ensure_ascii=False))
         except Invalid as e:
             if e.format:
                 self._saw_format(e.format, item, fstats)
@@ -411,10 +423,11 @@ class _Pass:
         if not pending:
             return
         self.tok.begin()
-        self.tok.pretokenize([conv for *_, conv in pending], self.opts["train_on"])
+        if self.stage == "sft":
+            self.tok.pretokenize([conv for *_, conv in pending], self.opts["train_on"])
         for source, item, role, fstats, conv in pending:
             try:
-                enc = self.encode(conv)
+                enc = self.encode(conv) if self.stage == "sft" else self._encode_preference(conv)
             except Invalid as e:
                 self.reject(source, item, e.category, e.reason, fstats)
                 continue
@@ -436,18 +449,35 @@ class _Pass:
                 self._ignores_tools = False
         return self._ignores_tools
 
+    def _encode_preference(self, rec):
+        from tunelab.data.preference import encode_preference
+        from tunelab.data.template import RecordRejected, TemplateError
+
+        try:
+            enc = encode_preference(self.tok, rec.row(), self.opts["max_length"], self.opts["overflow"])
+        except RecordRejected as e:
+            raise Invalid("too_long" if "longer than" in str(e) else "nothing_to_train", str(e)) from None
+        except TemplateError as e:
+            raise Invalid("chat_template", str(e)) from None
+        except Exception as e:  # a Jinja template may raise anything
+            raise Invalid("chat_template", f"the chat template cannot render this record: {str(e)[:200]}") from None
+        self.pref_stats.add(enc)
+        if enc["truncated"]:
+            rec.warnings.append(("answers_truncated", f"answers cut by {enc['truncated']} tokens to fit max_length"))
+        return enc
+
     def _accept(self, source: str, item: RawItem, role: str, fstats: Counter, conv: Conversation, enc) -> None:
         for category, _msg in conv.warnings:
             self.warn(category, f"{source} {item.location}")
         self.accepted += 1
         fstats["accepted"] += 1
         self.counts_by_role[role] += 1
-        if len(self.samples) < self.show_samples:
+        if len(self.samples) < self.show_samples and self.stage == "sft":
             self.samples.append((conv, enc))
         out = self.sink(role)
         if out is not None:
-            out.write(json.dumps({"messages": conv.messages, "tools": conv.tools, "source": source,
-                                  "location": item.location}, ensure_ascii=False) + "\n")
+            row = {"messages": conv.messages, "tools": conv.tools} if self.stage == "sft" else conv.row()
+            out.write(json.dumps({**row, "source": source, "location": item.location}, ensure_ascii=False) + "\n")
 
     def _saw_format(self, fmt: str, item: RawItem, fstats: Counter) -> None:
         fstats[f"format {fmt}"] += 1
@@ -466,7 +496,8 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
                     overflow: str = "truncate", train_on: str = "assistant", val_ratio: float = 0.1,
                     eval_inputs: list[str] | str | None = None, seed: int = 42, system_prompt: str | None = None,
                     check: bool = False, max_reject_ratio: float = 1.0, show_samples: int = 0,
-                    name: str | None = None, console: Callable[[str], None] = print) -> PrepareResult:
+                    name: str | None = None, console: Callable[[str], None] = print,
+                    stage: str = "sft") -> PrepareResult:
     """Validate and prepare raw data (see the module docstring). `check=True` writes nothing.
 
     Raises DataError for whole-file problems (every file is checked first, all problems reported at once) and
@@ -486,6 +517,8 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     options = {"format": format, "column_map": column_map or {}, "max_length": max_length, "overflow": overflow,
                "train_on": train_on, "val_ratio": 0.0 if eval_inputs else val_ratio, "seed": seed,
                "system_prompt": system_prompt, "tokenizer": bool(tokenizer is not None)}
+    if stage != "sft":  # only then: the fingerprints of SFT data stay what they were
+        options["stage"] = stage
     tok_id = _tokenizer_identity(tokenizer) if tokenizer is not None else None
 
     workdir = None
@@ -570,7 +603,7 @@ def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reje
     if p.duplicates:
         notes["duplicates removed"] = p.duplicates
     token_stats = None
-    if p.tok is not None:
+    if p.tok is not None and p.pref_stats is None:
         token_stats = rpt.token_stats(p.lengths, p.trained, options["max_length"], dict(p.tok_counts), tok_id["name"])
         token_stats["overflow"] = options["overflow"]
     problems = []
@@ -589,6 +622,7 @@ def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reje
         "warnings": dict(p.warnings), "warning_examples": p.warning_examples, "normalisations": notes,
         "rejected_by_reason": dict(p.rejected_by), "rejected_examples": p.rejected_examples,
         "token_stats": token_stats, "fingerprint": fingerprint(files, options, tok_id),
+        **({"preference_stats": p.pref_stats.report()} if p.pref_stats is not None and p.tok is not None else {}),
         "tokenizer": tok_id, "options": options | {"max_reject_ratio": max_reject_ratio}, "files": file_reports,
         "output": str(out_dir) if out_dir else None,
     }
@@ -648,6 +682,10 @@ def _print_summary(p: _Pass, report: dict, console) -> None:
                 f"{ts['kept_over_max_length']} kept); {ts['nothing_to_train']} with nothing to train (rejected)")
         for line in rpt.histogram_lines(ts["histogram"], ts["max_length"]):
             console(line)
+    if report.get("preference_stats"):
+        from tunelab.data.preference import PreferenceStats
+
+        console(PreferenceStats.line(report["preference_stats"]))
     _print_samples(p, console)
     console(f"records: {rpt.conservation_line(report)}")
     s = report["split"]

@@ -1,0 +1,92 @@
+"""Preference data: every form is read, every problem rejected with its reason, and counts are conserved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import shared_file
+from tunelab.data.prepare import load_prepared, prepare_dataset
+
+PROMPT = [{"role": "user", "content": "Capital of France?"}]
+GOOD = [
+    {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello!"},
+     "rejected": {"from": "gpt", "value": "Go away."}},                                        # LLaMA-Factory
+    {"instruction": "Add", "input": "2+2", "chosen": "4", "rejected": "5"},                       # pairwise Alpaca
+    {"prompt": "Capital of Spain?", "chosen": "Madrid.", "rejected": "Lyon."},                    # TRL explicit
+    {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "Paris."}],
+     "rejected": [{"role": "assistant", "content": "Rome."}]},                                    # TRL, messages
+    {"chosen": PROMPT + [{"role": "assistant", "content": "It is Paris."}],
+     "rejected": PROMPT + [{"role": "assistant", "content": "It is Berlin."}]},                   # TRL implicit
+    {"messages": [{"role": "user", "content": "你好吗？"}], "chosen": "我很好，谢谢！", "rejected": "不知道。"},  # OpenAI
+]
+BAD = {
+    "identical_pair": {"prompt": "Q?", "chosen": "A.", "rejected": "A."},
+    "empty_field": {"prompt": "Q?", "chosen": "A.", "rejected": "  "},
+    "prompt_mismatch": {"chosen": PROMPT + [{"role": "assistant", "content": "x"}],
+                        "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "y"}]},
+    "wrong_stage": {"messages": PROMPT + [{"role": "assistant", "content": "Paris."}], "label": True},
+    "invalid_text": {"prompt": "Q\u0000?", "chosen": "A.", "rejected": "B."},
+}
+
+
+def _write(path, records):
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_every_pair_form_is_read_and_every_problem_named(tmp_path, tiny_tokenizer):
+    src = _write(tmp_path / "pairs.jsonl", GOOD + list(BAD.values()))
+    res = prepare_dataset(str(src), tmp_path / "out", tokenizer=tiny_tokenizer, stage="dpo", val_ratio=0,
+                          console=lambda _: None)
+    r = res.report
+    assert r["records_read"] == r["records_accepted"] + r["records_rejected"] + r["duplicates_removed"]
+    assert r["records_accepted"] == len(GOOD) and r["records_rejected"] == len(BAD)
+    assert set(r["rejected_by_reason"]) == set(BAD)
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert all(x["source"] == str(src) and x["location"].startswith("line ") and x["reason"] for x in rejected)
+    data = load_prepared(tmp_path / "out")
+    assert all(rec["prompt"][-1]["role"] == "user" and rec["chosen"] and rec["rejected"] for rec in data.train)
+    stats = r["preference_stats"]
+    assert set(stats["parts"]) == {"prompt", "chosen", "rejected"} and stats["truncated"] == 0
+
+
+def test_long_pair_has_its_answers_cut_and_says_so(tmp_path, tiny_tokenizer):
+    long = {"prompt": "Tell me a story.", "chosen": "once upon a time " * 40, "rejected": "no " * 60}
+    short_prompt_too_long = {"prompt": "word " * 80, "chosen": "A.", "rejected": "B."}
+    src = _write(tmp_path / "long.jsonl", [long, short_prompt_too_long])
+    res = prepare_dataset(str(src), None, check=True, tokenizer=tiny_tokenizer, stage="dpo", max_length=48,
+                          console=lambda _: None)
+    r = res.report
+    assert r["records_accepted"] == 1 and r["rejected_by_reason"] == {"nothing_to_train": 1}
+    assert r["preference_stats"]["truncated"] == 1 and r["preference_stats"]["truncated_share"] == 1.0
+    assert r["warnings"]["answers_truncated"] == 1
+    assert "no room for an answer" in r["rejected_examples"][0]["reason"]
+    dropped = prepare_dataset(str(src), None, check=True, tokenizer=tiny_tokenizer, stage="dpo", max_length=48,
+                              overflow="drop", console=lambda _: None).report
+    assert dropped["rejected_by_reason"] == {"too_long": 2}  # overflow=drop: both are longer than max_length
+
+
+def test_kto_reads_labels_both_ways(tmp_path, tiny_tokenizer):
+    recs = [{"messages": PROMPT + [{"role": "assistant", "content": "Paris."}], "label": True},
+            {"prompt": "Capital of Italy?", "completion": "Madrid.", "label": False},
+            {"prompt": "Q?", "completion": "A.", "label": "yes"},
+            {"prompt": "Q?", "chosen": "A.", "rejected": "B."}]
+    src = _write(tmp_path / "kto.jsonl", recs)
+    r = prepare_dataset(str(src), tmp_path / "k", tokenizer=tiny_tokenizer, stage="kto", val_ratio=0,
+                        console=lambda _: None).report
+    assert r["records_accepted"] == 2 and r["rejected_by_reason"] == {"wrong_type": 1, "wrong_stage": 1}
+    labels = sorted(rec["label"] for rec in load_prepared(tmp_path / "k").train)
+    assert labels == [False, True]
+
+
+@pytest.mark.parametrize("name,stage", [("dpo_en_demo.json", "dpo"), ("dpo_zh_demo.json", "dpo"),
+                                        ("kto_en_demo.json", "kto")])
+def test_llamafactory_demo_files(tmp_path, tiny_tokenizer, name, stage):
+    src = shared_file(f"llamafactory/{name}")
+    r = prepare_dataset(str(src), None, check=True, tokenizer=tiny_tokenizer, stage=stage, max_length=1024,
+                        console=lambda _: None).report
+    assert r["records_read"] == 300
+    assert r["records_read"] == r["records_accepted"] + r["records_rejected"] + r["duplicates_removed"]
+    assert r["records_accepted"] > 200
