@@ -1,4 +1,5 @@
-"""`tunelab train --num-processes 2` on CPU (torch.distributed.run, gloo) against the same run in one process.
+"""`tunelab train --num-processes 2` on CPU (torch.distributed.run, gloo) against the same run in one process, and
+the two-machine command of docs/distributed.md (torchrun --nnodes 2) run as two node ranks on 127.0.0.1.
 
 Both processes must end with identical adapter weights, only rank 0 may write the run folder, and the
 token-weighted loss of a step must not depend on how its records are split across processes (batch 1 x 2
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -88,13 +90,20 @@ def _losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")}
 
 
-@pytest.mark.distributed
-def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_path):
-    data = tmp_path / "raw"
-    data.mkdir()
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(raw data folder, the run trained in this process with batch 2): what the launched runs must match."""
+    data = tmp_path_factory.mktemp("raw")
     records = alpaca_records()
     (data / "train.json").write_text(json.dumps(records[17:22]))  # five different questions
     (data / "eval.json").write_text(json.dumps(records[:2]))
+    out = tmp_path_factory.mktemp("single")
+    return data, train(load_config(None, _overrides(tiny_model_dir, data, out, "single", batch_size=2)))
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, one_process, tmp_path):
+    data, single = one_process
     out = tmp_path / "runs"
 
     hooks, weights = tmp_path / "hooks", tmp_path / "weights"
@@ -116,7 +125,6 @@ def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_p
     assert proc.returncode == 0, output[-3000:]
 
     ddp = out / "ddp"
-    single = train(load_config(None, _overrides(tiny_model_dir, data, out, "single", batch_size=2)))
 
     # both ranks hold the same trained weights, and they are the ones rank 0 saved
     rank0, rank1 = load_file(weights / "rank0.safetensors"), load_file(weights / "rank1.safetensors")
@@ -147,3 +155,72 @@ def test_two_processes_match_one_and_agree_with_each_other(tiny_model_dir, tmp_p
     assert two[1] == pytest.approx(one[1], abs=1e-4)
     # lora.dropout=0, so later steps match too: the updates differ only by float summation order
     assert all(two[s] == pytest.approx(one[s], abs=1e-4) for s in one)
+
+
+# ---------------------------------------------------------------- two machines (docs/distributed.md)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_nodes(tmp_path: Path, overrides: list[str]) -> list[tuple[int, str]]:
+    """docs/distributed.md's command once per node rank, each node in its own working folder: (exit code, output)."""
+    port, logs, procs = _free_port(), [], []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        logs.append(tmp_path / f"node{node}.log")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "tunelab", "train", *overrides]
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            _kill_tree(p.pid)
+        pytest.fail(f"the two node ranks did not finish in {TIMEOUT_S} s (a collective one never joined?):\n"
+                    + "\n".join(f.read_text()[-2000:] for f in logs))
+    return [(code, f.read_text()) for code, f in zip(codes, logs)]
+
+
+@pytest.mark.distributed
+def test_two_node_ranks_match_one_process_and_only_node_0_writes(tiny_model_dir, one_process, tmp_path):
+    data, single = one_process
+    out = tmp_path / "shared" / "runs"  # the storage both machines mount (docs/distributed.md)
+    (code0, out0), (code1, out1) = _launch_nodes(tmp_path, _overrides(tiny_model_dir, data, out, "nodes", 1))
+    assert code0 == 0 and code1 == 0, out0[-3000:] + out1[-3000:]
+
+    run = out / "nodes"
+    single_adapter = load_file(single / "checkpoint-final" / "adapter_model.safetensors")
+    nodes_adapter = load_file(run / "checkpoint-final" / "adapter_model.safetensors")
+    assert nodes_adapter.keys() == single_adapter.keys()
+    worst = max(float((nodes_adapter[k] - single_adapter[k]).abs().max()) for k in single_adapter)
+    print(f"two node ranks vs one process: adapter max |diff| {worst:.2e}")  # shown with -s
+    assert worst < 1e-4, f"adapter differs from the one-process run by {worst:.2e}"
+    assert all(v == pytest.approx(_losses(single)[s], abs=1e-4) for s, v in _losses(run).items())
+
+    # written once, by node 0's main process: node 1 printed no run lines and left nothing in its working folder
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["processes"] == 2
+    assert {p.name for p in run.iterdir()} == {p.name for p in single.iterdir()}
+    log = (run / "train.log").read_text(encoding="utf-8")
+    assert all(log.count(f"  Step {k}/{STEPS} |") == 1 for k in range(1, STEPS + 1))
+    assert out0.count("Run: ") == 1 and "Run: " not in out1 and "Step 1/" not in out1
+    assert list((tmp_path / "node0").iterdir()) == list((tmp_path / "node1").iterdir()) == []
+
+
+@pytest.mark.distributed
+def test_two_node_ranks_without_shared_storage_stop_together_with_the_reason(tiny_model_dir, one_process, tmp_path):
+    data, _ = one_process
+    # output.dir relative to each node's own working folder: node 1 cannot see the folder node 0 created
+    (code0, out0), (code1, out1) = _launch_nodes(tmp_path, _overrides(tiny_model_dir, data, "runs", "nodes", 1))
+    assert code0 != 0 and code1 != 0
+    assert "is not visible to every process: with several machines output.dir must be on storage" in out0 + out1
+    assert not (tmp_path / "node0" / "runs" / "nodes").exists()  # nothing trained: node 0 removed its folder
+    assert not (tmp_path / "node1" / "runs").exists()
