@@ -6,6 +6,7 @@ Ours goes through one packed, padding-free forward with the chunked per-token lo
 
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 
@@ -15,6 +16,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 from tunelab.config import PreferenceConfig  # noqa: E402
+from tunelab.train.preference import adapter_disabled  # noqa: E402
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step,  # noqa: E402
                                            reference_logps)
 
@@ -92,7 +94,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 def _ours(model, batch, stage, pcfg) -> tuple[float, dict]:
     model.zero_grad()
-    ref = reference_logps(model, batch, stage, model.disable_adapter, 16) if stage in ("dpo", "kto") else None
+    ref = reference_logps(lambda: adapter_disabled(model), batch, stage, 16) if stage in ("dpo", "kto") else None
     out = preference_step(model, batch, pcfg, stage, ref, chunk_size=16)  # several chunks per row
     loss = out.loss_sum / out.n
     loss.backward()

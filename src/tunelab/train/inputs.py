@@ -58,7 +58,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     if not train:
         raise TunelabError(f"no trainable records in {folder}: every record was rejected (see its report.md)")
     info = {"folder": str(folder), "source": cfg.data.train, "train_records": len(train), "val_records": len(val),
-            "train_tokens": sum(len(e["input_ids"]) for e in train),
+            "train_tokens": sum(e.get("n_tokens", len(e.get("input_ids", ()))) for e in train),
             "train_target_tokens": sum(e["n_targets"] for e in train)}
     kept = {e["where"] for e in val}
     val_kept = [r for r in val_recs if f"{r.get('source')}:{r.get('location')}" in kept]
@@ -75,9 +75,19 @@ def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) ->
                              tokenizer=tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
                              train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
                              eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
-                             system_prompt=cfg.data.system_prompt, name=name)
+                             system_prompt=cfg.data.system_prompt, name=name, stage=cfg.training.stage)
     if not result.usable:
         raise TunelabError(f"no usable training data in {src}; see {folder / 'report.md'}")
+
+
+def _encode_preference(cfg: Config, tokenizer, rec: dict) -> dict:
+    """A pair (or kto example) as the preference recipe reads it: token ids of the prompt and the answers."""
+    from tunelab.data.preference import encode_preference
+
+    enc = encode_preference(tokenizer, rec, cfg.data.max_length, cfg.data.overflow)
+    answers = [len(v) for k, v in enc.items() if k.endswith("_ids") and k != "prompt_ids"]
+    return {**{k: v for k, v in enc.items() if k.endswith("_ids") or k == "label"}, "n_targets": sum(answers),
+            "n_tokens": len(enc["prompt_ids"]) * len(answers) + sum(answers)}
 
 
 def _encode(cfg: Config, tokenizer, records: list[dict], split: str, run_path: Path, main: bool, say) -> list[dict]:
@@ -85,6 +95,13 @@ def _encode(cfg: Config, tokenizer, records: list[dict], split: str, run_path: P
 
     out, rejected = [], []
     for rec in records:
+        if cfg.training.stage not in ("sft", "pt"):
+            try:
+                out.append({**_encode_preference(cfg, tokenizer, rec), "where": f"{rec.get('source')}:"
+                                                                                 f"{rec.get('location')}"})
+            except RecordRejected as e:
+                rejected.append({"source": rec.get("source"), "location": rec.get("location"), "reason": str(e)})
+            continue
         try:
             enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=cfg.data.max_length,
                                 train_on=cfg.data.train_on, overflow=cfg.data.overflow)

@@ -135,10 +135,11 @@ def policy_logps(model, batch: dict, n_groups: int, chunk_size: int):
                           chunk_size=chunk_size)
 
 
-def reference_logps(model, batch: dict, stage: str, reference: Callable, chunk_size: int) -> dict[str, torch.Tensor]:
-    """Log-probs under the reference policy (`reference()` is a context that makes `model` the reference)."""
+def reference_logps(reference: Callable, batch: dict, stage: str, chunk_size: int) -> dict[str, torch.Tensor]:
+    """Log-probs under the reference policy: `reference()` is a context that yields the model to use (the policy
+    with its adapter disabled or switched to the frozen starting adapter, or a frozen copy for full training)."""
     n = batch["n"]
-    with torch.no_grad(), reference():
+    with torch.no_grad(), reference() as model:
         if stage == "kto":
             return {"logps": policy_logps(model, batch, n, chunk_size)[0],
                     "kl": policy_logps(model, batch["kl"], n, chunk_size)[0]}

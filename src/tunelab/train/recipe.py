@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from tunelab.config import Config
+from tunelab.config import Config, load_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.data.batching import batches_for_epoch, collate_packed, collate_padded
@@ -98,6 +98,10 @@ class Session:
 def train(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
           overrides: list[str] | None = None) -> Path:
     """Train `cfg` (or resume a run, applying the `overrides` that are safe mid-run); return the run folder."""
+    if _stage(cfg, resume) not in ("sft", "pt"):  # preference stages: their own recipe (train/preference.py)
+        from tunelab.train.preference import train_preference
+
+        return train_preference(cfg, resume, config_path, overrides)
     refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything
     accelerator = make_accelerator()
     if accelerator.device.type == "cpu":
@@ -112,6 +116,16 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
         run_loop(s)
         finish(s)
     return life.path
+
+
+def _stage(cfg: Config, resume) -> str:
+    """The stage of the run to train: a resumed run's own config decides (the command line may hold defaults)."""
+    if not resume:
+        return cfg.training.stage
+    from tunelab.train.lifecycle import find_resume_run
+
+    saved = find_resume_run(cfg, resume) / "config.yaml"
+    return load_config(saved).training.stage if saved.is_file() else cfg.training.stage
 
 
 def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, config_path: str | None) -> Session:

@@ -1,0 +1,487 @@
+"""The preference recipe (dpo, orpo, simpo, kto), top to bottom: set up, train (step, evaluate, save), finish.
+
+    tunelab train --config examples/dpo.yaml            # training.stage: dpo (recipe.train dispatches here)
+    tunelab train --config examples/dpo.yaml --resume   # resumes exactly like SFT
+
+A copy of the SFT recipe's shape (`tunelab.train.recipe`), not a subclass: the run folder's owner, data
+preparation, checkpoints, schedule and trackers are the same functions, imported. What differs: the examples are
+pairs (or labelled answers, kto), the loss is `tunelab.train.preference_loss`, and there is a reference policy:
+
+- LoRA / DoRA / QLoRA with a new adapter: the reference is the model with the adapter disabled (no extra memory).
+- `model.adapter` (start from an SFT run): the SFT adapter is loaded twice, trained as `default` and frozen as
+  `ref`; the reference switches to `ref` (an adapter's worth of extra memory).
+- method=full: a frozen copy of the starting model.
+- `preference.precompute_ref_logps` (dpo): the reference log-probs of every pair are computed once before the first
+  step and kept in `ref_logps.pt` in the run folder (a resumed run reads them back).
+
+One optimiser step consumes `batch_size x gradient_accumulation_steps x processes` examples; the loss is the mean
+over the step's examples (TRL's mean over a batch when the step is one micro-batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tunelab.config import Config
+from tunelab.data.batching import batches_for_epoch
+from tunelab.errors import TunelabError
+from tunelab.model.loss import autocast_for
+from tunelab.rundir import git_commit, hardware, now_iso, package_versions
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.distributed import any_process, barrier, make_accelerator, refuse_unverified_sharding
+from tunelab.train.inputs import load_data
+from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
+from tunelab.train.monitor import Trackers, fmt_lr
+from tunelab.train.preference_loss import collate_kto, collate_pairs, preference_step, reference_logps
+from tunelab.train.recipe import Plan, TrainState, make_plan, make_scheduler, param_groups
+
+REF_ADAPTER = "ref"
+
+
+@contextmanager
+def adapter_disabled(model):
+    with model.disable_adapter():
+        yield model
+
+
+@contextmanager
+def _switched(model, name: str):
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter("default")
+        for n, p in model.named_parameters():  # set_adapter re-enables gradients per adapter: keep ref frozen
+            if f".{REF_ADAPTER}." in n:
+                p.requires_grad_(False)
+
+
+class _Policy(torch.nn.Module):
+    """Holds the (peft) model so accelerate / DDP wrap one module, as the SFT recipe's CausalLMLoss does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+@dataclass
+class PrefSession:
+    cfg: Config
+    life: RunLife
+    accelerator: Any
+    tokenizer: Any
+    data: Any  # inputs.Encoded, its examples hold prompt_ids / chosen_ids / rejected_ids (kto: completion_ids)
+    plan: Plan
+    inner: Any
+    policy: Any
+    optimizer: Any
+    scheduler: Any
+    autocast: Callable
+    dtype: Any
+    reference: Callable | None
+    state: TrainState
+    start_step: int
+    epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str = "") -> None:
+        self.life.say(text)
+
+
+def train_preference(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
+                     overrides: list[str] | None = None) -> Path:
+    refuse_unverified_sharding()
+    accelerator = make_accelerator()
+    if accelerator.device.type == "cpu":
+        torch.set_flush_denormal(True)  # as the SFT recipe: denormals are many times slower on x86
+    cfg, life, resume_from = open_run(cfg, resume, accelerator.is_main_process, overrides)
+    with life:
+        s = setup(cfg, life, accelerator, resume_from, config_path)
+        run_loop(s)
+        finish(s)
+    return life.path
+
+
+def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, config_path: str | None) -> PrefSession:
+    from tunelab.model.loading import load_tokenizer
+    from tunelab.runtime import runtime_info
+
+    t_cfg, stage = cfg.training, cfg.training.stage
+    torch.manual_seed(t_cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
+    recorded = life.run.manifest().get("data_fingerprint") if not life.fresh else None
+    data = load_data(cfg, tokenizer, life.path, accelerator.is_main_process, life.fresh, recorded, life.say)
+    plan = make_plan(cfg, len(data.train), accelerator.num_processes)
+    life.say(f"Run: {life.path}")
+    life.say(f"Data ({stage}): {len(data.train)} train / {len(data.val)} eval examples (fingerprint "
+             f"{data.fingerprint[:12]})")
+    model, choice, reference, ref_info = build_policy(cfg, accelerator, life.say)
+    optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.learning_rate,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
+    life.say(f"Schedule: {plan.total_steps} steps = {plan.num_epochs} epoch(s) x {plan.steps_per_epoch} steps; "
+             f"{t_cfg.batch_size} examples x {t_cfg.gradient_accumulation_steps} accumulation per step; "
+             f"{t_cfg.lr_scheduler} LR {fmt_lr(t_cfg.learning_rate)}; {stage} beta {cfg.preference.beta}")
+    policy, optimizer = accelerator.prepare(_Policy(model), optimizer)
+    inner = accelerator.unwrap_model(policy).model
+    state = _restore(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
+    life.run.update_manifest(
+        seed=t_cfg.seed, method=t_cfg.method, stage=stage, reference=ref_info, model=cfg.model.name,
+        data_fingerprint=data.fingerprint, data=data.data_info, dtype={"name": choice.name, "reason": choice.reason},
+        versions=package_versions(), hardware=hardware(), runtime=runtime_info(), git_commit=git_commit(),
+        processes=accelerator.num_processes, total_steps=plan.total_steps,
+        config_path=str(config_path) if config_path else life.run.manifest().get("config_path"),
+        started_at=life.run.manifest().get("started_at") or now_iso(),
+        resumed_at=now_iso() if not life.fresh else None, error=None)
+    s = PrefSession(cfg, life, accelerator, tokenizer, data, plan, inner, policy, optimizer, scheduler,
+                    autocast_for(accelerator.device.type, choice.name), choice, reference, state, state.global_step)
+    if reference is not None and cfg.preference.precompute_ref_logps:
+        precompute_reference(s)
+    return s
+
+
+def build_policy(cfg: Config, accelerator, say):
+    """(model to train, dtype choice, reference context or None, what the manifest records of the reference)."""
+    from tunelab.train.recipe import build_model
+
+    stage, method = cfg.training.stage, cfg.training.method
+    if cfg.model.adapter:
+        if method == "full":
+            raise TunelabError("model.adapter starts a LoRA run from an adapter; for method=full give a merged model "
+                               "as model.name (tunelab merge)")
+        model, choice = _from_adapter(cfg, accelerator, say)
+    else:
+        model, choice = build_model(cfg, accelerator, say)
+    if stage not in ("dpo", "kto"):
+        return model, choice, None, {"kind": "none", "why": f"{stage} needs no reference model"}
+    if cfg.model.adapter:
+        from tunelab.model.loading import resolve_adapter_dir
+
+        ref_dir = resolve_adapter_dir(cfg.model.adapter)
+        info = {"kind": "adapter", "model": cfg.model.name, "adapter": str(ref_dir),
+                "fingerprint": _fingerprint(ref_dir)}
+        return model, choice, lambda: _switched(model, REF_ADAPTER), info
+    if method == "full":
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        say("Reference: a frozen copy of the starting model (method=full)")
+        return model, choice, lambda: nullcontext(frozen), {"kind": "frozen_copy", "model": cfg.model.name}
+    say("Reference: the starting model, by disabling the adapter (no extra memory)")
+    return model, choice, lambda: adapter_disabled(model), {"kind": "adapter_disabled", "model": cfg.model.name}
+
+
+def _from_adapter(cfg: Config, accelerator, say):
+    """The base with the SFT adapter trainable (`default`) and a frozen copy of it (`ref`)."""
+    from peft import PeftModel
+
+    from tunelab.model.adapters import parameter_counts
+    from tunelab.model.loading import choose_dtype, load_model, resolve_adapter_dir
+
+    choice = choose_dtype(cfg.model.dtype)
+    say(f"Precision: {choice.name} ({choice.reason})")
+    folder = resolve_adapter_dir(cfg.model.adapter)
+    base, _ = load_model(cfg.model.name, dtype=choice.name, revision=cfg.model.revision,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         attn_implementation=cfg.model.attn_implementation)
+    base.config.use_cache = False
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+    if cfg.training.stage in ("dpo", "kto"):
+        model.load_adapter(str(folder), adapter_name=REF_ADAPTER, is_trainable=False)
+        model.set_adapter("default")
+    trainable, total = parameter_counts(model)
+    say(f"Starting from adapter {folder} | trainable params: {trainable:,} / {total:,}")
+    return model, choice
+
+
+def _fingerprint(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("adapter_model.*")):
+        h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _restore(cfg, life, inner, optimizer, scheduler, resume_from, total_steps) -> TrainState:
+    if resume_from is not None:
+        _load_weights(inner, resume_from, cfg.training.method)
+        state = TrainState.from_json(ckpt.load_training_state(resume_from, optimizer, scheduler))
+        life.run.truncate_metrics(state.global_step)
+        life.say(f"Resuming from {resume_from.name} (step {state.global_step}/{total_steps})")
+        return state
+    if not life.fresh:
+        life.run.truncate_metrics(0)
+        torch.manual_seed(cfg.training.seed)
+    return TrainState()
+
+
+def _load_weights(inner, folder: Path, method: str) -> None:
+    from tunelab.train.recipe import load_checkpoint_weights
+
+    if method == "full":
+        return load_checkpoint_weights(inner, folder, method)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(inner, load_file(folder / "adapter_model.safetensors"), adapter_name="default")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def collate(s: PrefSession, examples: list[dict]) -> dict:
+    stage = s.cfg.training.stage
+    if stage == "kto":
+        return collate_kto(examples)
+    batch = collate_pairs(examples, with_prompt_nll=stage == "orpo")
+    if "ref_chosen" in examples[0]:  # precomputed reference log-probs
+        batch["ref"] = {"logps": torch.tensor([e["ref_chosen"] for e in examples]
+                                              + [e["ref_rejected"] for e in examples])}
+    return batch
+
+
+def micro_step(s: PrefSession, examples: list[dict], grad: bool = True):
+    from tunelab.train.preference_loss import _to
+
+    batch = _to(collate(s, examples), s.accelerator.device)
+    chunk, stage = s.cfg.training.loss_chunk_size, s.cfg.training.stage
+    with s.autocast():
+        ref = batch.get("ref")
+        if ref is None and s.reference is not None:
+            ref = reference_logps(s.reference, batch, stage, chunk)
+        with nullcontext() if grad else torch.no_grad():
+            return preference_step(s.inner, batch, s.cfg.preference, stage, ref, chunk)
+
+
+def run_loop(s: PrefSession) -> None:
+    cfg, t_cfg, life = s.cfg, s.cfg.training, s.life
+    life.global_step = s.state.global_step
+    life.begin_training(s.plan.total_steps, Trackers(
+        cfg.tracking.report_to, life.path, life.path.name, cfg.tracking.project, cfg.to_dict(),
+        cfg.tracking.mlflow_tracking_uri, enabled=s.main,
+        run_ids=life.run.manifest().get("tracking") if s.start_step else None))
+    life.run.update_manifest(tracking=life.trackers.run_ids)
+    t_last, tokens_since = time.time(), 0
+    while s.state.global_step < s.plan.total_steps:
+        step = s.state.global_step
+        epoch, pos = divmod(step, s.plan.steps_per_epoch)
+        if pos == 0 or step == s.start_step:
+            s.say(f"Epoch {epoch + 1}/{s.plan.num_epochs}:")
+        loss, grad_norm, metrics, n_tokens = train_step(s, epoch, pos)
+        tokens_since += n_tokens
+        step = s.state.global_step
+        if step % t_cfg.logging_steps == 0 or step == s.plan.total_steps or step == 1:
+            tps = tokens_since / max(time.time() - t_last, 1e-9)
+            t_last, tokens_since = time.time(), 0
+            log_step(s, loss, grad_norm, metrics, tps)
+        if t_cfg.eval_steps and step % t_cfg.eval_steps == 0 and s.data.val and step < s.plan.total_steps:
+            evaluate(s)
+        stop_now = any_process(s.accelerator, life.stop_signal is not None)
+        if (t_cfg.save_steps and step % t_cfg.save_steps == 0 and step < s.plan.total_steps) or stop_now:
+            save_step_checkpoint(s)
+        if stop_now:
+            raise TrainingInterrupted(
+                f"stopped by {life.stop_signal or 'a signal'} after step {step}/{s.plan.total_steps}; checkpoint "
+                f"written.\nResume with: tunelab train --resume {life.path}")
+
+
+def train_step(s: PrefSession, epoch: int, pos: int):
+    t_cfg, acc = s.cfg.training, s.accelerator
+    if epoch not in s.epoch_batches:
+        lengths = [e["n_tokens"] for e in s.data.train]
+        s.epoch_batches = {epoch: batches_for_epoch(lengths, t_cfg.batch_size, t_cfg.seed, epoch)}
+    group = s.epoch_batches[epoch][pos * s.plan.group_size:(pos + 1) * s.plan.group_size]
+    world = acc.num_processes
+    n_step = sum(len(b) for b in group)
+    mine = group[acc.process_index::world] or group[:1]
+    weight = 1.0 if group[acc.process_index::world] else 0.0  # a process without a micro-batch still all-reduces
+    loss_sum, sums, tokens = 0.0, {}, 0
+    for k, idx in enumerate(mine):
+        examples = [s.data.train[i] for i in idx]
+        with nullcontext() if k == len(mine) - 1 else acc.no_sync(s.policy):
+            out = micro_step(s, examples)
+            acc.backward(out.loss_sum / n_step * world * weight)
+        loss_sum += float(out.loss_sum.detach()) * weight
+        for key, v in out.sums.items():
+            sums[key] = sums.get(key, 0.0) + v * weight
+        tokens += sum(e["n_tokens"] for e in examples)
+    if world > 1:
+        packed = acc.reduce(torch.tensor([loss_sum] + list(sums.values()), device=acc.device), reduction="sum")
+        loss_sum, sums = float(packed[0]), dict(zip(sums, packed[1:].tolist()))
+    loss = loss_sum / n_step
+    grad_norm = float(acc.clip_grad_norm_(s.inner.parameters(), t_cfg.max_grad_norm) if t_cfg.max_grad_norm > 0
+                      else torch.norm(torch.stack([p.grad.norm() for p in s.inner.parameters()
+                                                   if p.grad is not None])))
+    if t_cfg.nan_guard and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        where = ", ".join(s.data.train[i]["where"] for b in group for i in b)
+        raise TrainingDiverged(
+            f"training diverged at step {s.state.global_step + 1}: loss={loss}, grad_norm={grad_norm}; the batch "
+            f"held {where}. The last good checkpoint is kept; lower training.learning_rate or check those records, "
+            "then resume with --resume")
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.state.global_step += 1
+    s.state.train_loss = loss
+    s.life.global_step = s.state.global_step
+    s.life.reporter.advance(s.state.global_step, f"loss {loss:.3f}")
+    return loss, grad_norm, reward_metrics(sums, n_step), tokens
+
+
+def reward_metrics(sums: dict[str, float], n: int) -> dict[str, float]:
+    """Means over the examples: rewards/chosen, rewards/rejected, rewards/accuracy, rewards/margin (kto: kl)."""
+    if "count/chosen" in sums:  # kto: each side averaged over its own examples
+        c, r = max(sums["count/chosen"], 1), max(sums["count/rejected"], 1)
+        out = {"rewards/chosen": sums["rewards/chosen"] / c, "rewards/rejected": sums["rewards/rejected"] / r,
+               "kl": sums["kl"] / n}
+        out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+    return {k: v / n for k, v in sums.items()}
+
+
+def log_step(s: PrefSession, loss: float, grad_norm: float, metrics: dict, tokens_per_s: float) -> None:
+    step, reporter = s.state.global_step, s.life.reporter
+    lr = s.scheduler.get_last_lr()[0]
+    extra = "".join(f" | {label}: {metrics[k]:.3f}" for k, label in
+                    (("rewards/accuracy", "Acc"), ("rewards/margin", "Margin"), ("kl", "KL")) if k in metrics)
+    s.say(reporter.step_line(step, loss, lr, tokens_per_s, s.start_step) + extra)
+    rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+           "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
+           "elapsed_s": round(time.time() - reporter.start, 2), **metrics}
+    s.life.run.log_metrics(rec)
+    s.life.trackers.log(rec, step)
+
+
+@torch.no_grad()
+def preference_eval(s: PrefSession, examples: list[dict]) -> dict[str, float]:
+    """Mean loss and reward metrics over held-out examples (the policy in eval mode)."""
+    s.inner.eval()
+    total, sums, bs = 0.0, {}, s.cfg.training.batch_size
+    for k in range(0, len(examples), bs):
+        out = micro_step(s, examples[k:k + bs], grad=False)
+        total += float(out.loss_sum)
+        for key, v in out.sums.items():
+            sums[key] = sums.get(key, 0.0) + v
+    s.inner.train()
+    return {"eval_loss": total / len(examples), **{f"eval_{k}": v for k, v in reward_metrics(sums, len(examples)).items()}}
+
+
+def evaluate(s: PrefSession) -> dict[str, float]:
+    step = s.state.global_step
+    res = preference_eval(s, s.data.val)
+    rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), **res}
+    s.life.run.log_metrics(rec)
+    s.life.trackers.log(rec, step)
+    acc = res.get("eval_rewards/accuracy")
+    s.say(f"  Eval @ step {step} | Loss: {res['eval_loss']:.4f}"
+          + (f" | Reward accuracy: {acc:.1%} | Margin: {res['eval_rewards/margin']:.3f}" if acc is not None else ""))
+    if s.state.best_eval is None or res["eval_loss"] < s.state.best_eval:
+        s.state.best_eval, s.state.best_step = res["eval_loss"], step
+    return res
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _save_model(s: PrefSession):
+    """The trained weights only: the `ref` adapter is the starting point, not part of the result."""
+    if s.cfg.training.method == "full":
+        return lambda d: s.inner.save_pretrained(d, safe_serialization=True)
+    return lambda d: s.inner.save_pretrained(d, selected_adapters=["default"], safe_serialization=True)
+
+
+def save_step_checkpoint(s: PrefSession) -> None:
+    from tunelab.train.recipe import checkpoint_bytes
+
+    if s.main:
+        ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}", _save_model(s),
+                             optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
+                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+        ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
+    barrier()
+
+
+def save_final(s: PrefSession) -> None:
+    import json
+
+    from tunelab.train.recipe import checkpoint_bytes
+
+    def write(d: Path) -> None:
+        _save_model(s)(d)
+        s.tokenizer.save_pretrained(d)
+        c = s.cfg
+        meta = {"base_model": c.model.name, "revision": c.model.revision, "trust_remote_code": c.model.trust_remote_code,
+                "method": c.training.method, "dtype": s.dtype.name, "run_name": s.life.path.name,
+                "max_length": c.data.max_length, "train_on": c.data.train_on, "system_prompt": c.data.system_prompt,
+                "stage": c.training.stage, "reference": s.life.run.manifest().get("reference")}
+        (d / "tunelab.json").write_text(json.dumps(meta, indent=2))
+
+    if s.main:
+        ckpt.save_checkpoint(s.life.path, "checkpoint-final", write,
+                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+    barrier()
+
+
+def finish(s: PrefSession) -> None:
+    if hasattr(s.life, "end_training"):
+        s.life.end_training()
+    step = s.state.global_step
+    final: dict[str, Any] = {"train_loss": s.state.train_loss, "global_step": step}
+    if s.data.val:
+        final.update(preference_eval(s, s.data.val))
+    save_final(s)
+    if s.main:
+        ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
+        s.say("")
+        s.say("评估结果 (evaluation on the held-out split):")
+        for k, v in final.items():
+            if k != "global_step" and v is not None:
+                s.say(f"  {k}: {v:.4f}")
+        s.say(f"  Final train loss: {final['train_loss']:.4f} after {step} steps")
+        s.life.run.log_metrics({"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "final": True,
+                                **{k: v for k, v in final.items() if k != "global_step"}})
+        s.life.trackers.log({f"final/{k}": v for k, v in final.items()}, step)
+        s.life.run.update_manifest(metrics={k: v for k, v in final.items() if k != "global_step"})
+    barrier()
+
+
+@torch.no_grad()
+def precompute_reference(s: PrefSession) -> None:
+    """dpo: reference log-probs of every pair, once (cached in the run folder for a resumed run)."""
+    if s.cfg.training.stage != "dpo":
+        raise TunelabError("preference.precompute_ref_logps is supported for training.stage=dpo (kto's KL term "
+                           "pairs answers per batch, so its reference runs every step)")
+    path = s.life.path / "ref_logps.pt"
+    cache = torch.load(path) if path.is_file() else None
+    for split in ("train", "val"):
+        examples = getattr(s.data, split)
+        if cache is None or cache.get("fingerprint") != s.data.fingerprint:
+            values = []
+            for k in range(0, len(examples), s.cfg.training.batch_size):
+                part = examples[k:k + s.cfg.training.batch_size]
+                from tunelab.train.preference_loss import _to
+
+                batch = _to(collate_pairs(part), s.accelerator.device)
+                with s.autocast():
+                    values += reference_logps(s.reference, batch, "dpo", s.cfg.training.loss_chunk_size)[
+                        "logps"].view(2, -1).t().tolist()
+        else:
+            values = cache[split]
+        for e, (c, r) in zip(examples, values):
+            e["ref_chosen"], e["ref_rejected"] = c, r
+    if s.main and cache is None:
+        torch.save({"fingerprint": s.data.fingerprint,
+                    **{sp: [(e["ref_chosen"], e["ref_rejected"]) for e in getattr(s.data, sp)]
+                       for sp in ("train", "val")}}, path)
+    s.say(f"Reference log-probs precomputed for {len(s.data.train)} + {len(s.data.val)} pairs ({path.name})")

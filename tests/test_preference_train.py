@@ -1,0 +1,108 @@
+"""The preference recipe end to end on the tiny model: run folder, metrics, reference recorded, resume equality."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from safetensors.torch import load_file
+
+from tunelab.config import load_config
+from tunelab.rundir import read_metrics
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.recipe import TrainingInterrupted, train
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Capital of France?", "Say hello.", "一加一等于几？", "天空是什么颜色？",
+             "Name a fruit.", "What is water?", "Largest planet?", "一周有几天？", "Name an animal.", "What is ice?"]
+
+
+@pytest.fixture(scope="module")
+def pref_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pref")
+    pairs = [{"prompt": q, "chosen": f"A short, polite answer to: {q}", "rejected": "No."} for q in QUESTIONS]
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs) + "\n")
+    kto = [{"prompt": q, "completion": f"A polite answer to: {q}" if i % 2 else "No.", "label": bool(i % 2)}
+           for i, q in enumerate(QUESTIONS)]
+    sft = [{"instruction": q, "output": f"An answer to: {q}"} for q in QUESTIONS]
+    (folder / "sft.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in sft) + "\n")
+    (folder / "kto.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in kto) + "\n")
+    return folder
+
+
+def _cfg(model_dir, data, out, name, stage, *extra):
+    return load_config(None, [f"model.name={model_dir}", "model.dtype=fp32", f"data.train={data}",
+                              f"output.dir={out}", f"output.run_name={name}", f"training.stage={stage}",
+                              "training.epochs=2", "training.batch_size=2", "training.logging_steps=1",
+                              "training.learning_rate=5e-3", "data.val_ratio=0.2", "tracking.report_to=[none]",
+                              *extra])
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "kto"])
+def test_preference_run(tiny_model_dir, pref_files, tmp_path, stage):
+    data = pref_files / ("kto.jsonl" if stage == "kto" else "pairs.jsonl")
+    run = train(_cfg(tiny_model_dir, data, tmp_path, stage, stage, "tracking.report_to=[tensorboard]"))
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["status"] == "finished" and man["stage"] == stage
+    assert man["reference"]["kind"] == ("adapter_disabled" if stage in ("dpo", "kto") else "none")
+    meta = json.loads((run / "checkpoint-final" / "tunelab.json").read_text())
+    assert meta["stage"] == stage and (run / "checkpoint-final" / "adapter_model.safetensors").is_file()
+    assert (run / "tensorboard").is_dir()
+    steps = [m for m in read_metrics(run) if "loss" in m and not m.get("final")]
+    assert [m["step"] for m in steps] == list(range(1, man["total_steps"] + 1))
+    keys = {"rewards/chosen", "rewards/rejected", "rewards/margin"} | ({"kl"} if stage == "kto" else
+                                                                         {"rewards/accuracy"})
+    assert keys <= set(steps[0])
+    log = (run / "train.log").read_text()
+    assert "| Loss: " in log and "Margin:" in log
+
+
+def test_dpo_learns_the_preference(tiny_model_dir, pref_files, tmp_path):
+    run = train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "learn", "dpo", "training.epochs=4",
+                     "preference.precompute_ref_logps=true"))
+    steps = [m for m in read_metrics(run) if "loss" in m and not m.get("final")]
+    assert steps[-1]["rewards/margin"] > steps[0]["rewards/margin"]
+    assert (run / "ref_logps.pt").is_file()
+
+
+def test_resumed_dpo_run_equals_uninterrupted_run(tiny_model_dir, pref_files, tmp_path, monkeypatch):
+    import tunelab.train.monitor as monitor
+
+    data = pref_files / "pairs.jsonl"
+    full = train(_cfg(tiny_model_dir, data, tmp_path, "full", "dpo", "training.save_steps=2"))
+    original = monitor.Reporter.advance
+
+    def advance(self, s, info):
+        original(self, s, info)
+        if s == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(_cfg(tiny_model_dir, data, tmp_path, "split", "dpo", "training.save_steps=2"))
+    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    split = tmp_path / "split"
+    assert [s for s, _ in ckpt.complete_checkpoints(split)][-1] == 3
+    train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(split))
+    a = [m["loss"] for m in read_metrics(full) if "loss" in m and not m.get("final")]
+    b = [m["loss"] for m in read_metrics(split) if "loss" in m and not m.get("final")]
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    wa = load_file(full / "checkpoint-final" / "adapter_model.safetensors")
+    wb = load_file(split / "checkpoint-final" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_dpo_from_an_sft_adapter(tiny_model_dir, pref_files, tmp_path):
+    sft = train(load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32",
+                                   f"data.train={pref_files / 'sft.jsonl'}", "training.stage=sft",
+                                   f"output.dir={tmp_path}", "output.run_name=sft", "training.max_steps=2",
+                                   "eval.metrics=[perplexity]", "tracking.report_to=[none]"]))
+    run = train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "from-sft", "dpo",
+                     f"model.adapter={sft}", "training.max_steps=3"))
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["reference"]["kind"] == "adapter" and man["reference"]["fingerprint"].startswith("sha256:")
+    first = [m for m in read_metrics(run) if "loss" in m][0]
+    assert abs(first["rewards/margin"]) < 1e-6  # step 1: the policy is still the reference
+    assert set(load_file(run / "checkpoint-final" / "adapter_model.safetensors")) == set(
+        load_file(sft / "checkpoint-final" / "adapter_model.safetensors"))
