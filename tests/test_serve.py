@@ -181,7 +181,8 @@ def ask(base: str, i: int) -> tuple[str, str, int]:
     if i % 2:
         chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        return text, [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1], chunks[-1].usage.completion_tokens
+        reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+        return text, reasons[-1], chunks[-1].usage.completion_tokens
     r = c.chat.completions.create(**kw)
     return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 

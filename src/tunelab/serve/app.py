@@ -253,8 +253,7 @@ async def _lifespan(app: FastAPI):
 
 def create_app(model, tokenizer, model_name: str, settings: ServeSettings | None = None, **fields: Any) -> FastAPI:
     """A FastAPI app serving `model` as `model_name`; `fields` override `settings` (e.g. api_key="secret")."""
-    settings = (settings or ServeSettings()).model_copy(update=fields) if fields else settings or ServeSettings()
-    ServeSettings.model_validate(settings.model_dump())  # overrides are checked like the rest
+    settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
     app = FastAPI(title="tunelab", description="OpenAI-compatible API over a tunelab model", lifespan=_lifespan)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.settings = settings
@@ -544,7 +543,7 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
 
     from tunelab.infer import load
 
-    settings = (settings or ServeSettings()).model_copy(update=fields)
+    settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
     m, tok = load(model, adapter=adapter, dtype=dtype)
     name = model_name
     if not name and adapter:
@@ -557,4 +556,5 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     dtype_name = str(next(m.parameters()).dtype).removeprefix("torch.")
     print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "
           f"http://{host}:{port}/v1 (OpenAI-compatible){' with an API key' if settings.api_key else ''}")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # on SIGTERM, answers in flight get 10 s to finish; then the engine stops and fails the rest with a 503
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
