@@ -173,6 +173,13 @@ class Config(_Section):
         if self.training.packing and self.training.group_by_length:
             raise ValueError("training.packing and training.group_by_length exclude each other "
                              "(packing already wastes no compute on padding); set one of them to false")
+        if self.training.stage == "pt":
+            raise ValueError("training.stage=pt (continued pretraining on raw text) is not implemented yet; "
+                             "use sft, dpo, orpo, simpo or kto")
+        if self.model.adapter and self.training.stage == "sft":
+            raise ValueError("model.adapter is read by the preference stages (dpo, orpo, simpo, kto); to continue "
+                             "an SFT run use --resume, or merge it (tunelab merge) and give the merged model as "
+                             "model.name")
         return self
 
     @field_validator("tracking", mode="after")

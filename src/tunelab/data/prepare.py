@@ -505,6 +505,9 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     exceed ``max_reject_ratio`` (the folder is still written so the rejections can be read).
     """
     _check_options(format, column_map, overflow, train_on, val_ratio, max_length, max_reject_ratio)
+    if stage not in ("sft", "dpo", "orpo", "simpo", "kto"):
+        raise DataError(f"stage {stage!r}: prepare reads sft conversations and dpo/orpo/simpo/kto preference data "
+                        "(raw text for pt is not implemented yet)")
     files = [("train", p) for p in resolve_inputs(inputs)]
     if eval_inputs:
         files += [("eval", p) for p in resolve_inputs(eval_inputs)]
