@@ -1,0 +1,95 @@
+"""The continuous-batching engine on its own: rows that stop early leave the batch without disturbing the others."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    import torch
+
+    from tunelab.infer import load
+
+    model, tok = load(str(tiny_model_dir), dtype="fp32")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)  # larger random weights: answers differ by prompt
+    return model, tok
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    from tunelab.data.template import render
+
+    return tok(render(tok, [{"role": "user", "content": text}], add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+
+
+def run(engine, jobs):
+    done = threading.Semaphore(0)
+    for job in jobs:
+        job.sink = lambda piece: piece is None and done.release()
+        engine.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=120)
+    return jobs
+
+
+@pytest.fixture()
+def engine(tiny):
+    from tunelab.serve import Engine
+
+    eng = Engine(*tiny, max_batch_size=4, max_queue=4)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def test_a_row_that_hits_eos_leaves_and_the_rest_are_unchanged(engine, tiny):
+    from tunelab.serve import Job, Sampling
+
+    model, tok = tiny
+    texts = ["Tell me a story about a dragon", "Hi", "What is the capital of France and why?"]
+    alone = [run(engine, [Job(prompt_ids(tok, t), Sampling(12))])[0] for t in texts]
+    # make the 4th token of the short prompt's answer an end-of-turn token: that row stops mid-batch
+    fourth = tok(alone[1].text, add_special_tokens=False)["input_ids"][3]
+    engine.eos = engine.eos | {fourth}
+    together = run(engine, [Job(prompt_ids(tok, t), Sampling(12)) for t in texts])
+    assert together[1].finish_reason == "stop" and together[1].completion_tokens == 4  # EOS counted, not shown
+    assert alone[1].text.startswith(together[1].text) and len(together[1].text) < len(alone[1].text)
+    for a, b in zip([alone[0], alone[2]], [together[0], together[2]]):
+        if fourth not in tok(a.text, add_special_tokens=False)["input_ids"]:  # unaffected by the extra EOS
+            assert (b.text, b.finish_reason, b.completion_tokens) == (a.text, "length", 12)
+    assert engine.load() == {"active": 0, "queued": 0, "capacity": 8}
+
+
+def test_seeded_sampling_is_per_row(engine, tiny):
+    from tunelab.serve import Job, Sampling
+
+    model, tok = tiny
+    ids = prompt_ids(tok, "Hi")
+    sampled = Sampling(10, temperature=1.0, top_p=0.9, seed=7)
+    alone = run(engine, [Job(ids, sampled)])[0].text
+    with_others = run(engine, [Job(ids, Sampling(10)), Job(ids, sampled), Job(ids, Sampling(10, temperature=1.0))])
+    assert with_others[1].text == alone  # its own generator: the other rows' draws do not shift it
+    greedy = run(engine, [Job(ids, Sampling(10))])[0].text
+    assert with_others[0].text == greedy
+
+
+def test_capacity_is_batch_plus_queue_and_release_frees_a_slot_at_once(tiny):
+    from tunelab.serve import Engine, Job, QueueFull, Sampling
+
+    engine = Engine(*tiny, max_batch_size=2, max_queue=3)  # not started: nothing leaves the queue by itself
+    jobs = [Job([1, 2, 3], Sampling(4)) for _ in range(5)]
+    for job in jobs:
+        engine.submit(job)
+    with pytest.raises(QueueFull):
+        engine.submit(Job([1, 2, 3], Sampling(4)))
+    engine.release(jobs[0])  # e.g. its client disconnected
+    engine.release(jobs[0])  # idempotent
+    assert jobs[0].cancel.is_set() and engine.load()["active"] + engine.load()["queued"] == 4
+    engine.submit(Job([1, 2, 3], Sampling(4)))
