@@ -252,7 +252,10 @@ async def _lifespan(app: FastAPI):
 
 
 def create_app(model, tokenizer, model_name: str, settings: ServeSettings | None = None, **fields: Any) -> FastAPI:
-    """A FastAPI app serving `model` as `model_name`; `fields` override `settings` (e.g. api_key="secret")."""
+    """A FastAPI app serving `model` as `model_name`; `fields` override `settings` (e.g. api_key="secret").
+
+    The engine starts with the app's lifespan: under uvicorn, or `with TestClient(app)` in tests.
+    """
     settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
     app = FastAPI(title="tunelab", description="OpenAI-compatible API over a tunelab model", lifespan=_lifespan)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
@@ -307,8 +310,8 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
 
 
 def _stops(req: _Request) -> list[str]:
-    stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
-    return [_clean(s, "stop") for s in stops]
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    return [_clean(s, "stop") for s in stops if s]  # "" would match at once: an empty stop string stops nothing
 
 
 def _sampling(state, req: _Request, prompt_ids: list[int], max_tokens: int | None, param: str) -> Sampling:
