@@ -93,3 +93,25 @@ def test_capacity_is_batch_plus_queue_and_release_frees_a_slot_at_once(tiny):
     engine.release(jobs[0])  # idempotent
     assert jobs[0].cancel.is_set() and engine.load()["active"] + engine.load()["queued"] == 4
     engine.submit(Job([1, 2, 3], Sampling(4)))
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_padded_forward(tiny):
+    from tunelab.serve import Engine, Job, Sampling
+
+    model, tok = tiny
+    texts = ["Tell me a story about a dragon", "Hi", "What is the capital of France and why is it so big?"]
+    engine = Engine(model, tok, max_batch_size=4, max_queue=4)
+    jobs = [Job(prompt_ids(tok, t), Sampling(8 + i)) for i, t in enumerate(texts)]
+    done = threading.Semaphore(0)
+    for job in jobs:
+        job.sink = lambda piece: piece is None and done.release()
+        engine.submit(job)  # all three wait before the worker starts, so they are admitted together
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+        assert engine.stats["prefills"] == 1
+        alone = [run(engine, [Job(prompt_ids(tok, t), Sampling(8 + i))])[0] for i, t in enumerate(texts)]
+    finally:
+        engine.stop()
+    assert [(j.text, j.completion_tokens) for j in jobs] == [(a.text, a.completion_tokens) for a in alone]

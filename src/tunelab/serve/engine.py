@@ -7,10 +7,11 @@
     ...
     engine.stop()
 
-A request that arrives while others are decoding joins at the next step: its prompt is prefilled on its own (no
-padding, so its cache and first token are exactly what it would get alone), then its cache is left-padded to the
-batch's length and appended as a new row. Every step feeds each row its last token with its own position id and
-an attention mask that hides the padding; finished or cancelled rows leave the batch at once. On CPU a decode step
+A request that arrives while others are decoding joins at the next step: the prompts that arrived since the last
+step are prefilled in one forward (left-padded, each with its own position ids), then their cache is left-padded
+to the batch's length (or the batch's to theirs) and appended as new rows. Every step feeds each row its last
+token with its own position id and an attention mask that hides the padding; finished or cancelled rows leave the
+batch at once, and columns that have become padding in every row are dropped. On CPU a decode step
 of 16 rows costs little more than a step of one (the weights are read once per step either way), which is where
 the aggregate throughput comes from.
 
@@ -30,6 +31,9 @@ from dataclasses import dataclass, field
 from tunelab.export.template_check import stop_token_ids
 
 log = logging.getLogger(__name__)
+# padded tokens (rows x longest prompt) in one prefill forward: enough for a burst of chat prompts, small enough
+# that the attention scores of a burst of long prompts stay a few hundred MB
+PREFILL_TOKENS = 4096
 
 
 class QueueFull(Exception):
@@ -101,7 +105,7 @@ class Engine:
         self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
         self.eos = set(stop_token_ids(tokenizer))
         self.device = next(model.parameters()).device
-        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "prefills": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # jobs submitted and not yet released: the slots in use
@@ -169,41 +173,53 @@ class Engine:
                 self._finish(job, None, ShuttingDown("the server is shutting down"))
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free rows; block (briefly) only when nothing is running."""
-        block = not self._rows
-        while len(self._rows) < self.max_batch_size:
+        """Prefill waiting jobs into free rows, together; block (briefly) only when nothing is running."""
+        block, jobs, width = not self._rows, [], 0
+        while len(self._rows) + len(jobs) < self.max_batch_size:
             try:
                 job = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if job is None or self._stopping.is_set():
                 if job is not None:
                     self._finish(job, None, ShuttingDown("the server is shutting down"))
-                return
+                break
             if job.cancel.is_set():
                 self._finish(job, "cancelled")
                 continue
-            try:
-                self._prefill(job)
-            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
-                log.exception("prefill failed")
+            width = max(width, len(job.prompt_ids))
+            jobs.append(job)
+            if width * len(jobs) >= PREFILL_TOKENS:  # bounds the prefill's activations; the rest join next step
+                break
+        if not jobs:
+            return
+        try:
+            self._prefill(jobs)
+        except Exception as e:  # noqa: BLE001 - these requests fail, the running batch goes on
+            log.exception("prefill failed")
+            for job in jobs:
                 self._finish(job, None, e)
 
-    def _prefill(self, job: Job) -> None:
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward over the new prompts, left-padded to the longest; their first tokens; then they join."""
         import torch
         from transformers import DynamicCache
 
-        ids = torch.tensor([job.prompt_ids], device=self.device)
-        n = ids.shape[1]
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.tensor([[0] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0 after its padding
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         position_ids=torch.arange(n, device=self.device)[None], cache=cache, use_cache=True,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
-        row = _Row(job, self.device)
-        token = self._pick([row], out.logits[:, -1, :])[0]
-        if self._accept(row, token):
-            self._join(row, cache, n)
+        self.stats["prefills"] += 1
+        rows = [_Row(job, self.device) for job in jobs]
+        tokens = self._pick(rows, out.logits[:, -1, :])
+        keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._accept(row, token)]
+        if keep:
+            self._join([rows[i] for i in keep], *_select(cache, mask, keep))
 
     def _step(self) -> None:
         """One decode step for every row: feed each its pending token, pick the next, drop finished rows."""
@@ -229,17 +245,16 @@ class Engine:
 
     # ------------------------------------------------------------ the batch's cache
 
-    def _join(self, row: _Row, cache, n: int) -> None:
-        """Append a prefilled row: left-pad the shorter of (batch cache, new cache) so both end together."""
+    def _join(self, rows: list[_Row], cache, mask) -> None:
+        """Append prefilled rows: left-pad the shorter of (batch cache, new cache) so that both end together."""
         import torch
         import torch.nn.functional as F
         from transformers import DynamicCache
 
-        ones = torch.ones(1, n, dtype=torch.long, device=self.device)
         if not self._rows:
-            self._rows, self._cache, self._mask = [row], cache, ones
+            self._rows, self._cache, self._mask = rows, cache, mask
             return
-        width = max(self._mask.shape[1], n)
+        width = max(self._mask.shape[1], mask.shape[1])
 
         def left_pad(x, dim_from_end: int):
             missing = width - x.shape[-dim_from_end]
@@ -249,8 +264,8 @@ class Engine:
                    torch.cat([left_pad(a.values, 2), left_pad(b.values, 2)]))
                   for a, b in zip(self._cache.layers, cache.layers)]
         self._cache = DynamicCache(layers)
-        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(ones, 1)])
-        self._rows.append(row)
+        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)])
+        self._rows = self._rows + rows
 
     def _drop(self, gone: list[_Row]) -> None:
         """Remove rows from the batch, then the columns that are now padding in every remaining row."""
@@ -266,13 +281,7 @@ class Engine:
         if not self._rows:
             self._cache = self._mask = None
             return
-        index = torch.tensor(keep, device=self.device)
-        self._mask = self._mask[index]
-        first = int(self._mask.any(dim=0).int().argmax())  # the first column some row still uses
-        self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        self._cache, self._mask = _select(self._cache, self._mask, keep)
 
     def _fail_all(self, error: BaseException) -> None:
         for r in self._rows:
@@ -351,6 +360,23 @@ class Engine:
             job.sink(piece)
         except Exception:  # noqa: BLE001 - a sink whose event loop has closed: nobody is listening any more
             log.debug("could not deliver to a finished request", exc_info=True)
+
+
+def _select(cache, mask, keep: list[int]):
+    """The cache and mask of rows `keep`, without the leading columns that are padding in every one of them."""
+    import torch
+
+    if len(keep) < mask.shape[0]:
+        index = torch.tensor(keep, device=mask.device)
+        mask = mask[index]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+    first = int(mask.any(dim=0).int().argmax())  # the first column some row still uses
+    if first:
+        mask = mask[:, first:]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    return cache, mask
 
 
 def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
