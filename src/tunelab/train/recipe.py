@@ -98,11 +98,11 @@ class Session:
 def train(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
           overrides: list[str] | None = None) -> Path:
     """Train `cfg` (or resume a run, applying the `overrides` that are safe mid-run); return the run folder."""
+    refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything, every stage
     if _stage(cfg, resume) not in ("sft", "pt"):  # preference stages: their own recipe (train/preference.py)
         from tunelab.train.preference import train_preference
 
         return train_preference(cfg, resume, config_path, overrides)
-    refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything
     accelerator = make_accelerator()
     if accelerator.device.type == "cpu":
         # denormal floats (activation tails, tiny LoRA gradients) are many times slower on x86: flush them to
