@@ -29,7 +29,7 @@ from tunelab.train.distributed import (any_process, barrier, gathered_state_dict
 from tunelab.train.inputs import Encoded, load_data
 from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
-from tunelab.train.monitor import Trackers, fmt_lr
+from tunelab.train.monitor import Trackers, fmt_lr, rss_gib
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions, read_metrics
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "save_final_artifacts"]
@@ -277,7 +277,7 @@ def log_step(s: Session, loss_value: float, grad_norm: float, tokens_per_s: floa
     lr = s.scheduler.get_last_lr()[0]
     s.say(reporter.step_line(step, loss_value, lr, tokens_per_s, s.start_step))
     rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "loss": loss_value, "lr": lr,
-           "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
+           "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1), "rss_gib": round(rss_gib(), 3),
            "elapsed_s": round(time.time() - reporter.start, 2)}
     s.life.run.log_metrics(rec)
     s.life.trackers.log(rec, step)
