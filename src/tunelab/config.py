@@ -80,6 +80,10 @@ class DataConfig(_Section):
         "assistant", description="Loss mask: every assistant turn (with its end-of-turn token), every token, "
                                  "or only the last assistant turn.")
     system_prompt: str | None = Field(None, description="System prompt added to records that carry none.")
+    text_documents: Literal["auto", "paragraph", "line", "file"] = Field(
+        "auto", description="training.stage=pt, .txt files: where one document ends. auto: blank lines separate "
+                            "documents, and a file without any blank line holds one document per line "
+                            "(LLaMA-Factory's text format); paragraph; line; file (the whole file is one document).")
     map: dict[str, str] = Field(default_factory=dict,
                                 description="Column mapping for custom field names, e.g. {instruction: question}.")
 
@@ -173,9 +177,9 @@ class Config(_Section):
         if self.training.packing and self.training.group_by_length:
             raise ValueError("training.packing and training.group_by_length exclude each other "
                              "(packing already wastes no compute on padding); set one of them to false")
-        if self.training.stage == "pt":
-            raise ValueError("training.stage=pt (continued pretraining on raw text) is not implemented yet; "
-                             "use sft, dpo, orpo, simpo or kto")
+        if self.training.stage == "pt" and not self.training.packing:
+            raise ValueError("training.stage=pt trains packed blocks of documents (each document attending only to "
+                             "itself); set training.packing=true")
         if self.model.adapter and self.training.stage == "sft":
             raise ValueError("model.adapter is read by the preference stages (dpo, orpo, simpo, kto); to continue "
                              "an SFT run use --resume, or merge it (tunelab merge) and give the merged model as "

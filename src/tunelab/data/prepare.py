@@ -40,6 +40,7 @@ from typing import Any
 from tunelab.data import report as rpt
 from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
 from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, read_file
+from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
 
 __all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", "DataError", "resolve_inputs"]
 
@@ -86,8 +87,10 @@ def _dumps(obj: Any, **kw) -> str:
 # ---------------------------------------------------------------- inputs
 
 
-def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, folders (their data files, recursively, sorted) and globs → a list of files, in the order given."""
+def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike], text: bool = False) -> list[Path]:
+    """Files, folders (their data files, recursively, sorted) and globs → a list of files, in the order given.
+    `text` (stage pt): a folder's .txt / .text / .md files count as data too."""
+    suffixes = DATA_SUFFIXES | TEXT_SUFFIXES if text else DATA_SUFFIXES
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out: list[Path] = []
     for item in items:
@@ -95,10 +98,10 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(DATA_SUFFIXES))})")
+                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(suffixes))})")
             out += found
         elif any(c in str(item) for c in "*?["):
             found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
@@ -305,8 +308,11 @@ class _Pass:
         self.pending: list[tuple] = []  # records waiting to be encoded together (ENCODE_CHUNK at a time)
         self.format_first: dict[str, str] = {}  # of the file being read: format -> location of its first record
         self.stage = opts.get("stage", "sft")  # preference stages read pairs / labelled answers (data/preference.py)
-        self.pref_stats = None
-        if self.stage != "sft":
+        self.pref_stats = self.text_stats = None
+        self.val_idx: set[int] = set()
+        if self.stage == "pt":  # raw text: documents, pieces and blocks (data/text.py)
+            self.text_stats = TextStats(opts["max_length"])
+        elif self.stage != "sft":
             from tunelab.data.preference import PreferenceStats
 
             self.pref_stats = PreferenceStats(opts["max_length"])
@@ -389,7 +395,12 @@ class _Pass:
             category = "encoding" if "UTF" in item.error else "invalid_json" if "JSON" in item.error else "malformed"
             return self.reject(source, item, category, item.error, fstats)
         try:
-            if self.stage != "sft":
+            if self.stage == "pt":
+                from tunelab.data.text import normalize_text
+
+                conv = normalize_text(item.value)
+                key = hash(conv.text)
+            elif self.stage != "sft":
                 from tunelab.data.preference import normalize_preference
 
                 conv = normalize_preference(item.value, self.stage, self.notes, self.opts["system_prompt"])
@@ -427,7 +438,8 @@ class _Pass:
             self.tok.pretokenize([conv for *_, conv in pending], self.opts["train_on"])
         for source, item, role, fstats, conv in pending:
             try:
-                enc = self.encode(conv) if self.stage == "sft" else self._encode_preference(conv)
+                enc = (self.encode(conv) if self.stage == "sft" else encode_document(self.tok, conv, role, self.text_stats)
+                       if self.stage == "pt" else self._encode_preference(conv))
             except Invalid as e:
                 self.reject(source, item, e.category, e.reason, fstats)
                 continue
@@ -497,7 +509,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
                     eval_inputs: list[str] | str | None = None, seed: int = 42, system_prompt: str | None = None,
                     check: bool = False, max_reject_ratio: float = 1.0, show_samples: int = 0,
                     name: str | None = None, console: Callable[[str], None] = print,
-                    stage: str = "sft") -> PrepareResult:
+                    stage: str = "sft", text_documents: str = "auto") -> PrepareResult:
     """Validate and prepare raw data (see the module docstring). `check=True` writes nothing.
 
     Raises DataError for whole-file problems (every file is checked first, all problems reported at once) and
@@ -505,12 +517,14 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     exceed ``max_reject_ratio`` (the folder is still written so the rejections can be read).
     """
     _check_options(format, column_map, overflow, train_on, val_ratio, max_length, max_reject_ratio)
-    if stage not in ("sft", "dpo", "orpo", "simpo", "kto"):
-        raise DataError(f"stage {stage!r}: prepare reads sft conversations and dpo/orpo/simpo/kto preference data "
-                        "(raw text for pt is not implemented yet)")
-    files = [("train", p) for p in resolve_inputs(inputs)]
+    if stage not in ("sft", "pt", "dpo", "orpo", "simpo", "kto"):
+        raise DataError(f"stage {stage!r}: prepare reads sft conversations, pt raw text and dpo/orpo/simpo/kto "
+                        "preference data")
+    if text_documents not in TEXT_DOCUMENTS:
+        raise DataError(f"text_documents must be one of {', '.join(TEXT_DOCUMENTS)}, not {text_documents!r}")
+    files = [("train", p) for p in resolve_inputs(inputs, text=stage == "pt")]
     if eval_inputs:
-        files += [("eval", p) for p in resolve_inputs(eval_inputs)]
+        files += [("eval", p) for p in resolve_inputs(eval_inputs, text=stage == "pt")]
     first = inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs)[0]
     name = name or (Path(first).stem.replace("*", "") or "dataset")
     out_dir = None if check else Path(output) if output else Path("data") / "processed" / name
@@ -522,6 +536,8 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
                "system_prompt": system_prompt, "tokenizer": bool(tokenizer is not None)}
     if stage != "sft":  # only then: the fingerprints of SFT data stay what they were
         options["stage"] = stage
+    if stage == "pt":
+        options["text_documents"] = text_documents
     tok_id = _tokenizer_identity(tokenizer) if tokenizer is not None else None
 
     workdir = None
@@ -535,6 +551,8 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
         report = _build_report(p, files, file_reports, options, tok_id, name, max_reject_ratio, out_dir)
         split_counts = _split(p, workdir, val_ratio if not eval_inputs else None, seed, report)
         report["split"] = split_counts
+        if p.text_stats is not None and p.tok is not None:
+            report["text_stats"] = p.text_stats.report(p.val_idx)
         _print_summary(p, report, console)
         if workdir is not None:
             _write_folder(workdir, report, out_dir)
@@ -559,7 +577,7 @@ def _read_all(p: _Pass, files: list[tuple[str, Path]], console) -> list[dict[str
             fstats: Counter = Counter({"records_read": 0, "accepted": 0, "rejected": 0, "duplicates": 0})
             source = str(path)
             try:
-                items = read_file(path, info)
+                items = records_of(path, info, p.stage, p.opts.get("text_documents", "auto"))
                 first = next(items, None)
                 console(f"reading {path} ({info.describe()})")
                 if first is not None:
@@ -606,7 +624,7 @@ def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reje
     if p.duplicates:
         notes["duplicates removed"] = p.duplicates
     token_stats = None
-    if p.tok is not None and p.pref_stats is None:
+    if p.tok is not None and p.stage == "sft":
         token_stats = rpt.token_stats(p.lengths, p.trained, options["max_length"], dict(p.tok_counts), tok_id["name"])
         token_stats["overflow"] = options["overflow"]
     problems = []
@@ -646,6 +664,7 @@ def _split(p: _Pass, workdir: Path | None, val_ratio: float | None, seed: int, r
             report["warning_examples"]["no_validation_split"] = ["only 1 accepted record: nothing held out"]
         val_idx = set(random.Random(seed).sample(range(n), k)) if k else set()
         counts = {"train": n - k, "val": k, "how": f"val_ratio={val_ratio:g}, seed={seed}"}
+    p.val_idx = val_idx  # stage pt counts the blocks of each split
     if workdir is not None:
         with open(workdir / "train.jsonl", "w", encoding="utf-8") as tr, \
                 open(workdir / "val.jsonl", "w", encoding="utf-8") as va:
@@ -689,6 +708,8 @@ def _print_summary(p: _Pass, report: dict, console) -> None:
         from tunelab.data.preference import PreferenceStats
 
         console(PreferenceStats.line(report["preference_stats"]))
+    if report.get("text_stats"):
+        console(TextStats.line(report["text_stats"]))
     _print_samples(p, console)
     console(f"records: {rpt.conservation_line(report)}")
     s = report["split"]
@@ -737,7 +758,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                     rec = json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{path}:{n}: not valid JSON ({e}); re-run tunelab prepare") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+                if not isinstance(rec, dict) or not (isinstance(rec.get("messages"), list)
+                                                     or isinstance(rec.get("text"), str)):
                     raise DataError(f"{path}:{n}: not a prepared record (no 'messages'); re-run tunelab prepare")
                 out.append(rec)
     return out

@@ -130,8 +130,32 @@ def markdown(r: dict[str, Any]) -> str:
         lines += _table([(k, ts[k]) for k in keys if k in ts], ("statistic", "value"))
         lines += ["", "![length histogram](length_histogram.png)", "", "```"]
         lines += histogram_lines(ts["histogram"], ts["max_length"]) + ["```"]
+    lines += _stage_token_lines(r)
     lines += ["", "## Options", "", "```json"]
     import json
 
     lines += [json.dumps(r["options"], indent=2, ensure_ascii=False), "```", ""]
     return "\n".join(lines)
+
+
+def _stage_token_lines(r: dict[str, Any]) -> list[str]:
+    """Token sections of the stages that do not read conversations: pt (text_stats), preference (preference_stats)."""
+    lines: list[str] = []
+    text = r.get("text_stats")
+    if text:
+        from tunelab.data.text import markdown_lines
+
+        lines += ["", "## Text (continued pretraining)", "",
+                  "Each document ends with EOS; documents longer than max_length are split into pieces; pieces are "
+                  "packed whole, in order, into blocks of at most max_length tokens, each piece attending only to "
+                  "itself.", ""]
+        lines += _table(markdown_lines(text), ("statistic", "value"))
+    pref = r.get("preference_stats")
+    if pref:
+        lines += ["", "## Preference tokens", "",
+                  f"After the chat template; answers after the train-time cut to max_length={pref['max_length']}: "
+                  f"{pref['truncated']} of {pref['records']} records ({pref['truncated_share']:.1%}) had their "
+                  f"answers cut ({pref['answer_tokens_cut']} tokens).", ""]
+        lines += _table([(part, v["p50"], v["p95"], v["max"], v["mean"], v["tokens"])
+                         for part, v in pref["parts"].items()], ("part", "p50", "p95", "max", "mean", "tokens"))
+    return lines

@@ -1,6 +1,7 @@
 """Perplexity over the trained tokens, with exactly the masking and loss of training.
 
-Each record is encoded by `encode_record` with the run's `max_length`, `train_on` and `overflow`, and the loss is
+Each record is encoded by `encode_record` with the run's `max_length`, `train_on` and `overflow` (raw text of a pt
+run: every token of each `max_length` piece, `tunelab.data.text.encode_text`), and the loss is
 `CausalLMLoss` — the same function training optimises — summed over every trained token and divided by their
 count (token-weighted, not an average of per-record means). So on the same records this is exp(eval loss) of
 training, to floating-point rounding.
@@ -33,6 +34,12 @@ def encode_for_loss(tokenizer, records: Sequence[dict[str, Any]], *, max_length:
 
     examples, skipped = [], 0
     for rec in records:
+        if "text" in rec and "messages" not in rec:  # raw text (stage pt): its pieces, exactly as training's eval
+            from tunelab.data.text import encode_text
+
+            pieces, _ = encode_text(tokenizer, rec["text"], max_length)
+            examples += [{"input_ids": p, "labels": list(p)} for p in pieces]
+            continue
         try:
             enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=max_length,
                                 train_on=train_on, overflow=overflow)

@@ -111,7 +111,7 @@ class EvalRun:
     record: dict[str, Any]
 
 
-def load_eval_data(data: str | os.PathLike, split: str = "val") -> EvalData:
+def load_eval_data(data: str | os.PathLike, split: str = "val", stage: str = "sft") -> EvalData:
     """Records to evaluate: a prepared folder (its `split`), a run folder (its prepared data/), or a raw file
     (prepared in memory: every record, no split)."""
     path = Path(data)
@@ -135,17 +135,18 @@ def load_eval_data(data: str | os.PathLike, split: str = "val") -> EvalData:
         if not records:
             raise EvalError(f"{path} has no {split} records" + (" (use --split train)" if split == "val" else ""))
         return EvalData(records, fingerprint, str(path), split)
-    return _prepare_raw(path)
+    return _prepare_raw(path, stage)
 
 
-def _prepare_raw(path: Path) -> EvalData:
+def _prepare_raw(path: Path, stage: str = "sft") -> EvalData:
     """A raw file, validated and normalised by the prepare pipeline (every record, no split)."""
     import tempfile
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
 
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
-        result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=lambda *_: None)
+        result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=lambda *_: None,
+                                 stage="pt" if stage == "pt" else "sft")
         result.raise_if_unusable()
         prepared = load_prepared(result.output)
         records = list(prepared.train) + list(prepared.val)
@@ -175,7 +176,8 @@ def _defaults_from(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, 
             "max_length": data.get("max_length"), "train_on": data.get("train_on"), "overflow": data.get("overflow"),
             "chunk_size": training.get("loss_chunk_size"), "max_new_tokens": ev.get("max_new_tokens"),
             "max_samples": ev.get("max_samples"), "batch_size": ev.get("batch_size"), "metrics": ev.get("metrics"),
-            "dtype": (cfg.get("model") or {}).get("dtype"), "system_prompt": data.get("system_prompt")}.items()
+            "dtype": (cfg.get("model") or {}).get("dtype"), "system_prompt": data.get("system_prompt"),
+            "stage": training.get("stage")}.items()
             if v is not None})
     if adapter_dir is not None and (adapter_dir / "tunelab.json").is_file():
         meta = json.loads((adapter_dir / "tunelab.json").read_text())
@@ -242,8 +244,10 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
                 max_new_tokens=max_new_tokens or d.get("max_new_tokens", 64),
                 max_samples=max_samples or d.get("max_samples", 32), batch_size=batch_size or d.get("batch_size", 8))
     dtype = dtype or d.get("dtype", "auto")
-    ev_data = load_eval_data(data, split)
-    if d.get("system_prompt"):  # as training encoded them: the run's system prompt where a record has none
+    ev_data = load_eval_data(data, split, **({"stage": "pt"} if d.get("stage") == "pt" else {}))  # raw text
+    if any("messages" not in r for r in ev_data.records):  # raw text (pt): no prompt to answer, perplexity only
+        metrics = ["perplexity"]
+    elif d.get("system_prompt"):  # as training encoded them: the run's system prompt where a record has none
         ev_data.records = [r if r["messages"][0]["role"] == "system" else
                            {**r, "messages": [{"role": "system", "content": d["system_prompt"]}] + r["messages"]}
                            for r in ev_data.records]

@@ -44,6 +44,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
         _prepare_into(cfg, tokenizer, src, folder, run_path.name)
     barrier()
     prepared = load_prepared(folder)
+    _check_stage(prepared.report, cfg.training.stage, folder)
     if expected_fingerprint and prepared.fingerprint != expected_fingerprint:
         raise TunelabError(f"--resume: the data in {folder} (fingerprint {prepared.fingerprint[:19]}) is not the data "
                            f"this run trained on ({expected_fingerprint[:19]}); start a new run instead")
@@ -51,6 +52,8 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     if cfg.data.eval and folder == src:  # a prepared train folder plus a separate eval source
         ev = load_prepared(Path(cfg.data.eval))
         val_records = ev.val or ev.train
+    if cfg.training.stage == "pt":
+        return _encode_text(cfg, tokenizer, prepared, val_records, folder)
     train_recs = with_system_prompt(prepared.train, cfg.data.system_prompt)
     val_recs = with_system_prompt(val_records, cfg.data.system_prompt)
     train = _encode(cfg, tokenizer, train_recs, "train", run_path, main, say)
@@ -65,6 +68,37 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     return Encoded(train, val, val_kept, prepared.fingerprint, info)
 
 
+def _check_stage(report: dict, stage: str, folder: Path) -> None:
+    prepared_for = (report.get("options") or {}).get("stage", "sft")
+    if prepared_for != stage:
+        raise TunelabError(f"{folder} was prepared for training.stage={prepared_for}, this run trains {stage}: "
+                           f"prepare it again with `tunelab prepare --stage {stage}` or give the raw file as data.train")
+
+
+def _encode_text(cfg: Config, tokenizer, prepared, val_records: list[dict], folder: Path) -> Encoded:
+    """pt: train = blocks of documents (each document its own packed record), val = one piece per example."""
+    from tunelab.data.text import block_examples, encode_text, piece_examples
+
+    def pieces(records):
+        ids, wheres = [], []
+        for rec in records:
+            p, _ = encode_text(tokenizer, rec["text"], cfg.data.max_length)
+            ids += p
+            wheres += [f"{rec.get('source')}:{rec.get('location')}"] * len(p)
+        return ids, wheres
+
+    train = block_examples(*pieces(prepared.train), cfg.data.max_length)
+    val = piece_examples(*pieces(val_records))
+    if not train:
+        raise TunelabError(f"no trainable text in {folder}: every document was rejected (see its report.md)")
+    info = {"folder": str(folder), "source": cfg.data.train, "train_records": len(train), "val_records": len(val),
+            "train_documents": len(prepared.train), "val_documents": len(val_records),
+            "train_tokens": sum(len(e["input_ids"]) for e in train),
+            "train_target_tokens": sum(e["n_targets"] for e in train)}
+    # no generation metrics on raw text (no prompt, no reference answer): val_records stays empty
+    return Encoded(train, val, [], prepared.fingerprint, info)
+
+
 def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) -> None:
     import shutil
 
@@ -75,7 +109,8 @@ def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) ->
                              tokenizer=tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
                              train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
                              eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
-                             system_prompt=cfg.data.system_prompt, name=name, stage=cfg.training.stage)
+                             system_prompt=cfg.data.system_prompt, name=name, stage=cfg.training.stage,
+                             text_documents=cfg.data.text_documents)
     if not result.usable:
         raise TunelabError(f"no usable training data in {src}; see {folder / 'report.md'}")
 

@@ -138,7 +138,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     torch.manual_seed(t_cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
-    if not tokenizer.chat_template:
+    if not tokenizer.chat_template and t_cfg.stage == "sft":  # pt reads raw text: no template needed
         raise TunelabError(f"{cfg.model.name} has no chat template; set model.chat_template (a Jinja string or file)")
     recorded = life.run.manifest().get("data_fingerprint") if not life.fresh else None
     data = load_data(cfg, tokenizer, life.path, main, life.fresh, recorded, life.say)
@@ -159,7 +159,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     inner = accelerator.unwrap_model(loss_fn).model
     state = _restore(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
     life.run.update_manifest(
-        seed=t_cfg.seed, method=t_cfg.method, model=cfg.model.name, data_fingerprint=data.fingerprint,
+        seed=t_cfg.seed, method=t_cfg.method, stage=t_cfg.stage, model=cfg.model.name,
+        data_fingerprint=data.fingerprint,
         data=data.data_info, dtype={"name": choice.name, "reason": choice.reason}, versions=package_versions(),
         hardware=hardware(), runtime=runtime_info(), git_commit=git_commit(), processes=world,
         config_path=str(config_path) if config_path else life.run.manifest().get("config_path"),
@@ -168,6 +169,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     # fp16 (GPUs without bf16) needs loss scaling or small gradients underflow to zero
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=choice.name == "fp16")
     collate = collate_packed if t_cfg.packing else (lambda b: collate_padded(b, tokenizer.pad_token_id))
+    if t_cfg.stage == "pt":  # blocks of documents: each document its own packed record (tunelab.data.text)
+        from tunelab.data.text import collate_blocks as collate
     return Session(cfg, life, accelerator, tokenizer, data, plan, inner, loss_fn, optimizer, scheduler, scaler,
                    autocast_for(accelerator.device.type, choice.name), choice, state, state.global_step, collate)
 
@@ -417,7 +420,7 @@ def save_final_artifacts(model, tokenizer, cfg: Config, folder: Path, run_name: 
     meta = {"base_model": cfg.model.name, "revision": cfg.model.revision,
             "trust_remote_code": cfg.model.trust_remote_code, "method": cfg.training.method, "dtype": dtype,
             "run_name": run_name, "max_length": cfg.data.max_length, "train_on": cfg.data.train_on,
-            "system_prompt": cfg.data.system_prompt}
+            "system_prompt": cfg.data.system_prompt, **({"stage": "pt"} if cfg.training.stage == "pt" else {})}
     (folder / "tunelab.json").write_text(json.dumps(meta, indent=2))
 
 
