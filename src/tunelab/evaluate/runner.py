@@ -146,7 +146,7 @@ def _prepare_raw(path: Path, stage: str = "sft") -> EvalData:
 
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
         result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=lambda *_: None,
-                                 stage="pt" if stage == "pt" else "sft")
+                                 stage=stage if stage in ("pt", "dpo", "orpo", "simpo") else "sft")
         result.raise_if_unusable()
         prepared = load_prepared(result.output)
         records = list(prepared.train) + list(prepared.val)
@@ -177,7 +177,7 @@ def _defaults_from(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, 
             "chunk_size": training.get("loss_chunk_size"), "max_new_tokens": ev.get("max_new_tokens"),
             "max_samples": ev.get("max_samples"), "batch_size": ev.get("batch_size"), "metrics": ev.get("metrics"),
             "dtype": (cfg.get("model") or {}).get("dtype"), "system_prompt": data.get("system_prompt"),
-            "stage": training.get("stage")}.items()
+            "stage": training.get("stage"), "beta": (cfg.get("preference") or {}).get("beta")}.items()
             if v is not None})
     if adapter_dir is not None and (adapter_dir / "tunelab.json").is_file():
         meta = json.loads((adapter_dir / "tunelab.json").read_text())
@@ -244,10 +244,12 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
                 max_new_tokens=max_new_tokens or d.get("max_new_tokens", 64),
                 max_samples=max_samples or d.get("max_samples", 32), batch_size=batch_size or d.get("batch_size", 8))
     dtype = dtype or d.get("dtype", "auto")
-    ev_data = load_eval_data(data, split, **({"stage": "pt"} if d.get("stage") == "pt" else {}))  # raw text
+    stage = d.get("stage") if d.get("stage") in ("pt", "dpo", "orpo", "simpo") else None
+    ev_data = load_eval_data(data, split, **({"stage": stage} if stage else {}))  # raw files read as the run's
+    pairs = "chosen" in ev_data.records[0] and "rejected" in ev_data.records[0]
     if any("messages" not in r for r in ev_data.records):  # raw text (pt): no prompt to answer, perplexity only
         metrics = ["perplexity"]
-    elif d.get("system_prompt"):  # as training encoded them: the run's system prompt where a record has none
+    elif d.get("system_prompt") and not pairs:  # pairs got it when they were prepared  # as training encoded them: the run's system prompt where a record has none
         ev_data.records = [r if r["messages"][0]["role"] == "system" else
                            {**r, "messages": [{"role": "system", "content": d["system_prompt"]}] + r["messages"]}
                            for r in ev_data.records]
@@ -259,8 +261,14 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     if compare_base and not base_name:
         raise EvalError(f"--compare-base: cannot tell the base model of {model}; pass --base BASE_MODEL")
 
-    result, base_result = _evaluate_tuned_and_base(model, adapter_dir, base_name if compare_base else None, dtype,
-                                                   ev_data.records, metrics, opts)
+    if pairs:  # held-out preference pairs: which answer the model prefers (tunelab.evaluate.preference)
+        from tunelab.evaluate.preference import evaluate_pairs
+
+        result, base_result = evaluate_pairs(model, adapter_dir, base_name if compare_base else None, dtype,
+                                             ev_data.records, opts, d.get("beta", 0.1), run_dir)
+    else:
+        result, base_result = _evaluate_tuned_and_base(model, adapter_dir, base_name if compare_base else None,
+                                                       dtype, ev_data.records, metrics, opts)
     record = {
         "name": name, "created_at": now_iso(), "metrics": result.metrics,
         "base_metrics": base_result.metrics if base_result else None,
@@ -278,9 +286,10 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     base_preds = {p["index"]: p for p in base_result.predictions} if base_result else {}
     with open(pred_path, "w", encoding="utf-8") as f:
         for p in result.predictions:
-            row = {k: p[k] for k in ("index", "prompt", "reference", "prediction", "scores")}
+            row = {k: v for k, v in p.items() if k != "messages"}
             if p["index"] in base_preds:
-                row["base_prediction"] = base_preds[p["index"]]["prediction"]
+                if "prediction" in p:  # pairs score the given answers: nothing generated
+                    row["base_prediction"] = base_preds[p["index"]]["prediction"]
                 row["base_scores"] = base_preds[p["index"]]["scores"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return EvalRun(name, result, base_result, json_path, pred_path, record)

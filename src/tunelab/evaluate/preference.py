@@ -1,0 +1,142 @@
+"""Preference metrics of a model on held-out pairs: which answer does it prefer, and by how much.
+
+    res = preference_metrics(model, tokenizer, pairs, max_length=512, beta=0.1, reference=ctx)
+    res.metrics["pref_accuracy"], res.metrics["rewards/accuracy"], res.predictions[0]["scores"]
+
+Two views, both over the answer tokens only (the prompt is context), encoded exactly as training encodes pairs
+(`tunelab.data.preference.encode_preference`, same max_length and overflow):
+
+- The model's own preference, comparable between any two models (base, SFT, DPO): `pref_accuracy` is the share of
+  pairs whose chosen answer has the higher mean log-probability per token (a mean, so that a short rude answer
+  and a long rambling one are compared fairly); `pref_margin` is the mean difference (nats per token).
+- The DPO implicit reward against a reference, as training logs it (TRL's definitions: reward = beta x
+  (log pi(answer) - log ref(answer)) summed over the answer; accuracy counts chosen > rejected, a tie is not a
+  hit): `rewards/chosen`, `rewards/rejected`, `rewards/accuracy`, `rewards/margin`. Only with a `reference`: the
+  run's own (its starting SFT adapter, or the base with the adapter disabled).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from tunelab.evaluate.runner import EvalResult
+
+
+def encode_pairs(tokenizer, records: Sequence[dict[str, Any]], max_length: int, overflow: str):
+    """(encoded pairs, their record indices, how many were skipped as untrainable)."""
+    from tunelab.data.preference import encode_preference
+    from tunelab.data.template import RecordRejected
+
+    out, index, skipped = [], [], 0
+    for i, rec in enumerate(records):
+        try:
+            out.append(encode_preference(tokenizer, rec, max_length, overflow))
+            index.append(i)
+        except RecordRejected:
+            skipped += 1
+    return out, index, skipped
+
+
+def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, max_length: int = 512,
+                       overflow: str = "truncate", beta: float = 0.1, reference: Callable | None = None,
+                       batch_size: int = 8, chunk_size: int = 1024) -> EvalResult:
+    """Held-out pairs (prepared preference records) → preference metrics and one scored row per pair."""
+    import torch
+
+    from tunelab.evaluate.perplexity import compute_dtype_name
+    from tunelab.model.loss import autocast_for
+    from tunelab.train.preference_loss import _to, collate_pairs, policy_logps, reference_logps
+
+    pairs, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
+    device = next(model.parameters()).device
+    autocast = autocast_for(device.type, compute_dtype_name(model))
+    rows: list[dict[str, Any]] = []
+    for k in range(0, len(pairs), batch_size):
+        part = pairs[k:k + batch_size]
+        batch = _to(collate_pairs(part), device)
+        n = len(part)
+        with torch.no_grad(), autocast():
+            sums, counts = policy_logps(model, batch, 2 * n, chunk_size)
+            ref = reference_logps(reference, batch, "dpo", chunk_size)["logps"] if reference else None
+        for j in range(n):
+            c, r = float(sums[j]), float(sums[n + j])
+            row = {"logp_chosen": c, "logp_rejected": r, "mean_logp_chosen": c / max(int(counts[j]), 1),
+                   "mean_logp_rejected": r / max(int(counts[n + j]), 1)}
+            if ref is not None:
+                row["reward_chosen"] = beta * (c - float(ref[j]))
+                row["reward_rejected"] = beta * (r - float(ref[n + j]))
+            rows.append(row)
+    metrics = _summary(rows)
+    predictions = [_prediction(records[i], i, row) for i, row in zip(index, rows)]
+    settings = {"metrics": ["preference"], "pairs": len(rows), "skipped": skipped, "max_length": max_length,
+                "overflow": overflow, "beta": beta, "reference": bool(reference)}
+    return EvalResult(metrics, predictions, settings)
+
+
+def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    n = max(len(rows), 1)
+    diff = [r["mean_logp_chosen"] - r["mean_logp_rejected"] for r in rows]
+    out = {"pref_accuracy": sum(d > 0 for d in diff) / n, "pref_margin": sum(diff) / n, "pairs": len(rows)}
+    if rows and "reward_chosen" in rows[0]:
+        rc, rr = [r["reward_chosen"] for r in rows], [r["reward_rejected"] for r in rows]
+        out.update({"rewards/chosen": sum(rc) / n, "rewards/rejected": sum(rr) / n,
+                    "rewards/accuracy": sum(c > r for c, r in zip(rc, rr)) / n,
+                    "rewards/margin": sum(c - r for c, r in zip(rc, rr)) / n})
+    return out
+
+
+def _text(turns) -> str:
+    return "\n".join(t["content"] for t in turns or [])
+
+
+def _prediction(rec: dict[str, Any], i: int, scores: dict[str, float]) -> dict[str, Any]:
+    prompt = next((m["content"] for m in reversed(rec["prompt"]) if m["role"] == "user"), "")
+    return {"index": i, "prompt": prompt, "chosen": _text(rec.get("chosen")), "rejected": _text(rec.get("rejected")),
+            "scores": {k: round(v, 6) for k, v in scores.items()}}
+
+
+def is_preference_data(records: Sequence[dict[str, Any]]) -> bool:
+    return bool(records) and "chosen" in records[0] and "rejected" in records[0]
+
+
+def evaluate_pairs(model: str, adapter_dir, base: str | None, dtype: str, records: list[dict[str, Any]],
+                   opts: dict[str, Any], beta: float, run_dir) -> tuple[EvalResult, EvalResult | None]:
+    """`tunelab eval` on pairs: the model (rewards against the run's reference) and, when `base` is given, the
+    base model's own preference (the same weights with the adapter disabled, or the base loaded alone)."""
+    import gc
+
+    from tunelab.model.loading import load_pretrained
+
+    lm, tok = load_pretrained(model, adapter_dir, dtype=dtype)
+    kw = dict(max_length=opts["max_length"], overflow=opts["overflow"], beta=beta, batch_size=opts["batch_size"],
+              chunk_size=opts["chunk_size"])
+    result = preference_metrics(lm, tok, records, reference=_reference(lm, run_dir), **kw)
+    base_result = None
+    if base and hasattr(lm, "disable_adapter"):
+        with lm.disable_adapter():
+            base_result = preference_metrics(lm, tok, records, **kw)
+    elif base:
+        del lm
+        gc.collect()
+        lm, _ = load_pretrained(base, dtype=dtype)
+        base_result = preference_metrics(lm, tok, records, **kw)
+    return result, base_result
+
+
+def _reference(lm, run_dir) -> Callable | None:
+    """The reference a run's rewards are measured against: its starting adapter (recorded in the manifest) loaded
+    beside the trained one, else the base (the adapter disabled); None for a model without an adapter."""
+    import json
+    from pathlib import Path
+
+    if not hasattr(lm, "disable_adapter"):
+        return None
+    manifest = Path(run_dir) / "manifest.json" if run_dir else None
+    ref = (json.loads(manifest.read_text()).get("reference") or {}) if manifest and manifest.is_file() else {}
+    from tunelab.train.preference import REF_ADAPTER, _switched, adapter_disabled
+
+    if ref.get("kind") == "adapter" and Path(ref.get("adapter", "")).is_dir():
+        lm.load_adapter(ref["adapter"], adapter_name=REF_ADAPTER, is_trainable=False)
+        lm.set_adapter("default")
+        return lambda: _switched(lm, REF_ADAPTER)
+    return lambda: adapter_disabled(lm)

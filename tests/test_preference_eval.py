@@ -1,0 +1,82 @@
+"""`tunelab eval` on preference pairs, and everything downstream of a DPO run (merge, infer, runs compare), on the
+tiny model; the bundled-model example (examples/dpo.yaml) as a slow test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.train.recipe import train
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Capital of France?", "Say hello.", "一加一等于几？", "天空是什么颜色？",
+             "Name a fruit.", "What is water?", "Largest planet?", "一周有几天？", "Name an animal.", "What is ice?"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """An SFT run and a DPO run started from it, on the tiny model (fp32)."""
+    out = tmp_path_factory.mktemp("pref-eval")
+    pairs = [{"prompt": q, "chosen": f"A short, polite answer to: {q}", "rejected": "No."} for q in QUESTIONS]
+    (out / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs) + "\n")
+    (out / "sft.jsonl").write_text("\n".join(json.dumps({"instruction": q, "output": f"An answer to: {q}"},
+                                                        ensure_ascii=False) for q in QUESTIONS) + "\n")
+    common = [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"output.dir={out}", "tracking.report_to=[none]",
+              "training.batch_size=4", "data.val_ratio=0.25", "eval.metrics=[perplexity]"]
+    sft = train(load_config(None, common + [f"data.train={out / 'sft.jsonl'}", "output.run_name=sft",
+                                            "training.max_steps=2"]))
+    dpo = train(load_config(None, common + [f"data.train={out / 'pairs.jsonl'}", "output.run_name=dpo",
+                                            "training.stage=dpo", f"model.adapter={sft}", "training.max_steps=6",
+                                            "training.learning_rate=5e-3"]))
+    return out, sft, dpo
+
+
+def test_eval_reports_preference_accuracy_and_the_rewards_training_logged(runs):
+    from tunelab.evaluate.runner import run_eval
+
+    _, _, dpo = runs
+    ev = run_eval(adapter=str(dpo), compare_base=True)
+    m, base = ev.result.metrics, ev.base_result.metrics
+    final = json.loads((dpo / "manifest.json").read_text())["metrics"]
+    assert m["pairs"] == 3 and 0 <= m["pref_accuracy"] <= 1 and "pref_margin" in m
+    # against the run's own reference (the SFT adapter): the rewards training's final evaluation logged
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+        assert m[key] == pytest.approx(final[f"eval_{key}"], rel=1e-4, abs=1e-6), key
+    assert "pref_accuracy" in base and "rewards/margin" not in base  # the base: its own preference only
+    rows = [json.loads(x) for x in ev.predictions_path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 and {"prompt", "chosen", "rejected", "scores"} <= set(rows[0])
+    assert {"mean_logp_chosen", "reward_chosen"} <= set(rows[0]["scores"])
+    assert json.loads(ev.json_path.read_text())["metrics"]["pref_accuracy"] == m["pref_accuracy"]
+
+
+def test_eval_of_the_sft_starting_point_on_the_dpo_pairs(runs):
+    from tunelab.evaluate.runner import run_eval
+
+    out, sft, dpo = runs
+    ev = run_eval(adapter=str(sft), data=str(dpo), output_dir=out / "sft-eval")
+    assert ev.result.metrics["pairs"] == 3 and "rewards/accuracy" in ev.result.metrics  # vs the base
+    assert ev.record["data"]["source"].endswith("data")
+
+
+def test_dpo_run_merges_verified_infers_and_compares_like_sft(runs, tmp_path):
+    from tunelab.infer import generate
+    from tunelab.merge import merge_adapter
+    from tunelab.model.loading import load_pretrained
+    from tunelab.runs import compare_runs, show_run
+
+    out, sft, dpo = runs
+    report = merge_adapter(str(dpo), tmp_path / "merged")
+    assert report.verified and report.max_logit_diff is not None
+    prompts = [[{"role": "user", "content": "Say hello."}]]
+    merged, tok = load_pretrained(str(tmp_path / "merged"), dtype="fp32")
+    adapted, tok2 = load_pretrained(adapter=str(dpo), dtype="fp32")
+    assert generate(merged, tok, prompts, max_new_tokens=8) == generate(adapted, tok2, prompts, max_new_tokens=8)
+    assert json.loads((tmp_path / "merged" / "tunelab.json").read_text())["base_model"]
+    cmp = compare_runs([str(sft), str(dpo)], runs_dir=out)
+    assert {"eval_rewards/accuracy", "eval_rewards/margin"} <= set(cmp.metrics)
+    shown = show_run(dpo)
+    assert shown["manifest"]["stage"] == "dpo" and "eval_rewards/accuracy" in shown["metrics"]
+    assert "checkpoint-final" in shown["checkpoints"]
