@@ -165,8 +165,8 @@ def test_template_check_catches_a_changed_template(tiny_tokenizer):
         TemplateMismatch,
         check_templates,
         ollama_template,
-        stop_token_ids,
     )
+    from tunelab.model.stop_tokens import stop_token_ids
 
     tpl = ollama_template(tiny_tokenizer)
     assert check_templates({"training": tiny_tokenizer}, tpl.template) == 4

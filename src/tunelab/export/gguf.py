@@ -35,9 +35,9 @@ from tunelab.export.template_check import (
     modelfile_text,
     ollama_template,
     render_hf,
-    stop_token_ids,
     template_from_modelfile,
 )
+from tunelab.model.stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""One chat template everywhere: stop tokens, the Ollama TEMPLATE, and a check that every path renders alike.
+"""One chat template everywhere: the Ollama TEMPLATE, and a check that every path renders alike (stop tokens:
+`tunelab.model.stop_tokens`).
 
 The template the adapter was trained with is the one saved next to it. Merge and export copy it, and this module
 checks the copies: sample conversations are rendered through each tokenizer (the training one, the merged one,
 the template stored in the GGUF) and through the Ollama Modelfile TEMPLATE, and any difference is an error.
 
     check_templates({"training": train_tok, "merged": merged_tok}, ollama_template=tpl)   # raises on a mismatch
-    stop_token_ids(tokenizer)                                   # EOS + the template's end-of-turn token(s)
     ollama_template(tokenizer) -> OllamaTemplate(template, stop)  # ChatML only; other templates raise
 
 The Ollama side is checked with a small interpreter for the subset of Go's text/template that the templates we
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.model.stop_tokens import end_of_turn_tokens, stop_token_ids  # noqa: F401 (re-exported)
 
 
 class TemplateMismatch(TunelabError):

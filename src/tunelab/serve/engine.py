@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tunelab.export.template_check import stop_token_ids
+from tunelab.model.stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 # padded tokens (rows x longest prompt) in one prefill forward: enough for a burst of chat prompts, small enough
