@@ -66,6 +66,13 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("trl", "baseline: TRL SFTTrainer + PEFT (fp32, padded)", "trl", {}),
     ("trl-nogc", "baseline, gradient_checkpointing off", "trl", {"gradient_checkpointing": False}),
     ("tunelab", "tunelab defaults (auto dtype, packing, chunked loss)", "tunelab", []),
+    ("tunelab-tokens", "tunelab defaults, training.batch_tokens = batch x max_length (the peer's tokens per step)",
+     "tunelab", ["training.batch_tokens=@tokens"]),
+    ("tokens-grad_ckpt", "tunelab-tokens + gradient_checkpointing", "tunelab",
+     ["training.batch_tokens=@tokens", "training.gradient_checkpointing=true"]),
+    ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
+     "llamafactory", {}),
+    ("llamafactory-fp32", "LLaMA-Factory 0.9.5, neat_packing, fp32", "llamafactory", {"bf16": False}),
     ("padded", "tunelab, packing off (padded)", "tunelab", ["training.packing=false"]),
     ("group_by_length", "tunelab, padded + group_by_length", "tunelab",
      ["training.packing=false", "training.group_by_length=true"]),
@@ -77,6 +84,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("masked_attention", "tunelab, packed rows through SDPA with a block mask", "tunelab", []),
     ("torch_dropout", "tunelab, LoRA dropout masks from torch.bernoulli_", "tunelab", []),
     ("recomputed_head", "tunelab, head + CE recomputed in backward", "tunelab", []),
+    ("unfused_lora", "tunelab, peft's LoRA forward (no fused LoRA layer)", "tunelab", []),
+    ("tokens-unfused_lora", "tunelab-tokens with peft's LoRA forward", "tunelab", ["training.batch_tokens=@tokens"]),
     ("system_malloc", "tunelab, glibc allocator defaults (tcache on)", "tunelab", []),
     ("full_logits", "tunelab, loss_chunk_size=1e6 (all logits)", "tunelab", ["training.loss_chunk_size=1000000"]),
     ("qlora", "tunelab, method=qlora (4-bit NF4)", "tunelab", ["training.method=qlora"]),
@@ -84,7 +93,10 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
 ]
 KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
-LEVER_OFF = {"masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head"}
+LEVER_OFF = {"masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
+             "unfused_lora": "fused_lora", "tokens-unfused_lora": "fused_lora"}
+PEERS = {"llamafactory"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
+PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 
 
 # ================================================================ children (each in its own process)
@@ -284,6 +296,18 @@ def step_batches(lengths: list[int], batch_size: int, seed: int, steps: int, gro
     return out[:steps]
 
 
+def token_step_batches(lengths: list[int], budget: int, seed: int, steps: int) -> list[list[int]]:
+    """The records of each step under `training.batch_tokens=budget` (one micro-batch per step)."""
+    from tunelab.data.batching import token_batches_for_epoch
+
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < steps:
+        out.extend(token_batches_for_epoch(lengths, budget, seed, epoch))
+        epoch += 1
+    return out[:steps]
+
+
 def row_env(key: str, kind: str) -> dict[str, str]:
     """A tunelab row's process starts as `tunelab train` starts itself (tunelab.runtime: glibc's tcache off), except
     `system_malloc`; a LEVER_OFF row switches its one lever off."""
@@ -308,6 +332,7 @@ def summarise(key: str, res: dict, tokens: list[int], warmup: int, peaks: dict, 
     tps = sum(tokens[i] for i in kept) / secs if secs > 0 else None
     flops = 6 * params * tps if tps else None
     return {"tokens_per_s": tps, "s_per_step": median_after_warmup(times[:n], warmup),
+            "tokens_per_step": sum(tokens[i] for i in kept) / len(kept) if len(kept) else None,
             "steps_timed": len(kept), "train_flops_per_s": flops,
             "mfu_bf16": flops / (peaks["bf16"]["gflops"] * 1e9) if flops else None,
             "mfu_fp32": flops / (peaks["fp32"]["gflops"] * 1e9) if flops else None}
@@ -384,7 +409,11 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         spec_path = work / f"{name}.spec.json"
         spec["result"] = str(work / f"{name}.result.json")
         spec_path.write_text(json.dumps(spec))
-        res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)],
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)]
+        if kind == "llamafactory":  # its own venv and driver (bench/peers/), measured like every other row
+            argv = [str(PEER_DIR / "llamafactory" / "bin" / "python"),
+                    str(Path(__file__).resolve().parent / "peers" / "llamafactory_child.py"), str(spec_path)]
+        res = run_child(argv,
                         env={"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
                              "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(extra_env or {})},
                         log_path=work / f"{name}.log", timeout_s=args.timeout, echo=args.verbose)
@@ -420,13 +449,26 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             rows[key] = {**rows["tunelab"], "key": key, "label": label, "same_as": "tunelab"}
             say(f"[{key}] = the tunelab row (auto picks {auto} here)")
             continue
-        if kind == "trl":
+        if kind == "llamafactory":
+            spec = {"model_dir": str(model_dir), "train_file": data["train_file"], "out_dir": str(work / key),
+                    "steps": steps, "rows": args.batch_size, "cutoff": args.max_length, "lr": args.lr,
+                    "seed": args.seed, "warmup_steps": warmup_steps, "bf16": opts.get("bf16", auto == "bf16")}
+            if not (PEER_DIR / "llamafactory" / "bin" / "python").is_file():
+                rows[key] = {**row, "ok": False, "peak_rss_bytes": 0,
+                             "error": "no LLaMA-Factory venv: run bash bench/peers/setup_llamafactory.sh"}
+                say(f"[{key}] skipped: {rows[key]['error']}")
+                continue
+        elif kind == "trl":
             spec = {"model_dir": str(model_dir), "train_file": data["train_file"], "out_dir": str(work / key),
                     "order": [i for b in batches for i in b], "steps": steps, "batch_size": args.batch_size,
                     "lr": args.lr, "seed": args.seed, "max_length": args.max_length, "warmup_steps": warmup_steps,
                     "trl_options": opts}
         else:
-            spec = {"overrides": common + [f"output.run_name={key}"] + list(opts)}
+            budget = str(args.batch_size * args.max_length)  # the peer's rows x cutoff: equal tokens per step
+            spec = {"overrides": common + [f"output.run_name={key}"] + [o.replace("@tokens", budget) for o in opts]}
+            if any(o.startswith("training.batch_tokens") for o in opts):
+                batches = token_step_batches(data["lengths"], int(budget), args.seed, steps)
+                tokens = [sum(data["lengths"][i] for i in b) for b in batches]
         saved = work / f"{key}.row.json"
         if args.resume and saved.is_file():
             rows[key] = row = json.loads(saved.read_text())
@@ -447,6 +489,8 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             rows[key] = row
             continue
         row.update(out)
+        if out.get("step_tokens"):  # a peer counts its own (its packing decides what a step holds)
+            row["step_tokens"] = tokens = out["step_tokens"]
         row.update(summarise(key, out, tokens, warmup, peaks, params))
         saved.write_text(json.dumps(row, default=str))
         say(f"[{key}] {fmt(row['tokens_per_s'], '.0f')} tok/s, {fmt(row['s_per_step'], '.2f')} s/step, peak RSS "
@@ -485,29 +529,40 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
 def render_table(report: dict) -> str:
     rows = report["rows"]
     base = next((r for r in rows if r["key"] == "trl" and r.get("ok")), None)
-    headers = ["row", "dtype", "tok/s", "x base", "s/step", "peak RSS GiB", "RSS / base", "train loss",
-               "eval loss", "eval vs base", "MFU bf16", "MFU fp32"]
+    peers = [r for r in rows if r.get("kind") in PEERS and r.get("ok") and r.get("tokens_per_s")]
+    peer = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
+    headers = ["row", "dtype", "tok/step", "tok/s", "x base", "x peer", "s/step", "peak RSS GiB", "RSS / base",
+               "RSS / peer", "train loss", "eval loss", "eval vs base", "eval vs peer", "MFU bf16", "MFU fp32"]
     out = []
     for r in rows:
         if not r.get("ok"):
-            out.append([r["key"], "—", "failed", "", "", fmt(r.get("peak_rss_bytes", 0) / GIB, ".2f"), "", "", "",
-                        "", "", (r.get("error") or "")[:60]])
+            out.append([r["key"], "—", "", "failed", "", "", "", fmt(r.get("peak_rss_bytes", 0) / GIB, ".2f"), "",
+                        "", "", "", "", "", "", (r.get("error") or "")[:60]])
             continue
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base and r.get("tokens_per_s") else None
+        vs_peer = r["tokens_per_s"] / peer["tokens_per_s"] if peer and r.get("tokens_per_s") else None
+        mem_peer = r["peak_rss_bytes"] / peer["peak_rss_bytes"] if peer else None
+        dev_peer = (r["eval_loss"] / peer["eval_loss"] - 1) * 100 if peer and r.get("eval_loss") \
+            and peer.get("eval_loss") else None
         mem = r["peak_rss_bytes"] / base["peak_rss_bytes"] if base else None
         dev = (r["eval_loss"] / base["eval_loss"] - 1) * 100 if base and r.get("eval_loss") and base.get("eval_loss") \
             else None
         out.append([r["key"] + (" (=tunelab)" if r.get("same_as") else ""), (r.get("dtype") or {}).get("name", "?"),
+                    fmt(r.get("tokens_per_step"), ".0f"),
                     fmt(r.get("tokens_per_s"), ".0f"), fmt(speed, ".2f") + ("×" if speed else ""),
+                    fmt(vs_peer, ".2f") + ("×" if vs_peer else ""),
                     fmt(r.get("s_per_step"), ".2f"), fmt(r["peak_rss_bytes"] / GIB, ".2f"),
-                    fmt(mem, ".2f"), fmt(r.get("final_train_loss"), ".4f"), fmt(r.get("eval_loss"), ".4f"),
+                    fmt(mem, ".2f"), fmt(mem_peer, ".2f"), fmt(r.get("final_train_loss"), ".4f"),
+                    fmt(r.get("eval_loss"), ".4f"),
                     (fmt(dev, "+.2f") + "%") if dev is not None else "—",
+                    (fmt(dev_peer, "+.2f") + "%") if dev_peer is not None else "—",
                     fmt(100 * r["mfu_bf16"], ".1f") + "%" if r.get("mfu_bf16") else "—",
                     fmt(100 * r["mfu_fp32"], ".1f") + "%" if r.get("mfu_fp32") else "—"])
     s = report["settings"]
     m = report["machine"]
     p = report["matmul_peak"]
     head = (f"{s['steps']} steps x batch {s['batch_size']} per row, timing after {s['warmup']} warm-up steps; "
+            f"x peer / RSS / peer / eval vs peer: against {peer['key'] if peer else 'no peer row'}; "
             f"eval loss on {s['eval_records']} held-out records (fp32, tunelab masking + CausalLMLoss)\n"
             f"{m['cpu']}, {m['torch_threads']} threads, auto dtype {m['auto_dtype']}; matmul peak fp32 "
             f"{p['fp32']['gflops']:.0f} GFLOP/s, bf16 {p['bf16']['gflops']:.0f} GFLOP/s; "

@@ -52,7 +52,7 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train.py"), "--model", str(tiny_model_dir), "--steps", "2",
-         "--warmup", "0", "--eval-records", "4", "--only", "trl,fp32,padded", "--lr", "1e-3",
+         "--warmup", "0", "--eval-records", "4", "--only", "trl,tunelab-tokens,fp32,padded", "--lr", "1e-3",
          "--data", str(_alpaca(tmp_path / "alpaca.json")), "--workdir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -60,13 +60,14 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
     header = table.splitlines()[0]
     for col in ("tok/s", "s/step", "peak RSS GiB", "train loss", "eval loss", "MFU bf16", "MFU fp32"):
         assert col in header
-    for key in ("trl", "fp32", "padded"):
+    for key in ("trl", "tunelab-tokens", "fp32", "padded"):
         assert f"| {key}" in table
     report = json.loads(out.read_text())
     assert report["settings"]["steps"] == 2 and report["params"] > 0
     assert report["matmul_peak"]["fp32"]["gflops"] > 0
     rows = {r["key"]: r for r in report["rows"]}
-    assert set(rows) == {"trl", "fp32", "padded"}
+    assert set(rows) == {"trl", "tunelab-tokens", "fp32", "padded"}
+    assert 0 < max(rows["tunelab-tokens"]["step_tokens"]) <= 4 * 512, "batch x max_length tokens per step at most"
     for r in rows.values():
         assert r["ok"], r
         assert r["tokens_per_s"] > 0 and r["s_per_step"] > 0 and r["peak_rss_bytes"] > 0

@@ -99,6 +99,13 @@ class TrainingConfig(_Section):
     epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimiser steps to run; -1 means derive from epochs.")
     batch_size: int = Field(4, ge=1, description="Records per micro-batch per process.")
+    batch_tokens: int = Field(0, ge=0, description="Token budget per micro-batch per process instead of a record "
+                                                   "count (0: off, batch_size records). Records are packed into "
+                                                   "rows of at most this many tokens (best fit, every record once "
+                                                   "per epoch); needs packing and batch_tokens >= data.max_length. "
+                                                   "A step then holds at most batch_tokens x "
+                                                   "gradient_accumulation_steps x processes tokens: equal work per "
+                                                   "step, as trainers that pack fixed-length rows count it.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
@@ -161,6 +168,19 @@ class TrackingConfig(_Section):
     project: str = Field("tunelab", description="Experiment / project name for MLflow and W&B.")
 
 
+def _check_batch_tokens(cfg: "Config") -> None:
+    t = cfg.training
+    if not t.packing:
+        raise ValueError("training.batch_tokens packs records into rows: it needs training.packing: true "
+                         "(or set batch_tokens: 0 and use batch_size)")
+    if t.batch_tokens < cfg.data.max_length:
+        raise ValueError(f"training.batch_tokens ({t.batch_tokens}) must be at least data.max_length "
+                         f"({cfg.data.max_length}) so that every record fits in a micro-batch")
+    if t.stage not in ("sft", "pt"):
+        raise ValueError(f"training.batch_tokens is read by the sft and pt stages only, not {t.stage}; "
+                         "use training.batch_size")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -177,6 +197,8 @@ class Config(_Section):
         if self.training.packing and self.training.group_by_length:
             raise ValueError("training.packing and training.group_by_length exclude each other "
                              "(packing already wastes no compute on padding); set one of them to false")
+        if self.training.batch_tokens:
+            _check_batch_tokens(self)
         if self.training.stage == "pt" and not self.training.packing:
             raise ValueError("training.stage=pt trains packed blocks of documents (each document attending only to "
                              "itself); set training.packing=true")

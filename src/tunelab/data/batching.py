@@ -4,11 +4,16 @@ Packing concatenates the records of a micro-batch into one row and restarts `pos
 transformers then builds a block-diagonal causal mask from the position resets (no attention across records),
 and the first token of each record is never a target of the previous one. The loss is the same token-weighted
 mean as with padded batches, with no compute spent on padding.
+
+A micro-batch holds `training.batch_size` records, or with `training.batch_tokens` as many records as fit in that
+many tokens (`token_bins`): equal work per step whatever the record lengths, and bigger packed rows (bigger
+matmuls) than a few records give.
 """
 
 from __future__ import annotations
 
 import random
+from bisect import bisect_left, insort
 from typing import Sequence
 
 import torch
@@ -61,3 +66,44 @@ def batches_for_epoch(lengths: Sequence[int], batch_size: int, seed: int, epoch:
         random.Random(seed * 7919 + epoch).shuffle(batches)
         return batches
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def token_bins(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Record indices packed into bins of at most `budget` tokens, best fit decreasing: each record, longest
+    first, goes to the fullest bin that still has room for it. Nearly every bin ends up full (few micro-batches per
+    epoch) and the bins depend only on the lengths, so every epoch has as many steps as the plan counted. A record
+    longer than the budget gets a bin of its own."""
+    free: list[tuple[int, int]] = []  # (tokens left, bin) of bins with room, sorted
+    bins: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        k = bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            room, b = free.pop(k)
+            bins[b].append(i)
+        else:
+            room, b = budget, len(bins)
+            bins.append([i])
+        room -= lengths[i]
+        if room > 0:
+            insort(free, (room, b))
+    return bins
+
+
+def token_batches_for_epoch(lengths: Sequence[int], budget: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch under a token budget: the bins of `token_bins` in an order fixed by
+    (seed, epoch), each record exactly once."""
+    bins = token_bins(lengths, budget)
+    return [bins[b] for b in epoch_order(len(bins), seed, epoch)]
+
+
+def step_batches_for_epoch(lengths: Sequence[int], t_cfg, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch as `training` (TrainingConfig) asks: by token budget or by record count."""
+    if t_cfg.batch_tokens:
+        return token_batches_for_epoch(lengths, t_cfg.batch_tokens, t_cfg.seed, epoch)
+    return batches_for_epoch(lengths, t_cfg.batch_size, t_cfg.seed, epoch, t_cfg.group_by_length)
+
+
+def micro_batches_per_epoch(lengths: Sequence[int], t_cfg) -> int:
+    if t_cfg.batch_tokens:
+        return len(token_bins(lengths, t_cfg.batch_tokens))
+    return -(-len(lengths) // t_cfg.batch_size)

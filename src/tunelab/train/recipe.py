@@ -23,7 +23,7 @@ import torch
 from tunelab.config import Config, load_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
-from tunelab.data.batching import batches_for_epoch, collate_packed, collate_padded
+from tunelab.data.batching import collate_packed, collate_padded, micro_batches_per_epoch, step_batches_for_epoch
 from tunelab.train.distributed import (any_process, barrier, gathered_state_dict, make_accelerator, params_sharded,
                                        refuse_unverified_sharding, require_shared_run_folder)
 from tunelab.train.inputs import Encoded, load_data
@@ -142,7 +142,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
         raise TunelabError(f"{cfg.model.name} has no chat template; set model.chat_template (a Jinja string or file)")
     recorded = life.run.manifest().get("data_fingerprint") if not life.fresh else None
     data = load_data(cfg, tokenizer, life.path, main, life.fresh, recorded, life.say)
-    plan = make_plan(cfg, len(data.train), world)
+    plan = make_plan(cfg, [len(e["input_ids"]) for e in data.train], world)
     life.say(f"Run: {life.path}")
     life.say(f"Data: {data.data_info['train_records']} train / {data.data_info['val_records']} eval records, "
              f"{data.data_info['train_target_tokens']:,} trained tokens per epoch (fingerprint {data.fingerprint[:12]})")
@@ -152,7 +152,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
                                   betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
     life.say(f"Schedule: {plan.total_steps} steps = {plan.num_epochs} epoch(s) x {plan.steps_per_epoch} steps; "
-             f"{t_cfg.batch_size} records x {t_cfg.gradient_accumulation_steps} accumulation x {world} process(es) "
+             f"{_micro_batch_words(t_cfg)} x {t_cfg.gradient_accumulation_steps} accumulation x {world} process(es) "
              f"per step; {t_cfg.lr_scheduler} LR {fmt_lr(t_cfg.learning_rate)}, warm-up {t_cfg.warmup_ratio:.0%}")
     _refuse_deepspeed_accumulation(accelerator, t_cfg.gradient_accumulation_steps)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
@@ -175,13 +175,20 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
                    autocast_for(accelerator.device.type, choice.name), choice, state, state.global_step, collate)
 
 
-def make_plan(cfg: Config, n_train: int, world: int) -> Plan:
+def make_plan(cfg: Config, lengths: list[int] | int, world: int) -> Plan:
+    """Steps per epoch and in all, from the records' token counts (a token budget packs a count of its own) or,
+    for record-count batches (the preference stages), from the number of records."""
     t_cfg = cfg.training
-    micro_per_epoch = math.ceil(n_train / t_cfg.batch_size)
+    micro_per_epoch = (math.ceil(lengths / t_cfg.batch_size) if isinstance(lengths, int)
+                       else micro_batches_per_epoch(lengths, t_cfg))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / (t_cfg.gradient_accumulation_steps * world)))
     total_steps = t_cfg.max_steps if t_cfg.max_steps > 0 else math.ceil(t_cfg.epochs * steps_per_epoch)
     return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch),
                 t_cfg.gradient_accumulation_steps * world)
+
+
+def _micro_batch_words(t_cfg) -> str:
+    return f"<= {t_cfg.batch_tokens} tokens" if t_cfg.batch_tokens else f"{t_cfg.batch_size} records"
 
 
 def _refuse_deepspeed_accumulation(accelerator, accumulation: int) -> None:
@@ -248,8 +255,7 @@ def train_step(s: Session, epoch: int, pos: int) -> tuple[float, float, int]:
     t_cfg = s.cfg.training
     if epoch not in s.epoch_batches:
         lengths = [len(e["input_ids"]) for e in s.data.train]
-        s.epoch_batches = {epoch: batches_for_epoch(lengths, t_cfg.batch_size, t_cfg.seed, epoch,
-                                                    t_cfg.group_by_length)}
+        s.epoch_batches = {epoch: step_batches_for_epoch(lengths, t_cfg, epoch)}
     group = s.epoch_batches[epoch][pos * s.plan.group_size:(pos + 1) * s.plan.group_size]
     loss_value, n_tokens = forward_backward(group, s.data.train, s.collate, s.accelerator, s.loss_fn, s.autocast,
                                             s.scaler)
@@ -361,6 +367,7 @@ def build_model(cfg: Config, accelerator, say):
     from tunelab.model.loading import choose_dtype, load_model
     from tunelab.runtime import lever_enabled
     from tunelab.model.attention import use_packed_attention
+    from tunelab.model.fused_lora import install_fused_lora
     from tunelab.train.dropout import install_fast_dropout
 
     choice = choose_dtype(cfg.model.dtype)
@@ -388,6 +395,8 @@ def build_model(cfg: Config, accelerator, say):
     model = apply_method(model, cfg)
     if accelerator.device.type == "cpu" and lever_enabled("fast_dropout") and install_fast_dropout(model):
         say(f"LoRA dropout {cfg.lora.dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
+    if accelerator.device.type == "cpu" and lever_enabled("fused_lora") and install_fused_lora(model):
+        say("LoRA layers: frozen matmul, dropout and adapter in one pass (tunelab.model.fused_lora)")
     trainable, total = parameter_counts(model)
     say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
     return model, choice

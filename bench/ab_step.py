@@ -1,0 +1,178 @@
+"""Interleaved A/B of whole tunelab training steps in one process, and a profile of one step (docs/perf-notes.md).
+
+    python bench/ab_step.py --pairs 3                                  # defaults vs each lever off, interleaved
+    python bench/ab_step.py --variants base,off:fused_lora --pairs 4   # named variants only
+    python bench/ab_step.py --profile --variants base                  # torch.profiler of one step, top ops
+    python bench/ab_step.py --variants base,set:training.batch_tokens=2048 --batch-size 16
+
+A variant is `base` (tunelab's defaults), `fp32_base` (frozen weights in fp32, cast by autocast each step),
+`off:LEVER[+LEVER]` (levers switched off, tunelab.runtime) or
+`set:KEY=VALUE[;KEY=VALUE]` (config overrides). Every variant gets its own model, loss and optimiser, built the
+way the recipe builds them (`build_model`, `CausalLMLoss`, AdamW, `forward_backward`), and they take turns on
+the same micro-batches (A B B A ...), so the machine's load drifts over all of them alike. Reported: the median
+non-padding tokens/s of each variant and of each pair's ratio to the first variant. Why one process: separate
+processes a few minutes apart differ by 20-35% on a shared machine; interleaved steps differ by a few percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alpaca_records  # noqa: E402
+
+
+def encoded_records(tok, n: int, max_length: int) -> list[dict]:
+    """The first `n` Alpaca records that fit, encoded as the recipe encodes them."""
+    from tunelab.data.template import encode_record
+
+    recs, _ = alpaca_records()
+    out = []
+    for r in recs:
+        user = r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
+        enc = encode_record(tok, msgs, max_length=max_length, train_on="assistant")
+        if len(enc.input_ids) <= max_length:
+            out.append({"input_ids": enc.input_ids, "labels": enc.labels,
+                        "n_targets": sum(1 for x in enc.labels[1:] if x != -100), "where": f"record {len(out)}"})
+        if len(out) >= n:
+            break
+    return out
+
+
+class Variant:
+    """One model + loss + optimiser, built as the recipe builds them, under this variant's levers and settings."""
+
+    def __init__(self, spec: str, base_overrides: list[str], accelerator):
+        import torch
+
+        from tunelab.config import load_config
+        from tunelab.data.batching import collate_packed
+        from tunelab.model.loss import CausalLMLoss, autocast_for
+        from tunelab.runtime import levers_off
+        from tunelab.train.recipe import build_model, param_groups
+
+        self.name = spec
+        off, extra = [], []
+        if spec.startswith("off:"):
+            off = spec[4:].split("+")
+        elif spec.startswith("set:"):
+            extra = spec[4:].split(";")
+        elif spec != "fp32_base" and spec != "base":
+            raise SystemExit(f"unknown variant {spec!r}: base, fp32_base, off:LEVER[+LEVER] or set:KEY=VALUE[;...]")
+        self.off = off
+        self.cfg = load_config(None, overrides=base_overrides + extra)
+        with levers_off(off):
+            model, choice = build_model(self.cfg, accelerator, lambda *_: None)
+            self.loss_fn = CausalLMLoss(model, chunk_size=self.cfg.training.loss_chunk_size)
+        if spec == "fp32_base":  # frozen weights kept in fp32 and cast by autocast at every matmul (the alternative)
+            for name, p in model.named_parameters():
+                if not p.requires_grad:
+                    p.data = p.data.float()
+        self.optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=self.cfg.training.learning_rate)
+        self.autocast = autocast_for("cpu", choice.name)
+        self.dtype = choice.name
+        self.collate = collate_packed
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def step(self, group: list[list[int]], train: list[dict], accelerator) -> float:
+        from tunelab.runtime import levers_off
+        from tunelab.train.recipe import forward_backward
+
+        t0 = time.perf_counter()
+        with levers_off(self.off):  # levers read at call time (e.g. the compiled path) see this variant's switches
+            loss, n = forward_backward(group, train, self.collate, accelerator, self.loss_fn, self.autocast,
+                                       self.scaler)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
+        self.tokens.append(n)
+        return loss
+
+
+def step_groups(train: list[dict], cfg, steps: int) -> list[list[list[int]]]:
+    """The micro-batches of `steps` optimiser steps, as the recipe draws them for this config."""
+    from tunelab.data.batching import step_batches_for_epoch
+
+    lengths = [len(e["input_ids"]) for e in train]
+    micro: list[list[int]] = []
+    epoch, per_step = 0, cfg.training.gradient_accumulation_steps
+    while len(micro) < steps * per_step:
+        micro.extend(step_batches_for_epoch(lengths, cfg.training, epoch))
+        epoch += 1
+    return [micro[k * per_step:(k + 1) * per_step] for k in range(steps)]
+
+
+def profile_one(v: Variant, group, train, accelerator, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    v.step(group, train, accelerator)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        v.step(group, train, accelerator)
+        wall = time.perf_counter() - t0
+    tokens = sum(len(train[i]["input_ids"]) for b in group for i in b)
+    print(f"\n[{v.name}] one step: {tokens} tokens, {wall:.2f} s wall, {tokens / wall:.0f} tok/s ({v.dtype})")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="base,off:packed_attention,off:fast_dropout,off:fused_head")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds of A B B A over the variants")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--records", type=int, default=400)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--set", action="append", default=[], help="config override for every variant")
+    ap.add_argument("--profile", action="store_true", help="profile one step of each variant instead")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 keeps A/B ratios usable on a "
+                                                "machine whose other jobs leave less than two free cores")
+    args = ap.parse_args(argv)
+    import torch
+
+    from tunelab.model.loading import load_tokenizer
+    from tunelab.train.distributed import make_accelerator
+
+    torch.set_flush_denormal(True)  # as the recipe does on CPU
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    acc = make_accelerator()
+    base = ["training.max_steps=1000", f"training.batch_size={args.batch_size}",
+            f"data.max_length={args.max_length}", *args.set]
+    tok = load_tokenizer("bundled:smollm2-135m-instruct")
+    train = encoded_records(tok, args.records, args.max_length)
+    variants = [Variant(s, base, acc) for s in args.variants.split(",")]
+    # each variant's own batching (a token budget packs other micro-batches than a record count)
+    groups = {v.name: step_groups(train, v.cfg, 1 + 2 * args.pairs) for v in variants}
+    if args.profile:
+        for v in variants:
+            profile_one(v, groups[v.name][1], train, acc, args.top)
+        return 0
+    for v in variants:  # warm-up step each (kernel selection, first touch), not timed
+        v.step(groups[v.name][0], train, acc)
+        v.times.clear(), v.tokens.clear()
+    for k in range(args.pairs):
+        for v in (variants if k % 2 == 0 else variants[::-1]):
+            for g in groups[v.name][1 + 2 * k:3 + 2 * k]:
+                v.step(g, train, acc)
+    ref = variants[0]
+    print(f"{'variant':40} {'tok/s':>7} {'vs first':>9}  (per-step ratios)  dtype {ref.dtype}")
+    for v in variants:
+        tps = [n / t for n, t in zip(v.tokens, v.times)]
+        ratios = [a / b for a, b in zip(tps, [n / t for n, t in zip(ref.tokens, ref.times)])]
+        print(f"{v.name:40} {statistics.median(tps):7.0f} {statistics.median(ratios):8.2f}x  "
+              f"({', '.join(f'{r:.2f}' for r in ratios)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

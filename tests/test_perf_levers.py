@@ -1,0 +1,185 @@
+"""Issue 15's training levers: a token budget per micro-batch (`training.batch_tokens`) and the fused LoRA layer
+(`tunelab.model.fused_lora`), each against the plain path: same records, same losses and gradients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.config import Config, ConfigError, load_config
+from tunelab.data.batching import collate_packed, token_batches_for_epoch, token_bins
+from tunelab.data.template import encode_record
+from tunelab.model.adapters import apply_method
+from tunelab.model.loss import CausalLMLoss
+
+# ---------------------------------------------------------------- token budget
+
+
+def test_token_bins_respect_the_budget_and_hold_every_record_once():
+    lengths = [int(x) for x in torch.randint(5, 120, (500,), generator=torch.Generator().manual_seed(0))]
+    bins = token_bins(lengths, 256)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    lower = -(-sum(lengths) // 256)
+    assert len(bins) <= lower * 1.05 + 1, "best fit leaves few rows part-empty"
+    assert token_bins([300, 10, 20], 256) == [[0], [2, 1]], "a record over the budget gets a row of its own"
+
+
+def test_token_batches_cover_each_epoch_in_a_seeded_order():
+    lengths = [7, 100, 30, 64, 90, 12, 40, 55, 18, 77] * 5
+    e0, e0_again = token_batches_for_epoch(lengths, 200, 3, 0), token_batches_for_epoch(lengths, 200, 3, 0)
+    e1 = token_batches_for_epoch(lengths, 200, 3, 1)
+    assert e0 == e0_again and e0 != e1 and len(e0) == len(e1)
+    for epoch in (e0, e1):
+        assert sorted(i for b in epoch for i in b) == list(range(len(lengths)))
+
+
+def test_batch_tokens_is_checked_against_packing_and_max_length():
+    with pytest.raises(ConfigError, match="packing"):
+        load_config(None, ["training.batch_tokens=2048", "training.packing=false"])
+    with pytest.raises(ConfigError, match="at least data.max_length"):
+        load_config(None, ["training.batch_tokens=256", "data.max_length=512"])
+    assert load_config(None, ["training.batch_tokens=2048"]).training.batch_tokens == 2048
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory) -> str:
+    from tunelab.demo_data import write_demo_data
+
+    folder = tmp_path_factory.mktemp("raw")
+    write_demo_data(folder)
+    return str(folder / "demo_*.json")
+
+
+def _cfg(tiny_model_dir, demo_files, out, name, *extra, dtype="fp32"):
+    return load_config(None, [f"model.name={tiny_model_dir}", f"model.dtype={dtype}", f"data.train={demo_files}",
+                              f"output.dir={out}", f"output.run_name={name}", "training.epochs=1",
+                              "data.max_length=128", "training.batch_tokens=256", "training.logging_steps=1",
+                              "training.learning_rate=5e-3", "eval.metrics=[perplexity]",
+                              "tracking.report_to=[none]", *extra])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_token_budget_run_resumes_exactly(tiny_model_dir, demo_files, tmp_path, monkeypatch, dtype):
+    """A run with a token budget: the plan counts its packed rows, and a run stopped mid-epoch and resumed
+    equals the uninterrupted one (same rows in the same order), in fp32 and bf16."""
+    import tunelab.train.monitor as monitor
+    from tunelab.rundir import read_metrics
+    from tunelab.train.recipe import TrainingInterrupted, train
+
+    full = train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2", dtype=dtype))
+    manifest = json.loads((full / "manifest.json").read_text())
+    steps = manifest["total_steps"]
+    assert steps >= 4 and steps < manifest["data"]["train_records"] / 2, "rows of several records"
+    original = monitor.Reporter.advance
+
+    def advance(self, s, info):
+        original(self, s, info)
+        if s == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2", dtype=dtype))
+    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(tmp_path / "split"))
+    losses = [[m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")]
+              for run in (full, tmp_path / "split")]
+    assert len(losses[0]) == steps and losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+# ---------------------------------------------------------------- fused LoRA layer
+
+
+@pytest.fixture
+def lora_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.dropout import install_fast_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = apply_method(model, Config.model_validate({"lora": {"dropout": 0.1}}))
+    for name, p in model.named_parameters():  # lora_B starts at zero: make the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    install_fast_dropout(model)
+    return model
+
+
+def _batch(tok):
+    convs = [[{"role": "user", "content": f"Question {i} " * (i + 2)},
+              {"role": "assistant", "content": f"Answer {i} " * (2 * i + 1)}] for i in range(4)]
+    return collate_packed([vars(encode_record(tok, c)) for c in convs])
+
+
+def _loss_and_grads(model, batch, autocast_dtype=None):
+    model.zero_grad()
+    torch.manual_seed(123)  # the same dropout masks for both paths
+    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        s, n = CausalLMLoss(model)(**batch)
+    (s / n).backward()
+    return float(s.detach()), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_lora_equals_peft_forward_and_backward(lora_model, tiny_tokenizer, precision, monkeypatch):
+    """Training mode with dropout: loss and every adapter gradient equal peft's path (same masks). fp32: within
+    float rounding (rtol 1e-5 loss, 1e-4 gradients); bf16 base under autocast: within bf16 rounding (loss 1e-2,
+    gradient norms of the difference below 3% of each gradient's norm)."""
+    from tunelab.model import fused_lora
+
+    model = lora_model.train()
+    autocast = None
+    if precision == "bf16":
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.data = p.data.to(torch.bfloat16)  # the bf16 base the recipe loads; adapters stay fp32
+        autocast = torch.bfloat16
+    batch = _batch(tiny_tokenizer)
+    plain_loss, plain = _loss_and_grads(model, batch, autocast)
+    calls = []
+    orig = fused_lora.LoraFn.apply
+    monkeypatch.setattr(fused_lora.LoraFn, "apply", lambda *a: calls.append(1) or orig(*a))
+    n = fused_lora.install_fused_lora(model)
+    fused_loss, fused = _loss_and_grads(model, batch, autocast)
+    assert n > 0 and len(calls) == n, "every LoRA layer took the fused path once"
+    assert fused.keys() == plain.keys() and all("lora_" in k for k in fused)
+    if precision == "fp32":
+        assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+        for k, g in plain.items():
+            assert torch.allclose(fused[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max())), k
+    else:
+        assert fused_loss == pytest.approx(plain_loss, rel=1e-2)
+        for k, g in plain.items():
+            assert float((fused[k] - g).norm()) <= 0.03 * float(g.norm()) + 1e-8, k
+
+
+def test_fused_lora_leaves_eval_and_torch_dropout_to_peft(lora_model, tiny_tokenizer, monkeypatch):
+    from torch import nn
+
+    from tunelab.model import fused_lora
+
+    calls = []
+    orig = fused_lora.LoraFn.apply
+    monkeypatch.setattr(fused_lora.LoraFn, "apply", lambda *a: calls.append(1) or orig(*a))
+    batch = _batch(tiny_tokenizer)
+    fused_lora.install_fused_lora(lora_model)
+    with torch.no_grad():
+        lora_model.eval()
+        CausalLMLoss(lora_model)(**batch)
+    assert not calls, "eval mode: peft's forward"
+    lora_model.train()
+    for m in lora_model.modules():  # torch's own dropout (the fast_dropout lever off): its masks, peft's path
+        table = getattr(m, "lora_dropout", None)
+        if isinstance(table, nn.ModuleDict):
+            for k in list(table.keys()):
+                table[k] = nn.Dropout(0.1)
+    CausalLMLoss(lora_model)(**batch)
+    assert not calls
