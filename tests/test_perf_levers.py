@@ -97,6 +97,13 @@ def test_token_budget_run_resumes_exactly(tiny_model_dir, demo_files, tmp_path, 
 
 
 @pytest.fixture
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+@pytest.fixture
 def lora_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -183,3 +190,29 @@ def test_fused_lora_leaves_eval_and_torch_dropout_to_peft(lora_model, tiny_token
                 table[k] = nn.Dropout(0.1)
     CausalLMLoss(lora_model)(**batch)
     assert not calls
+
+
+# ---------------------------------------------------------------- reused logits buffers
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_reused_logit_buffers_change_nothing(tiny_model, tiny_tokenizer, autocast_dtype, monkeypatch):
+    """The loss head's chunk buffers kept between calls (lever logit_buffers): the same loss and gradients, bit
+    for bit, as fresh buffers, over several calls with different chunk counts (eval and training)."""
+    model = apply_method(tiny_model, Config()).eval()
+    batch = _batch(tiny_tokenizer)
+    results = []
+    for off in ("logit_buffers", ""):
+        monkeypatch.setenv("TUNELAB_PERF_OFF", off)
+        for chunk in (5, 1024):
+            model.zero_grad()
+            ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+            with ctx:
+                with torch.no_grad():
+                    ev = float(CausalLMLoss(model, chunk_size=chunk)(**batch)[0])
+                s, _ = CausalLMLoss(model, chunk_size=chunk)(**batch)
+            s.backward()
+            results.append((ev, float(s.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    for fresh, kept in zip(results[:2], results[2:]):
+        assert fresh[0] == kept[0] and fresh[1] == kept[1]
+        assert all(torch.equal(a, b) for a, b in zip(fresh[2], kept[2]))
