@@ -194,8 +194,8 @@ def test_eval_without_a_model_says_what_to_give():
         run_eval(data="x")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_eval_perplexity_equals_exp_of_the_runs_final_eval_loss(tiny_model_dir, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,method", [("fp32", "lora"), ("bf16", "lora"), ("bf16", "full")])
+def test_eval_perplexity_equals_exp_of_the_runs_final_eval_loss(tiny_model_dir, tmp_path, dtype, method):
     """`tunelab eval` on a run: the same records, system prompt, loss function and autocast as training's final
     evaluation, so perplexity = exp(eval loss) to 1e-4 in either precision; BLEU is scored on those records too."""
     import json
@@ -209,6 +209,7 @@ def test_eval_perplexity_equals_exp_of_the_runs_final_eval_loss(tiny_model_dir, 
     run = train(load_config(None, [
         f"model.name={tiny_model_dir}", f"model.dtype={dtype}", f"data.train={tmp_path / 'raw' / 'demo_alpaca.json'}",
         f"output.dir={tmp_path / 'out'}", "output.run_name=r", "training.max_steps=3", "training.learning_rate=5e-3",
+        f"training.method={method}",
         "data.system_prompt=You are a terse assistant.", "eval.metrics=[perplexity,bleu]", "eval.max_samples=4",
         "eval.max_new_tokens=4", "tracking.report_to=[none]"]))
     final = json.loads((run / "manifest.json").read_text())["metrics"]

@@ -64,25 +64,26 @@ def test_a_failure_before_training_leaves_no_folder_and_says_why(tiny_model_dir,
 
 
 def test_rerun_after_a_failed_start_prepares_the_new_data(tiny_model_dir, demo_files, tmp_path):
-    # an older tunelab left config.yaml and data/ behind when a run failed before its manifest existed
-    stale = tmp_path / "same"
-    (stale / "data").mkdir(parents=True)
-    (stale / "config.yaml").write_text("model: {}\n")
-    (stale / "data" / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "stale"}]}\n')
+    with pytest.raises(TunelabError):  # fails after preparing data/ from the demo files
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "same", "lora.target_modules=[no_such_proj]"))
     new_data = tmp_path / "new.json"
     new_data.write_text(json.dumps([{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(12)]))
     run = train(_cfg(tiny_model_dir, str(new_data), tmp_path, "same", "training.max_steps=1"))
     man = _manifest(run)
     assert man["status"] == "finished" and man["data"]["source"] == str(new_data)
-    assert "stale" not in (run / "data" / "train.jsonl").read_text()
+    assert "Tuna" not in (run / "data" / "train.jsonl").read_text() and "It is" in (run / "data" / "train.jsonl").read_text()
 
 
-def test_a_folder_that_is_not_a_run_is_refused(tiny_model_dir, demo_files, tmp_path):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(TunelabError, match="not a tunelab run"):
+@pytest.mark.parametrize("files", [{"thesis.tex": "precious"},
+                                   {"config.yaml": "mine: true\n", "data/train.json": "[]"}])
+def test_a_folder_that_is_not_a_run_is_refused_and_kept(tiny_model_dir, demo_files, tmp_path, files):
+    """Never deleted, even when it looks like what an older tunelab left after a failed start."""
+    for name, text in files.items():
+        (tmp_path / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mine" / name).write_text(text)
+    with pytest.raises(TunelabError, match="holds no tunelab run.*rm -r"):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "mine"))
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert all((tmp_path / "mine" / n).read_text() == t for n, t in files.items())
 
 
 def test_a_failure_after_training_started_is_recorded_and_listed(tiny_model_dir, demo_files, tmp_path,
@@ -130,8 +131,10 @@ def test_resume_applies_safe_overrides_and_refuses_the_others_by_name(tiny_model
     with pytest.raises(TunelabError, match=r"--resume cannot change training.learning_rate, lora.r\b"):
         train_from_args(None, [f"output.dir={tmp_path}", "training.learning_rate=1e-3", "lora.r=4",
                                "training.eval_steps=1"], resume=str(run))
+    # the run's own values repeated (the same command line again) change nothing and are accepted
     assert load_config(run / "config.yaml").training.eval_steps == 0  # nothing applied from a refused resume
-    train_from_args(None, [f"output.dir={tmp_path}", "training.eval_steps=1"], resume=str(run))
+    train_from_args(None, [f"output.dir={tmp_path}", "training.eval_steps=1", "training.learning_rate=5e-3",
+                           "training.max_steps=4"], resume=str(run))
     assert load_config(run / "config.yaml").training.eval_steps == 1
     log = (run / "train.log").read_text()
     assert "Changed on resume: training.eval_steps=1" in log and "Eval @ step 3" in log
@@ -197,16 +200,28 @@ def test_sigkill_in_the_middle_of_a_checkpoint_then_resume_equals_an_uninterrupt
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
+# torch.save on a full disk raises RuntimeError ("unexpected pos"), a plain write OSError(ENOSPC)
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")])
 def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_model_dir, demo_files,
-                                                                                       tmp_path, monkeypatch):
-    real_save = torch.save
+                                                                                       tmp_path, monkeypatch, error):
+    import shutil
+    from collections import namedtuple
+
+    real_save, real_usage = torch.save, shutil.disk_usage
+    writing = {}
 
     def save(obj, path, *a, **k):
         if ".checkpoint-4.tmp" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            writing["now"] = True
+            raise error
         return real_save(obj, path, *a, **k)
 
+    def usage(path):  # the disk looks full while checkpoint-4 is being written
+        return namedtuple("usage", "total used free")(1, 1, 0) if writing.get("now") else real_usage(path)
+
     monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
     with pytest.raises(TunelabError, match=r"could not write checkpoint-4 .*the disk is full.*--resume"):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2", "training.max_steps=6"))
     run = tmp_path / "full"
@@ -217,3 +232,12 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_check
     monkeypatch.undo()
     train(load_config(None), resume=str(run))
     assert _manifest(run)["status"] == "finished"
+
+
+def test_a_kill_between_the_two_renames_of_a_replacement_is_repaired(tmp_path):
+    """Replacing checkpoint-best moves the old one aside first; a kill right then must not lose it."""
+    ckpt.save_checkpoint(tmp_path, "checkpoint-best", lambda d: (d / "w.bin").write_bytes(b"x"))
+    os.replace(tmp_path / "checkpoint-best", tmp_path / ".checkpoint-best.old")  # the state a kill leaves
+    ckpt.rotate(tmp_path, 2)
+    assert (tmp_path / "checkpoint-best" / "w.bin").read_bytes() == b"x"
+    assert not (tmp_path / ".checkpoint-best.old").exists()

@@ -347,7 +347,13 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    """Written through a temporary file and a rename: a reader (another process, a kill) never sees half of it."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def markdown_reference() -> str:

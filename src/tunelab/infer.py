@@ -249,7 +249,7 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
     base is loaded once and its answers come from the same weights with the adapter switched off; `base_model`
     defaults to the adapter's recorded base. Both use the chat template saved with the fine-tuned model.
     """
-    from tunelab.model.loading import resolve_adapter_dir
+    from tunelab.model.loading import read_tunelab_json, resolve_adapter_dir
 
     convos = [as_conversation(p, system) for p in prompts]
     labels = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
@@ -268,7 +268,10 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
             base_model = json.loads(meta.read_text()).get("base_model") if meta.is_file() else None
         if base_model is None:
             raise TunelabError(f"{target} records no base model; pass the base model to compare against")
-        base, _ = load(base_model, dtype=dtype)
+        rec = read_tunelab_json(target)  # the base the merged model was made from, as training loaded it
+        same = base_model == rec.get("base_model")
+        base, _ = load(base_model, dtype=dtype, revision=rec.get("revision") if same else None,
+                       trust_remote_code=bool(rec.get("trust_remote_code")) if same else None)
         base_answers = generate(base, tok, convos, **gen)
     return list(zip(labels, base_answers, tuned_answers))
 

@@ -196,7 +196,8 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
                     "fp32, or check that the adapter matches its base model")
         check_templates({"training": tok, "merged": AutoTokenizer.from_pretrained(tmp)})
         (tmp / "tunelab.json").write_text(json.dumps(
-            {"merged_from": str(adapter_dir), "base_model": base_name, "method": method, "dtype": dtype,
+            {"merged_from": str(adapter_dir), "base_model": base_name, "revision": meta.get("revision"),
+             "trust_remote_code": bool(meta.get("trust_remote_code")), "method": method, "dtype": dtype,
              "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
                  "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
              "eos_token_ids": stops, "notes": notes}, indent=2) + "\n")

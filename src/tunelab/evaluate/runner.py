@@ -51,7 +51,8 @@ def normalize_metrics(metrics: Sequence[str] | str) -> list[str]:
 def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
                      metrics: Sequence[str] = ("perplexity", "bleu"), *, max_length: int = 512,
                      train_on: str = "assistant", max_new_tokens: int = 64, max_samples: int = 32,
-                     batch_size: int = 8, chunk_size: int = 1024, overflow: str = "truncate") -> EvalResult:
+                     batch_size: int = 8, chunk_size: int = 1024, overflow: str = "truncate",
+                     autocast: Any = None) -> EvalResult:
     """Perplexity over every record (trained tokens, training's masking); generation metrics on the first
     `max_samples` records that end in an assistant answer (the reference), generated greedily."""
     from tunelab.data.template import prompt_messages
@@ -65,7 +66,7 @@ def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
                                 "overflow": overflow, "records": len(records)}
     if "perplexity" in metrics:
         ppl = perplexity(model, tokenizer, records, max_length=max_length, train_on=train_on, overflow=overflow,
-                         batch_size=batch_size, chunk_size=chunk_size)
+                         batch_size=batch_size, chunk_size=chunk_size, autocast=autocast)
         out.update(ppl.as_metrics)
         settings.update(perplexity_records=ppl.records, perplexity_skipped=ppl.skipped)
     predictions: list[dict[str, Any]] = []
@@ -193,9 +194,14 @@ def _evaluate_tuned_and_base(model: str, adapter_dir: Path | None, base: str | N
     """The model (with its adapter) and, when `base` is given, the base model, never both in memory twice."""
     import gc
 
-    from tunelab.model.loading import load_pretrained
+    from tunelab.model.loading import load_pretrained, read_tunelab_json
+    from tunelab.model.loss import autocast_for
 
-    lm, tok = load_pretrained(model, adapter_dir, dtype=dtype)
+    full = adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file()
+    # a method=full run trained fp32 master weights under bf16/fp16 autocast: evaluate it the same way
+    lm, tok = load_pretrained(model, adapter_dir, dtype="fp32" if full and dtype in ("bf16", "fp16") else dtype)
+    if full and dtype in ("bf16", "fp16"):
+        opts = {**opts, "autocast": autocast_for(next(lm.parameters()).device.type, dtype)}
     result = evaluate_records(lm, tok, records, metrics, **opts)
     base_result = None
     if base and hasattr(lm, "disable_adapter"):  # a LoRA adapter: the base is the same weights, adapter off
@@ -204,7 +210,11 @@ def _evaluate_tuned_and_base(model: str, adapter_dir: Path | None, base: str | N
     elif base:
         del lm
         gc.collect()
-        lm, _ = load_pretrained(base, dtype=dtype)  # the tuned model's tokenizer and chat template for both
+        rec = read_tunelab_json(Path(model)) if Path(model).is_dir() else {}  # a merged model's recorded base
+        same = base == rec.get("base_model")
+        lm, _ = load_pretrained(base, dtype=dtype, revision=rec.get("revision") if same else None,
+                                trust_remote_code=bool(rec.get("trust_remote_code")) if same else None)
+        opts = {k: v for k, v in opts.items() if k != "autocast"}  # the tuned model's tokenizer for both
         base_result = evaluate_records(lm, tok, records, metrics, **opts)
     return result, base_result
 

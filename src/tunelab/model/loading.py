@@ -241,8 +241,9 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
     meta = read_tunelab_json(adapter_dir) if adapter_dir else {}
     if model is None and adapter_dir is None:
         raise ModelLoadError("nothing to load: give a model, an adapter (run folder or checkpoint), or both")
-    revision = revision if revision is not None else meta.get("revision")
-    trust = bool(meta.get("trust_remote_code")) if trust_remote_code is None else trust_remote_code
+    recorded = meta if model is None or model == meta.get("base_model") else {}  # not for another base
+    revision = revision if revision is not None else recorded.get("revision")
+    trust = bool(recorded.get("trust_remote_code")) if trust_remote_code is None else trust_remote_code
     is_full = adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file()
     if is_full:  # method=full: the checkpoint is a whole model
         model, revision, adapter_dir = str(adapter_dir), None, None

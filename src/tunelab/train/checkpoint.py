@@ -88,11 +88,10 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     try:
         tmp.mkdir(parents=True)
         _write_files(tmp, save_model, optimizer, scheduler, trainer_state)
-    except OSError as e:  # disk full, quota, I/O error: the previous checkpoints are untouched
+    except Exception as e:  # disk full (torch reports it as a RuntimeError), quota, I/O: the others are untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{type(e).__name__}: {e}"
-        raise TunelabError(f"could not write {name} in {run}: {why}. The previous checkpoints are intact; free "
-                           f"some space and resume with: tunelab train --resume {run}") from None
+        raise TunelabError(f"could not write {name} in {run}: {_why(e, run)}. The previous checkpoints are intact; "
+                           f"free some space and resume with: tunelab train --resume {run}") from None
     old = run / f".{name}.old"
     if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place
         shutil.rmtree(old, ignore_errors=True)
@@ -100,6 +99,16 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _why(e: Exception, run: Path) -> str:
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        full = full or shutil.disk_usage(run).free < 64 * 2**20
+    except OSError:
+        pass
+    return ("the disk is full" + (f" ({type(e).__name__}: {e})" if not isinstance(e, OSError) else "")
+            if full else f"{type(e).__name__}: {e}")
 
 
 def _write_files(tmp: Path, save_model, optimizer, scheduler, trainer_state: dict[str, Any] | None) -> None:
@@ -121,6 +130,12 @@ def rotate(run: Path, keep: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     for leftover in Path(run).glob(".checkpoint-*.tmp"):  # half-written by a killed process
         shutil.rmtree(leftover, ignore_errors=True)
+    for old in Path(run).glob(".checkpoint-*.old"):  # a kill between the two renames of a replacement
+        final = old.with_name(old.name[1:-4])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def load_training_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:

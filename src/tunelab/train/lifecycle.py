@@ -30,8 +30,6 @@ from tunelab.rundir import RunDir, default_run_name, now_iso, read_metrics, run_
 SAFE_ON_RESUME = ("training.logging_steps", "training.eval_steps", "training.save_steps", "training.save_total_limit",
                   "training.early_stopping_patience", "training.nan_guard", "training.num_workers", "eval.",
                   "tracking.", "output.")
-# What a leftover folder of an aborted start can hold (older tunelab versions kept it); anything else is not ours.
-_LEFTOVERS = ("config.yaml", "data", "train.log", "rejected_at_encode.train.jsonl", "rejected_at_encode.val.jsonl")
 
 
 class TrainingInterrupted(TunelabError):
@@ -45,13 +43,15 @@ class TrainingDiverged(TunelabError):
 class RunLife:
     """The run folder's owner: status, error, log, trackers and signal handlers (see the module docstring)."""
 
-    def __init__(self, run: RunDir, *, fresh: bool, main: bool):
-        self.run, self.fresh, self.main = run, fresh, main
-        self.reporter = Reporter(run.path / "train.log" if main else None, 0, enabled=main)
+    def __init__(self, run: RunDir, *, fresh: bool, main: bool, cfg: Config | None = None,
+                 notes: list[str] | None = None):
+        self.run, self.fresh, self.main, self.cfg = run, fresh, main, cfg
+        self.reporter = Reporter(None, 0, enabled=main)  # the log is attached once the folder is ours
         self.trackers: Trackers | None = None
         self.stop_signal: str | None = None
-        self.graceful = False  # True once training steps run: a signal then means "checkpoint and stop"
+        self.mode = "setup"  # setup: a signal aborts; steps: it checkpoints and stops; finish: it is noted
         self.global_step = 0
+        self._notes = notes or []
         self._old_handlers: dict[int, Any] = {}
 
     @property
@@ -64,41 +64,79 @@ class RunLife:
     # ---- the context
 
     def __enter__(self) -> "RunLife":
+        from tunelab.train.distributed import barrier
+
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:  # the folder is made only once the handlers are ours: no window for an orphan
+            if self.fresh and self.main:
+                _create_run_folder(self.cfg, self.path)
+            barrier()
+        except BaseException:
+            self._restore_handlers()
+            raise
+        if self.main:
+            self.reporter.attach_log(self.path / "train.log")
         self.run.update_manifest(status="starting", pid=os.getpid())  # a resumed run loads again too
+        for note in self._notes:
+            self.say(note)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         status, error = _outcome(exc)
-        for s, h in self._old_handlers.items():
-            signal.signal(s, h)
-        if self.trackers is not None:
-            self.trackers.close({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
-        if error:  # the caller (the CLI) shows the message; the log keeps it beside the run
-            self.reporter.log_only(f"{'error' if status == 'failed' else 'stopped'}: {error}")
-        self.reporter.close()
-        if self.main and status != "finished" and self.fresh and not self._has_results():
-            shutil.rmtree(self.path, ignore_errors=True)  # nothing useful: no orphan folder, no stale data
-            print(f"(nothing was trained; {self.path} was removed)", file=sys.stderr)
-        elif self.main:
-            failure = None if status != "failed" else "diverged" if isinstance(exc, TrainingDiverged) else "error"
-            self.run.update_manifest(status=status, error=error, failure=failure, ended_at=now_iso(),
-                                     global_step=self.global_step,
-                                     duration_s=_duration(self.run.manifest().get("started_at")))
+        for s in self._old_handlers:  # the run's end is written whatever arrives now
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            self._record_end(status, error, exc)
+        finally:
+            self._close_quietly(status, error)
+            self._restore_handlers()
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or one before the first step
             raise TrainingInterrupted(self.resume_hint("aborted")) from None
         return False
+
+    def _record_end(self, status: str, error: str | None, exc: BaseException | None) -> None:
+        if not self.main:
+            return
+        if status != "finished" and self.fresh and not self._has_results():
+            shutil.rmtree(self.path, ignore_errors=True)  # nothing useful: no orphan folder, no stale data
+            print(f"(nothing was trained; {self.path} was removed)", file=sys.stderr)
+            return
+        failure = None if status != "failed" else "diverged" if isinstance(exc, TrainingDiverged) else "error"
+        self.run.update_manifest(status=status, error=error, failure=failure, ended_at=now_iso(),
+                                 global_step=self.global_step,
+                                 duration_s=_duration(self.run.manifest().get("started_at")))
+
+    def _close_quietly(self, status: str, error: str | None) -> None:
+        """Trackers and log closed best-effort: an unreachable MLflow server must not hide the run's own end."""
+        if self.trackers is not None:
+            try:
+                self.trackers.close({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+            except Exception as e:  # noqa: BLE001 - reported, never raised over the run's own outcome
+                print(f"warning: closing the trackers failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if error and self.path.is_dir():  # the caller (the CLI) shows the message; the log keeps it beside the run
+            self.reporter.log_only(f"{'error' if status == 'failed' else 'stopped'}: {error}")
+        self.reporter.close()
+
+    def _restore_handlers(self) -> None:
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
 
     def begin_training(self, total_steps: int, trackers: Trackers) -> None:
         """From here on the run trains: status running, progress bar, graceful stop on a signal."""
         self.trackers = trackers
         self.reporter.begin(total_steps)
         self.run.update_manifest(status="running")
-        self.graceful = True
+        self.mode = "steps"
 
     def end_training(self) -> None:
-        """The steps are done: a signal from here on aborts the final evaluation at once (resume redoes it)."""
-        self.graceful = False
+        """The steps are done: a first signal now only says the final evaluation and checkpoint are being made."""
+        self.mode = "finish"
+
+    def announce_stop(self) -> None:
+        """Said from the loop, not from the signal handler (a handler must not write to a file it may interrupt)."""
+        what = ("finishing the current step, then writing a checkpoint" if self.mode == "steps" else
+                "the steps are done: finishing the final evaluation and checkpoint-final")
+        self.say(f"\n{self.stop_signal} received: {what} (Ctrl-C again to abort)")
 
     def resume_hint(self, what: str) -> str:
         if self.fresh and not self._has_results():
@@ -106,11 +144,9 @@ class RunLife:
         return f"{what}; resume from the last checkpoint with: tunelab train --resume {self.path}"
 
     def _on_signal(self, signum, _frame) -> None:
-        if not self.graceful or self.stop_signal is not None:  # nothing to save yet, or a second Ctrl-C
+        if self.mode == "setup" or self.stop_signal is not None:  # nothing to save yet, or a second Ctrl-C
             raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
-        self.say(f"\n{self.stop_signal} received: finishing the current step, then writing a checkpoint "
-                 "(Ctrl-C again to abort)")
 
     def _has_results(self) -> bool:
         return bool(ckpt.complete_checkpoints(self.path) or (self.path / "checkpoint-final").is_dir()
@@ -141,14 +177,9 @@ def _duration(started: str | None) -> float | None:
 def open_run(cfg: Config, resume: str | bool | None, main: bool,
              overrides: list[str] | None = None) -> tuple[Config, RunLife, Path | None]:
     """(config, owner of the run folder, checkpoint to resume from): a new run, or an unfinished one."""
-    from tunelab.train.distributed import barrier
-
     if not resume:
         path = Path(cfg.output.dir) / (cfg.output.run_name or default_run_name(cfg))
-        if main:
-            _create_run_folder(cfg, path)
-        barrier()
-        return cfg, RunLife(RunDir(path, main), fresh=True, main=main), None
+        return cfg, RunLife(RunDir(path, main), fresh=True, main=main, cfg=cfg), None  # made on entering
     run_path = find_resume_run(cfg, resume)
     if not (run_path / "config.yaml").is_file():
         raise TunelabError(f"--resume: {run_path} is not a tunelab run folder (no config.yaml)")
@@ -158,9 +189,7 @@ def open_run(cfg: Config, resume: str | bool | None, main: bool,
     run_cfg, applied = resume_config(run_path, overrides or [])
     if main and applied:
         save_config(run_cfg, run_path / "config.yaml")
-    life = RunLife(run, fresh=False, main=main)
-    if applied:
-        life.say(f"Changed on resume: {', '.join(applied)}")
+    life = RunLife(run, fresh=False, main=main, notes=[f"Changed on resume: {', '.join(applied)}"] if applied else [])
     points = ckpt.complete_checkpoints(run_path)
     return run_cfg, life, points[-1][1] if points else None
 
@@ -169,12 +198,10 @@ def _create_run_folder(cfg: Config, path: Path) -> None:
     if (path / "manifest.json").exists():
         raise TunelabError(f"run folder {path} already holds a run; use --resume to continue it or pick another "
                            "output.run_name")
-    if path.is_dir() and any(path.iterdir()):
-        foreign = [p.name for p in path.iterdir() if p.name not in _LEFTOVERS]
-        if foreign:
-            raise TunelabError(f"{path} exists and is not a tunelab run (it holds {', '.join(sorted(foreign)[:5])}); "
-                               "pick another output.run_name or output.dir")
-        shutil.rmtree(path)  # the remains of an aborted start: its prepared data must not be reused
+    if path.is_dir() and any(path.iterdir()):  # never ours (tunelab removes what a failed start made): keep it
+        raise TunelabError(f"{path} exists and holds no tunelab run (e.g. files of your own, or what an older "
+                           "tunelab left after a failed start); pick another output.run_name, or remove the folder "
+                           f"if it is not needed: rm -r {path}")
     path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path / "config.yaml")
     RunDir(path).update_manifest(run_name=path.name, status="starting", created_at=now_iso(), pid=os.getpid())
@@ -185,21 +212,46 @@ def find_resume_run(cfg: Config, resume: str | bool) -> Path:
         return Path(resume)
     if cfg.output.run_name:
         return Path(cfg.output.dir) / cfg.output.run_name
-    runs = sorted((p for p in Path(cfg.output.dir).glob("*/manifest.json")), key=lambda p: p.stat().st_mtime)
-    unfinished = [p.parent for p in runs if run_status(json.loads(p.read_text())) != "finished"]
-    if not unfinished:
-        raise TunelabError(f"--resume: no unfinished run in {cfg.output.dir}; pass --resume RUN_DIR")
-    return unfinished[-1]
+    candidates = []
+    for p in Path(cfg.output.dir).glob("*/manifest.json"):
+        try:
+            manifest = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue  # a torn or foreign manifest is not a run to resume
+        if run_status(manifest) != "finished" and not _live(manifest):
+            candidates.append((p.stat().st_mtime, p.parent))
+    if not candidates:
+        raise TunelabError(f"--resume: no unfinished run in {cfg.output.dir} that is not running now; pass "
+                           "--resume RUN_DIR")
+    return max(candidates)[1]
+
+
+def _live(manifest: dict[str, Any]) -> bool:
+    """A run another process on this machine is training right now (its recorded pid is alive)."""
+    pid = manifest.get("pid")
+    if run_status(manifest) not in ("starting", "running") or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resume_config(run_path: Path, overrides: list[str]) -> tuple[Config, list[str]]:
-    """The run's own config with the command line's safe overrides applied; the others refused by name."""
-    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    """The run's own config with the command line's safe overrides applied; the others refused by name.
+
+    An override that repeats the run's own value changes nothing and is accepted (e.g. the same command again)."""
+    own = load_config(run_path / "config.yaml")
+    changing = [o for o in overrides if not o.startswith("output.")
+                and load_config(run_path / "config.yaml", [o]).to_dict() != own.to_dict()]
+    keys = [o.split("=", 1)[0].strip() for o in changing]
     unsafe = [k for k in keys if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
     if unsafe:
         raise TunelabError(
             f"--resume cannot change {', '.join(unsafe)}: the checkpoint's weights, optimiser state, data order and "
             f"schedule were made with the run's own values ({run_path / 'config.yaml'}). Start a new run to change "
             f"them; on resume only these may change: {', '.join(s.rstrip('.') + ('.*' if s.endswith('.') else '') for s in SAFE_ON_RESUME)}")
-    cfg = load_config(run_path / "config.yaml", [o for o in overrides if not o.startswith("output.")])
-    return cfg, [o for o in overrides if not o.startswith("output.")]
+    return (load_config(run_path / "config.yaml", changing) if changing else own), changing

@@ -74,6 +74,11 @@ class Reporter:
             self.log.write(text + "\n")
             self.log.flush()
 
+    def attach_log(self, log_path: Path) -> None:
+        """Append to `log_path` from now on (a run folder's train.log, once the folder exists)."""
+        if self.enabled and self.log is None:
+            self.log = open(log_path, "a", encoding="utf-8")
+
     def log_only(self, text: str) -> None:
         if self.log:
             self.log.write(text + "\n")

@@ -288,6 +288,8 @@ def run_loop(s: PrefSession) -> None:
         if t_cfg.eval_steps and step % t_cfg.eval_steps == 0 and s.data.val and step < s.plan.total_steps:
             evaluate(s)
         stop_now = any_process(s.accelerator, life.stop_signal is not None)
+        if stop_now and life.stop_signal:
+            life.announce_stop()
         if (t_cfg.save_steps and step % t_cfg.save_steps == 0 and step < s.plan.total_steps) or stop_now:
             save_step_checkpoint(s)
         if stop_now:

@@ -242,6 +242,8 @@ def run_loop(s: Session) -> None:
                 s.plan.total_steps = step
                 break
         stop_now = any_process(s.accelerator, life.stop_signal is not None)
+        if stop_now and life.stop_signal:
+            life.announce_stop()
         if (t_cfg.save_steps and step % t_cfg.save_steps == 0 and step < s.plan.total_steps) or stop_now:
             save_step_checkpoint(s)
         if stop_now:
@@ -345,6 +347,8 @@ def finish(s: Session) -> None:
         ev, n = eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
                           s.accelerator.device)
         final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
+    if s.life.stop_signal:
+        s.life.announce_stop()
     save_artifacts(s, "checkpoint-final")
     # with sharded weights every forward pass needs every process: all generate (in step), the main one reports
     generated = _final_generation_metrics(s) if s.main or params_sharded(s.accelerator) else {}
