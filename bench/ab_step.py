@@ -6,6 +6,7 @@
     python bench/ab_step.py --variants base,set:training.batch_tokens=2048 --batch-size 16
 
 A variant is `base` (tunelab's defaults), `fp32_base` (frozen weights in fp32, cast by autocast each step),
+`mlp_ckpt` (only the MLPs recomputed in backward),
 `off:LEVER[+LEVER]` (levers switched off, tunelab.runtime) or
 `set:KEY=VALUE[;KEY=VALUE]` (config overrides). Every variant gets its own model, loss and optimiser, built the
 way the recipe builds them (`build_model`, `CausalLMLoss`, AdamW, `forward_backward`), and they take turns on
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alpaca_records  # noqa: E402
+from common import alpaca_records, current_peak_rss_bytes  # noqa: E402
 
 
 def encoded_records(tok, n: int, max_length: int) -> list[dict]:
@@ -45,6 +46,20 @@ def encoded_records(tok, n: int, max_length: int) -> list[dict]:
     return out
 
 
+def checkpoint_mlps(model) -> int:
+    """MLP-only activation checkpointing: each decoder layer's MLP recomputed in backward (its gate/up/SiLU
+    products are most of a layer's saved activations), attention kept."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp"):
+            inner = module.forward
+            module.forward = lambda x, _f=inner: checkpoint(_f, x, use_reentrant=False)
+            n += 1
+    return n
+
+
 class Variant:
     """One model + loss + optimiser, built as the recipe builds them, under this variant's levers and settings."""
 
@@ -63,7 +78,7 @@ class Variant:
             off = spec[4:].split("+")
         elif spec.startswith("set:"):
             extra = spec[4:].split(";")
-        elif spec != "fp32_base" and spec != "base":
+        elif spec not in ("fp32_base", "mlp_ckpt", "base"):
             raise SystemExit(f"unknown variant {spec!r}: base, fp32_base, off:LEVER[+LEVER] or set:KEY=VALUE[;...]")
         self.off = off
         self.cfg = load_config(None, overrides=base_overrides + extra)
@@ -74,6 +89,8 @@ class Variant:
             for name, p in model.named_parameters():
                 if not p.requires_grad:
                     p.data = p.data.float()
+        if spec == "mlp_ckpt":
+            checkpoint_mlps(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=self.cfg.training.learning_rate)
         self.autocast = autocast_for("cpu", choice.name)
         self.dtype = choice.name
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [a / b for a, b in zip(tps, [n / t for n, t in zip(ref.tokens, ref.times)])]
         print(f"{v.name:40} {statistics.median(tps):7.0f} {statistics.median(ratios):8.2f}x  "
               f"({', '.join(f'{r:.2f}' for r in ratios)})")
+    # the process's high-water mark: a variant's own peak only when it ran alone
+    print(f"peak RSS of this process {current_peak_rss_bytes() / 2**30:.2f} GiB")
     return 0
 
 

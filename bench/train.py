@@ -73,6 +73,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
      "llamafactory", {}),
     ("llamafactory-fp32", "LLaMA-Factory 0.9.5, neat_packing, fp32", "llamafactory", {"bf16": False}),
+    ("unsloth", "Unsloth 2026.10.9 on CPU, its defaults (bf16 where fast, else fp32; packing is off on CPU)", "unsloth",
+     {}),
     ("padded", "tunelab, packing off (padded)", "tunelab", ["training.packing=false"]),
     ("group_by_length", "tunelab, padded + group_by_length", "tunelab",
      ["training.packing=false", "training.group_by_length=true"]),
@@ -95,7 +97,7 @@ KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
 LEVER_OFF = {"masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
              "unfused_lora": "fused_lora", "tokens-unfused_lora": "fused_lora"}
-PEERS = {"llamafactory"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
+PEERS = {"llamafactory", "unsloth"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
 PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 
 
@@ -410,9 +412,9 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         spec["result"] = str(work / f"{name}.result.json")
         spec_path.write_text(json.dumps(spec))
         argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)]
-        if kind == "llamafactory":  # its own venv and driver (bench/peers/), measured like every other row
-            argv = [str(PEER_DIR / "llamafactory" / "bin" / "python"),
-                    str(Path(__file__).resolve().parent / "peers" / "llamafactory_child.py"), str(spec_path)]
+        if kind in PEERS:  # its own venv and driver (bench/peers/), measured like every other row
+            argv = [str(PEER_DIR / kind / "bin" / "python"),
+                    str(Path(__file__).resolve().parent / "peers" / f"{kind}_child.py"), str(spec_path)]
         res = run_child(argv,
                         env={"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
                              "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(extra_env or {})},
@@ -449,13 +451,13 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             rows[key] = {**rows["tunelab"], "key": key, "label": label, "same_as": "tunelab"}
             say(f"[{key}] = the tunelab row (auto picks {auto} here)")
             continue
-        if kind == "llamafactory":
+        if kind in PEERS:
             spec = {"model_dir": str(model_dir), "train_file": data["train_file"], "out_dir": str(work / key),
                     "steps": steps, "rows": args.batch_size, "cutoff": args.max_length, "lr": args.lr,
                     "seed": args.seed, "warmup_steps": warmup_steps, "bf16": opts.get("bf16", auto == "bf16")}
-            if not (PEER_DIR / "llamafactory" / "bin" / "python").is_file():
+            if not (PEER_DIR / kind / "bin" / "python").is_file():
                 rows[key] = {**row, "ok": False, "peak_rss_bytes": 0,
-                             "error": "no LLaMA-Factory venv: run bash bench/peers/setup_llamafactory.sh"}
+                             "error": f"no {kind} venv: run bash bench/peers/setup_{kind}.sh"}
                 say(f"[{key}] skipped: {rows[key]['error']}")
                 continue
         elif kind == "trl":
