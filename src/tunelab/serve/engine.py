@@ -28,12 +28,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from tunelab.model.stop_tokens import stop_token_ids
+
+if TYPE_CHECKING:
+    from tunelab.decode import KVCache
 
 log = logging.getLogger(__name__)
 # padded tokens (rows x longest prompt) in one prefill forward: enough for a burst of chat prompts, small enough
 # that the attention scores of a burst of long prompts stay a few hundred MB
 PREFILL_TOKENS = 4096
+MAX_HEADROOM = 1024  # cache columns preallocated for the answers; a longer one grows the buffers (doubling)
 
 
 class QueueFull(Exception):
@@ -63,6 +69,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     text: str = ""  # what was handed to the sink so far
     completion_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)  # the generated tokens, without the end-of-turn token
     finish_reason: str | None = None  # stop | length | cancelled
     error: BaseException | None = None
     _released: bool = False
@@ -79,7 +86,7 @@ class _Row:
         import torch
 
         self.job = job
-        self.tokens: list[int] = []
+        self.tokens = job.tokens
         self.length = len(job.prompt_ids)  # tokens in the cache = position id of the next input
         self.decoded = ""  # decode(tokens) as of the last emitted piece
         self.sent = 0  # characters of `decoded` handed to the sink
@@ -110,7 +117,10 @@ class Engine:
         self._lock = threading.Lock()
         self._pending = 0  # jobs submitted and not yet released: the slots in use
         self._rows: list[_Row] = []
-        self._cache = None  # transformers DynamicCache, one row per entry of _rows, right-aligned
+        from tunelab.decode import decode_step_for  # torch is imported when an engine is made, not before
+
+        self._decode = decode_step_for(model)  # the decode step infer and serve share (tunelab.decode)
+        self._cache: KVCache | None = None  # one row per entry of _rows, right-aligned
         self._mask = None  # [rows, cache length] 1 for real tokens, 0 for left padding
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunelab-serve-engine", daemon=True)
@@ -148,6 +158,21 @@ class Engine:
             pending = self._pending
         queued = min(pending, self._queue.qsize())  # a cancelled job may still sit in the queue until admitted
         return {"active": pending - queued, "queued": queued, "capacity": self.capacity}
+
+    def run(self, jobs: list[Job]) -> None:
+        """Answer `jobs` in the calling thread, batched as the worker would, and return when all have finished.
+
+        `tunelab infer` uses this (an engine without its worker thread), so infer and serve decode alike.
+        """
+        import torch
+
+        for job in jobs:
+            self.submit(job)
+        with torch.inference_mode():
+            while any(job.finish_reason is None for job in jobs):
+                self._admit()
+                if self._rows:
+                    self._step()
 
     # ------------------------------------------------------------ the worker
 
@@ -219,7 +244,12 @@ class Engine:
         tokens = self._pick(rows, out.logits[:, -1, :])
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._accept(row, token)]
         if keep:
-            self._join([rows[i] for i in keep], *_select(cache, mask, keep))
+            # the decode steps write into preallocated columns: room for the longest answer asked for
+            from tunelab.decode import KVCache
+
+            room = min(max(rows[i].job.sampling.max_new_tokens for i in keep), MAX_HEADROOM)
+            kv = KVCache.from_cache(cache, headroom=room)
+            self._join([rows[i] for i in keep], *_select(kv, mask, keep))
 
     def _step(self) -> None:
         """One decode step for every row: feed each its pending token, pick the next, drop finished rows."""
@@ -234,43 +264,31 @@ class Engine:
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
         # the query's offset into the cache is the cache length for every row; its RoPE position is its
         # own length, which differs from row to row by the row's left padding
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache,
-                         use_cache=True, logits_to_keep=1)
+        logits = self._decode(self._cache, ids, positions, mask)
         self._mask = mask
         self.stats["steps"] += 1
         for r in rows:
             r.length += 1
-        tokens = self._pick(rows, out.logits[:, -1, :])
+        tokens = self._pick(rows, logits)
         self._drop([r for r, t in zip(rows, tokens) if not self._accept(r, t)])
 
     # ------------------------------------------------------------ the batch's cache
 
-    def _join(self, rows: list[_Row], cache, mask) -> None:
+    def _join(self, rows: list[_Row], cache: KVCache, mask) -> None:
         """Append prefilled rows: left-pad the shorter of (batch cache, new cache) so that both end together."""
         import torch
         import torch.nn.functional as F
-        from transformers import DynamicCache
 
         if not self._rows:
             self._rows, self._cache, self._mask = rows, cache, mask
             return
         width = max(self._mask.shape[1], mask.shape[1])
-
-        def left_pad(x, dim_from_end: int):
-            missing = width - x.shape[-dim_from_end]
-            return x if missing == 0 else F.pad(x, (0, 0) * (dim_from_end - 1) + (missing, 0))
-
-        layers = [(torch.cat([left_pad(a.keys, 2), left_pad(b.keys, 2)]),
-                   torch.cat([left_pad(a.values, 2), left_pad(b.values, 2)]))
-                  for a, b in zip(self._cache.layers, cache.layers)]
-        self._cache = DynamicCache(layers)
-        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)])
+        self._cache.join(cache)
+        self._mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (self._mask, mask)])
         self._rows = self._rows + rows
 
     def _drop(self, gone: list[_Row]) -> None:
         """Remove rows from the batch, then the columns that are now padding in every remaining row."""
-        import torch
-
         for r in gone:
             if r.job.finish_reason is None:
                 self._finish(r.job, "cancelled")
@@ -362,21 +380,15 @@ class Engine:
             log.debug("could not deliver to a finished request", exc_info=True)
 
 
-def _select(cache, mask, keep: list[int]):
+def _select(cache: KVCache, mask, keep: list[int]):
     """The cache and mask of rows `keep`, without the leading columns that are padding in every one of them."""
     import torch
 
     if len(keep) < mask.shape[0]:
-        index = torch.tensor(keep, device=mask.device)
-        mask = mask[index]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        mask = mask[torch.tensor(keep, device=mask.device)]
     first = int(mask.any(dim=0).int().argmax())  # the first column some row still uses
-    if first:
-        mask = mask[:, first:]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-    return cache, mask
+    cache.select(keep, first)
+    return cache, mask[:, first:]
 
 
 def _first_stop(text: str, stops: list[str], sent: int) -> int | None:

@@ -1,0 +1,153 @@
+"""The shared decode step (tunelab.decode): same answers as transformers' generate, same logits as its forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROMPTS = ["Hi", "What is the capital of France? Answer briefly, please.", "Tell me a story about a dragon",
+           "2+2?", "Name three colours"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with larger random weights, so that greedy answers vary from prompt to prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    out = tmp_path_factory.mktemp("noisy-llama-decode")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    from tunelab.infer import load
+
+    return load(str(model_dir), dtype="fp32")
+
+
+def _hf_generate(model, tok, convo, max_new_tokens):
+    """The path `tunelab infer` used before: transformers' generate, greedy, one prompt."""
+    import torch
+
+    from tunelab.data.template import render
+    from tunelab.model.stop_tokens import stop_token_ids
+
+    ids = torch.tensor([tok(render(tok, convo, add_generation_prompt=True), add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop_token_ids(tok), pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_greedy_answers_equal_transformers_generate(tiny, batch_size):
+    from tunelab.infer import as_conversation, generate
+
+    model, tok = tiny
+    convos = [as_conversation(p) for p in PROMPTS]
+    ours = generate(model, tok, convos, max_new_tokens=24, batch_size=batch_size)
+    assert ours == [_hf_generate(model, tok, c, 24) for c in convos]
+    assert len(set(ours)) > 1
+
+
+def _prefill(model, prompts, headroom):
+    """Left-padded prefill of token lists with the model's forward; returns (kv, mask, next token ids)."""
+    import torch
+    from transformers import DynamicCache
+
+    from tunelab.decode import KVCache
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
+                use_cache=True)
+    return KVCache.from_cache(cache, headroom=headroom), mask, out.logits[:, -1].argmax(-1)
+
+
+def test_fast_step_equals_the_model_forward_with_padding_and_growing_cache(tiny):
+    """Rows of different lengths (left padding), a cache that must grow twice: the lean Llama step and the model's
+    own forward give the same logits at every step (fp32)."""
+    import torch
+
+    from tunelab.decode import _llama_step, _model_step, decode_step_for
+
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    fast = decode_step_for(model)
+    assert fast.func is _llama_step  # the lean path was chosen for this Llama
+    with torch.inference_mode():
+        kv_a, mask, token = _prefill(model, prompts, headroom=1)
+        kv_b, _, _ = _prefill(model, prompts, headroom=1)
+        lengths = torch.tensor([len(p) for p in prompts])
+        for _ in range(6):
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            a = fast(kv_a, token[:, None], lengths[:, None], mask)
+            b = _model_step(model, kv_b, token[:, None], lengths[:, None], mask)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            token, lengths = a.argmax(-1), lengths + 1
+        assert kv_a.length == kv_b.length == mask.shape[1] and kv_a.capacity >= kv_a.length
+
+
+def test_dropping_rows_and_padding_columns_keeps_the_rest_unchanged(tiny):
+    import torch
+
+    from tunelab.decode import decode_step_for
+
+    model, _ = tiny
+    step = decode_step_for(model)
+    with torch.inference_mode():
+        kv, mask, token = _prefill(model, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], headroom=8)
+        alone, mask1, token1 = _prefill(model, [[12, 13]], headroom=8)
+        kv.select([1], first=5)  # the long row leaves: its five columns of padding in row 1 go too
+        mask = mask[1:, 5:]
+        assert torch.equal(mask, mask1) and kv.length == alone.length == 2
+        pos = torch.tensor([[2]])
+        a = step(kv, token[1:, None], pos, torch.cat([mask, mask.new_ones(1, 1)], 1))
+        b = step(alone, token1[:, None], pos, torch.cat([mask1, mask1.new_ones(1, 1)], 1))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_bf16_linear_is_bit_identical_and_repacked_when_weights_change():
+    import torch
+
+    from tunelab.decode import _fast_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(_fast_linear(lin)(x), lin(x))
+        assert _fast_linear(torch.nn.Linear(64, 96)) is not None  # fp32: the module itself, unchanged
+
+
+def test_weights_changed_in_place_are_seen_by_the_next_decode(model_dir):
+    """Generation metrics during full fine-tuning: the optimiser changes weights between two generate calls."""
+    import torch
+
+    from tunelab.infer import as_conversation, generate, load
+
+    def change(model):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(-3.0)
+
+    model, tok = load(str(model_dir), dtype="bf16")
+    convo = [as_conversation("Tell me a story about a dragon")]
+    before = generate(model, tok, convo, max_new_tokens=12)
+    change(model)
+    after = generate(model, tok, convo, max_new_tokens=12)
+    fresh, _ = load(str(model_dir), dtype="bf16")
+    change(fresh)
+    assert after == generate(fresh, tok, convo, max_new_tokens=12) != before
