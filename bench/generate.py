@@ -103,9 +103,11 @@ def bench_single_stream(model, tok, prompts: list[str], max_new_tokens: int, ggu
         from llama_cpp import Llama
 
         try:  # use_extra_bufts=False: llama.cpp's AMX kernels crash on some Xeons (docs/machine-notes)
-            llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False, use_extra_bufts=False)
+            llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
+                        use_mmap=False, use_extra_bufts=False)
         except TypeError:
-            llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
+            llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
+                        use_mmap=False)
         engines["llama.cpp q8_0 (llama-cpp-python)"] = lambda c: _llama_cpp_one(llm, tok, c, max_new_tokens)
     convos = [as_conversation(p) for p in prompts]
     for fn in engines.values():  # warm-up: allocations, kernel choice, weight packing
@@ -191,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     n_eval = args.eval_records or (32 if args.quick else 200)
     eval_tokens = args.eval_new_tokens or (32 if args.quick else 64)
     say = lambda s: print(s, flush=True)  # noqa: E731
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # before machine_summary, which reports the count
 
     from tunelab.data.prepare import prepare_dataset
     from tunelab.infer import load
@@ -208,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     load_avg = [round(x, 2) for x in os.getloadavg()]
     say(f"load average at the start: {load_avg}")

@@ -119,17 +119,20 @@ def test_dropping_rows_and_padding_columns_keeps_the_rest_unchanged(tiny):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_bf16_linear_is_bit_identical_and_repacked_when_weights_change():
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_stacked_packed_linears_are_bit_identical(dtype):
+    """q/k/v (and gate/up) as one prepacked bf16 product give exactly what the three modules give."""
     import torch
 
-    from tunelab.decode import _fast_linear
+    from tunelab.decode import _fast_linears
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
-    x = torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    mods = [torch.nn.Linear(576, n, bias=b).to(dt) for n, b in ((576, False), (192, True), (192, False))]
+    x = torch.randn(3, 1, 576, dtype=dt)
     with torch.inference_mode():
-        assert torch.equal(_fast_linear(lin)(x), lin(x))
-        assert _fast_linear(torch.nn.Linear(64, 96)) is not None  # fp32: the module itself, unchanged
+        for got, want in zip(_fast_linears(*mods)(x), (m(x) for m in mods)):
+            assert torch.equal(got, want)
 
 
 def test_weights_changed_in_place_are_seen_by_the_next_decode(model_dir):

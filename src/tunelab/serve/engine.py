@@ -13,7 +13,8 @@ to the batch's length (or the batch's to theirs) and appended as new rows. Every
 token with its own position id and an attention mask that hides the padding; finished or cancelled rows leave the
 batch at once, and columns that have become padding in every row are dropped. On CPU a decode step
 of 16 rows costs little more than a step of one (the weights are read once per step either way), which is where
-the aggregate throughput comes from.
+the aggregate throughput comes from. The step itself is `tunelab.decode`'s (a preallocated KV cache written in
+place, a lean forward for Llama-family models); `tunelab infer` runs this same loop through `Engine.run`.
 
 Each row samples with its own settings and its own seeded generator, so a seeded request gives the same answer
 whatever else shares the batch. Text is handed to the job's `sink` from the worker thread as it is decoded, minus
