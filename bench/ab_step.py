@@ -1,13 +1,13 @@
 """Interleaved A/B of whole tunelab training steps in one process, and a profile of one step (docs/perf-notes.md).
 
     python bench/ab_step.py --pairs 3                                  # defaults vs each lever off, interleaved
-    python bench/ab_step.py --variants base,off:fused_lora --pairs 4   # named variants only
+    python bench/ab_step.py --variants base,on:fused_lora --pairs 4    # named variants only
     python bench/ab_step.py --profile --variants base                  # torch.profiler of one step, top ops
     python bench/ab_step.py --variants base,set:training.batch_tokens=2048 --batch-size 16
 
 A variant is `base` (tunelab's defaults), `fp32_base` (frozen weights in fp32, cast by autocast each step),
 `mlp_ckpt` (only the MLPs recomputed in backward),
-`off:LEVER[+LEVER]` (levers switched off, tunelab.runtime) or
+`off:LEVER[+LEVER]`, `on:LEVER` (an opt-in lever) (levers switched off, tunelab.runtime) or
 `set:KEY=VALUE[;KEY=VALUE]` (config overrides). Every variant gets its own model, loss and optimiser, built the
 way the recipe builds them (`build_model`, `CausalLMLoss`, AdamW, `forward_backward`), and they take turns on
 the same micro-batches (A B B A ...), so the machine's load drifts over all of them alike. Reported: the median
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,17 @@ def encoded_records(tok, n: int, max_length: int) -> list[dict]:
         if len(out) >= n:
             break
     return out
+
+
+@contextmanager
+def levers_on(names: list[str]):
+    """Opt-in levers (tunelab.runtime.OPT_IN) switched on for the duration."""
+    before = os.environ.get("TUNELAB_PERF_ON")
+    os.environ["TUNELAB_PERF_ON"] = ",".join(names)
+    try:
+        yield
+    finally:
+        os.environ.pop("TUNELAB_PERF_ON", None) if before is None else os.environ.__setitem__("TUNELAB_PERF_ON", before)
 
 
 def checkpoint_mlps(model) -> int:
@@ -73,16 +85,18 @@ class Variant:
         from tunelab.train.recipe import build_model, param_groups
 
         self.name = spec
-        off, extra = [], []
+        off, extra, on = [], [], []
         if spec.startswith("off:"):
             off = spec[4:].split("+")
+        elif spec.startswith("on:"):
+            on = spec[3:].split("+")
         elif spec.startswith("set:"):
             extra = spec[4:].split(";")
-        elif spec not in ("fp32_base", "mlp_ckpt", "base"):
+        elif spec not in ("fp32_base", "mlp_ckpt", "base") and not spec.startswith("on:"):
             raise SystemExit(f"unknown variant {spec!r}: base, fp32_base, off:LEVER[+LEVER] or set:KEY=VALUE[;...]")
-        self.off = off
+        self.off, self.on = off, on
         self.cfg = load_config(None, overrides=base_overrides + extra)
-        with levers_off(off):
+        with levers_off(off), levers_on(on):
             model, choice = build_model(self.cfg, accelerator, lambda *_: None)
             self.loss_fn = CausalLMLoss(model, chunk_size=self.cfg.training.loss_chunk_size)
         if spec == "fp32_base":  # frozen weights kept in fp32 and cast by autocast at every matmul (the alternative)
@@ -104,7 +118,7 @@ class Variant:
         from tunelab.train.recipe import forward_backward
 
         t0 = time.perf_counter()
-        with levers_off(self.off):  # levers read at call time (e.g. the compiled path) see this variant's switches
+        with levers_off(self.off), levers_on(self.on):  # levers read at call time (e.g. the compiled path) see this variant's switches
             loss, n = forward_backward(group, train, self.collate, accelerator, self.loss_fn, self.autocast,
                                        self.scaler)
         self.optimizer.step()

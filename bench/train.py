@@ -86,8 +86,9 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("masked_attention", "tunelab, packed rows through SDPA with a block mask", "tunelab", []),
     ("torch_dropout", "tunelab, LoRA dropout masks from torch.bernoulli_", "tunelab", []),
     ("recomputed_head", "tunelab, head + CE recomputed in backward", "tunelab", []),
-    ("unfused_lora", "tunelab, peft's LoRA forward (no fused LoRA layer)", "tunelab", []),
-    ("tokens-unfused_lora", "tunelab-tokens with peft's LoRA forward", "tunelab", ["training.batch_tokens=@tokens"]),
+    ("no_logit_buffers", "tunelab, loss-head logits in fresh tensors each chunk", "tunelab", []),
+    ("fused_lora", "tunelab + the opt-in fused LoRA layer (TUNELAB_PERF_ON=fused_lora)", "tunelab", []),
+    ("tokens-fused_lora", "tunelab-tokens + the opt-in fused LoRA layer", "tunelab", ["training.batch_tokens=@tokens"]),
     ("system_malloc", "tunelab, glibc allocator defaults (tcache on)", "tunelab", []),
     ("full_logits", "tunelab, loss_chunk_size=1e6 (all logits)", "tunelab", ["training.loss_chunk_size=1000000"]),
     ("qlora", "tunelab, method=qlora (4-bit NF4)", "tunelab", ["training.method=qlora"]),
@@ -96,7 +97,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
 KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
 LEVER_OFF = {"masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
-             "unfused_lora": "fused_lora", "tokens-unfused_lora": "fused_lora"}
+             "no_logit_buffers": "logit_buffers"}
+LEVER_ON = {"fused_lora": "fused_lora", "tokens-fused_lora": "fused_lora"}  # opt-in levers (tunelab.runtime.OPT_IN)
 PEERS = {"llamafactory", "unsloth"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
 PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 
@@ -323,6 +325,8 @@ def row_env(key: str, kind: str) -> dict[str, str]:
                                          if x and "tcache_count" not in x)
     if key in LEVER_OFF:
         env["TUNELAB_PERF_OFF"] = LEVER_OFF[key]
+    if key in LEVER_ON:
+        env["TUNELAB_PERF_ON"] = LEVER_ON[key]
     return env
 
 

@@ -216,3 +216,16 @@ def test_reused_logit_buffers_change_nothing(tiny_model, tiny_tokenizer, autocas
     for fresh, kept in zip(results[:2], results[2:]):
         assert fresh[0] == kept[0] and fresh[1] == kept[1]
         assert all(torch.equal(a, b) for a, b in zip(fresh[2], kept[2]))
+
+
+def test_fused_lora_is_opt_in_and_recorded(monkeypatch):
+    from tunelab.runtime import lever_enabled, runtime_info
+
+    monkeypatch.delenv("TUNELAB_PERF_OFF", raising=False)
+    monkeypatch.delenv("TUNELAB_PERF_ON", raising=False)
+    assert not lever_enabled("fused_lora") and lever_enabled("logit_buffers")
+    assert runtime_info()["levers_off"] == [] and runtime_info()["levers_on"] == []
+    monkeypatch.setenv("TUNELAB_PERF_ON", "fused_lora")
+    assert lever_enabled("fused_lora") and runtime_info()["levers_on"] == ["fused_lora"]
+    monkeypatch.setenv("TUNELAB_PERF_OFF", "fused_lora")
+    assert not lever_enabled("fused_lora")

@@ -55,21 +55,32 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
 # ---------------------------------------------------------------- switches for measuring each speed lever
 
 LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers")
+# Levers that are off unless TUNELAB_PERF_ON names them: equal in results, but no measured win on every CPU kind
+# (docs/perf-notes.md section 8), so not a default.
+OPT_IN = ("fused_lora",)
 
 
 def lever_enabled(name: str) -> bool:
-    """False when TUNELAB_PERF_OFF (comma-separated, of LEVERS) names this lever: how bench/train.py measures each
-    lever on its own. packed_attention, fused_head and fused_lora change results only within float rounding
-    (fused_lora draws fast_dropout's masks in the same order), logit_buffers not at all; fast_dropout
-    draws its masks from another random stream (same statistics), so losses differ from a run without it. The
-    manifest records which levers were off (`runtime`), and `tunelab reproduce` switches the same ones off."""
+    """False when TUNELAB_PERF_OFF (comma-separated, of LEVERS) names this lever, or, for an OPT_IN lever, unless
+    TUNELAB_PERF_ON names it: how bench/train.py measures each lever on its own. packed_attention, fused_head and
+    fused_lora change results only within float rounding (fused_lora draws fast_dropout's masks in the same
+    order), logit_buffers not at all; fast_dropout draws its masks from another random stream (same statistics),
+    so losses differ from a run without it. The manifest records which levers were off (`runtime`), and `tunelab
+    reproduce` switches the same ones off."""
     assert name in LEVERS, name
-    return name not in {x.strip() for x in os.environ.get("TUNELAB_PERF_OFF", "").split(",")}
+    if name in _named("TUNELAB_PERF_OFF"):
+        return False
+    return name not in OPT_IN or name in _named("TUNELAB_PERF_ON")
+
+
+def _named(var: str) -> set[str]:
+    return {x.strip() for x in os.environ.get(var, "").split(",")}
 
 
 def runtime_info() -> dict:
     """What of this process changes a run's numbers or memory but is not config: for the manifest."""
-    return {"levers_off": [name for name in LEVERS if not lever_enabled(name)],
+    return {"levers_off": [name for name in LEVERS if name not in OPT_IN and not lever_enabled(name)],
+            "levers_on": [name for name in OPT_IN if lever_enabled(name)],
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
