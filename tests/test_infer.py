@@ -14,25 +14,6 @@ PROMPTS = ["Hi", "What is the capital of France? Answer briefly, please.", "Tell
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with larger random weights: its greedy output varies from prompt to prompt instead of
-    repeating one token, so comparing answers means something."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    out = tmp_path_factory.mktemp("noisy-llama")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny(model_dir):
     from tunelab.infer import load
 

@@ -30,7 +30,7 @@ from tunelab.train.inputs import Encoded, load_data
 from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 from tunelab.train.monitor import Trackers, fmt_lr, rss_gib
-from tunelab.rundir import git_commit, hardware, now_iso, package_versions, read_metrics
+from tunelab.rundir import git_commit, hardware, now_iso, package_versions
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "save_final_artifacts"]
 
