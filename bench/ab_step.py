@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -47,17 +46,6 @@ def encoded_records(tok, n: int, max_length: int) -> list[dict]:
     return out
 
 
-@contextmanager
-def levers_on(names: list[str]):
-    """Opt-in levers (tunelab.runtime.OPT_IN) switched on for the duration."""
-    before = os.environ.get("TUNELAB_PERF_ON")
-    os.environ["TUNELAB_PERF_ON"] = ",".join(names)
-    try:
-        yield
-    finally:
-        os.environ.pop("TUNELAB_PERF_ON", None) if before is None else os.environ.__setitem__("TUNELAB_PERF_ON", before)
-
-
 def checkpoint_mlps(model) -> int:
     """MLP-only activation checkpointing: each decoder layer's MLP recomputed in backward (its gate/up/SiLU
     products are most of a layer's saved activations), attention kept."""
@@ -81,7 +69,7 @@ class Variant:
         from tunelab.config import load_config
         from tunelab.data.batching import collate_packed
         from tunelab.model.loss import CausalLMLoss, autocast_for
-        from tunelab.runtime import levers_off
+        from tunelab.runtime import levers_as_recorded
         from tunelab.train.recipe import build_model, param_groups
 
         self.name = spec
@@ -96,7 +84,7 @@ class Variant:
             raise SystemExit(f"unknown variant {spec!r}: base, fp32_base, off:LEVER[+LEVER] or set:KEY=VALUE[;...]")
         self.off, self.on = off, on
         self.cfg = load_config(None, overrides=base_overrides + extra)
-        with levers_off(off), levers_on(on):
+        with levers_as_recorded(off, on):
             model, choice = build_model(self.cfg, accelerator, lambda *_: None)
             self.loss_fn = CausalLMLoss(model, chunk_size=self.cfg.training.loss_chunk_size)
         if spec == "fp32_base":  # frozen weights kept in fp32 and cast by autocast at every matmul (the alternative)
@@ -114,11 +102,11 @@ class Variant:
         self.tokens: list[int] = []
 
     def step(self, group: list[list[int]], train: list[dict], accelerator) -> float:
-        from tunelab.runtime import levers_off
+        from tunelab.runtime import levers_as_recorded
         from tunelab.train.recipe import forward_backward
 
         t0 = time.perf_counter()
-        with levers_off(self.off), levers_on(self.on):  # levers read at call time (e.g. the compiled path) see this variant's switches
+        with levers_as_recorded(self.off, self.on):  # levers read at call time (e.g. the compiled path) see this variant's switches
             loss, n = forward_backward(group, train, self.collate, accelerator, self.loss_fn, self.autocast,
                                        self.scaler)
         self.optimizer.step()

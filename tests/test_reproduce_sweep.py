@@ -165,6 +165,18 @@ def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, mo
     (run / "manifest.json").write_text(json.dumps(manifest))
     reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
     assert seen[-1] == "fused_head" and "TUNELAB_PERF_OFF" not in os.environ
+    manifest["runtime"] = {"levers_off": [], "levers_on": ["fused_lora"]}  # an opt-in lever the original had on
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    switched_on = []
+
+    def fake_on(cfg):
+        from tunelab.runtime import lever_enabled
+
+        switched_on.append(lever_enabled("fused_lora"))
+        return fake(cfg)
+
+    reproduce(run, train_fn=fake_on, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert switched_on == [True] and "TUNELAB_PERF_ON" not in os.environ
 
 
 @pytest.mark.parametrize("recorded", ["fp32", "bf16"])

@@ -137,7 +137,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     cfg.output.run_name = name or _free_name(original.parent, original.name)
     if train_fn is None:
         from tunelab.train.recipe import train as train_fn
-    from tunelab.runtime import LEVERS, levers_off
+    from tunelab.runtime import LEVERS, levers_as_recorded
 
     notes = []
     recorded_dtype = (manifest.get("dtype") or {}).get("name")
@@ -148,7 +148,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     if off is None:  # trained before tunelab's CPU speed levers existed: their fast dropout masks would differ
         off = list(LEVERS)
         notes.append("the original predates tunelab's CPU speed levers: reproduced with them off")
-    with levers_off(off):
+    with levers_as_recorded(off, (manifest.get("runtime") or {}).get("levers_on") or []):
         repro = Path(train_fn(cfg))
     rmanifest = read_manifest(repro)
     if rmanifest.get("data_fingerprint") != manifest.get("data_fingerprint"):

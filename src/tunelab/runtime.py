@@ -85,14 +85,17 @@ def runtime_info() -> dict:
 
 
 @contextmanager
-def levers_off(names: list[str]):
-    """Switch these levers off for the duration (in this process)."""
-    before = os.environ.get("TUNELAB_PERF_OFF")
-    os.environ["TUNELAB_PERF_OFF"] = ",".join(names)
+def levers_as_recorded(off: list[str], on: list[str] | None = None):
+    """Switch exactly these levers off and these opt-in levers on for the duration (in this process): how
+    `tunelab reproduce` repeats a run with the levers it had."""
+    before = {var: os.environ.get(var) for var in ("TUNELAB_PERF_OFF", "TUNELAB_PERF_ON")}
+    os.environ["TUNELAB_PERF_OFF"] = ",".join(off)
+    os.environ["TUNELAB_PERF_ON"] = ",".join(on or [])
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("TUNELAB_PERF_OFF", None)
-        else:
-            os.environ["TUNELAB_PERF_OFF"] = before
+        for var, value in before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
