@@ -87,6 +87,21 @@ def run_status(manifest: dict[str, Any]) -> str:
     return _OLD_STATUSES.get(status, status)
 
 
+def pid_alive(pid: Any) -> bool | None:
+    """Is the process a manifest records (`pid`) alive on this machine? None when `pid` is not a usable process id."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return None
+    return True
+
+
 class RunDir:
     """A run folder: config.yaml, manifest.json, metrics.jsonl, train.log, checkpoints."""
 

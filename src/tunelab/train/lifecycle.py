@@ -24,7 +24,7 @@ from tunelab.config import Config, load_config, save_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.monitor import Reporter, Trackers
-from tunelab.rundir import RunDir, default_run_name, now_iso, read_metrics, run_status
+from tunelab.rundir import RunDir, default_run_name, now_iso, pid_alive, read_metrics, run_status
 
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not what is trained.
 SAFE_ON_RESUME = ("training.logging_steps", "training.eval_steps", "training.save_steps", "training.save_total_limit",
@@ -229,15 +229,7 @@ def find_resume_run(cfg: Config, resume: str | bool) -> Path:
 def _live(manifest: dict[str, Any]) -> bool:
     """A run another process on this machine is training right now (its recorded pid is alive)."""
     pid = manifest.get("pid")
-    if run_status(manifest) not in ("starting", "running") or not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return run_status(manifest) in ("starting", "running") and pid != os.getpid() and bool(pid_alive(pid))
 
 
 def resume_config(run_path: Path, overrides: list[str]) -> tuple[Config, list[str]]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from tunelab import runs
 from tunelab.errors import TunelabError
+from tunelab.rundir import pid_alive
 from tunelab.ui import forms, views
 from tunelab.ui.jobs import JobError
 
@@ -200,7 +201,7 @@ def stop_run(ui, name: str) -> dict[str, Any]:
         return {"stopped": live[0]["id"], "command": "Ctrl-C (SIGINT) to: " + live[0]["command"],
                 "job": ui.jobs.stop(live[0]["id"])}
     pid = runs.read_manifest(path).get("pid")
-    if views.pid_alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGINT)
         return {"stopped": pid, "command": f"kill -INT {pid}"}
     raise JobError(f"{name} has no training process this UI can reach; press Ctrl-C where it runs")

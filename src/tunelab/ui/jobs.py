@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.rundir import write_json_atomic
+from tunelab.rundir import pid_alive, write_json_atomic
 
 
 class JobError(TunelabError):
@@ -38,16 +38,6 @@ def now_iso() -> str:
 def display_command(args: list[str]) -> str:
     """What a person would type: `tunelab train --config configs/a.yaml`."""
     return "tunelab " + shlex.join(args)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Jobs:
@@ -100,7 +90,7 @@ class Jobs:
 
     def _with_liveness(self, record: dict[str, Any]) -> dict[str, Any]:
         # a job started by an earlier server: its exit code is unknown, but whether it still runs is not
-        if record.get("returncode") is None and record["id"] not in self._procs and not _alive(record["pid"]):
+        if record.get("returncode") is None and record["id"] not in self._procs and pid_alive(record["pid"]) is False:
             record["state"] = "ended"
         else:
             record["state"] = "running" if record.get("returncode") is None else "ended"

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab import runs
 from tunelab.errors import TunelabError
+from tunelab.rundir import pid_alive
 
 # The run lifecycle: starting -> running -> finished | failed | interrupted. Older runs wrote `completed`
 # (= finished) and `diverged` (= failed); anything else is shown as it is, marked unknown.
@@ -45,21 +46,6 @@ def run_path(root: Path, name: str) -> Path:
     if not runs.is_run_dir(path):
         raise runs.RunError(f"no run {name!r} under {root}")
     return path
-
-
-def pid_alive(pid: Any) -> bool | None:
-    """True/False when the process can be checked, None when `pid` is not a usable process id."""
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return None
-    return True
 
 
 def live_status(manifest: dict[str, Any], job: dict[str, Any] | None = None) -> tuple[str, str]:
