@@ -224,3 +224,55 @@ def test_two_node_ranks_without_shared_storage_stop_together_with_the_reason(tin
     assert "is not visible to every process: with several machines output.dir must be on storage" in out0 + out1
     assert not (tmp_path / "node0" / "runs" / "nodes").exists()  # nothing trained: node 0 removed its folder
     assert not (tmp_path / "node1" / "runs").exists()
+
+
+# ---------------------------------------------------------------- preference tuning (issue 12) under DDP
+
+PAIRS = [{"prompt": q, "chosen": f"A short, polite answer: {a}.", "rejected": "Go away."}
+         for q, a in [("What is 2+2?", "4"), ("Name a colour.", "blue"), ("Capital of France?", "Paris"),
+                      ("Say hello.", "hello"), ("Largest planet?", "Jupiter")]]
+
+
+def _dpo_overrides(tiny_model_dir, data, out, name, batch_size):
+    return [f"model.name={tiny_model_dir}", f"data.train={data}", "data.val_ratio=0", f"output.dir={out}",
+            f"output.run_name={name}", "model.dtype=fp32", "data.max_length=96", "training.stage=dpo",
+            "training.epochs=1", f"training.batch_size={batch_size}", "training.logging_steps=1",
+            "training.learning_rate=1e-2", "training.warmup_ratio=0", "lora.r=4", "lora.dropout=0",
+            "tracking.report_to=[none]"]
+
+
+@pytest.mark.distributed
+def test_dpo_in_two_processes_matches_one(tiny_model_dir, tmp_path):
+    """A DPO run (reference = the base, adapter disabled) in 2 processes x 1 pair equals 1 process x 2 pairs: the
+    same losses and reward metrics step by step (the last step holds one pair: one process joins with nothing), the
+    same adapter, written once by rank 0."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    single = train(load_config(None, _dpo_overrides(tiny_model_dir, data, tmp_path / "one", "single", 2)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tunelab", "train", "--num-processes", "2",
+           *_dpo_overrides(tiny_model_dir, data, tmp_path / "two", "ddp", 1)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        output, _ = proc.communicate()
+        pytest.fail(f"2-process DPO did not finish in {TIMEOUT_S} s. Last output:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    ddp = tmp_path / "two" / "ddp"
+
+    one = {m["step"]: m for m in read_metrics(single) if "loss" in m and not m.get("final")}
+    two = {m["step"]: m for m in read_metrics(ddp) if "loss" in m and not m.get("final")}
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for step in one:
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+            assert two[step][key] == pytest.approx(one[step][key], abs=1e-4), (step, key)
+    a = load_file(single / "checkpoint-final" / "adapter_model.safetensors")
+    b = load_file(ddp / "checkpoint-final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    manifest = json.loads((ddp / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["processes"] == 2 and manifest["stage"] == "dpo"
+    assert output.count("Run: ") == 1
+    log = (ddp / "train.log").read_text(encoding="utf-8")
+    assert all(log.count(f"  Step {k}/3 |") == 1 for k in (1, 2, 3))

@@ -80,3 +80,27 @@ def test_dpo_run_merges_verified_infers_and_compares_like_sft(runs, tmp_path):
     shown = show_run(dpo)
     assert shown["manifest"]["stage"] == "dpo" and "eval_rewards/accuracy" in shown["metrics"]
     assert "checkpoint-final" in shown["checkpoints"]
+
+
+def test_dpo_run_exports_to_gguf_and_serves_like_sft(runs, tmp_path):
+    """The merged DPO model exports to a verified GGUF, and `tunelab serve` over the DPO adapter answers as
+    `tunelab infer` does."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.export.gguf import export_gguf
+    from tunelab.infer import generate
+    from tunelab.merge import merge_adapter
+    from tunelab.model.loading import load_pretrained
+    from tunelab.serve import create_app
+
+    _, _, dpo = runs
+    merge_adapter(str(dpo), tmp_path / "merged")
+    gguf = export_gguf(tmp_path / "merged", tmp_path / "dpo.gguf", quant="f16")
+    assert gguf.size_bytes > 0 and all("differs" not in c for c in gguf.checks)
+    model, tok = load_pretrained(adapter=str(dpo), dtype="fp32")
+    messages = [{"role": "user", "content": "Say hello."}]
+    want = generate(model, tok, [messages], max_new_tokens=8)[0]
+    with TestClient(create_app(model, tok, "dpo")) as client:
+        r = client.post("/v1/chat/completions", json={"model": "dpo", "messages": messages, "max_tokens": 8,
+                                                       "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip() == want  # infer strips

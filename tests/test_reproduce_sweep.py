@@ -318,3 +318,49 @@ def test_sweep_end_to_end(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "r2: already finished, skipped" in out and "r4: already finished, skipped" in out
     assert "sorted by eval_loss" in out
+
+
+def test_dpo_run_is_tracked_reproduced_and_swept_like_sft(tmp_path, tiny_model_dir):
+    """A preference stage goes through the same trackers (TensorBoard, MLflow when installed), reproduce (identical
+    curves) and sweep as SFT."""
+    import importlib.util
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunelab.reproduce import reproduce
+    from tunelab.rundir import read_metrics
+    from tunelab.train.recipe import train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"A kind answer number {i}.",
+                                         "rejected": "No."}) + "\n" for i in range(12)))
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg, _ = _tiny_config(tmp_path, tiny_model_dir, data__train=pairs, training__stage="dpo",
+                          output__run_name="dpo", tracking__mlflow_tracking_uri=uri,
+                          tracking__report_to="[tensorboard,mlflow]" if mlflow else "[tensorboard]")
+    run = train(cfg)
+    logged = [m for m in read_metrics(run) if "loss" in m and not m.get("final")]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/accuracy", "train/rewards/margin", "eval/rewards/accuracy"} <= tags, tags
+    curve = {e.step: e.value for e in acc.Scalars("train/rewards/margin")}
+    assert curve == pytest.approx({m["step"]: m["rewards/margin"] for m in logged}, rel=1e-6)
+    if mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        run_id = json.loads((run / "manifest.json").read_text())["tracking"]["mlflow"]
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "rewards/accuracy")}
+        assert history == pytest.approx({m["step"]: m["rewards/accuracy"] for m in logged}, rel=1e-9)
+
+    res = reproduce(run)
+    assert res.diff.steps_compared == 4 and res.diff.identical and res.max_abs_diff == 0
+    assert json.loads((res.reproduction / "manifest.json").read_text())["stage"] == "dpo"
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    swept = run_sweep(str(config), ["preference.beta=0.1,0.5"], name="beta", say=lambda *_: None)
+    assert [r.status for r in swept.rows] == ["finished", "finished"]

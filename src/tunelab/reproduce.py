@@ -71,8 +71,9 @@ def loss_curve_diff(original: Path, repro: Path) -> CurveDiff:
 def data_fingerprint(cfg, run_name: str) -> str:
     """Fingerprint the data on disk exactly as training does: a prepared folder's own fingerprint, or the raw
     files checked afresh by `prepare_dataset(check=True)` with the run's settings and tokenizer (writes nothing)."""
-    from tunelab.data.prepare import is_prepared, load_prepared, prepare_dataset
+    from tunelab.data.prepare import is_prepared, load_prepared
     from tunelab.model.loading import load_tokenizer
+    from tunelab.train.inputs import prepare_as_configured
 
     src = Path(cfg.data.train)
     if is_prepared(src):
@@ -80,12 +81,7 @@ def data_fingerprint(cfg, run_name: str) -> str:
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                          chat_template=cfg.model.chat_template)
     try:
-        result = prepare_dataset([str(src)], format=cfg.data.format, column_map=cfg.data.map or None,
-                                 tokenizer=tok, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
-                                 train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
-                                 eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
-                                 system_prompt=cfg.data.system_prompt, name=run_name, check=True,
-                                 console=lambda *_: None)
+        result = prepare_as_configured(cfg, tok, src, None, run_name, check=True, console=lambda *_: None)
     except TunelabError as e:
         raise ReproduceError(f"cannot read the run's training data {cfg.data.train} (relative paths are read from "
                              f"the current folder, {Path.cwd()}):\n{e}") from None

@@ -99,18 +99,24 @@ def _encode_text(cfg: Config, tokenizer, prepared, val_records: list[dict], fold
     return Encoded(train, val, [], prepared.fingerprint, info)
 
 
+def prepare_as_configured(cfg: Config, tokenizer, src: Path, folder: Path | None, name: str, **options):
+    """`prepare_dataset` of `src` with the run's data settings: how training prepares its data, and how
+    `tunelab reproduce` fingerprints it (`folder=None, check=True`)."""
+    from tunelab.data.prepare import prepare_dataset
+
+    return prepare_dataset([str(src)], folder, format=cfg.data.format, column_map=cfg.data.map or None,
+                           tokenizer=tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
+                           train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
+                           eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
+                           system_prompt=cfg.data.system_prompt, name=name, stage=cfg.training.stage,
+                           text_documents=cfg.data.text_documents, **options)
+
+
 def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) -> None:
     import shutil
 
-    from tunelab.data.prepare import prepare_dataset
-
     shutil.rmtree(folder, ignore_errors=True)
-    result = prepare_dataset([str(src)], folder, format=cfg.data.format, column_map=cfg.data.map or None,
-                             tokenizer=tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow,
-                             train_on=cfg.data.train_on, val_ratio=cfg.data.val_ratio,
-                             eval_inputs=[cfg.data.eval] if cfg.data.eval else None, seed=cfg.training.seed,
-                             system_prompt=cfg.data.system_prompt, name=name, stage=cfg.training.stage,
-                             text_documents=cfg.data.text_documents)
+    result = prepare_as_configured(cfg, tokenizer, src, folder, name)
     if not result.usable:
         raise TunelabError(f"no usable training data in {src}; see {folder / 'report.md'}")
 

@@ -139,8 +139,7 @@ class Trackers:
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.tb:
             for k, v in scalars.items():
-                self.tb.add_scalar(k if "/" in k else ("eval/" + k[5:] if k.startswith("eval_") else "train/" + k),
-                                   v, step)
+                self.tb.add_scalar(_tb_tag(k), v, step)
         if self.mlflow:
             self.mlflow.log(scalars, step)
         if self.wandb:
@@ -157,6 +156,14 @@ class Trackers:
         if self.wandb:
             self.wandb.finish(exit_code=0 if status == "FINISHED" else 1)
             self.wandb = None
+
+
+def _tb_tag(key: str) -> str:
+    """TensorBoard's section/name: loss -> train/loss, eval_loss -> eval/loss, rewards/margin ->
+    train/rewards/margin, eval_rewards/margin -> eval/rewards/margin; final/... stays."""
+    if key.startswith("final/"):
+        return key
+    return "eval/" + key[5:] if key.startswith("eval_") else "train/" + key
 
 
 class _MlflowRun:

@@ -65,11 +65,15 @@ def _switched(model, name: str):
 
 
 class _Policy(torch.nn.Module):
-    """Holds the (peft) model so accelerate / DDP wrap one module, as the SFT recipe's CausalLMLoss does."""
+    """Holds the (peft) model so accelerate / DDP wrap one module, as the SFT recipe's CausalLMLoss does. Training
+    steps go through its forward: DDP all-reduces gradients only for a forward it ran."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    def forward(self, batch: dict, pcfg, stage: str, ref: dict | None, chunk_size: int):
+        return preference_step(self.model, batch, pcfg, stage, ref, chunk_size)
 
 
 @dataclass
@@ -260,8 +264,10 @@ def micro_step(s: PrefSession, examples: list[dict], grad: bool = True):
         ref = batch.get("ref")
         if ref is None and s.reference is not None:
             ref = reference_logps(s.reference, batch, stage, chunk)
-        with nullcontext() if grad else torch.no_grad():
-            return preference_step(s.inner, batch, s.cfg.preference, stage, ref, chunk)
+        if not grad:
+            with torch.no_grad():
+                return preference_step(s.inner, batch, s.cfg.preference, stage, ref, chunk)
+        return s.policy(batch, s.cfg.preference, stage, ref, chunk)
 
 
 def run_loop(s: PrefSession) -> None:
