@@ -106,3 +106,19 @@ def test_dpo_from_an_sft_adapter(tiny_model_dir, pref_files, tmp_path):
     assert abs(first["rewards/margin"]) < 1e-6  # step 1: the policy is still the reference
     assert set(load_file(run / "checkpoint-final" / "adapter_model.safetensors")) == set(
         load_file(sft / "checkpoint-final" / "adapter_model.safetensors"))
+
+
+def test_dpo_divergence_guard_names_step_and_pairs(tiny_model_dir, pref_files, tmp_path):
+    import torch
+
+    from tunelab.train.lifecycle import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+.*the batch held .*pairs\.jsonl"):
+        train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "nan", "dpo", "training.learning_rate=1e30",
+                   "training.max_grad_norm=0", "training.save_steps=1"))
+    run = tmp_path / "nan"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failure"] == "diverged"
+    assert "diverged at step" in (run / "train.log").read_text()
+    for _, folder in ckpt.complete_checkpoints(run):  # every kept checkpoint holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(folder / "adapter_model.safetensors").values())
