@@ -7,7 +7,8 @@
 Part 0, single stream (batch 1), prompt by prompt, the three engines taking turns on each prompt so that the
 machine's load falls on all of them alike: (a) transformers' `generate` as `tunelab infer` called it before
 (DynamicCache, the model's full forward per token), (b) `tunelab.infer.generate` now (the serve engine's loop
-with tunelab.decode's preallocated KV cache and lean step, bf16 weights prepacked for oneDNN), (c) llama.cpp
+with tunelab.decode's preallocated KV cache and lean step, bf16 weights prepacked for oneDNN), (b') the same
+with `weights="int8"` (opt-in: int8 copies of the weights, answers close to but not the model's own), (c) llama.cpp
 through llama-cpp-python on the project's own GGUF export of the same model (`export_gguf(..., quant="q8_0")`,
 the function behind `tunelab export --format gguf --quant q8_0`), greedy, same prompt tokens, same thread count.
 Time counts prefill and decode; tokens are the answer's tokens plus the end-of-turn token where it stopped.
@@ -98,7 +99,9 @@ def bench_single_stream(model, tok, prompts: list[str], max_new_tokens: int, ggu
 
     engines = {"transformers generate (before)": lambda c: _hf_generate_one(model, tok, c, max_new_tokens),
                "tunelab infer (now)": lambda c: generate(model, tok, [c], max_new_tokens=max_new_tokens,
-                                                         batch_size=1)[0]}
+                                                         batch_size=1, weights="model")[0],
+               "tunelab infer, int8 weights (opt-in)": lambda c: generate(
+                   model, tok, [c], max_new_tokens=max_new_tokens, batch_size=1, weights="int8")[0]}
     if gguf is not None:
         from llama_cpp import Llama
 
@@ -122,13 +125,14 @@ def bench_single_stream(model, tok, prompts: list[str], max_new_tokens: int, ggu
         say(f"  prompt {i + 1}/{len(convos)}: " + ", ".join(
             f"{name.split(' (')[0]} {answer_tokens(tok, answers[name], max_new_tokens) / secs[name]:.1f} tok/s"
             for name in engines))
-    before = next(iter(engines))
+    before, now = list(engines)[:2]
     rows = []
     for name in engines:
         tokens = answer_tokens(tok, answers[name], max_new_tokens)
         rows.append({"engine": name, "prompts": len(convos), "seconds": secs[name], "tokens": tokens,
                      "tokens_per_s": tokens / secs[name],
-                     "same_as_before": sum(a == b for a, b in zip(answers[name], answers[before]))})
+                     "same_as_before": sum(a == b for a, b in zip(answers[name], answers[before])),
+                     "same_as_now": sum(a == b for a, b in zip(answers[name], answers[now]))})
     return rows
 
 
@@ -136,11 +140,11 @@ def bench_generation(model, tok, prompts: list[str], max_new_tokens: int, batch_
     from tunelab.infer import as_conversation, generate
 
     convos = [as_conversation(p) for p in prompts]
-    generate(model, tok, convos[:2], max_new_tokens=4, batch_size=2)  # warm-up: allocations, kernel choice
+    generate(model, tok, convos[:2], max_new_tokens=4, batch_size=2, weights="model")  # warm-up
     rows, reference = [], None
     for bs in batch_sizes:
         t0 = time.perf_counter()
-        answers = generate(model, tok, convos, max_new_tokens=max_new_tokens, batch_size=bs)
+        answers = generate(model, tok, convos, max_new_tokens=max_new_tokens, batch_size=bs, weights="model")
         secs = time.perf_counter() - t0
         tokens = answer_tokens(tok, answers, max_new_tokens)
         reference = reference or answers
@@ -251,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Single stream (batch 1), {len(single and prompts[:n_single])} Alpaca prompts, greedy, <= {new_tokens} new "
           f"tokens, {dtype}, {threads} threads, {machine['cpu_kind']}, load average {load_avg} -> {load_end}")
     base = single[0]["tokens_per_s"]
-    print(text_table(["engine", "seconds", "answer tokens", "tokens/s", "vs before", "same answers as before"],
+    print(text_table(["engine", "seconds", "answer tokens", "tokens/s", "vs before", "same answers as before",
+                      "same as now"],
                      [[r["engine"], fmt(r["seconds"]), str(r["tokens"]), fmt(r["tokens_per_s"]),
-                       fmt(r["tokens_per_s"] / base, ".2f") + "×", f"{r['same_as_before']}/{r['prompts']}"]
-                      for r in single]))
+                       fmt(r["tokens_per_s"] / base, ".2f") + "×", f"{r['same_as_before']}/{r['prompts']}",
+                       f"{r['same_as_now']}/{r['prompts']}"] for r in single]))
     cpp = [r for r in single if r["engine"].startswith("llama.cpp")]
-    if cpp:
-        print(f"tunelab infer / llama.cpp q8_0: {single[1]['tokens_per_s'] / cpp[0]['tokens_per_s']:.2f}")
+    for r in single[1:] if cpp else []:
+        if r is not cpp[0]:
+            print(f"{r['engine']} / llama.cpp q8_0: {r['tokens_per_s'] / cpp[0]['tokens_per_s']:.2f}")
     if gen:
         print()
         print(f"Generation: tunelab.infer.generate, {n_prompts} Alpaca prompts, greedy, <= {new_tokens} new tokens, "

@@ -10,11 +10,18 @@ things remove most of it:
 
 - The cache is written in place into buffers with headroom (`KVCache`), so a step does not re-allocate and copy
   every layer's keys and values (`torch.cat` in DynamicCache) — 60 copies of the whole cache per token.
-- For Llama-shaped models (Llama, SmolLM, Qwen2, Mistral without a sliding window) the step calls the model's own
-  modules (projections, norms, MLP, rotary embedding; LoRA wrappers included) in the same order as transformers'
-  forward, but skips its per-call machinery: mask building, kwargs decorators, output dataclasses, cache
-  bookkeeping. In fp32 the logits equal transformers' to rounding and greedy answers are identical
-  (tests/test_decode.py). Other architectures get the model's own forward over the same cache.
+- For Llama-shaped models (Llama, SmolLM, Qwen2, Mistral without a sliding window) the step does the arithmetic of
+  transformers' forward with the model's own weights (projections, norms, MLP, rotary embedding; LoRA wrappers
+  included) but skips its per-call machinery (mask building, kwargs decorators, output dataclasses, cache
+  bookkeeping) and makes fewer calls: bf16 projections that read the same input are one prepacked product, q and
+  k are rotated together, a norm is two calls instead of eight, residuals are added in place. The logits are
+  those of the model's forward over the same cache bit for bit in bf16 and to rounding in fp32, where greedy
+  answers equal transformers' `generate` token for token (tests/test_decode.py).
+  Other architectures get the model's own forward over the same cache.
+
+Opt-in, `set_decode_weights(model, "int8")` (`infer.generate(..., weights="int8")`): the decode steps multiply
+with int8 copies of the weights, which halves the bytes read per token (the bound at batch 1), as llama.cpp's
+q8_0 does. Faster, and the answers are close to the model's, not equal.
 
 The prefill (a whole prompt, or a batch of left-padded prompts) stays with the model's forward and a DynamicCache:
 it runs once per request, and its cache is then copied into a KVCache.
@@ -105,8 +112,17 @@ def _packable(module) -> bool:
             and w.device.type == "cpu" and torch.backends.mkldnn.is_available())
 
 
-def _fast_linears(*modules) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """x -> (module(x) for each module), for modules that read the same input (q/k/v; gate/up).
+def _stacked(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The modules' weights (and biases, zeros where one has none) stacked along the output dimension."""
+    w = torch.cat([m.weight.detach() for m in modules])
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else w.new_zeros(m.out_features) for m, b in zip(modules, biases)])
+    return w, bias
+
+
+def _fast_linears(*modules) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> torch.cat([module(x) for module in modules], -1), for modules that read the same input (q/k/v; gate/up).
 
     For plain bf16 nn.Linear modules on CPU: one product with their weights stacked and prepacked in oneDNN's
     blocked layout, which makes a one-token bf16 product 1.5-2.5x faster on AVX512-BF16 CPUs (one call instead of
@@ -116,40 +132,100 @@ def _fast_linears(*modules) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]
     """
     if all(_packable(m) for m in modules):
         try:
-            w = torch.cat([m.weight.detach() for m in modules])
-            biases = [m.bias for m in modules]
-            bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else w.new_zeros(m.out_features) for m, b in zip(modules, biases)])
+            w, bias = _stacked(modules)
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
             op = torch.ops.mkldnn._linear_pointwise
             op(torch.zeros(1, w.shape[1], dtype=w.dtype), packed, bias, "none", [], "")  # fails here, not mid-answer
-            sizes = [m.out_features for m in modules]
-            return lambda x: op(x, packed, bias, "none", [], "").split(sizes, dim=-1)
+            return lambda x: op(x, packed, bias, "none", [], "")
         except (RuntimeError, AttributeError):  # a torch built without oneDNN's packed linear
             pass
-    return lambda x: tuple(m(x) for m in modules)
+    if len(modules) == 1:
+        return modules[0]
+    return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+
+
+def _int8_linears(*modules) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Like `_fast_linears`, with the weights rounded to int8 (one scale per output row): `weights="int8"`.
+
+    The product is fbgemm's dynamic int8 linear (the activations are quantised per call, as llama.cpp's q8_0
+    does per block), which reads half the bytes of bf16 and runs ~2.5x faster per product on this CPU. The
+    answers are no longer the model's own: close, not equal (tests/test_decode.py). LoRA-wrapped projections and
+    a torch without fbgemm keep `_fast_linears`.
+    """
+    if not all(type(m) is torch.nn.Linear and m.weight.device.type == "cpu" for m in modules):
+        return _fast_linears(*modules)
+    try:
+        import warnings
+
+        w, bias = _stacked(modules)
+        w = w.float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        with warnings.catch_warnings():  # torch marks its quantised tensors deprecated; the kernels are current
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scales.double(), torch.zeros(w.shape[0], dtype=torch.long), 0,
+                                            torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+        op = torch.ops.quantized.linear_dynamic
+        op(torch.zeros(1, w.shape[1]), packed, True)  # fails here, not mid-answer
+    except (RuntimeError, AttributeError):  # a torch built without fbgemm
+        return _fast_linears(*modules)
+    # 8-bit activations need VNNI (int32 sums); without it fbgemm's int16 partial sums could saturate, so the
+    # activations get 7 bits there (reduce_range), which costs agreement (bench/README.md)
+    reduce_range = not _cpu_has_vnni()
+    return lambda x: op(x.float(), packed, reduce_range).to(x.dtype)
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+WEIGHTS = ("model", "int8")  # what decode steps multiply with: the model's own weights, or int8 copies of them
 
 
 class _Parts:
     """The modules of a Llama-shaped causal LM, found once (through a PEFT wrapper if there is one)."""
 
-    def __init__(self, model):
+    def __init__(self, model, weights: str = "model"):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.embed = inner.model.embed_tokens
         self.layers = list(inner.model.layers)
         self.norm = inner.model.norm
         self.rotary = inner.model.rotary_emb
-        self.lm_head = _fast_linears(inner.lm_head)
-        # per layer: x -> (q, k, v), (o,), (gate, up), (down,)
-        self.linears = [(_fast_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj),
-                         _fast_linears(l.self_attn.o_proj), _fast_linears(l.mlp.gate_proj, l.mlp.up_proj),
-                         _fast_linears(l.mlp.down_proj)) for l in self.layers]
+        self.weights = weights
+        fast = _int8_linears if weights == "int8" else _fast_linears
+        self.lm_head = fast(inner.lm_head)
+        # per layer: x -> [q|k|v], o, [gate|up], down
+        self.linears = [(fast(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), fast(l.self_attn.o_proj),
+                         fast(l.mlp.gate_proj, l.mlp.up_proj), fast(l.mlp.down_proj)) for l in self.layers]
+        # the norms as (weight, eps): LlamaRMSNorm's arithmetic in three calls instead of eight (same bits)
+        self.norms = [(_norm(l.input_layernorm), _norm(l.post_attention_layernorm)) for l in self.layers]
+        self.final_norm = _norm(self.norm)
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.groups = attn.num_key_value_groups
+        self.heads = inner.config.num_attention_heads
+        self.kv_heads = inner.config.num_key_value_heads
+        self.intermediate = self.layers[0].mlp.gate_proj.out_features
         # what the packed copies were made from: a weight changed in place (full fine-tuning between two
         # evaluations) or a module swapped (LoRA attached) makes them stale
         self.version = _weights_version(inner)
+
+
+def _norm(module) -> tuple[torch.Tensor, float]:
+    return module.weight, module.variance_epsilon
+
+
+def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """LlamaRMSNorm: normalised in fp32 and rounded to x's dtype (what torch's rms_norm does for bf16 without a
+    weight), then scaled in x's dtype: bit for bit transformers' result in two calls instead of eight."""
+    weight, eps = norm
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 def _weights_version(inner) -> tuple:
@@ -157,7 +233,25 @@ def _weights_version(inner) -> tuple:
     return tuple((id(m), m.weight.data_ptr(), m.weight._version) for m in mods)
 
 
-_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its _Parts, gone with the model
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {weights: _Parts}, gone with the model
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> "int8" when asked for
+
+
+def set_decode_weights(model, weights: str = "model") -> None:
+    """Decode `model` with its own weights ("model", the default) or with int8 copies of them ("int8").
+
+    int8 halves the bytes read per token (2x faster single-stream decoding on a 2-core AVX512 CPU, see
+    bench/README.md) and changes the answers: opt-in. It applies to the decode steps of Llama-shaped models (the
+    prompt is still read by the model's forward) and to plain linear layers (not LoRA-wrapped ones).
+    """
+    if weights not in WEIGHTS:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"unknown decode weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "model":
+        _WEIGHTS.pop(model, None)
+    else:
+        _WEIGHTS[model] = weights
 
 
 def _llama_shaped(model) -> bool:
@@ -173,7 +267,8 @@ def _llama_shaped(model) -> bool:
     try:
         layer = inner.model.layers[0]
         return all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and not hasattr(
-            layer.self_attn, "q_norm") and hasattr(layer, "mlp") and hasattr(inner, "lm_head")
+            layer.self_attn, "q_norm") and hasattr(layer, "mlp") and hasattr(inner, "lm_head") and hasattr(
+            layer.input_layernorm, "variance_epsilon")
     except (AttributeError, IndexError):
         return False
 
@@ -185,9 +280,11 @@ def decode_step_for(model) -> Step:
     """The fastest correct decode step for `model`: (kv, ids, positions, mask) -> logits [rows, vocab]."""
     if _llama_shaped(model):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        parts = _PARTS.get(model)
+        weights = _WEIGHTS.get(model, "model")
+        made = _PARTS.setdefault(model, {})  # per kind of weights: switching back and forth packs nothing again
+        parts = made.get(weights)
         if parts is None or parts.version != _weights_version(inner):
-            parts = _PARTS[model] = _Parts(model)
+            parts = made[weights] = _Parts(model, weights)
         return functools.partial(_llama_step, parts)
     return functools.partial(_model_step, model)
 
@@ -196,34 +293,37 @@ def _llama_step(p: _Parts, kv: KVCache, ids, positions, mask) -> torch.Tensor:
     """One token per row through every layer, writing its key and value into column kv.length in place.
 
     The same operations as transformers' LlamaModel.forward for one query token (sdpa with the query heads
-    grouped by key/value head, as its `pack_gqa` does), minus the machinery around them.
+    grouped by key/value head, as its `pack_gqa` does), minus the machinery around them, and with fewer calls:
+    q and k are rotated together, norms are one fused call, residuals are added in place. In bf16 each of these
+    rounds as transformers' separate operations do.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     kv.reserve(1)
-    n, rows = kv.length, ids.shape[0]
+    n, rows, d = kv.length, ids.shape[0], p.head_dim
+    q_heads, qk_heads = p.heads, p.heads + p.kv_heads
     hidden = p.embed(ids)
-    cos, sin = p.rotary(hidden, position_ids=positions)
+    cos, sin = p.rotary(hidden, position_ids=positions)  # [rows, 1, d], shared by the heads
+    half, inter = d // 2, p.intermediate
+    # rotate_half(x) * sin == x.roll(half) * sin_signed: the sign moved onto sin, the same products exactly
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     # [rows, 1, 1, n + 1], True where the row may attend, shared by the heads; None when no row has padding
     # (transformers passes no mask then either: the same sdpa kernel, so bf16 rounds the same way)
     allowed = None if bool(mask.all()) else mask[:, None, None, :].bool()
-    for i, layer in enumerate(p.layers):
-        x = layer.input_layernorm(hidden)
-        qkv, o_proj, gate_up, down = p.linears[i]
-        q, k, v = (t.reshape(rows, 1, -1, p.head_dim).transpose(1, 2) for t in qkv(x))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        kv.keys[i][:, :, n:n + 1] = k
-        kv.values[i][:, :, n:n + 1] = v
-        keys, values = kv.keys[i][:, :, :n + 1], kv.values[i][:, :, :n + 1]
-        if p.groups > 1:  # [rows, heads, 1, d] -> [rows, kv heads, groups, d]: attention on the kv heads
-            q = q.reshape(rows, -1, p.groups, p.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=p.scaling)
-        out = out.reshape(rows, -1, 1, p.head_dim).transpose(1, 2).reshape(rows, 1, -1)
-        hidden = hidden + o_proj(out)[0]
-        gate, up = gate_up(layer.post_attention_layernorm(hidden))
-        hidden = hidden + down(F.silu(gate) * up)[0]
+    for i, (qkv, o_proj, gate_up, down) in enumerate(p.linears):
+        norm_in, norm_post = p.norms[i]
+        heads = qkv(_rms_norm(hidden, norm_in)).view(rows, -1, d)  # [rows, q + k + v heads, d]
+        qk = heads.narrow(1, 0, qk_heads)
+        qk = qk * cos + qk.roll(half, -1) * sin  # RoPE on q and k at once (narrow: a view, cheaper than [])
+        kv.keys[i].narrow(2, n, 1).copy_(qk.narrow(1, q_heads, p.kv_heads).unsqueeze(2))
+        kv.values[i].narrow(2, n, 1).copy_(heads.narrow(1, qk_heads, p.kv_heads).unsqueeze(2))
+        # [rows, heads, d] -> [rows, kv heads, groups, d]: attention on the kv heads, the groups as queries
+        q = qk.narrow(1, 0, q_heads).view(rows, p.kv_heads, p.groups, d)
+        out = F.scaled_dot_product_attention(q, kv.keys[i].narrow(2, 0, n + 1), kv.values[i].narrow(2, 0, n + 1),
+                                             attn_mask=allowed, scale=p.scaling)
+        hidden += o_proj(out.reshape(rows, 1, -1))
+        gate_up_out = gate_up(_rms_norm(hidden, norm_post))
+        hidden += down(F.silu(gate_up_out.narrow(-1, 0, inter)).mul_(gate_up_out.narrow(-1, inter, inter)))
     kv.length = n + 1
-    return p.lm_head(p.norm(hidden))[0][:, -1]
+    return p.lm_head(_rms_norm(hidden, p.final_norm))[:, -1]
 
 
 class _CacheView:

@@ -38,6 +38,13 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, repetition_
                     repetition_penalty=repetition_penalty, seed=seed)
 
 
+def _set_weights(model, weights: str | None) -> None:
+    if weights is not None:
+        from tunelab.decode import set_decode_weights
+
+        set_decode_weights(model, weights)
+
+
 def as_conversation(prompt: str | Conversation, system: str | None = None) -> Conversation:
     convo = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and not (convo and convo[0]["role"] == "system"):
@@ -47,17 +54,20 @@ def as_conversation(prompt: str | Conversation, system: str | None = None) -> Co
 
 def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             seed: int | None = None, batch_size: int = 16) -> list[str]:
+             seed: int | None = None, batch_size: int = 16, weights: str | None = None) -> list[str]:
     """Answer each conversation (rendered with add_generation_prompt). Returns the answers in input order.
 
     The serve engine's decode loop, run in this thread: up to `batch_size` prompts decode together and a
     finished one's place goes to the next prompt at once. Sampling is seeded per prompt (`seed`), so an answer
-    does not depend on the batch it shared.
+    does not depend on the batch it shared. `weights="int8"` decodes with int8 copies of the weights (faster,
+    answers close to but not the model's own; `tunelab.decode.set_decode_weights`), "model" with its own; None
+    keeps what was set for this model.
     """
     from tunelab.serve.engine import Engine, Job
 
     if not conversations:
         return []
+    _set_weights(model, weights)
     sampling = _sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     texts = [render(tokenizer, c, add_generation_prompt=True) for c in conversations]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -83,15 +93,17 @@ class StreamResult:
 
 def stream_generate(model, tokenizer, prompt_ids: list[int], result: StreamResult, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                    seed: int | None = None) -> Iterator[str]:
+                    seed: int | None = None, weights: str | None = None) -> Iterator[str]:
     """Yield text pieces as they are generated (a background thread runs the decode loop); `result` gets the totals.
 
-    Setting `result.cancel` stops the generation at the next token (a client that went away).
+    Setting `result.cancel` stops the generation at the next token (a client that went away). `weights`: as in
+    `generate`.
     """
     import queue
 
     from tunelab.serve.engine import Engine, Job
 
+    _set_weights(model, weights)
     pieces_q: queue.Queue[str | None] = queue.Queue()
     job = Job(list(prompt_ids), _sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed),
               sink=pieces_q.put, cancel=result.cancel)
