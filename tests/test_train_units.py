@@ -300,3 +300,46 @@ def test_frozen_head_loss_under_autocast_matches_the_recomputing_path(tiny_model
     assert fused == pytest.approx(recomputed, rel=1e-3)
     for k, g in g2.items():
         assert torch.allclose(g1[k], g, rtol=0.05, atol=0.02 * float(g.abs().max())), k
+
+
+def _saved_bytes_and_grads(model, batch) -> tuple[int, float, dict]:
+    """Bytes autograd keeps for backward (unique storages, parameters excluded), the loss and every gradient."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad()
+    torch.manual_seed(123)  # the same dropout masks for both models
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s, n = CausalLMLoss(model)(**batch)
+    (s / n).backward()
+    return sum(seen.values()), float(s.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                   if p.grad is not None}
+
+
+def test_gradient_checkpointing_keeps_layer_inputs_only_and_the_same_gradients(tiny_model_dir, tiny_tokenizer):
+    """The recipe's model trains in training mode, so transformers really checkpoints its layers (it skipped them
+    in eval mode, where from_pretrained leaves a model): far fewer saved bytes, the same loss and gradients."""
+    from tunelab.config import load_config
+    from tunelab.train.distributed import make_accelerator
+    from tunelab.train.recipe import build_model
+
+    batch = collate_packed(_examples(tiny_tokenizer))
+    results = []
+    for ckpt in ("false", "true"):
+        cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32", "lora.dropout=0.1",
+                                 f"training.gradient_checkpointing={ckpt}"])
+        model, _ = build_model(cfg, make_accelerator(), lambda *_: None)
+        assert all(m.training for m in model.modules())
+        results.append(_saved_bytes_and_grads(model, batch))
+    (plain, loss, grads), (checkpointed, loss_ckpt, grads_ckpt) = results
+    assert checkpointed < plain / 2, (checkpointed, plain)
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    assert grads_ckpt.keys() == grads.keys()
+    for k, g in grads.items():
+        assert torch.allclose(grads_ckpt[k], g, rtol=1e-4, atol=1e-6), k

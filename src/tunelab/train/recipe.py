@@ -397,6 +397,9 @@ def build_model(cfg: Config, accelerator, say):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
     model = apply_method(model, cfg)
+    # from_pretrained returns the model in eval mode and peft's wrapper does not change its layers: transformers
+    # checkpoints a layer only in training mode, so without this gradient checkpointing did nothing
+    model.train()
     if accelerator.device.type == "cpu" and lever_enabled("fast_dropout") and install_fast_dropout(model):
         say(f"LoRA dropout {cfg.lora.dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
     if accelerator.device.type == "cpu" and lever_enabled("fused_lora") and install_fused_lora(model):
