@@ -56,28 +56,43 @@ def _prefill(model, prompts, headroom):
     return KVCache.from_cache(cache, headroom=headroom), mask, out.logits[:, -1].argmax(-1)
 
 
+def _paired_steps(model, step_a, step_b, prompts, steps, headroom):
+    """Prefill `prompts` twice, then feed both decode steps the same tokens (step_a's greedy picks) `steps` times.
+
+    Returns the [(logits_a, logits_b)] of every step and both caches."""
+    import torch
+
+    with torch.inference_mode():
+        kv_a, mask, token = _prefill(model, prompts, headroom=headroom)
+        kv_b, _, _ = _prefill(model, prompts, headroom=headroom)
+        lengths = torch.tensor([len(p) for p in prompts])
+        pairs = []
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            a = step_a(kv_a, token[:, None], lengths[:, None], mask)
+            pairs.append((a, step_b(kv_b, token[:, None], lengths[:, None], mask)))
+            token, lengths = a.argmax(-1), lengths + 1
+    assert kv_a.length == kv_b.length == mask.shape[1]
+    return pairs, kv_a, kv_b
+
+
 def test_fast_step_equals_the_model_forward_with_padding_and_growing_cache(tiny):
     """Rows of different lengths (left padding), a cache that must grow twice: the lean Llama step and the model's
     own forward give the same logits at every step (fp32)."""
+    import functools
+
     import torch
 
     from tunelab.decode import _llama_step, _model_step, decode_step_for
 
     model, _ = tiny
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     fast = decode_step_for(model)
     assert fast.func is _llama_step  # the lean path was chosen for this Llama
-    with torch.inference_mode():
-        kv_a, mask, token = _prefill(model, prompts, headroom=1)
-        kv_b, _, _ = _prefill(model, prompts, headroom=1)
-        lengths = torch.tensor([len(p) for p in prompts])
-        for _ in range(6):
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            a = fast(kv_a, token[:, None], lengths[:, None], mask)
-            b = _model_step(model, kv_b, token[:, None], lengths[:, None], mask)
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-            token, lengths = a.argmax(-1), lengths + 1
-        assert kv_a.length == kv_b.length == mask.shape[1] and kv_a.capacity >= kv_a.length
+    pairs, kv, _ = _paired_steps(model, fast, functools.partial(_model_step, model),
+                                 [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]], steps=6, headroom=1)
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert kv.capacity >= kv.length
 
 
 def test_dropping_rows_and_padding_columns_keeps_the_rest_unchanged(tiny):
@@ -141,29 +156,24 @@ def test_weights_changed_in_place_are_seen_by_the_next_decode(model_dir):
 def test_bf16_step_is_bit_identical_to_the_model_forward(model_dir, prompts):
     """The fused calls of the lean step (q and k rotated together, rms_norm, in-place residuals) round as
     transformers' separate operations do: in bf16 its logits equal the model's own forward bit for bit."""
+    import functools
+
     import torch
 
     from tunelab.decode import _model_step, decode_step_for
     from tunelab.infer import load
 
     model, _ = load(str(model_dir), dtype="bf16")
-    fast = decode_step_for(model)
-    with torch.inference_mode():
-        kv_a, mask, token = _prefill(model, prompts, headroom=2)
-        kv_b, _, _ = _prefill(model, prompts, headroom=2)
-        lengths = torch.tensor([len(p) for p in prompts])
-        for _ in range(5):
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            a = fast(kv_a, token[:, None], lengths[:, None], mask)
-            b = _model_step(model, kv_b, token[:, None], lengths[:, None], mask)
-            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
-            token, lengths = a.argmax(-1), lengths + 1
+    pairs, _, _ = _paired_steps(model, decode_step_for(model), functools.partial(_model_step, model), prompts,
+                                steps=5, headroom=2)
+    for a, b in pairs:
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_int8_weights_give_logits_close_to_the_models(model_dir, dtype):
     """weights="int8" (opt-in): each step's logits stay close to those of the model's own weights and mostly
-    pick the same next token, over the same tokens (teacher-forced); "model" again gives the exact step back."""
+    pick the same next token, over the same tokens (teacher-forced)."""
     import torch
 
     from tunelab.decode import decode_step_for, set_decode_weights
@@ -175,21 +185,12 @@ def test_int8_weights_give_logits_close_to_the_models(model_dir, dtype):
     int8 = decode_step_for(model)
     set_decode_weights(model, "model")
     own = decode_step_for(model)
-    agree = steps = 0
-    with torch.inference_mode():
-        kv_a, mask, token = _prefill(model, prompts, headroom=16)
-        kv_b, _, _ = _prefill(model, prompts, headroom=16)
-        lengths = torch.tensor([len(p) for p in prompts])
-        for _ in range(12):
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            a = own(kv_a, token[:, None], lengths[:, None], mask).float()
-            b = int8(kv_b, token[:, None], lengths[:, None], mask).float()
-            assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
-            assert (a - b).abs().max() < 0.1 * a.abs().max()
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            steps += len(prompts)
-            token, lengths = a.argmax(-1), lengths + 1
-    assert agree >= 0.75 * steps
+    pairs, _, _ = _paired_steps(model, own, int8, prompts, steps=12, headroom=16)
+    for a, b in ((a.float(), b.float()) for a, b in pairs):
+        assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+        assert (a - b).abs().max() < 0.1 * a.abs().max()
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in pairs)
+    assert agree >= 0.75 * len(pairs) * len(prompts)
 
 
 def test_int8_answers_mostly_agree_and_model_weights_come_back(tiny):

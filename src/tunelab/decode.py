@@ -240,7 +240,7 @@ _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> "i
 def set_decode_weights(model, weights: str = "model") -> None:
     """Decode `model` with its own weights ("model", the default) or with int8 copies of them ("int8").
 
-    int8 halves the bytes read per token (2x faster single-stream decoding on a 2-core AVX512 CPU, see
+    int8 halves the bytes read per token (a step ~1.8x as fast as bf16's on a 2-core AVX512-BF16 CPU, see
     bench/README.md) and changes the answers: opt-in. It applies to the decode steps of Llama-shaped models (the
     prompt is still read by the model's forward) and to plain linear layers (not LoRA-wrapped ones).
     """
