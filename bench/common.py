@@ -7,6 +7,8 @@
   the ceiling that model-FLOPs utilisation is measured against.
 - `alpaca_records(n)`: the Alpaca demo from `../shared/data/llamafactory/alpaca_en_demo.json` when present, else
   records generated here (deterministic).
+- `preference_records(kind)`: LLaMA-Factory's `dpo_en_demo.json` (pairs) or `kto_en_demo.json` (labelled answers)
+  from the same folder when present, else pairs / labelled answers generated here in the same forms.
 
 Benchmarks import this module as `bench.common` (run them from the repository root) or as `common` (run as
 scripts: their own folder is first on sys.path).
@@ -27,7 +29,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_ALPACA = REPO.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
+SHARED_DATA = REPO.parent / "shared" / "data" / "llamafactory"
+SHARED_ALPACA = SHARED_DATA / "alpaca_en_demo.json"
+SHARED_PREFERENCE = {"pairs": SHARED_DATA / "dpo_en_demo.json", "kto": SHARED_DATA / "kto_en_demo.json"}
 GIB = 2**30
 
 
@@ -109,6 +113,23 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, poll_s:
                        "".join(tail))
 
 
+def step_timer(times: list[float]):
+    """A transformers `TrainerCallback` that appends the seconds of each optimiser step to `times`, each step timed
+    from the end of the previous one (the first from the start of training)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
+
+    return StepTimer()
+
+
 def current_peak_rss_bytes() -> int:
     """This process's own resident high-water mark."""
     import resource
@@ -184,6 +205,29 @@ def alpaca_records(n: int | None = None, seed: int = 0) -> tuple[list[dict[str, 
     recs = [{"instruction": f"{i}: {text(5, 30)}?", "input": text(0, 20) if i % 3 == 0 else "",
              "output": text(10, 200) + "."} for i in range(n or 1000)]
     return recs, f"generated ({len(recs)} records, seed {seed})"
+
+
+def preference_records(kind: str, n: int = 300, seed: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """(records, source) for kind "pairs" (dpo / orpo / simpo) or "kto": the shared LLaMA-Factory demo when present,
+    else `n` generated records in its forms (ShareGPT `conversations` + `chosen` / `rejected`; KTO `messages` +
+    `label`), deterministic."""
+    path = SHARED_PREFERENCE[kind]
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    if kind == "pairs":  # the chosen answer polite and on topic, the rejected one curt or rambling
+        recs = [{"conversations": [{"from": "human", "value": f"{i}: {text(5, 40)}?"}],
+                 "chosen": {"from": "gpt", "value": "Certainly. " + text(10, 120) + "."},
+                 "rejected": {"from": "gpt", "value": "No." if i % 2 else text(40, 160)}} for i in range(n)]
+    else:
+        recs = [{"messages": [{"role": "user", "content": f"{i}: {text(5, 40)}?"},
+                              {"role": "assistant", "content": ("Certainly. " + text(10, 120) + ".") if i % 3
+                               else "No."}], "label": bool(i % 3)} for i in range(n)]
+    return recs, f"generated ({len(recs)} {'pairs' if kind == 'pairs' else 'labelled answers'}, seed {seed})"
 
 
 # ---------------------------------------------------------------- small statistics and formatting
