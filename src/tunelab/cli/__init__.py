@@ -60,12 +60,16 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
         from tunelab.runtime import reexec_with_allocator_settings
 
         reexec_with_allocator_settings(args.verb)
+    import logging
     import warnings
 
     from tunelab.errors import TunelabError
 
     # peft 0.21 still calls a transformers attribute renamed in 5.x; harmless, and noise in every run's output
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes (imported by peft in every run) reports at import that the optional `kernels` hub package for
+    # faster 4-bit CPU matmuls is missing; it is not needed, and "Failed to load" in a LoRA run's log misleads
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     module = importlib.import_module(VERBS[args.verb][0])
     try:
