@@ -134,6 +134,11 @@ def test_cli_prompt_and_root_script(tiny_model_dir, run_dir, capsys):
     from tunelab.cli import main
 
     assert main(["infer", "--adapter", str(run_dir), "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert main(["infer", "--model", str(tiny_model_dir), "--prompt", "Hi", "--max-new-tokens", "4",
+                 "--weights", "int8"]) == 0  # opt-in int8 decode weights
+    capsys.readouterr()
+    assert main(["infer", "--adapter", str(run_dir), "--compare", "--weights", "int8"]) == 2
+    assert "--weights int8 is for answering" in capsys.readouterr().err
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "inference.py"), "--model", str(tiny_model_dir), "--prompt",
                            "Hi", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require this bearer key on every route but /health (default: $TUNELAB_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--weights", choices=["model", "int8"], default="model",
+                   help="decode with the model's own weights (default) or int8 copies of them (faster on CPU, "
+                        "answers close to but not always the model's own)")
     for name, (default, text) in LIMITS.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default,
                        help=f"{text} (default: {default})" if default is not None else text)
@@ -58,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
                              for err in e.errors())
         raise TunelabError(f"invalid serve option: {problems}") from None
     serve(args.model, adapter=args.adapter, host=args.host, port=args.port, model_name=args.model_name,
-          dtype=args.dtype, settings=settings)
+          dtype=args.dtype, settings=settings, weights=args.weights)
     return 0

@@ -538,16 +538,19 @@ async def completions(req: CompletionRequest, request: Request):
 
 def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           model_name: str | None = None, dtype: str = "auto", settings: ServeSettings | None = None,
-          **fields: Any) -> None:
-    """Load the model (and adapter) and serve it until interrupted; `fields` override `settings`."""
+          weights: str = "model", **fields: Any) -> None:
+    """Load the model (and adapter) and serve it until interrupted; `fields` override `settings`; `weights`: what
+    decode steps multiply with (`tunelab.decode.set_decode_weights`: "model" or opt-in "int8")."""
     from pathlib import Path
 
     import uvicorn
 
+    from tunelab.decode import set_decode_weights
     from tunelab.infer import load
 
     settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
     m, tok = load(model, adapter=adapter, dtype=dtype)
+    set_decode_weights(m, weights)
     name = model_name
     if not name and adapter:
         folder = Path(adapter).resolve()
@@ -557,6 +560,7 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     app = create_app(m, tok, name, settings)
     dtype_name = str(next(m.parameters()).dtype).removeprefix("torch.")
+    dtype_name += ", int8 decode weights" if weights == "int8" else ""
     print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "
           f"http://{host}:{port}/v1 (OpenAI-compatible){' with an API key' if settings.api_key else ''}")
     # on SIGTERM, answers in flight get 10 s to finish; then the engine stops and fails the rest with a 503
