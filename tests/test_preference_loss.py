@@ -114,8 +114,9 @@ def _trl_args(cls, tmp_path, batch, **kw):
                bf16=False, fp16=False, max_length=None, **kw)
 
 
-@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0)])
-def test_dpo_equals_trl(tiny_model_dir, tok, tmp_path, loss_type, smoothing):
+@pytest.mark.parametrize("loss_type,smoothing,sft_weight", [("sigmoid", 0.0, 0.0), ("hinge", 0.0, 0.0),
+                                                             ("ipo", 0.0, 0.0), ("sigmoid", 0.0, 0.7)])
+def test_dpo_equals_trl(tiny_model_dir, tok, tmp_path, loss_type, smoothing, sft_weight):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -124,7 +125,10 @@ def test_dpo_equals_trl(tiny_model_dir, tok, tmp_path, loss_type, smoothing):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = DPOTrainer(model=_base_model(tiny_model_dir), peft_config=_lora_config(),
-                             args=_trl_args(DPOConfig, tmp_path, len(pairs), beta=0.3, loss_type=[loss_type]),
+                             args=_trl_args(DPOConfig, tmp_path, len(pairs), beta=0.3,
+                                            # sft_weight: TRL's RPO form, the sft loss added with its weight
+                                            loss_type=[loss_type] + ["sft"] * bool(sft_weight),
+                                            loss_weights=[1.0, sft_weight] if sft_weight else None),
                              train_dataset=data, processing_class=tok)
     _moderate(trainer.model)
     ours_model = _same_adapter(tiny_model_dir, trainer.model)
@@ -135,7 +139,7 @@ def test_dpo_equals_trl(tiny_model_dir, tok, tmp_path, loss_type, smoothing):
     trl_loss.backward()
     trl_grads = _grads(trainer.model)
 
-    pcfg = PreferenceConfig(beta=0.3, loss_type=loss_type, label_smoothing=smoothing)
+    pcfg = PreferenceConfig(beta=0.3, loss_type=loss_type, label_smoothing=smoothing, sft_weight=sft_weight)
     loss, grads = _ours(ours_model, collate_pairs(pairs), "dpo", pcfg)
     _compare(loss, grads, float(trl_loss), trl_grads)
 

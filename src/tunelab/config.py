@@ -139,6 +139,11 @@ class PreferenceConfig(_Section):
                                "(SLiC).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid / simpo: assumed share of pairs whose "
                                                                   "labels are flipped (conservative DPO).")
+    sft_weight: float = Field(0.0, ge=0, description="dpo: add this weight x the chosen answers' NLL (a token mean "
+                                                     "over the micro-batch) to the loss, so the chosen answers also "
+                                                     "become likelier, not only the rejected ones unlikelier (RPO; "
+                                                     "TRL's loss_type=[sigmoid, sft] with loss_weights=[1, w], "
+                                                     "LLaMA-Factory's pref_ftx).")
     gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma in -log sigmoid(beta x (mean "
                                                 "logp chosen - mean logp rejected) - gamma) (TRL's simpo_gamma).")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) examples.")

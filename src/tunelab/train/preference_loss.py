@@ -158,6 +158,10 @@ def preference_step(model, batch: dict, pcfg, stage: str, ref: dict | None, chun
     if stage == "dpo":
         losses, r_c, r_r = dpo_losses(chosen, rejected, ref["logps"][:n], ref["logps"][n:], n_c, n_r, pcfg.beta,
                                       pcfg.loss_type, pcfg.label_smoothing)
+        if pcfg.sft_weight:  # RPO: the chosen answers' NLL, a token mean over the micro-batch, added to each pair
+            nll = -chosen.sum() / n_c.sum().clamp(min=1)
+            losses = losses + pcfg.sft_weight * nll
+            extra = {"nll_loss": float(nll.detach()) * n}
     elif stage == "simpo":
         losses, r_c, r_r = simpo_losses(chosen / n_c.clamp(min=1), rejected / n_r.clamp(min=1), pcfg.beta,
                                         pcfg.gamma, pcfg.label_smoothing)
