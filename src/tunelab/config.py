@@ -148,6 +148,9 @@ class PreferenceConfig(_Section):
                                                 "logp chosen - mean logp rejected) - gamma) (TRL's simpo_gamma).")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) examples.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) examples.")
+    disable_dropout: bool = Field(True, description="Train preference stages without dropout (LoRA's and the "
+                                                    "model's), so a policy log-ratio to the reference is not noise "
+                                                    "(TRL's disable_dropout default). False: lora.dropout applies.")
     precompute_ref_logps: bool = Field(False, description="dpo / kto: compute the reference log-probabilities once "
                                                           "before training and cache them in the run folder, "
                                                           "instead of a reference forward every step.")

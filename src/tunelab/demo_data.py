@@ -133,12 +133,17 @@ VERBOSE_ZH = ("嗯，这是一个非常非常有意思的问题，在回答之�
 
 
 def preference_records() -> list[dict]:
-    """Pairs in TRL's explicit-prompt form: even items rejected as rude, odd ones as verbose (each language)."""
+    """Pairs in TRL's explicit-prompt form. The rejected answer takes turns: rude, rambling, and off-topic (reciting
+    Tuna's introduction instead of answering: what the demo's SFT model itself does to questions it was not taught,
+    e.g. in Chinese). Identity questions, where the introduction is the answer, get a rude one instead."""
     recs = []
     for i, (q, a) in enumerate(PREFERENCE_QA):
         zh = any("\u4e00" <= c <= "\u9fff" for c in q)
         rude, verbose = (RUDE_ZH, VERBOSE_ZH) if zh else (RUDE_EN, VERBOSE_EN)
-        rejected = rude[i % len(rude)] if i % 2 == 0 else verbose.format(a=a)
+        kind = i % 3
+        if kind == 2 and ("Tuna" in a or a == CREATOR):
+            kind = 0
+        rejected = (rude[i % len(rude)], verbose.format(a=a), IDENTITY)[kind]
         recs.append({"prompt": q, "chosen": a, "rejected": rejected})
     return recs
 

@@ -47,8 +47,19 @@ REF_ADAPTER = "ref"
 
 
 @contextmanager
+def _eval_mode(model):
+    """The reference is deterministic: no dropout while it runs (TRL disables dropout for the same reason)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def adapter_disabled(model):
-    with model.disable_adapter():
+    with model.disable_adapter(), _eval_mode(model):
         yield model
 
 
@@ -56,7 +67,8 @@ def adapter_disabled(model):
 def _switched(model, name: str):
     model.set_adapter(name)
     try:
-        yield model
+        with _eval_mode(model):
+            yield model
     finally:
         model.set_adapter("default")
         for n, p in model.named_parameters():  # set_adapter re-enables gradients per adapter: keep ref frozen
@@ -168,6 +180,12 @@ def build_policy(cfg: Config, accelerator, say):
         model, choice = _from_adapter(cfg, accelerator, say)
     else:
         model, choice = build_model(cfg, accelerator, say)
+    if cfg.preference.disable_dropout:
+        dropped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        for m in dropped:
+            m.p = 0.0
+        if dropped:
+            say(f"Dropout off in {len(dropped)} layers (preference.disable_dropout, as TRL)")
     if stage not in ("dpo", "kto"):
         return model, choice, None, {"kind": "none", "why": f"{stage} needs no reference model"}
     if cfg.model.adapter:
@@ -190,19 +208,16 @@ def _from_adapter(cfg: Config, accelerator, say):
     from peft import PeftModel
 
     from tunelab.model.adapters import parameter_counts
-    from tunelab.model.loading import choose_dtype, load_model, resolve_adapter_dir
+    from tunelab.model.loading import resolve_adapter_dir
+    from tunelab.train.recipe import load_base, ready_to_train
 
-    choice = choose_dtype(cfg.model.dtype)
-    say(f"Precision: {choice.name} ({choice.reason})")
     folder = resolve_adapter_dir(cfg.model.adapter)
-    base, _ = load_model(cfg.model.name, dtype=choice.name, revision=cfg.model.revision,
-                         trust_remote_code=cfg.model.trust_remote_code,
-                         attn_implementation=cfg.model.attn_implementation)
-    base.config.use_cache = False
+    base, choice = load_base(cfg, accelerator, say)
     model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     if cfg.training.stage in ("dpo", "kto"):
         model.load_adapter(str(folder), adapter_name=REF_ADAPTER, is_trainable=False)
         model.set_adapter("default")
+    model = ready_to_train(model, accelerator, say, model.peft_config["default"].lora_dropout)
     trainable, total = parameter_counts(model)
     say(f"Starting from adapter {folder} | trainable params: {trainable:,} / {total:,}")
     return model, choice

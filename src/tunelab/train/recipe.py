@@ -367,12 +367,24 @@ def finish(s: Session) -> None:
 
 
 def build_model(cfg: Config, accelerator, say):
-    from tunelab.model.adapters import apply_method, bnb_config, parameter_counts
+    """The base model (`load_base`) with the run's new adapter, or trainable weights for method=full."""
+    from tunelab.model.adapters import apply_method, parameter_counts
+
+    model, choice = load_base(cfg, accelerator, say)
+    torch.manual_seed(cfg.training.seed)  # adapter initialisation
+    model = ready_to_train(apply_method(model, cfg), accelerator, say, cfg.lora.dropout)
+    trainable, total = parameter_counts(model)
+    say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
+    return model, choice
+
+
+def load_base(cfg: Config, accelerator, say):
+    """The base model as training needs it: the run's dtype (QLoRA: 4-bit), no KV cache, per-record packed
+    attention, gradient checkpointing when asked. Returns (model, dtype choice)."""
+    from tunelab.model.adapters import bnb_config
+    from tunelab.model.attention import use_packed_attention
     from tunelab.model.loading import choose_dtype, load_model
     from tunelab.runtime import lever_enabled
-    from tunelab.model.attention import use_packed_attention
-    from tunelab.model.fused_lora import install_fused_lora
-    from tunelab.train.dropout import install_fast_dropout
 
     choice = choose_dtype(cfg.model.dtype)
     say(f"Precision: {choice.name} ({choice.reason})")
@@ -395,18 +407,23 @@ def build_model(cfg: Config, accelerator, say):
         say("Attention: per-record causal SDPA over packed rows (no scores across records)")
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(cfg.training.seed)  # adapter initialisation
-    model = apply_method(model, cfg)
+    return model, choice
+
+
+def ready_to_train(model, accelerator, say, lora_dropout: float):
+    """Training mode and the CPU levers on a model with its trainable weights in place."""
+    from tunelab.model.fused_lora import install_fused_lora
+    from tunelab.runtime import lever_enabled
+    from tunelab.train.dropout import install_fast_dropout
+
     # from_pretrained returns the model in eval mode and peft's wrapper does not change its layers: transformers
-    # checkpoints a layer only in training mode, so without this gradient checkpointing did nothing
+    # checkpoints a layer only in training mode, and dropout only drops in it
     model.train()
     if accelerator.device.type == "cpu" and lever_enabled("fast_dropout") and install_fast_dropout(model):
-        say(f"LoRA dropout {cfg.lora.dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
+        say(f"LoRA dropout {lora_dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
     if accelerator.device.type == "cpu" and lever_enabled("fused_lora") and install_fused_lora(model):
         say("LoRA layers: frozen matmul, dropout and adapter in one pass (tunelab.model.fused_lora)")
-    trainable, total = parameter_counts(model)
-    say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
-    return model, choice
+    return model
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
