@@ -57,7 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GIB, alpaca_records, fmt, machine_summary, matmul_peak, median_after_warmup,  # noqa: E402
-                    model_params, run_child, text_table)
+                    model_params, run_child, step_timer, text_table)
 
 BUNDLED = "bundled:smollm2-135m-instruct"
 
@@ -146,7 +146,7 @@ def child_trl(spec: dict) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     t0 = time.perf_counter()
@@ -169,18 +169,8 @@ def child_trl(spec: dict) -> None:
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         train_sampling_strategy="sequential", dataloader_num_workers=0, **opts)
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            now = time.perf_counter()
-            times.append(now - self.t)
-            self.t = now
-
     torch.manual_seed(spec["seed"])  # LoRA initialisation, as tunelab seeds it just before get_peft_model
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()],
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[step_timer(times)],
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     # the tokens TRL trains on must be the ones tunelab trains on (same template, same completion mask)
