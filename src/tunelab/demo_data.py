@@ -155,6 +155,6 @@ PREFERENCE_PROMPTS = ["What is the capital of Germany?", "How many legs does a d
 def write_preference_data(folder: str | Path = "data/raw") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "demo_dpo.json"
+    path = folder / "dpo_demo.json"  # not demo_*.json: config.yaml's SFT glob must not pick the pairs up
     path.write_text(json.dumps(preference_records(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return path
