@@ -2,7 +2,8 @@
 within 1e-4 (fp32). TRL's trainers are built for real (DPOTrainer, KTOTrainer) and fed the same token ids through
 their own collators; ORPO and SimPO (TRL's experimental ORPOTrainer / CPOTrainer, whose datasets tokenise text
 themselves) run TRL's own loss methods on full logits of a padded batch, as their `concatenated_forward` does.
-Ours goes through one packed, padding-free forward with the chunked per-token log-prob."""
+Ours goes through one packed, padding-free forward with the chunked per-token log-prob, in both layouts: each
+answer with its own copy of the prompt, and each prompt once with the two answers as branches of it."""
 
 from __future__ import annotations
 
@@ -101,6 +102,18 @@ def _ours(model, batch, stage, pcfg) -> tuple[float, dict]:
     return float(loss.detach()), _grads(model)
 
 
+def _ours_both_layouts(model, pairs, stage, pcfg, **collate_kw) -> list[tuple[float, dict]]:
+    """Ours twice: each answer with its own copy of the prompt (SDPA), then each prompt once with the rejected
+    answer as a branch of it (tunelab's packed attention, which reads branches)."""
+    from tunelab.model.attention import use_packed_attention
+
+    plain = _ours(model, collate_pairs(pairs, **collate_kw), stage, pcfg)
+    with pytest.raises(ValueError, match="shares prompts"):  # SDPA's masks would read a branch as a new record
+        _ours(model, collate_pairs(pairs, share_prompt=True, **collate_kw), stage, pcfg)
+    assert use_packed_attention(model.get_base_model())
+    return [plain, _ours(model, collate_pairs(pairs, share_prompt=True, **collate_kw), stage, pcfg)]
+
+
 def _compare(a_loss, a_grads, b_loss, b_grads) -> None:
     assert abs(a_loss - b_loss) < TOL, (a_loss, b_loss)
     assert a_grads.keys() == b_grads.keys() and a_grads
@@ -140,8 +153,8 @@ def test_dpo_equals_trl(tiny_model_dir, tok, tmp_path, loss_type, smoothing, sft
     trl_grads = _grads(trainer.model)
 
     pcfg = PreferenceConfig(beta=0.3, loss_type=loss_type, label_smoothing=smoothing, sft_weight=sft_weight)
-    loss, grads = _ours(ours_model, collate_pairs(pairs), "dpo", pcfg)
-    _compare(loss, grads, float(trl_loss), trl_grads)
+    for loss, grads in _ours_both_layouts(ours_model, pairs, "dpo", pcfg):
+        _compare(loss, grads, float(trl_loss), trl_grads)
 
 
 def _padded(pairs, pad_id):
@@ -185,8 +198,9 @@ def test_orpo_equals_trl(lora_model, tok):
         return nll - losses.mean()
 
     trl_loss, trl_grads = _trl_experimental(lora_model, pairs, tok.pad_token_id, orpo)
-    loss, grads = _ours(ours_model, collate_pairs(pairs, with_prompt_nll=True), "orpo", PreferenceConfig(beta=0.25))
-    _compare(loss, grads, trl_loss, trl_grads)
+    for loss, grads in _ours_both_layouts(ours_model, pairs, "orpo", PreferenceConfig(beta=0.25),
+                                          with_prompt_nll=True):
+        _compare(loss, grads, trl_loss, trl_grads)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -204,8 +218,8 @@ def test_simpo_equals_trl(lora_model, tok, smoothing):
 
     trl_loss, trl_grads = _trl_experimental(lora_model, pairs, tok.pad_token_id, simpo)
     pcfg = PreferenceConfig(beta=2.0, gamma=0.7, label_smoothing=smoothing)
-    loss, grads = _ours(ours_model, collate_pairs(pairs), "simpo", pcfg)
-    _compare(loss, grads, trl_loss, trl_grads)
+    for loss, grads in _ours_both_layouts(ours_model, pairs, "simpo", pcfg):
+        _compare(loss, grads, trl_loss, trl_grads)
 
 
 def test_dpo_label_smoothing_is_conservative_dpo(lora_model, tok):

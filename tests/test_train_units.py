@@ -343,3 +343,17 @@ def test_gradient_checkpointing_keeps_layer_inputs_only_and_the_same_gradients(t
     assert grads_ckpt.keys() == grads.keys()
     for k, g in grads.items():
         assert torch.allclose(grads_ckpt[k], g, rtol=1e-4, atol=1e-6), k
+
+
+def test_segments_read_records_and_branches_from_positions():
+    """Positions restarting at 0 start a record; a jump back to p > 0 starts a branch that continues the first p
+    tokens of its record (a preference pair's rejected answer after prompt + chosen)."""
+    from tunelab.model.attention import packed_kwargs, segments
+
+    pos = torch.tensor([0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2, 1, 2])
+    assert segments(pos) == [(0, 5, 0, 0), (5, 8, 0, 3), (8, 11, 8, 8), (11, 13, 8, 9)]
+    assert segments(torch.tensor([0, 1, 2, 0, 1])) == [(0, 3, 0, 0), (3, 5, 3, 3)]
+    kw = packed_kwargs(pos[None], 1)
+    assert kw["cu_seq_lens_q"].tolist() == [0, 8, 13] and kw["max_length_q"] == 6  # prefix 3 + branch 3
+    with pytest.raises(ValueError, match="continues more tokens"):
+        segments(torch.tensor([0, 1, 5, 6]))

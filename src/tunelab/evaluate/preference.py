@@ -45,7 +45,7 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
 
     from tunelab.evaluate.perplexity import compute_dtype_name
     from tunelab.model.loss import autocast_for
-    from tunelab.train.preference_loss import _to, collate_pairs, policy_logps, reference_logps
+    from tunelab.train.preference_loss import _to, collate_pairs, policy_logps, reference_logps, shares_prompts
 
     pairs, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
     device = next(model.parameters()).device
@@ -53,7 +53,7 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
     rows: list[dict[str, Any]] = []
     for k in range(0, len(pairs), batch_size):
         part = pairs[k:k + batch_size]
-        batch = _to(collate_pairs(part), device)
+        batch = _to(collate_pairs(part, share_prompt=shares_prompts(model)), device)
         n = len(part)
         with torch.no_grad(), autocast():
             sums, counts = policy_logps(model, batch, 2 * n, chunk_size)

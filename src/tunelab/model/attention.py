@@ -10,6 +10,17 @@ project's 2-core CPU that was ~16% of a LoRA step for 4 Alpaca records per row (
 The record boundaries reach the attention function as `cu_seq_lens_q` (the keyword flash_attention_2 also reads,
 so the same call is padding-free there too). Without them (padded batches, evaluation, generation with a cache)
 the function is transformers' own SDPA path, so setting it on a model changes nothing else.
+
+Branches (preference pairs with their prompt once): where a row's positions jump back to a value p > 0, the
+tokens from there on continue the first p tokens of the current record instead of the tokens just before them:
+
+    tokens     P0 P1 P2 | C3 C4 | R3 R4 R5        one prompt, then the chosen answer, then the rejected one
+    positions   0  1  2 |  3  4 |  3  4  5        R attends to P and itself; C to P and itself, never to R
+
+Each branch is attended to as its own causal record over [prefix; branch] (the prefix's queries are computed
+again and dropped), so its outputs equal those of the standalone record P + R, and P's keys and values are made
+once for both answers. Only this attention function knows branches (`branches_supported`): transformers' own
+masks would read a branch as a new record without its prefix.
 """
 
 from __future__ import annotations
@@ -30,11 +41,22 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if cu is None or special or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bounds = getattr(cu, "tunelab_bounds", None) or cu.tolist()  # a list made once per forward (no device sync)
+    segments = getattr(cu, "tunelab_segments", None)  # a list made once per forward (no device sync)
+    if segments is None:
+        bounds = cu.tolist()
+        segments = [(s, e, s, s) for s, e in zip(bounds[:-1], bounds[1:])]
     gqa = query.shape[1] != key.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                           scale=scaling, is_causal=True, enable_gqa=gqa)
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+    def part(x, s, e, ps, pe):
+        return x[:, :, s:e] if ps == pe else torch.cat((x[:, :, ps:pe], x[:, :, s:e]), dim=2)
+
+    outs = []
+    for s, e, ps, pe in segments:
+        if e > s:
+            out = F.scaled_dot_product_attention(part(query, s, e, ps, pe), part(key, s, e, ps, pe),
+                                                 part(value, s, e, ps, pe), dropout_p=dropout, scale=scaling,
+                                                 is_causal=True, enable_gqa=gqa)
+            outs.append(out[:, :, pe - ps:] if pe > ps else out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -78,8 +100,33 @@ def use_packed_attention(model) -> bool:
     return model.config._attn_implementation == NAME
 
 
+def branches_supported(model) -> bool:
+    """Whether `model` (or the model inside a peft wrapper) attends with this module's function, which alone
+    reads branches correctly (see the module docstring)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == NAME
+
+
+def segments(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(start, end, prefix start, prefix end) per record or branch of one packed row's positions [L].
+
+    A record starts where the position is 0; a branch where it jumps to p > 0 other than by +1, with the first p
+    tokens of its record as prefix (empty for records)."""
+    breaks = [0] + (torch.nonzero(position_ids[1:] != position_ids[:-1] + 1).flatten() + 1).tolist()
+    ends = breaks[1:] + [position_ids.numel()]
+    out, record = [], 0
+    for start, end, p in zip(breaks, ends, position_ids[breaks].tolist()):
+        if p == 0:
+            record = start
+        elif record + p > start:
+            raise ValueError(f"position {p} at token {start} continues more tokens than its record has")
+        out.append((start, end, record, record + p))
+    return out
+
+
 def packed_kwargs(position_ids: torch.Tensor | None, batch_size: int) -> dict:
-    """Record boundaries of one packed row (position_ids restart at 0 per record) as flash-attention keywords."""
+    """Record boundaries of one packed row (position_ids restart at 0 per record) as flash-attention keywords;
+    the records and branches (`segments`) for packed_sdpa_forward on the boundary tensor."""
     if position_ids is None or batch_size != 1:
         return {}
     pos = position_ids[0]
@@ -87,7 +134,6 @@ def packed_kwargs(position_ids: torch.Tensor | None, batch_size: int) -> dict:
     if starts.numel() == 0 or int(starts[0]) != 0:
         return {}
     cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
-    bounds = cu.tolist()
-    cu.tunelab_bounds = bounds  # read by packed_sdpa_forward in every layer without another device sync
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    cu.tunelab_segments = segments(pos)  # read by packed_sdpa_forward in every layer without another device sync
+    longest = max(e - s + pe - ps for s, e, ps, pe in cu.tunelab_segments)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

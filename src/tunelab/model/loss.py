@@ -66,15 +66,16 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
                 grad_h: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of the cross-entropies of `hidden @ weight.T`, one chunk of logits at a time and in place (one
-    chunk x vocabulary buffer). With `grad_h`, also write d(sum)/d(hidden) into it from each chunk's softmax.
+    """Per-token cross-entropies [n] (fp32) of `hidden @ weight.T`, one chunk of logits at a time and in place (one
+    chunk x vocabulary buffer). With `grad_h`, also write each token's d(CE)/d(hidden) into its row of it from the
+    chunk's softmax.
 
     The matmuls run in autocast's dtype (as F.linear under autocast would), written into reused buffers."""
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    dtype = _matmul_dtype(hidden)
     n = targets.numel()
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
-        return total
+        return out
+    dtype = _matmul_dtype(hidden)
     low, f32 = _logit_buffers(min(chunk_size, n), weight.shape[0], dtype, hidden.device)
     w = weight.to(dtype)
     for s in range(0, n, chunk_size):
@@ -85,10 +86,10 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         picked = logits.gather(1, t[:, None])
         top = logits.amax(dim=1, keepdim=True)
         denom = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
-        total += (top + denom.log() - picked).sum()  # log-sum-exp minus the target's logit
+        out[s:s + rows] = (top + denom.log() - picked).squeeze(1)  # log-sum-exp minus the target's logit
         if grad_h is not None:
             g = logits.div_(denom)  # softmax
-            g[torch.arange(rows, device=t.device), t] -= 1.0  # d(sum of CE) / d(logits)
+            g[torch.arange(rows, device=t.device), t] -= 1.0  # d(CE) / d(logits)
             if dtype == torch.float16:
                 # fp16 (with a GradScaler): small softmax gradients would underflow before the loss scale
                 # reaches them in backward, so this product stays in fp32
@@ -97,27 +98,39 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 grad_h[s:s + chunk_size] = torch.mm(low[:rows].copy_(g), w)
             else:
                 grad_h[s:s + chunk_size] = torch.mm(g, w)
-    return total
+    return out
 
 
 class _FrozenHeadCE(torch.autograd.Function):
-    """`_chunked_ce` for a frozen `weight` under autograd: d(sum)/d(hidden) is made in forward while each chunk's
-    logits exist, and backward only scales it. Versus recomputing each chunk under checkpoint: one head matmul and
-    one softmax pass fewer per trained token, and no logits kept."""
+    """`_chunked_ce` for a frozen `weight` under autograd: d(CE)/d(hidden) is made in forward while each chunk's
+    logits exist, and backward only scales it by each token's incoming gradient. Versus recomputing each chunk
+    under checkpoint: one head matmul and one softmax pass fewer per trained token, and no logits kept."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
         autocast = torch.is_autocast_enabled(hidden.device.type)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32 if autocast else hidden.dtype, device=hidden.device)
-        total = _chunked_ce(hidden, weight, targets, chunk_size, grad_h)
+        per_token = _chunked_ce(hidden, weight, targets, chunk_size, grad_h)
         ctx.save_for_backward(grad_h)
         ctx.hidden_dtype = hidden.dtype
-        return total
+        return per_token
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.hidden_dtype), None, None, None
+        return (grad_h * grad_out[:, None].to(grad_h.dtype)).to(ctx.hidden_dtype), None, None, None
+
+
+def _plain_head(head: nn.Module) -> bool:
+    """A plain local nn.Linear head whose weight can be read directly (a peft wrapper, a weight sharded by FSDP2 as
+    a DTensor or partitioned by ZeRO-3 goes through the module call instead)."""
+    return (type(head) is nn.Linear and head.bias is None and type(head.weight) in (torch.Tensor, nn.Parameter)
+            and not hasattr(head.weight, "ds_id"))  # DeepSpeed ZeRO-3 gathers it only in head's call
+
+
+def _fused_head_ok(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> bool:
+    return (lever_enabled("fused_head") and _plain_head(head) and targets.numel() > 0
+            and not head.weight.requires_grad and hidden.requires_grad)
 
 
 class CausalLMLoss(nn.Module):
@@ -127,7 +140,6 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.fused_head = lever_enabled("fused_head")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,16 +156,10 @@ class CausalLMLoss(nn.Module):
         keep = targets != IGNORE_INDEX
         hidden, targets = hidden[keep], targets[keep]
         count = torch.tensor(targets.numel(), device=input_ids.device)
-        # the weight is read directly below: only for a plain local head (a peft wrapper, a weight sharded by FSDP2
-        # as a DTensor or partitioned by ZeRO-3 goes through the module call instead)
-        plain_head = (type(head) is nn.Linear and head.bias is None
-                      and type(head.weight) in (torch.Tensor, nn.Parameter)
-                      and not hasattr(head.weight, "ds_id"))  # DeepSpeed ZeRO-3 gathers it only in head's call
-        if plain_head and not torch.is_grad_enabled():  # evaluation: one in-place logits buffer per chunk
-            return _chunked_ce(hidden, head.weight, targets, self.chunk_size), count
-        if (self.fused_head and plain_head and targets.numel() and not head.weight.requires_grad
-                and hidden.requires_grad):
-            return _FrozenHeadCE.apply(hidden, head.weight, targets, self.chunk_size), count
+        if _plain_head(head) and not torch.is_grad_enabled():  # evaluation: one in-place logits buffer per chunk
+            return _chunked_ce(hidden, head.weight, targets, self.chunk_size).sum(), count
+        if _fused_head_ok(head, hidden, targets):
+            return _FrozenHeadCE.apply(hidden, head.weight, targets, self.chunk_size).sum(), count
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.chunk_size):
             h, t = hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size]
@@ -215,37 +221,69 @@ def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) 
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
 
 
+def _counted(input_ids: torch.Tensor, groups: torch.Tensor, position_ids: torch.Tensor | None):
+    """(flat index of the position whose output predicts each counted token, the token, its group).
+
+    A token is predicted by the one before it, except the first of a branch (a position that jumps back to p > 0,
+    see tunelab.model.attention), which continues the first p tokens of its record: the p-th of them predicts it.
+    A record's first token (position 0) and the row's first are never counted."""
+    rows, length = input_ids.shape
+    flat = torch.arange(rows * length, device=input_ids.device).view(rows, length)
+    source = flat - 1
+    groups = groups.clone()
+    groups[:, 0] = -1
+    if position_ids is not None:
+        first = position_ids == 0
+        groups = groups.masked_fill(first, -1)
+        branch = torch.zeros_like(first)
+        branch[:, 1:] = (position_ids[:, 1:] != position_ids[:, :-1] + 1) & ~first[:, 1:]
+        if bool(branch.any()):
+            record = torch.cummax(torch.where(first, flat, torch.zeros_like(flat)), dim=1).values
+            source = torch.where(branch, record + position_ids - 1, source)
+    keep = groups >= 0
+    return source[keep], input_ids[keep], groups[keep]
+
+
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, groups: torch.Tensor, n_groups: int,
                    position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of token groups, never holding more than one chunk of vocabulary logits.
 
-    `groups[b, t] = g >= 0` adds log p(input_ids[b, t] | tokens before t) to group g (-1: not counted); position 0
-    of a record is never a target. Preference stages make one group per answer (chosen i, rejected i) of a packed
-    row. Returns (sum of log-probs per group in fp32, tokens per group). With gradients enabled, each chunk's
-    logits are recomputed in backward (checkpoint) instead of being kept.
+    `groups[b, t] = g >= 0` adds log p(input_ids[b, t] | the tokens it follows) to group g (-1: not counted);
+    position 0 of a record is never a target. Preference stages make one group per answer (chosen i, rejected i)
+    of a packed row, the two answers of a pair as branches of one prompt where the model's attention reads
+    branches (`tunelab.model.attention`). Returns (sum of log-probs per group in fp32, tokens per group). With
+    gradients enabled and a frozen head, each token's gradient is made while its chunk's logits exist
+    (`_FrozenHeadCE`); a trained head's chunks are recomputed in backward (checkpoint) instead.
     """
+    from tunelab.model.attention import branches_supported, segments
+
     base = _base(model)
-    if position_ids is not None:  # a record's first token is not predicted by the record before it in the row
-        groups = groups.masked_fill(position_ids == 0, -1)
-    groups = groups[:, 1:]
-    keep = groups >= 0
+    source, targets, index = _counted(input_ids, groups, position_ids)
+    if (position_ids is not None and input_ids.shape[0] == 1 and not branches_supported(base)
+            and any(pe > ps for _, _, ps, pe in segments(position_ids[0]))):
+        raise ValueError("this row shares prompts between answers (branches), which only tunelab's packed "
+                         "attention reads correctly; collate without shared prompts for this model")
     if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits[:, :-1][keep].float()
-        targets = input_ids[:, 1:][keep]
+                       use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[source].float()
         per_token = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
     else:
         out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False, **packed_kwargs(position_ids, input_ids.shape[0]))
-        hidden, targets = out.last_hidden_state[:, :-1][keep], input_ids[:, 1:][keep]
-        head, parts = base.get_output_embeddings(), []
-        for s in range(0, targets.numel(), chunk_size):
-            h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
-            parts.append(checkpoint(_target_logps, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                         else _target_logps(head, h, t))
-        per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    index = groups[keep]
+        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[source]
+        head = base.get_output_embeddings()
+        if _plain_head(head) and not torch.is_grad_enabled():
+            per_token = -_chunked_ce(hidden, head.weight, targets, chunk_size)
+        elif _fused_head_ok(head, hidden, targets):
+            per_token = -_FrozenHeadCE.apply(hidden, head.weight, targets, chunk_size)
+        else:
+            parts = [checkpoint(_target_logps, head, hidden[s:s + chunk_size], targets[s:s + chunk_size],
+                                use_reentrant=False) if torch.is_grad_enabled()
+                     else _target_logps(head, hidden[s:s + chunk_size], targets[s:s + chunk_size])
+                     for s in range(0, targets.numel(), chunk_size)]
+            per_token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     sums = per_token.new_zeros(n_groups).index_add(0, index, per_token)
     counts = torch.zeros(n_groups, dtype=torch.long, device=input_ids.device).index_add(
         0, index, torch.ones_like(index))

@@ -40,7 +40,8 @@ from tunelab.train.distributed import any_process, barrier, make_accelerator, re
 from tunelab.train.inputs import load_data
 from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.train.monitor import Trackers, fmt_lr
-from tunelab.train.preference_loss import collate_kto, collate_pairs, preference_step, reference_logps
+from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
+                                           shares_prompts)
 from tunelab.train.recipe import Plan, TrainState, make_plan, make_scheduler, param_groups
 
 REF_ADAPTER = "ref"
@@ -263,7 +264,7 @@ def collate(s: PrefSession, examples: list[dict]) -> dict:
     stage = s.cfg.training.stage
     if stage == "kto":
         return collate_kto(examples)
-    batch = collate_pairs(examples, with_prompt_nll=stage == "orpo")
+    batch = collate_pairs(examples, with_prompt_nll=stage == "orpo", share_prompt=shares_prompts(s.inner))
     if "ref_chosen" in examples[0]:  # precomputed reference log-probs
         batch["ref"] = {"logps": torch.tensor([e["ref_chosen"] for e in examples]
                                               + [e["ref_rejected"] for e in examples])}
@@ -495,7 +496,7 @@ def precompute_reference(s: PrefSession) -> None:
                 part = examples[k:k + s.cfg.training.batch_size]
                 from tunelab.train.preference_loss import _to
 
-                batch = _to(collate_pairs(part), s.accelerator.device)
+                batch = _to(collate_pairs(part, share_prompt=shares_prompts(s.inner)), s.accelerator.device)
                 with s.autocast():
                     values += reference_logps(s.reference, batch, "dpo", s.cfg.training.loss_chunk_size)[
                         "logps"].view(2, -1).t().tolist()

@@ -6,7 +6,8 @@
     out.metrics                                # rewards/chosen, rewards/rejected, rewards/accuracy, rewards/margin
 
 The answers of a micro-batch are packed into one row (chosen 0..B-1, then rejected 0..B-1, each prompt + answer,
-positions restarting at 0, per-record attention), and `tunelab.model.loss.sequence_logps` sums the answer tokens'
+positions restarting at 0, per-record attention; or, where the model's attention reads branches, each pair as
+prompt + chosen + rejected with the prompt once), and `tunelab.model.loss.sequence_logps` sums the answer tokens'
 log-probabilities chunk by chunk: no padding, no full-vocabulary logits. Each formula is TRL's (1.x) and a test
 compares loss and gradients with TRL's trainers on the same model and batch (tests/test_preference_loss.py):
 
@@ -48,14 +49,37 @@ def _pack(seqs: Sequence[tuple[list[int], list[int], int, int]]) -> dict[str, to
     return {"input_ids": t(ids), "position_ids": t(pos), "groups": t(groups)}
 
 
-def collate_pairs(examples: Sequence[dict], with_prompt_nll: bool = False) -> dict[str, Any]:
+def collate_pairs(examples: Sequence[dict], with_prompt_nll: bool = False, share_prompt: bool = False,
+                  ) -> dict[str, Any]:
     """Pairs → one packed row: group i is chosen i, group B + i is rejected i; with `with_prompt_nll` (ORPO, whose
-    NLL covers the prompt as in TRL's ORPOTrainer) group 2B + i is the prompt of chosen i."""
+    NLL covers the prompt as in TRL's ORPOTrainer) group 2B + i is the prompt of chosen i.
+
+    With `share_prompt` (for a model whose attention reads branches, `tunelab.model.attention`), each pair is
+    prompt, chosen, rejected once, the rejected answer a branch of the prompt (its positions continue the
+    prompt's): the prompt goes through the model once for both answers instead of twice, with the same
+    log-probabilities. Otherwise each answer is packed with its own copy of the prompt."""
     n = len(examples)
-    seqs = [(e["prompt_ids"], e["chosen_ids"], i, 2 * n + i if with_prompt_nll else -1)
-            for i, e in enumerate(examples)]
-    seqs += [(e["prompt_ids"], e["rejected_ids"], n + i, -1) for i, e in enumerate(examples)]
-    return {**_pack(seqs), "n": n}
+    if not share_prompt:
+        seqs = [(e["prompt_ids"], e["chosen_ids"], i, 2 * n + i if with_prompt_nll else -1)
+                for i, e in enumerate(examples)]
+        seqs += [(e["prompt_ids"], e["rejected_ids"], n + i, -1) for i, e in enumerate(examples)]
+        return {**_pack(seqs), "n": n}
+    ids, pos, groups = [], [], []
+    for i, e in enumerate(examples):
+        prompt, chosen, rejected = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+        ids += prompt + chosen + rejected
+        pos += [*range(len(prompt) + len(chosen)), *range(len(prompt), len(prompt) + len(rejected))]
+        groups += [2 * n + i if with_prompt_nll else -1] * len(prompt) + [i] * len(chosen) + [n + i] * len(rejected)
+    t = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+    return {"input_ids": t(ids), "position_ids": t(pos), "groups": t(groups), "n": n}
+
+
+def shares_prompts(model) -> bool:
+    """Whether pairs for `model` are collated with their prompt once (`collate_pairs(share_prompt=True)`)."""
+    from tunelab.model.attention import branches_supported
+    from tunelab.runtime import lever_enabled
+
+    return lever_enabled("shared_prompt") and branches_supported(model)
 
 
 def collate_kto(examples: Sequence[dict]) -> dict[str, Any]:
