@@ -51,6 +51,8 @@ VARIANTS: list[tuple[str, str, str, str, str]] = [
     ("tunelab-dpo-fp32", "tunelab dpo, model.dtype=fp32: the equality row", "tunelab", "dpo", "fp32"),
     ("tunelab-dpo-gc", "tunelab dpo + training.gradient_checkpointing (on in TRL's defaults)", "tunelab", "dpo",
      "default"),
+    ("tunelab-dpo-mb2", "tunelab dpo, each step's pairs as 2 forwards of 2 (batch_size 2, accumulation 2)",
+     "tunelab", "dpo", "default"),
     ("trl-orpo", "TRL ORPOTrainer (trl.experimental.orpo) + PEFT, its defaults", "trl", "orpo", "default"),
     ("tunelab-orpo", "tunelab orpo, its defaults", "tunelab", "orpo", "default"),
     ("trl-orpo-fp32", "TRL ORPOTrainer in fp32", "trl", "orpo", "fp32"),
@@ -61,7 +63,9 @@ VARIANTS: list[tuple[str, str, str, str, str]] = [
     ("tunelab-kto-fp32", "tunelab kto, model.dtype=fp32", "tunelab", "kto", "fp32"),
 ]
 KEYS = [v[0] for v in VARIANTS]
-EXTRA = {"tunelab-dpo-gc": ["training.gradient_checkpointing=true"]}  # tunelab rows' own settings
+EXTRA = {"tunelab-dpo-gc": ["training.gradient_checkpointing=true"],
+         # the same pairs per step (the sampler's order is the same at any batch size), half of them per forward
+         "tunelab-dpo-mb2": ["training.batch_size=2", "training.gradient_accumulation_steps=2"]}  # tunelab rows' own settings
 DEFAULT_ROWS = ["trl-dpo", "tunelab-dpo", "trl-dpo-fp32", "tunelab-dpo-fp32", "trl-orpo", "tunelab-orpo", "trl-kto",
                 "tunelab-kto"]
 

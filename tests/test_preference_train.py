@@ -122,3 +122,21 @@ def test_dpo_divergence_guard_names_step_and_pairs(tiny_model_dir, pref_files, t
     assert "diverged at step" in (run / "train.log").read_text()
     for _, folder in ckpt.complete_checkpoints(run):  # every kept checkpoint holds finite weights
         assert all(torch.isfinite(t).all() for t in load_file(folder / "adapter_model.safetensors").values())
+
+
+def test_dpo_step_split_into_micro_batches_equals_one_micro_batch(tiny_model_dir, pref_files, tmp_path):
+    """4 pairs per step as one forward or as 2 forwards of 2 (gradient accumulation, the memory setting of
+    bench/preference.py's tunelab-dpo-mb2 row): the same pairs, losses, rewards and adapter (DPO's loss is a sum
+    over pairs)."""
+    data = pref_files / "pairs.jsonl"
+    runs = [train(_cfg(tiny_model_dir, data, tmp_path, name, "dpo", *extra)) for name, extra in
+            (("one", ["training.batch_size=4"]),
+             ("split", ["training.batch_size=2", "training.gradient_accumulation_steps=2"]))]
+    (one, split) = [[m for m in read_metrics(r) if "loss" in m and not m.get("final")] for r in runs]
+    assert len(one) == len(split) > 1
+    for a, b in zip(one, split):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    weights = [load_file(r / "checkpoint-final" / "adapter_model.safetensors") for r in runs]
+    for k, v in weights[0].items():
+        assert (weights[1][k] - v).abs().max() < 1e-5, k

@@ -357,3 +357,80 @@ def test_segments_read_records_and_branches_from_positions():
     assert kw["cu_seq_lens_q"].tolist() == [0, 8, 13] and kw["max_length_q"] == 6  # prefix 3 + branch 3
     with pytest.raises(ValueError, match="continues more tokens"):
         segments(torch.tensor([0, 1, 5, 6]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_layers_keep_less_with_the_same_forward_bits_and_gradients(tiny_model_dir, tiny_tokenizer, dtype):
+    """install_lean_layers: the model's outputs bit for bit, the LoRA gradients to rounding, fewer saved bytes
+    (each RMSNorm keeps its input in its own dtype, not an fp32 copy; the SwiGLU does not keep silu(gate))."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.lean_layers import install_lean_layers
+
+    batch = collate_packed(_examples(tiny_tokenizer))
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)  # the same LoRA A for both
+        model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), Config()).train()
+        for n, p in model.named_parameters():  # LoRA B not zero, so every gradient is in play
+            if "lora_B" in n:
+                torch.manual_seed(1)
+                p.data.normal_(0, 0.05)
+        if lean:
+            layers = model.get_base_model().model.layers
+            assert install_lean_layers(model) == 2 * len(layers) + 1 + len(layers)  # 2 norms + MLP per layer, final
+        with torch.no_grad():
+            logits = model.eval()(**{k: batch[k] for k in ("input_ids", "position_ids")}, use_cache=False).logits
+        model.train()
+        results.append((logits, *_saved_bytes_and_grads(model, batch)))
+    (logits, saved, loss, grads), (lean_logits, lean_saved, lean_loss, lean_grads) = results
+    assert torch.equal(lean_logits, logits)  # transformers' forward arithmetic, bit for bit
+    assert lean_loss == loss
+    assert lean_saved < saved, (lean_saved, saved)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for k, g in grads.items():
+        assert torch.allclose(lean_grads[k], g, rtol=tol, atol=tol * float(g.abs().max())), (k, (lean_grads[k] - g).abs().max())
+
+
+def test_lean_layers_leave_other_formulas_alone():
+    """Only modules whose forward is Llama's own get the lean forward (Gemma's norm scales by 1 + weight)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from tunelab.model.lean_layers import install_lean_layers
+
+    cfg = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, hidden_act="gelu_pytorch_tanh")
+    assert install_lean_layers(GemmaForCausalLM(cfg)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_and_swiglu_equal_transformers_with_trained_weights(dtype):
+    """The lean norm against LlamaRMSNorm with its weight trained (method=full): output bit for bit, gradients of
+    input and weight to rounding; the lean SwiGLU against silu(gate) * up bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tunelab.model.lean_layers import _norm_forward, _SiluMul
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 7, 48) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(2, 7, 48).to(dtype)
+    outs = []
+    for forward in (norm.forward, lambda h: _norm_forward(norm, h)):
+        norm.zero_grad()
+        x.grad = None
+        y = forward(x)
+        y.backward(grad)
+        outs.append((y.detach(), x.grad.clone(), norm.weight.grad.clone()))
+    (y0, gx0, gw0), (y1, gx1, gw1) = outs
+    assert torch.equal(y1, y0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(gx1.float(), gx0.float(), rtol=tol, atol=tol * float(gx0.abs().max()))
+    assert torch.allclose(gw1.float(), gw0.float(), rtol=tol, atol=tol * float(gw0.abs().max()))
+    gate, up = (torch.randn(5, 32).to(dtype).requires_grad_() for _ in range(2))
+    plain = torch.nn.functional.silu(gate) * up
+    g_plain = torch.autograd.grad(plain, (gate, up), grad[0, :5, :32])
+    lean = _SiluMul.apply(gate, up)
+    g_lean = torch.autograd.grad(lean, (gate, up), grad[0, :5, :32])
+    assert torch.equal(lean, plain) and all(torch.equal(a, b) for a, b in zip(g_lean, g_plain))

@@ -38,16 +38,22 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
 _BUFFERS = threading.local()  # per thread: the chunk x vocabulary logits buffers of _chunked_ce, kept between calls
 
 
-def _logit_buffers(rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
-    """(logits in the matmul dtype, logits in fp32) buffers of `rows` x `vocab`, the second None for fp32.
+F32_ROWS = 128  # rows of a chunk's logits turned into fp32 softmax at a time
 
-    On CPU they are kept from call to call (lever `logit_buffers`): a fresh 1024 x 49k fp32 tensor is 200 MB,
-    above glibc's mmap threshold, so every chunk of every step page-faulted it in anew (150 ms per `.float()`
-    against 17 ms into a warm buffer, measured here). They are alive anyway at the peak (the loss runs with every
-    activation held), so keeping them does not raise peak memory."""
+
+def _logit_buffers(rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    """(logits in the matmul dtype, `rows` x `vocab`; fp32 logits, at most F32_ROWS x `vocab`, None for fp32).
+
+    The head's product fills the first for a whole chunk; the fp32 softmax then runs F32_ROWS rows at a time in the
+    second (25 MB instead of 200 MB for a 1,024-row chunk of a 49k vocabulary, with the same bits: every step
+    of it is row-wise). On CPU both are kept from call to call (lever `logit_buffers`): a fresh 1024 x 49k fp32
+    tensor is 200 MB, above glibc's mmap threshold, so every chunk of every step page-faulted it in anew (150 ms
+    per `.float()` against 17 ms into a warm buffer, measured here). They are alive anyway at the peak (the loss
+    runs with every activation held), so keeping them does not raise peak memory."""
+    f32_rows = min(rows, F32_ROWS)
     if device.type != "cpu" or not lever_enabled("logit_buffers"):
         low = torch.empty(rows, vocab, dtype=dtype, device=device)
-        return low, None if dtype == torch.float32 else torch.empty(rows, vocab, device=device)
+        return low, None if dtype == torch.float32 else torch.empty(f32_rows, vocab, device=device)
     key = (str(device), dtype, vocab)
     cache = getattr(_BUFFERS, "by_key", None)
     if cache is None:
@@ -55,8 +61,8 @@ def _logit_buffers(rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
     have = cache.get(key)
     if have is None or have[0].shape[0] < rows:
         have = cache[key] = (torch.empty(rows, vocab, dtype=dtype, device=device),
-                             None if dtype == torch.float32 else torch.empty(rows, vocab, device=device))
-    return have[0][:rows], None if have[1] is None else have[1][:rows]
+                             None if dtype == torch.float32 else torch.empty(F32_ROWS, vocab, device=device))
+    return have[0][:rows], None if have[1] is None else have[1][:f32_rows]
 
 
 def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -78,26 +84,31 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     dtype = _matmul_dtype(hidden)
     low, f32 = _logit_buffers(min(chunk_size, n), weight.shape[0], dtype, hidden.device)
     w = weight.to(dtype)
+    w32 = weight.float() if grad_h is not None and dtype == torch.float16 else None
     for s in range(0, n, chunk_size):
         h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
         rows = t.numel()
         torch.mm(h.to(dtype), w.t(), out=low[:rows])
-        logits = low[:rows] if f32 is None else f32[:rows].copy_(low[:rows])
-        picked = logits.gather(1, t[:, None])
-        top = logits.amax(dim=1, keepdim=True)
-        denom = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
-        out[s:s + rows] = (top + denom.log() - picked).squeeze(1)  # log-sum-exp minus the target's logit
-        if grad_h is not None:
+        step = rows if f32 is None else f32.shape[0]
+        for a in range(0, rows, step):  # the fp32 softmax a block of rows at a time (fp32: the whole chunk)
+            b = min(a + step, rows)
+            logits = low[a:b] if f32 is None else f32[:b - a].copy_(low[a:b])
+            picked = logits.gather(1, t[a:b, None])
+            top = logits.amax(dim=1, keepdim=True)
+            denom = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
+            out[s + a:s + b] = (top + denom.log() - picked).squeeze(1)  # log-sum-exp minus the target's logit
+            if grad_h is None:
+                continue
             g = logits.div_(denom)  # softmax
-            g[torch.arange(rows, device=t.device), t] -= 1.0  # d(CE) / d(logits)
-            if dtype == torch.float16:
+            g[torch.arange(b - a, device=t.device), t[a:b]] -= 1.0  # d(CE) / d(logits)
+            if w32 is not None:
                 # fp16 (with a GradScaler): small softmax gradients would underflow before the loss scale
                 # reaches them in backward, so this product stays in fp32
-                grad_h[s:s + chunk_size] = torch.mm(g, weight.float())
+                grad_h[s + a:s + b] = torch.mm(g, w32)
             elif f32 is not None:  # bf16: the gradient rounded to bf16 (as autocast would) into the low buffer
-                grad_h[s:s + chunk_size] = torch.mm(low[:rows].copy_(g), w)
-            else:
-                grad_h[s:s + chunk_size] = torch.mm(g, w)
+                low[a:b].copy_(g)
+        if grad_h is not None and w32 is None:
+            grad_h[s:s + rows] = torch.mm(low[:rows], w)
     return out
 
 
