@@ -159,7 +159,7 @@ def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, mo
 
     run = _fabricated_run(tmp_path)
     res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
-    assert seen[-1] == "packed_attention,fast_dropout,fused_head,fused_lora,logit_buffers,shared_prompt,lean_layers" and "predates" in res.notes[0]
+    assert seen[-1] == "packed_attention,fast_dropout,fused_head,fused_lora,logit_buffers,shared_prompt,lean_layers,autocast_lora_inputs" and "predates" in res.notes[0]
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["runtime"] = {"levers_off": ["fused_head"]}
     (run / "manifest.json").write_text(json.dumps(manifest))

@@ -434,3 +434,36 @@ def test_lean_rms_norm_and_swiglu_equal_transformers_with_trained_weights(dtype)
     lean = _SiluMul.apply(gate, up)
     g_lean = torch.autograd.grad(lean, (gate, up), grad[0, :5, :32])
     assert torch.equal(lean, plain) and all(torch.equal(a, b) for a, b in zip(g_lean, g_plain))
+
+
+def test_lora_inputs_stay_bf16_under_autocast_with_the_same_bits(tiny_model_dir, tiny_tokenizer):
+    """install_autocast_lora_inputs drops peft's fp32 round trip of each LoRA input under bf16 autocast: the same
+    loss and gradients bit for bit (dropout on), and peft's cast still happens outside autocast."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.lean_layers import install_autocast_lora_inputs
+    from tunelab.train.dropout import install_fast_dropout
+
+    batch = collate_packed(_examples(tiny_tokenizer))
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        cfg = Config()
+        cfg.lora.dropout = 0.1
+        model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), cfg).train()
+        install_fast_dropout(model)
+        if lean:
+            assert install_autocast_lora_inputs(model) == 7 * len(model.get_base_model().model.layers)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, n = CausalLMLoss(model)(**batch)
+        s.backward()
+        results.append((s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    x = torch.ones(2, 3, dtype=torch.bfloat16)
+    assert layer._cast_input_dtype(x, torch.float32).dtype == torch.float32  # no autocast: peft's cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._cast_input_dtype(x, torch.float32) is x

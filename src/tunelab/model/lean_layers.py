@@ -13,6 +13,12 @@ arithmetic (`LlamaRMSNorm.forward`, `LlamaMLP.forward`), so outputs are bit for 
 gradients are the same formulas (the SwiGLU's bit for bit, the norm's to fp32 rounding inside the row statistics;
 tests/test_train_units.py). Installed (`install_lean_layers`) only on modules whose `forward` source is exactly
 Llama's (Llama, Mistral, Qwen2, Qwen3, ... share it); anything else is left as it is.
+
+`install_autocast_lora_inputs`: peft casts each LoRA layer's input to the adapter's dtype (fp32, the master
+weights) before dropout and lora_A, and under bf16 autocast lora_A's matmul casts it straight back to bf16: two
+copies of every adapted layer's input per forward (and two more in backward) that change no value (a bf16 number
+is exact in fp32, and dropout's product rounds to bf16 the same either way). Under autocast the input now stays
+as it is; without autocast (fp32 runs, or code that calls the model outside autocast) peft's cast is kept.
 """
 
 from __future__ import annotations
@@ -62,6 +68,25 @@ class _SiluMul(torch.autograd.Function):
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
         return grad_gate, grad_up
+
+
+def _cast_unless_autocast(self, x, dtype):
+    if x is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype=dtype)
+
+
+def install_autocast_lora_inputs(model: nn.Module) -> int:
+    """Plain LoRA linear layers (no DoRA or other variant) keep their input's dtype under autocast; returns how
+    many."""
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear and not getattr(module, "lora_variant", None):
+            module._cast_input_dtype = types.MethodType(_cast_unless_autocast, module)
+            count += 1
+    return count
 
 
 def _norm_forward(self, hidden_states):

@@ -413,7 +413,7 @@ def load_base(cfg: Config, accelerator, say):
 def ready_to_train(model, accelerator, say, lora_dropout: float):
     """Training mode and the CPU levers on a model with its trainable weights in place."""
     from tunelab.model.fused_lora import install_fused_lora
-    from tunelab.model.lean_layers import install_lean_layers
+    from tunelab.model.lean_layers import install_autocast_lora_inputs, install_lean_layers
     from tunelab.runtime import lever_enabled
     from tunelab.train.dropout import install_fast_dropout
 
@@ -426,6 +426,8 @@ def ready_to_train(model, accelerator, say, lora_dropout: float):
         say("LoRA layers: frozen matmul, dropout and adapter in one pass (tunelab.model.fused_lora)")
     if lever_enabled("lean_layers") and install_lean_layers(model):
         say("RMSNorm and SwiGLU keep less for backward (tunelab.model.lean_layers)")
+    if lever_enabled("autocast_lora_inputs"):
+        install_autocast_lora_inputs(model)
     return model
 
 
