@@ -118,7 +118,7 @@ def test_bundled_dpo_example_moves_the_held_out_preference(tmp_path, monkeypatch
     write_preference_data("data/raw")
     sft = train(load_config(str(REPO / "config.yaml"), ["output.run_name=demo-sft", "tracking.report_to=[none]"]))
     dpo = train(load_config(str(REPO / "examples" / "dpo.yaml"), ["tracking.report_to=[none]"]))
-    assert sft == tmp_path / "outputs" / "demo-sft" and dpo == tmp_path / "outputs" / "demo-dpo"
+    assert sft.resolve() == tmp_path / "outputs" / "demo-sft" and dpo.resolve() == tmp_path / "outputs" / "demo-dpo"
     after = run_eval(adapter=str(dpo)).result.metrics
     before = run_eval(adapter=str(sft), data=str(dpo), output_dir=tmp_path / "sft-eval").result.metrics
     assert after["pairs"] == before["pairs"] == 8
