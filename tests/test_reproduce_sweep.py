@@ -142,7 +142,7 @@ def test_reproduce_refuses_changed_data(tmp_path):
 
 def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, monkeypatch):
     """A run from before the CPU speed levers (no `runtime` in its manifest) is repeated with all of them off,
-    a recorded run with exactly the ones it had off."""
+    a recorded run with exactly the ones it had off (and any lever added after it ran off too)."""
     import os
 
     from tunelab.reproduce import reproduce
@@ -163,8 +163,16 @@ def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, mo
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["runtime"] = {"levers_off": ["fused_head"]}
     (run / "manifest.json").write_text(json.dumps(manifest))
+    res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    # recorded before the manifest listed the levers it knew: the ones added since are off, as it had none of them
+    assert seen[-1] == "fused_head,shared_prompt,lean_layers,autocast_lora_inputs" and "TUNELAB_PERF_OFF" not in os.environ
+    assert any("added since" in n for n in res.notes)
+    from tunelab.runtime import LEVERS
+
+    manifest["runtime"] = {"levers_off": ["fused_head"], "levers_known": list(LEVERS)}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
-    assert seen[-1] == "fused_head" and "TUNELAB_PERF_OFF" not in os.environ
+    assert seen[-1] == "fused_head"
     manifest["runtime"] = {"levers_off": [], "levers_on": ["fused_lora"]}  # an opt-in lever the original had on
     (run / "manifest.json").write_text(json.dumps(manifest))
     switched_on = []

@@ -56,6 +56,9 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
 
 LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers", "shared_prompt",
           "lean_layers", "autocast_lora_inputs")
+# The levers runs recorded before `levers_known` was written to the manifest could have had (tunelab reproduce
+# switches every later one off for them: they change results within rounding).
+FIRST_LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers")
 # Levers that are off unless TUNELAB_PERF_ON names them: equal in results, but no measured win on every CPU kind
 # (docs/perf-notes.md section 8), so not a default.
 OPT_IN = ("fused_lora",)
@@ -82,7 +85,7 @@ def _named(var: str) -> set[str]:
 def runtime_info() -> dict:
     """What of this process changes a run's numbers or memory but is not config: for the manifest."""
     return {"levers_off": [name for name in LEVERS if name not in OPT_IN and not lever_enabled(name)],
-            "levers_on": [name for name in OPT_IN if lever_enabled(name)],
+            "levers_on": [name for name in OPT_IN if lever_enabled(name)], "levers_known": list(LEVERS),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
