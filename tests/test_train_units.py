@@ -467,3 +467,26 @@ def test_lora_inputs_stay_bf16_under_autocast_with_the_same_bits(tiny_model_dir,
     assert layer._cast_input_dtype(x, torch.float32).dtype == torch.float32  # no autocast: peft's cast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer._cast_input_dtype(x, torch.float32) is x
+
+
+def test_heads_that_scale_logits_use_the_models_own_head():
+    """Granite divides its logits by `logits_scaling`: the chunked loss must not skip that (it goes through the
+    model's own head, as for soft-capping), and a shared-prompt row is refused for such a model."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from tunelab.model.loss import sequence_logps
+    from tunelab.train.preference_loss import collate_pairs
+
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0)
+    model = GraniteForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    labels = ids.clone()
+    s, n = CausalLMLoss(model)(input_ids=ids, labels=labels)
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+    assert float(s) == pytest.approx(float(ref), rel=1e-5) and int(n) == 8
+    pair = collate_pairs([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7]}], share_prompt=True)
+    with pytest.raises(ValueError, match="shares prompts"):
+        sequence_logps(model, pair["input_ids"], pair["groups"], 2, pair["position_ids"])

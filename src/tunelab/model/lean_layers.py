@@ -71,7 +71,8 @@ class _SiluMul(torch.autograd.Function):
 
 
 def _cast_unless_autocast(self, x, dtype):
-    if x is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+    if (x is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type)
+            or not getattr(self, "cast_input_dtype_enabled", True)):  # peft's disable_input_dtype_casting
         return x
     return x.to(dtype=dtype)
 

@@ -103,8 +103,9 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             g[torch.arange(b - a, device=t.device), t[a:b]] -= 1.0  # d(CE) / d(logits)
             if w32 is not None:
                 # fp16 (with a GradScaler): small softmax gradients would underflow before the loss scale
-                # reaches them in backward, so this product stays in fp32
-                grad_h[s + a:s + b] = torch.mm(g, w32)
+                # reaches them in backward, so this product stays in fp32 (autocast would make it fp16)
+                with torch.autocast(hidden.device.type, enabled=False):
+                    grad_h[s + a:s + b] = torch.mm(g, w32)
             elif f32 is not None:  # bf16: the gradient rounded to bf16 (as autocast would) into the low buffer
                 low[a:b].copy_(g)
         if grad_h is not None and w32 is None:
@@ -129,7 +130,7 @@ class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out[:, None].to(grad_h.dtype)).to(ctx.hidden_dtype), None, None, None
+        return (grad_h.float() * grad_out[:, None].float()).to(ctx.hidden_dtype), None, None, None
 
 
 def _plain_head(head: nn.Module) -> bool:
@@ -137,6 +138,13 @@ def _plain_head(head: nn.Module) -> bool:
     a DTensor or partitioned by ZeRO-3 goes through the module call instead)."""
     return (type(head) is nn.Linear and head.bias is None and type(head.weight) in (torch.Tensor, nn.Parameter)
             and not hasattr(head.weight, "ds_id"))  # DeepSpeed ZeRO-3 gathers it only in head's call
+
+
+def _own_head(config) -> bool:
+    """Models whose head post-processes logits (Gemma 2's soft-capping, Cohere's logit_scale, Granite's
+    logits_scaling): their loss goes through the model's own forward."""
+    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+                or getattr(config, "logits_scaling", 1.0) not in (None, 1.0))
 
 
 def _fused_head_ok(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> bool:
@@ -156,9 +164,7 @@ class CausalLMLoss(nn.Module):
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         base = _base(self.model)
         decoder, head = base.get_decoder(), base.get_output_embeddings()
-        if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
-            # Models that post-process logits (Gemma 2, Cohere): use their own head, still without storing
-            # logits for untrained tokens.
+        if _own_head(base.config):  # their own head, still without storing logits for untrained tokens
             return self._fallback(input_ids, labels, attention_mask, position_ids)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                       **packed_kwargs(position_ids, input_ids.shape[0]))
@@ -271,11 +277,12 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, groups: torch.Tens
 
     base = _base(model)
     source, targets, index = _counted(input_ids, groups, position_ids)
-    if (position_ids is not None and input_ids.shape[0] == 1 and not branches_supported(base)
+    own_head = _own_head(base.config)
+    if ((own_head or not branches_supported(base)) and position_ids is not None and input_ids.shape[0] == 1
             and any(pe > ps for _, _, ps, pe in segments(position_ids[0]))):
         raise ValueError("this row shares prompts between answers (branches), which only tunelab's packed "
-                         "attention reads correctly; collate without shared prompts for this model")
-    if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
+                         "attention over the decoder reads correctly; collate without shared prompts for this model")
+    if own_head:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits
         logits = logits.reshape(-1, logits.shape[-1])[source].float()

@@ -77,9 +77,10 @@ def collate_pairs(examples: Sequence[dict], with_prompt_nll: bool = False, share
 def shares_prompts(model) -> bool:
     """Whether pairs for `model` are collated with their prompt once (`collate_pairs(share_prompt=True)`)."""
     from tunelab.model.attention import branches_supported
+    from tunelab.model.loss import _base, _own_head
     from tunelab.runtime import lever_enabled
 
-    return lever_enabled("shared_prompt") and branches_supported(model)
+    return lever_enabled("shared_prompt") and branches_supported(model) and not _own_head(_base(model).config)
 
 
 def collate_kto(examples: Sequence[dict]) -> dict[str, Any]:
