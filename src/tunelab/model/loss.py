@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.template import IGNORE_INDEX
 from tunelab.runtime import lever_enabled
-from tunelab.model.attention import packed_kwargs
+from tunelab.model.attention import branches_supported, packed_kwargs, segments
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -273,8 +273,6 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, groups: torch.Tens
     gradients enabled and a frozen head, each token's gradient is made while its chunk's logits exist
     (`_FrozenHeadCE`); a trained head's chunks are recomputed in backward (checkpoint) instead.
     """
-    from tunelab.model.attention import branches_supported, segments
-
     base = _base(model)
     source, targets, index = _counted(input_ids, groups, position_ids)
     own_head = _own_head(base.config)
