@@ -160,14 +160,48 @@ def test_bf16_step_is_bit_identical_to_the_model_forward(model_dir, prompts):
 
     import torch
 
-    from tunelab.decode import _model_step, decode_step_for
+    from tunelab.decode import _llama_step, _model_step, decode_step_for
     from tunelab.infer import load
 
     model, _ = load(str(model_dir), dtype="bf16")
-    pairs, _, _ = _paired_steps(model, decode_step_for(model), functools.partial(_model_step, model), prompts,
-                                steps=5, headroom=2)
+    step = decode_step_for(model)
+    assert step.func is _llama_step  # a batching caller: the oneDNN products, whose rows do not depend on each other
+    pairs, _, _ = _paired_steps(model, step, functools.partial(_model_step, model), prompts, steps=5, headroom=2)
     for a, b in pairs:
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_one_row_bf16_step_is_the_model_forward_with_torchs_own_kernel(model_dir):
+    """A single stream (max_rows=1) multiplies with torch's matrix-vector kernel, oneDNN switched off for the step:
+    bit for bit the model's own forward run with that kernel, within rounding of the oneDNN step, oneDNN back on
+    afterwards; given two rows it refuses."""
+    import functools
+
+    import torch
+
+    from tunelab.decode import _model_step, _native_products, _native_step, decode_step_for
+    from tunelab.infer import load
+
+    def model_forward_native(*args):
+        with _native_products():
+            return _model_step(model, *args)
+
+    model, _ = load(str(model_dir), dtype="bf16")
+    one_row = decode_step_for(model, max_rows=1)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("a torch without oneDNN multiplies with its own kernel anyway")
+    assert one_row.func is _native_step
+    prompt = [[5, 6, 7, 8, 9, 10, 11]]
+    pairs, _, _ = _paired_steps(model, one_row, model_forward_native, prompt, steps=5, headroom=2)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert torch.backends.mkldnn.enabled
+    onednn, _, _ = _paired_steps(model, one_row, decode_step_for(model), prompt, steps=5, headroom=2)
+    for a, b in onednn:
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * float(b.float().abs().max()))
+    with pytest.raises(ValueError, match="one row"), torch.inference_mode():
+        kv, mask, token = _prefill(model, [[5, 6], [7, 8]], headroom=2)
+        one_row(kv, token[:, None], torch.tensor([[2], [2]]), torch.cat([mask, mask.new_ones(2, 1)], 1))
+    assert torch.backends.mkldnn.enabled
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

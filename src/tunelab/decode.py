@@ -19,6 +19,15 @@ things remove most of it:
   answers equal transformers' `generate` token for token (tests/test_decode.py).
   Other architectures get the model's own forward over the same cache.
 
+One row at a time (`decode_step_for(model, max_rows=1)`: `tunelab infer`'s single stream, `tunelab chat`), bf16
+products go through torch's own matrix-vector kernel instead of oneDNN's: at batch 1 a step only streams the
+weights, and oneDNN's one-row bf16 product reads them at ~60% of the memory bandwidth where torch's reaches ~90%
+(bench/README.md). Its fp32 sums round a few values differently in the last bit, so it is kept to engines that
+only ever decode one row: an answer must not depend on which other requests shared its batch, and a batching
+engine (the server) always multiplies with the oneDNN kernel, whose rows do not depend on each other. torch picks
+oneDNN for every bf16 product while it is enabled, so a one-row step switches it off for its duration, under
+`KERNELS`, a lock every engine step takes (a prefill in another thread would otherwise run with it off).
+
 Opt-in, `set_decode_weights(model, "int8")` (`infer.generate(..., weights="int8")`): the decode steps multiply
 with int8 copies of the weights, which halves the bytes read per token (the bound at batch 1), as llama.cpp's
 q8_0 does. Faster, and the answers are close to the model's, not equal.
@@ -29,14 +38,18 @@ it runs once per request, and its cache is then copied into a KVCache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 HEADROOM = 256  # columns allocated past the current length; growing doubles, so growth is rare
+# Held by every engine step (prefill and decode): a one-row step switches oneDNN off process-wide while it runs
+KERNELS = threading.RLock()
 
 
 class KVCache:
@@ -175,6 +188,43 @@ def _int8_linears(*modules) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: op(x.float(), packed, reduce_range).to(x.dtype)
 
 
+def _one_row_linears(*modules) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Like `_fast_linears` for one row, run with oneDNN switched off (`_native_products`): plain bf16 weights
+    (stacked when several modules read the same input) through torch's own matrix-vector kernel, which streams the
+    weights faster than oneDNN's one-row product on this CPU and needs no packed copy. Each output is its own dot
+    product, so stacking changes no bit. LoRA-wrapped projections are called as they are (their products run with
+    the same kernel)."""
+    if not all(type(m) is torch.nn.Linear for m in modules):
+        return modules[0] if len(modules) == 1 else (lambda x: torch.cat([m(x) for m in modules], dim=-1))
+    if len(modules) == 1:
+        w, bias = modules[0].weight.detach(), modules[0].bias
+        bias = None if bias is None else bias.detach()
+    else:
+        w, bias = _stacked(modules)
+    return lambda x: F.linear(x, w, bias)
+
+
+def _one_row_native(inner) -> bool:
+    """Whether one-row steps of this model multiply with torch's own bf16 kernel (`one_row_gemv`)."""
+    from tunelab.runtime import lever_enabled
+
+    w = inner.lm_head.weight
+    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and lever_enabled("one_row_gemv"))
+
+
+@contextlib.contextmanager
+def _native_products() -> Iterator[None]:
+    """oneDNN off for this step's products (torch would hand every bf16 product to it), under `KERNELS`."""
+    with KERNELS:
+        before = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            yield
+        finally:
+            torch._C._set_mkldnn_enabled(before)
+
+
 @functools.cache
 def _cpu_has_vnni() -> bool:
     try:
@@ -191,14 +241,15 @@ WEIGHTS = ("model", "int8")  # what decode steps multiply with: the model's own 
 class _Parts:
     """The modules of a Llama-shaped causal LM, found once (through a PEFT wrapper if there is one)."""
 
-    def __init__(self, model, weights: str = "model"):
+    def __init__(self, model, weights: str = "model", one_row: bool = False):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.embed = inner.model.embed_tokens
         self.layers = list(inner.model.layers)
         self.norm = inner.model.norm
         self.rotary = inner.model.rotary_emb
         self.weights = weights
-        fast = _int8_linears if weights == "int8" else _fast_linears
+        self.native = weights == "model" and one_row and _one_row_native(inner)
+        fast = _int8_linears if weights == "int8" else _one_row_linears if self.native else _fast_linears
         self.lm_head = fast(inner.lm_head)
         # per layer: x -> [q|k|v], o, [gate|up], down
         self.linears = [(fast(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), fast(l.self_attn.o_proj),
@@ -276,17 +327,27 @@ def _llama_shaped(model) -> bool:
 Step = Callable[[KVCache, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def decode_step_for(model) -> Step:
-    """The fastest correct decode step for `model`: (kv, ids, positions, mask) -> logits [rows, vocab]."""
+def decode_step_for(model, max_rows: int | None = None) -> Step:
+    """The fastest correct decode step for `model`: (kv, ids, positions, mask) -> logits [rows, vocab].
+
+    `max_rows=1`: the caller never decodes more than one row (a single stream), which allows the one-row kernels.
+    """
     if _llama_shaped(model):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        weights = _WEIGHTS.get(model, "model")
+        key = (_WEIGHTS.get(model, "model"), max_rows == 1)
         made = _PARTS.setdefault(model, {})  # per kind of weights: switching back and forth packs nothing again
-        parts = made.get(weights)
+        parts = made.get(key)
         if parts is None or parts.version != _weights_version(inner):
-            parts = made[weights] = _Parts(model, weights)
-        return functools.partial(_llama_step, parts)
+            parts = made[key] = _Parts(model, *key)
+        return functools.partial(_native_step if parts.native else _llama_step, parts)
     return functools.partial(_model_step, model)
+
+
+def _native_step(p: _Parts, kv: KVCache, ids, positions, mask) -> torch.Tensor:
+    if ids.shape[0] != 1:
+        raise ValueError("this decode step was made for one row (decode_step_for(model, max_rows=1))")
+    with _native_products():
+        return _llama_step(p, kv, ids, positions, mask)
 
 
 def _llama_step(p: _Parts, kv: KVCache, ids, positions, mask) -> torch.Tensor:

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     model, tok = infer.load(args.model, adapter=args.adapter, dtype=args.dtype)
     gen["weights"] = args.weights
     if args.prompt is not None:
-        print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], **gen)[0])
+        # one prompt is a single stream: batch_size=1 lets the decode use its one-row kernels (tunelab.decode)
+        print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], batch_size=1, **gen)[0])
     elif args.input:
         if not args.output:
             raise TunelabError("--input needs --output (where to write the answers)")

@@ -118,9 +118,11 @@ class Engine:
         self._lock = threading.Lock()
         self._pending = 0  # jobs submitted and not yet released: the slots in use
         self._rows: list[_Row] = []
-        from tunelab.decode import decode_step_for  # torch is imported when an engine is made, not before
+        from tunelab.decode import KERNELS, decode_step_for  # torch is imported when an engine is made, not before
 
-        self._decode = decode_step_for(model)  # the decode step infer and serve share (tunelab.decode)
+        # the decode step infer and serve share (tunelab.decode); an engine of one row gets the one-row kernels
+        self._decode = decode_step_for(model, max_rows=max_batch_size)
+        self._kernels = KERNELS  # held by each prefill and step: another engine's one-row step switches oneDNN off
         self._cache: KVCache | None = None  # one row per entry of _rows, right-aligned
         self._mask = None  # [rows, cache length] 1 for real tokens, 0 for left padding
         self._stopping = threading.Event()
@@ -221,7 +223,8 @@ class Engine:
         if not jobs:
             return
         try:
-            self._prefill(jobs)
+            with self._kernels:
+                self._prefill(jobs)
         except Exception as e:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("prefill failed")
             for job in jobs:
@@ -265,7 +268,8 @@ class Engine:
         positions = torch.tensor([[r.length] for r in rows], device=self.device)
         # the query's offset into the cache is the cache length for every row; its RoPE position is its
         # own length, which differs from row to row by the row's left padding
-        logits = self._decode(self._cache, ids, positions, mask)
+        with self._kernels:
+            logits = self._decode(self._cache, ids, positions, mask)
         self._mask = mask
         self.stats["steps"] += 1
         for r in rows:
