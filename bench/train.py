@@ -70,6 +70,10 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
      "tunelab", ["training.batch_tokens=@tokens"]),
     ("tokens-grad_ckpt", "tunelab-tokens + gradient_checkpointing", "tunelab",
      ["training.batch_tokens=@tokens", "training.gradient_checkpointing=true"]),
+    ("tokens-mb1024", "tunelab, the same tokens per step as 2 forwards of <= half of them (gradient accumulation 2)",
+     "tunelab", ["training.batch_tokens=@tokens/2", "training.gradient_accumulation_steps=2"]),
+    ("tokens-mb512", "tunelab, the same tokens per step as 4 forwards of <= a quarter of them (accumulation 4)",
+     "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
      "llamafactory", {}),
     ("llamafactory-fp32", "LLaMA-Factory 0.9.5, neat_packing, fp32", "llamafactory", {"bf16": False}),
@@ -290,16 +294,26 @@ def step_batches(lengths: list[int], batch_size: int, seed: int, steps: int, gro
     return out[:steps]
 
 
-def token_step_batches(lengths: list[int], budget: int, seed: int, steps: int) -> list[list[int]]:
-    """The records of each step under `training.batch_tokens=budget` (one micro-batch per step)."""
+def token_step_batches(lengths: list[int], budget: int, seed: int, steps: int, per_step: int = 1) -> list[list[int]]:
+    """The records of each step under `training.batch_tokens=budget` and `per_step` micro-batches per step
+    (gradient accumulation), as the recipe draws them."""
     from tunelab.data.batching import token_batches_for_epoch
 
-    out: list[list[int]] = []
+    micro: list[list[int]] = []
     epoch = 0
-    while len(out) < steps:
-        out.extend(token_batches_for_epoch(lengths, budget, seed, epoch))
+    while len(micro) < steps * per_step:
+        micro.extend(token_batches_for_epoch(lengths, budget, seed, epoch))
         epoch += 1
-    return out[:steps]
+    return [[i for b in micro[k * per_step:(k + 1) * per_step] for i in b] for k in range(steps)]
+
+
+def _tokens_option(option: str, budget: int) -> str:
+    """`training.batch_tokens=@tokens[/k]` with the peer's tokens per step (divided by k) filled in."""
+    if "@tokens" not in option:
+        return option
+    key, _, value = option.partition("=")
+    div = int(value.split("/")[1]) if "/" in value else 1
+    return f"{key}={budget // div}"
 
 
 def row_env(key: str, kind: str) -> dict[str, str]:
@@ -460,10 +474,13 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
                     "lr": args.lr, "seed": args.seed, "max_length": args.max_length, "warmup_steps": warmup_steps,
                     "trl_options": opts}
         else:
-            budget = str(args.batch_size * args.max_length)  # the peer's rows x cutoff: equal tokens per step
-            spec = {"overrides": common + [f"output.run_name={key}"] + [o.replace("@tokens", budget) for o in opts]}
-            if any(o.startswith("training.batch_tokens") for o in opts):
-                batches = token_step_batches(data["lengths"], int(budget), args.seed, steps)
+            budget = args.batch_size * args.max_length  # the peer's rows x cutoff: equal tokens per step
+            filled = [_tokens_option(o, budget) for o in opts]
+            spec = {"overrides": common + [f"output.run_name={key}"] + filled}
+            per_step = next((int(o.split("=")[1]) for o in filled if o.startswith("training.gradient_accumulation")), 1)
+            if any(o.startswith("training.batch_tokens") for o in filled):
+                micro_budget = next(int(o.split("=")[1]) for o in filled if o.startswith("training.batch_tokens"))
+                batches = token_step_batches(data["lengths"], micro_budget, args.seed, steps, per_step)
                 tokens = [sum(data["lengths"][i] for i in b) for b in batches]
         saved = work / f"{key}.row.json"
         if args.resume and saved.is_file():

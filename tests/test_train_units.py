@@ -153,6 +153,74 @@ def test_per_record_packed_attention_equals_the_masked_row(tiny_model_dir, tiny_
     assert packed_kwargs(packed["position_ids"], 2) == {} and packed_kwargs(None, 1) == {}
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bmm_causal_attention_equals_sdpa_forward_and_backward(dtype):
+    """CausalAttention (batched products, fp32 softmax, probabilities recomputed in backward) against SDPA's
+    causal GQA attention on strided query slices as a packed row gives them: fp32 within 1e-5, bf16 within its
+    rounding; a one-token record has zero query/key gradients."""
+    import torch.nn.functional as F
+
+    from tunelab.model.attention import CausalAttention, causal_bias
+
+    dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    heads, kv_heads, dim = 6, 2, 16
+    for length in (1, 7, 130):
+        g = torch.Generator().manual_seed(length)
+        row = torch.randn(1, length + 9, heads, dim, generator=g).to(dt).transpose(1, 2)
+        k = torch.randn(1, kv_heads, length, dim, generator=g).to(dt)
+        v = torch.randn(1, kv_heads, length, dim, generator=g).to(dt)
+        go = torch.randn(1, heads, length, dim, generator=g).to(dt)
+        results = []
+        for ours in (True, False):
+            q = row[:, :, 4:4 + length].detach().requires_grad_()
+            kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+            if ours:
+                out = CausalAttention.apply(q, kk, vv, causal_bias(length, 3, kv_heads, dt, "cpu"), 0.3)
+            else:
+                out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=True, scale=0.3)
+            out.backward(go)
+            results.append([t.float() for t in (out, q.grad, kk.grad, vv.grad)])
+        for mine, ref in zip(*results):
+            assert (mine - ref).abs().max() <= tol * max(ref.abs().max(), 1.0), length
+        if length == 1:
+            assert results[0][1].abs().max() == 0 and results[0][2].abs().max() == 0
+
+
+def test_bf16_packed_rows_attend_with_batched_products_up_to_the_length_limit(tiny_model_dir, tiny_tokenizer,
+                                                                               monkeypatch):
+    """In bf16 training, records up to BMM_MAX_LENGTH go through CausalAttention, longer ones through SDPA; the
+    loss and gradients stay within bf16 rounding of SDPA's for every record (lever bmm_attention off)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model import attention
+    from tunelab.model.attention import use_packed_attention
+
+    exs = _examples(tiny_tokenizer, n=5)
+    packed = collate_packed(exs)
+    lengths = sorted(len(e["input_ids"]) for e in exs)
+    monkeypatch.setattr(attention, "BMM_MAX_LENGTH", lengths[2])
+    calls = []
+    apply = attention.CausalAttention.apply
+    monkeypatch.setattr(attention.CausalAttention, "apply", lambda q, *a: calls.append(q.shape[2]) or apply(q, *a))
+    results = {}
+    for lever in ("on", "off"):
+        monkeypatch.setenv("TUNELAB_PERF_OFF", "" if lever == "on" else "bmm_attention")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        assert use_packed_attention(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        s, n = CausalLMLoss(model)(**packed)
+        s.backward()
+        results[lever] = (float(s.detach()) / int(n), {k: p.grad.float() for k, p in model.named_parameters()})
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted([n for n in lengths if n <= lengths[2]] * layers)  # only with the lever on
+    assert results["on"][0] == pytest.approx(results["off"][0], rel=1e-2)
+    for k, g in results["off"][1].items():
+        mine = results["on"][1][k]
+        assert torch.nn.functional.cosine_similarity(mine.flatten(), g.flatten(), dim=0) > 0.99, k
+
+
 def test_packed_attention_is_not_used_where_it_would_differ(tiny_model_dir):
     """Sliding-window models (and non-SDPA attention) keep transformers' masks."""
     from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM

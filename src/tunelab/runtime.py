@@ -55,7 +55,7 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
 # ---------------------------------------------------------------- switches for measuring each speed lever
 
 LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers", "shared_prompt",
-          "lean_layers", "autocast_lora_inputs", "one_row_gemv")
+          "lean_layers", "autocast_lora_inputs", "one_row_gemv", "bmm_attention")
 # The levers runs recorded before `levers_known` was written to the manifest could have had (tunelab reproduce
 # switches every later one off for them: they change results within rounding).
 FIRST_LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers")
@@ -71,7 +71,8 @@ def lever_enabled(name: str) -> bool:
     order), shared_prompt (a preference pair's prompt through the model once) and lean_layers (norm and SwiGLU
     keeping less for backward) within rounding too, logit_buffers and autocast_lora_inputs not at all; one_row_gemv
     (single-stream bf16 decode products through torch's own matrix-vector kernel, tunelab.decode) rounds each product
-    differently in the last bit of some values; fast_dropout draws its masks from another random stream (same statistics),
+    differently in the last bit of some values, bmm_attention (bf16 records attended to with batched products
+    instead of SDPA's flash kernel) within bf16 rounding; fast_dropout draws its masks from another random stream (same statistics),
     so losses differ from a run without it. The manifest records which levers were off (`runtime`), and `tunelab
     reproduce` switches the same ones off."""
     assert name in LEVERS, name

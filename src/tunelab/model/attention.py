@@ -21,6 +21,13 @@ Each branch is attended to as its own causal record over [prefix; branch] (the p
 again and dropped), so its outputs equal those of the standalone record P + R, and P's keys and values are made
 once for both answers. Only this attention function knows branches (`branches_supported`): transformers' own
 masks would read a branch as a new record without its prefix.
+
+bf16 on CPU (`bmm_attention`): a record is attended to with batched bf16 products and an fp32 softmax
+(`CausalAttention`) instead of SDPA's CPU flash kernel, whose bf16 backward ran at ~60 GFLOP/s here against
+~390 for the products (records of 128-512 tokens: forward + backward 2-2.5x faster, docs/perf-notes.md).
+It keeps only q, k and v for backward and computes the probabilities again there (no [heads, L, L] tensor is
+kept); the scores are rounded to bf16 once, as transformers' eager attention
+rounds them, so results equal SDPA's within bf16 rounding (fp32: within 1e-5, tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -46,19 +53,83 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         bounds = cu.tolist()
         segments = [(s, e, s, s) for s, e in zip(bounds[:-1], bounds[1:])]
     gqa = query.shape[1] != key.shape[1]
+    bmm = _bmm_attention(query, dropout) and query.shape[1] % key.shape[1] == 0
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
     def part(x, s, e, ps, pe):
         return x[:, :, s:e] if ps == pe else torch.cat((x[:, :, ps:pe], x[:, :, s:e]), dim=2)
 
-    outs = []
+    outs, biases = [], {}
     for s, e, ps, pe in segments:
-        if e > s:
+        if e > s and bmm and ps == pe and e - s <= BMM_MAX_LENGTH:
+            if e - s not in biases:  # one per record length in this layer; backward keeps it with the layer's
+                biases[e - s] = causal_bias(e - s, query.shape[1] // key.shape[1], key.shape[1], query.dtype,
+                                            query.device)
+            outs.append(CausalAttention.apply(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], biases[e - s],
+                                              scale))
+        elif e > s:
             out = F.scaled_dot_product_attention(part(query, s, e, ps, pe), part(key, s, e, ps, pe),
                                                  part(value, s, e, ps, pe), dropout_p=dropout, scale=scaling,
                                                  is_causal=True, enable_gqa=gqa)
             outs.append(out[:, :, pe - ps:] if pe > ps else out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+class CausalAttention(torch.autograd.Function):
+    """Causal self-attention of one record: q [1, H, L, d], k and v [1, KV, L, d] (H a multiple of KV, query head
+    h reading key/value head h // (H / KV) as SDPA's enable_gqa does) -> [1, H, L, d]. `bias`: `causal_bias`.
+
+    The query heads of one key/value head are stacked into one product ([KV, H/KV * L, d] x [KV, d, L]), so keys
+    and values are never repeated; the scale and the causal mask (an additive bias) are applied inside that
+    product (baddbmm), and the softmax normalises in fp32 and rounds the probabilities once to the compute dtype,
+    as transformers' eager attention does. Backward recomputes the same probabilities (the same calls, the same
+    bits) instead of keeping a [heads, L, L] tensor per record and layer."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float):
+        kv_heads, length, dim = k.shape[1], k.shape[2], k.shape[3]
+        qg = q.reshape(kv_heads, -1, dim)
+        kk, vv = k.reshape(kv_heads, length, dim), v.reshape(kv_heads, length, dim)
+        out = torch.bmm(_probabilities(qg, kk, bias, scale), vv)
+        ctx.save_for_backward(qg, kk, vv, bias)
+        ctx.scale = scale
+        return out.view(q.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qg, kk, vv, bias = ctx.saved_tensors
+        scale = ctx.scale
+        g = grad.reshape(qg.shape).to(qg.dtype)
+        p = _probabilities(qg, kk, bias, scale)
+        grad_v = torch.bmm(p.transpose(1, 2), g)
+        # d loss / d scores = P * (dP - sum_j P_ij dP_ij): softmax's own backward kernel, one pass (0 where masked)
+        ds = torch._softmax_backward_data(torch.bmm(g, vv.transpose(1, 2)), p, -1, p.dtype)
+        grad_q = torch.baddbmm(torch.empty_like(qg), ds, kk, beta=0, alpha=scale)
+        grad_k = torch.baddbmm(torch.empty_like(kk), ds.transpose(1, 2), qg, beta=0, alpha=scale)
+        return (grad_q.view(grad.shape), grad_k.view(1, *kk.shape), grad_v.view(1, *vv.shape), None, None)
+
+
+def causal_bias(length: int, groups: int, kv_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[KV, groups * L, L] (expanded over KV): 0 where query i may see key j (j <= i), -inf above the diagonal."""
+    bias = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return bias.repeat(groups, 1).expand(kv_heads, groups * length, length)
+
+
+def _probabilities(qg: torch.Tensor, kk: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) normalised in fp32, in q's dtype: [KV, G * L, L]."""
+    return torch.softmax(torch.baddbmm(bias, qg, kk.transpose(1, 2), alpha=scale), dim=-1)
+
+
+BMM_MAX_LENGTH = 384  # longer records keep SDPA: at 512 tokens the flash kernel was as fast (docs/perf-notes.md)
+
+
+def _bmm_attention(query: torch.Tensor, dropout: float) -> bool:
+    """Whether records are attended to with CausalAttention (bf16 on CPU, no dropout, lever on)."""
+    from tunelab.runtime import lever_enabled
+
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+            and query.requires_grad and lever_enabled("bmm_attention"))
 
 
 def register() -> None:
