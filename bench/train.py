@@ -72,7 +72,11 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
      ["training.batch_tokens=@tokens", "training.gradient_checkpointing=true"]),
     ("tokens-mb1024", "tunelab, the same tokens per step as 2 forwards of <= half of them (gradient accumulation 2)",
      "tunelab", ["training.batch_tokens=@tokens/2", "training.gradient_accumulation_steps=2"]),
+    ("tokens-sdpa_attention", "tunelab-tokens with SDPA's flash kernel for every record (lever bmm_attention off)",
+     "tunelab", ["training.batch_tokens=@tokens"]),
     ("tokens-mb512", "tunelab, the same tokens per step as 4 forwards of <= a quarter of them (accumulation 4)",
+     "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
+    ("mb512-trim_heap", "tokens-mb512 + free heap pages returned between the passes (opt-in lever trim_heap)",
      "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
      "llamafactory", {}),
@@ -100,9 +104,10 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
 ]
 KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
-LEVER_OFF = {"masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
+LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention",
+             "masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
              "no_logit_buffers": "logit_buffers"}
-LEVER_ON = {"fused_lora": "fused_lora", "tokens-fused_lora": "fused_lora"}  # opt-in levers (tunelab.runtime.OPT_IN)
+LEVER_ON = {"fused_lora": "fused_lora", "tokens-fused_lora": "fused_lora", "mb512-trim_heap": "trim_heap"}  # opt-in levers (tunelab.runtime.OPT_IN)
 PEERS = {"llamafactory", "unsloth"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
 PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 

@@ -229,3 +229,64 @@ def test_fused_lora_is_opt_in_and_recorded(monkeypatch):
     assert lever_enabled("fused_lora") and runtime_info()["levers_on"] == ["fused_lora"]
     monkeypatch.setenv("TUNELAB_PERF_OFF", "fused_lora")
     assert not lever_enabled("fused_lora")
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+
+def test_return_free_heap_gives_free_heap_pages_back(monkeypatch):
+    """trim_heap (opt-in): after blocks between live ones are freed, their pages leave the resident set; off (the
+    default), it does nothing."""
+    import platform
+    import sys
+
+    from tunelab import runtime
+
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("glibc only")
+    monkeypatch.setenv("TUNELAB_PERF_ON", "trim_heap")
+    runtime.return_free_heap()
+    big, pins = [], []
+    for _ in range(1500):  # 100 KB blocks (below glibc's mmap threshold: heap), a live pin after each
+        big.append(torch.ones(25_000))
+        pins.append(torch.ones(8))
+    del big
+    monkeypatch.delenv("TUNELAB_PERF_ON")
+    before = _rss_anon_bytes()
+    runtime.return_free_heap()
+    assert before - _rss_anon_bytes() < 20e6  # lever off: nothing returned
+    monkeypatch.setenv("TUNELAB_PERF_ON", "trim_heap")
+    runtime.return_free_heap()
+    assert before - _rss_anon_bytes() > 100e6  # ~150 MB of freed blocks held in place by the pins
+    assert len(pins) == 1500
+
+
+def test_passes_of_one_step_return_free_heap_between_them(tiny_model, tiny_tokenizer, monkeypatch):
+    """forward_backward trims after every pass but the step's last (the optimiser and the next step follow)."""
+    from contextlib import nullcontext
+
+    from tunelab.train import recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "return_free_heap", lambda: calls.append(1))
+    exs = [encode_record(tiny_tokenizer, [{"role": "user", "content": f"question {i}"},
+                                          {"role": "assistant", "content": f"answer {i}"}], max_length=64)
+           for i in range(3)]
+    train = [{"input_ids": e.input_ids, "labels": e.labels,
+              "n_targets": sum(1 for x in e.labels[1:] if x != -100)} for e in exs]
+
+    class Acc:
+        device, num_processes, process_index = torch.device("cpu"), 1, 0
+
+        def no_sync(self, model):
+            return nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+    loss_fn = CausalLMLoss(tiny_model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    recipe.forward_backward([[0], [1], [2]], train, collate_packed, Acc(), loss_fn, nullcontext, scaler)
+    assert len(calls) == 2

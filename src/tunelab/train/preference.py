@@ -32,6 +32,7 @@ import torch
 
 from tunelab.config import Config
 from tunelab.data.batching import batches_for_epoch
+from tunelab.runtime import return_free_heap
 from tunelab.errors import TunelabError
 from tunelab.model.loss import autocast_for
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
@@ -336,6 +337,8 @@ def train_step(s: PrefSession, epoch: int, pos: int):
         with nullcontext() if k == len(mine) - 1 else acc.no_sync(s.policy):
             out = micro_step(s, examples)
             acc.backward(out.loss_sum / n_step * world * weight)
+        if k < len(mine) - 1 and acc.device.type == "cpu":
+            return_free_heap()  # as in recipe.forward_backward
         loss_sum += float(out.loss_sum.detach()) * weight
         for key, v in out.sums.items():
             sums[key] = sums.get(key, 0.0) + v * weight

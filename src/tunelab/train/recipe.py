@@ -31,6 +31,7 @@ from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupt
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 from tunelab.train.monitor import Trackers, fmt_lr, rss_gib
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
+from tunelab.runtime import return_free_heap
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "save_final_artifacts"]
 
@@ -510,6 +511,8 @@ def forward_backward(group: list[list[int]], train: list[dict], collate, acceler
         # token-weighted mean over the whole step; DDP averages over processes, hence x world
         accelerator.backward(scaler.scale(loss_sum / step_tokens * world * weight))
         step_loss += loss_sum.detach().double() * weight
+        if not sync and accelerator.device.type == "cpu":
+            return_free_heap()  # the pass's freed activations: their pages are not resident for the next pass
         if weight:
             tokens += int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
     if world > 1:
