@@ -59,7 +59,9 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
 
     The serve engine's decode loop, run in this thread: up to `batch_size` prompts decode together and a
     finished one's place goes to the next prompt at once. Sampling is seeded per prompt (`seed`), so an answer
-    does not depend on the batch it shared. `weights="int8"` decodes with int8 copies of the weights (faster,
+    does not depend on the batch it shared. `batch_size=1` decodes as a single stream, with the one-row bf16
+    kernels (`tunelab.decode`: faster at batch 1, a few logits rounded differently in the last bit than in a
+    batch). `weights="int8"` decodes with int8 copies of the weights (faster,
     answers close to but not the model's own; `tunelab.decode.set_decode_weights`), "model" with its own; None
     keeps what was set for this model.
     """
