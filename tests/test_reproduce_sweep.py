@@ -159,15 +159,18 @@ def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, mo
 
     run = _fabricated_run(tmp_path)
     res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
-    assert seen[-1] == "packed_attention,fast_dropout,fused_head,fused_lora,logit_buffers,shared_prompt,lean_layers,autocast_lora_inputs" and "predates" in res.notes[0]
+    from tunelab.runtime import FIRST_LEVERS, LEVERS, OPT_IN
+
+    assert seen[-1] == ",".join(LEVERS) and "predates" in res.notes[0]
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["runtime"] = {"levers_off": ["fused_head"]}
     (run / "manifest.json").write_text(json.dumps(manifest))
     res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
     # recorded before the manifest listed the levers it knew: the ones added since are off, as it had none of them
-    assert seen[-1] == "fused_head,shared_prompt,lean_layers,autocast_lora_inputs" and "TUNELAB_PERF_OFF" not in os.environ
+    since = [x for x in LEVERS if x not in FIRST_LEVERS and x not in OPT_IN]
+    assert {"shared_prompt", "lean_layers", "autocast_lora_inputs", "one_row_gemv", "bmm_attention"} <= set(since)
+    assert seen[-1] == ",".join(["fused_head", *since]) and "TUNELAB_PERF_OFF" not in os.environ
     assert any("added since" in n for n in res.notes)
-    from tunelab.runtime import LEVERS
 
     manifest["runtime"] = {"levers_off": ["fused_head"], "levers_known": list(LEVERS)}
     (run / "manifest.json").write_text(json.dumps(manifest))

@@ -133,7 +133,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     cfg.output.run_name = name or _free_name(original.parent, original.name)
     if train_fn is None:
         from tunelab.train.recipe import train as train_fn
-    from tunelab.runtime import FIRST_LEVERS, LEVERS, levers_as_recorded
+    from tunelab.runtime import FIRST_LEVERS, LEVERS, OPT_IN, levers_as_recorded
 
     notes = []
     recorded_dtype = (manifest.get("dtype") or {}).get("name")
@@ -145,8 +145,9 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     if off is None:  # trained before tunelab's CPU speed levers existed: their fast dropout masks would differ
         off = list(LEVERS)
         notes.append("the original predates tunelab's CPU speed levers: reproduced with them off")
-    newer = [x for x in LEVERS if x not in (runtime.get("levers_known") or FIRST_LEVERS) and x not in off]
-    if newer:  # levers added after the original ran: off, as the original had none of them
+    known = runtime.get("levers_known") or FIRST_LEVERS
+    newer = [x for x in LEVERS if x not in known and x not in off and x not in OPT_IN]
+    if newer:  # levers added after the original ran: off, as the original had none of them (opt-in ones are off)
         off = [*off, *newer]
         notes.append(f"levers added since the original ran, reproduced off: {', '.join(newer)}")
     with levers_as_recorded(off, (manifest.get("runtime") or {}).get("levers_on") or []):
