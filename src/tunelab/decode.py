@@ -19,10 +19,10 @@ things remove most of it:
   answers equal transformers' `generate` token for token (tests/test_decode.py).
   Other architectures get the model's own forward over the same cache.
 
-One row at a time (`decode_step_for(model, max_rows=1)`: `tunelab infer`'s single stream, `tunelab chat`), bf16
-products go through torch's own matrix-vector kernel instead of oneDNN's: at batch 1 a step only streams the
-weights, and oneDNN's one-row bf16 product reads them at ~60% of the memory bandwidth where torch's reaches ~90%
-(bench/README.md). Its fp32 sums round a few values differently in the last bit, so it is kept to engines that
+One row at a time (`decode_step_for(model, max_rows=1)`: `tunelab infer` with one prompt and its chat, the
+dashboard's chat, a server of one row), bf16 products go through torch's own matrix-vector kernel instead of
+oneDNN's: at batch 1 a step only streams the weights, and oneDNN's one-row bf16 product was 1.2-1.8x slower at
+that than torch's on the 2-core AVX512-BF16 machine (bench/kernels.py). Its fp32 sums round a few values differently in the last bit, so it is kept to engines that
 only ever decode one row: an answer must not depend on which other requests shared its batch, and a batching
 engine (the server) always multiplies with the oneDNN kernel, whose rows do not depend on each other. torch picks
 oneDNN for every bf16 product while it is enabled, so a one-row step switches it off for its duration, under

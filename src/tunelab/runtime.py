@@ -9,8 +9,8 @@ themselves once with it. Opt out with TUNELAB_ALLOCATOR=system; nothing happens 
 Opt-in (`TUNELAB_PERF_ON=trim_heap`): between the forward/backward passes of one optimiser step (gradient
 accumulation) the training loops hand the pages of the heap's free blocks back to the kernel (`return_free_heap`,
 glibc's malloc_trim): each pass frees its activations layer by layer in an order that leaves gaps the next pass's
-differently sized blocks do not fill, and those gaps otherwise stay resident. Measured: 8% less peak memory for 5%
-less speed at 4 passes per step (docs/perf-notes.md section 10), hence not a default.
+differently sized blocks do not fill, and those gaps otherwise stay resident. Measured: ~7% less peak memory for
+4-5% less speed at 4 passes per step (docs/perf-notes.md section 10), hence not a default.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit
 # The levers runs recorded before `levers_known` was written to the manifest could have had (tunelab reproduce
 # switches every later one off for them: they change results within rounding).
 FIRST_LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers")
-# Levers that are off unless TUNELAB_PERF_ON names them: equal in results, but no measured win on every CPU kind
-# (docs/perf-notes.md section 8), so not a default.
+# Levers that are off unless TUNELAB_PERF_ON names them: fused_lora is equal in results but showed no measured win
+# (docs/perf-notes.md section 8); trim_heap trades speed for memory (section 10). So neither is a default.
 OPT_IN = ("fused_lora", "trim_heap")
 
 

@@ -22,12 +22,13 @@ again and dropped), so its outputs equal those of the standalone record P + R, a
 once for both answers. Only this attention function knows branches (`branches_supported`): transformers' own
 masks would read a branch as a new record without its prefix.
 
-bf16 on CPU (`bmm_attention`): a record is attended to with batched bf16 products and an fp32 softmax
-(`CausalAttention`) instead of SDPA's CPU flash kernel, whose bf16 backward ran at ~60 GFLOP/s here against
-~390 for the products (records of 128-512 tokens: forward + backward 2-2.5x faster, docs/perf-notes.md).
+bf16 training on CPU (`bmm_attention`): a record of at most BMM_MAX_LENGTH tokens is attended to with batched
+bf16 products and an fp32-normalised softmax (`CausalAttention`) instead of SDPA's CPU flash kernel, whose bf16
+backward ran at ~60 GFLOP/s here against ~390 for the products. Forward + backward of one record was 2.9-3.3x
+faster at 64-128 tokens, 1.1-1.3x at 256-384 and as fast at 512 (bench/kernels.py, docs/perf-notes.md section 10).
 It keeps only q, k and v for backward and computes the probabilities again there (no [heads, L, L] tensor is
-kept); the scores are rounded to bf16 once, as transformers' eager attention
-rounds them, so results equal SDPA's within bf16 rounding (fp32: within 1e-5, tests/test_packing.py).
+kept); the scores are rounded to bf16 once, as transformers' eager attention rounds them, so results equal
+SDPA's within bf16 rounding (fp32: within 1e-5; tests/test_train_units.py).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ BMM_MAX_LENGTH = 384  # longer records keep SDPA: at 512 tokens the flash kernel
 
 
 def _bmm_attention(query: torch.Tensor, dropout: float) -> bool:
-    """Whether records are attended to with CausalAttention (bf16 on CPU, no dropout, lever on)."""
+    """Whether records are attended to with CausalAttention: bf16 on CPU with gradients (training; evaluation keeps
+    SDPA), no attention dropout, lever on."""
     from tunelab.runtime import lever_enabled
 
     return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
