@@ -115,3 +115,25 @@ def test_prompts_waiting_together_are_prefilled_in_one_padded_forward(tiny):
     finally:
         engine.stop()
     assert [(j.text, j.completion_tokens) for j in jobs] == [(a.text, a.completion_tokens) for a in alone]
+
+
+def test_the_worker_decodes_with_the_threads_it_was_given(tiny):
+    """`tunelab serve` loads with one torch thread and hands the engine the thread count to decode with."""
+    import torch
+
+    from tunelab.serve import Engine, Job, Sampling
+
+    seen = []
+    before = torch.get_num_threads()
+    engine = Engine(*tiny, max_batch_size=2, max_queue=2, threads=1)
+    engine.start()
+    try:
+        done = threading.Event()
+        job = Job(prompt_ids(tiny[1], "Hi"), Sampling(2))
+        job.sink = lambda piece: seen.append(torch.get_num_threads()) or (piece is None and done.set())
+        engine.submit(job)
+        assert done.wait(120)
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)  # the worker's setting is process-wide for threads started later
+    assert seen and set(seen) == {1}

@@ -240,7 +240,8 @@ async def _server_error(request: Request, exc: Exception):
 async def _lifespan(app: FastAPI):
     """Start the engine (worker thread + queue) and the tokenising thread; stop both when the server stops."""
     state = app.state
-    state.engine = Engine(state.model, state.tokenizer, state.settings.max_batch_size, state.settings.max_queue)
+    state.engine = Engine(state.model, state.tokenizer, state.settings.max_batch_size, state.settings.max_queue,
+                          threads=getattr(state, "torch_threads", None))
     # one thread: a fast tokenizer must not be used from several threads at once, and this keeps it off the loop
     state.encoder = ThreadPoolExecutor(1, thread_name_prefix="tunelab-tokenize")
     state.engine.start()
@@ -548,7 +549,13 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     from tunelab.decode import set_decode_weights
     from tunelab.infer import load
 
+    import torch
+
     settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
+    # torch computes in the engine's thread; load with one thread here, so that this thread keeps no team of
+    # OpenMP workers next to the engine's: with both, one-client decoding ran ~35% slower (bench/README.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     m, tok = load(model, adapter=adapter, dtype=dtype)
     set_decode_weights(m, weights)
     name = model_name
@@ -559,6 +566,7 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     app = create_app(m, tok, name, settings)
+    app.state.torch_threads = threads  # the engine's worker decodes with these
     dtype_name = str(next(m.parameters()).dtype).removeprefix("torch.")
     dtype_name += ", int8 decode weights" if weights == "int8" else ""
     print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "

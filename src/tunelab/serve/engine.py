@@ -108,8 +108,10 @@ class _Row:
 class Engine:
     """Owns the model, the job queue and the worker thread; `submit` and `release` are safe from any thread."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 64):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 64, threads: int | None = None):
+        """`threads`: torch threads for the worker (`tunelab serve` loads the model with one thread and decodes
+        with these: torch's threads working from two Python threads slowed decoding by a third, bench/README.md)."""
+        self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
         self.eos = set(stop_token_ids(tokenizer))
         self.device = next(model.parameters()).device
@@ -182,6 +184,8 @@ class Engine:
     def _run(self) -> None:
         import torch
 
+        if self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self._stopping.is_set():
                 try:
