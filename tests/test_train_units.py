@@ -189,8 +189,9 @@ def test_bmm_causal_attention_equals_sdpa_forward_and_backward(dtype):
 
 def test_bf16_packed_rows_attend_with_batched_products_up_to_the_length_limit(tiny_model_dir, tiny_tokenizer,
                                                                                monkeypatch):
-    """In bf16 training, records up to BMM_MAX_LENGTH go through CausalAttention, longer ones through SDPA; the
-    loss and gradients stay within bf16 rounding of SDPA's for every record (lever bmm_attention off)."""
+    """In bf16 training, records up to BMM_MAX_LENGTH go through CausalAttention (one causal bias per length,
+    shared by the layers), longer ones through SDPA; the loss and gradients stay within bf16 rounding of SDPA's for
+    every record (lever bmm_attention off)."""
     from transformers import AutoModelForCausalLM
 
     from tunelab.model import attention
@@ -200,9 +201,15 @@ def test_bf16_packed_rows_attend_with_batched_products_up_to_the_length_limit(ti
     packed = collate_packed(exs)
     lengths = sorted(len(e["input_ids"]) for e in exs)
     monkeypatch.setattr(attention, "BMM_MAX_LENGTH", lengths[2])
-    calls = []
+    calls, biases = [], {}
+
+    def counted(q, k, v, bias, scale):
+        calls.append(q.shape[2])
+        biases.setdefault(q.shape[2], set()).add(bias.data_ptr())
+        return apply(q, k, v, bias, scale)
+
     apply = attention.CausalAttention.apply
-    monkeypatch.setattr(attention.CausalAttention, "apply", lambda q, *a: calls.append(q.shape[2]) or apply(q, *a))
+    monkeypatch.setattr(attention.CausalAttention, "apply", counted)
     results = {}
     for lever in ("on", "off"):
         monkeypatch.setenv("TUNELAB_PERF_OFF", "" if lever == "on" else "bmm_attention")
@@ -215,6 +222,7 @@ def test_bf16_packed_rows_attend_with_batched_products_up_to_the_length_limit(ti
         results[lever] = (float(s.detach()) / int(n), {k: p.grad.float() for k, p in model.named_parameters()})
     layers = model.config.num_hidden_layers
     assert sorted(calls) == sorted([n for n in lengths if n <= lengths[2]] * layers)  # only with the lever on
+    assert layers > 1 and all(len(made) == 1 for made in biases.values())  # one bias per length, for all layers
     assert results["on"][0] == pytest.approx(results["off"][0], rel=1e-2)
     for k, g in results["off"][1].items():
         mine = results["on"][1][k]

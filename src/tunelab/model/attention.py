@@ -24,10 +24,11 @@ masks would read a branch as a new record without its prefix.
 
 bf16 training on CPU (`bmm_attention`): a record of at most BMM_MAX_LENGTH tokens is attended to with batched
 bf16 products and an fp32-normalised softmax (`CausalAttention`) instead of SDPA's CPU flash kernel, whose bf16
-backward ran at ~60 GFLOP/s here against ~390 for the products. Forward + backward of one record was 2.9-3.3x
-faster at 64-128 tokens, 1.1-1.3x at 256-384 and as fast at 512 (bench/kernels.py, docs/perf-notes.md section 10).
-It keeps only q, k and v for backward and computes the probabilities again there (no [heads, L, L] tensor is
-kept); the scores are rounded to bf16 once, as transformers' eager attention rounds them, so results equal
+backward ran at ~60 GFLOP/s here against ~390 for the products. Forward + backward of one record was 2-3x
+faster at 64-256 tokens and 1.5-2x at 384-512 (bench/kernels.py, docs/perf-notes.md sections 10-11); from ~640
+tokens on the flash kernel is faster. It keeps only q, k and v for backward and computes the probabilities again
+there (no [heads, L, L] tensor is kept; the causal bias of a record length is made once per forward and shared by
+the layers); the scores are rounded to bf16 once, as transformers' eager attention rounds them, so results equal
 SDPA's within bf16 rounding (fp32: within 1e-5; tests/test_train_units.py).
 """
 
@@ -60,13 +61,19 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     def part(x, s, e, ps, pe):
         return x[:, :, s:e] if ps == pe else torch.cat((x[:, :, ps:pe], x[:, :, s:e]), dim=2)
 
-    outs, biases = [], {}
+    # one causal bias per record length and forward, made in the first layer and shared by all (backward keeps
+    # it once, not once per layer: 30 x 1.1 MB for a 436-token record of SmolLM2)
+    biases = getattr(cu, "tunelab_biases", None)
+    if biases is None:
+        biases = cu.tunelab_biases = {}
+    outs = []
     for s, e, ps, pe in segments:
         if e > s and bmm and ps == pe and e - s <= BMM_MAX_LENGTH:
-            if e - s not in biases:  # one per record length in this layer; backward keeps it with the layer's
-                biases[e - s] = causal_bias(e - s, query.shape[1] // key.shape[1], key.shape[1], query.dtype,
-                                            query.device)
-            outs.append(CausalAttention.apply(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], biases[e - s],
+            key_ = (e - s, query.shape[1], key.shape[1], query.dtype)
+            if key_ not in biases:
+                biases[key_] = causal_bias(e - s, query.shape[1] // key.shape[1], key.shape[1], query.dtype,
+                                           query.device)
+            outs.append(CausalAttention.apply(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], biases[key_],
                                               scale))
         elif e > s:
             out = F.scaled_dot_product_attention(part(query, s, e, ps, pe), part(key, s, e, ps, pe),
@@ -122,7 +129,7 @@ def _probabilities(qg: torch.Tensor, kk: torch.Tensor, bias: torch.Tensor, scale
     return torch.softmax(torch.baddbmm(bias, qg, kk.transpose(1, 2), alpha=scale), dim=-1)
 
 
-BMM_MAX_LENGTH = 384  # longer records keep SDPA: at 512 tokens the flash kernel was as fast (docs/perf-notes.md)
+BMM_MAX_LENGTH = 512  # longer records keep SDPA: from ~640 tokens the flash kernel was faster (docs/perf-notes.md)
 
 
 def _bmm_attention(query: torch.Tensor, dropout: float) -> bool:
