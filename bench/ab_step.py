@@ -6,7 +6,8 @@
     python bench/ab_step.py --variants base,set:training.batch_tokens=2048 --batch-size 16
 
 A variant is `base` (tunelab's defaults), `fp32_base` (frozen weights in fp32, cast by autocast each step),
-`mlp_ckpt` (only the MLPs recomputed in backward),
+`mlp_ckpt` (only the MLPs recomputed in backward), `compile` (every decoder layer through torch.compile's CPU
+inductor backend; its first steps compile),
 `off:LEVER[+LEVER]`, `on:LEVER` (an opt-in lever) (levers switched off, tunelab.runtime) or
 `set:KEY=VALUE[;KEY=VALUE]` (config overrides). Every variant gets its own model, loss and optimiser, built the
 way the recipe builds them (`build_model`, `CausalLMLoss`, AdamW, `forward_backward`), and they take turns on
@@ -46,6 +47,20 @@ def encoded_records(tok, n: int, max_length: int) -> list[dict]:
     return out
 
 
+def compile_layers(model) -> int:
+    """The CPU inductor path: every decoder layer compiled with torch.compile (inductor's C++ backend, dynamic
+    shapes, so records of new lengths do not recompile); returns how many layers."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = 64
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True)
+            n += 1
+    return n
+
+
 def checkpoint_mlps(model) -> int:
     """MLP-only activation checkpointing: each decoder layer's MLP recomputed in backward (its gate/up/SiLU
     products are most of a layer's saved activations), attention kept."""
@@ -80,8 +95,9 @@ class Variant:
             on = spec[3:].split("+")
         elif spec.startswith("set:"):
             extra = spec[4:].split(";")
-        elif spec not in ("fp32_base", "mlp_ckpt", "base") and not spec.startswith("on:"):
-            raise SystemExit(f"unknown variant {spec!r}: base, fp32_base, off:LEVER[+LEVER] or set:KEY=VALUE[;...]")
+        elif spec not in ("fp32_base", "mlp_ckpt", "compile", "base") and not spec.startswith("on:"):
+            raise SystemExit(f"unknown variant {spec!r}: base, fp32_base, mlp_ckpt, compile, off:LEVER[+LEVER] or "
+                             "set:KEY=VALUE[;...]")
         self.off, self.on = off, on
         self.cfg = load_config(None, overrides=base_overrides + extra)
         with levers_as_recorded(off, on):
@@ -93,6 +109,8 @@ class Variant:
                     p.data = p.data.float()
         if spec == "mlp_ckpt":
             checkpoint_mlps(model)
+        if spec == "compile":
+            compile_layers(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=self.cfg.training.learning_rate)
         self.autocast = autocast_for("cpu", choice.name)
         self.dtype = choice.name
@@ -146,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="base,off:packed_attention,off:fast_dropout,off:fused_head")
     ap.add_argument("--pairs", type=int, default=3, help="rounds of A B B A over the variants")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each variant first")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--records", type=int, default=400)
     ap.add_argument("--max-length", type=int, default=512)
@@ -171,17 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     train = encoded_records(tok, args.records, args.max_length)
     variants = [Variant(s, base, acc) for s in args.variants.split(",")]
     # each variant's own batching (a token budget packs other micro-batches than a record count)
-    groups = {v.name: step_groups(train, v.cfg, 1 + 2 * args.pairs) for v in variants}
+    groups = {v.name: step_groups(train, v.cfg, args.warmup + 2 * args.pairs) for v in variants}
     if args.profile:
         for v in variants:
             profile_one(v, groups[v.name][1], train, acc, args.top)
         return 0
-    for v in variants:  # warm-up step each (kernel selection, first touch), not timed
-        v.step(groups[v.name][0], train, acc)
+    for v in variants:  # warm-up steps each (kernel selection, first touch, compilation), not timed
+        for g in groups[v.name][:args.warmup]:
+            v.step(g, train, acc)
+        print(f"{v.name}: {args.warmup} warm-up step(s) {sum(v.times):.1f} s", flush=True)
         v.times.clear(), v.tokens.clear()
     for k in range(args.pairs):
         for v in (variants if k % 2 == 0 else variants[::-1]):
-            for g in groups[v.name][1 + 2 * k:3 + 2 * k]:
+            for g in groups[v.name][args.warmup + 2 * k:args.warmup + 2 + 2 * k]:
                 v.step(g, train, acc)
     ref = variants[0]
     print(f"{'variant':40} {'tok/s':>7} {'vs first':>9}  (per-step ratios)  dtype {ref.dtype}")

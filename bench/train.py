@@ -265,8 +265,11 @@ def prepare_data(work: Path, model_dir: Path, n_eval: int, max_length: int, seed
                     val_ratio=0.1, seed=seed, console=quiet).raise_if_unusable()
     prepared = load_prepared(all_dir)
     held_out = prepared.val[:n_eval]
-    if len(held_out) < n_eval:
-        raise SystemExit(f"only {len(held_out)} held-out records (wanted {n_eval})")
+    if not held_out:
+        raise SystemExit("no held-out records: the 10% validation split is empty")
+    if len(held_out) < n_eval:  # every row is evaluated on the same records, so fewer only widen the error bars
+        print(f"held-out: the 10% validation split has {len(held_out)} records of <= {max_length} tokens "
+              f"({n_eval} asked); evaluating on those", flush=True)
     # the held-out records as their own prepared folder (recipe: data.eval), the train split as the training data
     eval_raw = work / "heldout.jsonl"
     eval_raw.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in held_out))
@@ -518,7 +521,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
 
     items = {k: r["checkpoint"] for k, r in rows.items() if r.get("ok") and not r.get("same_as")}
     if items:
-        say(f"eval loss of {len(items)} checkpoints on the {n_eval} held-out records (fp32, CausalLMLoss) ...")
+        say(f"eval loss of {len(items)} checkpoints on the {data['eval_records']} held-out records (fp32, CausalLMLoss) ...")
         res, ev = child("eval", {"model_dir": str(model_dir), "eval_dir": data["eval_dir"], "items": items,
                                  "max_length": args.max_length}, "eval")
         if ev is None:
@@ -531,7 +534,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
 
     report = {"settings": {"model": args.model, "model_dir": str(model_dir), "steps": steps, "warmup": warmup,
                            "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-                           "seed": args.seed, "eval_records": n_eval, "data": data["source"],
+                           "seed": args.seed, "eval_records": data["eval_records"], "data": data["source"],
                            "train_records": data["train_records"], "lora": "r=16 alpha=32 dropout=0.05 all-linear",
                            "flops_formula": "6 x N x non-padding tokens, N = all base-model parameters "
                                             f"({params:,}); attention-score FLOPs ignored"},

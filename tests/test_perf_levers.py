@@ -290,3 +290,63 @@ def test_passes_of_one_step_return_free_heap_between_them(tiny_model, tiny_token
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     recipe.forward_backward([[0], [1], [2]], train, collate_packed, Acc(), loss_fn, nullcontext, scaler)
     assert len(calls) == 2
+
+
+_SHAPE_CACHE_PROBE = r"""
+import ctypes, os, sys
+import torch
+import torch.nn.functional as F
+from tunelab.runtime import bound_kernel_caches
+if sys.argv[1] == "bounded":
+    bound_kernel_caches()
+else:
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ["LRU_CACHE_CAPACITY"] = "1024"  # the libraries' own
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def in_use():
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+w = torch.randn(256, 128, dtype=torch.bfloat16)
+def products(rows):  # the products of a linear layer's forward and backward at this token count
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    return F.linear(x, w), F.linear(x, w) @ w
+for rows in range(100, 200):  # warm-up: fills the bounded caches (2-3 entries per token count)
+    products(rows)
+before = in_use()
+for rows in range(200, 450):  # 250 new token counts, as a run meets them step by step
+    products(rows)
+print((in_use() - before) / 2**20)
+"""
+
+
+def test_training_processes_bound_the_onednn_shape_caches(tmp_path):
+    """oneDNN's and ideep's caches keep every bf16 product shape they ran (~0.3 MiB each, 1,024 by default): with
+    a new token count each step they grew with the run. bound_kernel_caches (the training entry points' first
+    call) caps them, and leaves a value the user set alone."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from tunelab import runtime
+
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("measured with glibc's mallinfo2")
+    script = tmp_path / "probe.py"
+    script.write_text(_SHAPE_CACHE_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in runtime.KERNEL_CACHES}
+    grown = {how: float(subprocess.run([sys.executable, str(script), how], env=env, capture_output=True, text=True,
+                                       check=True).stdout.split()[-1])
+             for how in ("library_default", "bounded")}
+    if grown["library_default"] < 30:
+        pytest.skip(f"bf16 products on this CPU do not go through oneDNN's caches ({grown})")
+    assert grown["bounded"] < 10, grown  # measured 0.0-0.2 MiB bounded, ~100+ MiB at the libraries' defaults
+    env["LRU_CACHE_CAPACITY"] = "7"
+    out = subprocess.run([sys.executable, "-c", "import os; from tunelab.runtime import bound_kernel_caches; "
+                          "bound_kernel_caches(); print(os.environ['LRU_CACHE_CAPACITY'], "
+                          "os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["7", runtime.KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]]

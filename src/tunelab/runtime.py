@@ -1,4 +1,5 @@
-"""Process-level settings: glibc's allocator for the training verbs, and switches to measure each speed lever.
+"""Process-level settings: glibc's allocator and oneDNN's shape caches for the training verbs, and switches to
+measure each speed lever.
 
 glibc's per-thread cache of freed blocks (tcache) keeps the heap from coalescing the memory a training step frees
 layer by layer; measured here, a LoRA step with gradient checkpointing grew the heap to 2.4 GiB while 0.2 GiB was in
@@ -60,6 +61,21 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
+# oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) cache of computations each keep every product shape
+# they have run, ~0.3 MiB apiece, up to 1,024 entries by default. A training run meets a new token count nearly
+# every step, so both grew with the run: ~25 MiB per 2,048-token step here, 0.37 GiB of live heap after 16 steps,
+# until full (docs/perf-notes.md section 11). One pass uses ~35-55 distinct products (each once per layer), so 128
+# entries still serve every layer of a pass from the cache. Read once, at the process's first oneDNN product.
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+
+
+def bound_kernel_caches() -> None:
+    """Cap oneDNN's and ideep's shape caches for a training process (KERNEL_CACHES), unless the environment already
+    sets them. Only effective before the process's first oneDNN product: the training entry points call it first."""
+    for var, value in KERNEL_CACHES.items():
+        os.environ.setdefault(var, value)
+
+
 @functools.cache
 def _malloc_trim():
     if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
@@ -117,7 +133,8 @@ def runtime_info() -> dict:
     """What of this process changes a run's numbers or memory but is not config: for the manifest."""
     return {"levers_off": [name for name in LEVERS if name not in OPT_IN and not lever_enabled(name)],
             "levers_on": [name for name in OPT_IN if lever_enabled(name)], "levers_known": list(LEVERS),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "kernel_caches": {var: os.environ.get(var) for var in KERNEL_CACHES}}
 
 
 @contextmanager

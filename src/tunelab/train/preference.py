@@ -119,6 +119,7 @@ class PrefSession:
 
 def train_preference(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
                      overrides: list[str] | None = None) -> Path:
+    bound_kernel_caches()  # before this process's first product: it fixes their size
     refuse_unverified_sharding()
     accelerator = make_accelerator()
     if accelerator.device.type == "cpu":

@@ -31,7 +31,7 @@ from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupt
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 from tunelab.train.monitor import Trackers, fmt_lr, rss_gib
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
-from tunelab.runtime import return_free_heap
+from tunelab.runtime import bound_kernel_caches, return_free_heap
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "save_final_artifacts"]
 
@@ -99,6 +99,7 @@ class Session:
 def train(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
           overrides: list[str] | None = None) -> Path:
     """Train `cfg` (or resume a run, applying the `overrides` that are safe mid-run); return the run folder."""
+    bound_kernel_caches()  # before this process's first product: it fixes their size
     refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything, every stage
     if _stage(cfg, resume) not in ("sft", "pt"):  # preference stages: their own recipe (train/preference.py)
         from tunelab.train.preference import train_preference
