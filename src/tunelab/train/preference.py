@@ -32,7 +32,7 @@ import torch
 
 from tunelab.config import Config
 from tunelab.data.batching import batches_for_epoch
-from tunelab.runtime import return_free_heap
+from tunelab.runtime import bound_kernel_caches, return_free_heap
 from tunelab.errors import TunelabError
 from tunelab.model.loss import autocast_for
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
