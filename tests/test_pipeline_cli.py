@@ -62,6 +62,10 @@ def test_cli_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
             and "GLIBC_TUNABLES" not in os.environ and "TUNELAB_ALLOCATOR" not in os.environ):
         assert "glibc.malloc.tcache_count=0" in manifest["runtime"]["glibc_tunables"]  # train.py re-ran itself once
+    from tunelab.runtime import KERNEL_CACHES
+
+    # oneDNN's shape caches capped for the run (or as the environment set them), and recorded
+    assert manifest["runtime"]["kernel_caches"] == {k: os.environ.get(k, v) for k, v in KERNEL_CACHES.items()}
 
     # eval before/after
     tunelab("eval", "--adapter", str(run), "--compare-base", "--max-samples", "2", cwd=tmp_path)
