@@ -78,6 +78,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
      "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
     ("mb512-trim_heap", "tokens-mb512 + free heap pages returned between the passes (opt-in lever trim_heap)",
      "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
+    ("mb512-fused_lora", "tokens-mb512 + the opt-in fused LoRA layer (each layer input saved once for backward)",
+     "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
      "llamafactory", {}),
     ("llamafactory-fp32", "LLaMA-Factory 0.9.5, neat_packing, fp32", "llamafactory", {"bf16": False}),
@@ -107,7 +109,8 @@ KEYS = [v[0] for v in VARIANTS]
 LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention",
              "masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
              "no_logit_buffers": "logit_buffers"}
-LEVER_ON = {"fused_lora": "fused_lora", "tokens-fused_lora": "fused_lora", "mb512-trim_heap": "trim_heap"}  # opt-in levers (tunelab.runtime.OPT_IN)
+LEVER_ON = {"fused_lora": "fused_lora", "tokens-fused_lora": "fused_lora", "mb512-trim_heap": "trim_heap",
+            "mb512-fused_lora": "fused_lora"}  # opt-in levers (tunelab.runtime.OPT_IN)
 PEERS = {"llamafactory", "unsloth"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
 PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 
