@@ -1,7 +1,7 @@
 """Interleaved A/B of whole tunelab training steps in one process, and a profile of one step (docs/perf-notes.md).
 
     python bench/ab_step.py --pairs 3                                  # defaults vs each lever off, interleaved
-    python bench/ab_step.py --variants base,on:fused_lora --pairs 4    # named variants only
+    python bench/ab_step.py --variants base,off:fused_lora --pairs 4   # named variants only
     python bench/ab_step.py --profile --variants base                  # torch.profiler of one step, top ops
     python bench/ab_step.py --variants base,set:training.batch_tokens=2048 --batch-size 16
 
@@ -137,12 +137,14 @@ class Variant:
 def step_groups(train: list[dict], cfg, steps: int) -> list[list[list[int]]]:
     """The micro-batches of `steps` optimiser steps, as the recipe draws them for this config."""
     from tunelab.data.batching import step_batches_for_epoch
+    from tunelab.train.recipe import make_plan
 
     lengths = [len(e["input_ids"]) for e in train]
+    plan = make_plan(cfg, lengths, world=1)
     micro: list[list[int]] = []
-    epoch, per_step = 0, cfg.training.gradient_accumulation_steps
+    epoch, per_step = 0, plan.group_size
     while len(micro) < steps * per_step:
-        micro.extend(step_batches_for_epoch(lengths, cfg.training, epoch))
+        micro.extend(step_batches_for_epoch(lengths, cfg.training, epoch, plan.pass_tokens))
         epoch += 1
     return [micro[k * per_step:(k + 1) * per_step] for k in range(steps)]
 

@@ -66,20 +66,20 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("trl", "baseline: TRL SFTTrainer + PEFT (fp32, padded)", "trl", {}),
     ("trl-nogc", "baseline, gradient_checkpointing off", "trl", {"gradient_checkpointing": False}),
     ("tunelab", "tunelab defaults (auto dtype, packing, chunked loss)", "tunelab", []),
-    ("tunelab-tokens", "tunelab defaults, training.batch_tokens = batch x max_length (the peer's tokens per step)",
-     "tunelab", ["training.batch_tokens=@tokens"]),
+    ("tunelab-tokens", "tunelab defaults, training.batch_tokens = batch x max_length (the peer's tokens per step; "
+     "by default run as passes of <= 512 tokens)", "tunelab", ["training.batch_tokens=@tokens"]),
     ("tokens-grad_ckpt", "tunelab-tokens + gradient_checkpointing", "tunelab",
      ["training.batch_tokens=@tokens", "training.gradient_checkpointing=true"]),
-    ("tokens-mb1024", "tunelab, the same tokens per step as 2 forwards of <= half of them (gradient accumulation 2)",
-     "tunelab", ["training.batch_tokens=@tokens/2", "training.gradient_accumulation_steps=2"]),
+    ("tokens-one_pass", "tunelab-tokens in one pass per step (training.pass_tokens = batch_tokens)", "tunelab",
+     ["training.batch_tokens=@tokens", "training.pass_tokens=@tokens"]),
+    ("tokens-pass1024", "tunelab-tokens in passes of <= half the step (training.pass_tokens = batch_tokens / 2)",
+     "tunelab", ["training.batch_tokens=@tokens", "training.pass_tokens=@tokens/2"]),
     ("tokens-sdpa_attention", "tunelab-tokens with SDPA's flash kernel for every record (lever bmm_attention off)",
      "tunelab", ["training.batch_tokens=@tokens"]),
-    ("tokens-mb512", "tunelab, the same tokens per step as 4 forwards of <= a quarter of them (accumulation 4)",
-     "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
-    ("mb512-trim_heap", "tokens-mb512 + free heap pages returned between the passes (opt-in lever trim_heap)",
-     "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
-    ("mb512-fused_lora", "tokens-mb512 + the opt-in fused LoRA layer (each layer input saved once for backward)",
-     "tunelab", ["training.batch_tokens=@tokens/4", "training.gradient_accumulation_steps=4"]),
+    ("tokens-unfused_lora", "tunelab-tokens with peft's LoRA forward (lever fused_lora off)", "tunelab",
+     ["training.batch_tokens=@tokens"]),
+    ("tokens-trim_heap", "tunelab-tokens + free heap pages returned between the passes (opt-in lever trim_heap)",
+     "tunelab", ["training.batch_tokens=@tokens"]),
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
      "llamafactory", {}),
     ("llamafactory-fp32", "LLaMA-Factory 0.9.5, neat_packing, fp32", "llamafactory", {"bf16": False}),
@@ -97,8 +97,7 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("torch_dropout", "tunelab, LoRA dropout masks from torch.bernoulli_", "tunelab", []),
     ("recomputed_head", "tunelab, head + CE recomputed in backward", "tunelab", []),
     ("no_logit_buffers", "tunelab, loss-head logits in fresh tensors each chunk", "tunelab", []),
-    ("fused_lora", "tunelab + the opt-in fused LoRA layer (TUNELAB_PERF_ON=fused_lora)", "tunelab", []),
-    ("tokens-fused_lora", "tunelab-tokens + the opt-in fused LoRA layer", "tunelab", ["training.batch_tokens=@tokens"]),
+    ("unfused_lora", "tunelab with peft's LoRA forward (lever fused_lora off)", "tunelab", []),
     ("system_malloc", "tunelab, glibc allocator defaults (tcache on)", "tunelab", []),
     ("full_logits", "tunelab, loss_chunk_size=1e6 (all logits)", "tunelab", ["training.loss_chunk_size=1000000"]),
     ("qlora", "tunelab, method=qlora (4-bit NF4)", "tunelab", ["training.method=qlora"]),
@@ -106,11 +105,10 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
 ]
 KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
-LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention",
-             "masked_attention": "packed_attention", "torch_dropout": "fast_dropout", "recomputed_head": "fused_head",
-             "no_logit_buffers": "logit_buffers"}
-LEVER_ON = {"fused_lora": "fused_lora", "tokens-fused_lora": "fused_lora", "mb512-trim_heap": "trim_heap",
-            "mb512-fused_lora": "fused_lora"}  # opt-in levers (tunelab.runtime.OPT_IN)
+LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention", "tokens-unfused_lora": "fused_lora",
+             "unfused_lora": "fused_lora", "masked_attention": "packed_attention", "torch_dropout": "fast_dropout",
+             "recomputed_head": "fused_head", "no_logit_buffers": "logit_buffers"}
+LEVER_ON = {"tokens-trim_heap": "trim_heap"}  # opt-in levers (tunelab.runtime.OPT_IN)
 PEERS = {"llamafactory", "unsloth"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
 PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 
@@ -490,8 +488,10 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             spec = {"overrides": common + [f"output.run_name={key}"] + filled}
             per_step = next((int(o.split("=")[1]) for o in filled if o.startswith("training.gradient_accumulation")), 1)
             if any(o.startswith("training.batch_tokens") for o in filled):
-                micro_budget = next(int(o.split("=")[1]) for o in filled if o.startswith("training.batch_tokens"))
-                batches = token_step_batches(data["lengths"], micro_budget, args.seed, steps, per_step)
+                from tunelab.config import load_config
+
+                passes, pass_tokens = load_config(None, [f"data.max_length={args.max_length}", *filled]).token_passes()
+                batches = token_step_batches(data["lengths"], pass_tokens, args.seed, steps, per_step * passes)
                 tokens = [sum(data["lengths"][i] for i in b) for b in batches]
         saved = work / f"{key}.row.json"
         if args.resume and saved.is_file():

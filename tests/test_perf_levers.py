@@ -45,6 +45,47 @@ def test_batch_tokens_is_checked_against_packing_and_max_length():
     with pytest.raises(ConfigError, match="at least data.max_length"):
         load_config(None, ["training.batch_tokens=256", "data.max_length=512"])
     assert load_config(None, ["training.batch_tokens=2048"]).training.batch_tokens == 2048
+    with pytest.raises(ConfigError, match="pass_tokens"):
+        load_config(None, ["training.batch_tokens=2048", "training.pass_tokens=256", "data.max_length=512"])
+
+
+@pytest.mark.parametrize("options, passes", [
+    ([], (4, 512)),  # auto: passes of max(data.max_length, 512)
+    (["training.pass_tokens=2048"], (1, 2048)),  # one pass per micro-batch
+    (["training.batch_tokens=2000"], (3, 666)),  # never more than batch_tokens in a step
+    (["data.max_length=1024"], (2, 1024)),
+    (["training.batch_tokens=512"], (1, 512)),
+])
+def test_token_budget_splits_into_passes(options, passes):
+    assert load_config(None, ["training.batch_tokens=2048", *options]).token_passes() == passes
+
+
+def test_plan_runs_each_token_budget_as_its_passes(tmp_path):
+    """batch_tokens 1024 in passes of <= 256: every step is 4 bins of <= 256 tokens (<= 1024 in all), every record
+    once per epoch; a config saved before pass_tokens existed keeps one pass per micro-batch."""
+    from tunelab.config import load_run_config, save_config
+    from tunelab.data.batching import step_batches_for_epoch
+    from tunelab.train.recipe import make_plan
+
+    lengths = [(37 * i) % 200 + 20 for i in range(300)]
+    cfg = load_config(None, ["training.batch_tokens=1024", "training.pass_tokens=256", "data.max_length=256"])
+    plan = make_plan(cfg, lengths, world=1)
+    assert (plan.group_size, plan.pass_tokens) == (4, 256)
+    bins = step_batches_for_epoch(lengths, cfg.training, 0, plan.pass_tokens)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    assert plan.steps_per_epoch == -(-len(bins) // 4)
+    one = make_plan(load_config(None, ["training.batch_tokens=1024", "training.pass_tokens=1024",
+                                       "data.max_length=256"]), lengths, world=1)
+    assert (one.group_size, one.pass_tokens) == (1, 1024)
+
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml").training.pass_tokens == 256
+    old = (tmp_path / "config.yaml").read_text().replace("  pass_tokens: 256\n", "")
+    assert "pass_tokens" not in old
+    (tmp_path / "config.yaml").write_text(old)
+    assert load_run_config(tmp_path / "config.yaml").token_passes() == (1, 1024)
+    assert load_config(tmp_path / "config.yaml").token_passes() == (2, 512)  # a new run from that file: auto
 
 
 @pytest.fixture(scope="module")
@@ -218,17 +259,16 @@ def test_reused_logit_buffers_change_nothing(tiny_model, tiny_tokenizer, autocas
         assert all(torch.equal(a, b) for a, b in zip(fresh[2], kept[2]))
 
 
-def test_fused_lora_is_opt_in_and_recorded(monkeypatch):
+def test_fused_lora_is_a_default_lever_and_recorded(monkeypatch):
     from tunelab.runtime import lever_enabled, runtime_info
 
     monkeypatch.delenv("TUNELAB_PERF_OFF", raising=False)
     monkeypatch.delenv("TUNELAB_PERF_ON", raising=False)
-    assert not lever_enabled("fused_lora") and lever_enabled("logit_buffers")
+    assert lever_enabled("fused_lora") and not lever_enabled("trim_heap")
     assert runtime_info()["levers_off"] == [] and runtime_info()["levers_on"] == []
-    monkeypatch.setenv("TUNELAB_PERF_ON", "fused_lora")
-    assert lever_enabled("fused_lora") and runtime_info()["levers_on"] == ["fused_lora"]
+    assert "fused_lora" not in runtime_info()["opt_in"]
     monkeypatch.setenv("TUNELAB_PERF_OFF", "fused_lora")
-    assert not lever_enabled("fused_lora")
+    assert not lever_enabled("fused_lora") and runtime_info()["levers_off"] == ["fused_lora"]
 
 
 def _rss_anon_bytes() -> int:

@@ -188,6 +188,16 @@ def test_reproduce_switches_off_the_levers_the_original_ran_without(tmp_path, mo
 
     reproduce(run, train_fn=fake_on, fingerprint_fn=lambda cfg, name: "sha256:old")
     assert switched_on == [True] and "TUNELAB_PERF_ON" not in os.environ
+    # recorded while fused_lora was opt-in and not asked for: off then, so off in the repeat
+    manifest["runtime"] = {"levers_off": [], "levers_on": [], "levers_known": list(LEVERS)}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    res = reproduce(run, train_fn=fake_on, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert switched_on[-1] is False and seen[-1] == "fused_lora" and any("opt-in" in n for n in res.notes)
+    # recorded since it became a default (the manifest lists what was opt-in): on unless recorded off
+    manifest["runtime"] = {"levers_off": [], "levers_on": [], "levers_known": list(LEVERS), "opt_in": list(OPT_IN)}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    reproduce(run, train_fn=fake_on, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert switched_on[-1] is True and seen[-1] == ""
 
 
 @pytest.mark.parametrize("recorded", ["fp32", "bf16"])

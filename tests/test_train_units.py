@@ -287,10 +287,13 @@ def test_fast_dropout_masks_are_unbiased_and_back_propagate_through_the_same_mas
 
     torch.manual_seed(0)
     mask, scale = keep_mask(torch.Size([1000, 4000]), 0.05)
-    words = mask.view(-1, 4).float()  # the four 15-bit draws cut from each 64-bit word, position by position
+    words = mask.view(-1, 4).float()  # the four 16-bit draws cut from each 64-bit word, position by position
     for column in words.unbind(1):
         assert abs(1 - float(column.mean()) - 0.05) < 5 * (0.05 * 0.95 / column.numel()) ** 0.5
-    assert scale == pytest.approx(1 / 0.95, rel=2e-5)
+    assert scale == pytest.approx(1 / 0.95, rel=1e-5)
+    for p in (2**-16, 0.5, 1 - 2**-15):  # the comparison's edges: the share dropped is the rounded p
+        drop = 1 - float(keep_mask(torch.Size([4_000_000]), p)[0].float().mean())
+        assert abs(drop - p) < 5 * (p * (1 - p) / 4e6) ** 0.5 + 2**-17
     drop = FastDropout(0.1)
     x = torch.randn(64, 300, requires_grad=True)
     y = drop(x)
@@ -308,6 +311,35 @@ def test_fast_dropout_masks_are_unbiased_and_back_propagate_through_the_same_mas
     assert torch.equal(drop(x.detach()), x.detach())
     almost_all = FastDropout(1 - 2**-17)(x.detach())  # p rounds to 1: torch's own dropout, no division by zero
     assert torch.isfinite(almost_all).all()
+
+
+def test_fast_dropout_keeps_the_earlier_random_stream_with_sfc64_dropout_off(monkeypatch):
+    """Runs recorded before sfc64_dropout drew their words from torch's generator with 15-bit levels; with the lever
+    off (as `tunelab reproduce` sets it for them) the masks are exactly those."""
+    from tunelab.train.dropout import drop_levels, keep_mask
+
+    monkeypatch.setenv("TUNELAB_PERF_OFF", "sfc64_dropout")
+    assert drop_levels(0.05) == (1638, 1 << 15)
+    torch.manual_seed(3)
+    mask, scale = keep_mask(torch.Size([50, 60]), 0.05)
+    torch.manual_seed(3)
+    words = torch.empty(750, dtype=torch.int64).random_()
+    assert torch.equal(mask, (words.view(torch.int16)[:3000].view(50, 60) & 32767) >= 1638)
+    assert scale == 32768 / (32768 - 1638)
+    monkeypatch.delenv("TUNELAB_PERF_OFF")
+    assert drop_levels(0.05) == (3277, 1 << 16)
+    torch.manual_seed(3)
+    assert not torch.equal(keep_mask(torch.Size([50, 60]), 0.05)[0], mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 13), (3, 512, 576), (5,)])
+def test_dropout_masks_are_kept_as_bits_for_backward(shape):
+    from tunelab.train.dropout import pack_mask, unpack_mask
+
+    mask = torch.rand(shape) > 0.3
+    bits = pack_mask(mask)
+    assert bits.numel() == -(-mask.numel() // 8) and bits.dtype == torch.uint8
+    assert torch.equal(unpack_mask(bits, mask.shape), mask)
 
 
 def test_lora_dropout_is_swapped_for_the_fast_cpu_masks(tiny_model):

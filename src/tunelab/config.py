@@ -106,6 +106,14 @@ class TrainingConfig(_Section):
                                                    "A step then holds at most batch_tokens x "
                                                    "gradient_accumulation_steps x processes tokens: equal work per "
                                                    "step, as trainers that pack fixed-length rows count it.")
+    pass_tokens: int = Field(0, ge=0, description="Most tokens one forward/backward pass holds under batch_tokens "
+                                                  "(0: auto, the larger of data.max_length and 512). A micro-batch "
+                                                  "of batch_tokens runs as k = batch_tokens // pass_tokens passes "
+                                                  "of at most batch_tokens // k tokens each, their gradients summed "
+                                                  "(the same loss and gradient up to rounding): memory follows the "
+                                                  "pass, not the step. Set it to batch_tokens for one pass per "
+                                                  "micro-batch, ~15% faster at ~2x the activation memory "
+                                                  "(docs/perf-notes.md section 12).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
@@ -184,6 +192,9 @@ def _check_batch_tokens(cfg: "Config") -> None:
     if t.batch_tokens < cfg.data.max_length:
         raise ValueError(f"training.batch_tokens ({t.batch_tokens}) must be at least data.max_length "
                          f"({cfg.data.max_length}) so that every record fits in a micro-batch")
+    if t.pass_tokens and t.pass_tokens < cfg.data.max_length:
+        raise ValueError(f"training.pass_tokens ({t.pass_tokens}) must be at least data.max_length "
+                         f"({cfg.data.max_length}) so that every record fits in a pass (0 picks it)")
     if t.stage not in ("sft", "pt"):
         raise ValueError(f"training.batch_tokens is read by the sft and pt stages only, not {t.stage}; "
                          "use training.batch_size")
@@ -199,6 +210,13 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def token_passes(self) -> tuple[int, int]:
+        """Under training.batch_tokens: (forward/backward passes per micro-batch, most tokens in one pass)."""
+        t = self.training
+        target = t.pass_tokens or max(self.data.max_length, 512)
+        passes = max(1, t.batch_tokens // target)
+        return passes, t.batch_tokens // passes
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -345,6 +363,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, text)) from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run folder's saved config.yaml (resume, reproduce): `load_config`, except that a key added since the run
+    was saved keeps the behaviour the run had. training.pass_tokens: such a run made one pass per micro-batch."""
+    saved = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) if Path(path).is_file() else None
+    training = saved.get("training") if isinstance(saved, dict) else None
+    legacy = []
+    if isinstance(training, dict) and training.get("batch_tokens") and "pass_tokens" not in training:
+        legacy.append(f"training.pass_tokens={training['batch_tokens']}")
+    return load_config(path, [*legacy, *(overrides or [])])
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:

@@ -90,7 +90,7 @@ def data_fingerprint(cfg, run_name: str) -> str:
 
 def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
     """The run's config, after checking it finished, its seed and that its data is unchanged on disk."""
-    from tunelab.config import load_config
+    from tunelab.config import load_run_config
     from tunelab.rundir import run_status
     from tunelab.runs import read_manifest
 
@@ -99,7 +99,7 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
     if status != "finished":
         hint = f"; continue it with: tunelab train --resume {run}" if status in ("interrupted", "failed") else ""
         raise ReproduceError(f"{run} has status {status!r}: only a finished run can be reproduced{hint}")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_run_config(run / "config.yaml")
     if manifest.get("seed") is not None and manifest["seed"] != cfg.training.seed:
         raise ReproduceError(f"{run}: the manifest's seed {manifest['seed']} differs from config.yaml's "
                              f"training.seed {cfg.training.seed}; the run folder was edited")
@@ -133,7 +133,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     cfg.output.run_name = name or _free_name(original.parent, original.name)
     if train_fn is None:
         from tunelab.train.recipe import train as train_fn
-    from tunelab.runtime import FIRST_LEVERS, LEVERS, OPT_IN, levers_as_recorded
+    from tunelab.runtime import FIRST_LEVERS, FORMERLY_OPT_IN, LEVERS, OPT_IN, levers_as_recorded
 
     notes = []
     recorded_dtype = (manifest.get("dtype") or {}).get("name")
@@ -146,11 +146,17 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
         off = list(LEVERS)
         notes.append("the original predates tunelab's CPU speed levers: reproduced with them off")
     known = runtime.get("levers_known") or FIRST_LEVERS
+    on = runtime.get("levers_on") or []
     newer = [x for x in LEVERS if x not in known and x not in off and x not in OPT_IN]
     if newer:  # levers added after the original ran: off, as the original had none of them (opt-in ones are off)
         off = [*off, *newer]
         notes.append(f"levers added since the original ran, reproduced off: {', '.join(newer)}")
-    with levers_as_recorded(off, (manifest.get("runtime") or {}).get("levers_on") or []):
+    opt_in_then = runtime.get("opt_in", FORMERLY_OPT_IN if "levers_on" in runtime else [])
+    was_off = [x for x in FORMERLY_OPT_IN if x in opt_in_then and x in known and x not in on and x not in off]
+    if was_off:  # opt-in then, and not asked for: off then
+        off = [*off, *was_off]
+        notes.append(f"levers opt-in when the original ran and off in it, reproduced off: {', '.join(was_off)}")
+    with levers_as_recorded(off, on):
         repro = Path(train_fn(cfg))
     rmanifest = read_manifest(repro)
     if rmanifest.get("data_fingerprint") != manifest.get("data_fingerprint"):

@@ -62,11 +62,13 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
 
 
 # oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) cache of computations each keep every product shape
-# they have run, ~0.3 MiB apiece, up to 1,024 entries by default. A training run meets a new token count nearly
-# every step, so both grew with the run: ~25 MiB per 2,048-token step here, 0.37 GiB of live heap after 16 steps,
-# until full (docs/perf-notes.md section 11). One pass uses ~35-55 distinct products (each once per layer), so 128
-# entries still serve every layer of a pass from the cache. Read once, at the process's first oneDNN product.
-KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+# they have run, ~0.3-0.6 MiB apiece whatever the shape (mostly generated kernel code), up to 1,024 entries by
+# default. A training run meets a new token count nearly every pass, so both grew with the run: ~25 MiB per
+# 2,048-token step here, 0.37 GiB of live heap after 16 steps, until full (docs/perf-notes.md section 11). One pass
+# uses 35 (512 tokens) to 61 (2,048 tokens) distinct products, each once per layer, so 64 entries still serve every
+# layer of a pass from the cache; 128 held ~0.06-0.1 GiB more at the same speed, 16 thrashed (0.75x; section 12).
+# Read once, at the process's first oneDNN product.
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 
 
 def bound_kernel_caches() -> None:
@@ -98,13 +100,16 @@ def return_free_heap() -> None:
 # ---------------------------------------------------------------- switches for measuring each speed lever
 
 LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers", "shared_prompt",
-          "lean_layers", "autocast_lora_inputs", "one_row_gemv", "bmm_attention", "trim_heap")
+          "lean_layers", "autocast_lora_inputs", "one_row_gemv", "bmm_attention", "trim_heap", "sfc64_dropout")
 # The levers runs recorded before `levers_known` was written to the manifest could have had (tunelab reproduce
 # switches every later one off for them: they change results within rounding).
 FIRST_LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers")
-# Levers that are off unless TUNELAB_PERF_ON names them: fused_lora is equal in results but showed no measured win
-# (docs/perf-notes.md section 8); trim_heap trades speed for memory (section 10). So neither is a default.
-OPT_IN = ("fused_lora", "trim_heap")
+# Levers that are off unless TUNELAB_PERF_ON names them: trim_heap trades speed for memory (docs/perf-notes.md
+# section 10), so it is not a default.
+OPT_IN = ("trim_heap",)
+# Levers that were opt-in when earlier runs were recorded (their manifests list them in `levers_on` when on, and
+# nowhere when off): fused_lora became a default with passes of <= 512 tokens (section 12).
+FORMERLY_OPT_IN = ("fused_lora",)
 
 
 def lever_enabled(name: str) -> bool:
@@ -117,7 +122,8 @@ def lever_enabled(name: str) -> bool:
     differently in the last bit of some values, bmm_attention (bf16 records attended to with batched products
     instead of SDPA's flash kernel) within bf16 rounding, trim_heap (free heap pages returned between the passes of
     a step) not at all; fast_dropout draws its masks from another random stream (same statistics),
-    so losses differ from a run without it. The manifest records which levers were off (`runtime`), and `tunelab
+    so losses differ from a run without it, and sfc64_dropout (fast_dropout's words from numpy's SFC64, 16-bit
+    levels) from yet another. The manifest records which levers were off (`runtime`), and `tunelab
     reproduce` switches the same ones off."""
     assert name in LEVERS, name
     if name in _named("TUNELAB_PERF_OFF"):
@@ -133,6 +139,7 @@ def runtime_info() -> dict:
     """What of this process changes a run's numbers or memory but is not config: for the manifest."""
     return {"levers_off": [name for name in LEVERS if name not in OPT_IN and not lever_enabled(name)],
             "levers_on": [name for name in OPT_IN if lever_enabled(name)], "levers_known": list(LEVERS),
+            "opt_in": list(OPT_IN),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "kernel_caches": {var: os.environ.get(var) for var in KERNEL_CACHES}}
 

@@ -7,7 +7,8 @@ mean as with padded batches, with no compute spent on padding.
 
 A micro-batch holds `training.batch_size` records, or with `training.batch_tokens` as many records as fit in that
 many tokens (`token_bins`): equal work per step whatever the record lengths, and bigger packed rows (bigger
-matmuls) than a few records give.
+matmuls) than a few records give. Such a micro-batch runs as `Config.token_passes()` passes (bins of at most
+`training.pass_tokens`), so that the memory a pass keeps for backward does not grow with the step.
 """
 
 from __future__ import annotations
@@ -96,14 +97,16 @@ def token_batches_for_epoch(lengths: Sequence[int], budget: int, seed: int, epoc
     return [bins[b] for b in epoch_order(len(bins), seed, epoch)]
 
 
-def step_batches_for_epoch(lengths: Sequence[int], t_cfg, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch as `training` (TrainingConfig) asks: by token budget or by record count."""
+def step_batches_for_epoch(lengths: Sequence[int], t_cfg, epoch: int, pass_tokens: int = 0) -> list[list[int]]:
+    """The forward passes of one epoch as `training` (TrainingConfig) asks: bins of at most `pass_tokens` tokens
+    (default batch_tokens) under a token budget, else micro-batches of batch_size records."""
     if t_cfg.batch_tokens:
-        return token_batches_for_epoch(lengths, t_cfg.batch_tokens, t_cfg.seed, epoch)
+        return token_batches_for_epoch(lengths, pass_tokens or t_cfg.batch_tokens, t_cfg.seed, epoch)
     return batches_for_epoch(lengths, t_cfg.batch_size, t_cfg.seed, epoch, t_cfg.group_by_length)
 
 
-def micro_batches_per_epoch(lengths: Sequence[int], t_cfg) -> int:
+def micro_batches_per_epoch(lengths: Sequence[int], t_cfg, pass_tokens: int = 0) -> int:
+    """How many forward passes `step_batches_for_epoch` makes of one epoch."""
     if t_cfg.batch_tokens:
-        return len(token_bins(lengths, t_cfg.batch_tokens))
+        return len(token_bins(lengths, pass_tokens or t_cfg.batch_tokens))
     return -(-len(lengths) // t_cfg.batch_size)

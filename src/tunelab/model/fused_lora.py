@@ -9,8 +9,9 @@ and `add_` over those input-sized tensors took about as long as all the matmuls 
 `LoraFn` does the same arithmetic with the input-sized passes cut to the minimum:
 - forward: base = x W^T; h = (x * mask) A^T * (1/keep); out = base + scaling * h B^T, the last as one in-place
   `addmm_`; the dropout's inverse keep rate is applied to h (rank 16), not to the input (576-1536 wide);
-- saved: x itself (layers that share an input, q/k/v and gate/up, save the same tensor once), the 1-byte keep mask
-  and h; the dropped input is rebuilt in backward with one pass instead of being kept;
+- saved: x itself (layers that share an input, q/k/v and gate/up, save the same tensor once), the keep mask as
+  bits (`tunelab.train.dropout.pack_mask`) and h; the dropped input is rebuilt in backward with one pass instead of
+  being kept;
 - backward: the input gradient g W + ((g B * scaling / keep) A) * mask as one `addmm_` into the masked adapter
   term; adapter gradients made in the compute dtype and returned in the adapters' dtype (fp32), as autocast does.
 Masks come from `tunelab.train.dropout.keep_mask` in the same order as FastDropout draws them, so a seeded run
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.train.dropout import _LEVELS, FastDropout, keep_mask
+from tunelab.train.dropout import FastDropout, drop_levels, keep_mask, pack_mask, unpack_mask
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -43,7 +44,7 @@ class LoraFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype):
         xc, w = x.to(dtype), weight.to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        drop = round(p * _LEVELS)
+        drop = drop_levels(p)[0]
         mask, keep = keep_mask(x.shape, p, x.device) if drop else (None, 1.0)
         out = F.linear(xc, w, None if bias is None else bias.to(dtype))
         h = F.linear(xc * mask if mask is not None else xc, a)
@@ -51,14 +52,15 @@ class LoraFn(torch.autograd.Function):
             h.mul_(keep)
         out2 = out.view(-1, out.shape[-1])
         out2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling)  # out += scaling * h B^T, in place
-        ctx.save_for_backward(x, weight, lora_a, lora_b, mask, h)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, None if mask is None else pack_mask(mask), h)
         ctx.scaling, ctx.keep, ctx.dtype, ctx.has_bias = scaling, keep, dtype, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, mask, h = ctx.saved_tensors
+        x, weight, lora_a, lora_b, bits, h = ctx.saved_tensors
         dtype, scaling, keep = ctx.dtype, ctx.scaling, ctx.keep
+        mask = None if bits is None else unpack_mask(bits, x.shape)
         g = grad.to(dtype).reshape(-1, grad.shape[-1])
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         h2 = h.reshape(-1, h.shape[-1])

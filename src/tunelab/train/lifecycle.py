@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import Config, load_config, save_config
+from tunelab.config import Config, load_run_config, save_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.monitor import Reporter, Trackers
@@ -236,9 +236,9 @@ def resume_config(run_path: Path, overrides: list[str]) -> tuple[Config, list[st
     """The run's own config with the command line's safe overrides applied; the others refused by name.
 
     An override that repeats the run's own value changes nothing and is accepted (e.g. the same command again)."""
-    own = load_config(run_path / "config.yaml")
+    own = load_run_config(run_path / "config.yaml")
     changing = [o for o in overrides if not o.startswith("output.")
-                and load_config(run_path / "config.yaml", [o]).to_dict() != own.to_dict()]
+                and load_run_config(run_path / "config.yaml", [o]).to_dict() != own.to_dict()]
     keys = [o.split("=", 1)[0].strip() for o in changing]
     unsafe = [k for k in keys if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
     if unsafe:
@@ -246,4 +246,4 @@ def resume_config(run_path: Path, overrides: list[str]) -> tuple[Config, list[st
             f"--resume cannot change {', '.join(unsafe)}: the checkpoint's weights, optimiser state, data order and "
             f"schedule were made with the run's own values ({run_path / 'config.yaml'}). Start a new run to change "
             f"them; on resume only these may change: {', '.join(s.rstrip('.') + ('.*' if s.endswith('.') else '') for s in SAFE_ON_RESUME)}")
-    return (load_config(run_path / "config.yaml", changing) if changing else own), changing
+    return (load_run_config(run_path / "config.yaml", changing) if changing else own), changing

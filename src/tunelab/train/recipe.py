@@ -3,7 +3,9 @@
     tunelab train --config config.yaml [training.epochs=1 lora.r=8] [--resume [RUN_DIR]]
     accelerate launch -m tunelab train --config config.yaml      # several processes (DDP); or --num-processes N
 
-One optimiser step consumes `batch_size x gradient_accumulation_steps x processes` records. The loss is the
+One optimiser step consumes `batch_size x gradient_accumulation_steps x processes` records, or with
+`training.batch_tokens` that many tokens in place of batch_size, each such micro-batch run as
+`Config.token_passes()` forward/backward passes so that memory follows the pass. The loss is the
 token-weighted mean over every trained token of the step, whatever the split across micro-batches and processes
 (the step's token count is known before the forward pass), so packing, accumulation and DDP keep its meaning.
 """
@@ -56,7 +58,8 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     num_epochs: int
-    group_size: int  # micro-batches per optimiser step, over all processes
+    group_size: int  # forward passes per optimiser step, over all processes
+    pass_tokens: int = 0  # most tokens in one pass under training.batch_tokens (0: record-count batches)
 
 
 @dataclass
@@ -154,9 +157,9 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
                                   betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
     life.say(f"Schedule: {plan.total_steps} steps = {plan.num_epochs} epoch(s) x {plan.steps_per_epoch} steps; "
-             f"{_micro_batch_words(t_cfg)} x {t_cfg.gradient_accumulation_steps} accumulation x {world} process(es) "
+             f"{_micro_batch_words(cfg)} x {t_cfg.gradient_accumulation_steps} accumulation x {world} process(es) "
              f"per step; {t_cfg.lr_scheduler} LR {fmt_lr(t_cfg.learning_rate)}, warm-up {t_cfg.warmup_ratio:.0%}")
-    _refuse_deepspeed_accumulation(accelerator, t_cfg.gradient_accumulation_steps)
+    _refuse_deepspeed_accumulation(accelerator, plan.group_size // world)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model
     state = _restore(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
@@ -181,24 +184,30 @@ def make_plan(cfg: Config, lengths: list[int] | int, world: int) -> Plan:
     """Steps per epoch and in all, from the records' token counts (a token budget packs a count of its own) or,
     for record-count batches (the preference stages), from the number of records."""
     t_cfg = cfg.training
+    passes, pass_tokens = cfg.token_passes() if t_cfg.batch_tokens and not isinstance(lengths, int) else (1, 0)
+    per_step = t_cfg.gradient_accumulation_steps * passes * world  # forward passes per optimiser step
     micro_per_epoch = (math.ceil(lengths / t_cfg.batch_size) if isinstance(lengths, int)
-                       else micro_batches_per_epoch(lengths, t_cfg))
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / (t_cfg.gradient_accumulation_steps * world)))
+                       else micro_batches_per_epoch(lengths, t_cfg, pass_tokens))
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / per_step))
     total_steps = t_cfg.max_steps if t_cfg.max_steps > 0 else math.ceil(t_cfg.epochs * steps_per_epoch)
-    return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch),
-                t_cfg.gradient_accumulation_steps * world)
+    return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), per_step, pass_tokens)
 
 
-def _micro_batch_words(t_cfg) -> str:
-    return f"<= {t_cfg.batch_tokens} tokens" if t_cfg.batch_tokens else f"{t_cfg.batch_size} records"
+def _micro_batch_words(cfg: Config) -> str:
+    t_cfg = cfg.training
+    if not t_cfg.batch_tokens:
+        return f"{t_cfg.batch_size} records"
+    passes, pass_tokens = cfg.token_passes()
+    return f"<= {t_cfg.batch_tokens} tokens" + (f" (passes of <= {pass_tokens})" if passes > 1 else "")
 
 
-def _refuse_deepspeed_accumulation(accelerator, accumulation: int) -> None:
+def _refuse_deepspeed_accumulation(accelerator, passes: int) -> None:
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accumulation > 1:
-        raise TunelabError("DeepSpeed would step the optimiser after every micro-batch with this recipe: set "
-                           "training.gradient_accumulation_steps=1 (raise training.batch_size or processes instead)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and passes > 1:
+        raise TunelabError("DeepSpeed would step the optimiser after every forward pass with this recipe: set "
+                           "training.gradient_accumulation_steps=1 (raise training.batch_size or processes instead)"
+                           " and, with training.batch_tokens, training.pass_tokens to batch_tokens")
 
 
 def _restore(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
@@ -259,7 +268,7 @@ def train_step(s: Session, epoch: int, pos: int) -> tuple[float, float, int]:
     t_cfg = s.cfg.training
     if epoch not in s.epoch_batches:
         lengths = [len(e["input_ids"]) for e in s.data.train]
-        s.epoch_batches = {epoch: step_batches_for_epoch(lengths, t_cfg, epoch)}
+        s.epoch_batches = {epoch: step_batches_for_epoch(lengths, t_cfg, epoch, s.plan.pass_tokens)}
     group = s.epoch_batches[epoch][pos * s.plan.group_size:(pos + 1) * s.plan.group_size]
     loss_value, n_tokens = forward_backward(group, s.data.train, s.collate, s.accelerator, s.loss_fn, s.autocast,
                                             s.scaler)
