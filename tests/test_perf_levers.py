@@ -47,6 +47,8 @@ def test_batch_tokens_is_checked_against_packing_and_max_length():
     assert load_config(None, ["training.batch_tokens=2048"]).training.batch_tokens == 2048
     with pytest.raises(ConfigError, match="pass_tokens"):
         load_config(None, ["training.batch_tokens=2048", "training.pass_tokens=256", "data.max_length=512"])
+    with pytest.raises(ConfigError, match="set training.batch_tokens"):
+        load_config(None, ["training.pass_tokens=1024"])
 
 
 @pytest.mark.parametrize("options, passes", [
