@@ -17,6 +17,8 @@ plain `nn.Dropout`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,9 +35,7 @@ def drop_levels(p: float) -> tuple[int, int]:
 
 def keep_mask(shape: torch.Size, p: float, device=None) -> tuple[torch.Tensor, float]:
     """(bool mask with P(False) = drop_levels(p) as a fraction, 1 / keep-probability), on the CPU."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     drop, levels = drop_levels(p)
     if levels == 1 << 16:
         seed = int(torch.empty((), dtype=torch.int64).random_())
@@ -54,10 +54,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    return torch.from_numpy(np.unpackbits(bits.numpy(), count=n).view(np.bool_)).view(shape)
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=math.prod(shape)).view(np.bool_)).view(shape)
 
 
 class _MaskedScale(torch.autograd.Function):
