@@ -354,6 +354,49 @@ def test_lora_dropout_is_swapped_for_the_fast_cpu_masks(tiny_model):
     assert sum(isinstance(m, FastDropout) for m in model.modules()) == n_lora
 
 
+def test_a_decoder_layers_lora_masks_come_from_one_draw(tiny_model):
+    """layer_masks: the FastDropouts of one decoder layer share a MaskGroup (one per layer); each member takes its
+    own segment, of its input's shape, with its bits; a member taking again starts the next draw; restoring torch's
+    generator (what gradient checkpointing does before recomputing a layer) draws the same masks again."""
+    from tunelab.train.dropout import FastDropout, install_fast_dropout, pack_mask
+
+    model = apply_method(tiny_model, Config.model_validate({"lora": {"dropout": 0.25}}))
+    install_fast_dropout(model)
+    fast = [(name, m) for name, m in model.named_modules() if isinstance(m, FastDropout)]
+    groups = {id(m.group) for _, m in fast}
+    assert len(groups) == tiny_model.config.num_hidden_layers and all(m.group is not None for _, m in fast)
+    layer0 = [m for name, m in fast if ".layers.0." in name]
+    assert {id(m.group) for m in layer0} == {id(layer0[0].group)} and [m.member for m in layer0] == list(range(7))
+    widths = layer0[0].group.widths
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = [m.draw(torch.Size([2, 9, w])) for m, w in zip(layer0, widths)]
+    for (mask, bits, scale), w in zip(first, widths):
+        assert mask.shape == (2, 9, w) and mask.dtype == torch.bool and scale == 65536 / (65536 - 16384)
+        assert torch.equal(bits, pack_mask(mask))
+    allmasks = torch.cat([mask.flatten() for mask, _, _ in first])
+    assert abs(1 - float(allmasks.float().mean()) - 0.25) < 0.05
+    again = layer0[0].draw(torch.Size([2, 9, widths[0]]))[0]  # taken already: the next forward's draw
+    assert not torch.equal(again, first[0][0])
+    torch.set_rng_state(state)
+    redo = [m.draw(torch.Size([2, 9, w]))[0] for m, w in zip(layer0, widths)]
+    assert all(torch.equal(a, b[0]) for a, b in zip(redo, first))
+
+
+def test_layer_masks_off_draws_one_mask_per_call_as_before(tiny_model, monkeypatch):
+    from tunelab.train.dropout import FastDropout, install_fast_dropout, keep_mask
+
+    model = apply_method(tiny_model, Config.model_validate({"lora": {"dropout": 0.05}}))
+    install_fast_dropout(model)
+    drop = next(m for m in model.modules() if isinstance(m, FastDropout))
+    monkeypatch.setenv("TUNELAB_PERF_OFF", "layer_masks")
+    torch.manual_seed(3)
+    mask, _, scale = drop.draw(torch.Size([4, 64]))
+    torch.manual_seed(3)
+    ref, ref_scale = keep_mask(torch.Size([4, 64]), 0.05)
+    assert torch.equal(mask, ref) and scale == ref_scale
+
+
 @pytest.mark.parametrize("chunk", [3, 1024])
 def test_frozen_head_loss_matches_autograd_through_full_logits(tiny_model, tiny_tokenizer, chunk, monkeypatch):
     """The fused frozen-head loss (gradient made in forward) equals plain autograd through all logits."""

@@ -7,15 +7,16 @@ separate passes, each mirrored in backward. Profiled on the AVX512-BF16 machine,
 and `add_` over those input-sized tensors took about as long as all the matmuls (docs/perf-notes.md).
 
 `LoraFn` does the same arithmetic with the input-sized passes cut to the minimum:
-- forward: base = x W^T; h = (x * mask) A^T * (1/keep); out = base + scaling * h B^T, the last as one in-place
-  `addmm_`; the dropout's inverse keep rate is applied to h (rank 16), not to the input (576-1536 wide);
+- forward: base = x W^T; h = (x * mask) A^T; out = base + (scaling / keep) * h B^T, the last as one in-place
+  `addmm_` whose factor carries the dropout's inverse keep rate (never a pass over the 576-1536 wide input);
 - saved: x itself (layers that share an input, q/k/v and gate/up, save the same tensor once), the keep mask as
   bits (`tunelab.train.dropout.pack_mask`) and h; the dropped input is rebuilt in backward with one pass instead of
   being kept;
 - backward: the input gradient g W + ((g B * scaling / keep) A) * mask as one `addmm_` into the masked adapter
   term; adapter gradients made in the compute dtype and returned in the adapters' dtype (fp32), as autocast does.
-Masks come from `tunelab.train.dropout.keep_mask` in the same order as FastDropout draws them, so a seeded run
-draws the same masks with or without this lever; results equal the unfused path within float rounding (test).
+Masks come from the layer's FastDropout (`FastDropout.draw`: its decoder layer's draw, or one of its own) in the
+same order as peft's forward draws them, so a seeded run draws the same masks with or without this lever; results
+equal the unfused path within float rounding (test).
 
 Only plain LoRA on an `nn.Linear` in training mode on CPU, one active adapter, not merged; anything else (DoRA,
 QLoRA's 4-bit layers, eval, GPUs) keeps peft's own forward.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.train.dropout import FastDropout, drop_levels, keep_mask, pack_mask, unpack_mask
+from tunelab.train.dropout import FastDropout, apply_mask, drop_levels, unpack_mask
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -41,18 +42,15 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 
 class LoraFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, drop: FastDropout | None, dtype: torch.dtype):
         xc, w = x.to(dtype), weight.to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        drop = drop_levels(p)[0]
-        mask, keep = keep_mask(x.shape, p, x.device) if drop else (None, 1.0)
+        mask, bits, keep = drop.draw(x.shape) if drop is not None else (None, None, 1.0)
         out = F.linear(xc, w, None if bias is None else bias.to(dtype))
-        h = F.linear(xc * mask if mask is not None else xc, a)
-        if keep != 1.0:
-            h.mul_(keep)
+        h = F.linear(xc if mask is None else apply_mask(xc, mask), a)  # without dropout's 1 / keep
         out2 = out.view(-1, out.shape[-1])
-        out2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling)  # out += scaling * h B^T, in place
-        ctx.save_for_backward(x, weight, lora_a, lora_b, None if mask is None else pack_mask(mask), h)
+        out2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling * keep)  # out += scaling / keep * h B^T
+        ctx.save_for_backward(x, weight, lora_a, lora_b, bits, h)
         ctx.scaling, ctx.keep, ctx.dtype, ctx.has_bias = scaling, keep, dtype, bias is not None
         return out
 
@@ -64,18 +62,18 @@ class LoraFn(torch.autograd.Function):
         g = grad.to(dtype).reshape(-1, grad.shape[-1])
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         h2 = h.reshape(-1, h.shape[-1])
-        grad_b = (g.t() @ h2).mul_(scaling)  # (out, r)
+        grad_b = (g.t() @ h2).mul_(scaling * keep)  # (out, r)
         gh = (g @ b).mul_(scaling * keep)  # d/d(x_dropped A^T), with dropout's 1/keep folded in: (N, r)
         xd = x.to(dtype)
         if mask is not None:
-            xd = xd * mask
+            xd = apply_mask(xd, mask, inplace=xd is not x)  # a cast is this function's own copy
         xd = xd.reshape(-1, xd.shape[-1])
         grad_a = gh.t() @ xd  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             gx = gh @ a  # (N, in): the adapter's share of the input gradient
             if mask is not None:
-                gx.mul_(mask.reshape(gx.shape))
+                apply_mask(gx, mask.view(gx.shape), inplace=True)
             gx.addmm_(g, weight.to(dtype))  # + g W, into the same buffer
             grad_x = gx.view(x.shape).to(x.dtype)
         grad_bias = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -93,11 +91,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             or base.weight.requires_grad):
         return self._tunelab_unfused_forward(x, *args, **kwargs)
     drop = self.lora_dropout[name]
+    if isinstance(drop, FastDropout) and not drop.active(x) and drop_levels(drop.p)[0]:
+        return self._tunelab_unfused_forward(x, *args, **kwargs)  # p rounds to 1: torch's own dropout
     if not isinstance(drop, (FastDropout, nn.Identity)):  # torch's own dropout (fast_dropout off): its masks
         return self._tunelab_unfused_forward(x, *args, **kwargs)
-    p = drop.p if isinstance(drop, FastDropout) else 0.0
     return LoraFn.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                        float(self.scaling[name]), p, dtype)
+                        float(self.scaling[name]), drop if isinstance(drop, FastDropout) and drop.active(x) else None,
+                        dtype)
 
 
 def install_fused_lora(model: nn.Module) -> int:
