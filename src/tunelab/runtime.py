@@ -132,8 +132,14 @@ def lever_enabled(name: str) -> bool:
     return name not in OPT_IN or name in _named("TUNELAB_PERF_ON")
 
 
-def _named(var: str) -> set[str]:
-    return {x.strip() for x in os.environ.get(var, "").split(",")}
+def _named(var: str) -> frozenset[str]:
+    return _split(os.environ.get(var, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _split(value: str) -> frozenset[str]:
+    """The names in a comma-separated setting (cached: masks and layers ask thousands of times a step)."""
+    return frozenset(x.strip() for x in value.split(","))
 
 
 def runtime_info() -> dict:

@@ -42,25 +42,26 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 
 class LoraFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, drop: FastDropout | None, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, a, b, scaling: float, drop: FastDropout | None,
+                dtype: torch.dtype):
+        # a, b: lora_a and lora_b in the compute dtype (`_cast`)
         xc, w = x.to(dtype), weight.to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         mask, bits, keep = drop.draw(x.shape) if drop is not None else (None, None, 1.0)
         out = F.linear(xc, w, None if bias is None else bias.to(dtype))
         h = F.linear(xc if mask is None else apply_mask(xc, mask), a)  # without dropout's 1 / keep
         out2 = out.view(-1, out.shape[-1])
         out2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling * keep)  # out += scaling / keep * h B^T
-        ctx.save_for_backward(x, weight, lora_a, lora_b, bits, h)
+        ctx.save_for_backward(x, weight, a, b, bits, h)
         ctx.scaling, ctx.keep, ctx.dtype, ctx.has_bias = scaling, keep, dtype, bias is not None
+        ctx.adapter_dtype = lora_a.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, bits, h = ctx.saved_tensors
+        x, weight, a, b, bits, h = ctx.saved_tensors
         dtype, scaling, keep = ctx.dtype, ctx.scaling, ctx.keep
         mask = None if bits is None else unpack_mask(bits, x.shape)
         g = grad.to(dtype).reshape(-1, grad.shape[-1])
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         h2 = h.reshape(-1, h.shape[-1])
         grad_b = (g.t() @ h2).mul_(scaling * keep)  # (out, r)
         gh = (g @ b).mul_(scaling * keep)  # d/d(x_dropped A^T), with dropout's 1/keep folded in: (N, r)
@@ -77,7 +78,8 @@ class LoraFn(torch.autograd.Function):
             gx.addmm_(g, weight.to(dtype))  # + g W, into the same buffer
             grad_x = gx.view(x.shape).to(x.dtype)
         grad_bias = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_x, None, grad_bias, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None)
+        return (grad_x, None, grad_bias, grad_a.to(ctx.adapter_dtype), grad_b.to(ctx.adapter_dtype), None, None, None,
+                None, None)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -91,13 +93,26 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             or base.weight.requires_grad):
         return self._tunelab_unfused_forward(x, *args, **kwargs)
     drop = self.lora_dropout[name]
-    if isinstance(drop, FastDropout) and not drop.active(x) and drop_levels(drop.p)[0]:
-        return self._tunelab_unfused_forward(x, *args, **kwargs)  # p rounds to 1: torch's own dropout
     if not isinstance(drop, (FastDropout, nn.Identity)):  # torch's own dropout (fast_dropout off): its masks
         return self._tunelab_unfused_forward(x, *args, **kwargs)
-    return LoraFn.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                        float(self.scaling[name]), drop if isinstance(drop, FastDropout) and drop.active(x) else None,
-                        dtype)
+    draws = isinstance(drop, FastDropout) and drop.active(x)
+    if isinstance(drop, FastDropout) and not draws and drop_levels(drop.p)[0]:
+        return self._tunelab_unfused_forward(x, *args, **kwargs)  # p rounds to 1: torch's own dropout
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    return LoraFn.apply(x, base.weight, base.bias, a, b, _cast(self, "a", a, dtype), _cast(self, "b", b, dtype),
+                        float(self.scaling[name]), drop if draws else None, dtype)
+
+
+def _cast(module: nn.Module, slot: str, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`param` in `dtype`, cast again only when the parameter has changed since (the optimiser's in-place step
+    moves its version counter): once per step instead of twice per pass (forward and backward)."""
+    if param.dtype == dtype:
+        return param.detach()
+    cache = module.__dict__.setdefault("_tunelab_casts", {})
+    key = (param._version, dtype, param.data_ptr())
+    if slot not in cache or cache[slot][0] != key:
+        cache[slot] = (key, param.detach().to(dtype))
+    return cache[slot][1]
 
 
 def install_fused_lora(model: nn.Module) -> int:
