@@ -78,6 +78,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
      "tunelab", ["training.batch_tokens=@tokens"]),
     ("tokens-unfused_lora", "tunelab-tokens with peft's LoRA forward (lever fused_lora off)", "tunelab",
      ["training.batch_tokens=@tokens"]),
+    ("tokens-draw_per_mask", "tunelab-tokens, each LoRA mask drawn on its own (lever layer_masks off)", "tunelab",
+     ["training.batch_tokens=@tokens"]),
     ("tokens-trim_heap", "tunelab-tokens + free heap pages returned between the passes (opt-in lever trim_heap)",
      "tunelab", ["training.batch_tokens=@tokens"]),
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
@@ -106,6 +108,7 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
 KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
 LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention", "tokens-unfused_lora": "fused_lora",
+             "tokens-draw_per_mask": "layer_masks",
              "unfused_lora": "fused_lora", "masked_attention": "packed_attention", "torch_dropout": "fast_dropout",
              "recomputed_head": "fused_head", "no_logit_buffers": "logit_buffers"}
 LEVER_ON = {"tokens-trim_heap": "trim_heap"}  # opt-in levers (tunelab.runtime.OPT_IN)

@@ -211,6 +211,30 @@ def test_fused_lora_equals_peft_forward_and_backward(lora_model, tiny_tokenizer,
             assert float((fused[k] - g).norm()) <= 0.03 * float(g.norm()) + 1e-8, k
 
 
+def test_fused_lora_casts_adapters_again_after_they_change(lora_model, tiny_tokenizer):
+    """The compute-dtype copies of the adapters are kept between passes: an in-place change of an adapter (what the
+    optimiser's step does) must reach the next forward, as it reaches peft's."""
+    from tunelab.model import fused_lora
+
+    model = lora_model.train()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    batch = _batch(tiny_tokenizer)
+    fused_lora.install_fused_lora(model)
+    before, _ = _loss_and_grads(model, batch, torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)  # in place, as AdamW's foreach step
+    fused_after, _ = _loss_and_grads(model, batch, torch.bfloat16)
+    for m in model.modules():  # peft's own forward on the changed adapters
+        if hasattr(m, "_tunelab_unfused_forward"):
+            m.forward = m._tunelab_unfused_forward
+    plain_after, _ = _loss_and_grads(model, batch, torch.bfloat16)
+    assert abs(fused_after - plain_after) < 0.1 * abs(plain_after - before), (before, fused_after, plain_after)
+
+
 def test_fused_lora_leaves_eval_and_torch_dropout_to_peft(lora_model, tiny_tokenizer, monkeypatch):
     from torch import nn
 
@@ -393,3 +417,10 @@ def test_training_processes_bound_the_onednn_shape_caches(tmp_path):
                           "os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["7", runtime.KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]]
+    del env["LRU_CACHE_CAPACITY"]
+    for tokens, entries in ((512, runtime.SMALL_PASS_ENTRIES), (2048, "64"), ("None", "64")):
+        out = subprocess.run([sys.executable, "-c", "import os; from tunelab.runtime import bound_kernel_caches; "
+                              f"bound_kernel_caches({tokens}); print(os.environ['LRU_CACHE_CAPACITY'], "
+                              "os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out == [entries, entries], (tokens, out)

@@ -67,15 +67,19 @@ def reexec_with_allocator_settings(verb: str | None) -> None:
 # 2,048-token step here, 0.37 GiB of live heap after 16 steps, until full (docs/perf-notes.md section 11). One pass
 # uses 35 (512 tokens) to 61 (2,048 tokens) distinct products, each once per layer, so 64 entries still serve every
 # layer of a pass from the cache; 128 held ~0.06-0.1 GiB more at the same speed, 16 thrashed (0.75x; section 12).
-# Read once, at the process's first oneDNN product.
+# Passes of <= 512 tokens missed no more often at 32 (138-148 creations per step against 102-145 at 64) and peaked
+# ~40 MB lower (section 13). Read once, at the process's first oneDNN product.
 KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
+SMALL_PASS_TOKENS, SMALL_PASS_ENTRIES = 512, "32"
 
 
-def bound_kernel_caches() -> None:
-    """Cap oneDNN's and ideep's shape caches for a training process (KERNEL_CACHES), unless the environment already
-    sets them. Only effective before the process's first oneDNN product: the training entry points call it first."""
+def bound_kernel_caches(pass_tokens: int | None = None) -> None:
+    """Cap oneDNN's and ideep's shape caches for a training process (KERNEL_CACHES; SMALL_PASS_ENTRIES when every
+    pass holds at most SMALL_PASS_TOKENS tokens), unless the environment already sets them. Only effective before
+    the process's first oneDNN product: the training entry points call it first."""
+    small = pass_tokens is not None and pass_tokens <= SMALL_PASS_TOKENS
     for var, value in KERNEL_CACHES.items():
-        os.environ.setdefault(var, value)
+        os.environ.setdefault(var, SMALL_PASS_ENTRIES if small else value)
 
 
 @functools.cache

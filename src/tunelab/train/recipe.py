@@ -102,7 +102,8 @@ class Session:
 def train(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
           overrides: list[str] | None = None) -> Path:
     """Train `cfg` (or resume a run, applying the `overrides` that are safe mid-run); return the run folder."""
-    bound_kernel_caches()  # before this process's first product: it fixes their size
+    # before this process's first product: it fixes their size (smaller for passes of few tokens)
+    bound_kernel_caches(cfg.token_passes()[1] if cfg.training.batch_tokens else None)
     refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything, every stage
     if _stage(cfg, resume) not in ("sft", "pt"):  # preference stages: their own recipe (train/preference.py)
         from tunelab.train.preference import train_preference
