@@ -235,6 +235,40 @@ def test_fused_lora_casts_adapters_again_after_they_change(lora_model, tiny_toke
     assert abs(fused_after - plain_after) < 0.1 * abs(plain_after - before), (before, fused_after, plain_after)
 
 
+def test_fused_down_proj_keeps_gate_and_up_instead_of_its_input(lora_model, tiny_tokenizer):
+    """With lean_layers' SwiGLU, the fused down_proj rebuilds its input silu(gate) * up in backward from the two
+    tensors the SwiGLU keeps anyway: the same loss and gradients bit for bit, and one [tokens, intermediate] tensor
+    a layer less kept for backward."""
+    import types
+
+    from tunelab.model import fused_lora, lean_layers
+
+    model = lora_model.train()
+    assert lean_layers.install_lean_layers(model) and fused_lora.install_fused_lora(model)
+    batch = _batch(tiny_tokenizer)
+
+    def run():
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = _loss_and_grads(model, batch)
+        return loss, grads, sum(kept.values())
+
+    loss, grads, kept = run()
+    mlps = [m for m in model.modules() if getattr(m.forward, "__func__", None) is lean_layers._mlp_forward]
+    for m in mlps:  # the SwiGLU without the tag: down_proj keeps its input
+        m.forward = types.MethodType(lambda self, x: self.down_proj(lean_layers._SiluMul.apply(
+            self.gate_proj(x), self.up_proj(x))), m)
+    loss2, grads2, kept2 = run()
+    assert loss == loss2 and all(torch.equal(grads[k], grads2[k]) for k in grads)
+    tokens = batch["input_ids"].numel()
+    assert kept2 - kept == len(mlps) * tokens * model.config.intermediate_size * 4  # fp32 model here
+
+
 def test_fused_lora_leaves_eval_and_torch_dropout_to_peft(lora_model, tiny_tokenizer, monkeypatch):
     from torch import nn
 

@@ -9,7 +9,8 @@ and `add_` over those input-sized tensors took about as long as all the matmuls 
 `LoraFn` does the same arithmetic with the input-sized passes cut to the minimum:
 - forward: base = x W^T; h = (x * mask) A^T; out = base + (scaling / keep) * h B^T, the last as one in-place
   `addmm_` whose factor carries the dropout's inverse keep rate (never a pass over the 576-1536 wide input);
-- saved: x itself (layers that share an input, q/k/v and gate/up, save the same tensor once), the keep mask as
+- saved: x itself (layers that share an input, q/k/v and gate/up, save the same tensor once; down_proj's input
+  silu(gate) * up as gate and up, which the SwiGLU keeps anyway, when lean_layers made it), the keep mask as
   bits (`tunelab.train.dropout.pack_mask`) and h; the dropped input is rebuilt in backward with one pass instead of
   being kept;
 - backward: the input gradient g W + ((g B * scaling / keep) A) * mask as one `addmm_` into the masked adapter
@@ -51,14 +52,19 @@ class LoraFn(torch.autograd.Function):
         h = F.linear(xc if mask is None else apply_mask(xc, mask), a)  # without dropout's 1 / keep
         out2 = out.view(-1, out.shape[-1])
         out2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling * keep)  # out += scaling / keep * h B^T
-        ctx.save_for_backward(x, weight, a, b, bits, h)
+        # an input made as silu(gate) * up (lean_layers) is kept as those two, which its own product keeps anyway
+        source = getattr(x, "tunelab_silu_mul", None)
+        ctx.save_for_backward(*(source or (x, None)), weight, a, b, bits, h)
+        ctx.rebuild = source is not None
         ctx.scaling, ctx.keep, ctx.dtype, ctx.has_bias = scaling, keep, dtype, bias is not None
         ctx.adapter_dtype = lora_a.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, a, b, bits, h = ctx.saved_tensors
+        x, up, weight, a, b, bits, h = ctx.saved_tensors
+        if ctx.rebuild:
+            x = F.silu(x) * up  # the same calls as lean_layers' _SiluMul forward: the same bits
         dtype, scaling, keep = ctx.dtype, ctx.scaling, ctx.keep
         mask = None if bits is None else unpack_mask(bits, x.shape)
         g = grad.to(dtype).reshape(-1, grad.shape[-1])
