@@ -4,8 +4,8 @@
     python bench/kernels.py --part attention
     python bench/kernels.py --part decode
 
-attention: forward + backward of one record's causal attention, bf16, 9 query / 3 key-value heads of 64 (SmolLM2's
-shape), q a strided slice as in a packed row: SDPA's CPU flash kernel against tunelab's `CausalAttention`
+attention: forward + backward of one record's causal attention, bf16 (`--dtype fp32` or `bf16,fp32`), 9 query /
+3 key-value heads of 64 (SmolLM2's shape), q a strided slice as in a packed row: SDPA's CPU flash kernel against tunelab's `CausalAttention`
 (`bmm_attention`), per record length, best of `--repeats` rounds.
 
 decode: one-row bf16 products of the bundled model's shapes with the weights of 30 layers taken in turn (so they
@@ -35,22 +35,23 @@ def _best_ms(fn, rounds: int, calls: int = 1) -> float:
     return best * 1e3
 
 
-def attention(lengths: list[int], repeats: int) -> None:
+def attention(lengths: list[int], repeats: int, dtype_name: str = "bf16") -> None:
     import torch
     import torch.nn.functional as F
 
     from tunelab.model.attention import CausalAttention, causal_bias
 
     heads, kv_heads, dim = 9, 3, 64
-    print("\n| record tokens | SDPA flash fwd+bwd ms | CausalAttention fwd+bwd ms | flash / ours |")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    print(f"\n{dtype_name}\n\n| record tokens | SDPA flash fwd+bwd ms | CausalAttention fwd+bwd ms | flash / ours |")
     print("| --: | --: | --: | --: |")
     for length in lengths:
-        q = torch.randn(1, length + 8, heads, dim, dtype=torch.bfloat16).transpose(1, 2)[:, :, 4:4 + length]
+        q = torch.randn(1, length + 8, heads, dim, dtype=dtype).transpose(1, 2)[:, :, 4:4 + length]
         q = q.detach().requires_grad_()
-        k = torch.randn(1, kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(1, kv_heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
-        go = torch.randn(1, heads, length, dim, dtype=torch.bfloat16)
-        bias = causal_bias(length, heads // kv_heads, kv_heads, torch.bfloat16, "cpu")
+        k = torch.randn(1, kv_heads, length, dim, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, kv_heads, length, dim, dtype=dtype, requires_grad=True)
+        go = torch.randn(1, heads, length, dim, dtype=dtype)
+        bias = causal_bias(length, heads // kv_heads, kv_heads, dtype, "cpu")
         flash = _best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                          .backward(go), repeats)
         ours = _best_ms(lambda: CausalAttention.apply(q, k, v, bias, dim ** -0.5).backward(go), repeats)
@@ -91,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=["attention", "decode", "both"], default="both")
     ap.add_argument("--lengths", default="64,128,256,384,512", help="record lengths for the attention part")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dtype", default="bf16", help="attention part: bf16, fp32 or both (bf16,fp32)")
     args = ap.parse_args(argv)
     m = machine_summary()
     print(f"{m['cpu']} ({m['cpu_kind']}), {m['torch_threads']} torch threads, torch {m['torch']}, "
           f"load average {m['load_avg'][0]:.1f}")
     if args.part in ("attention", "both"):
-        attention([int(x) for x in args.lengths.split(",")], args.repeats)
+        for dtype in args.dtype.split(","):
+            attention([int(x) for x in args.lengths.split(",")], args.repeats, dtype)
     if args.part in ("decode", "both"):
         decode(args.repeats)
     return 0

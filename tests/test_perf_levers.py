@@ -235,38 +235,50 @@ def test_fused_lora_casts_adapters_again_after_they_change(lora_model, tiny_toke
     assert abs(fused_after - plain_after) < 0.1 * abs(plain_after - before), (before, fused_after, plain_after)
 
 
-def test_fused_down_proj_keeps_gate_and_up_instead_of_its_input(lora_model, tiny_tokenizer):
-    """With lean_layers' SwiGLU, the fused down_proj rebuilds its input silu(gate) * up in backward from the two
-    tensors the SwiGLU keeps anyway: the same loss and gradients bit for bit, and one [tokens, intermediate] tensor
-    a layer less kept for backward."""
-    import types
-
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_lora_rebuilds_norm_and_swiglu_outputs_instead_of_keeping_them(lora_model, tiny_tokenizer, precision,
+                                                                             monkeypatch):
+    """With lean_layers, the fused q/k/v and gate/up keep their norm's input and weight (kept by the norm anyway)
+    instead of the norm's output, and down_proj keeps gate and up instead of silu(gate) * up; backward makes each of
+    those inputs again once for the layers sharing it. The same loss and gradients bit for bit, and per layer two
+    [tokens, hidden] and one [tokens, intermediate] tensor less kept for backward."""
     from tunelab.model import fused_lora, lean_layers
 
     model = lora_model.train()
     assert lean_layers.install_lean_layers(model) and fused_lora.install_fused_lora(model)
     batch = _batch(tiny_tokenizer)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    made = []
+    monkeypatch.setattr(lean_layers, "_rms_scale", lambda *a, _f=lean_layers._rms_scale, **k: made.append(1) or
+                        _f(*a, **k))
 
     def run():
-        kept = {}
+        kept = []  # held, so that no storage freed on the way (a discarded output's graph) lends its address
 
         def pack(t):
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            kept.append(t)
             return t
 
+        made.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, grads = _loss_and_grads(model, batch)
-        return loss, grads, sum(kept.values())
+            loss, grads = _loss_and_grads(model, batch, autocast)
+        return loss, grads, sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values())
 
     loss, grads, kept = run()
-    mlps = [m for m in model.modules() if getattr(m.forward, "__func__", None) is lean_layers._mlp_forward]
-    for m in mlps:  # the SwiGLU without the tag: down_proj keeps its input
-        m.forward = types.MethodType(lambda self, x: self.down_proj(lean_layers._SiluMul.apply(
-            self.gate_proj(x), self.up_proj(x))), m)
+    layers = model.config.num_hidden_layers
+    norms = 2 * layers + 1  # and the final one
+    # once more in backward for q/k/v and for gate/up, except the first layer's input norm: it keeps nothing (its
+    # input, the frozen embeddings' output, needs no gradient), so q/k/v keep its output
+    assert len(made) == norms + 2 * layers - 1, "each norm output made once in forward, once more for its LoRA layers"
+    monkeypatch.setattr(lean_layers, "Rebuild", lambda *a: None)  # outputs without a recipe: the LoRA layers keep them
     loss2, grads2, kept2 = run()
-    assert loss == loss2 and all(torch.equal(grads[k], grads2[k]) for k in grads)
-    tokens = batch["input_ids"].numel()
-    assert kept2 - kept == len(mlps) * tokens * model.config.intermediate_size * 4  # fp32 model here
+    assert len(made) == norms
+    assert loss == loss2 and grads.keys() == grads2.keys() and all(torch.equal(grads[k], grads2[k]) for k in grads)
+    # an fp32 model: its norms' outputs are fp32 under bf16 autocast too, the products (gate, up) are bf16 there
+    mlp_width = 2 if precision == "bf16" else 4
+    tokens, cfg = batch["input_ids"].numel(), model.config
+    norm_bytes = (2 * layers - 1) * cfg.hidden_size * tokens * 4
+    assert kept2 - kept == norm_bytes + layers * cfg.intermediate_size * tokens * mlp_width
 
 
 def test_fused_lora_leaves_eval_and_torch_dropout_to_peft(lora_model, tiny_tokenizer, monkeypatch):

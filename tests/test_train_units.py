@@ -244,6 +244,7 @@ def test_packed_attention_is_not_used_where_it_would_differ(tiny_model_dir):
 
 
 def test_lora_changes_every_adapter_weight_and_no_base_weight(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)  # dropout masks: not whatever earlier tests left in the generator
     cfg = Config()
     model = apply_method(tiny_model, cfg)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -257,7 +258,9 @@ def test_lora_changes_every_adapter_weight_and_no_base_weight(tiny_model, tiny_t
         opt.step()
         opt.zero_grad()
         losses.append(float(s.detach() / n))
-    assert losses[-1] < losses[0] - 0.3 and losses[-1] < min(losses[:5]), losses  # memorising the batch
+    # learning the batch: the random tiny model levels off near 10.27 within ~5 steps, where single steps wobble by
+    # a few hundredths (the last below the best of the first five held for some seeds only), so compare means
+    assert losses[-1] < losses[0] - 0.3 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == ("lora_" in name), name

@@ -9,10 +9,11 @@ and `add_` over those input-sized tensors took about as long as all the matmuls 
 `LoraFn` does the same arithmetic with the input-sized passes cut to the minimum:
 - forward: base = x W^T; h = (x * mask) A^T; out = base + (scaling / keep) * h B^T, the last as one in-place
   `addmm_` whose factor carries the dropout's inverse keep rate (never a pass over the 576-1536 wide input);
-- saved: x itself (layers that share an input, q/k/v and gate/up, save the same tensor once; down_proj's input
-  silu(gate) * up as gate and up, which the SwiGLU keeps anyway, when lean_layers made it), the keep mask as
-  bits (`tunelab.train.dropout.pack_mask`) and h; the dropped input is rebuilt in backward with one pass instead of
-  being kept;
+- saved: x itself (layers that share an input save the same tensor once), or, where lean_layers made x (the
+  RMSNorm outputs read by q/k/v and gate/up, the SwiGLU's silu(gate) * up read by down_proj), what that layer keeps
+  anyway (its input, weight and statistics; gate and up), x being made again once in backward for the layers
+  sharing it; the keep mask as bits (`tunelab.train.dropout.pack_mask`) and h; the dropped input is rebuilt in
+  backward with one pass instead of being kept;
 - backward: the input gradient g W + ((g B * scaling / keep) A) * mask as one `addmm_` into the masked adapter
   term; adapter gradients made in the compute dtype and returned in the adapters' dtype (fp32), as autocast does.
 Masks come from the layer's FastDropout (`FastDropout.draw`: its decoder layer's draw, or one of its own) in the
@@ -52,19 +53,21 @@ class LoraFn(torch.autograd.Function):
         h = F.linear(xc if mask is None else apply_mask(xc, mask), a)  # without dropout's 1 / keep
         out2 = out.view(-1, out.shape[-1])
         out2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling * keep)  # out += scaling / keep * h B^T
-        # an input made as silu(gate) * up (lean_layers) is kept as those two, which its own product keeps anyway
-        source = getattr(x, "tunelab_silu_mul", None)
-        ctx.save_for_backward(*(source or (x, None)), weight, a, b, bits, h)
-        ctx.rebuild = source is not None
+        # an input that lean_layers can make again (a norm's output, silu(gate) * up) is kept as what its own layer
+        # keeps anyway
+        rebuild = getattr(x, "tunelab_rebuild", None)
+        ctx.save_for_backward(weight, a, b, bits, h, *(rebuild.tensors if rebuild else (x,)))
+        ctx.rebuild = rebuild and rebuild.share
+        if rebuild:
+            rebuild.share.join()
         ctx.scaling, ctx.keep, ctx.dtype, ctx.has_bias = scaling, keep, dtype, bias is not None
         ctx.adapter_dtype = lora_a.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, up, weight, a, b, bits, h = ctx.saved_tensors
-        if ctx.rebuild:
-            x = F.silu(x) * up  # the same calls as lean_layers' _SiluMul forward: the same bits
+        weight, a, b, bits, h, *source = ctx.saved_tensors
+        x = ctx.rebuild.take(source) if ctx.rebuild else source[0]  # the same calls as its forward: the same bits
         dtype, scaling, keep = ctx.dtype, ctx.scaling, ctx.keep
         mask = None if bits is None else unpack_mask(bits, x.shape)
         g = grad.to(dtype).reshape(-1, grad.shape[-1])

@@ -4,13 +4,17 @@ What autograd keeps per token and decoder layer in a LoRA step (bf16, SmolLM2-13
 RMSNorm keeps its input converted to fp32 (2.25 KiB each, two per layer), and the MLP's `silu(gate) * up` keeps
 gate, silu(gate) and up (3 KiB each). Here:
 
-- `_RMSNorm` keeps the input in its own dtype (bf16: half the bytes) and redoes the fp32 statistics in backward
-  (one row-wise pass).
-- `_SiluMul` keeps gate and up; silu(gate) is recomputed in backward (an elementwise pass). Its product h carries
-  (gate, up) as `tunelab_silu_mul`, so a fused LoRA down_proj (`tunelab.model.fused_lora`) keeps those two, already
-  kept, instead of h (3 KiB per token and layer) and rebuilds h with the same two calls, bit for bit.
+- `_RMSNorm` keeps the input in its own dtype (bf16: half the bytes) and the row statistics (one fp32 number per
+  token).
+- `_SiluMul` keeps gate and up; silu(gate) is recomputed in backward (an elementwise pass).
+- Both outputs carry a `Rebuild` (`tunelab_rebuild`): how to make them again, bit for bit, from what their own
+  backward keeps anyway (the norm's input, weight and statistics: two elementwise passes; gate and up). The fused
+  LoRA layers reading them (q/k/v and gate/up after the two norms, down_proj after the SwiGLU;
+  `tunelab.model.fused_lora`) keep those instead of their input and make it again once in backward: three
+  [tokens, hidden or intermediate] tensors per layer less.
 
-That is 5.3 of ~28 KiB per token per layer less, with no matmul recomputed. The forward is transformers' own
+That is 5.3 of ~28 KiB per token per layer less in bf16 from the norms and SwiGLU themselves, and 5.3 more (10.5
+in fp32) from the rebuilt LoRA inputs, with no matmul recomputed. The forward is transformers' own
 arithmetic (`LlamaRMSNorm.forward`, `LlamaMLP.forward`), so outputs are bit for bit those of the model; the
 gradients are the same formulas (the SwiGLU's bit for bit, the norm's to fp32 rounding inside the row statistics;
 tests/test_train_units.py). Installed (`install_lean_layers`) only on modules whose `forward` source is exactly
@@ -34,26 +38,78 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Rebuild:
+    """Set on a tensor as `tunelab_rebuild`: `make(*tensors)` gives it again, bit for bit, from tensors that its
+    own layer keeps for backward anyway. A fused LoRA layer given the tensor keeps `tensors` instead and calls
+    `share.take` in backward; the layers sharing one input (q/k/v, gate/up) make it once between them. `share` holds
+    no tensor of the forward (it lives in each user's autograd context, where saved tensors must go through
+    save_for_backward for checkpointing's hooks to see them)."""
+
+    __slots__ = ("tensors", "share")
+
+    def __init__(self, make, *tensors):
+        self.tensors, self.share = tensors, _Shared(make)
+
+
+class _Shared:
+    __slots__ = ("make", "users", "left", "value")
+
+    def __init__(self, make):
+        self.make, self.users, self.left, self.value = make, 0, 0, None
+
+    def join(self) -> None:
+        """One more layer reads the tensor (called in its forward)."""
+        self.users += 1
+        self.left = self.users
+
+    def take(self, tensors) -> torch.Tensor:
+        """The tensor again (made by the first reader's backward, dropped after the last one's)."""
+        value = self.value if self.value is not None else self.make(*tensors)
+        self.left -= 1
+        self.value = value if self.left > 0 else None
+        if self.left <= 0:
+            self.left = self.users  # a graph kept for another backward starts over
+        return value
+
+
+def _rstd(x, eps):
+    """LlamaRMSNorm.forward's statistics: 1 / sqrt(mean(x^2) + eps) per row, in fp32 ([..., 1])."""
+    xf = x.float()
+    squares = xf.pow(2) if xf is x else xf.pow_(2)  # into x's fp32 copy where there is one (the same bits)
+    return squares.mean(-1, keepdim=True).add_(eps).rsqrt_()
+
+
+def _rms_scale(x, weight, rstd):
+    """The rest of LlamaRMSNorm.forward's arithmetic, `weight * (x.float() * rstd).to(x.dtype)` (the forward, and its
+    rebuild in backward). Each product goes into a tensor made by the call itself where the result has its
+    dtype (the same bits: a product is the same either way round); a second [tokens, hidden] tensor made and freed
+    at every call cost far more than the product here (fresh pages)."""
+    xf = x.float()
+    normed = (xf * rstd if xf is x else xf.mul_(rstd)).to(x.dtype)  # into x's fp32 copy where there is one
+    return normed.mul_(weight) if torch.result_type(weight, normed) == normed.dtype else weight * normed
+
+
+def _silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    def forward(ctx, x, weight, rstd):
+        ctx.save_for_backward(x, weight, rstd)
+        return _rms_scale(x, weight, rstd)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        x, weight, rstd = ctx.saved_tensors
         xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
-        normed = (xf * rstd).to(x.dtype)
         g = (grad * weight).to(x.dtype).float()  # through `weight * normed` and normed's cast to x's dtype
         # normed = xf * rstd, rstd = (mean(xf^2) + eps)^-1/2: d rstd / d xf = -rstd^3 * xf / d
         dot = (g * xf).sum(-1, keepdim=True)
         grad_x = g * rstd - xf * (dot * rstd.pow(3) / x.shape[-1])
         grad_w = None
         if ctx.needs_input_grad[1]:
+            normed = (xf * rstd).to(x.dtype)
             grad_w = (grad * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x.to(x.dtype), grad_w, None
 
@@ -62,7 +118,7 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _silu_mul(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
@@ -93,13 +149,19 @@ def install_autocast_lora_inputs(model: nn.Module) -> int:
 
 
 def _norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    with torch.no_grad():
+        rstd = _rstd(hidden_states, self.variance_epsilon)  # [tokens, 1]: kept, not computed again in backward
+    out = _RMSNorm.apply(hidden_states, self.weight, rstd)
+    if out.requires_grad and hidden_states.requires_grad:  # all three kept for the norm's own backward (the first
+        # layer's input, the frozen embeddings' output, is not: there the LoRA layers keep the output as before)
+        out.tunelab_rebuild = Rebuild(_rms_scale, hidden_states, self.weight, rstd)
+    return out
 
 
 def _mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = _SiluMul.apply(gate, up)
-    h.tunelab_silu_mul = (gate, up)  # kept for backward already: the fused LoRA down_proj rebuilds h from them
+    h.tunelab_rebuild = Rebuild(_silu_mul, gate, up)  # kept for backward already: the fused down_proj rebuilds h
     return self.down_proj(h)
 
 
