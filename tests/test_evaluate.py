@@ -119,6 +119,28 @@ def test_perplexity_is_token_weighted_exp_of_training_loss(tiny):
     assert one.metrics["eval_loss"] == pytest.approx(res.metrics["eval_loss"], rel=1e-6)
 
 
+def test_eval_loss_under_a_token_budget_holds_no_more_than_a_pass_and_gives_the_same_loss(tiny):
+    """Training under training.batch_tokens evaluates in padded batches of at most a pass's tokens (one record at
+    least): every record once, no batch above the budget unless it is one record, and the same token-weighted
+    loss as record-count batches."""
+    from tunelab.data.template import encode_record
+    from tunelab.model.loss import CausalLMLoss, _eval_batches, autocast_for, eval_loss
+
+    model, tok = tiny
+    examples = [vars(encode_record(tok, r["messages"], max_length=512)) for r in RECORDS] * 3
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    budget = 2 * lengths[len(lengths) // 2]
+    batches = _eval_batches(examples, 4, budget)
+    assert sorted(len(e["input_ids"]) for b in batches for e in b) == lengths
+    assert all(len(b) <= 4 and (len(b) == 1 or len(b) * max(len(e["input_ids"]) for e in b) <= budget)
+               for b in batches)
+    assert len(batches) > len(_eval_batches(examples, 4, 0)) == -(-len(examples) // 4)
+    loss_fn = CausalLMLoss(model)
+    plain, n = eval_loss(loss_fn, examples, 4, tok.pad_token_id, autocast_for("cpu", "fp32"))
+    capped, m = eval_loss(loss_fn, examples, 4, tok.pad_token_id, autocast_for("cpu", "fp32"), max_tokens=budget)
+    assert m == n and capped == pytest.approx(plain, rel=1e-5)
+
+
 def test_perplexity_counts_only_assistant_tokens(tiny):
     from tunelab.evaluate import evaluate_records
 

@@ -207,26 +207,40 @@ def autocast_for(device_type: str, dtype_name: str) -> Callable:
 
 @torch.no_grad()
 def eval_loss(loss_fn: CausalLMLoss, examples: list[dict], batch_size: int, pad_id: int, autocast,
-              device: torch.device | str = "cpu") -> tuple[float, int]:
-    """Token-weighted mean loss over `examples` (padded batches; identical masking to training).
+              device: torch.device | str = "cpu", max_tokens: int = 0) -> tuple[float, int]:
+    """Token-weighted mean loss over `examples` (padded batches of at most `batch_size` records and, when
+    `max_tokens`, at most that many tokens with padding, one record at least; identical masking to training).
 
     The one eval loss: training's evaluations and `tunelab eval` perplexity both call it, with the same autocast.
+    Training under training.batch_tokens passes its pass size as `max_tokens`, so that evaluating holds no more
+    than a training pass (larger padded batches had made the run's peak memory there).
     """
     from tunelab.data.batching import collate_padded
 
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for k in range(0, len(order), batch_size):
-        batch = {key: v.to(device) for key, v in
-                 collate_padded([examples[i] for i in order[k:k + batch_size]], pad_id).items()}
+    for batch_examples in _eval_batches(examples, batch_size, max_tokens):
+        batch = {key: v.to(device) for key, v in collate_padded(batch_examples, pad_id).items()}
         with autocast():
             s, n = loss_fn(**batch)
         total += float(s)
         count += int(n)
     loss_fn.train(was_training)
     return (total / count if count else float("nan")), count
+
+
+def _eval_batches(examples: list[dict], batch_size: int, max_tokens: int) -> list[list[dict]]:
+    """`examples` shortest first, in batches of at most `batch_size` and (when set) `max_tokens` padded tokens."""
+    batches: list[list[dict]] = []
+    for ex in sorted(examples, key=lambda e: len(e["input_ids"])):
+        last = batches[-1] if batches else None
+        # shortest first: the new record is the batch's longest, so the padded size is (records) x its length
+        if last and len(last) < batch_size and (not max_tokens or (len(last) + 1) * len(ex["input_ids"]) <= max_tokens):
+            last.append(ex)
+        else:
+            batches.append([ex])
+    return batches
 
 
 # ---------------------------------------------------------------- per-sequence log-probabilities (preference stages)

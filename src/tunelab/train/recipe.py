@@ -310,7 +310,7 @@ def evaluate(s: Session) -> bool:
     """Eval loss + perplexity; keep the best checkpoint; True when early stopping should stop."""
     step, state = s.state.global_step, s.state
     ev, n = eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
-                      s.accelerator.device)
+                      s.accelerator.device, s.plan.pass_tokens)
     ppl = math.exp(ev) if ev < 50 else float("inf")
     rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "eval_loss": ev, "eval_perplexity": ppl,
            "eval_tokens": n}
@@ -357,7 +357,7 @@ def finish(s: Session) -> None:
     final: dict[str, Any] = {"train_loss": s.state.train_loss, "global_step": step}
     if s.data.val:
         ev, n = eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
-                          s.accelerator.device)
+                          s.accelerator.device, s.plan.pass_tokens)
         final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
     if s.life.stop_signal:
         s.life.announce_stop()
