@@ -5,8 +5,8 @@
     python bench/kernels.py --part decode
 
 attention: forward + backward of one record's causal attention, bf16 (`--dtype fp32` or `bf16,fp32`), 9 query /
-3 key-value heads of 64 (SmolLM2's shape), q a strided slice as in a packed row: SDPA's CPU flash kernel against tunelab's `CausalAttention`
-(`bmm_attention`), per record length, best of `--repeats` rounds.
+3 key-value heads of 64 (SmolLM2's shape), q a strided slice as in a packed row: SDPA's CPU flash kernel against
+tunelab's `CausalAttention` (`bmm_attention`), per record length, best of `--repeats` rounds.
 
 decode: one-row bf16 products of the bundled model's shapes with the weights of 30 layers taken in turn (so they
 come from memory, not cache, as in a decode step): oneDNN's prepacked product (what batching engines use),

@@ -64,11 +64,12 @@ class _Shared:
 
     def take(self, tensors) -> torch.Tensor:
         """The tensor again (made by the first reader's backward, dropped after the last one's)."""
-        value = self.value if self.value is not None else self.make(*tensors)
+        if self.value is None:
+            self.value = self.make(*tensors)
+        value = self.value
         self.left -= 1
-        self.value = value if self.left > 0 else None
-        if self.left <= 0:
-            self.left = self.users  # a graph kept for another backward starts over
+        if self.left <= 0:  # the last reader: drop it (a graph kept for another backward starts over)
+            self.value, self.left = None, self.users
         return value
 
 
