@@ -36,7 +36,8 @@ loss, and the eval loss on the same held-out records, computed afterwards for ev
 row's saved adapter (or full model) on the fp32 base, `tunelab.data.template.encode_record` masking and
 `tunelab.model.loss.CausalLMLoss` (so the baseline is measured exactly like tunelab). Model-FLOPs utilisation
 uses training FLOPs = 6 x N x non-padding tokens (N = every parameter of the base model, the tied embedding/output
-head counted once; attention-score FLOPs ignored), against fp32 and bf16 matmul peaks measured in the same run.
+head counted once; attention-score FLOPs ignored), against the fp32 or bf16 matmul peak measured in the same run
+(the one of the row's compute dtype).
 6N is the usual convention; LoRA skips the frozen weights' gradients (about 4N of real work) and tunelab skips the
 output head for untrained tokens, so MFU by this formula is "useful work per second", comparable across rows.
 The machine is shared in most places: compare rows of one run only.
@@ -80,6 +81,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
      ["training.batch_tokens=@tokens"]),
     ("tokens-draw_per_mask", "tunelab-tokens, each LoRA mask drawn on its own (lever layer_masks off)", "tunelab",
      ["training.batch_tokens=@tokens"]),
+    ("tokens-keep_inputs", "tunelab-tokens, LoRA layers keep the norm and SwiGLU outputs they read (lever "
+     "rebuild_inputs off)", "tunelab", ["training.batch_tokens=@tokens"]),
     ("tokens-trim_heap", "tunelab-tokens + free heap pages returned between the passes (opt-in lever trim_heap)",
      "tunelab", ["training.batch_tokens=@tokens"]),
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
@@ -108,7 +111,7 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
 KEYS = [v[0] for v in VARIANTS]
 # levers switched off through the environment (tunelab.runtime): same config, one lever off
 LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention", "tokens-unfused_lora": "fused_lora",
-             "tokens-draw_per_mask": "layer_masks",
+             "tokens-draw_per_mask": "layer_masks", "tokens-keep_inputs": "rebuild_inputs",
              "unfused_lora": "fused_lora", "masked_attention": "packed_attention", "torch_dropout": "fast_dropout",
              "recomputed_head": "fused_head", "no_logit_buffers": "logit_buffers"}
 LEVER_ON = {"tokens-trim_heap": "trim_heap"}  # opt-in levers (tunelab.runtime.OPT_IN)
@@ -360,6 +363,13 @@ def summarise(key: str, res: dict, tokens: list[int], warmup: int, peaks: dict, 
             "mfu_fp32": flops / (peaks["fp32"]["gflops"] * 1e9) if flops else None}
 
 
+def _mfu_columns(row: dict) -> tuple[str, str]:
+    """The row's MFU against the peak of its own compute dtype ("" for the other column: an fp32 row against the bf16
+    peak of a CPU without bf16 instructions reads as several hundred per cent)."""
+    dtype = (row.get("dtype") or {}).get("name")
+    return ("" if dtype == "fp32" else "mfu_bf16", "" if dtype == "bf16" else "mfu_fp32")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 steps (2 warm-up) and 24 held-out records per row")
@@ -583,8 +593,7 @@ def render_table(report: dict) -> str:
                     fmt(r.get("eval_loss"), ".4f"),
                     (fmt(dev, "+.2f") + "%") if dev is not None else "—",
                     (fmt(dev_peer, "+.2f") + "%") if dev_peer is not None else "—",
-                    fmt(100 * r["mfu_bf16"], ".1f") + "%" if r.get("mfu_bf16") else "—",
-                    fmt(100 * r["mfu_fp32"], ".1f") + "%" if r.get("mfu_fp32") else "—"])
+                    *(fmt(100 * r[k], ".1f") + "%" if r.get(k) else "—" for k in _mfu_columns(r))])
     s = report["settings"]
     m = report["machine"]
     p = report["matmul_peak"]

@@ -270,7 +270,7 @@ def test_fused_lora_rebuilds_norm_and_swiglu_outputs_instead_of_keeping_them(lor
     # once more in backward for q/k/v and for gate/up, except the first layer's input norm: it keeps nothing (its
     # input, the frozen embeddings' output, needs no gradient), so q/k/v keep its output
     assert len(made) == norms + 2 * layers - 1, "each norm output made once in forward, once more for its LoRA layers"
-    monkeypatch.setattr(lean_layers, "Rebuild", lambda *a: None)  # outputs without a recipe: the LoRA layers keep them
+    lean_layers.install_lean_layers(model, rebuild=False)  # the lever rebuild_inputs off: the LoRA layers keep them
     loss2, grads2, kept2 = run()
     assert len(made) == norms
     assert loss == loss2 and grads.keys() == grads2.keys() and all(torch.equal(grads[k], grads2[k]) for k in grads)

@@ -105,7 +105,7 @@ def return_free_heap() -> None:
 
 LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers", "shared_prompt",
           "lean_layers", "autocast_lora_inputs", "one_row_gemv", "bmm_attention", "trim_heap", "sfc64_dropout",
-          "layer_masks")
+          "layer_masks", "rebuild_inputs")
 # The levers runs recorded before `levers_known` was written to the manifest could have had (tunelab reproduce
 # switches every later one off for them: they change results within rounding).
 FIRST_LEVERS = ("packed_attention", "fast_dropout", "fused_head", "fused_lora", "logit_buffers")
@@ -126,9 +126,10 @@ def lever_enabled(name: str) -> bool:
     (single-stream bf16 decode products through torch's own matrix-vector kernel, tunelab.decode) rounds each product
     differently in the last bit of some values, bmm_attention (bf16 records attended to with batched products
     instead of SDPA's flash kernel) within bf16 rounding, trim_heap (free heap pages returned between the passes of
-    a step) not at all; fast_dropout draws its masks from another random stream (same statistics),
-    so losses differ from a run without it, sfc64_dropout (fast_dropout's words from numpy's SFC64, 16-bit
-    levels) from yet another, and layer_masks (a decoder layer's LoRA masks drawn together) from another. The
+    a step) and rebuild_inputs (fused LoRA layers keep what the norm or SwiGLU before them keeps anyway and make
+    their input again in backward) not at all; fast_dropout draws its masks from another random stream (same
+    statistics), so losses differ from a run without it, sfc64_dropout (fast_dropout's words from numpy's SFC64,
+    16-bit levels) from yet another, and layer_masks (a decoder layer's LoRA masks drawn together) from another. The
     manifest records which levers were off (`runtime`), and `tunelab reproduce` switches the same ones off."""
     assert name in LEVERS, name
     if name in _named("TUNELAB_PERF_OFF"):

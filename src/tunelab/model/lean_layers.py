@@ -11,7 +11,8 @@ gate, silu(gate) and up (3 KiB each). Here:
   backward keeps anyway (the norm's input, weight and statistics: two elementwise passes; gate and up). The fused
   LoRA layers reading them (q/k/v and gate/up after the two norms, down_proj after the SwiGLU;
   `tunelab.model.fused_lora`) keep those instead of their input and make it again once in backward: three
-  [tokens, hidden or intermediate] tensors per layer less.
+  [tokens, hidden or intermediate] tensors per layer less, for two elementwise passes more in backward (the
+  lever rebuild_inputs; off, the LoRA layers keep their inputs).
 
 That is 5.3 of ~28 KiB per token per layer less in bf16 from the norms and SwiGLU themselves, and 5.3 more (10.5
 in fp32) from the rebuilt LoRA inputs, with no matmul recomputed. The forward is transformers' own
@@ -153,7 +154,7 @@ def _norm_forward(self, hidden_states):
     with torch.no_grad():
         rstd = _rstd(hidden_states, self.variance_epsilon)  # [tokens, 1]: kept, not computed again in backward
     out = _RMSNorm.apply(hidden_states, self.weight, rstd)
-    if out.requires_grad and hidden_states.requires_grad:  # all three kept for the norm's own backward (the first
+    if self.tunelab_rebuild and out.requires_grad and hidden_states.requires_grad:  # all three kept for the norm's own backward (the first
         # layer's input, the frozen embeddings' output, is not: there the LoRA layers keep the output as before)
         out.tunelab_rebuild = Rebuild(_rms_scale, hidden_states, self.weight, rstd)
     return out
@@ -162,7 +163,8 @@ def _norm_forward(self, hidden_states):
 def _mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = _SiluMul.apply(gate, up)
-    h.tunelab_rebuild = Rebuild(_silu_mul, gate, up)  # kept for backward already: the fused down_proj rebuilds h
+    if self.tunelab_rebuild:  # gate and up are kept for backward already: the fused down_proj makes h again
+        h.tunelab_rebuild = Rebuild(_silu_mul, gate, up)
     return self.down_proj(h)
 
 
@@ -188,8 +190,9 @@ def _llama_mlp(module: nn.Module) -> bool:
             and _source(type(module).forward) == _source(LlamaMLP.forward))
 
 
-def install_lean_layers(model: nn.Module) -> int:
-    """Give every Llama-formula RMSNorm and SiLU MLP of `model` the lean forward; returns how many."""
+def install_lean_layers(model: nn.Module, rebuild: bool = True) -> int:
+    """Give every Llama-formula RMSNorm and SiLU MLP of `model` the lean forward; returns how many. `rebuild`: their
+    outputs carry a `Rebuild` (the lever rebuild_inputs), so that fused LoRA layers reading them keep less."""
     count = 0
     for module in model.modules():
         if _llama_norm(module):
@@ -198,5 +201,6 @@ def install_lean_layers(model: nn.Module) -> int:
             module.forward = types.MethodType(_mlp_forward, module)
         else:
             continue
+        module.tunelab_rebuild = rebuild
         count += 1
     return count

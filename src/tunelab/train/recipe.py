@@ -436,7 +436,7 @@ def ready_to_train(model, accelerator, say, lora_dropout: float):
         say(f"LoRA dropout {lora_dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
     if accelerator.device.type == "cpu" and lever_enabled("fused_lora") and install_fused_lora(model):
         say("LoRA layers: frozen matmul, dropout and adapter in one pass (tunelab.model.fused_lora)")
-    if lever_enabled("lean_layers") and install_lean_layers(model):
+    if lever_enabled("lean_layers") and install_lean_layers(model, rebuild=lever_enabled("rebuild_inputs")):
         say("RMSNorm and SwiGLU keep less for backward (tunelab.model.lean_layers)")
     if lever_enabled("autocast_lora_inputs"):
         install_autocast_lora_inputs(model)
