@@ -37,7 +37,7 @@ row's saved adapter (or full model) on the fp32 base, `tunelab.data.template.enc
 `tunelab.model.loss.CausalLMLoss` (so the baseline is measured exactly like tunelab). Model-FLOPs utilisation
 uses training FLOPs = 6 x N x non-padding tokens (N = every parameter of the base model, the tied embedding/output
 head counted once; attention-score FLOPs ignored), against the fp32 or bf16 matmul peak measured in the same run
-(the one of the row's compute dtype).
+(the one of the row's compute dtype; the higher of two measurements, before and after the rows).
 6N is the usual convention; LoRA skips the frozen weights' gradients (about 4N of real work) and tunelab skips the
 output head for untrained tokens, so MFU by this formula is "useful work per second", comparable across rows.
 The machine is shared in most places: compare rows of one run only.
@@ -535,6 +535,14 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
             f"dtype {(row.get('dtype') or {}).get('name')}, {res.wall_s:.0f} s")
         rows[key] = row
 
+    res, again = child("peak", {"model_dir": str(model_dir)}, "peak-end")
+    if again is not None:  # a shared machine's speed drifts: MFU against the higher of the two measurements
+        peaks = {d: max(peaks[d], again["peaks"][d], key=lambda p: p["gflops"]) for d in peaks}
+        say(f"matmul peak again after the rows: fp32 {again['peaks']['fp32']['gflops']:.0f} GFLOP/s, bf16 "
+            f"{again['peaks']['bf16']['gflops']:.0f} GFLOP/s; MFU against the higher of the two")
+        for key, r in rows.items():
+            if r.get("ok"):
+                r.update(summarise(key, r, r["step_tokens"], warmup, peaks, params))
     items = {k: r["checkpoint"] for k, r in rows.items() if r.get("ok") and not r.get("same_as")}
     if items:
         say(f"eval loss of {len(items)} checkpoints on the {data['eval_records']} held-out records (fp32, CausalLMLoss) ...")

@@ -62,6 +62,9 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
         assert col in header
     for key in ("trl", "tunelab-tokens", "fp32", "padded"):
         assert f"| {key}" in table
+    cells = [c.strip() for c in next(x for x in table.splitlines() if x.startswith("| fp32 ")).split("|")[1:-1]]
+    assert cells[-2] == "—" and cells[-1].endswith("%"), "an fp32 row: MFU against the fp32 peak only"
+    assert "matmul peak again after the rows" in proc.stdout
     report = json.loads(out.read_text())
     assert report["settings"]["steps"] == 2 and report["params"] > 0
     assert report["matmul_peak"]["fp32"]["gflops"] > 0

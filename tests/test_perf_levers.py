@@ -281,6 +281,22 @@ def test_fused_lora_rebuilds_norm_and_swiglu_outputs_instead_of_keeping_them(lor
     assert kept2 - kept == norm_bytes + layers * cfg.intermediate_size * tokens * mlp_width
 
 
+@pytest.mark.parametrize("off", ["", "rebuild_inputs"])
+def test_the_rebuild_inputs_lever_decides_whether_norm_outputs_carry_a_rebuild(lora_model, tiny_tokenizer, off,
+                                                                              monkeypatch):
+    """ready_to_train installs the lean layers with the lever's setting: on, a decoder layer's norm output carries
+    its Rebuild; TUNELAB_PERF_OFF=rebuild_inputs, it does not (the LoRA layers keep their inputs)."""
+    from types import SimpleNamespace
+
+    from tunelab.train.recipe import ready_to_train
+
+    monkeypatch.setenv("TUNELAB_PERF_OFF", off)
+    model = ready_to_train(lora_model, SimpleNamespace(device=torch.device("cpu")), lambda *a: None, 0.05)
+    norm = model.base_model.model.model.layers[1].post_attention_layernorm
+    out = norm(torch.randn(1, 3, model.config.hidden_size, requires_grad=True))
+    assert (getattr(out, "tunelab_rebuild", None) is not None) == (not off)
+
+
 def test_fused_lora_leaves_eval_and_torch_dropout_to_peft(lora_model, tiny_tokenizer, monkeypatch):
     from torch import nn
 
