@@ -543,6 +543,8 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         for key, r in rows.items():
             if r.get("ok"):
                 r.update(summarise(key, r, r["step_tokens"], warmup, peaks, params))
+    else:
+        say("matmul peak after the rows: FAILED; MFU against the first measurement")
     items = {k: r["checkpoint"] for k, r in rows.items() if r.get("ok") and not r.get("same_as")}
     if items:
         say(f"eval loss of {len(items)} checkpoints on the {data['eval_records']} held-out records (fp32, CausalLMLoss) ...")

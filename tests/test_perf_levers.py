@@ -282,8 +282,7 @@ def test_fused_lora_rebuilds_norm_and_swiglu_outputs_instead_of_keeping_them(lor
 
 
 @pytest.mark.parametrize("off", ["", "rebuild_inputs"])
-def test_the_rebuild_inputs_lever_decides_whether_norm_outputs_carry_a_rebuild(lora_model, tiny_tokenizer, off,
-                                                                              monkeypatch):
+def test_the_rebuild_inputs_lever_decides_whether_norm_outputs_carry_a_rebuild(lora_model, off, monkeypatch):
     """ready_to_train installs the lean layers with the lever's setting: on, a decoder layer's norm output carries
     its Rebuild; TUNELAB_PERF_OFF=rebuild_inputs, it does not (the LoRA layers keep their inputs)."""
     from types import SimpleNamespace

@@ -154,8 +154,9 @@ def _norm_forward(self, hidden_states):
     with torch.no_grad():
         rstd = _rstd(hidden_states, self.variance_epsilon)  # [tokens, 1]: kept, not computed again in backward
     out = _RMSNorm.apply(hidden_states, self.weight, rstd)
-    if self.tunelab_rebuild and out.requires_grad and hidden_states.requires_grad:  # all three kept for the norm's own backward (the first
-        # layer's input, the frozen embeddings' output, is not: there the LoRA layers keep the output as before)
+    # all three are kept for the norm's own backward (the first layer's input, the frozen embeddings' output, is not:
+    # there the LoRA layers keep the output as before)
+    if self.tunelab_rebuild_output and out.requires_grad and hidden_states.requires_grad:
         out.tunelab_rebuild = Rebuild(_rms_scale, hidden_states, self.weight, rstd)
     return out
 
@@ -163,7 +164,7 @@ def _norm_forward(self, hidden_states):
 def _mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = _SiluMul.apply(gate, up)
-    if self.tunelab_rebuild:  # gate and up are kept for backward already: the fused down_proj makes h again
+    if self.tunelab_rebuild_output:  # gate and up are kept for backward already: the fused down_proj makes h again
         h.tunelab_rebuild = Rebuild(_silu_mul, gate, up)
     return self.down_proj(h)
 
@@ -201,6 +202,6 @@ def install_lean_layers(model: nn.Module, rebuild: bool = True) -> int:
             module.forward = types.MethodType(_mlp_forward, module)
         else:
             continue
-        module.tunelab_rebuild = rebuild
+        module.tunelab_rebuild_output = rebuild
         count += 1
     return count
