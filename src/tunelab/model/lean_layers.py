@@ -156,7 +156,7 @@ def _norm_forward(self, hidden_states):
     out = _RMSNorm.apply(hidden_states, self.weight, rstd)
     # all three are kept for the norm's own backward (the first layer's input, the frozen embeddings' output, is not:
     # there the LoRA layers keep the output as before)
-    if self.tunelab_rebuild_output and out.requires_grad and hidden_states.requires_grad:
+    if getattr(self, "tunelab_rebuild_output", True) and out.requires_grad and hidden_states.requires_grad:
         out.tunelab_rebuild = Rebuild(_rms_scale, hidden_states, self.weight, rstd)
     return out
 
@@ -164,8 +164,8 @@ def _norm_forward(self, hidden_states):
 def _mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = _SiluMul.apply(gate, up)
-    if self.tunelab_rebuild_output:  # gate and up are kept for backward already: the fused down_proj makes h again
-        h.tunelab_rebuild = Rebuild(_silu_mul, gate, up)
+    if getattr(self, "tunelab_rebuild_output", True):  # the fused down_proj makes h again from gate and up,
+        h.tunelab_rebuild = Rebuild(_silu_mul, gate, up)  # which are kept for backward already
     return self.down_proj(h)
 
 
