@@ -306,11 +306,16 @@ def log_step(s: Session, loss_value: float, grad_norm: float, tokens_per_s: floa
     s.life.trackers.log(rec, step)
 
 
+def _val_loss(s: Session) -> tuple[float, int]:
+    """The held-out loss and its token count, in padded batches of at most a pass's tokens under batch_tokens."""
+    return eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
+                     s.accelerator.device, s.plan.pass_tokens)
+
+
 def evaluate(s: Session) -> bool:
     """Eval loss + perplexity; keep the best checkpoint; True when early stopping should stop."""
     step, state = s.state.global_step, s.state
-    ev, n = eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
-                      s.accelerator.device, s.plan.pass_tokens)
+    ev, n = _val_loss(s)
     ppl = math.exp(ev) if ev < 50 else float("inf")
     rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "eval_loss": ev, "eval_perplexity": ppl,
            "eval_tokens": n}
@@ -356,8 +361,7 @@ def finish(s: Session) -> None:
     step = s.state.global_step
     final: dict[str, Any] = {"train_loss": s.state.train_loss, "global_step": step}
     if s.data.val:
-        ev, n = eval_loss(s.loss_fn, s.data.val, s.cfg.training.batch_size, s.tokenizer.pad_token_id, s.autocast,
-                          s.accelerator.device, s.plan.pass_tokens)
+        ev, n = _val_loss(s)
         final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
     if s.life.stop_signal:
         s.life.announce_stop()
