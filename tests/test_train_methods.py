@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -152,6 +155,39 @@ def test_dora_all_linear(tiny_model_dir, demo_alpaca, tmp_path):
         key = k if k in loaded else k + ".weight" if k + ".weight" in loaded else k.replace(".weight", "")
         assert torch.equal(loaded[key], v), k
 
+
+
+def test_lora_leaves_bitsandbytes_unloaded_and_qlora_later_in_the_process_still_finds_it(tiny_model_dir, demo_alpaca,
+                                                                                        tmp_path):
+    """peft imports bitsandbytes on import and when adding adapters (60-90 MiB of a LoRA run's peak); tunelab hides
+    it from peft unless QLoRA (or anything else) has loaded it, and a QLoRA run after that, in the same process,
+    must still get its 4-bit layers. In a fresh interpreter: nothing has imported peft or bitsandbytes yet."""
+    pytest.importorskip("bitsandbytes")
+    script = textwrap.dedent(f"""
+        import sys
+        from tunelab.config import load_config
+        from tunelab.model.loading import load_pretrained
+        from tunelab.train.recipe import train
+
+        def run(name, *extra):
+            return train(load_config(None, ["model.name={tiny_model_dir}", "data.train={demo_alpaca}",
+                                            "output.dir={tmp_path}", "output.run_name=" + name, "model.dtype=fp32",
+                                            "data.max_length=96", "training.max_steps=2", "training.batch_size=2",
+                                            "eval.metrics=[perplexity]", "tracking.report_to=[none]", *extra]))
+
+        lora = run("lora")
+        load_pretrained(adapter=lora)
+        print("after lora:", "peft" in sys.modules, "bitsandbytes" in sys.modules)
+        qlora = run("qlora", "training.method=qlora", "quantization.compute_dtype=bf16")
+        print("after qlora:", "bitsandbytes" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after lora: True False" in out.stdout and "after qlora: True" in out.stdout, out.stdout[-2000:]
+    log = (tmp_path / "qlora" / "train.log").read_text()
+    assert "QLoRA: base weights in 4-bit NF4 with double quantisation, compute in bf16" in log
+    method, trainable, _ = _printed_counts(tmp_path / "qlora")
+    assert method == "qlora" and trainable == _printed_counts(tmp_path / "lora")[1]
 
 def test_qlora_trains_on_a_4bit_nf4_double_quantised_base(tiny_model_dir, demo_alpaca, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")

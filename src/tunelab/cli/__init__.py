@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
 
     # peft 0.21 still calls a transformers attribute renamed in 5.x; harmless, and noise in every run's output
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # bitsandbytes (imported by peft in every run) reports at import that the optional `kernels` hub package for
-    # faster 4-bit CPU matmuls is missing; it is not needed, and "Failed to load" in a LoRA run's log misleads
+    # bitsandbytes (imported for QLoRA, and by peft where tunelab does not hide it) reports at import that the
+    # optional `kernels` hub package for faster 4-bit CPU matmuls is missing; not needed, and "Failed to load" misleads
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     module = importlib.import_module(VERBS[args.verb][0])

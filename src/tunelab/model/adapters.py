@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tunelab.config import Config
 from tunelab.errors import TunelabError
+
+
+@contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Importing peft and adding adapters with bitsandbytes hidden, unless it is loaded already.
+
+    With bitsandbytes installed, peft 0.21 imports it when peft is imported (`peft.helpers`) and when it adds
+    adapters (its 8-/4-bit layer dispatchers), whatever the model: 60-90 MiB of a LoRA training process's peak RSS
+    and ~2 s of start-up (docs/perf-notes.md section 16). A model with bitsandbytes layers has imported it already
+    (transformers' quantiser, QLoRA's `bnb_config`), and then nothing is hidden; otherwise none of its layers can be
+    bitsandbytes layers, so peft's checks can only come out "no". Inside, `import bitsandbytes` fails and
+    find_spec finds nothing; afterwards the package is visible again and the availability checks that cache their
+    answer (peft's, transformers') are cleared, so a QLoRA run later in the same process finds it."""
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        checks = [getattr(sys.modules.get("peft.import_utils"), n, None) for n in ("is_bnb_available",
+                                                                                  "is_bnb_4bit_available")]
+        checks.append(getattr(sys.modules.get("transformers.utils.import_utils"), "is_bitsandbytes_available", None))
+        for check in checks:
+            getattr(check, "cache_clear", lambda: None)()
 
 
 def bnb_config(cfg: Config, compute_dtype):
@@ -24,7 +54,8 @@ def bnb_config(cfg: Config, compute_dtype):
 def lora_config(cfg: Config, tie_embeddings: bool = False):
     """The peft LoraConfig of our schema. `tie_embeddings`: the model ties its input and output embeddings and the
     adapter trains one of them (see `adapts_tied_embeddings`), so peft must keep the two tied."""
-    from peft import LoraConfig, TaskType
+    with without_bitsandbytes():
+        from peft import LoraConfig, TaskType
 
     lc = cfg.lora
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
@@ -54,13 +85,16 @@ def apply_method(model: Any, cfg: Config) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    with without_bitsandbytes():
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
     try:
-        return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)), autocast_adapter_dtype=True)
+        with without_bitsandbytes():
+            return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)),
+                                  autocast_adapter_dtype=True)
     except ValueError as e:  # e.g. lora.target_modules naming no module of this model
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise TunelabError(f"lora: {str(e).splitlines()[0][:300]} (this model's linear layers: "

@@ -208,18 +208,19 @@ def build_policy(cfg: Config, accelerator, say):
 
 def _from_adapter(cfg: Config, accelerator, say):
     """The base with the SFT adapter trainable (`default`) and a frozen copy of it (`ref`)."""
-    from peft import PeftModel
-
-    from tunelab.model.adapters import parameter_counts
+    from tunelab.model.adapters import parameter_counts, without_bitsandbytes
     from tunelab.model.loading import resolve_adapter_dir
     from tunelab.train.recipe import load_base, ready_to_train
 
     folder = resolve_adapter_dir(cfg.model.adapter)
     base, choice = load_base(cfg, accelerator, say)
-    model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
-    if cfg.training.stage in ("dpo", "kto"):
-        model.load_adapter(str(folder), adapter_name=REF_ADAPTER, is_trainable=False)
-        model.set_adapter("default")
+    with without_bitsandbytes():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+        if cfg.training.stage in ("dpo", "kto"):
+            model.load_adapter(str(folder), adapter_name=REF_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
     model = ready_to_train(model, accelerator, say, model.peft_config["default"].lora_dropout)
     trainable, total = parameter_counts(model)
     say(f"Starting from adapter {folder} | trainable params: {trainable:,} / {total:,}")
