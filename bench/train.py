@@ -88,6 +88,8 @@ VARIANTS: list[tuple[str, str, str, Any]] = [
     ("llamafactory", "LLaMA-Factory 0.9.5, neat_packing, bf16 where the CPU has fast bf16 (else fp32)",
      "llamafactory", {}),
     ("llamafactory-fp32", "LLaMA-Factory 0.9.5, neat_packing, fp32", "llamafactory", {"bf16": False}),
+    ("llamafactory-tcache_off", "LLaMA-Factory as the llamafactory row, with tunelab's allocator setting (glibc's "
+     "tcache off)", "llamafactory", {}),
     ("unsloth", "Unsloth 2026.10.9 on CPU, its defaults (bf16 where fast, else fp32; packing is off on CPU)", "unsloth",
      {}),
     ("padded", "tunelab, packing off (padded)", "tunelab", ["training.packing=false"]),
@@ -116,6 +118,8 @@ LEVER_OFF = {"tokens-sdpa_attention": "bmm_attention", "tokens-unfused_lora": "f
              "recomputed_head": "fused_head", "no_logit_buffers": "logit_buffers"}
 LEVER_ON = {"tokens-trim_heap": "trim_heap"}  # opt-in levers (tunelab.runtime.OPT_IN)
 PEERS = {"llamafactory", "unsloth"}  # row kinds that are other trainers at the peer's own batching (the "x peer" column)
+# peer rows run in an environment the peer does not ship with: measured and shown, never the "x peer" reference
+PEER_ENV_VARIANTS = {"llamafactory-tcache_off"}
 PEER_DIR = Path(os.environ.get("TUNELAB_PEERS_DIR", Path.home() / ".cache" / "tunelab-peers"))
 
 
@@ -333,15 +337,16 @@ def _tokens_option(option: str, budget: int) -> str:
 
 def row_env(key: str, kind: str) -> dict[str, str]:
     """A tunelab row's process starts as `tunelab train` starts itself (tunelab.runtime: glibc's tcache off), except
-    `system_malloc`; a LEVER_OFF row switches its one lever off."""
+    `system_malloc`; every other trainer (the peers, TRL) with glibc as it comes, even if this benchmark was started
+    with tunelab's setting in its environment, except `llamafactory-tcache_off` (the peer given tunelab's setting,
+    to show how much of the memory gap is the allocator); a LEVER_OFF row switches its one lever off."""
     from tunelab.runtime import allocator_env
 
-    env: dict[str, str] = {}
-    if kind == "tunelab" and key != "system_malloc":
-        env["GLIBC_TUNABLES"] = allocator_env()["GLIBC_TUNABLES"]
-    elif kind == "tunelab":  # glibc as it comes, even if this benchmark was started with tunelab's setting
-        env["GLIBC_TUNABLES"] = ":".join(x for x in os.environ.get("GLIBC_TUNABLES", "").split(":")
-                                         if x and "tcache_count" not in x)
+    if (kind == "tunelab") != (key in {"system_malloc"} | PEER_ENV_VARIANTS):
+        env = {"GLIBC_TUNABLES": allocator_env()["GLIBC_TUNABLES"]}
+    else:
+        env = {"GLIBC_TUNABLES": ":".join(x for x in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                                          if x and "tcache_count" not in x)}
     if key in LEVER_OFF:
         env["TUNELAB_PERF_OFF"] = LEVER_OFF[key]
     if key in LEVER_ON:
@@ -576,7 +581,8 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
 def render_table(report: dict) -> str:
     rows = report["rows"]
     base = next((r for r in rows if r["key"] == "trl" and r.get("ok")), None)
-    peers = [r for r in rows if r.get("kind") in PEERS and r.get("ok") and r.get("tokens_per_s")]
+    peers = [r for r in rows if r.get("kind") in PEERS and r.get("ok") and r.get("tokens_per_s")
+             and r["key"] not in PEER_ENV_VARIANTS]
     peer = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
     headers = ["row", "dtype", "tok/step", "tok/s", "x base", "x peer", "s/step", "peak RSS GiB", "RSS / base",
                "RSS / peer", "train loss", "eval loss", "eval vs base", "eval vs peer", "MFU bf16", "MFU fp32"]

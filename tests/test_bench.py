@@ -46,6 +46,21 @@ def test_matmul_peak_positive():
     assert r["gflops"] > 0 and r["n"] == 128
 
 
+
+def test_rows_get_the_allocator_setting_only_where_they_should(monkeypatch):
+    """A peer must not inherit tunelab's allocator setting from the benchmark's own environment (it lowered
+    LLaMA-Factory's peak by 0.55 GiB once), and the tunelab rows get it even when the environment lacks it."""
+    import train as bench_train
+
+    for outer in ("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2"):
+        monkeypatch.setenv("GLIBC_TUNABLES", outer)
+        env = {key: bench_train.row_env(key, kind)["GLIBC_TUNABLES"] for key, _, kind, _ in bench_train.VARIANTS}
+        tuned = {key for key, value in env.items() if "glibc.malloc.tcache_count=0" in value}
+        kinds = {key: kind for key, _, kind, _ in bench_train.VARIANTS}
+        assert tuned == {k for k, kind in kinds.items() if kind == "tunelab" and k != "system_malloc"} | {
+            "llamafactory-tcache_off"}, outer
+        assert all("glibc.malloc.arena_max=2" in value for value in env.values())  # the rest is kept
+
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path, tiny_model_dir):
     """Two steps of the baseline, tunelab's default and one lever on a tiny 2-layer model: table and JSON."""
