@@ -16,12 +16,12 @@ def without_bitsandbytes() -> Iterator[None]:
     """Importing peft and adding adapters with bitsandbytes hidden, unless it is loaded already.
 
     With bitsandbytes installed, peft 0.21 imports it when peft is imported (`peft.helpers`) and when it adds
-    adapters (its 8-/4-bit layer dispatchers), whatever the model: 60-90 MiB of a LoRA training process's peak RSS
-    and ~2 s of start-up (docs/perf-notes.md section 16). A model with bitsandbytes layers has imported it already
-    (transformers' quantiser, QLoRA's `bnb_config`), and then nothing is hidden; otherwise none of its layers can be
-    bitsandbytes layers, so peft's checks can only come out "no". Inside, `import bitsandbytes` fails and
-    find_spec finds nothing; afterwards the package is visible again and the availability checks that cache their
-    answer (peft's, transformers') are cleared, so a QLoRA run later in the same process finds it."""
+    adapters (its 8-/4-bit layer dispatchers), whatever the model: 30-90 MiB (~50 on average) of a LoRA training
+    process's peak RSS and ~2 s of start-up (docs/perf-notes.md section 16). A model with bitsandbytes layers has
+    imported it already (transformers' quantiser, QLoRA's `bnb_config`), and then nothing is hidden; otherwise none of
+    its layers can be bitsandbytes layers, so peft's checks can only come out "no". Inside, `import bitsandbytes`
+    fails and find_spec finds nothing; afterwards the package is visible again and the availability checks that cache
+    their answer (peft's, transformers') are cleared, so a QLoRA run later in the same process finds it."""
     if "bitsandbytes" in sys.modules:
         yield
         return
