@@ -46,7 +46,6 @@ def test_matmul_peak_positive():
     assert r["gflops"] > 0 and r["n"] == 128
 
 
-
 def test_rows_get_the_allocator_setting_only_where_they_should(monkeypatch):
     """A peer must not inherit tunelab's allocator setting from the benchmark's own environment (it lowered
     LLaMA-Factory's peak by 0.55 GiB once), and the tunelab rows get it even when the environment lacks it."""
@@ -60,6 +59,7 @@ def test_rows_get_the_allocator_setting_only_where_they_should(monkeypatch):
         assert tuned == {k for k, kind in kinds.items() if kind == "tunelab" and k != "system_malloc"} | {
             "llamafactory-tcache_off"}, outer
         assert all("glibc.malloc.arena_max=2" in value for value in env.values())  # the rest is kept
+
 
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path, tiny_model_dir):

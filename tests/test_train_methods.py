@@ -156,7 +156,6 @@ def test_dora_all_linear(tiny_model_dir, demo_alpaca, tmp_path):
         assert torch.equal(loaded[key], v), k
 
 
-
 def test_lora_leaves_bitsandbytes_unloaded_and_qlora_later_in_the_process_still_finds_it(tiny_model_dir, demo_alpaca,
                                                                                         tmp_path):
     """peft imports bitsandbytes on import and when adding adapters (60-90 MiB of a LoRA run's peak); tunelab hides
