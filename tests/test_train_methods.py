@@ -188,6 +188,20 @@ def test_lora_leaves_bitsandbytes_unloaded_and_qlora_later_in_the_process_still_
     method, trainable, _ = _printed_counts(tmp_path / "qlora")
     assert method == "qlora" and trainable == _printed_counts(tmp_path / "lora")[1]
 
+
+def test_library_callers_see_no_peft_deprecation_noise(tiny_model_dir, demo_alpaca, tmp_path):
+    """peft 0.21 reads transformers' renamed `is_gradient_checkpointing` whenever it wraps a model (a FutureWarning
+    for every adapter added or loaded); the CLI used to hide it for itself only, a script calling train() saw it."""
+    import warnings
+
+    from tunelab.model.loading import load_pretrained
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_pretrained(adapter=_train(tiny_model_dir, demo_alpaca, tmp_path, "lora"))
+    assert not [str(w.message) for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_qlora_trains_on_a_4bit_nf4_double_quantised_base(tiny_model_dir, demo_alpaca, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb

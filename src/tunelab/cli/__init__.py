@@ -61,12 +61,9 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
 
         reexec_with_allocator_settings(args.verb)
     import logging
-    import warnings
 
     from tunelab.errors import TunelabError
 
-    # peft 0.21 still calls a transformers attribute renamed in 5.x; harmless, and noise in every run's output
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes (imported for QLoRA, and by peft where tunelab does not hide it) reports at import that the
     # optional `kernels` hub package for faster 4-bit CPU matmuls is missing; not needed, and "Failed to load" misleads
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

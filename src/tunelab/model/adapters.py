@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +39,16 @@ def without_bitsandbytes() -> Iterator[None]:
             getattr(check, "cache_clear", lambda: None)()
 
 
+@contextmanager
+def peft_calls() -> Iterator[None]:
+    """Around tunelab's imports of peft and its calls that add or load adapters: bitsandbytes hidden
+    (`without_bitsandbytes`), and not reported the FutureWarning peft 0.21 causes each time it wraps a model (it reads
+    transformers' renamed `is_gradient_checkpointing`): harmless, and noise in every run, for library callers too."""
+    with without_bitsandbytes(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def bnb_config(cfg: Config, compute_dtype):
     """4-bit NF4 (or FP4) with optional double quantisation, for training.method=qlora."""
     try:
@@ -54,7 +65,7 @@ def bnb_config(cfg: Config, compute_dtype):
 def lora_config(cfg: Config, tie_embeddings: bool = False):
     """The peft LoraConfig of our schema. `tie_embeddings`: the model ties its input and output embeddings and the
     adapter trains one of them (see `adapts_tied_embeddings`), so peft must keep the two tied."""
-    with without_bitsandbytes():
+    with peft_calls():
         from peft import LoraConfig, TaskType
 
     lc = cfg.lora
@@ -85,14 +96,14 @@ def apply_method(model: Any, cfg: Config) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    with without_bitsandbytes():
+    with peft_calls():
         from peft import get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
     try:
-        with without_bitsandbytes():
+        with peft_calls():
             return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)),
                                   autocast_adapter_dtype=True)
     except ValueError as e:  # e.g. lora.target_modules naming no module of this model

@@ -253,9 +253,9 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
                          revision=None if tok_source else revision, trust_remote_code=trust)
     lm, _ = load_model(base_name, dtype=dtype, revision=revision, trust_remote_code=trust)
     if adapter_dir is not None:
-        from tunelab.model.adapters import without_bitsandbytes
+        from tunelab.model.adapters import peft_calls
 
-        with without_bitsandbytes(), quiet_local_loading(adapter_dir):
+        with peft_calls(), quiet_local_loading(adapter_dir):
             from peft import PeftModel
 
             lm = PeftModel.from_pretrained(lm, str(adapter_dir))

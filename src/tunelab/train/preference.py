@@ -208,13 +208,13 @@ def build_policy(cfg: Config, accelerator, say):
 
 def _from_adapter(cfg: Config, accelerator, say):
     """The base with the SFT adapter trainable (`default`) and a frozen copy of it (`ref`)."""
-    from tunelab.model.adapters import parameter_counts, without_bitsandbytes
+    from tunelab.model.adapters import parameter_counts, peft_calls
     from tunelab.model.loading import resolve_adapter_dir
     from tunelab.train.recipe import load_base, ready_to_train
 
     folder = resolve_adapter_dir(cfg.model.adapter)
     base, choice = load_base(cfg, accelerator, say)
-    with without_bitsandbytes():
+    with peft_calls():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
