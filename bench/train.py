@@ -3,6 +3,7 @@
     python bench/train.py --quick                     # 6 steps per row, 24 held-out records (minutes on 2 cores)
     python bench/train.py --json bench-train.json     # 30 steps per row, 100 held-out records
     python bench/train.py --quick --only trl,tunelab  # some rows only (see --list)
+    python bench/train.py --dtype bf16 --steps 4 --only tunelab-tokens,llamafactory  # bf16 memory on any CPU
 
 The workload of every row: the bundled SmolLM2-135M-Instruct, LoRA r=16 / alpha 32 / dropout 0.05 on all linear
 layers (except the output head), Alpaca records of at most 512 tokens (`../shared/data/llamafactory/
@@ -390,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="compute dtype of tunelab's rows and the peers' (default auto: what `auto` picks on this "
+                         "CPU); rows named for a dtype keep theirs, TRL's baseline stays fp32. bf16 on a CPU without "
+                         "fast bf16 runs at a fraction of the speed: for its memory only")
     ap.add_argument("--json", help="write every measurement to this JSON file")
     ap.add_argument("--workdir", help="keep runs, logs and data here (default: a temporary folder, removed)")
     ap.add_argument("--resume", action="store_true",
@@ -440,7 +445,8 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
     data = prepare_data(work, model_dir, n_eval, args.max_length, args.seed, args.data, reuse=args.resume)
     say(f"data: {data['source']} -> {data['train_records']} train records <= {args.max_length} tokens, "
         f"{data['eval_records']} held-out")
-    auto = choose_dtype("auto").name
+    picked = choose_dtype("auto").name
+    auto = picked if args.dtype == "auto" else args.dtype  # the rows' dtype
 
     def child(kind: str, spec: dict, name: str, extra_env: dict | None = None):
         spec_path = work / f"{name}.spec.json"
@@ -463,8 +469,9 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
         print(res.output_tail, file=sys.stderr)
         raise SystemExit("the matmul-peak child failed")
     params, peaks = peak["params"], peak["peaks"]
+    forced = "" if auto == picked else f", rows in {auto} (--dtype)"
     say(f"machine: {peak['machine']['cpu']} ({peak['machine']['cpu_kind']}), {peak['machine']['torch_threads']} torch threads; auto dtype "
-        f"{auto} ({peak['machine']['auto_dtype_reason']}); matmul peak fp32 {peaks['fp32']['gflops']:.0f} GFLOP/s, "
+        f"{picked} ({peak['machine']['auto_dtype_reason']}){forced}; matmul peak fp32 {peaks['fp32']['gflops']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']['gflops']:.0f} GFLOP/s; model {params / 1e6:.1f} M parameters")
 
     common = [f"model.name={model_dir}", f"data.train={data['train_dir']}", f"data.eval={data['eval_dir']}",
@@ -472,7 +479,7 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
               f"training.batch_size={args.batch_size}", f"training.learning_rate={args.lr}",
               f"training.seed={args.seed}", "training.logging_steps=1", "training.eval_steps=0",
               "training.save_steps=0", "eval.metrics=[perplexity]", "tracking.report_to=[none]",
-              f"output.dir={work / 'runs'}"]
+              f"output.dir={work / 'runs'}"] + ([f"model.dtype={args.dtype}"] if args.dtype != "auto" else [])
     warmup_steps = math.ceil(0.03 * steps)  # tunelab's default warmup_ratio, the same for the baseline
     rows: dict[str, dict] = {}
     for key, label, kind, opts in VARIANTS:
@@ -565,7 +572,8 @@ def _run(args, work: Path, wanted: list[str], steps: int, warmup: int, n_eval: i
 
     report = {"settings": {"model": args.model, "model_dir": str(model_dir), "steps": steps, "warmup": warmup,
                            "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-                           "seed": args.seed, "eval_records": data["eval_records"], "data": data["source"],
+                           "seed": args.seed, "dtype": args.dtype, "eval_records": data["eval_records"],
+                           "data": data["source"],
                            "train_records": data["train_records"], "lora": "r=16 alpha=32 dropout=0.05 all-linear",
                            "flops_formula": "6 x N x non-padding tokens, N = all base-model parameters "
                                             f"({params:,}); attention-score FLOPs ignored"},
@@ -616,7 +624,8 @@ def render_table(report: dict) -> str:
     head = (f"{s['steps']} steps x batch {s['batch_size']} per row, timing after {s['warmup']} warm-up steps; "
             f"x peer / RSS / peer / eval vs peer: against {peer['key'] if peer else 'no peer row'}; "
             f"eval loss on {s['eval_records']} held-out records (fp32, tunelab masking + CausalLMLoss)\n"
-            f"{m['cpu']}, {m['torch_threads']} threads, auto dtype {m['auto_dtype']}; matmul peak fp32 "
+            f"{m['cpu']}, {m['torch_threads']} threads, auto dtype {m['auto_dtype']}"
+            f"{'' if s.get('dtype', 'auto') == 'auto' else '; rows in ' + s['dtype'] + ' (--dtype)'}; matmul peak fp32 "
             f"{p['fp32']['gflops']:.0f} GFLOP/s, bf16 {p['bf16']['gflops']:.0f} GFLOP/s; "
             f"MFU = {s['flops_formula']}\n")
     return head + text_table(headers, out)

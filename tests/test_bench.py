@@ -68,6 +68,7 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train.py"), "--model", str(tiny_model_dir), "--steps", "2",
          "--warmup", "0", "--eval-records", "4", "--only", "trl,tunelab-tokens,fp32,padded", "--lr", "1e-3",
+         "--dtype", "fp32",
          "--data", str(_alpaca(tmp_path / "alpaca.json")), "--workdir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -81,7 +82,7 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
     assert cells[-2] == "—" and cells[-1].endswith("%"), "an fp32 row: MFU against the fp32 peak only"
     assert "matmul peak again after the rows" in proc.stdout
     report = json.loads(out.read_text())
-    assert report["settings"]["steps"] == 2 and report["params"] > 0
+    assert report["settings"]["steps"] == 2 and report["settings"]["dtype"] == "fp32" and report["params"] > 0
     assert report["matmul_peak"]["fp32"]["gflops"] > 0
     rows = {r["key"]: r for r in report["rows"]}
     assert set(rows) == {"trl", "tunelab-tokens", "fp32", "padded"}
@@ -91,6 +92,7 @@ def test_bench_train_smoke(tmp_path, tiny_model_dir):
         assert r["tokens_per_s"] > 0 and r["s_per_step"] > 0 and r["peak_rss_bytes"] > 0
         assert r["final_train_loss"] > 0 and r["eval_loss"] > 0 and r["mfu_fp32"] > 0
         assert len(r["step_times"]) == 2
+        assert r["dtype"]["name"] == "fp32", "--dtype fp32: every row in fp32 whatever `auto` picks on this CPU"
     # both sides train the same records with the same masking, both in fp32 (TRL's baseline is fp32; `auto`
     # may pick bf16 on this CPU): same step token counts, similar first losses
     assert rows["trl"]["step_tokens"] == rows["fp32"]["step_tokens"]

@@ -43,6 +43,22 @@ def test_dotted_overrides_and_scientific_notation():
         load_config(None, ["training.max_step=3"])
 
 
+def test_override_values_are_kept_whole_and_numbers_are_numbers(tmp_path):
+    """An override value is YAML, except where YAML would cut it (a comment after ` #`) or cannot read it; a number
+    is never a boolean (YAML reads yes/no as those) nor infinite; a config that is not UTF-8 says where."""
+    cfg = load_config(None, ["data.system_prompt=Reply with #1 only", "model.chat_template={{ x }}"])
+    assert cfg.data.system_prompt == "Reply with #1 only" and cfg.model.chat_template == "{{ x }}"
+    for text in ("[be brief", "#1", "a#b"):
+        assert load_config(None, [f"data.system_prompt={text}"]).data.system_prompt == text
+    for bad, says in (("training.max_steps=yes", "not the boolean true"), ("training.epochs=.inf", "finite"),
+                      ("training.learning_rate=nan", "finite")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, [bad])
+    (tmp_path / "c.yaml").write_bytes(b"training:\n  epochs: 1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not UTF-8 text \(line 2, byte 27\)"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_config_reference_is_current():
     assert (REPO / "docs" / "config.md").read_text() == markdown_reference() + "\n", \
         "regenerate: python -m tunelab.config --markdown > docs/config.md"

@@ -130,6 +130,19 @@ def test_answer_file_and_cli(tiny_model_dir, tmp_path):
     assert main(["infer", "--model", str(tiny_model_dir), "--input", str(bad), "--output", str(out)]) == 2
 
 
+def test_a_prompt_file_that_cannot_be_read_says_where(tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.infer import read_prompts
+
+    (tmp_path / "latin.jsonl").write_bytes(b'"ok"\n"caf\xe9"\n')
+    (tmp_path / "number.jsonl").write_text('"ok"\n5\n')
+    for name, says in (("missing.jsonl", r"prompts: no file .*missing.jsonl"),
+                       ("latin.jsonl", r"latin.jsonl is not UTF-8 text \(line 2, byte 9\)"),
+                       ("number.jsonl", r"number.jsonl:2: expected a JSON object or string, found int")):
+        with pytest.raises(TunelabError, match=says):
+            read_prompts(tmp_path / name)
+
+
 def test_cli_prompt_and_root_script(tiny_model_dir, run_dir, capsys):
     from tunelab.cli import main
 

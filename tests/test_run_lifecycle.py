@@ -63,6 +63,36 @@ def test_a_failure_before_training_leaves_no_folder_and_says_why(tiny_model_dir,
     assert not (tmp_path / "bad").exists(), "nothing was trained: no orphan run folder, no prepared data"
 
 
+def test_inputs_that_cannot_be_used_are_clear_errors_before_training(tiny_model_dir, demo_files, tmp_path):
+    """Found off the happy path: each of these used to be a traceback, or a run on something the user did not mean."""
+    from tunelab.data.prepare import prepare_dataset
+
+    def refused(name, says, *extra):
+        with pytest.raises(TunelabError, match=says):
+            train(_cfg(tiny_model_dir, demo_files, tmp_path / "out", name, *extra))
+        assert not (tmp_path / "out" / name).exists()
+
+    # a chat template path that is not there was used as the template text itself (every record then rejected)
+    refused("tpl", r"model.chat_template \(read as a file.*no file .*nope.jinja", "model.chat_template=nope.jinja")
+    # a folder `tunelab prepare` reported NOT USABLE (and exited 1) was trained on without a word
+    ok = write_demo_data(tmp_path / "raw")[0]
+    bad = tmp_path / "mixed.json"
+    bad.write_text(json.dumps(json.loads(ok.read_text())[:3] + [{"instruction": "", "output": ""}] * 3))
+    assert not prepare_dataset([str(bad)], tmp_path / "unusable", max_reject_ratio=0.1).usable
+    refused("unusable", r"unusable is not usable, as tunelab prepare reported: 3 of 6 records", "data.train=" + str(
+        tmp_path / "unusable"))
+    # with a prepared train folder, a raw data.eval file was read as a prepared folder (and the hint wrong)
+    prepare_dataset([str(ok)], tmp_path / "good")
+    refused("eval", r"data.eval=.*must be a\s+prepared folder too", f"data.train={tmp_path / 'good'}",
+            f"data.eval={ok}")
+    # output.dir naming a file
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TunelabError, match="cannot make the run folder .*afile"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path / "afile", "r"))
+    with pytest.raises(TunelabError, match="cannot write the prepared dataset to .*afile/sub"):
+        prepare_dataset([str(ok)], tmp_path / "afile" / "sub")
+
+
 def test_rerun_after_a_failed_start_prepares_the_new_data(tiny_model_dir, demo_files, tmp_path):
     with pytest.raises(TunelabError):  # fails after preparing data/ from the demo files
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "same", "lora.target_modules=[no_such_proj]"))
@@ -139,6 +169,34 @@ def test_resume_applies_safe_overrides_and_refuses_the_others_by_name(tiny_model
     log = (run / "train.log").read_text()
     assert "Changed on resume: training.eval_steps=1" in log and "Eval @ step 3" in log
     assert _manifest(run)["status"] == "finished"
+
+
+def test_resume_refuses_a_run_another_process_is_training_but_not_a_reused_pid(tiny_model_dir, demo_files, tmp_path,
+                                                                               monkeypatch):
+    """Two processes in one run folder would interleave their steps and checkpoints: `--resume RUN` refuses while
+    the process the manifest names is alive. A live process with that pid but another start time is not it."""
+    from tunelab.cli.train import train_from_args
+    from tunelab.rundir import RunDir, process_started
+    from tunelab.train.lifecycle import TrainingInterrupted
+
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "live", "training.max_steps=3"))
+    monkeypatch.undo()
+    run = tmp_path / "live"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = process_started(other.pid)
+        RunDir(run).update_manifest(status="running", pid=other.pid, pid_started=started)
+        with pytest.raises(TunelabError, match=rf"being trained right now by process {other.pid}"):
+            train_from_args(None, [f"output.dir={tmp_path}"], resume=str(run))
+        assert _manifest(run)["status"] == "running" and _manifest(run)["pid"] == other.pid  # left to its owner
+        RunDir(run).update_manifest(pid_started=started - 3600)  # the run's process died, its pid was reused
+        train_from_args(None, [f"output.dir={tmp_path}"], resume=str(run))
+    finally:
+        other.kill()
+        other.wait()
+    assert _manifest(run)["status"] == "finished" and _manifest(run)["pid"] == os.getpid()
 
 
 def test_resume_refuses_data_that_is_not_the_runs(tiny_model_dir, demo_files, tmp_path, monkeypatch):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, read_user_text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
@@ -25,7 +26,18 @@ class ConfigError(TunelabError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info) -> Any:
+        """pydantic reads true / false as 1 / 0 where a number is due, and YAML reads yes / no / on / off as those."""
+        kinds = {cls.model_fields[info.field_name].annotation}
+        kinds |= set(get_args(next(iter(kinds))))
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError(f"a number is due here, not the boolean {str(value).lower()} (YAML reads yes, no, on, "
+                             "off, true and false as booleans)")
+        return value
 
 
 class ModelConfig(_Section):
@@ -70,7 +82,8 @@ class DataConfig(_Section):
     train: str = Field("data/raw/demo_alpaca.json",
                        description="Raw file (JSON/JSONL/CSV/Parquet, Alpaca/ShareGPT/OpenAI messages) or a folder "
                                    "written by `tunelab prepare`.")
-    eval: str | None = Field(None, description="Explicit evaluation file or prepared folder; else `val_ratio` of train.")
+    eval: str | None = Field(None, description="Explicit evaluation file or prepared folder (a prepared folder when "
+                                             "data.train is one); else `val_ratio` of train.")
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = Field("auto", description="Record format of raw files.")
     val_ratio: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation (by seed).")
     max_length: int = Field(512, ge=8, description="Maximum tokens per record after the chat template.")
@@ -316,11 +329,20 @@ def format_validation_error(err: ValidationError, source: str = "config", source
 
 
 def _parse_value(text: str) -> Any:
-    """`1e-4` → 1e-4, `true` → True, `[a, b]` → list; YAML semantics, plus floats in e-notation."""
+    """`1e-4` → 1e-4, `true` → True, `[a, b]` → list; YAML semantics, plus floats in e-notation. What YAML would
+    cut short or cannot read is the text as given: a `#` after a space would start a comment (`Reply with #1 only`
+    read as `Reply with`), `[be brief` or `{{ x }}` are no YAML values."""
+    if re.search(r"(^|\s)#", text):
+        return text
     try:
-        return float(text) if any(c in text for c in "eE") and float(text) == float(text) else yaml.safe_load(text)
+        if any(c in text for c in "eE") and float(text) == float(text):
+            return float(text)
     except ValueError:
+        pass
+    try:
         return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -352,7 +374,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
         source = str(path)
         try:
             data = yaml.safe_load(text) or {}
@@ -372,7 +394,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """A run folder's saved config.yaml (resume, reproduce): `load_config`, except that a key added since the run
     was saved keeps the behaviour the run had. training.pass_tokens: such a run made one pass per micro-batch."""
-    saved = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) if Path(path).is_file() else None
+    saved = yaml.safe_load(read_user_text(path, "config", ConfigError, "utf-8-sig")) if Path(path).is_file() \
+        else None
     training = saved.get("training") if isinstance(saved, dict) else None
     legacy = []
     if isinstance(training, dict) and training.get("batch_tokens") and "pass_tokens" not in training:

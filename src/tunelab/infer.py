@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.template import prompt_messages, render
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, read_user_text
 from tunelab.model.loading import load_pretrained as load  # noqa: F401 (the one loader, as infer.load)
 
 Conversation = list[dict[str, Any]]
@@ -192,7 +192,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """JSONL lines: {"prompt": "..."}, {"messages": [...]} (a trailing assistant turn becomes the reference),
     or a plain JSON string per line."""
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_user_text(path, "prompts").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -201,6 +201,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             raise TunelabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if isinstance(obj, str):
             obj = {"prompt": obj}
+        if not isinstance(obj, dict):
+            raise TunelabError(f"{path}:{n}: expected a JSON object or string, found {type(obj).__name__}")
         if "messages" in obj:
             msgs, ref = prompt_messages(obj["messages"])
             rows.append({"messages": msgs, "reference": ref, **{k: v for k, v in obj.items() if k != "messages"}})

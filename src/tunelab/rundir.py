@@ -87,8 +87,10 @@ def run_status(manifest: dict[str, Any]) -> str:
     return _OLD_STATUSES.get(status, status)
 
 
-def pid_alive(pid: Any) -> bool | None:
-    """Is the process a manifest records (`pid`) alive on this machine? None when `pid` is not a usable process id."""
+def pid_alive(pid: Any, started: Any = None) -> bool | None:
+    """Is the process a manifest records (`pid`) alive on this machine? None when `pid` is not a usable process id.
+    `started`: the start time recorded with it (`process_started`); a live process that started at another time holds
+    a reused pid (the recorded one ended, e.g. killed, machine restarted): not the one recorded, so False."""
     if not isinstance(pid, int) or pid <= 0:
         return None
     try:
@@ -96,10 +98,26 @@ def pid_alive(pid: Any) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     except OSError:
         return None
-    return True
+    now = process_started(pid) if isinstance(started, (int, float)) else None
+    return now is None or abs(now - started) < 1.0
+
+
+def process_started(pid: int | None = None) -> float | None:
+    """When the process (default: this one) started, in seconds since the epoch; None when it cannot be read."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
+def owner() -> dict[str, Any]:
+    """The manifest fields that name the process working on a run: its pid and when it started (see pid_alive)."""
+    return {"pid": os.getpid(), "pid_started": process_started()}
 
 
 class RunDir:

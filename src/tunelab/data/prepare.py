@@ -542,8 +542,11 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
 
     workdir = None
     if out_dir is not None:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        except OSError as e:  # e.g. a file where a folder of the path should be
+            raise DataError(f"cannot write the prepared dataset to {out_dir}: {e.strerror or e}") from None
     try:
         p = _Pass(tokenizer, options | {"column_map": column_map}, console, workdir, show_samples)
         p.file_names = [str(path) for _, path in files]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import BUNDLED_MODEL
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, read_user_text
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,17 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
             raise ModelLoadError(f"could not load the tokenizer from {path}: {e}") from None
         raise _hub_error(name, e) from None
     if chat_template:
-        tpl = Path(chat_template)
-        tok.chat_template = tpl.read_text(encoding="utf-8") if len(chat_template) < 4096 and tpl.is_file() else chat_template
+        tok.chat_template = chat_template_text(chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def chat_template_text(value: str) -> str:
+    """model.chat_template: a Jinja template itself (it has `{{` or `{%`), or else the path of a file holding one."""
+    if "{{" in value or "{%" in value:
+        return value
+    return read_user_text(value, "model.chat_template (read as a file: a template given inline has {{ or {%)")
 
 
 @contextmanager
@@ -206,6 +212,9 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
     try:
         with quiet_local_loading(path):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as e:  # e.g. attn_implementation=flash_attention_2 without the flash-attn package
+        raise ModelLoadError(f"could not load {name} with model.attn_implementation={attn_implementation}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
     except ValueError as e:  # unknown architecture, or custom code that needs trust_remote_code
         raise ModelLoadError(f"could not load {name}: {str(e).splitlines()[0][:300]} (if the model ships its own "
                              "code and you trust it, set model.trust_remote_code: true)") from None

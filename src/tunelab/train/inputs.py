@@ -36,7 +36,7 @@ def with_system_prompt(records: list[dict], system_prompt: str | None) -> list[d
 def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
               expected_fingerprint: str | None = None, say=print) -> Encoded:
     """Prepare raw files into `<run>/data` (or read a prepared folder), then encode with the chat template."""
-    from tunelab.data.prepare import load_prepared
+    from tunelab.data.prepare import is_prepared, load_prepared
 
     src = Path(cfg.data.train)
     folder = src if src.is_dir() and (src / "train.jsonl").is_file() else run_path / "data"
@@ -44,13 +44,19 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
         _prepare_into(cfg, tokenizer, src, folder, run_path.name)
     barrier()
     prepared = load_prepared(folder)
+    _check_usable(prepared.report, folder)
     _check_stage(prepared.report, cfg.training.stage, folder)
     if expected_fingerprint and prepared.fingerprint != expected_fingerprint:
         raise TunelabError(f"--resume: the data in {folder} (fingerprint {prepared.fingerprint[:19]}) is not the data "
                            f"this run trained on ({expected_fingerprint[:19]}); start a new run instead")
     val_records = prepared.val
     if cfg.data.eval and folder == src:  # a prepared train folder plus a separate eval source
+        if not is_prepared(Path(cfg.data.eval)):
+            raise TunelabError(f"data.eval={cfg.data.eval}: with a prepared folder as data.train, data.eval must be a "
+                               "prepared folder too (prepared with the same tokenizer and max_length): tunelab "
+                               f"prepare --input {cfg.data.eval} --output data/processed/{Path(cfg.data.eval).stem}")
         ev = load_prepared(Path(cfg.data.eval))
+        _check_usable(ev.report, Path(cfg.data.eval))
         val_records = ev.val or ev.train
     if cfg.training.stage == "pt":
         return _encode_text(cfg, tokenizer, prepared, val_records, folder)
@@ -66,6 +72,15 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     kept = {e["where"] for e in val}
     val_kept = [r for r in val_recs if f"{r.get('source')}:{r.get('location')}" in kept]
     return Encoded(train, val, val_kept, prepared.fingerprint, info)
+
+
+def _check_usable(report: dict, folder: Path) -> None:
+    """A folder `tunelab prepare` wrote but found not usable (it said so and exited 1) is not trained on."""
+    if report.get("usable") is False:
+        why = "; ".join(report.get("problems") or ["(no reason recorded)"])
+        raise TunelabError(f"{folder} is not usable, as tunelab prepare reported: {why}. See {folder / 'report.md'}; "
+                           "fix the data and prepare it again (or raise --max-reject-ratio if those rejections are "
+                           "expected)")
 
 
 def _check_stage(report: dict, stage: str, folder: Path) -> None:
@@ -117,8 +132,10 @@ def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) ->
 
     shutil.rmtree(folder, ignore_errors=True)
     result = prepare_as_configured(cfg, tokenizer, src, folder, name)
-    if not result.usable:
-        raise TunelabError(f"no usable training data in {src}; see {folder / 'report.md'}")
+    if not result.usable:  # the rejections were printed as they came; the run folder goes (nothing trained)
+        raise TunelabError(f"no usable training data in {src}: {'; '.join(result.problems)}. The run folder is not "
+                           "kept; `tunelab prepare` with the same data settings writes the whole report (report.md, "
+                           "rejected.jsonl) to a folder of your choice")
 
 
 def _encode_preference(cfg: Config, tokenizer, rec: dict) -> dict:

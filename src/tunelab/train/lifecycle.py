@@ -24,7 +24,7 @@ from tunelab.config import Config, load_run_config, save_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.monitor import Reporter, Trackers
-from tunelab.rundir import RunDir, default_run_name, now_iso, pid_alive, read_metrics, run_status
+from tunelab.rundir import RunDir, default_run_name, now_iso, owner, pid_alive, read_metrics, run_status
 
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not what is trained.
 SAFE_ON_RESUME = ("training.logging_steps", "training.eval_steps", "training.save_steps", "training.save_total_limit",
@@ -76,7 +76,7 @@ class RunLife:
             raise
         if self.main:
             self.reporter.attach_log(self.path / "train.log")
-        self.run.update_manifest(status="starting", pid=os.getpid())  # a resumed run loads again too
+        self.run.update_manifest(status="starting", **owner())  # a resumed run loads again too
         for note in self._notes:
             self.say(note)
         return self
@@ -141,6 +141,9 @@ class RunLife:
     def resume_hint(self, what: str) -> str:
         if self.fresh and not self._has_results():
             return f"{what} before anything was trained"
+        if not (ckpt.complete_checkpoints(self.path) or (self.path / "checkpoint-final").is_dir()):
+            return (f"{what} before the first checkpoint; start it again from step 0 with: tunelab train --resume "
+                    f"{self.path}")
         return f"{what}; resume from the last checkpoint with: tunelab train --resume {self.path}"
 
     def _on_signal(self, signum, _frame) -> None:
@@ -184,8 +187,13 @@ def open_run(cfg: Config, resume: str | bool | None, main: bool,
     if not (run_path / "config.yaml").is_file():
         raise TunelabError(f"--resume: {run_path} is not a tunelab run folder (no config.yaml)")
     run = RunDir(run_path, main)
-    if run_status(run.manifest()) == "finished":
+    manifest = run.manifest()
+    if run_status(manifest) == "finished":
         raise TunelabError(f"--resume: {run_path} already finished; start a new run instead")
+    if _live(manifest):  # two processes writing one folder would mix their steps and checkpoints
+        raise TunelabError(f"--resume: {run_path} is being trained right now by process {manifest['pid']}; stop it "
+                           f"first (Ctrl-C where it runs, or kill -INT {manifest['pid']}: it saves a checkpoint), "
+                           "then resume")
     run_cfg, applied = resume_config(run_path, overrides or [])
     if main and applied:
         save_config(run_cfg, run_path / "config.yaml")
@@ -202,9 +210,12 @@ def _create_run_folder(cfg: Config, path: Path) -> None:
         raise TunelabError(f"{path} exists and holds no tunelab run (e.g. files of your own, or what an older "
                            "tunelab left after a failed start); pick another output.run_name, or remove the folder "
                            f"if it is not needed: rm -r {path}")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. output.dir names a file
+        raise TunelabError(f"cannot make the run folder {path}: {e.strerror or e} (check output.dir)") from None
     save_config(cfg, path / "config.yaml")
-    RunDir(path).update_manifest(run_name=path.name, status="starting", created_at=now_iso(), pid=os.getpid())
+    RunDir(path).update_manifest(run_name=path.name, status="starting", created_at=now_iso(), **owner())
 
 
 def find_resume_run(cfg: Config, resume: str | bool) -> Path:
@@ -229,7 +240,8 @@ def find_resume_run(cfg: Config, resume: str | bool) -> Path:
 def _live(manifest: dict[str, Any]) -> bool:
     """A run another process on this machine is training right now (its recorded pid is alive)."""
     pid = manifest.get("pid")
-    return run_status(manifest) in ("starting", "running") and pid != os.getpid() and bool(pid_alive(pid))
+    return (run_status(manifest) in ("starting", "running") and pid != os.getpid()
+            and bool(pid_alive(pid, manifest.get("pid_started"))))
 
 
 def resume_config(run_path: Path, overrides: list[str]) -> tuple[Config, list[str]]:

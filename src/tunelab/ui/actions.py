@@ -200,8 +200,9 @@ def stop_run(ui, name: str) -> dict[str, Any]:
     if live:
         return {"stopped": live[0]["id"], "command": "Ctrl-C (SIGINT) to: " + live[0]["command"],
                 "job": ui.jobs.stop(live[0]["id"])}
-    pid = runs.read_manifest(path).get("pid")
-    if pid_alive(pid):
+    manifest = runs.read_manifest(path)
+    pid = manifest.get("pid")
+    if pid_alive(pid, manifest.get("pid_started")):  # not a process that got a dead run's pid
         os.kill(pid, signal.SIGINT)
         return {"stopped": pid, "command": f"kill -INT {pid}"}
     raise JobError(f"{name} has no training process this UI can reach; press Ctrl-C where it runs")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.rundir import pid_alive, write_json_atomic
+from tunelab.rundir import pid_alive, process_started, write_json_atomic
 
 
 class JobError(TunelabError):
@@ -64,7 +64,8 @@ class Jobs:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         record = {"id": job_id, "kind": kind, "run": run, "args": args, "command": display_command(args),
-                  "cwd": str(self.workdir), "pid": proc.pid, "started_at": now_iso(), "ended_at": None,
+                  "cwd": str(self.workdir), "pid": proc.pid, "pid_started": process_started(proc.pid),
+                  "started_at": now_iso(), "ended_at": None,
                   "returncode": None, "outputs": outputs or [], "log": log.name}
         write_json_atomic(self._path(job_id), record)
         with self._lock:
@@ -90,7 +91,8 @@ class Jobs:
 
     def _with_liveness(self, record: dict[str, Any]) -> dict[str, Any]:
         # a job started by an earlier server: its exit code is unknown, but whether it still runs is not
-        if record.get("returncode") is None and record["id"] not in self._procs and pid_alive(record["pid"]) is False:
+        if record.get("returncode") is None and record["id"] not in self._procs \
+                and pid_alive(record["pid"], record.get("pid_started")) is False:
             record["state"] = "ended"
         else:
             record["state"] = "running" if record.get("returncode") is None else "ended"

@@ -54,7 +54,7 @@ def live_status(manifest: dict[str, Any], job: dict[str, Any] | None = None) -> 
     status = STATUS_ALIASES.get(raw, raw)
     note = ""
     if status in LIVE_STATUSES:
-        alive = pid_alive(manifest.get("pid"))
+        alive = pid_alive(manifest.get("pid"), manifest.get("pid_started"))
         if alive is None and job is not None:
             alive = job.get("returncode") is None and pid_alive(job.get("pid")) is not False
         if alive is False:
