@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,26 @@ def test_resume_refuses_a_run_another_process_is_training_but_not_a_reused_pid(t
         other.kill()
         other.wait()
     assert _manifest(run)["status"] == "finished" and _manifest(run)["pid"] == os.getpid()
+
+
+def test_a_run_resumed_before_its_first_checkpoint_trains_as_a_fresh_one(tiny_model_dir, demo_files, tmp_path):
+    """A second Ctrl-C before the first checkpoint keeps the run (it logged steps) without a checkpoint; `--resume`
+    starts it again from step 0 and must then train exactly as the fresh run did (it used to re-seed torch's
+    generator after the adapters were made, so the dropout masks differed)."""
+    from tunelab.cli.train import train_from_args
+    from tunelab.rundir import RunDir
+
+    run = train(_cfg(tiny_model_dir, demo_files, tmp_path, "again", "training.max_steps=3"))
+    fresh = [(r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "grad_norm" in r]
+    for point in run.glob("checkpoint-*"):
+        shutil.rmtree(point)
+    RunDir(run).update_manifest(status="interrupted")
+    train_from_args(None, [f"output.dir={tmp_path}"], resume=str(run))
+    assert "No complete checkpoint in the run yet: starting it from step 0" in (run / "train.log").read_text()
+    again = [(r["loss"], r["grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "grad_norm" in r]
+    assert len(fresh) == 3 and again == fresh
 
 
 def test_resume_refuses_data_that_is_not_the_runs(tiny_model_dir, demo_files, tmp_path, monkeypatch):

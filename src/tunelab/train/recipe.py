@@ -222,7 +222,6 @@ def _restore(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_fro
     if not life.fresh:
         life.run.truncate_metrics(0)
         life.say("No complete checkpoint in the run yet: starting it from step 0")
-        torch.manual_seed(cfg.training.seed)
     return TrainState()
 
 
