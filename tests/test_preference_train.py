@@ -140,3 +140,20 @@ def test_dpo_step_split_into_micro_batches_equals_one_micro_batch(tiny_model_dir
     weights = [load_file(r / "checkpoint-final" / "adapter_model.safetensors") for r in runs]
     for k, v in weights[0].items():
         assert (weights[1][k] - v).abs().max() < 1e-5, k
+
+
+def test_dpo_resumed_before_its_first_checkpoint_trains_as_the_fresh_run(tiny_model_dir, pref_files, tmp_path):
+    """No checkpoint yet (a second Ctrl-C before the first one): `--resume` starts the run from step 0 again, and
+    must train it exactly as the fresh run did."""
+    import shutil
+
+    from tunelab.rundir import RunDir
+
+    run = train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "again", "dpo", "training.max_steps=3"))
+    fresh = [(m["loss"], m["grad_norm"]) for m in read_metrics(run) if "grad_norm" in m]
+    for point in run.glob("checkpoint-*"):
+        shutil.rmtree(point)
+    RunDir(run).update_manifest(status="interrupted")
+    train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(run))
+    again = [(m["loss"], m["grad_norm"]) for m in read_metrics(run) if "grad_norm" in m]
+    assert len(fresh) == 3 and again == fresh

@@ -132,6 +132,13 @@ def test_csv_rows_with_physical_lines_bom_crlf_and_quoted_newlines(write):
     assert items[2].error.startswith("the row has 2 fields but the header has 3")
 
 
+def test_a_malformed_first_csv_row_is_that_rows_rejection_not_the_files(write):
+    items, info = read(write("d.csv", "instruction,output\nwhat is 1,000 plus 1,two\nq1,a1\nq2,a2\n"))
+    assert info.container == "CSV" and [i.location for i in items][:2] == ["row 1 (line 2)", "row 2 (line 3)"]
+    assert items[0].error.startswith("the row has 3 fields but the header has 2")
+    assert items[1].value == {"instruction": "q1", "output": "a1"}
+
+
 def test_tsv_is_detected(write):
     items, info = read(write("d.tsv", "instruction\toutput\nq\ta\n"))
     assert info.container == "TSV" and items[0].value == {"instruction": "q", "output": "a"}

@@ -239,12 +239,14 @@ def _csv_delimiter(header: str) -> str | None:
 
 
 def _csv_rows_agree(text: str, delim: str) -> bool:
-    """The first data row has as many fields as the header (prose with a comma does not)."""
+    """At least half of the first data rows (up to 5) have as many fields as the header (prose with a comma does
+    not): one malformed row near the top is that row's rejection, not the whole file's."""
     try:
-        rows = [r for _, r in zip(range(3), csv.reader(io.StringIO(text), delimiter=delim)) if r]
+        rows = [r for _, r in zip(range(6), csv.reader(io.StringIO(text), delimiter=delim)) if r]
     except csv.Error:
         return False
-    return len(rows) < 2 or len(rows[1]) == len(rows[0])
+    data = rows[1:]
+    return 2 * sum(len(r) == len(rows[0]) for r in data) >= len(data)
 
 
 # ---------------------------------------------------------------- JSON Lines
