@@ -148,6 +148,28 @@ def _interrupt_after(monkeypatch, step: int) -> None:
     monkeypatch.setattr(monitor.Reporter, "advance", advance)
 
 
+def test_ctrl_c_during_the_generation_metrics_skips_them_and_the_run_finishes(tiny_model_dir, demo_files, tmp_path,
+                                                                               monkeypatch):
+    """After checkpoint-final, BLEU's generation can take minutes: Ctrl-C then stops it (it used to be ignored
+    silently, and a second Ctrl-C marked a saved run interrupted)."""
+    import tunelab.evaluate.generation as generation
+
+    original = generation.generate_answers
+
+    def generate_answers(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while answers are generated
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_answers", generate_answers)
+    run = train(_cfg(tiny_model_dir, demo_files, tmp_path, "gen", "training.max_steps=2",
+                     "eval.metrics=[perplexity,bleu]"))
+    man = _manifest(run)
+    assert man["status"] == "finished" and "perplexity" in man["metrics"] and "bleu" not in man["metrics"]
+    log = (run / "train.log").read_text()
+    assert "generation metrics (bleu) skipped: SIGINT received; checkpoint-final is saved" in log
+    assert (run / "checkpoint-final" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_applies_safe_overrides_and_refuses_the_others_by_name(tiny_model_dir, demo_files, tmp_path,
                                                                        monkeypatch):
     from tunelab.cli.train import train_from_args

@@ -17,6 +17,8 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,10 @@ class TrainingDiverged(TunelabError):
     exit_code = 3
 
 
+class OptionalWorkStopped(Exception):
+    """A signal during work the run can do without (generation metrics after checkpoint-final is saved)."""
+
+
 class RunLife:
     """The run folder's owner: status, error, log, trackers and signal handlers (see the module docstring)."""
 
@@ -49,7 +55,8 @@ class RunLife:
         self.reporter = Reporter(None, 0, enabled=main)  # the log is attached once the folder is ours
         self.trackers: Trackers | None = None
         self.stop_signal: str | None = None
-        self.mode = "setup"  # setup: a signal aborts; steps: it checkpoints and stops; finish: it is noted
+        # setup: a signal aborts; steps: it checkpoints and stops; finish: it is noted; optional: it stops that work
+        self.mode = "setup"
         self.global_step = 0
         self._notes = notes or []
         self._old_handlers: dict[int, Any] = {}
@@ -132,6 +139,16 @@ class RunLife:
         """The steps are done: a first signal now only says the final evaluation and checkpoint are being made."""
         self.mode = "finish"
 
+    @contextmanager
+    def optional_work(self) -> Iterator[None]:
+        """Work after checkpoint-final that a signal skips (raising OptionalWorkStopped in it) instead of aborting
+        the run: a Ctrl-C during the generation metrics leaves a finished run without them."""
+        self.mode = "optional"
+        try:
+            yield
+        finally:
+            self.mode = "finish"
+
     def announce_stop(self) -> None:
         """Said from the loop, not from the signal handler (a handler must not write to a file it may interrupt)."""
         what = ("finishing the current step, then writing a checkpoint" if self.mode == "steps" else
@@ -150,6 +167,8 @@ class RunLife:
         if self.mode == "setup" or self.stop_signal is not None:  # nothing to save yet, or a second Ctrl-C
             raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
+        if self.mode == "optional":
+            raise OptionalWorkStopped
 
     def _has_results(self) -> bool:
         return bool(ckpt.complete_checkpoints(self.path) or (self.path / "checkpoint-final").is_dir()

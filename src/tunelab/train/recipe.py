@@ -29,7 +29,7 @@ from tunelab.data.batching import collate_packed, collate_padded, micro_batches_
 from tunelab.train.distributed import (any_process, barrier, gathered_state_dict, make_accelerator, params_sharded,
                                        refuse_unverified_sharding, require_shared_run_folder)
 from tunelab.train.inputs import Encoded, load_data
-from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
+from tunelab.train.lifecycle import OptionalWorkStopped, RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 from tunelab.train.monitor import Trackers, fmt_lr, rss_gib
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
@@ -547,12 +547,24 @@ def _final_generation_metrics(s: Session) -> dict[str, float]:
         return {}
     from tunelab.evaluate import evaluate_records
 
+    # one process: a signal (now, or already during the final eval loss) skips them; checkpoint-final is saved
+    one = s.accelerator.num_processes == 1
+    skipped = f"generation metrics ({', '.join(wanted)}) skipped: {{}} received; checkpoint-final is saved"
+    if one and s.life.stop_signal:
+        s.say(skipped.format(s.life.stop_signal))
+        return {}
     s.inner.eval()
-    res = evaluate_records(s.inner, s.tokenizer, s.data.val_records[: cfg.eval.max_samples], wanted,
-                           max_length=cfg.data.max_length, train_on=cfg.data.train_on,
-                           max_new_tokens=cfg.eval.max_new_tokens, max_samples=cfg.eval.max_samples,
-                           batch_size=cfg.eval.batch_size)
-    s.inner.train()
+    try:
+        with s.life.optional_work() if one else nullcontext():
+            res = evaluate_records(s.inner, s.tokenizer, s.data.val_records[: cfg.eval.max_samples], wanted,
+                                   max_length=cfg.data.max_length, train_on=cfg.data.train_on,
+                                   max_new_tokens=cfg.eval.max_new_tokens, max_samples=cfg.eval.max_samples,
+                                   batch_size=cfg.eval.batch_size)
+    except OptionalWorkStopped:
+        s.say("\n" + skipped.format(s.life.stop_signal))
+        return {}
+    finally:
+        s.inner.train()
     return {k: v for k, v in res.metrics.items() if k in ("bleu", "chrf", "rouge_l", "exact_match")}
 
 
