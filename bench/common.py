@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,12 +65,18 @@ def _tree_rss(proc) -> int:
     return total
 
 
+def _exit_on_sigterm(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, poll_s: float = 0.2,
               log_path: Path | None = None, timeout_s: float | None = None, echo: bool = False) -> ChildResult:
     """Run `argv` as a child process; its stdout+stderr go to `log_path` (and the terminal with echo=True).
 
     Peak RSS comes from the kernel's accounting of that one child (`os.wait4` → ru_maxrss, KiB on Linux), which
     catches short spikes a poll would miss; a psutil poll every `poll_s` adds the child's own children, if any.
+    The child (and its children) goes with this process: Ctrl-C, SIGTERM (`timeout`, `kill`) or an error here
+    leaves no orphan training on and slowing the next measurement.
     """
     import psutil
 
@@ -92,6 +99,8 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, poll_s:
     timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
     if timer:
         timer.start()
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if log:
@@ -101,7 +110,21 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, poll_s:
             tail.append(line)
             del tail[:-60]
         _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        try:
+            victims = [*ps.children(recursive=True), ps]
+        except psutil.Error:
+            victims = [ps]
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.wait()
+        raise
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
         done.set()
         if timer:
             timer.cancel()

@@ -39,6 +39,44 @@ def test_run_child_reports_peak_rss(tmp_path):
     assert (tmp_path / "log").read_text().strip() == "done"
 
 
+def test_a_benchmark_stopped_by_sigterm_leaves_no_child_running(tmp_path):
+    """`timeout` or `kill` on a benchmark used to leave its row's training process (and what it started) running,
+    slowing every measurement after it."""
+    import os
+    import signal
+    import time
+    import uuid
+
+    import psutil
+
+    marker = f"tunelab-orphan-check-{uuid.uuid4().hex}"
+    script = tmp_path / "bench.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "from common import run_child\n"
+        f"inner = 'import subprocess, sys, time; subprocess.Popen([sys.executable, \"-c\", \"import time; "
+        f"time.sleep(120)  # {marker}\"]); time.sleep(120)  # {marker}'\n"
+        "run_child([sys.executable, '-c', inner])\n")
+    bench = subprocess.Popen([sys.executable, str(script)])
+
+    def ours():
+        return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+    deadline = time.time() + 30
+    while len(ours()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(ours()) == 2, "the child and the child's child are running"
+    os.kill(bench.pid, signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while ours() and time.time() < deadline:
+        time.sleep(0.2)
+    left = ours()
+    for p in left:
+        p.kill()
+    assert not left
+
+
 def test_matmul_peak_positive():
     from common import matmul_peak
 
