@@ -59,6 +59,25 @@ def test_override_values_are_kept_whole_and_numbers_are_numbers(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["infer", "--model", "m", "--batch-size", "0"], "--batch-size: '0' is not a whole number of at least 1"),
+    (["infer", "--model", "m", "--top-p", "0"], "--top-p: '0' is not a number above 0 and at most 1"),
+    (["infer", "--model", "m", "--temperature", "-1"], "--temperature: '-1' is not a number of at least 0"),
+    (["infer", "--model", "m", "--max-new-tokens", "0"], "--max-new-tokens: '0' is not a whole number"),
+    (["eval", "--max-samples", "-1"], "--max-samples: '-1' is not a whole number of at least 1"),
+    (["eval", "--batch-size", "0"], "--batch-size: '0' is not a whole number"),
+    (["serve", "--port", "99999"], "--port: '99999' is not a port number (0-65535)"),
+])
+def test_option_values_that_cannot_work_are_usage_errors(argv, says, capsys):
+    """They used to hang (infer --batch-size 0), crash deep inside (top_p 0, port 99999), or be replaced by the
+    defaults without a word (eval's 0s), or decode greedily when asked for temperature -1."""
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_config_reference_is_current():
     assert (REPO / "docs" / "config.md").read_text() == markdown_reference() + "\n", \
         "regenerate: python -m tunelab.config --markdown > docs/config.md"

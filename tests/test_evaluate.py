@@ -151,6 +151,16 @@ def test_perplexity_counts_only_assistant_tokens(tiny):
     assert last.metrics["eval_tokens"] < assistant.metrics["eval_tokens"] < everything.metrics["eval_tokens"]
 
 
+def test_perplexity_with_nothing_to_score_is_an_error_not_nan(tiny):
+    """`eval --max-length 1` skipped every record and wrote perplexity NaN over the run's earlier eval result."""
+    from tunelab.errors import TunelabError
+    from tunelab.evaluate import evaluate_records
+
+    model, tok = tiny
+    with pytest.raises(TunelabError, match=f"none of the {len(RECORDS)} records has a token to score at max_length=2"):
+        evaluate_records(model, tok, RECORDS, ["perplexity"], max_length=2, overflow="drop")
+
+
 def test_generation_metrics_and_predictions(tiny):
     from tunelab.evaluate import evaluate_records
 

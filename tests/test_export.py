@@ -156,6 +156,8 @@ def test_export_refuses_adapters_and_other_archs(tmp_path, tokenizer_dir):
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "g")
     with pytest.raises(TunelabError, match="supports llama, qwen2"):
         export_gguf(tmp_path / "g", tmp_path / "g.gguf")
+    with pytest.raises(TunelabError, match="is a folder; give the .gguf file"):  # was found after all the writing
+        export_gguf(tmp_path / "g", tmp_path)
 
 
 def test_template_check_catches_a_changed_template(tiny_tokenizer):

@@ -136,9 +136,15 @@ def test_a_prompt_file_that_cannot_be_read_says_where(tmp_path):
 
     (tmp_path / "latin.jsonl").write_bytes(b'"ok"\n"caf\xe9"\n')
     (tmp_path / "number.jsonl").write_text('"ok"\n5\n')
+    (tmp_path / "empty.jsonl").write_text('{"prompt": ""}\n')
+    (tmp_path / "int.jsonl").write_text('"ok"\n"ok"\n{"prompt": 123}\n')
+    (tmp_path / "msg.jsonl").write_text('{"messages": "hi"}\n')
     for name, says in (("missing.jsonl", r"prompts: no file .*missing.jsonl"),
                        ("latin.jsonl", r"latin.jsonl is not UTF-8 text \(line 2, byte 9\)"),
-                       ("number.jsonl", r"number.jsonl:2: expected a JSON object or string, found int")):
+                       ("number.jsonl", r"number.jsonl:2: expected a JSON object or string, found int"),
+                       ("empty.jsonl", r"empty.jsonl:1: \"prompt\" must be non-empty text"),
+                       ("int.jsonl", r"int.jsonl:3: \"prompt\" must be non-empty text"),
+                       ("msg.jsonl", r"msg.jsonl:1: \"messages\" must be a non-empty list")):
         with pytest.raises(TunelabError, match=says):
             read_prompts(tmp_path / name)
 

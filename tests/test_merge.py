@@ -137,6 +137,33 @@ def test_merge_refuses_non_model_output_and_missing_adapter(run_dir, tmp_path):
         merge_adapter(tmp_path / "nowhere", tmp_path / "x")
 
 
+def test_merge_never_overwrites_what_it_reads_and_a_damaged_adapter_is_named(tiny_model_dir, tmp_path):
+    """`--output` = the adapter's own base folder replaced the base with the merged weights (the run's adapter then
+    sat on weights that already held it); damaged checkpoint files were tracebacks."""
+    import hashlib
+    import shutil
+
+    from tunelab.cli import main
+    from tunelab.merge import merge_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    run = tmp_path / "run"
+    make_adapter(base, run)
+    before = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(TunelabError, match="would overwrite the adapter's base model .*which this merge reads"):
+        merge_adapter(run, base)
+    assert hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest() == before
+    weights = run / "checkpoint-final" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(TunelabError, match="could not load the adapter in .*damaged or incomplete"):
+        merge_adapter(run, tmp_path / "merged")
+    (run / "checkpoint-final" / "tunelab.json").write_text("{not json")
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "merged")]) == 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "afile" / "m")]) == 2
+
+
 def test_cli_and_root_script(run_dir, tmp_path):
     from tunelab.cli import main
 

@@ -92,6 +92,19 @@ def test_show(tmp_path, capsys):
     assert "fp32 (no GPU)" in out and "aaaaaaaa" in out and "learning_rate" in out and "Eval loss" in out
 
 
+def test_a_damaged_run_folder_is_named_and_does_not_break_the_others(tmp_path, capsys):
+    make_run(tmp_path, "good")
+    (make_run(tmp_path, "nulled") / "manifest.json").write_text("null")
+    (make_run(tmp_path, "listed") / "manifest.json").write_text("[1, 2]")
+    (make_run(tmp_path, "badyaml") / "config.yaml").write_text("training: [unclosed\n")
+    assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "good" in out and out.count("unreadable") == 2
+    for verb in (["show", "nulled"], ["show", "badyaml"], ["compare", "good", "badyaml"]):
+        assert main(["runs", *verb, "--dir", str(tmp_path)]) == 2
+        assert "cannot read" in capsys.readouterr().err
+
+
 def test_compare_marks_the_best_and_diffs_config_and_data(tmp_path, capsys):
     make_run(tmp_path, "a", lr=1e-4, eval_losses=((3, 1.4),), metrics={"eval_loss": 1.4, "bleu": 20.0})
     make_run(tmp_path, "b", lr=2e-4, eval_losses=((3, 1.1),), metrics={"eval_loss": 1.1, "bleu": 10.0},

@@ -80,6 +80,27 @@ def test_seeded_sampling_is_per_row(engine, tiny):
     assert with_others[0].text == greedy
 
 
+def test_extreme_sampling_values_are_greedy_in_effect_and_never_fail_the_batch(engine, tiny):
+    """A temperature of 1e-45 (or a repetition penalty of 1e-37) made inf / inf = nan probabilities, and the error
+    failed every request prefilled in the same batch (500s for other clients)."""
+    from tunelab.errors import TunelabError
+    from tunelab.serve import Job, Sampling
+
+    model, tok = tiny
+    ids = prompt_ids(tok, "Hi")
+    greedy = run(engine, [Job(ids, Sampling(8))])[0].text
+    odd = [Sampling(8, temperature=1e-45, seed=1), Sampling(8, temperature=0.01, repetition_penalty=1e-37, seed=1),
+           Sampling(8, temperature=1.0, top_p=1e-9, seed=1)]
+    jobs = run(engine, [Job(ids, Sampling(8))] + [Job(ids, s) for s in odd])
+    assert all(j.error is None and j.finish_reason in ("stop", "length") for j in jobs)
+    assert jobs[0].text == greedy and jobs[1].text == greedy and jobs[3].text == greedy  # top_p keeps the best one
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(repetition_penalty=0.0), dict(temperature=float("nan"))):
+        with pytest.raises(TunelabError, match="sampling: "):
+            Sampling(8, **bad)
+    with pytest.raises(TunelabError, match="max_batch_size=0: it must be at least 1"):
+        type(engine)(*tiny, max_batch_size=0)
+
+
 def test_capacity_is_batch_plus_queue_and_release_frees_a_slot_at_once(tiny):
     from tunelab.serve import Engine, Job, QueueFull, Sampling
 

@@ -204,10 +204,19 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(obj, dict):
             raise TunelabError(f"{path}:{n}: expected a JSON object or string, found {type(obj).__name__}")
         if "messages" in obj:
-            msgs, ref = prompt_messages(obj["messages"])
+            msgs = obj["messages"]
+            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                            and isinstance(m.get("role"), str) for m in msgs)):
+                raise TunelabError(f"{path}:{n}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} "
+                                   "objects with text content")
+            msgs, ref = prompt_messages(msgs)
             rows.append({"messages": msgs, "reference": ref, **{k: v for k, v in obj.items() if k != "messages"}})
         elif "prompt" in obj or "instruction" in obj:
-            text = obj.get("prompt") or obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+            key = "prompt" if "prompt" in obj else "instruction"
+            extra = obj.get("input") if key == "instruction" else None
+            if not isinstance(obj[key], str) or not obj[key].strip() or not isinstance(extra, (str, type(None))):
+                raise TunelabError(f"{path}:{n}: \"{key}\" must be non-empty text")
+            text = obj[key] + (f"\n\n{extra}" if extra else "")
             rows.append({"messages": [{"role": "user", "content": text}], **obj})
         else:
             raise TunelabError(f"{path}:{n}: expected a \"prompt\" or \"messages\" field, found {sorted(obj)}")

@@ -111,6 +111,22 @@ def _prepare_output(output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _refuse_own_sources(output: Path, adapter_dir: Path, base_name: str) -> None:
+    """The output must not be (inside, or hold) what the merge reads: the adapter, or the base model's folder — a
+    merged copy over the base would leave the run's adapter on top of weights it already holds."""
+    from tunelab.model.loading import resolve_model_path
+
+    base = Path(resolve_model_path(base_name))
+    out = output.expanduser().resolve()
+    for what, src in (("the adapter", adapter_dir), ("the adapter's base model", base)):
+        if not src.exists():
+            continue  # a hub id
+        src = src.resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise MergeError(f"--output {output} would overwrite {what} ({src}), which this merge reads; choose "
+                             "another --output")
+
+
 def _swap_into_place(tmp: Path, output: Path) -> None:
     old = None
     if output.exists():
@@ -141,18 +157,18 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tunelab.model.loading import quiet_local_loading, resolve_adapter_dir
+    from tunelab.model.loading import quiet_local_loading, read_tunelab_json, resolve_adapter_dir
 
     if dtype not in DEFAULT_TOLERANCE:
         raise MergeError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
     adapter_dir = resolve_adapter_dir(adapter)
-    meta_path = adapter_dir / "tunelab.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_tunelab_json(adapter_dir)
     method = meta.get("method") or ("lora" if (adapter_dir / "adapter_config.json").is_file() else "full")
     output = Path(output)
     _prepare_output(output)
 
     model, tok, base_name, notes = _load_reference(adapter_dir, meta)
+    _refuse_own_sources(output, adapter_dir, base_name)
     for n in notes:
         log.warning(n)
     report = MergeReport(str(output), str(adapter_dir), base_name, method, dtype, notes=notes,

@@ -93,17 +93,29 @@ def newest_run_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def read_manifest(run: Path) -> dict[str, Any]:
+    path = Path(run) / "manifest.json"
     try:
-        return json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise RunError(f"cannot read {Path(run) / 'manifest.json'}: {e}") from None
+        raise RunError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"cannot read {path}: a JSON object was expected, found {type(data).__name__}")
+    return data
 
 
 def read_config(run: Path) -> dict[str, Any]:
     import yaml
 
     path = Path(run) / "config.yaml"
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise RunError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"cannot read {path}: a mapping of sections was expected, found {type(data).__name__}")
+    return data
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:

@@ -28,6 +28,27 @@ VERBS = {
 }
 
 
+def _number(kind, ok, rule: str):
+    """An argparse type: `kind(text)` that `ok` accepts, else argparse's usage error naming `rule`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule}")
+        return value
+    parse.__name__ = rule  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+port_number = _number(int, lambda v: 0 <= v <= 65535, "a port number (0-65535)")
+non_negative = _number(float, lambda v: 0 <= v < float("inf"), "a number of at least 0")
+positive = _number(float, lambda v: 0 < v < float("inf"), "a number above 0")
+unit_fraction = _number(float, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from tunelab import __version__
 
@@ -74,6 +95,12 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
     except TunelabError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave that cannot be written or read (a file where a folder must be, ...)
+        if e.filename is None:
+            raise
+        names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"error: {e.strerror or type(e).__name__}: {names}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.cli import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="base or merged model: hub id, local folder or bundled:... "
@@ -26,10 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model for --compare-base with a merged model (default: its tunelab.json)")
     p.add_argument("--name", help="result name: eval/<name>.json (default: `val` for the run's own data, "
                                   "else <data>-<split>)")
-    p.add_argument("--max-samples", type=int, help="records used for the generation metrics (default 32)")
-    p.add_argument("--max-new-tokens", type=int, help="generation length (default 64)")
-    p.add_argument("--batch-size", type=int, help="records per batch (default 8)")
-    p.add_argument("--max-length", type=int, help="tokens per record (default: the run's data.max_length)")
+    p.add_argument("--max-samples", type=positive_int, help="records used for the generation metrics (default 32)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="generation length (default 64)")
+    p.add_argument("--batch-size", type=positive_int, help="records per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, help="tokens per record (default: the run's data.max_length)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: the run's dtype")
     p.add_argument("--output-dir", help="where results go when no run is given (default outputs/eval)")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.cli import non_negative, positive, positive_int, unit_fraction
+
 DEFAULT_COMPARE_PROMPTS = ["Who are you?", "What can you help me with?", "Give me one tip for learning Python."]
 
 
@@ -24,12 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="show base and fine-tuned answers side by side "
                                                           "(prompts from --prompt, --input or a built-in few)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=unit_fraction, default=1.0)
+    p.add_argument("--repetition-penalty", type=positive, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together with --input")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts generated together with --input")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--weights", choices=["model", "int8"], default="model",
                    help="decode with the model's own weights (default) or int8 copies of them: ~1.8x faster steps "

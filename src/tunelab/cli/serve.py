@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from tunelab.cli import port_number
+
 # The limits are `tunelab.serve.ServeSettings` fields, mirrored here so that `--help` imports neither fastapi nor
 # torch; tests/test_serve_limits.py checks that the two agree.
 LIMITS = {
@@ -27,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "the adapter's base model)")
     p.add_argument("--adapter", default=None, help="run folder or adapter checkpoint to apply")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
                    help="require this bearer key on every route but /health (default: $TUNELAB_API_KEY, else none)")
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")

@@ -62,6 +62,11 @@ def perplexity(model, tokenizer, records: Sequence[dict[str, Any]], *, max_lengt
     if autocast is None:
         autocast = autocast_for(device.type, compute_dtype_name(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if records and not examples:  # a perplexity of nan written over an earlier result would say nothing
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"perplexity: none of the {len(records)} records has a token to score at "
+                           f"max_length={max_length} (train_on={train_on}, overflow={overflow}): raise max_length")
     loss, count = eval_loss(CausalLMLoss(model, chunk_size=chunk_size), examples, batch_size, pad_id, autocast,
                             device)
     return PerplexityResult(loss=loss, perplexity=math.exp(loss) if count else float("nan"), tokens=count,

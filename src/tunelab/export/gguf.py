@@ -351,6 +351,8 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     model_dir, output = Path(model_dir), Path(output)
     if quant not in QUANTS:
         raise ExportError(f"unknown quant {quant!r}; choose {' or '.join(QUANTS)}")
+    if output.is_dir():  # found before the minutes of writing and verifying, not after
+        raise ExportError(f"--output {output} is a folder; give the .gguf file to write, e.g. {output / 'model.gguf'}")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a model folder (no config.json); merge an adapter first: "
                           "tunelab merge --adapter RUN --output DIR")

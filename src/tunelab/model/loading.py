@@ -267,14 +267,30 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
         with peft_calls(), quiet_local_loading(adapter_dir):
             from peft import PeftModel
 
-            lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+            try:
+                lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+            except Exception as e:  # a truncated weights file, a broken or missing part of the checkpoint
+                raise ModelLoadError(f"could not load the adapter in {adapter_dir} ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:300] if str(e) else ''}): a damaged or incomplete "
+                                     "checkpoint? Another checkpoint of the run may load") from None
     return lm.eval(), tok
 
 
 def read_tunelab_json(folder: Path | None) -> dict[str, Any]:
     """What tunelab recorded beside a checkpoint or merged model (base model, method, dtype, revision, ...)."""
     meta = Path(folder) / "tunelab.json" if folder else None
-    return json.loads(meta.read_text()) if meta is not None and meta.is_file() else {}
+    return _json_object(meta) if meta is not None and meta.is_file() else {}
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON record, or a ModelLoadError naming the file when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} is damaged: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is damaged: a JSON object was expected, found {type(data).__name__}")
+    return data
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
@@ -291,8 +307,10 @@ def base_model_of(adapter_dir: Path) -> str:
     meta = read_tunelab_json(adapter_dir)
     if meta.get("base_model"):
         return meta["base_model"]
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return cfg["base_model_name_or_path"]
+    base = _json_object(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} names no base model; pass it with --model")
+    return base
 
 
 if __name__ == "__main__":  # `python -m tunelab.model.loading --other-auto-dtype`: used by `make test`

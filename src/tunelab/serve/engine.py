@@ -59,6 +59,22 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None
 
+    def __post_init__(self):
+        import math
+
+        from tunelab.errors import TunelabError
+
+        bad = [f"{name}={value!r} ({rule})" for name, value, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
+             "0 for greedy, or more"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "above 0, at most 1"),
+            ("repetition_penalty", self.repetition_penalty,
+             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "above 0"),
+        ) if not ok]
+        if bad:
+            raise TunelabError("sampling: " + "; ".join(bad))
+
 
 @dataclass(eq=False)
 class Job:
@@ -111,6 +127,10 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 64, threads: int | None = None):
         """`threads`: torch threads for the worker (`tunelab serve` loads the model with one thread and decodes
         with these: torch's threads working from two Python threads slowed decoding by a third, bench/README.md)."""
+        if max_batch_size < 1:  # no row to decode in: every job would wait forever
+            from tunelab.errors import TunelabError
+
+            raise TunelabError(f"max_batch_size={max_batch_size}: it must be at least 1")
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
         self.eos = set(stop_token_ids(tokenizer))
@@ -335,10 +355,14 @@ class Engine:
             if r.generator is None:
                 picked.append(int(x.argmax()))
                 continue
-            probs = torch.softmax(x / s.temperature, dim=-1)
+            # scores relative to the best one: a tiny temperature (or a tiny repetition penalty's huge scores) then
+            # gives 0 and -inf, i.e. greedy, instead of inf / inf = nan failing every row of the batch
+            x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+            probs = torch.softmax((x - x.max()) / s.temperature, dim=-1)
             if s.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 outside = sorted_p.cumsum(0) - sorted_p >= s.top_p  # the smallest set reaching top_p stays
+                outside[0] = False  # and it holds the likeliest token at least
                 probs = probs.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
             picked.append(int(torch.multinomial(probs, 1, generator=r.generator)))
         return picked
