@@ -22,3 +22,17 @@ def read_user_text(path, what: str, error: type[TunelabError] = TunelabError, en
         raise error(f"{what}: {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise error(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def read_json_object(path, error: type[TunelabError] = TunelabError) -> dict:
+    """A JSON file that must hold an object (a manifest, a checkpoint's record), or `error` naming the file."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"cannot read {path}: a JSON object was expected, found {type(data).__name__}")
+    return data

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, read_json_object
 from tunelab.rundir import run_status
 
 # Metrics where a lower value is better; every other numeric metric is higher-is-better.
@@ -93,14 +93,7 @@ def newest_run_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def read_manifest(run: Path) -> dict[str, Any]:
-    path = Path(run) / "manifest.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise RunError(f"cannot read {path}: a JSON object was expected, found {type(data).__name__}")
-    return data
+    return read_json_object(Path(run) / "manifest.json", RunError)
 
 
 def read_config(run: Path) -> dict[str, Any]:

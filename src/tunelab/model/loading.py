@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import BUNDLED_MODEL
-from tunelab.errors import TunelabError, read_user_text
+from tunelab.errors import TunelabError, read_json_object, read_user_text
 
 log = logging.getLogger(__name__)
 
@@ -279,18 +279,8 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
 def read_tunelab_json(folder: Path | None) -> dict[str, Any]:
     """What tunelab recorded beside a checkpoint or merged model (base model, method, dtype, revision, ...)."""
     meta = Path(folder) / "tunelab.json" if folder else None
-    return _json_object(meta) if meta is not None and meta.is_file() else {}
+    return read_json_object(meta, ModelLoadError) if meta is not None and meta.is_file() else {}
 
-
-def _json_object(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON record, or a ModelLoadError naming the file when it is damaged."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path} is damaged: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is damaged: a JSON object was expected, found {type(data).__name__}")
-    return data
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
@@ -307,7 +297,7 @@ def base_model_of(adapter_dir: Path) -> str:
     meta = read_tunelab_json(adapter_dir)
     if meta.get("base_model"):
         return meta["base_model"]
-    base = _json_object(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    base = read_json_object(adapter_dir / "adapter_config.json", ModelLoadError).get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} names no base model; pass it with --model")
     return base
