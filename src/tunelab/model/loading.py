@@ -282,7 +282,6 @@ def read_tunelab_json(folder: Path | None) -> dict[str, Any]:
     return read_json_object(meta, ModelLoadError) if meta is not None and meta.is_file() else {}
 
 
-
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     """A checkpoint folder with adapter_config.json, or a run folder (→ its checkpoint-final)."""
     p = Path(path)
