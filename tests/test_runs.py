@@ -146,6 +146,9 @@ def test_plot_overlays_train_and_eval_curves(tmp_path):
     assert (tmp_path / "ppl.png").stat().st_size > 1000
     with pytest.raises(runs.RunError, match="no 'nonsense' values"):
         runs.plot_runs([a], "nonsense", tmp_path / "x.png")
+    for name in ("plot.xyz", "plot"):  # a traceback from matplotlib; "wrote plot" for a file named plot.png
+        with pytest.raises(runs.RunError, match=r"name the image file with one of .*\.png"):
+            runs.plot_runs([a], "loss", tmp_path / name)
 
 
 def test_curve_reader_survives_a_torn_last_line(tmp_path):

@@ -459,6 +459,10 @@ def plot_runs(runs: Sequence[str | os.PathLike], metric: str = "loss", output: s
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(output)
+    kinds = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in kinds:  # matplotlib would add .png to a bare name, or fail on .xyz
+        plt.close(fig)
+        raise RunError(f"{out}: name the image file with one of {', '.join('.' + k for k in sorted(kinds))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
