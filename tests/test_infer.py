@@ -130,6 +130,25 @@ def test_answer_file_and_cli(tiny_model_dir, tmp_path):
     assert main(["infer", "--model", str(tiny_model_dir), "--input", str(bad), "--output", str(out)]) == 2
 
 
+def test_answers_stop_at_the_models_context_and_a_prompt_filling_it_is_an_error(tiny):
+    """Past max_position_embeddings the answer was generated anyway (garbage), where `tunelab serve` refuses."""
+    from tunelab.errors import TunelabError
+    from tunelab.infer import generate
+
+    model, tok = tiny
+    context = model.config.max_position_embeddings
+
+    def prompt(tokens):
+        return [{"role": "user", "content": " ".join(["hello"] * tokens)}]
+
+    ids = tok(" ".join(["hello"] * (context - 40)), add_special_tokens=False)["input_ids"]
+    assert len(ids) == context - 40, "one token per word with this tokenizer"
+    (answer,) = generate(model, tok, [prompt(context - 40)], max_new_tokens=200)
+    assert len(tok(answer, add_special_tokens=False)["input_ids"]) <= 40
+    with pytest.raises(TunelabError, match=f"prompt 2 has .* tokens; this model's context is {context} tokens"):
+        generate(model, tok, [prompt(5), prompt(context)], max_new_tokens=4)
+
+
 def test_a_prompt_file_that_cannot_be_read_says_where(tmp_path):
     from tunelab.errors import TunelabError
     from tunelab.infer import read_prompts

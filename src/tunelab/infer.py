@@ -19,7 +19,7 @@ import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +73,24 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
     sampling = _sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     texts = [render(tokenizer, c, add_generation_prompt=True) for c in conversations]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    jobs = [Job(ids, sampling) for ids in encoded]
+    jobs = [Job(ids, _within_context(model, ids, sampling, i)) for i, ids in enumerate(encoded, 1)]
     order = sorted(range(len(jobs)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
     Engine(model, tokenizer, max_batch_size=batch_size, max_queue=len(jobs)).run([jobs[i] for i in order])
     for job in jobs:
         if job.error is not None:
             raise job.error
     return [tokenizer.decode(job.tokens, skip_special_tokens=True).strip() for job in jobs]
+
+
+def _within_context(model, prompt_ids: list[int], sampling, number: int):
+    """`sampling` with max_new_tokens cut to what the model's positions leave after the prompt (answers past them
+    are garbage); a prompt that fills them is an error, as it is for `tunelab serve`."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or len(prompt_ids) + sampling.max_new_tokens <= context:
+        return sampling
+    if len(prompt_ids) >= context:
+        raise TunelabError(f"prompt {number} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
+    return replace(sampling, max_new_tokens=context - len(prompt_ids))
 
 
 @dataclass
