@@ -83,17 +83,28 @@ def test_seeded_sampling_is_per_row(engine, tiny):
 def test_extreme_sampling_values_are_greedy_in_effect_and_never_fail_the_batch(engine, tiny):
     """A temperature of 1e-45 (or a repetition penalty of 1e-37) made inf / inf = nan probabilities, and the error
     failed every request prefilled in the same batch (500s for other clients)."""
+    import torch
+
     from tunelab.errors import TunelabError
-    from tunelab.serve import Job, Sampling
+    from tunelab.serve import Engine, Job, Sampling
 
     model, tok = tiny
     ids = prompt_ids(tok, "Hi")
     greedy = run(engine, [Job(ids, Sampling(8))])[0].text
     odd = [Sampling(8, temperature=1e-45, seed=1), Sampling(8, temperature=0.01, repetition_penalty=1e-37, seed=1),
            Sampling(8, temperature=1.0, top_p=1e-9, seed=1)]
-    jobs = run(engine, [Job(ids, Sampling(8))] + [Job(ids, s) for s in odd])
-    assert all(j.error is None and j.finish_reason in ("stop", "length") for j in jobs)
-    assert jobs[0].text == greedy and jobs[1].text == greedy and jobs[3].text == greedy  # top_p keeps the best one
+    for flush in (False, True):  # True: as in a process that has trained (its threads read 1e-45 as 0)
+        torch.set_flush_denormal(flush)
+        eng = Engine(*tiny, max_batch_size=4, max_queue=4)  # its worker thread inherits the setting
+        try:
+            eng.start()
+            jobs = run(eng, [Job(ids, Sampling(8))] + [Job(ids, s) for s in odd])
+        finally:
+            eng.stop()
+            torch.set_flush_denormal(False)
+        assert all(j.error is None and j.finish_reason in ("stop", "length") for j in jobs), \
+            [(j.error, j.finish_reason) for j in jobs]
+        assert jobs[0].text == jobs[1].text == jobs[3].text == greedy  # top_p keeps the best one
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(repetition_penalty=0.0), dict(temperature=float("nan"))):
         with pytest.raises(TunelabError, match="sampling: "):
             Sampling(8, **bad)

@@ -356,9 +356,10 @@ class Engine:
                 picked.append(int(x.argmax()))
                 continue
             # scores relative to the best one: a tiny temperature (or a tiny repetition penalty's huge scores) then
-            # gives 0 and -inf, i.e. greedy, instead of inf / inf = nan failing every row of the batch
+            # gives 0 and -inf, i.e. greedy, instead of inf / inf = nan failing every row of the batch; never below
+            # the smallest normal float, which flush-to-zero (training sets it for the process) would make 0 / 0
             x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
-            probs = torch.softmax((x - x.max()) / s.temperature, dim=-1)
+            probs = torch.softmax((x - x.max()) / max(s.temperature, torch.finfo(x.dtype).tiny), dim=-1)
             if s.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 outside = sorted_p.cumsum(0) - sorted_p >= s.top_p  # the smallest set reaching top_p stays
