@@ -164,6 +164,25 @@ def test_merge_never_overwrites_what_it_reads_and_a_damaged_adapter_is_named(tin
     assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "afile" / "m")]) == 2
 
 
+def test_merged_and_prepared_folders_get_the_permissions_mkdir_would_give(run_dir, tmp_path):
+    """They are written in a temporary folder and renamed into place; tempfile.mkdtemp made them 0700 (readable by
+    their owner only: another user could not serve the merged model)."""
+    import os
+
+    from tunelab.data.prepare import prepare_dataset
+    from tunelab.demo_data import write_demo_data
+    from tunelab.merge import merge_adapter
+
+    old = os.umask(0o022)
+    try:
+        merge_adapter(run_dir, tmp_path / "merged")
+        prepare_dataset([str(write_demo_data(tmp_path / "raw")[0])], tmp_path / "prepared")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "prepared").stat().st_mode & 0o777 == 0o755
+
+
 def test_cli_and_root_script(run_dir, tmp_path):
     from tunelab.cli import main
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from tunelab.errors import TunelabError, read_user_text
+from tunelab.errors import TunelabError
+from tunelab.files import read_user_text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"

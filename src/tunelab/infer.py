@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.template import prompt_messages, render
-from tunelab.errors import TunelabError, read_user_text
+from tunelab.errors import TunelabError
+from tunelab.files import read_user_text
 from tunelab.model.loading import load_pretrained as load  # noqa: F401 (the one loader, as infer.load)
 
 Conversation = list[dict[str, Any]]

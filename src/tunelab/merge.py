@@ -25,11 +25,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.files import staging_dir
 from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates
 from tunelab.model.stop_tokens import stop_token_ids
 
@@ -192,7 +192,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     report.eos_token_ids = stops
     merged.generation_config = gen
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = staging_dir(output)
     try:
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tunelab.errors import TunelabError, read_json_object
+from tunelab.errors import TunelabError
+from tunelab.files import read_json_object
 from tunelab.rundir import run_status
 
 # Metrics where a lower value is better; every other numeric metric is higher-is-better.

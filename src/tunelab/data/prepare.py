@@ -28,7 +28,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import weakref
 from array import array
 from collections import Counter
@@ -41,6 +40,7 @@ from tunelab.data import report as rpt
 from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
 from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, read_file
 from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
+from tunelab.files import staging_dir
 
 __all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", "DataError", "resolve_inputs"]
 
@@ -544,7 +544,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     if out_dir is not None:
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            workdir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+            workdir = staging_dir(out_dir)
         except OSError as e:  # e.g. a file where a folder of the path should be
             raise DataError(f"cannot write the prepared dataset to {out_dir}: {e.strerror or e}") from None
     try:

@@ -12,14 +12,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import BUNDLED_MODEL
-from tunelab.errors import TunelabError, read_json_object, read_user_text
+from tunelab.errors import TunelabError
+from tunelab.files import read_json_object, read_user_text, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def ensure_bundled(name: str = BUNDLED_MODEL) -> Path:
         del model.config.quantization_config
     model.generation_config.pad_token_id = tok.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
