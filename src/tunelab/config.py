@@ -33,8 +33,8 @@ class _Section(BaseModel):
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any, info) -> Any:
         """pydantic reads true / false as 1 / 0 where a number is due, and YAML reads yes / no / on / off as those."""
-        kinds = {cls.model_fields[info.field_name].annotation}
-        kinds |= set(get_args(next(iter(kinds))))
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = {annotation, *get_args(annotation)}
         if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
             raise ValueError(f"a number is due here, not the boolean {str(value).lower()} (YAML reads yes, no, on, "
                              "off, true and false as booleans)")

@@ -38,7 +38,6 @@ def _number(kind, ok, rule: str):
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {rule}")
         return value
-    parse.__name__ = rule  # argparse names the type in some messages
     return parse
 
 

@@ -24,6 +24,7 @@ stop strings (held back while they could still be starting) and incomplete UTF-8
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
+from tunelab.errors import TunelabError
 from tunelab.model.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
@@ -60,10 +62,6 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        import math
-
-        from tunelab.errors import TunelabError
-
         bad = [f"{name}={value!r} ({rule})" for name, value, ok, rule in (
             ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1"),
             ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
@@ -128,8 +126,6 @@ class Engine:
         """`threads`: torch threads for the worker (`tunelab serve` loads the model with one thread and decodes
         with these: torch's threads working from two Python threads slowed decoding by a third, bench/README.md)."""
         if max_batch_size < 1:  # no row to decode in: every job would wait forever
-            from tunelab.errors import TunelabError
-
             raise TunelabError(f"max_batch_size={max_batch_size}: it must be at least 1")
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
