@@ -149,6 +149,30 @@ def test_answers_stop_at_the_models_context_and_a_prompt_filling_it_is_an_error(
         generate(model, tok, [prompt(5), prompt(context)], max_new_tokens=4)
 
 
+def test_a_long_chat_forgets_its_oldest_turns_and_stays_within_the_context(tiny):
+    """`tunelab chat` streamed past max_position_embeddings once the history grew (garbage answers)."""
+    import io
+
+    from tunelab.infer import StreamResult, chat_loop, stream_generate
+
+    model, tok = tiny
+    context = model.config.max_position_embeddings
+    words = lambda n: " ".join(["hello"] * n)  # noqa: E731 - one token per word with this tokenizer
+    lines = iter([f"first {words(context // 3)}", f"second {words(context // 3)}", f"third {words(context // 3)}",
+                  words(context + 10), "/exit"])
+    out = io.StringIO()
+    convo = chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=context // 4)
+    text = out.getvalue()
+    assert "oldest messages no longer fit the model's context: forgotten" in text
+    assert "message not kept" in text  # a message longer than the context alone: refused, history kept
+    users = [m["content"] for m in convo if m["role"] == "user"]
+    assert users[-1].startswith("third") and not users[0].startswith("first")
+    ids = tok(words(context - 5), add_special_tokens=False)["input_ids"]
+    result = StreamResult()
+    list(stream_generate(model, tok, ids, result, max_new_tokens=50))
+    assert result.completion_tokens <= 5
+
+
 def test_a_prompt_file_that_cannot_be_read_says_where(tmp_path):
     from tunelab.errors import TunelabError
     from tunelab.infer import read_prompts

@@ -83,15 +83,39 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
     return [tokenizer.decode(job.tokens, skip_special_tokens=True).strip() for job in jobs]
 
 
-def _within_context(model, prompt_ids: list[int], sampling, number: int):
+def _context(model) -> int | None:
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
+
+
+def _within_context(model, prompt_ids: list[int], sampling, number: int | None = None):
     """`sampling` with max_new_tokens cut to what the model's positions leave after the prompt (answers past them
     are garbage); a prompt that fills them is an error, as it is for `tunelab serve`."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(context, int) or len(prompt_ids) + sampling.max_new_tokens <= context:
+    context = _context(model)
+    if context is None or len(prompt_ids) + sampling.max_new_tokens <= context:
         return sampling
     if len(prompt_ids) >= context:
-        raise TunelabError(f"prompt {number} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
+        which = "the prompt" if number is None else f"prompt {number}"
+        raise TunelabError(f"{which} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
     return replace(sampling, max_new_tokens=context - len(prompt_ids))
+
+
+def fit_conversation(model, tokenizer, conversation: Conversation,
+                     max_new_tokens: int) -> tuple[list[int], Conversation, int]:
+    """The prompt ids of `conversation` with its oldest exchanges dropped until `max_new_tokens` of answer fit in
+    the model's context (a system message and the last user turn always stay). Returns (ids, the conversation
+    kept, how many messages were dropped); a last turn too long by itself is left to `_within_context`."""
+    kept = list(conversation)
+    dropped = 0
+    while True:
+        ids = tokenizer(render(tokenizer, kept, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        context = _context(model)
+        first = 1 if kept and kept[0]["role"] == "system" else 0
+        if context is None or len(ids) + max_new_tokens <= context or len(kept) - first <= 1:
+            return ids, kept, dropped
+        cut = next((i for i in range(first + 1, len(kept)) if kept[i]["role"] == "user"), len(kept) - 1)
+        dropped += cut - first
+        kept = kept[:first] + kept[cut:]
 
 
 @dataclass
@@ -119,8 +143,9 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], result: StreamResul
 
     _set_weights(model, weights)
     pieces_q: queue.Queue[str | None] = queue.Queue()
-    job = Job(list(prompt_ids), _sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed),
-              sink=pieces_q.put, cancel=result.cancel)
+    sampling = _within_context(model, prompt_ids, _sampling(max_new_tokens, temperature, top_p, repetition_penalty,
+                                                            seed))
+    job = Job(list(prompt_ids), sampling, sink=pieces_q.put, cancel=result.cancel)
     engine = Engine(model, tokenizer, max_batch_size=1, max_queue=0)
     result.prompt_tokens = len(prompt_ids)
 
@@ -186,14 +211,19 @@ def chat_loop(model, tokenizer, system: str | None = None, input_fn: Callable[[s
         if cmd.startswith("/"):
             print(f"unknown command {cmd.split()[0]}; {HELP}", file=out)
             continue
-        history.append({"role": "user", "content": line})
-        text = render(tokenizer, as_conversation(history, system), add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        convo = as_conversation(history + [{"role": "user", "content": line}], system)
+        ids, convo, dropped = fit_conversation(model, tokenizer, convo, gen.get("max_new_tokens", 256))
         result = StreamResult()
-        for piece in stream_generate(model, tokenizer, ids, result, **gen):
-            print(piece, end="", file=out, flush=True)
+        try:
+            for piece in stream_generate(model, tokenizer, ids, result, **gen):
+                print(piece, end="", file=out, flush=True)
+        except TunelabError as e:  # a message longer than the context: say so, keep the conversation
+            print(f"error: {e}; message not kept", file=out)
+            continue
         print(file=out)
-        history.append({"role": "assistant", "content": result.text.strip()})
+        if dropped:
+            print(f"(the {dropped} oldest messages no longer fit the model's context: forgotten)", file=out)
+        history = [m for m in convo if m["role"] != "system"] + [{"role": "assistant", "content": result.text.strip()}]
     return as_conversation(history, system)
 
 

@@ -12,7 +12,7 @@ import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from tunelab.errors import TunelabError
 
@@ -61,22 +61,16 @@ class ChatModels:
             return pair
 
 
-def prompt_ids(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
-    from tunelab.data.template import render
-
-    text = render(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _generate_side(pair: ModelPair, side: str, messages, gen: dict, put, result) -> None:
     """Worker thread: stream one side's answer into the queue as (side, piece) events."""
-    from tunelab.infer import stream_generate
+    from tunelab.infer import fit_conversation, stream_generate
 
     model = pair.base if side == "base" else pair.tuned
     try:
+        # a long conversation keeps its latest turns: the oldest are left out once they no longer fit the context
+        ids, _, _ = fit_conversation(model, pair.tokenizer, messages, gen["max_new_tokens"])
         with pair.locks[side]:
-            for piece in stream_generate(model, pair.tokenizer, prompt_ids(pair.tokenizer, messages), result,
-                                         **gen):
+            for piece in stream_generate(model, pair.tokenizer, ids, result, **gen):
                 put(("piece", side, piece))
         put(("done", side, result.finish_reason))
     except Exception as e:  # noqa: BLE001 - shown in that side's column
