@@ -197,6 +197,12 @@ def test_cli_export(llama_dir, tmp_path):
     assert main(["export", "--model", str(llama_dir), "--format", "gguf", "--quant", "q8_0", "--output",
                  str(tmp_path / "c.gguf"), "--no-verify"]) == 0
     assert (tmp_path / "c.gguf").is_file() and (tmp_path / "Modelfile").is_file()
+    # a second GGUF in the folder gets its own Modelfile; the first one's still points at c.gguf
+    for name in ("d.gguf", "c.gguf"):
+        assert main(["export", "--model", str(llama_dir), "--output", str(tmp_path / name), "--no-verify"]) == 0
+    assert "FROM ./c.gguf\n" in (tmp_path / "Modelfile").read_text()
+    assert "FROM ./d.gguf\n" in (tmp_path / "d.Modelfile").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "c.gguf", "d.Modelfile", "d.gguf"]
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "d.gguf")]) == 2
 
 

@@ -395,7 +395,20 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     finally:
         tmp.unlink(missing_ok=True)
     if modelfile_body is not None:
-        mf = output.parent / "Modelfile"
-        mf.write_text(modelfile_body, encoding="utf-8")
+        mf = _modelfile_path(output)
+        tmp_mf = mf.with_name(f".{mf.name}.tmp-{os.getpid()}")
+        tmp_mf.write_text(modelfile_body, encoding="utf-8")
+        os.replace(tmp_mf, mf)
         report.modelfile = str(mf)
     return report
+
+
+def _modelfile_path(output: Path) -> Path:
+    """`Modelfile` beside the GGUF, unless that one belongs to another GGUF of the folder: then `<name>.Modelfile`
+    (a second export into a folder must not repoint the first one's Modelfile)."""
+    plain = output.parent / "Modelfile"
+    try:
+        text = plain.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return plain
+    return plain if f"\nFROM ./{output.name}\n" in f"\n{text}" else output.with_suffix(".Modelfile")
