@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="merged model folder (tunelab merge writes one)")
     p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (gguf: llama.cpp, Ollama)")
     p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="weight type of the matrices")
-    p.add_argument("--output", required=True, help="the .gguf file to write (the Modelfile goes beside it; NAME.Modelfile when the folder's Modelfile is another GGUF's)")
+    p.add_argument("--output", required=True, help="the .gguf file to write (the Modelfile goes beside it; "
+                   "NAME.Modelfile when the folder's Modelfile is another GGUF's)")
     p.add_argument("--no-modelfile", dest="modelfile", action="store_false", help="do not write an Ollama Modelfile")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip reading the file back")
 
