@@ -173,6 +173,24 @@ def test_a_long_chat_forgets_its_oldest_turns_and_stays_within_the_context(tiny)
     assert result.completion_tokens <= 5
 
 
+def test_an_output_that_cannot_be_written_fails_before_generating(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`infer --output afile/x` generated every answer first and failed only when writing them."""
+    import tunelab.infer
+    from tunelab.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("generated before the output was checked")
+
+    monkeypatch.setattr(tunelab.infer, "generate", never)
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "x.jsonl", tmp_path):
+        assert main(["infer", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(out)]) == 2
+        assert capsys.readouterr().err.count("error:") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "prompts.jsonl"]
+
+
 def test_a_prompt_file_that_cannot_be_read_says_where(tmp_path):
     from tunelab.errors import TunelabError
     from tunelab.infer import read_prompts

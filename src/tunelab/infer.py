@@ -271,14 +271,19 @@ def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Pat
                 **gen: Any) -> int:
     """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt."""
     rows = read_prompts(input_path)
-    answers = generate(model, tokenizer, [as_conversation(r["messages"], system) for r in rows], **gen)
     out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise TunelabError(f"--output {out} is a folder; give the .jsonl file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)  # an output that cannot be written fails before generating
     tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row, answer in zip(rows, answers):
-            f.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            answers = generate(model, tokenizer, [as_conversation(r["messages"], system) for r in rows], **gen)
+            for row, answer in zip(rows, answers):
+                f.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(rows)
 
 
