@@ -43,7 +43,7 @@ from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupt
 from tunelab.train.monitor import Trackers, fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
-from tunelab.train.recipe import Plan, TrainState, make_plan, make_scheduler, param_groups
+from tunelab.train.recipe import Plan, TrainState, make_plan, make_scheduler, param_groups, restore_state
 
 REF_ADAPTER = "ref"
 
@@ -155,7 +155,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
              f"{t_cfg.lr_scheduler} LR {fmt_lr(t_cfg.learning_rate)}; {stage} beta {cfg.preference.beta}")
     policy, optimizer = accelerator.prepare(_Policy(model), optimizer)
     inner = accelerator.unwrap_model(policy).model
-    state = _restore(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
+    state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
     life.run.update_manifest(
         seed=t_cfg.seed, method=t_cfg.method, stage=stage, reference=ref_info, model=cfg.model.name,
         data_fingerprint=data.fingerprint, data=data.data_info, dtype={"name": choice.name, "reason": choice.reason},
@@ -234,30 +234,6 @@ def _fingerprint(folder: Path) -> str:
     for f in sorted(folder.glob("adapter_model.*")):
         h.update(f.read_bytes())
     return "sha256:" + h.hexdigest()
-
-
-def _restore(cfg, life, inner, optimizer, scheduler, resume_from, total_steps) -> TrainState:
-    if resume_from is not None:
-        _load_weights(inner, resume_from, cfg.training.method)
-        state = TrainState.from_json(ckpt.load_training_state(resume_from, optimizer, scheduler))
-        life.run.truncate_metrics(state.global_step)
-        life.say(f"Resuming from {resume_from.name} (step {state.global_step}/{total_steps})")
-        return state
-    if not life.fresh:
-        life.run.truncate_metrics(0)
-        torch.manual_seed(cfg.training.seed)
-    return TrainState()
-
-
-def _load_weights(inner, folder: Path, method: str) -> None:
-    from tunelab.train.recipe import load_checkpoint_weights
-
-    if method == "full":
-        return load_checkpoint_weights(inner, folder, method)
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(inner, load_file(folder / "adapter_model.safetensors"), adapter_name="default")
 
 
 # ---------------------------------------------------------------- the loop

@@ -163,7 +163,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     _refuse_deepspeed_accumulation(accelerator, plan.group_size // world)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model
-    state = _restore(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
+    state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
     life.run.update_manifest(
         seed=t_cfg.seed, method=t_cfg.method, stage=t_cfg.stage, model=cfg.model.name,
         data_fingerprint=data.fingerprint,
@@ -211,8 +211,9 @@ def _refuse_deepspeed_accumulation(accelerator, passes: int) -> None:
                            " and, with training.batch_tokens, training.pass_tokens to batch_tokens")
 
 
-def _restore(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
-             total_steps: int) -> TrainState:
+def restore_state(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
+                  total_steps: int) -> TrainState:
+    """Weights, optimiser, schedule and step from `resume_from` (both recipes); no checkpoint: a fresh start."""
     if resume_from is not None:
         load_checkpoint_weights(inner, resume_from, cfg.training.method)
         state = TrainState.from_json(ckpt.load_training_state(resume_from, optimizer, scheduler))
