@@ -183,3 +183,35 @@ def test_a_job_is_a_cli_command_in_its_own_session(client, workdir):
     assert saved["command"] == job["command"] and saved["returncode"] == 0
     assert client.get("/api/runs").json()["runs"] == []  # the jobs folder is not a run
     assert sys.executable  # the job ran with this interpreter (python -m tunelab)
+
+
+def test_new_run_writes_only_new_yaml_files_under_configs(client, workdir):
+    """A config path outside configs/ (or not YAML) is refused; an existing file of other content is never
+    replaced; a run folder that exists, or a run name with a path in it, is an error before anything is written."""
+    (workdir / "data").mkdir()
+    (workdir / "data" / "victim.json").write_text("[]")
+    for path in ("data/victim.json", "configs/x.json", "x.yaml"):
+        for url in ("/api/config/render", "/api/train"):
+            res = client.post(url, json={"yaml": "{}", "config_path": path})
+            assert res.status_code == 403 and "configs/" in res.json()["error"], (url, path)
+    assert (workdir / "data" / "victim.json").read_text() == "[]"
+
+    (workdir / "configs").mkdir()
+    (workdir / "configs" / "mine.yaml").write_text("training:\n  epochs: 2\n")
+    text = "output:\n  run_name: mine\n"
+    for url in ("/api/config/render", "/api/train"):
+        out = client.post(url, json={"yaml": text}).json()
+        assert "configs/mine.yaml already exists with other content" in out["error"] and "job" not in out
+    assert (workdir / "configs" / "mine.yaml").read_text() == "training:\n  epochs: 2\n"
+    (workdir / "configs" / "same.yaml").write_text("output:\n  run_name: same\n")  # the same text: kept, no error
+    assert client.post("/api/config/render", json={"yaml": "output:\n  run_name: same\n"}).json()["error"] is None
+
+    make_run(workdir / "outputs", "taken")
+    out = client.post("/api/config/render", json={"yaml": "output:\n  run_name: taken\n"}).json()
+    assert out["error"] == "run folder outputs/taken already exists; pick another output.run_name (or resume " \
+                           "that run from its page)"
+    for name in ("../../escape", "a/b", ".."):
+        out = client.post("/api/train", json={"yaml": f"output:\n  run_name: '{name}'\n"}).json()
+        assert "must be a plain folder name" in out["error"] and "job" not in out, name
+    assert not (workdir / "configs" / "taken.yaml").exists() and not list(workdir.glob("configs/*escape*"))
+    assert not list((workdir / "outputs").glob(".ui/jobs/*.json"))  # nothing was started

@@ -22,6 +22,7 @@ from tunelab.rundir import pid_alive
 from tunelab.ui import forms, views
 from tunelab.ui.jobs import JobError
 
+CONFIG_DIR = "configs"  # where New run saves configs (relative to the working folder)
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq")
 RUN_ACTIONS = ("stop", "resume", "eval", "merge", "export", "report")
 
@@ -81,8 +82,8 @@ def _prepare(ui, req: ConfigRequest) -> dict[str, Any]:
     else:
         text = req.yaml
     name = _run_name_in(text) or "run"
-    config_path = req.config_path or f"configs/{name}.yaml"
-    views.inside(ui.workdir, config_path, "config file")
+    config_path = req.config_path or f"{CONFIG_DIR}/{name}.yaml"
+    path = config_file(ui, config_path)
     cfg, error = forms.check_config(text, config_path)
     args = forms.train_command(config_path)
     out = {"yaml": text, "config_path": config_path, "error": error, "command": forms.shown(args), "args": args}
@@ -94,7 +95,47 @@ def _prepare(ui, req: ConfigRequest) -> dict[str, Any]:
         out.update(command=forms.shown(args), args=args)
     if cfg is not None:
         out["run"] = _run_under_root(ui, cfg)
+        problems = [p for p in (_config_conflict(path, config_path, text), _run_folder_problem(ui, cfg)) if p]
+        out["error"] = "\n".join(problems) or None
     return out
+
+
+def config_file(ui, rel: str) -> Path:
+    """The config file a new run writes: a .yaml / .yml file under the working folder's configs/, nowhere else
+    (the form must never replace a dataset or any other file)."""
+    path = views.inside(ui.workdir, rel, "config file")
+    if (ui.workdir / CONFIG_DIR).resolve() not in path.parents or path.suffix.lower() not in (".yaml", ".yml"):
+        raise views.PathRefused(f"config file {rel!r}: a new run's config is a .yaml or .yml file under "
+                                f"{CONFIG_DIR}/")
+    return path
+
+
+def _config_conflict(path: Path, rel: str, text: str) -> str | None:
+    """Why `text` cannot be saved as `path`: a file of other content is there (it is never replaced)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return None  # the same config again: nothing to write
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        pass
+    return f"config file {rel} already exists with other content; pick another config file name (it is kept)"
+
+
+def _run_folder_problem(ui, cfg) -> str | None:
+    """What `tunelab train` would refuse about the run folder, said before anything is written."""
+    name = cfg.output.run_name
+    if name in (".", "..") or any(c in name for c in ("/", "\\", "\x00")):
+        return f"output.run_name {name!r} must be a plain folder name (no /, \\ or ..)"
+    folder = ui.workdir / cfg.output.dir / name
+    shown = os.path.join(cfg.output.dir, name)
+    try:
+        taken = folder.is_dir() and any(folder.iterdir())
+    except OSError as e:
+        return f"run folder {shown} cannot be read ({e.strerror or e}); pick another output.run_name"
+    if taken or folder.exists() and not folder.is_dir():
+        return f"run folder {shown} already exists; pick another output.run_name (or resume that run from its page)"
+    return None
 
 
 def _default_run_name(values: dict[str, Any]) -> str:
@@ -158,11 +199,26 @@ def _config_routes(app: FastAPI) -> None:
         out = _prepare(ui, req)
         if out["error"]:
             return out
-        path = views.inside(ui.workdir, out["config_path"], "config file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(out["yaml"], encoding="utf-8")
-        out["job"] = ui.jobs.start(out["args"], kind="train", run=out.get("run"))
+        out["error"] = _save_config(config_file(ui, out["config_path"]), out["config_path"], out["yaml"])
+        if not out["error"]:
+            out["job"] = ui.jobs.start(out["args"], kind="train", run=out.get("run"))
         return out
+
+
+def _save_config(path: Path, rel: str, text: str) -> str | None:
+    """Write a new config file (never replacing one: `x` mode also covers a file made since the check);
+    the error, or None."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        if path.exists():
+            return _config_conflict(path, rel, text)
+        return f"cannot write config file {rel}: {path.parent} is not a folder"
+    except OSError as e:
+        return f"cannot write config file {rel}: {e.strerror or e}"
+    return None
 
 
 # ---------------------------------------------------------------- run actions
