@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -215,3 +216,32 @@ def test_new_run_writes_only_new_yaml_files_under_configs(client, workdir):
         assert "must be a plain folder name" in out["error"] and "job" not in out, name
     assert not (workdir / "configs" / "taken.yaml").exists() and not list(workdir.glob("configs/*escape*"))
     assert not list((workdir / "outputs").glob(".ui/jobs/*.json"))  # nothing was started
+
+
+def test_chat_reloads_a_model_whose_files_changed(tmp_path, monkeypatch):
+    """The chat cache answers from the weights in the folder now: a re-merged model or a run folder trained again
+    is loaded again; an unchanged one is not."""
+    from tunelab.ui import chat
+
+    loads = []
+    monkeypatch.setattr(chat, "ModelPair", lambda target: loads.append(target) or object())
+    model = tmp_path / "models" / "m-merged"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"old weights")
+    models = chat.ChatModels()
+    first = models.get(model)
+    assert models.get(model) is first and len(loads) == 1
+    (model / "model.safetensors").write_bytes(b"new weights, merged again")
+    second = models.get(model)
+    assert second is not first and len(loads) == 2 and models.get(model) is second
+    run = tmp_path / "outputs" / "r"
+    (run / "checkpoint-final").mkdir(parents=True)
+    (run / "checkpoint-final" / "adapter_config.json").write_text("{}")
+    (run / "checkpoint-final" / "adapter_model.safetensors").write_bytes(b"a")
+    third = models.get(run)
+    tmp = run.with_name("r.new")  # the run folder replaced by another with same-sized files
+    shutil.copytree(run, tmp)
+    shutil.rmtree(run)
+    tmp.rename(run)
+    assert models.get(run) is not third and len(loads) == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -40,25 +41,39 @@ class ModelPair:
         self.locks = {"base": threading.Lock(), "tuned": threading.Lock()}
 
 
+def weights_stamp(target: Path) -> tuple:
+    """Which weights `target` holds now: (name, inode, mtime_ns, size) of each file in the folder it loads from, so a
+    run folder trained again or a model merged again is loaded again instead of answering with the old weights."""
+    from tunelab.model.loading import resolve_adapter_dir
+
+    try:
+        folder = resolve_adapter_dir(str(target))
+        with os.scandir(folder) as it:
+            files = [(e.name, e.stat()) for e in it if e.is_file()]
+    except (TunelabError, OSError):  # nothing loadable there: loading says why
+        return ()
+    return tuple(sorted((name, st.st_ino, st.st_mtime_ns, st.st_size) for name, st in files))
+
+
 class ChatModels:
-    """A small cache of loaded model pairs (loading is the slow part of the first question)."""
+    """A small cache of loaded model pairs (loading is the slow part of the first question), keyed by folder and
+    checked against the files' identity on every question."""
 
     def __init__(self, size: int = 2):
         self.size = size
-        self._pairs: OrderedDict[str, ModelPair] = OrderedDict()
+        self._pairs: OrderedDict[str, tuple[tuple, ModelPair]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, target: Path) -> ModelPair:
-        key = str(target.resolve())
+        key, stamp = str(target.resolve()), weights_stamp(target)
         with self._lock:
-            if key in self._pairs:
-                self._pairs.move_to_end(key)
-                return self._pairs[key]
-            pair = ModelPair(target)
-            self._pairs[key] = pair
+            hit = self._pairs.pop(key, None)  # a changed folder's old pair is dropped before the new one loads
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, ModelPair(target))
+            self._pairs[key] = hit
             while len(self._pairs) > self.size:
                 self._pairs.popitem(last=False)
-            return pair
+            return hit[1]
 
 
 def _generate_side(pair: ModelPair, side: str, messages, gen: dict, put, result) -> None:
