@@ -45,6 +45,15 @@ def test_txt_documents_by_blank_lines_by_line_and_by_file(tmp_path, tiny_tokeniz
     assert r.report["files"][0]["container"] == "text, blank-line separated documents"
 
 
+@pytest.mark.parametrize("text", ["A\nB\nC\n\n", "\n\nA\nB\nC\n\n\n", "A\r\nB\r\nC\r\n \r\n"])
+def test_blank_lines_only_around_the_text_do_not_make_paragraphs(tmp_path, text):
+    src = tmp_path / "lines.txt"
+    src.write_bytes(text.encode())
+    r = prepare_dataset([str(src)], tmp_path / "out", stage="pt", val_ratio=0, console=_quiet)
+    assert r.report["files"][0]["container"] == "text, one document per line"
+    assert [d["text"].strip() for d in load_prepared(r.output).train] == ["A", "B", "C"]
+
+
 def test_every_document_accepted_or_rejected_with_its_reason(tmp_path, tiny_tokenizer):
     src = tmp_path / "mixed.jsonl"
     rows = [{"text": d, "url": "x"} for d in DOCS] + [

@@ -8,8 +8,9 @@
 Where documents come from:
 
 - `.txt` / `.text` / `.md` files (by extension, since any bytes are text): with `data.text_documents: auto`,
-  blank lines separate documents, and a file with no blank line at all holds one document per line (LLaMA-Factory's
-  text format, e.g. `wiki_demo.txt`: one article per line). `paragraph`, `line` and `file` (the whole file is one
+  blank lines separate documents, and a file with no blank line between two texts (blank lines before the first or
+  after the last line do not count) holds one document per line (LLaMA-Factory's text format, e.g.
+  `wiki_demo.txt`: one article per line). `paragraph`, `line` and `file` (the whole file is one
   document) insist on one rule. The report says which rule each file was read with.
 - JSON / JSONL / Parquet / CSV: one document per record, in its `text` field (`c4_demo.jsonl`); other fields are
   ignored and unchecked. A conversation or a preference pair in a pt run is rejected (`wrong_stage`).
@@ -58,13 +59,16 @@ def records_of(path: Path, info: FileInfo, stage: str, mode: str = "auto") -> It
 
 
 def _has_blank_line(path: Path, codec: str, bom_len: int) -> bool:
+    """Whether a blank line separates two texts (blank lines before the first or after the last text do not)."""
     lines = _text_lines(path, codec, bom_len, FileInfo(str(path)))
-    seen_text = False
+    seen_text = gap = False
     for _, s, _ in lines:
-        if s.strip():
-            seen_text = True
-        elif seen_text:
+        if not s.strip():
+            gap = seen_text
+        elif gap:
             return True
+        else:
+            seen_text = True
     return False
 
 
