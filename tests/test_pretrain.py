@@ -54,6 +54,23 @@ def test_blank_lines_only_around_the_text_do_not_make_paragraphs(tmp_path, text)
     assert [d["text"].strip() for d in load_prepared(r.output).train] == ["A", "B", "C"]
 
 
+def test_text_documents_option_of_prepare_and_validate(tmp_path, capsys):
+    from tunelab.cli import main
+
+    src = tmp_path / "para.txt"
+    src.write_text("One.\nStill one.\n\nTwo.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["prepare", "-i", str(src), "--stage", "pt", "--no-tokenizer", "--val-ratio", "0", "-o", str(out),
+                 "--text-documents", "line"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["text_documents"] == "line" and report["records_accepted"] == 3
+    assert report["files"][0]["container"] == "text, one document per line"
+    assert main(["validate", str(src), "--stage", "pt", "--no-tokenizer", "--text-documents", "file"]) == 0
+    assert "text, one document per file" in capsys.readouterr().out
+    assert main(["validate", str(src), "--no-tokenizer", "--text-documents", "line"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --text-documents applies to --stage pt (raw text), not --stage sft"
+
+
 def test_every_document_accepted_or_rejected_with_its_reason(tmp_path, tiny_tokenizer):
     src = tmp_path / "mixed.jsonl"
     rows = [{"text": d, "url": "x"} for d in DOCS] + [

@@ -51,6 +51,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="sft", choices=["sft", "pt", "dpo", "orpo", "simpo", "kto"],
                    help="what the data trains (training.stage): sft conversations (default), pt raw text, "
                         "dpo/orpo/simpo chosen/rejected pairs, kto answers labelled true/false")
+    p.add_argument("--text-documents", default=None, choices=["auto", "paragraph", "line", "file"],
+                   help="--stage pt, .txt files: where one document ends (data.text_documents); auto (default): "
+                        "blank lines separate documents, a file without them holds one per line")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,8 +84,10 @@ def load_stats_tokenizer(name: str):
 
 
 def run_prepare(args: argparse.Namespace, inputs: list[str], check: bool) -> int:
-    from tunelab.data.prepare import prepare_dataset
+    from tunelab.data.prepare import DataError, prepare_dataset
 
+    if args.text_documents and args.stage != "pt":
+        raise DataError(f"--text-documents applies to --stage pt (raw text), not --stage {args.stage}")
     tokenizer = None if args.no_tokenizer else load_stats_tokenizer(args.model)
     result = prepare_dataset(
         inputs, getattr(args, "output", None), format=args.format, column_map=args.map, tokenizer=tokenizer,
@@ -90,7 +95,7 @@ def run_prepare(args: argparse.Namespace, inputs: list[str], check: bool) -> int
         val_ratio=getattr(args, "val_ratio", 0.1), eval_inputs=getattr(args, "eval_file", None),
         seed=getattr(args, "seed", 42), system_prompt=args.system_prompt, check=check,
         max_reject_ratio=args.max_reject_ratio, show_samples=args.show_samples, name=getattr(args, "name", None),
-        stage=getattr(args, "stage", "sft"))
+        stage=args.stage, text_documents=args.text_documents or "auto")
     return 0 if result.usable else 1
 
 
