@@ -245,3 +245,42 @@ def test_chat_reloads_a_model_whose_files_changed(tmp_path, monkeypatch):
     shutil.rmtree(run)
     tmp.rename(run)
     assert models.get(run) is not third and len(loads) == 4
+
+
+def test_request_limits(workdir):
+    """Uploads stream to disk under a size cap and must not be empty; chat text has a length cap; a negative
+    events offset and a name too long for the file system are clear 4xx answers, not tracebacks."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.ui.actions import CHAT_TEXT_CHARS, CHAT_TURNS
+    from tunelab.ui.app import create_app
+
+    c = TestClient(create_app("outputs", workdir=workdir, max_upload_mb=1), headers={"X-Tunelab": "1"})
+    raw = workdir / "data" / "raw"
+    res = c.put("/api/datasets/upload", params={"name": "big.jsonl"}, content=b"x" * (2**20 + 1))
+    assert res.status_code == 413 and "larger than the upload limit of 1 MiB" in res.json()["error"]
+    chunks = iter([b"x" * 2**19] * 3)  # no Content-Length: the limit holds while the body streams
+    res = c.put("/api/datasets/upload", params={"name": "big.jsonl"}, content=chunks)
+    assert res.status_code == 413
+    res = c.put("/api/datasets/upload", params={"name": "empty.jsonl"}, content=b"")
+    assert res.status_code == 400 and "is empty" in res.json()["error"]
+    assert list(raw.iterdir()) == []  # nothing left behind, not even a partial file
+    assert c.put("/api/datasets/upload", params={"name": "ok.jsonl"}, content=b"x" * 2**20).status_code == 200
+    assert c.put("/api/datasets/upload", params={"name": "ok.jsonl"}, content=b"{}\n").json()["path"] == \
+        "data/raw/ok-2.jsonl"
+    assert [p.name for p in sorted(raw.iterdir())] == ["ok-2.jsonl", "ok.jsonl"]
+
+    make_run(workdir / "outputs", "r", config=None)
+    long = "x" * (CHAT_TEXT_CHARS + 1)
+    turn = {"role": "user", "content": "hi"}
+    for body in ({"prompt": long}, {"prompt": "hi", "system": long},
+                 {"prompt": "hi", "history": {"base": [{"role": "user", "content": long}]}},
+                 {"prompt": "hi", "history": {"tuned": [turn] * (CHAT_TURNS + 1)}}):
+        assert c.post("/api/chat", json={"target": "r", **body}).status_code == 422
+
+    assert c.get("/api/run/events", params={"name": "r", "offset": -5}).status_code == 422
+    res = c.get("/api/run", params={"name": "a" * 300})
+    assert res.status_code == 400 and "longer than 255 bytes" in res.json()["error"]
+    deep = "/".join(["a" * 250] * 20)  # each name fits, the whole path does not
+    assert c.get("/api/run", params={"name": deep}).status_code == 404
+    assert c.get("/api/run/file", params={"name": "r", "path": "b" * 300}).status_code == 400

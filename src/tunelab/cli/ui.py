@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.cli import positive_int
+from tunelab.ui import MAX_UPLOAD_MB
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -21,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="secret every request must carry (?token= once in the browser); required with a --host "
                         "other than loopback")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--max-upload-mb", type=positive_int, default=MAX_UPLOAD_MB,
+                   help=f"largest dataset upload from the New run page, in MiB (default {MAX_UPLOAD_MB}); copy "
+                        "larger files into data/raw/ by hand")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.ui.app import LOOPBACK_NAMES, create_app
 
     allowed = tuple(LOOPBACK_NAMES) if args.host in LOOPBACK else None
-    app = create_app(args.dir, token=args.token, allowed_hosts=allowed)
+    app = create_app(args.dir, token=args.token, allowed_hosts=allowed, max_upload_mb=args.max_upload_mb)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown_host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"tunelab ui: {url}  (runs in {args.dir}; Ctrl-C stops the server, not the runs)", flush=True)

@@ -3,3 +3,5 @@
 Every screen is a view of the run folders; everything it launches is an ordinary `tunelab` command that it
 shows and records (see docs/architecture.md, "Web UI"). `tunelab.ui.app.create_app` builds the app.
 """
+
+MAX_UPLOAD_MB = 512  # the largest dataset upload by default (streamed to disk); here so `--help` needs no fastapi

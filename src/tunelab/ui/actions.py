@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -48,11 +49,23 @@ class ValidateRequest(BaseModel):
     model: str | None = None  # a model whose tokenizer gives token statistics; None: no tokenizer
 
 
+# Chat request limits: far above any context the models trained here take (a longer conversation is cut to fit
+# the context anyway), low enough that one request cannot make the server tokenize megabytes.
+CHAT_TEXT_CHARS = 100_000  # one prompt, system prompt or earlier turn
+CHAT_TURNS = 500  # earlier turns kept per side
+
+
+class ChatTurn(BaseModel):
+    role: str = Field(max_length=16)
+    content: str = Field(max_length=CHAT_TEXT_CHARS)
+
+
 class ChatRequest(BaseModel):
     target: str  # a run name under output.dir, or a model folder inside the working folder
-    prompt: str
-    system: str | None = None
-    history: dict[str, list[dict[str, str]]] = Field(default_factory=lambda: {"base": [], "tuned": []})
+    prompt: str = Field(max_length=CHAT_TEXT_CHARS)
+    system: str | None = Field(None, max_length=CHAT_TEXT_CHARS)
+    history: dict[Literal["base", "tuned"], Annotated[list[ChatTurn], Field(max_length=CHAT_TURNS)]] = Field(
+        default_factory=lambda: {"base": [], "tuned": []})
     max_new_tokens: int = Field(128, ge=1, le=2048)
     temperature: float = Field(0.0, ge=0)
 
@@ -314,21 +327,53 @@ def _data_routes(app: FastAPI) -> None:
     async def upload(request: Request, name: str):
         """The file's bytes as the request body, saved under data/raw/ (never replacing a file)."""
         ui = _ui(request)
-        clean = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".")
+        clean = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[-views.NAME_MAX + 8:].lstrip(".")  # room for -N
         if not clean or Path(clean).suffix.lower() not in DATA_SUFFIXES:
             raise TunelabError(f"{name!r}: a dataset file ends in one of {', '.join(DATA_SUFFIXES)}")
-        target = ui.workdir / "data" / "raw" / clean
-        stem, n = target.stem, 1
-        while target.exists():
-            n += 1
-            target = target.with_name(f"{stem}-{n}{target.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(await request.body())
-        return {"path": str(target.relative_to(ui.workdir))}
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > ui.max_upload_bytes:
+            raise TooLarge(_too_large(name, ui.max_upload_bytes))
+        folder = ui.workdir / "data" / "raw"
+        folder.mkdir(parents=True, exist_ok=True)
+        part = folder / f".upload-{secrets.token_hex(8)}.part"  # hidden, not listed, until it is complete
+        try:
+            size = 0
+            with open(part, "xb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > ui.max_upload_bytes:
+                        raise TooLarge(_too_large(name, ui.max_upload_bytes))
+                    f.write(chunk)
+            if size == 0:
+                raise TunelabError(f"{name!r} is empty: nothing to upload")
+            return {"path": str(_link_free_name(part, folder / clean).relative_to(ui.workdir))}
+        finally:
+            part.unlink(missing_ok=True)
 
     @app.post("/api/datasets/validate")
     def validate(request: Request, req: ValidateRequest):
         return validate_dataset(_ui(request), req)
+
+
+class TooLarge(TunelabError):
+    """A request body over the UI's limit (HTTP 413)."""
+
+
+def _too_large(name: str, limit: int) -> str:
+    return (f"{name!r} is larger than the upload limit of {limit // 2**20} MiB; copy it into data/raw/ instead, or "
+            "start tunelab ui with a larger --max-upload-mb")
+
+
+def _link_free_name(part: Path, target: Path) -> Path:
+    """`part` under the name `target`, or NAME-2, NAME-3... when taken (a link never replaces a file)."""
+    stem, n = target.stem, 1
+    while True:
+        try:
+            os.link(part, target)
+            return target
+        except FileExistsError:
+            n += 1
+            target = target.with_name(f"{stem}-{n}{target.suffix}")
 
 
 def validate_dataset(ui, req: ValidateRequest) -> dict[str, Any]:
@@ -390,7 +435,7 @@ def _chat_routes(app: FastAPI) -> None:
         convs = {}
         for side in ("base", "tuned"):
             msgs = ([{"role": "system", "content": req.system}] if req.system else [])
-            msgs += [m for m in req.history.get(side, []) if m.get("role") in ("user", "assistant")]
+            msgs += [m.model_dump() for m in req.history.get(side, []) if m.role in ("user", "assistant")]
             convs[side] = msgs + [{"role": "user", "content": req.prompt}]
         gen = {"max_new_tokens": req.max_new_tokens, "temperature": req.temperature}
         return StreamingResponse(stream_pair(ui.chat, target, convs, gen, request.is_disconnected),

@@ -17,13 +17,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from tunelab import runs
 from tunelab.errors import TunelabError
-from tunelab.ui import actions, views
+from tunelab.ui import MAX_UPLOAD_MB, actions, views
 from tunelab.ui.jobs import JobError, Jobs
 
 STATIC = Path(__file__).parent / "static"
@@ -33,8 +33,9 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 class UIState:
     """Everything a route needs, created once per app (design rule 15: state on app.state)."""
 
-    def __init__(self, runs_dir: str, workdir: Path, poll_s: float):
+    def __init__(self, runs_dir: str, workdir: Path, poll_s: float, max_upload_mb: int):
         self.workdir = workdir.resolve()
+        self.max_upload_bytes = max_upload_mb * 2**20
         self.dir_arg = runs_dir  # as the user wrote it: commands shown use it
         self.root = (self.workdir / runs_dir).resolve() if not os.path.isabs(runs_dir) else Path(runs_dir)
         self.jobs = Jobs(self.root / ".ui" / "jobs", self.workdir)
@@ -49,11 +50,13 @@ class UIState:
 
 
 def create_app(runs_dir: str = "outputs", workdir: str | Path | None = None, token: str | None = None,
-               allowed_hosts: tuple[str, ...] | None = None, poll_s: float = 1.0) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, poll_s: float = 1.0,
+               max_upload_mb: int = MAX_UPLOAD_MB) -> FastAPI:
     """`token`: required on every request when set. `allowed_hosts`: Host header names accepted (loopback
-    servers pass their names, which stops DNS-rebinding pages from reaching them)."""
+    servers pass their names, which stops DNS-rebinding pages from reaching them). `max_upload_mb`: the largest
+    dataset upload (streamed to disk, never held in memory)."""
     app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ui = UIState(runs_dir, Path(workdir or Path.cwd()), poll_s)
+    app.state.ui = UIState(runs_dir, Path(workdir or Path.cwd()), poll_s, max_upload_mb)
     _guard(app, token, allowed_hosts)
     _errors(app)
     _read_routes(app)
@@ -84,7 +87,7 @@ def _guard(app: FastAPI, token: str | None, allowed_hosts: tuple[str, ...] | Non
 
 
 def _errors(app: FastAPI) -> None:
-    codes = {views.PathRefused: 403, runs.RunError: 404, JobError: 409}
+    codes = {views.PathRefused: 403, runs.RunError: 404, JobError: 409, actions.TooLarge: 413}
 
     @app.exception_handler(TunelabError)
     async def tunelab_error(_request: Request, exc: TunelabError):
@@ -128,7 +131,7 @@ def _read_routes(app: FastAPI) -> None:
         return FileResponse(target)
 
     @app.get("/api/run/events")
-    async def run_events(request: Request, name: str, offset: int = 0):
+    async def run_events(request: Request, name: str, offset: int = Query(0, ge=0)):
         ui = ui_of(request)
         path = views.run_path(ui.root, name)
         return StreamingResponse(_run_events(request, ui, name, path, offset), media_type="text/event-stream",

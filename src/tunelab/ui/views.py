@@ -21,6 +21,7 @@ from tunelab.rundir import pid_alive
 STATUS_ALIASES = {"completed": "finished", "diverged": "failed"}
 KNOWN_STATUSES = {"starting", "running", "finished", "failed", "interrupted"}
 LIVE_STATUSES = {"starting", "running"}
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
 MEMORY_KEYS = ("memory_gib", "rss_gib", "peak_memory_gib", "cuda_memory_gib", "gpu_memory_gib")
 
 
@@ -33,6 +34,8 @@ def inside(root: Path, rel: str, what: str = "path") -> Path:
     if not rel or os.path.isabs(rel) or "\\" in rel or any(p in ("..", "") for p in Path(rel).parts) \
             or "\x00" in rel:
         raise PathRefused(f"{what} {rel!r} must be a relative path inside {root}")
+    if any(len(os.fsencode(p)) > NAME_MAX for p in Path(rel).parts):  # the OS would say "File name too long"
+        raise TunelabError(f"{what} {rel[:40]!r}... has a name longer than {NAME_MAX} bytes")
     base = root.resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:
@@ -43,7 +46,11 @@ def inside(root: Path, rel: str, what: str = "path") -> Path:
 def run_path(root: Path, name: str) -> Path:
     """The run folder `name` under `root` (output.dir): must stay inside it and hold manifest.json."""
     path = inside(root, name, "run")
-    if not runs.is_run_dir(path):
+    try:
+        found = runs.is_run_dir(path)
+    except OSError as e:  # a path the OS cannot look up (too long in all, ...)
+        raise runs.RunError(f"no run {name[:60]!r}... under {root} ({e.strerror or e})") from None
+    if not found:
         raise runs.RunError(f"no run {name!r} under {root}")
     return path
 
