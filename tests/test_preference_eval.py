@@ -16,6 +16,11 @@ QUESTIONS = ["What is 2+2?", "Name a colour.", "Capital of France?", "Say hello.
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _common(tiny_model_dir, out) -> list[str]:
+    return [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"output.dir={out}", "tracking.report_to=[none]",
+            "training.batch_size=4", "data.val_ratio=0.25", "eval.metrics=[perplexity]"]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """An SFT run and a DPO run started from it, on the tiny model (fp32)."""
@@ -24,8 +29,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     (out / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs) + "\n")
     (out / "sft.jsonl").write_text("\n".join(json.dumps({"instruction": q, "output": f"An answer to: {q}"},
                                                         ensure_ascii=False) for q in QUESTIONS) + "\n")
-    common = [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"output.dir={out}", "tracking.report_to=[none]",
-              "training.batch_size=4", "data.val_ratio=0.25", "eval.metrics=[perplexity]"]
+    common = _common(tiny_model_dir, out)
     sft = train(load_config(None, common + [f"data.train={out / 'sft.jsonl'}", "output.run_name=sft",
                                             "training.max_steps=2"]))
     dpo = train(load_config(None, common + [f"data.train={out / 'pairs.jsonl'}", "output.run_name=dpo",
@@ -59,6 +63,27 @@ def test_eval_of_the_sft_starting_point_on_the_dpo_pairs(runs):
     ev = run_eval(adapter=str(sft), data=str(dpo), output_dir=out / "sft-eval")
     assert ev.result.metrics["pairs"] == 3 and "rewards/accuracy" in ev.result.metrics  # vs the base
     assert ev.record["data"]["source"].endswith("data")
+
+
+def test_eval_of_a_kto_run_scores_the_labelled_answers_as_training_did(tiny_model_dir, tmp_path):
+    """Not SFT perplexity/BLEU with an undesirable answer as the reference: KTO's rewards, as training logged them."""
+    from tunelab.evaluate.runner import run_eval
+
+    rows = [{"prompt": q, "completion": f"A polite answer to: {q}" if i % 2 else "No.", "label": bool(i % 2)}
+            for i, q in enumerate(QUESTIONS)]
+    (tmp_path / "kto.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    kto = train(load_config(None, _common(tiny_model_dir, tmp_path) + [
+        f"data.train={tmp_path / 'kto.jsonl'}", "training.stage=kto", "training.max_steps=2", "output.run_name=kto"]))
+    ev = run_eval(adapter=str(kto), batch_size=4, compare_base=True)  # training's batches: the same KL estimate
+    m, final = ev.result.metrics, json.loads((kto / "manifest.json").read_text())["metrics"]
+    assert "perplexity" not in m and "bleu" not in m and m["examples"] == m["desirable"] + m["undesirable"] == 3
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "kl"):
+        assert m[key] == pytest.approx(final[f"eval_{key}"], rel=1e-4, abs=1e-6), key
+    assert 0 <= m["rewards/accuracy"] <= 1 and "rewards/chosen" not in ev.base_result.metrics
+    row = json.loads(ev.predictions_path.read_text(encoding="utf-8").splitlines()[0])
+    assert {"completion", "label", "scores"} <= set(row) and "reference" not in row and "reward" in row["scores"]
+    raw = run_eval(adapter=str(kto), data=str(tmp_path / "kto.jsonl"), output_dir=tmp_path / "raw")
+    assert raw.result.metrics["examples"] == len(QUESTIONS) and raw.result.metrics["desirable"] == 6
 
 
 def test_dpo_run_merges_verified_infers_and_compares_like_sft(runs, tmp_path):

@@ -13,6 +13,11 @@ Two views, both over the answer tokens only (the prompt is context), encoded exa
   (log pi(answer) - log ref(answer)) summed over the answer; accuracy counts chosen > rejected, a tie is not a
   hit): `rewards/chosen`, `rewards/rejected`, `rewards/accuracy`, `rewards/margin`. Only with a `reference`: the
   run's own (its starting SFT adapter, or the base with the adapter disabled).
+
+KTO's labelled answers (no pairs) get TRL's KTO view instead: `logps/chosen` / `logps/rejected` (mean log-prob per
+token of the desirable / undesirable answers) and, against the reference, `rewards/chosen` and `rewards/rejected`
+(the mean reward of each kind, as training logs them), `rewards/margin`, `rewards/accuracy` (the share whose reward
+has the label's sign) and `kl` (training's estimate: each prompt with the previous answer of its batch).
 """
 
 from __future__ import annotations
@@ -40,37 +45,65 @@ def encode_pairs(tokenizer, records: Sequence[dict[str, Any]], max_length: int, 
 def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, max_length: int = 512,
                        overflow: str = "truncate", beta: float = 0.1, reference: Callable | None = None,
                        batch_size: int = 8, chunk_size: int = 1024) -> EvalResult:
-    """Held-out pairs (prepared preference records) → preference metrics and one scored row per pair."""
+    """Held-out pairs, or kto's labelled answers (prepared preference records) → preference metrics and one scored
+    row per record."""
     import torch
 
     from tunelab.evaluate.perplexity import compute_dtype_name
     from tunelab.model.loss import autocast_for
-    from tunelab.train.preference_loss import _to, collate_pairs, policy_logps, reference_logps, shares_prompts
 
-    pairs, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
+    encoded, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
+    kto = is_kto_data(records)
+    score = _score_kto if kto else _score_pairs
     device = next(model.parameters()).device
     autocast = autocast_for(device.type, compute_dtype_name(model))
     rows: list[dict[str, Any]] = []
-    for k in range(0, len(pairs), batch_size):
-        part = pairs[k:k + batch_size]
-        batch = _to(collate_pairs(part, share_prompt=shares_prompts(model)), device)
-        n = len(part)
+    for k in range(0, len(encoded), batch_size):
         with torch.no_grad(), autocast():
-            sums, counts = policy_logps(model, batch, 2 * n, chunk_size)
-            ref = reference_logps(reference, batch, "dpo", chunk_size)["logps"] if reference else None
-        for j in range(n):
-            c, r = float(sums[j]), float(sums[n + j])
-            row = {"logp_chosen": c, "logp_rejected": r, "mean_logp_chosen": c / max(int(counts[j]), 1),
-                   "mean_logp_rejected": r / max(int(counts[n + j]), 1)}
-            if ref is not None:
-                row["reward_chosen"] = beta * (c - float(ref[j]))
-                row["reward_rejected"] = beta * (r - float(ref[n + j]))
-            rows.append(row)
-    metrics = _summary(rows)
+            rows += score(model, encoded[k:k + batch_size], device, reference, beta, chunk_size)
+    metrics = _kto_summary(rows) if kto else _summary(rows)
     predictions = [_prediction(records[i], i, row) for i, row in zip(index, rows)]
-    settings = {"metrics": ["preference"], "pairs": len(rows), "skipped": skipped, "max_length": max_length,
-                "overflow": overflow, "beta": beta, "reference": bool(reference)}
+    settings = {"metrics": ["preference"], ("examples" if kto else "pairs"): len(rows), "skipped": skipped,
+                "max_length": max_length, "overflow": overflow, "beta": beta, "reference": bool(reference)}
     return EvalResult(metrics, predictions, settings)
+
+
+def _score_pairs(model, part: list[dict], device, reference, beta: float, chunk_size: int) -> list[dict[str, float]]:
+    """One batch of pairs: each answer's summed and per-token log-probability, and its reward when `reference`."""
+    from tunelab.train.preference_loss import _to, collate_pairs, policy_logps, reference_logps, shares_prompts
+
+    batch = _to(collate_pairs(part, share_prompt=shares_prompts(model)), device)
+    n = len(part)
+    sums, counts = policy_logps(model, batch, 2 * n, chunk_size)
+    ref = reference_logps(reference, batch, "dpo", chunk_size)["logps"] if reference else None
+    rows = []
+    for j in range(n):
+        c, r = float(sums[j]), float(sums[n + j])
+        row = {"logp_chosen": c, "logp_rejected": r, "mean_logp_chosen": c / max(int(counts[j]), 1),
+               "mean_logp_rejected": r / max(int(counts[n + j]), 1)}
+        if ref is not None:
+            row["reward_chosen"] = beta * (c - float(ref[j]))
+            row["reward_rejected"] = beta * (r - float(ref[n + j]))
+        rows.append(row)
+    return rows
+
+
+def _score_kto(model, part: list[dict], device, reference, beta: float, chunk_size: int) -> list[dict[str, float]]:
+    """One batch of kto's labelled answers: log-probabilities and, when `reference`, the reward beta x (log pi -
+    log ref) and the batch's KL estimate as training computes it (each prompt with the previous answer)."""
+    from tunelab.train.preference_loss import _to, collate_kto, policy_logps, reference_logps
+
+    batch = _to(collate_kto(part), device)
+    n = len(part)
+    sums, counts = policy_logps(model, batch, n, chunk_size)
+    rows = [{"label": bool(e["label"]), "logp": float(sums[j]), "mean_logp": float(sums[j]) / max(int(counts[j]), 1)}
+            for j, e in enumerate(part)]
+    if reference:
+        ref = reference_logps(reference, batch, "kto", chunk_size)
+        kl = float((policy_logps(model, batch["kl"], n, chunk_size)[0] - ref["kl"]).mean().clamp(min=0))
+        for j, row in enumerate(rows):
+            row.update(reward=beta * (row["logp"] - float(ref["logps"][j])), kl=kl)
+    return rows
 
 
 def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -85,18 +118,45 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def _kto_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """kto (TRL's KTO metric names; `rewards/margin` as training logs it): the desirable (`chosen`) and undesirable
+    (`rejected`) answers each averaged over their own examples; `rewards/accuracy` is the share whose reward has
+    the label's sign (a zero reward is not a hit)."""
+    good, bad = [r for r in rows if r["label"]], [r for r in rows if not r["label"]]
+    out = {"examples": len(rows), "desirable": len(good), "undesirable": len(bad),
+           "logps/chosen": _mean([r["mean_logp"] for r in good]), "logps/rejected": _mean([r["mean_logp"] for r in bad])}
+    if rows and "reward" in rows[0]:
+        out.update({"rewards/chosen": _mean([r["reward"] for r in good]),
+                    "rewards/rejected": _mean([r["reward"] for r in bad])})
+        out.update({"rewards/margin": out["rewards/chosen"] - out["rewards/rejected"],
+                    "rewards/accuracy": _mean([r["reward"] != 0 and (r["reward"] > 0) == r["label"] for r in rows]),
+                    "kl": _mean([r["kl"] for r in rows])})
+    return out
+
+
 def _text(turns) -> str:
     return "\n".join(t["content"] for t in turns or [])
 
 
-def _prediction(rec: dict[str, Any], i: int, scores: dict[str, float]) -> dict[str, Any]:
+def _prediction(rec: dict[str, Any], i: int, scores: dict[str, Any]) -> dict[str, Any]:
     prompt = next((m["content"] for m in reversed(rec["prompt"]) if m["role"] == "user"), "")
-    return {"index": i, "prompt": prompt, "chosen": _text(rec.get("chosen")), "rejected": _text(rec.get("rejected")),
-            "scores": {k: round(v, 6) for k, v in scores.items()}}
+    answers = ({"completion": _text(rec.get("completion")), "label": rec["label"]} if "label" in rec else
+               {"chosen": _text(rec.get("chosen")), "rejected": _text(rec.get("rejected"))})
+    return {"index": i, "prompt": prompt, **answers,
+            "scores": {k: round(v, 6) if isinstance(v, float) else v for k, v in scores.items() if k != "label"}}
+
+
+def is_kto_data(records: Sequence[dict[str, Any]]) -> bool:
+    """kto's prepared records: a prompt, one labelled answer (`completion`) and no rejected answer."""
+    return bool(records) and "label" in records[0] and "completion" in records[0]
 
 
 def is_preference_data(records: Sequence[dict[str, Any]]) -> bool:
-    return bool(records) and "chosen" in records[0] and "rejected" in records[0]
+    return bool(records) and ("chosen" in records[0] and "rejected" in records[0] or is_kto_data(records))
 
 
 def evaluate_pairs(model: str, adapter_dir, base: str | None, dtype: str, records: list[dict[str, Any]],

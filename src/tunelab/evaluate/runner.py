@@ -25,6 +25,9 @@ METRIC_ALIASES = {"rouge_l": "rouge", "rougel": "rouge", "ppl": "perplexity", "e
                   "exact-match": "exact_match"}
 
 
+RAW_STAGES = ("pt", "dpo", "orpo", "simpo", "kto")  # runs whose raw data files prepare reads their own way (else sft)
+
+
 class EvalError(TunelabError):
     """Evaluation could not run as asked; the message says what to change."""
 
@@ -147,7 +150,7 @@ def _prepare_raw(path: Path, stage: str = "sft") -> EvalData:
 
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
         result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=lambda *_: None,
-                                 stage=stage if stage in ("pt", "dpo", "orpo", "simpo") else "sft")
+                                 stage=stage if stage in RAW_STAGES else "sft")
         result.raise_if_unusable()
         prepared = load_prepared(result.output)
         records = list(prepared.train) + list(prepared.val)
@@ -254,9 +257,11 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
                 max_new_tokens=max_new_tokens or d.get("max_new_tokens", 64),
                 max_samples=max_samples or d.get("max_samples", 32), batch_size=batch_size or d.get("batch_size", 8))
     dtype = dtype or d.get("dtype", "auto")
-    stage = d.get("stage") if d.get("stage") in ("pt", "dpo", "orpo", "simpo") else None
+    stage = d.get("stage") if d.get("stage") in RAW_STAGES else None
     ev_data = load_eval_data(data, split, **({"stage": stage} if stage else {}))  # raw files read as the run's
-    pairs = "chosen" in ev_data.records[0] and "rejected" in ev_data.records[0]
+    from tunelab.evaluate.preference import is_preference_data
+
+    pairs = is_preference_data(ev_data.records)  # dpo/orpo/simpo pairs or kto's labelled answers
     if any("messages" not in r for r in ev_data.records):  # raw text (pt): no prompt to answer, perplexity only
         metrics = ["perplexity"]
     elif d.get("system_prompt") and not pairs:  # pairs got it when they were prepared  # as training encoded them: the run's system prompt where a record has none
