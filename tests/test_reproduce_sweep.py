@@ -385,3 +385,27 @@ def test_dpo_run_is_tracked_reproduced_and_swept_like_sft(tmp_path, tiny_model_d
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     swept = run_sweep(str(config), ["preference.beta=0.1,0.5"], name="beta", say=lambda *_: None)
     assert [r.status for r in swept.rows] == ["finished", "finished"]
+
+
+# ---------------------------------------------------------------- sweep refusals (before anything trains)
+
+
+def _sweep(tmp_path, grid=("lora.r=8",), calls=None, **kw):
+    kw.setdefault("overrides", [f"output.dir={tmp_path}"])
+    return run_sweep(kw.pop("config", None), list(grid), train_fn=fake_train([] if calls is None else calls),
+                     say=lambda *_: None, **kw)
+
+
+def test_sweep_refuses_a_name_started_from_another_config(tmp_path):
+    """`--name mine` with an edited config must not show the first config's results as this one's."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("training:\n  seed: 1\n")
+    b.write_text("training:\n  seed: 2\n")
+    _sweep(tmp_path, config=str(a), name="mine")
+    calls: list = []
+    with pytest.raises(SweepError, match="another config"):
+        _sweep(tmp_path, config=str(b), name="mine", calls=calls)
+    assert calls == []
+    assert "config_hash" in json.loads((tmp_path / "mine" / "sweep.json").read_text())
+    res = _sweep(tmp_path, config=str(a), name="mine")  # the same config continues it
+    assert res.skipped == ["r8"]

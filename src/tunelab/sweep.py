@@ -6,7 +6,8 @@ Layout: `<output.dir>/<sweep>/sweep.json` lists the grid and every combination; 
 run folder `<output.dir>/<sweep>/<combo>` (e.g. `r8-learning_rate1e-4`), so `tunelab runs list/compare` see them.
 Running the same command again continues the sweep: completed (and diverged) runs are skipped, an interrupted or
 failed run is resumed from its last complete checkpoint, and the rest are trained. The sweep name defaults to the
-config file's name plus a hash of the grid, so the same command always finds the same sweep.
+config file's name plus a hash of the grid, so the same command always finds the same sweep. Reusing a name with
+another grid, other overrides or another resolved config is refused rather than mixing results.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def default_sweep_name(config: str | None, grid: list[tuple[str, list[str]]], ov
     return f"{stem}-sweep-{digest}"
 
 
+def config_hash(cfg) -> str:
+    """A hash of the resolved config every run of the sweep starts from (before the grid)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / name
 
@@ -147,16 +153,21 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     if problems:
         raise SweepError("the sweep has invalid combinations:\n" + "\n".join(problems))
     base = next(iter(cfgs.values()))
+    digest = config_hash(load_config(config, list(overrides)))
     name = name or default_sweep_name(config, axes, overrides)
     folder = sweep_dir(base.output.dir, name)
-    folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "sweep.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {
-        "name": name, "config": config, "grid": [f"{k}={','.join(v)}" for k, v in axes],
+        "name": name, "config": config, "config_hash": digest, "grid": [f"{k}={','.join(v)}" for k, v in axes],
         "overrides": list(overrides), "metric": metric, "created_at": now_iso(), "runs": {}}
     if state.get("grid") != [f"{k}={','.join(v)}" for k, v in axes] or state.get("overrides") != list(overrides):
         raise SweepError(f"sweep {name!r} in {folder} was started with another grid ({state.get('grid')}, overrides "
                          f"{state.get('overrides')}); pass --name to start a new sweep")
+    if state.setdefault("config_hash", digest) != digest:  # sweeps from before the hash adopt this one
+        raise SweepError(f"sweep {name!r} in {folder} was started from another config ({state.get('config')} as it "
+                         "was then, with its overrides); its results are not this config's. Pass another --name to "
+                         "start a new sweep")
+    folder.mkdir(parents=True, exist_ok=True)
     state["metric"] = metric
     for combo, ovr in combos:
         state["runs"].setdefault(combo, {"overrides": ovr, "run_dir": str(folder / combo), "status": "pending"})
