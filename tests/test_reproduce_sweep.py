@@ -409,3 +409,20 @@ def test_sweep_refuses_a_name_started_from_another_config(tmp_path):
     assert "config_hash" in json.loads((tmp_path / "mine" / "sweep.json").read_text())
     res = _sweep(tmp_path, config=str(a), name="mine")  # the same config continues it
     assert res.skipped == ["r8"]
+
+
+@pytest.mark.parametrize("metric", ["eval_los", "eval_tokens"])
+def test_sweep_refuses_a_metric_it_cannot_rank_by_before_training(tmp_path, metric):
+    calls: list = []
+    with pytest.raises(SweepError, match=f"--metric '{metric}': not a metric the sweep can rank by"):
+        _sweep(tmp_path, metric=metric, calls=calls)
+    assert calls == [] and not any(tmp_path.iterdir())
+
+
+def test_sweep_without_the_metric_writes_no_ranking(tmp_path):
+    res = _sweep(tmp_path, ["lora.r=8,16"], metric="rouge_l", name="s")  # fake runs record eval_loss and bleu only
+    assert all(r.value is None for r in res.rows)
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["ranking"] == []
+    from tunelab.sweep import sweep_table
+
+    assert "not ranked" in sweep_table(res).title

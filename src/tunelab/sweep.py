@@ -7,11 +7,14 @@ run folder `<output.dir>/<sweep>/<combo>` (e.g. `r8-learning_rate1e-4`), so `tun
 Running the same command again continues the sweep: completed (and diverged) runs are skipped, an interrupted or
 failed run is resumed from its last complete checkpoint, and the rest are trained. The sweep name defaults to the
 config file's name plus a hash of the grid, so the same command always finds the same sweep. Reusing a name with
-another grid, other overrides or another resolved config is refused rather than mixing results.
+another grid, other overrides or another resolved config is refused rather than mixing results. `--metric` must be
+one whose direction is known (KNOWN_METRICS, or a name ending in loss/perplexity), and is checked before anything
+trains.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -87,6 +90,18 @@ def default_sweep_name(config: str | None, grid: list[tuple[str, list[str]]], ov
     return f"{stem}-sweep-{digest}"
 
 
+def check_metric(metric: str) -> str:
+    """The metric must be one we know the direction of, or the ranking would be a guess (or empty after hours)."""
+    from tunelab.runs import KNOWN_METRICS, _better
+
+    if _better(metric) is None:
+        close = difflib.get_close_matches(metric, KNOWN_METRICS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise SweepError(f"--metric {metric!r}: not a metric the sweep can rank by; {hint}"
+                         f"use one of {', '.join(KNOWN_METRICS)}")
+    return metric
+
+
 def config_hash(cfg) -> str:
     """A hash of the resolved config every run of the sweep starts from (before the grid)."""
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -141,6 +156,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     from tunelab.config import ConfigError, load_config
     from tunelab.rundir import now_iso
 
+    check_metric(metric)
     axes = parse_grid(grid)
     combos = combinations(axes)
     # Validate every combination before training any: a typo in the last one must not surface hours later.
@@ -211,7 +227,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
         entry["ended_at"] = now_iso()
         _save(state_path, state)
     result = SweepResult(name, folder, metric, sweep_rows(folder, state, metric), trained, skipped)
-    state["ranking"] = [r.combo for r in result.rows]
+    state["ranking"] = [r.combo for r in result.rows if r.value is not None]  # runs without the metric are unranked
     _save(state_path, state)
     return result
 
@@ -238,7 +254,9 @@ def sweep_table(result: SweepResult):
 
     from tunelab.runs import fmt_num
 
-    t = Table(title=f"sweep {result.name} — sorted by {result.metric} (best first)")
+    ranked = any(r.value is not None for r in result.rows)
+    t = Table(title=f"sweep {result.name} — sorted by {result.metric} (best first)" if ranked else
+              f"sweep {result.name} — not ranked: no run recorded a final {result.metric}")
     for col in ("rank", "run", *[o.split("=")[0] for o in (result.rows[0].overrides if result.rows else [])],
                 "status", result.metric):
         t.add_column(col, justify="right" if col in ("rank", result.metric) else "left")
