@@ -426,3 +426,19 @@ def test_sweep_without_the_metric_writes_no_ranking(tmp_path):
     from tunelab.sweep import sweep_table
 
     assert "not ranked" in sweep_table(res).title
+
+
+@pytest.mark.parametrize("name", ["grp/s1", "../escaped", ".hidden", ".."])
+def test_sweep_name_is_a_plain_folder(tmp_path, name):
+    with pytest.raises(SweepError, match="plain folder name"):
+        _sweep(tmp_path / "out", name=name)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+
+
+def test_sweep_refuses_output_keys_it_would_overwrite(tmp_path):
+    calls: list = []
+    with pytest.raises(SweepError, match="output.dir: the sweep sets output.dir"):
+        _sweep(tmp_path, ["output.dir=outA,outB"], calls=calls)
+    with pytest.raises(SweepError, match="output.run_name cannot be an override"):
+        _sweep(tmp_path, overrides=[f"output.dir={tmp_path}", "output.run_name=x"], calls=calls)
+    assert calls == []

@@ -6,10 +6,11 @@ Layout: `<output.dir>/<sweep>/sweep.json` lists the grid and every combination; 
 run folder `<output.dir>/<sweep>/<combo>` (e.g. `r8-learning_rate1e-4`), so `tunelab runs list/compare` see them.
 Running the same command again continues the sweep: completed (and diverged) runs are skipped, an interrupted or
 failed run is resumed from its last complete checkpoint, and the rest are trained. The sweep name defaults to the
-config file's name plus a hash of the grid, so the same command always finds the same sweep. Reusing a name with
-another grid, other overrides or another resolved config is refused rather than mixing results. `--metric` must be
-one whose direction is known (KNOWN_METRICS, or a name ending in loss/perplexity), and is checked before anything
-trains.
+config file's name plus a hash of the grid, so the same command always finds the same sweep. A `--name` is a plain
+folder name; reusing it with another grid, other overrides or another resolved config is refused rather than mixing
+results. `--metric` must be one whose direction is known (KNOWN_METRICS, or a name ending in loss/perplexity), and
+is checked before anything trains; `output.*` is set per run by the sweep, so it cannot be a grid axis (and
+`output.run_name` cannot be an override; `output.dir` can, it is where the sweep folder goes).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
         grid.append((key.strip(), vals))
     keys = [k for k, _ in grid]
     problems += [f"  - {k}: given twice" for k in sorted({k for k in keys if keys.count(k) > 1})]
+    problems += [f"  - {k}: the sweep sets output.dir and output.run_name of each run itself (pass output.dir=... "
+                 "as an override to choose where the sweep goes)" for k in keys if k.startswith("output.")]
     if problems or not grid:
         raise SweepError("bad --grid:\n" + ("\n".join(problems) or "  - no --grid axis given"))
     return grid
@@ -88,6 +91,14 @@ def default_sweep_name(config: str | None, grid: list[tuple[str, list[str]]], ov
     text = Path(config).read_text(encoding="utf-8") if config and Path(config).is_file() else ""
     digest = hashlib.sha256(json.dumps([grid, list(overrides), text]).encode()).hexdigest()[:6]
     return f"{stem}-sweep-{digest}"
+
+
+def check_name(name: str) -> str:
+    """A sweep name is one plain folder under output.dir: `runs list` finds runs one level below a group folder."""
+    if not name or name in (".", "..") or name.startswith(".") or re.search(r"[/\\]", name):
+        raise SweepError(f"--name {name!r}: give a plain folder name (no '/', no leading '.'); the sweep goes in "
+                         "output.dir/<name>")
+    return name
 
 
 def check_metric(metric: str) -> str:
@@ -157,6 +168,10 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     from tunelab.rundir import now_iso
 
     check_metric(metric)
+    if name is not None:
+        check_name(name)
+    if any(o.partition("=")[0].strip() == "output.run_name" for o in overrides):
+        raise SweepError("output.run_name cannot be an override: each run of a sweep is named after its combination")
     axes = parse_grid(grid)
     combos = combinations(axes)
     # Validate every combination before training any: a typo in the last one must not surface hours later.
