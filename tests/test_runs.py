@@ -195,3 +195,18 @@ def test_statuses_of_older_runs_read_in_todays_words(tmp_path):
     assert run_status({}) == "unknown"
     make_run(tmp_path, "old", status="completed")
     assert [r.status for r in list_runs(tmp_path)] == ["finished"]
+
+
+def test_list_sweep_finds_its_runs_from_any_folder(tmp_path, monkeypatch):
+    """sweep.json records run_dir relative to where the sweep ran; `runs list --sweep` must not depend on that."""
+    from tunelab.sweep import run_sweep
+
+    def train(cfg, resume=None):
+        return make_run(Path(cfg.output.dir), cfg.output.run_name)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    run_sweep(None, ["lora.r=8,16"], overrides=["output.dir=outputs"], name="s", train_fn=train, say=lambda *_: None)
+    monkeypatch.chdir(elsewhere)
+    assert sorted(s.name for s in runs.list_runs(tmp_path / "outputs", sweep="s")) == ["s/r16", "s/r8"]

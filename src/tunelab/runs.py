@@ -219,8 +219,8 @@ def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None)
     """Every run under `runs_dir`, newest first (reads only manifest.json)."""
     root = Path(runs_dir)
     keep = None
-    if sweep:
-        keep = {Path(r["run_dir"]).resolve() for r in load_sweep(root, sweep)["runs"].values()}
+    if sweep:  # a sweep's runs are <root>/<sweep>/<combo> (sweep.json's run_dir is relative to where it ran)
+        keep = {(root / sweep / combo).resolve() for combo in load_sweep(root, sweep)["runs"]}
     out = []
     for run in iter_run_dirs(root):
         if keep is not None and run.resolve() not in keep:
