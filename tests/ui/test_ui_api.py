@@ -284,3 +284,26 @@ def test_request_limits(workdir):
     deep = "/".join(["a" * 250] * 20)  # each name fits, the whole path does not
     assert c.get("/api/run", params={"name": deep}).status_code == 404
     assert c.get("/api/run/file", params={"name": "r", "path": "b" * 300}).status_code == 400
+
+
+def test_ui_binds_its_port_before_showing_the_url(monkeypatch, capsys):
+    """A taken port is one error line, and no browser tab opens on the server that holds it; a port out of range
+    is argparse's usage error, not a traceback."""
+    import socket
+    import webbrowser
+
+    from tunelab.cli import main
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert opened == [] and "tunelab ui:" not in out
+    assert err.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["ui", "--port", "70000", "--no-browser"])
+    assert exit_.value.code == 2 and "'70000' is not a port number (0-65535)" in capsys.readouterr().err

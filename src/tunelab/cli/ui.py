@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunelab.cli import positive_int
+from tunelab.cli import port_number, positive_int
 from tunelab.ui import MAX_UPLOAD_MB
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -19,7 +19,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="outputs", help="folder that holds the runs (output.dir; default outputs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="port (default 7860; 0: any free port)")
     p.add_argument("--token", default=None,
                    help="secret every request must carry (?token= once in the browser); required with a --host "
                         "other than loopback")
@@ -44,12 +44,44 @@ def run(args: argparse.Namespace) -> int:
 
     allowed = tuple(LOOPBACK_NAMES) if args.host in LOOPBACK else None
     app = create_app(args.dir, token=args.token, allowed_hosts=allowed, max_upload_mb=args.max_upload_mb)
+    sock = listen(args.host, args.port)  # before the URL is shown: a taken port must not open another server's page
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown_host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
+    url = f"http://{shown_host}:{sock.getsockname()[1]}/" + (f"?token={args.token}" if args.token else "")
     print(f"tunelab ui: {url}  (runs in {args.dir}; Ctrl-C stops the server, not the runs)", flush=True)
     if not args.no_browser:
         import webbrowser
 
         webbrowser.open(url)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run catches it too)
+        pass
+    finally:
+        sock.close()
     return 0
+
+
+def listen(host: str, port: int):
+    """A socket listening on host:port (connections wait in its backlog until the server takes them), or an error
+    that names the port."""
+    import socket
+
+    from tunelab.errors import TunelabError
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except OSError as e:
+        raise TunelabError(f"cannot listen on --host {host}: {e.strerror or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-closed server's port is free
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise TunelabError(f"cannot listen on {host} port {port}: {e.strerror or e} (another server there? pick "
+                           "another --port)") from None
+    return sock
