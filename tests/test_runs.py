@@ -210,3 +210,15 @@ def test_list_sweep_finds_its_runs_from_any_folder(tmp_path, monkeypatch):
     run_sweep(None, ["lora.r=8,16"], overrides=["output.dir=outputs"], name="s", train_fn=train, say=lambda *_: None)
     monkeypatch.chdir(elsewhere)
     assert sorted(s.name for s in runs.list_runs(tmp_path / "outputs", sweep="s")) == ["s/r16", "s/r8"]
+
+
+def test_reports_in_one_folder_keep_their_own_loss_plot(tmp_path):
+    from tunelab.evaluate.report import write_run_report
+
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", losses=(5.0, 4.0, 3.0))
+    ra = write_run_report(a, tmp_path / "rep" / "a.md")
+    rb = write_run_report(b, tmp_path / "rep" / "b.md")
+    image = lambda md: md.parent / md.read_text().split("![loss curves](")[1].split(")")[0]  # noqa: E731
+    assert image(ra) != image(rb) and image(ra).is_file() and image(rb).is_file()
+    write_run_report(b, tmp_path / "rep" / "c.html")
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["a", "a.md", "b", "b.md", "c.html"]

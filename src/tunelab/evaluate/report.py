@@ -1,6 +1,7 @@
 """Reports people look at: the eval before/after table, and one Markdown or HTML page per run.
 
     tunelab runs report outputs/my-run                 # outputs/my-run/report.md (+ report/loss.png)
+    tunelab runs report outputs/my-run -o rep/a.md     # rep/a.md (+ rep/a/loss.png: each report has its own)
     tunelab runs report outputs/my-run -o report.html  # one self-contained HTML file (plot embedded)
 
 The run report holds the loss plot, the resolved config, the data summary, every evaluation (final metrics and
@@ -108,11 +109,11 @@ def _sections(run: Path, samples: int) -> dict[str, Any]:
             "config": config_text, "samples": _samples(run, samples), "has_curve": bool(read_metrics(run))}
 
 
-def _plot(run: Path, folder: Path) -> Path | None:
+def _plot(run: Path, image: Path) -> Path | None:
     from tunelab.runs import RunError, plot_runs
 
     try:
-        return plot_runs([run], "loss", folder / "loss.png", title=f"loss: {run.name}")
+        return plot_runs([run], "loss", image, title=f"loss: {run.name}")
     except RunError:
         return None
 
@@ -132,8 +133,14 @@ def write_run_report(run: str | os.PathLike, output: str | os.PathLike | None = 
     out = Path(output) if output else run / f"report.{fmt}"
     out.parent.mkdir(parents=True, exist_ok=True)
     sec = _sections(run, samples)
-    plot = _plot(run, out.parent / "report") if sec["has_curve"] else None
-    text = _markdown(sec, plot, out) if fmt == "md" else _html(sec, plot)
+    if fmt == "md":  # the image is named after the report, so another report in the same folder keeps its own
+        plot = _plot(run, out.parent / out.stem / "loss.png") if sec["has_curve"] else None
+        text = _markdown(sec, plot, out)
+    else:  # the page embeds the image: it is drawn in a scratch folder, and no file is left to go stale
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text = _html(sec, _plot(run, Path(tmp) / "loss.png") if sec["has_curve"] else None)
     out.write_text(text, encoding="utf-8")
     return out
 
