@@ -307,3 +307,18 @@ def test_ui_binds_its_port_before_showing_the_url(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["ui", "--port", "70000", "--no-browser"])
     assert exit_.value.code == 2 and "'70000' is not a port number (0-65535)" in capsys.readouterr().err
+
+
+def test_run_page_offset_ends_at_the_metrics_it_returned(client, workdir):
+    """The run page's metrics and the offset its live stream continues from are one read: a line still being
+    written is neither shown nor skipped, the stream delivers it once it is complete."""
+    from tunelab.ui.views import metrics_since
+
+    run = make_run(workdir / "outputs", "live", "running", pid=os.getpid(), metrics=[{"step": 1, "loss": 2.0}])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "lo')
+    page = client.get("/api/run", params={"name": "live"}).json()
+    assert page["metrics"] == [{"step": 1, "loss": 2.0}]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('ss": 1.5}\n')
+    assert metrics_since(run / "metrics.jsonl", page["metrics_offset"])[0] == [{"step": 2, "loss": 1.5}]

@@ -265,6 +265,9 @@ def run_detail(root: Path, name: str, run_arg: str, workdir: Path, jobs: list[di
     status, note = live_status(manifest, live[0] if live else (jobs[0] if jobs else None)) \
         if not manifest_error else ("unreadable", manifest_error)
     config_file = path / "config.yaml"
+    # the records and the offset the live stream continues from come from one read of complete lines: a line
+    # written between a read and a separate size check (or still being written) would never reach the page
+    metrics, metrics_offset, _ = metrics_since(path / "metrics.jsonl", 0)
     return {
         "name": name, "path": str(path), "run_arg": run_arg, "status": status, "note": note,
         "manifest": manifest, "manifest_error": manifest_error,
@@ -272,8 +275,8 @@ def run_detail(root: Path, name: str, run_arg: str, workdir: Path, jobs: list[di
         "data": _section(data_report, path, manifest, workdir),
         "evals": _section(evals, path),
         "artefacts": _section(artefacts, path, run_arg, manifest, jobs),
-        "metrics": runs.read_metrics(path),
-        "metrics_offset": file_stamp(path / "metrics.jsonl")[1],
+        "metrics": metrics,
+        "metrics_offset": metrics_offset,
         "log_tail": tail(path / "train.log"),
         "resumable": any(p.name[11:].isdigit() for p in path.glob("checkpoint-*")),
         "jobs": jobs,
