@@ -442,3 +442,16 @@ def test_sweep_refuses_output_keys_it_would_overwrite(tmp_path):
     with pytest.raises(SweepError, match="output.run_name cannot be an override"):
         _sweep(tmp_path, overrides=[f"output.dir={tmp_path}", "output.run_name=x"], calls=calls)
     assert calls == []
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"runs": [1]}', '{"runs": {"r8": 3}}'])
+def test_a_damaged_sweep_json_is_one_clear_error(tmp_path, text, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(text)
+    with pytest.raises(SweepError, match="cannot read .*sweep.json"):
+        _sweep(tmp_path, name="s")
+    from tunelab.cli import main
+
+    assert main(["runs", "list", "--dir", str(tmp_path), "--sweep", "s"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "Traceback" not in err

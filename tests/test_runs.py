@@ -222,3 +222,26 @@ def test_reports_in_one_folder_keep_their_own_loss_plot(tmp_path):
     assert image(ra) != image(rb) and image(ra).is_file() and image(rb).is_file()
     write_run_report(b, tmp_path / "rep" / "c.html")
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["a", "a.md", "b", "b.md", "c.html"]
+
+
+def test_malformed_fields_are_tolerated_without_a_traceback(tmp_path, capsys):
+    odd = make_run(tmp_path, "odd")
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest.update(duration_s="12", global_step="3", dtype={"name": "fp32"})
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    (odd / "eval").mkdir()
+    (odd / "eval" / "val.json").write_text("[1, 2]")
+    (odd / "eval" / "test.json").write_text('{"metrics": [1], "base_metrics": "x", "tokenizer_choice": 3}')
+    make_run(tmp_path, "good")
+    assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "good" in out and "odd" in out and "unreadable" not in out
+    assert main(["runs", "show", "odd", "--dir", str(tmp_path)]) == 0
+    assert "fp32" in capsys.readouterr().out
+    assert main(["runs", "compare", "odd", "good", "--dir", str(tmp_path)]) == 0
+    from tunelab.evaluate.report import write_run_report
+
+    assert "fp32" in write_run_report(odd).read_text()
+    manifest["data_fingerprint"] = ["not", "a", "string"]
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    assert not runs.compare_runs(["odd", "good"], tmp_path).data_same

@@ -126,13 +126,18 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def read_evals(run: Path) -> dict[str, dict[str, Any]]:
-    """`eval/<name>.json` files of a run, by name."""
+    """`eval/<name>.json` files of a run, by name; a file that is not an eval record is left out, and sections that
+    are not mappings read as absent (`metrics` {}, `base_metrics` None)."""
     out = {}
     for f in sorted((Path(run) / "eval").glob("*.json")):
         try:
-            out[f.stem] = json.loads(f.read_text(encoding="utf-8"))
-        except ValueError:
+            ev = read_json_object(f)
+        except TunelabError:
             continue
+        for key, empty in (("metrics", {}), ("base_metrics", None), ("tokenizer_choice", None)):
+            if not isinstance(ev.get(key), dict):
+                ev[key] = empty
+        out[f.stem] = ev
     return out
 
 
@@ -193,6 +198,11 @@ def _data_name(manifest: dict[str, Any]) -> str:
     return name
 
 
+def _number(v: Any) -> float | None:
+    """A manifest number, or None for anything else (a hand-edited "12", a null): a table shows it blank."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def summarize(run: Path, manifest: dict[str, Any] | None = None, runs_dir: Path | None = None) -> RunSummary:
     m = manifest if manifest is not None else read_manifest(run)
     started = str(m.get("started_at") or "")
@@ -200,19 +210,25 @@ def summarize(run: Path, manifest: dict[str, Any] | None = None, runs_dir: Path 
         date = dt.datetime.fromisoformat(started).strftime("%Y-%m-%d %H:%M") if started else ""
     except ValueError:
         date = started[:16]
-    name = str(run.relative_to(runs_dir)) if runs_dir is not None else m.get("run_name") or run.name
-    return RunSummary(name=name, path=run, date=date, status=run_status(m),
+    name = str(run.relative_to(runs_dir)) if runs_dir is not None else str(m.get("run_name") or run.name)
+    steps = m.get("global_step")
+    return RunSummary(name=name, path=run, date=date, status=str(run_status(m)),
                       method=str(m.get("method") or "?"), model=_model_name(m), data=_data_name(m),
-                      steps=m.get("global_step"), duration_s=m.get("duration_s"), metrics=final_metrics(m),
-                      started_at=started)
+                      steps=steps if isinstance(_number(steps), int) else None, duration_s=_number(m.get("duration_s")),
+                      metrics=final_metrics(m), started_at=started)
 
 
 def load_sweep(output_dir: str | os.PathLike, name: str) -> dict[str, Any]:
     """The state file of `tunelab sweep` (`<output_dir>/<name>/sweep.json`): its runs and their status."""
+    from tunelab.sweep import SweepError, read_state
+
     path = Path(output_dir) / name / "sweep.json"
     if not path.is_file():
         raise RunError(f"no sweep {name!r} in {output_dir} (looked for {path})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return read_state(path)
+    except SweepError as e:
+        raise RunError(str(e)) from None
 
 
 def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None) -> list[RunSummary]:
@@ -227,7 +243,7 @@ def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None)
             continue
         try:
             out.append(summarize(run, read_manifest(run), root))
-        except RunError:
+        except (RunError, TypeError, ValueError, AttributeError):  # one damaged manifest must not hide the table
             out.append(RunSummary(run.name, run, "", "unreadable", "?", "?", "?", None, None))
     return sorted(out, key=lambda s: s.started_at, reverse=True)
 
@@ -354,7 +370,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
     per_run = [dict(final_metrics(m)) for m in manifests]
     for i, p in enumerate(paths):
         for ev_name, ev in read_evals(p).items():
-            for k, v in (ev.get("metrics") or {}).items():
+            for k, v in ev["metrics"].items():
                 if isinstance(v, (int, float)):
                     per_run[i][f"{ev_name}:{k}"] = v
     order = [k for k in KNOWN_METRICS if any(k in r for r in per_run)]
@@ -367,7 +383,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
         if direction and len(present) >= 2:
             target = (min if direction == "min" else max)(v for v, _ in present)
             best[k] = [i for v, i in present if v == target]
-    return Comparison(names, config_diff, data, len(set(fps)) == 1 and fps[0] is not None, metrics, best,
+    return Comparison(names, config_diff, data, fps[0] is not None and all(f == fps[0] for f in fps), metrics, best,
                       env_diff)
 
 

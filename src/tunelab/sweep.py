@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tunelab.errors import TunelabError
+from tunelab.files import read_json_object
 
 DONE = ("finished", "diverged")  # a diverged run would diverge again: it is a result, not a gap
 
@@ -122,6 +123,16 @@ def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / name
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """sweep.json, or SweepError naming it when it is not what `tunelab sweep` writes."""
+    state = read_json_object(path, SweepError)
+    runs = state.get("runs")
+    if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):
+        raise SweepError(f"cannot read {path}: its \"runs\" is not a mapping of run entries; move it away (the run "
+                         "folders beside it are kept) or pass another --name")
+    return state
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     from tunelab.rundir import write_json_atomic
 
@@ -148,13 +159,19 @@ class SweepResult:
     skipped: list[str]
 
 
+def _manifest(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_json_object(run_dir / "manifest.json")
+    except TunelabError:
+        return None
+
+
 def _status(run_dir: Path) -> str | None:
     """The run's status, with a run that failed by diverging told apart (it is a result, not a gap)."""
     from tunelab.rundir import run_status
 
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
+    manifest = _manifest(run_dir)
+    if manifest is None:
         return None
     diverged = manifest.get("status") == "diverged" or manifest.get("failure") == "diverged"
     return "diverged" if diverged else run_status(manifest)
@@ -188,7 +205,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     name = name or default_sweep_name(config, axes, overrides)
     folder = sweep_dir(base.output.dir, name)
     state_path = folder / "sweep.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {
+    state = read_state(state_path) if state_path.is_file() else {
         "name": name, "config": config, "config_hash": digest, "grid": [f"{k}={','.join(v)}" for k, v in axes],
         "overrides": list(overrides), "metric": metric, "created_at": now_iso(), "runs": {}}
     if state.get("grid") != [f"{k}={','.join(v)}" for k, v in axes] or state.get("overrides") != list(overrides):
@@ -253,13 +270,9 @@ def sweep_rows(folder: Path, state: dict[str, Any], metric: str) -> list[SweepRo
     rows = []
     for combo, entry in state["runs"].items():
         run_dir = folder / combo
-        try:
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        value = final_metrics(manifest).get(metric)
-        rows.append(SweepRow(combo, run_dir, _status(run_dir) or entry.get("status", "pending"), value,
-                             entry["overrides"], entry.get("error")))
+        value = final_metrics(_manifest(run_dir) or {}).get(metric)
+        rows.append(SweepRow(combo, run_dir, _status(run_dir) or str(entry.get("status", "pending")), value,
+                             [str(o) for o in entry.get("overrides") or []], entry.get("error")))
     sign = -1 if _better(metric) == "max" else 1
     return sorted(rows, key=lambda r: (r.value is None, sign * r.value if r.value is not None else 0))
 

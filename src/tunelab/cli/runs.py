@@ -74,7 +74,8 @@ def _show(console, info: dict) -> None:
     for k, v in (("folder", info["path"]), ("status", s.status), ("started", s.date),
                  ("duration", fmt_duration(s.duration_s)), ("method", s.method), ("model", s.model),
                  ("data", s.data), ("data fingerprint", m.get("data_fingerprint")), ("seed", m.get("seed")),
-                 ("steps", fmt_num(s.steps)), ("dtype", f"{dtype['name']} ({dtype['reason']})"
+                 ("steps", fmt_num(s.steps)), ("dtype", f"{dtype.get('name', '?')}"
+                                               + (f" ({dtype['reason']})" if dtype.get("reason") else "")
                                                if isinstance(dtype, dict) else dtype),
                  ("git commit", m.get("git_commit")), ("checkpoints", ", ".join(info["checkpoints"]))):
         t.add_row(k, str(v if v is not None else ""))
@@ -82,6 +83,6 @@ def _show(console, info: dict) -> None:
     if info["metrics"]:
         console.print(eval_table(info["metrics"], title="final metrics"))
     for name, ev in info["evals"].items():
-        console.print(eval_table(ev.get("metrics") or {}, ev.get("base_metrics"), title=f"eval/{name}"))
+        console.print(eval_table(ev["metrics"], ev["base_metrics"], title=f"eval/{name}"))
     console.print("config.yaml:")
     console.print(yaml.safe_dump(info["config"], sort_keys=False, allow_unicode=True), markup=False)
