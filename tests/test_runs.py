@@ -245,3 +245,25 @@ def test_malformed_fields_are_tolerated_without_a_traceback(tmp_path, capsys):
     manifest["data_fingerprint"] = ["not", "a", "string"]
     (odd / "manifest.json").write_text(json.dumps(manifest))
     assert not runs.compare_runs(["odd", "good"], tmp_path).data_same
+
+
+def test_compare_and_plot_tell_alike_names_apart(tmp_path, monkeypatch):
+    a, b = make_run(tmp_path / "mine", "r2"), make_run(tmp_path / "other", "r2")
+    assert runs.compare_runs(["mine/r2", "other/r2"], tmp_path).names == ["mine/r2", "other/r2"]
+    assert runs.compare_runs([a, make_run(tmp_path, "x")], tmp_path).names == ["r2", "x"]  # unique: plain names
+    assert runs.run_labels([a, b], tmp_path) == ["mine/r2", "other/r2"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = []
+    real_legend = plt.Axes.legend
+
+    def legend(ax, *args, **kw):
+        labels.extend(ax.get_legend_handles_labels()[1])
+        return real_legend(ax, *args, **kw)
+
+    monkeypatch.setattr(plt.Axes, "legend", legend)
+    runs.plot_runs(["mine/r2", "other/r2"], "loss", tmp_path / "p.png", tmp_path)
+    assert "mine/r2 train" in labels and "other/r2 train" in labels

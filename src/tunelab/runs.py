@@ -345,6 +345,22 @@ def _differing(rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> dict[s
     return out
 
 
+def run_labels(paths: Sequence[Path], runs_dir: str | os.PathLike, names: Sequence[str] | None = None) -> list[str]:
+    """Column and legend labels: the runs' names, or, when two are alike (`mine/r2`, `other/r2`), their paths
+    relative to `runs_dir`."""
+    names = list(names) if names is not None else [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    root = Path(runs_dir).resolve()
+    out = []
+    for p in paths:
+        try:
+            out.append(str(Path(p).resolve().relative_to(root)))
+        except ValueError:
+            out.append(str(p))
+    return out
+
+
 def _better(metric: str) -> str | None:
     leaf = metric.split(":")[-1]
     if leaf in LOWER_IS_BETTER or leaf.endswith("loss") or leaf.endswith("perplexity"):
@@ -359,7 +375,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
     if len(paths) < 2:
         raise RunError("compare needs at least two runs")
     manifests = [read_manifest(p) for p in paths]
-    names = [m.get("run_name") or p.name for p, m in zip(paths, manifests)]
+    names = run_labels(paths, runs_dir, [str(m.get("run_name") or p.name) for p, m in zip(paths, manifests)])
     configs = [flatten(read_config(p)) for p in paths]
     config_diff = _differing(configs, skip=("output.run_name",))
     env_diff = _differing([flatten({k: m.get(k) for k in ENV_KEYS if k in m}) for m in manifests],
@@ -452,8 +468,9 @@ def plot_runs(runs: Sequence[str | os.PathLike], metric: str = "loss", output: s
     eval_key = metric if metric.startswith("eval_") else f"eval_{metric}"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     drawn = 0
-    for i, p in enumerate(paths):
-        recs, colour, name = read_metrics(p), f"C{i % 10}", p.name
+    labels = run_labels(paths, runs_dir)
+    for i, (p, name) in enumerate(zip(paths, labels)):
+        recs, colour = read_metrics(p), f"C{i % 10}"
         train = curve((r for r in recs if "eval_loss" not in r or "loss" in r), train_key) \
             if train_key != eval_key else []
         evals = curve(recs, eval_key)
@@ -465,13 +482,13 @@ def plot_runs(runs: Sequence[str | os.PathLike], metric: str = "loss", output: s
             drawn += 1
     if not drawn:
         plt.close(fig)
-        raise RunError(f"no {metric!r} values in the metrics.jsonl of {', '.join(p.name for p in paths)}")
+        raise RunError(f"no {metric!r} values in the metrics.jsonl of {', '.join(labels)}")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric}: " + ", ".join(p.name for p in paths)[:90])
+    ax.set_title(title or f"{metric}: " + ", ".join(labels)[:90])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
