@@ -71,6 +71,13 @@ def test_text_documents_option_of_prepare_and_validate(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --text-documents applies to --stage pt (raw text), not --stage sft"
 
 
+def test_column_map_names_the_text_field(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS), encoding="utf-8")
+    r = prepare_dataset([str(src)], None, check=True, stage="pt", column_map={"text": "content"}, console=_quiet)
+    assert r.report["records_accepted"] == len(DOCS)
+
+
 def test_every_document_accepted_or_rejected_with_its_reason(tmp_path, tiny_tokenizer):
     src = tmp_path / "mixed.jsonl"
     rows = [{"text": d, "url": "x"} for d in DOCS] + [

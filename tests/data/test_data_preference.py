@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import shared_file
-from tunelab.data.prepare import load_prepared, prepare_dataset
+from tunelab.data.prepare import DataError, load_prepared, prepare_dataset
 
 PROMPT = [{"role": "user", "content": "Capital of France?"}]
 GOOD = [
@@ -79,6 +79,32 @@ def test_kto_reads_labels_both_ways(tmp_path, tiny_tokenizer):
     assert r["records_accepted"] == 2 and r["rejected_by_reason"] == {"wrong_type": 1, "wrong_stage": 1}
     labels = sorted(rec["label"] for rec in load_prepared(tmp_path / "k").train)
     assert labels == [False, True]
+
+
+def test_column_map_renames_preference_fields_and_turn_keys(tmp_path):
+    turn = {"speaker": "human", "text": "Hi?"}
+    pairs = [{"instruction": "unused", "question": "Add 2+2", "chosen": "4", "rejected": "5"},
+             {"conv": [turn], "good": {"speaker": "gpt", "text": "Hello!"}, "bad": {"speaker": "gpt", "text": "No."}}]
+    src = _write(tmp_path / "pairs.jsonl", pairs)
+    cmap = {"instruction": "question", "conversations": "conv", "chosen": "good", "rejected": "bad",
+            "role": "speaker", "content": "text"}
+    r = prepare_dataset(str(src), tmp_path / "p", stage="dpo", column_map=cmap, val_ratio=0, console=lambda _: None)
+    assert r.report["records_accepted"] == 2, r.report["rejected_examples"]
+    data = load_prepared(tmp_path / "p").train
+    assert [(d["prompt"][-1]["content"], d["chosen"][0]["content"]) for d in data] == [("Add 2+2", "4"),
+                                                                                       ("Hi?", "Hello!")]
+    kto = _write(tmp_path / "kto.jsonl", [{"q": "Q?", "a": "A.", "ok": True}])
+    r = prepare_dataset(str(kto), None, check=True, stage="kto", column_map={"prompt": "q", "completion": "a",
+                                                                            "label": "ok"}, console=lambda _: None)
+    assert r.report["records_accepted"] == 1, r.report["rejected_examples"]
+
+
+@pytest.mark.parametrize("options,says", [({"column_map": {"output": "answer"}}, "cannot map 'output' for stage dpo"),
+                                          ({"format": "alpaca"}, "format 'alpaca' applies to sft conversations")])
+def test_options_a_preference_stage_cannot_apply_are_refused(tmp_path, options, says):
+    src = _write(tmp_path / "pairs.jsonl", GOOD)
+    with pytest.raises(DataError, match=says):
+        prepare_dataset(str(src), None, check=True, stage="dpo", console=lambda _: None, **options)
 
 
 @pytest.mark.parametrize("name,stage", [("dpo_en_demo.json", "dpo"), ("dpo_zh_demo.json", "dpo"),

@@ -31,9 +31,11 @@ def parse_map(text: str | None) -> dict[str, str] | None:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared with `tunelab validate`."""
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai"],
-                   help="record format; auto detects it per record (default)")
+                   help="record format of sft conversations; auto detects it per record (default, and the only "
+                        "choice for other stages)")
     p.add_argument("--map", type=parse_map, default=None, metavar="NAME=COLUMN,...",
-                   help="custom field names, e.g. instruction=question,output=answer (also role=, content=)")
+                   help="custom field names, e.g. instruction=question,output=answer (also role=, content=; "
+                        "preference stages: chosen=, rejected=, prompt=, ...; pt: text=)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model or tokenizer folder whose tokenizer and chat template give the token statistics "
                         f"(default {DEFAULT_MODEL})")

@@ -298,20 +298,26 @@ def _preference(rec: dict, fmt: str, warnings: list) -> str | None:
     return None
 
 
+def apply_map(rec: dict, column_map: dict[str, str] | None, record_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """A column map (our name -> the record's column) applied: (the record with its `record_keys` columns renamed,
+    the map of turn keys `role` / `content` for `_turns`)."""
+    if not column_map:
+        return rec, {}
+    rename = {src: dst for dst, src in column_map.items() if dst in record_keys and src in rec}
+    if rename:
+        renamed = {k: v for k, v in rec.items() if k not in rename}
+        renamed.update({dst: rec[src] for src, dst in rename.items()})
+        rec = renamed
+    return rec, {k: v for k, v in column_map.items() if k in TURN_KEYS}
+
+
 def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = None,
               system_prompt: str | None = None, notes: Counter | None = None) -> Conversation:
     """One raw record → a canonical Conversation, or Invalid with the reason."""
     notes = Counter() if notes is None else notes
     if not isinstance(rec, dict):
         raise Invalid("wrong_type", f"a record must be a JSON object, got {_type_name(rec)}")
-    turn_map = {}
-    if column_map:
-        rename = {src: dst for dst, src in column_map.items() if dst in RECORD_KEYS and src in rec}
-        if rename:
-            renamed = {k: v for k, v in rec.items() if k not in rename}
-            renamed.update({dst: rec[src] for src, dst in rename.items()})
-            rec = renamed
-        turn_map = {k: v for k, v in column_map.items() if k in TURN_KEYS}
+    rec, turn_map = apply_map(rec, column_map, RECORD_KEYS)
     kind = _detect(rec) if fmt == "auto" else fmt
     try:
         return _normalize_as(kind, rec, turn_map, system_prompt, notes)

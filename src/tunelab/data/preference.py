@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.data.formats import (ASSISTANT, SYSTEM, USER, Invalid, _text, _tools, _turns, _type_name,
-                                  check_order)
+                                  apply_map, check_order)
 
 PAIR_STAGES = ("dpo", "orpo", "simpo")
 STAGES = PAIR_STAGES + ("kto",)
+# Record keys a column map may rename (`--map chosen=good,rejected=bad`); `role` / `content` rename turn keys.
+RECORD_KEYS = ("prompt", "chosen", "rejected", "completion", "label", "instruction", "input", "system",
+               "conversations", "messages", "tools")
 
 
 @dataclass
@@ -56,7 +59,7 @@ class PreferenceRecord:
                 "tools": self.tools}
 
 
-def _side(rec: dict, key: str, notes: Counter) -> list[dict[str, str]]:
+def _side(rec: dict, key: str, notes: Counter, tmap: dict[str, str]) -> list[dict[str, str]]:
     """One side (chosen / rejected / completion): a text, one turn, or a list of turns."""
     v = rec.get(key)
     if v is None:
@@ -69,14 +72,14 @@ def _side(rec: dict, key: str, notes: Counter) -> list[dict[str, str]]:
         raise Invalid("wrong_type", f"'{key}' must be a text, a turn or a list of turns, got {_type_name(v)}")
     if not v:
         raise Invalid("empty_field", f"'{key}' is empty")
-    return _turns(v, key, {}, notes)[0]
+    return _turns(v, key, tmap, notes)[0]
 
 
-def _prompt_turns(rec: dict, key: str, notes: Counter) -> list[dict[str, str]]:
+def _prompt_turns(rec: dict, key: str, notes: Counter, tmap: dict[str, str]) -> list[dict[str, str]]:
     v = rec.get(key)
     if isinstance(v, str) or v is None:
         return [{"role": USER, "content": _text(rec, key, notes, required=True)}]
-    return _turns(v, key, {}, notes)[0]
+    return _turns(v, key, tmap, notes)[0]
 
 
 def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -93,18 +96,18 @@ def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict
     return prompt_c, chosen[k:], rejected[k:]
 
 
-def _pair(rec: dict, notes: Counter) -> tuple[str, list, list, list]:
+def _pair(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, list, list]:
     if "chosen_messages" in rec or ("chosen" in rec and "prompt" not in rec and "conversations" not in rec
                                     and "messages" not in rec and "instruction" not in rec):
         kc, kr = ("chosen_messages", "rejected_messages") if "chosen_messages" in rec else ("chosen", "rejected")
-        c, r = _side(rec, kc, notes), _side(rec, kr, notes)
+        c, r = _side(rec, kc, notes, tmap), _side(rec, kr, notes, tmap)
         return ("v1" if kc == "chosen_messages" else "trl_implicit"), *_split_implicit(c, r)
     if "conversations" in rec:
-        fmt, prompt = "sharegpt", _turns(rec["conversations"], "conversations", {}, notes)[0]
+        fmt, prompt = "sharegpt", _turns(rec["conversations"], "conversations", tmap, notes)[0]
     elif "messages" in rec:
-        fmt, prompt = "openai", _turns(rec["messages"], "messages", {}, notes)[0]
+        fmt, prompt = "openai", _turns(rec["messages"], "messages", tmap, notes)[0]
     elif "prompt" in rec:
-        fmt, prompt = "trl", _prompt_turns(rec, "prompt", notes)
+        fmt, prompt = "trl", _prompt_turns(rec, "prompt", notes, tmap)
     elif "instruction" in rec:
         instruction = _text(rec, "instruction", notes, required=True)
         inp = _text(rec, "input", notes, required=False)
@@ -115,34 +118,36 @@ def _pair(rec: dict, notes: Counter) -> tuple[str, list, list, list]:
     else:
         raise Invalid("unknown_format", "not a preference record: expected chosen/rejected with conversations, "
                                         f"instruction, prompt or messages; found keys {', '.join(sorted(rec))[:120]}")
-    chosen, rejected = _side(rec, "chosen", notes), _side(rec, "rejected", notes)
+    chosen, rejected = _side(rec, "chosen", notes, tmap), _side(rec, "rejected", notes, tmap)
     if fmt in ("trl", "openai") and len(chosen) > 1 and chosen[0]["role"] != ASSISTANT:
         raise Invalid("prompt_mismatch", "with an explicit prompt, chosen and rejected must hold only the answer")
     return fmt, prompt, chosen, rejected
 
 
-def _kto(rec: dict, notes: Counter) -> tuple[str, list, list, bool]:
+def _kto(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, list, bool]:
     key = "label" if "label" in rec else "kto_tag"
     label = rec.get(key)
     if not isinstance(label, bool):
         raise Invalid("wrong_type", f"'{key}' must be true or false, got {_type_name(label)}")
     if "completion" in rec:
-        return "trl_kto", _prompt_turns(rec, "prompt", notes), _side(rec, "completion", notes), label
+        return "trl_kto", _prompt_turns(rec, "prompt", notes, tmap), _side(rec, "completion", notes, tmap), label
     conv_key = "messages" if "messages" in rec else "conversations"
     if conv_key not in rec:
         raise Invalid("missing_field", "a KTO record needs messages / conversations, or prompt + completion")
-    turns = _turns(rec[conv_key], conv_key, {}, notes)[0]
+    turns = _turns(rec[conv_key], conv_key, tmap, notes)[0]
     if not turns or turns[-1]["role"] != ASSISTANT:
         raise Invalid("order", "a KTO conversation must end with the assistant answer that is labelled")
     return f"{'openai' if conv_key == 'messages' else 'sharegpt'}_kto", turns[:-1], turns[-1:], label
 
 
-def normalize_preference(rec: Any, stage: str, notes: Counter | None = None,
-                         system_prompt: str | None = None) -> PreferenceRecord:
-    """One raw record → a PreferenceRecord for `stage` (dpo/orpo/simpo: a pair; kto: a labelled answer)."""
+def normalize_preference(rec: Any, stage: str, notes: Counter | None = None, system_prompt: str | None = None,
+                         column_map: dict[str, str] | None = None) -> PreferenceRecord:
+    """One raw record → a PreferenceRecord for `stage` (dpo/orpo/simpo: a pair; kto: a labelled answer).
+    `column_map` renames the record's columns to the names above (RECORD_KEYS) and its turns' keys (role, content)."""
     notes = Counter() if notes is None else notes
     if not isinstance(rec, dict):
         raise Invalid("wrong_type", f"a record must be a JSON object, got {_type_name(rec)}")
+    rec, tmap = apply_map(rec, column_map, RECORD_KEYS)
     unpaired = "label" in rec or "kto_tag" in rec
     if stage == "kto" and not unpaired:
         raise Invalid("wrong_stage", "training.stage=kto needs answers labelled true/false ('label'); this record "
@@ -152,10 +157,10 @@ def normalize_preference(rec: Any, stage: str, notes: Counter | None = None,
                                      f"{stage}: use training.stage=kto")
     warnings: list[tuple[str, str]] = []
     if stage == "kto":
-        fmt, prompt, chosen, label = _kto(rec, notes)
+        fmt, prompt, chosen, label = _kto(rec, notes, tmap)
         rejected = None
     else:
-        fmt, prompt, chosen, rejected = _pair(rec, notes)
+        fmt, prompt, chosen, rejected = _pair(rec, notes, tmap)
         label = None
         if chosen == rejected:
             raise Invalid("identical_pair", "chosen is identical to rejected: the pair teaches nothing")

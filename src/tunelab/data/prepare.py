@@ -114,13 +114,29 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike], text
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
-def _check_options(format: str, column_map: dict[str, str] | None, overflow: str, train_on: str,
+STAGES = ("sft", "pt", "dpo", "orpo", "simpo", "kto")
+
+
+def _map_names(stage: str) -> tuple[str, ...]:
+    """The names a column map may use for `stage` (each stage reads its own fields)."""
+    from tunelab.data import preference, text
+
+    return {"sft": RECORD_KEYS + TURN_KEYS, "pt": text.RECORD_KEYS}.get(stage, preference.RECORD_KEYS + TURN_KEYS)
+
+
+def _check_options(stage: str, format: str, column_map: dict[str, str] | None, overflow: str, train_on: str,
                    val_ratio: float, max_length: int, max_reject_ratio: float) -> None:
     import difflib
 
     problems = []
+    if stage not in STAGES:
+        problems.append(f"stage {stage!r}: prepare reads sft conversations, pt raw text and dpo/orpo/simpo/kto "
+                        "preference data")
     if format not in FORMATS:
         problems.append(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    elif format != "auto" and stage != "sft":
+        problems.append(f"format {format!r} applies to sft conversations; stage {stage} detects the form of each "
+                        "record itself (leave format at auto)")
     if overflow not in OVERFLOW:
         problems.append(f"overflow must be one of {', '.join(OVERFLOW)}, not {overflow!r}")
     if train_on not in TRAIN_ON:
@@ -131,10 +147,11 @@ def _check_options(format: str, column_map: dict[str, str] | None, overflow: str
         problems.append(f"max_length must be at least 8, not {max_length}")
     if not 0 <= max_reject_ratio <= 1:
         problems.append(f"max_reject_ratio must be in [0, 1], not {max_reject_ratio}")
+    names = _map_names(stage)
     for key in column_map or {}:
-        if key not in RECORD_KEYS + TURN_KEYS:
-            close = difflib.get_close_matches(key, RECORD_KEYS + TURN_KEYS, 1)
-            problems.append(f"cannot map {key!r}: the names are {', '.join(RECORD_KEYS + TURN_KEYS)}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, 1)
+            problems.append(f"cannot map {key!r} for stage {stage}: the names are {', '.join(names)}"
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
     if problems:
         raise DataError("; ".join(problems))
@@ -398,12 +415,13 @@ class _Pass:
             if self.stage == "pt":
                 from tunelab.data.text import normalize_text
 
-                conv = normalize_text(item.value)
+                conv = normalize_text(item.value, self.opts["column_map"])
                 key = hash(conv.text)
             elif self.stage != "sft":
                 from tunelab.data.preference import normalize_preference
 
-                conv = normalize_preference(item.value, self.stage, self.notes, self.opts["system_prompt"])
+                conv = normalize_preference(item.value, self.stage, self.notes, self.opts["system_prompt"],
+                                            self.opts["column_map"])
                 key = hash(json.dumps(conv.row(), ensure_ascii=False))
             else:
                 conv = normalize(item.value, self.opts["format"], self.opts["column_map"],
@@ -516,10 +534,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     bad options; returns a PrepareResult whose ``usable`` is False when nothing was accepted or rejections
     exceed ``max_reject_ratio`` (the folder is still written so the rejections can be read).
     """
-    _check_options(format, column_map, overflow, train_on, val_ratio, max_length, max_reject_ratio)
-    if stage not in ("sft", "pt", "dpo", "orpo", "simpo", "kto"):
-        raise DataError(f"stage {stage!r}: prepare reads sft conversations, pt raw text and dpo/orpo/simpo/kto "
-                        "preference data")
+    _check_options(stage, format, column_map, overflow, train_on, val_ratio, max_length, max_reject_ratio)
     if text_documents not in TEXT_DOCUMENTS:
         raise DataError(f"text_documents must be one of {', '.join(TEXT_DOCUMENTS)}, not {text_documents!r}")
     files = [("train", p) for p in resolve_inputs(inputs, text=stage == "pt")]

@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tunelab.data.formats import Invalid, _type_name
+from tunelab.data.formats import Invalid, _type_name, apply_map
 from tunelab.data.readers import FileError, FileInfo, RawItem, _sniff_encoding, _text_lines, read_file
 from tunelab.data.values import text_problem
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 TEXT_DOCUMENTS = ("auto", "paragraph", "line", "file")
+RECORD_KEYS = ("text",)  # what a column map may rename (`--map text=content`)
 _CONVERSATION_KEYS = {"messages", "conversations", "instruction", "chosen", "rejected", "prompt", "completion"}
 
 
@@ -128,10 +129,11 @@ class TextRecord:
         return {"text": self.text}
 
 
-def normalize_text(rec: Any) -> TextRecord:
+def normalize_text(rec: Any, column_map: dict[str, str] | None = None) -> TextRecord:
     """A raw record (``{"text": ...}``) → a TextRecord; Invalid with a reason a person understands."""
     if not isinstance(rec, dict):
         raise Invalid("wrong_type", f"a record must be a JSON object with a 'text' field, got {_type_name(rec)}")
+    rec, _ = apply_map(rec, column_map, RECORD_KEYS)
     if "text" not in rec:
         found = sorted(_CONVERSATION_KEYS & set(rec))
         if found:
