@@ -65,6 +65,28 @@ def test_eval_of_the_sft_starting_point_on_the_dpo_pairs(runs):
     assert ev.record["data"]["source"].endswith("data")
 
 
+def test_eval_refuses_a_reference_adapter_that_is_gone_or_changed(runs, tmp_path):
+    """Not the base (adapter disabled) silently in its place: the rewards would be measured against another model."""
+    import shutil
+
+    from tunelab.evaluate.runner import EvalError, run_eval
+
+    _, sft, dpo = runs
+    run, ref = tmp_path / "dpo", tmp_path / "sft-final"
+    shutil.copytree(dpo, run)
+    shutil.copytree(sft / "checkpoint-final", ref)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "reference": {**manifest["reference"],
+                                                                              "adapter": str(ref)}}))
+    assert str(ref) in run_eval(adapter=str(run)).result.settings["reference_model"]
+    shutil.copy(dpo / "checkpoint-final" / "adapter_model.safetensors", ref)
+    with pytest.raises(EvalError, match="has changed since training"):
+        run_eval(adapter=str(run))
+    shutil.rmtree(ref)
+    with pytest.raises(EvalError, match="is missing.*put the adapter it trained from back at"):
+        run_eval(adapter=str(run))
+
+
 def test_eval_of_a_kto_run_scores_the_labelled_answers_as_training_did(tiny_model_dir, tmp_path):
     """Not SFT perplexity/BLEU with an undesirable answer as the reference: KTO's rewards, as training logged them."""
     from tunelab.evaluate.runner import run_eval

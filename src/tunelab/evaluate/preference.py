@@ -167,10 +167,13 @@ def evaluate_pairs(model: str, adapter_dir, base: str | None, dtype: str, record
 
     from tunelab.model.loading import load_pretrained
 
+    recorded = recorded_reference(run_dir)  # before loading anything: a reference gone or changed is an error
     lm, tok = load_pretrained(model, adapter_dir, dtype=dtype)
     kw = dict(max_length=opts["max_length"], overflow=opts["overflow"], beta=beta, batch_size=opts["batch_size"],
               chunk_size=opts["chunk_size"])
-    result = preference_metrics(lm, tok, records, reference=_reference(lm, run_dir), **kw)
+    reference, described = _reference(lm, recorded)
+    result = preference_metrics(lm, tok, records, reference=reference, **kw)
+    result.settings["reference_model"] = described
     base_result = None
     if base and hasattr(lm, "disable_adapter"):
         with lm.disable_adapter():
@@ -183,20 +186,41 @@ def evaluate_pairs(model: str, adapter_dir, base: str | None, dtype: str, record
     return result, base_result
 
 
-def _reference(lm, run_dir) -> Callable | None:
-    """The reference a run's rewards are measured against: its starting adapter (recorded in the manifest) loaded
-    beside the trained one, else the base (the adapter disabled); None for a model without an adapter."""
+def recorded_reference(run_dir) -> dict[str, Any]:
+    """The reference the run's manifest records (kind, adapter, fingerprint). A starting adapter that is gone, or
+    whose weights differ from the sha256 recorded at training, is an EvalError: never another model in its place."""
     import json
     from pathlib import Path
 
-    if not hasattr(lm, "disable_adapter"):
-        return None
+    from tunelab.evaluate.runner import EvalError
+
     manifest = Path(run_dir) / "manifest.json" if run_dir else None
     ref = (json.loads(manifest.read_text()).get("reference") or {}) if manifest and manifest.is_file() else {}
+    if ref.get("kind") != "adapter":
+        return ref
+    from tunelab.train.preference import _fingerprint
+
+    folder, want = Path(ref.get("adapter", "")), ref.get("fingerprint")
+    if not folder.is_dir():
+        problem = "is missing"
+    elif want and _fingerprint(folder) != want:
+        problem = "has changed since training (its weights' sha256 differs from the recorded one)"
+    else:
+        return ref
+    raise EvalError(f"the reference of run {run_dir}, the adapter it started from ({folder}, {want}), {problem}: "
+                    f"its rewards would be measured against another model; put the adapter it trained from back at {folder}")
+
+
+def _reference(lm, ref: dict[str, Any]) -> tuple[Callable | None, str | None]:
+    """(the reference a run's rewards are measured against, in words): its starting adapter `ref` (checked by
+    `recorded_reference`) loaded beside the trained one, else the base (the adapter disabled); None for a model
+    without an adapter."""
     from tunelab.train.preference import REF_ADAPTER, _switched, adapter_disabled
 
-    if ref.get("kind") == "adapter" and Path(ref.get("adapter", "")).is_dir():
+    if not hasattr(lm, "disable_adapter"):
+        return None, None
+    if ref.get("kind") == "adapter":
         lm.load_adapter(ref["adapter"], adapter_name=REF_ADAPTER, is_trainable=False)
         lm.set_adapter("default")
-        return lambda: _switched(lm, REF_ADAPTER)
-    return lambda: adapter_disabled(lm)
+        return (lambda: _switched(lm, REF_ADAPTER)), f"adapter {ref['adapter']} ({ref.get('fingerprint')})"
+    return (lambda: adapter_disabled(lm)), "the base model (the adapter disabled)"
