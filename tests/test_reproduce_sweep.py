@@ -455,3 +455,16 @@ def test_a_damaged_sweep_json_is_one_clear_error(tmp_path, text, capsys):
     assert main(["runs", "list", "--dir", str(tmp_path), "--sweep", "s"]) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and "Traceback" not in err
+
+
+def test_a_sweep_from_before_the_config_hash_is_checked_against_its_runs(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("training:\n  seed: 1\n")
+    b.write_text("training:\n  seed: 2\n")
+    _sweep(tmp_path, config=str(a), name="mine")
+    state = json.loads((tmp_path / "mine" / "sweep.json").read_text())
+    del state["config_hash"]
+    (tmp_path / "mine" / "sweep.json").write_text(json.dumps(state))
+    with pytest.raises(SweepError, match="another config"):
+        _sweep(tmp_path, config=str(b), name="mine")
+    assert _sweep(tmp_path, config=str(a), name="mine").skipped == ["r8"]

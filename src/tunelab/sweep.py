@@ -119,6 +119,27 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def trained_from_another_config(folder: Path, cfgs: dict[str, Any]) -> list[str]:
+    """The combinations whose run folder holds a config.yaml other than the one the sweep would train now (the
+    output section aside): a sweep.json from before the config hash records nothing else to check against."""
+    from tunelab.config import load_config
+
+    changed = []
+    for combo, cfg in cfgs.items():
+        path = folder / combo / "config.yaml"
+        if not path.is_file():
+            continue
+        try:
+            ran = load_config(path).to_dict()
+        except TunelabError:  # unreadable: resuming or skipping it will say so
+            continue
+        want = cfg.to_dict()
+        ran.pop("output", None), want.pop("output", None)
+        if ran != want:
+            changed.append(combo)
+    return changed
+
+
 def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / name
 
@@ -211,7 +232,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     if state.get("grid") != [f"{k}={','.join(v)}" for k, v in axes] or state.get("overrides") != list(overrides):
         raise SweepError(f"sweep {name!r} in {folder} was started with another grid ({state.get('grid')}, overrides "
                          f"{state.get('overrides')}); pass --name to start a new sweep")
-    if state.setdefault("config_hash", digest) != digest:  # sweeps from before the hash adopt this one
+    if state.setdefault("config_hash", digest) != digest or trained_from_another_config(folder, cfgs):
         raise SweepError(f"sweep {name!r} in {folder} was started from another config ({state.get('config')} as it "
                          "was then, with its overrides); its results are not this config's. Pass another --name to "
                          "start a new sweep")
