@@ -216,10 +216,15 @@ def test_two_node_ranks_match_one_process_and_only_node_0_writes(tiny_model_dir,
 
 
 @pytest.mark.distributed
-def test_two_node_ranks_without_shared_storage_stop_together_with_the_reason(tiny_model_dir, one_process, tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_node_ranks_without_shared_storage_stop_together_with_the_reason(tiny_model_dir, one_process, tmp_path,
+                                                                            stage):
+    """(dpo: the preference recipe skipped this check, and node 0 crashed in gloo with a traceback)"""
     data, _ = one_process
     # output.dir relative to each node's own working folder: node 1 cannot see the folder node 0 created
-    (code0, out0), (code1, out1) = _launch_nodes(tmp_path, _overrides(tiny_model_dir, data, "runs", "nodes", 1))
+    overrides = (_overrides(tiny_model_dir, data, "runs", "nodes", 1) if stage == "sft" else
+                 _dpo_overrides(tiny_model_dir, _pairs_file(tmp_path), "runs", "nodes", 1))
+    (code0, out0), (code1, out1) = _launch_nodes(tmp_path, overrides)
     assert code0 != 0 and code1 != 0
     assert "is not visible to every process: with several machines output.dir must be on storage" in out0 + out1
     assert not (tmp_path / "node0" / "runs" / "nodes").exists()  # nothing trained: node 0 removed its folder
@@ -231,6 +236,26 @@ def test_two_node_ranks_without_shared_storage_stop_together_with_the_reason(tin
 PAIRS = [{"prompt": q, "chosen": f"A short, polite answer: {a}.", "rejected": "Go away."}
          for q, a in [("What is 2+2?", "4"), ("Name a colour.", "blue"), ("Capital of France?", "Paris"),
                       ("Say hello.", "hello"), ("Largest planet?", "Jupiter")]]
+
+
+def _pairs_file(folder: Path) -> Path:
+    data = folder / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    return data
+
+
+def _launch_local(overrides: list[str], processes: int = 2) -> tuple[int, str]:
+    """`tunelab train --num-processes N ...`: (exit code, output)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tunelab", "train", "--num-processes", str(processes), *overrides]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        output, _ = proc.communicate()
+        pytest.fail(f"{processes} processes did not finish in {TIMEOUT_S} s. Last output:\n{output[-3000:]}")
+    return proc.returncode, output
 
 
 def _dpo_overrides(tiny_model_dir, data, out, name, batch_size):
@@ -246,20 +271,10 @@ def test_dpo_in_two_processes_matches_one(tiny_model_dir, tmp_path):
     """A DPO run (reference = the base, adapter disabled) in 2 processes x 1 pair equals 1 process x 2 pairs: the
     same losses and reward metrics step by step (the last step holds one pair: one process joins with nothing), the
     same adapter, written once by rank 0."""
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    data = _pairs_file(tmp_path)
     single = train(load_config(None, _dpo_overrides(tiny_model_dir, data, tmp_path / "one", "single", 2)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "tunelab", "train", "--num-processes", "2",
-           *_dpo_overrides(tiny_model_dir, data, tmp_path / "two", "ddp", 1)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        output, _ = proc.communicate()
-        pytest.fail(f"2-process DPO did not finish in {TIMEOUT_S} s. Last output:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    code, output = _launch_local(_dpo_overrides(tiny_model_dir, data, tmp_path / "two", "ddp", 1))
+    assert code == 0, output[-3000:]
     ddp = tmp_path / "two" / "ddp"
 
     one = {m["step"]: m for m in read_metrics(single) if "loss" in m and not m.get("final")}
@@ -276,3 +291,30 @@ def test_dpo_in_two_processes_matches_one(tiny_model_dir, tmp_path):
     assert output.count("Run: ") == 1
     log = (ddp / "train.log").read_text(encoding="utf-8")
     assert all(log.count(f"  Step {k}/3 |") == 1 for k in (1, 2, 3))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_data_the_main_process_refuses_stops_every_process_with_its_reason(tiny_model_dir, tmp_path, stage):
+    """The other process waited in a barrier for data rank 0 never prepared: gloo crashed it with a traceback, and
+    torchrun added its own (exit 1)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"oops\n')  # truncated: refused whole, by rank 0, which prepares the data
+    overrides = [f"model.name={tiny_model_dir}", f"data.train={bad}", f"output.dir={tmp_path / 'runs'}",
+                 "output.run_name=bad", "model.dtype=fp32", f"training.stage={stage}"]
+    code, output = _launch_local(overrides)
+    assert code == 2, output[-3000:]
+    assert "Traceback" not in output and "ChildFailedError" not in output
+    assert f"error: {bad}: line" in output and "stopped because the main process (rank 0) failed" in output
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_several_processes_without_a_run_name_are_refused_before_launching(tiny_model_dir, tmp_path, capsys, stage):
+    """(dpo trained into a time-stamped folder each process named for itself)"""
+    from tunelab.cli import main
+
+    assert main(["train", "--num-processes", "2", f"model.name={tiny_model_dir}", f"training.stage={stage}",
+                 f"data.train={_pairs_file(tmp_path)}", f"output.dir={tmp_path / 'runs'}"]) == 2
+    assert "with several processes set output.run_name" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+from tunelab.cli import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config (see docs/config.md); defaults apply without one")
@@ -15,27 +17,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue from the newest complete checkpoint of RUN_DIR (default: the config's run, or "
                         "the newest unfinished run in output.dir)")
-    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+    p.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
                    help="train with N processes on this machine through torchrun (DDP; gloo on CPU). For several "
                         "machines or FSDP/DeepSpeed use `accelerate launch -m tunelab train ...`")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
-               "-m", "tunelab", "train"]
-        cmd += (["--config", args.config] if args.config else []) + list(args.overrides)
-        cmd += ["--resume", args.resume] if args.resume else []
-        # own process group, so Ctrl-C / SIGTERM reach torchrun and every worker (each checkpoints and stops)
-        proc = subprocess.Popen(cmd, start_new_session=True)
-
-        def forward(signum, _frame):
-            os.killpg(proc.pid, signum)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, forward)
-        return proc.wait()
+        return _launch(args)
     return train_from_args(args.config, args.overrides, args.resume)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """torchrun with N local workers; what can be checked before they start is checked here, once."""
+    from tunelab.config import load_config
+    from tunelab.train.distributed import require_run_name
+
+    require_run_name(load_config(args.config, args.overrides), args.resume, args.num_processes)
+    cmd = [sys.executable, "-c", "import sys; from tunelab.train.distributed import torchrun; "
+           "sys.exit(torchrun(sys.argv[1:]))", "--standalone", f"--nproc_per_node={args.num_processes}",
+           "-m", "tunelab", "train"]
+    cmd += (["--config", args.config] if args.config else []) + list(args.overrides)
+    cmd += ["--resume", args.resume] if args.resume else []
+    # own process group, so Ctrl-C / SIGTERM reach torchrun and every worker (each checkpoints and stops)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, _frame):
+        os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    return proc.wait()
 
 
 def train_from_args(config: str | None, overrides: list[str], resume: str | None = None) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,9 +84,27 @@ def params_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def _on_any_process(flag: bool) -> bool:
+    """`flag` or'ed over the processes (a barrier too); no accelerator at hand, so torch.distributed directly."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    nccl = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor(float(flag), device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+@contextmanager
+def main_process_work() -> Iterator[None]:
+    """Work the main process does while the others wait (the block then ends in a barrier). When it fails, every
+    process stops: the main one with its own error, the others saying so, instead of crashing in the barrier."""
+    try:
+        yield
+    except BaseException:
+        _on_any_process(True)
+        raise
+    if _on_any_process(False):
+        raise TunelabError("stopped because the main process (rank 0) failed: see its error")
 
 
 def gathered_state_dict(accelerator, wrapped) -> dict | None:
@@ -114,3 +134,23 @@ def require_shared_run_folder(accelerator, path: Path) -> None:
         raise TunelabError(
             f"the run folder {path} is not visible to every process: with several machines output.dir must be on "
             "storage every machine mounts at the same path (NFS, a shared disk); see docs/distributed.md")
+
+
+def require_run_name(cfg, resume, processes: int) -> None:
+    """Several processes name one run: a time-stamped default name would differ between machines."""
+    if processes > 1 and not cfg.output.run_name and not resume:
+        raise TunelabError("with several processes set output.run_name so every process writes the same run")
+
+
+def torchrun(argv: list[str]) -> int:
+    """`torchrun ARGV` (torch.distributed.run's own parser and launcher), returning the first failed worker's exit
+    code instead of torchrun's ChildFailedError traceback: the worker has already printed its error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # killed by a signal: the shell's 128 + signal number
+    return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from tunelab.config import Config
 from tunelab.errors import TunelabError
-from tunelab.train.distributed import barrier
+from tunelab.train.distributed import main_process_work
 
 
 @dataclass
@@ -40,9 +40,9 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
 
     src = Path(cfg.data.train)
     folder = src if src.is_dir() and (src / "train.jsonl").is_file() else run_path / "data"
-    if folder != src and main and (fresh or not (folder / "train.jsonl").is_file()):
-        _prepare_into(cfg, tokenizer, src, folder, run_path.name)
-    barrier()
+    with main_process_work():  # a dataset the main process refuses stops every process with its reason
+        if folder != src and main and (fresh or not (folder / "train.jsonl").is_file()):
+            _prepare_into(cfg, tokenizer, src, folder, run_path.name)
     prepared = load_prepared(folder)
     _check_usable(prepared.report, folder)
     _check_stage(prepared.report, cfg.training.stage, folder)

@@ -71,13 +71,13 @@ class RunLife:
     # ---- the context
 
     def __enter__(self) -> "RunLife":
-        from tunelab.train.distributed import barrier
+        from tunelab.train.distributed import main_process_work
 
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:  # the folder is made only once the handlers are ours: no window for an orphan
-            if self.fresh and self.main:
-                _create_run_folder(self.cfg, self.path)
-            barrier()
+            with main_process_work():
+                if self.fresh and self.main:
+                    _create_run_folder(self.cfg, self.path)
         except BaseException:
             self._restore_handlers()
             raise

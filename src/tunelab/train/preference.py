@@ -32,14 +32,14 @@ import torch
 
 from tunelab.config import Config
 from tunelab.data.batching import batches_for_epoch
-from tunelab.runtime import bound_kernel_caches, return_free_heap
+from tunelab.runtime import return_free_heap
 from tunelab.errors import TunelabError
 from tunelab.model.loss import autocast_for
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.distributed import any_process, barrier, make_accelerator, refuse_unverified_sharding
+from tunelab.train.distributed import any_process, main_process_work
 from tunelab.train.inputs import load_data
-from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, open_run
+from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted
 from tunelab.train.monitor import Trackers, fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
@@ -117,18 +117,12 @@ class PrefSession:
         self.life.say(text)
 
 
-def train_preference(cfg: Config, resume: str | bool | None = None, config_path: str | None = None,
-                     overrides: list[str] | None = None) -> Path:
-    bound_kernel_caches()  # before this process's first product: it fixes their size
-    refuse_unverified_sharding()
-    accelerator = make_accelerator()
-    if accelerator.device.type == "cpu":
-        torch.set_flush_denormal(True)  # as the SFT recipe: denormals are many times slower on x86
-    cfg, life, resume_from = open_run(cfg, resume, accelerator.is_main_process, overrides)
-    with life:
-        s = setup(cfg, life, accelerator, resume_from, config_path)
-        run_loop(s)
-        finish(s)
+def train_preference(cfg: Config, life: RunLife, accelerator, resume_from: Path | None,
+                     config_path: str | None) -> Path:
+    """The run opened by `recipe.train` (processes started, run folder checked): set up, train, finish."""
+    s = setup(cfg, life, accelerator, resume_from, config_path)
+    run_loop(s)
+    finish(s)
     return life.path
 
 
@@ -409,12 +403,12 @@ def _save_model(s: PrefSession):
 def save_step_checkpoint(s: PrefSession) -> None:
     from tunelab.train.recipe import checkpoint_bytes
 
-    if s.main:
-        ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}", _save_model(s),
-                             optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
-                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
-        ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
-    barrier()
+    with main_process_work():  # a full disk stops every process with the main one's reason
+        if s.main:
+            ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}", _save_model(s),
+                                 optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+            ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
 
 
 def save_final(s: PrefSession) -> None:
@@ -432,10 +426,10 @@ def save_final(s: PrefSession) -> None:
                 "stage": c.training.stage, "reference": s.life.run.manifest().get("reference")}
         (d / "tunelab.json").write_text(json.dumps(meta, indent=2))
 
-    if s.main:
-        ckpt.save_checkpoint(s.life.path, "checkpoint-final", write,
-                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
-    barrier()
+    with main_process_work():
+        if s.main:
+            ckpt.save_checkpoint(s.life.path, "checkpoint-final", write,
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
 
 
 def finish(s: PrefSession) -> None:
@@ -446,19 +440,19 @@ def finish(s: PrefSession) -> None:
     if s.data.val:
         final.update(preference_eval(s, s.data.val))
     save_final(s)
-    if s.main:
-        ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
-        s.say("")
-        s.say("评估结果 (evaluation on the held-out split):")
-        for k, v in final.items():
-            if k != "global_step" and v is not None:
-                s.say(f"  {k}: {v:.4f}")
-        s.say(f"  Final train loss: {final['train_loss']:.4f} after {step} steps")
-        s.life.run.log_metrics({"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "final": True,
-                                **{k: v for k, v in final.items() if k != "global_step"}})
-        s.life.trackers.log({f"final/{k}": v for k, v in final.items()}, step)
-        s.life.run.update_manifest(metrics={k: v for k, v in final.items() if k != "global_step"})
-    barrier()
+    with main_process_work():
+        if s.main:
+            ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
+            s.say("")
+            s.say("评估结果 (evaluation on the held-out split):")
+            for k, v in final.items():
+                if k != "global_step" and v is not None:
+                    s.say(f"  {k}: {v:.4f}")
+            s.say(f"  Final train loss: {final['train_loss']:.4f} after {step} steps")
+            s.life.run.log_metrics({"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "final": True,
+                                    **{k: v for k, v in final.items() if k != "global_step"}})
+            s.life.trackers.log({f"final/{k}": v for k, v in final.items()}, step)
+            s.life.run.update_manifest(metrics={k: v for k, v in final.items() if k != "global_step"})
 
 
 @torch.no_grad()

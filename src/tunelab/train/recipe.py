@@ -26,8 +26,9 @@ from tunelab.config import Config, load_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.data.batching import collate_packed, collate_padded, micro_batches_per_epoch, step_batches_for_epoch
-from tunelab.train.distributed import (any_process, barrier, gathered_state_dict, make_accelerator, params_sharded,
-                                       refuse_unverified_sharding, require_shared_run_folder)
+from tunelab.train.distributed import (any_process, gathered_state_dict, make_accelerator, params_sharded,
+                                       main_process_work, refuse_unverified_sharding,
+                                       require_run_name, require_shared_run_folder)
 from tunelab.train.inputs import Encoded, load_data
 from tunelab.train.lifecycle import OptionalWorkStopped, RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
@@ -105,19 +106,20 @@ def train(cfg: Config, resume: str | bool | None = None, config_path: str | None
     # before this process's first product: it fixes their size (smaller for passes of few tokens)
     bound_kernel_caches(cfg.token_passes()[1] if cfg.training.batch_tokens else None)
     refuse_unverified_sharding()  # FSDP / DeepSpeed: before any process loads or writes anything, every stage
-    if _stage(cfg, resume) not in ("sft", "pt"):  # preference stages: their own recipe (train/preference.py)
-        from tunelab.train.preference import train_preference
-
-        return train_preference(cfg, resume, config_path, overrides)
     accelerator = make_accelerator()
     if accelerator.device.type == "cpu":
         # denormal floats (activation tails, tiny LoRA gradients) are many times slower on x86: flush them to
         # zero, as GPUs do (measured ~10% faster per step here, losses unchanged at printed precision)
         torch.set_flush_denormal(True)
-    if accelerator.num_processes > 1 and not cfg.output.run_name and not resume:
-        raise TunelabError("with several processes set output.run_name so every process writes the same run")
+    require_run_name(cfg, resume, accelerator.num_processes)
+    preference = _stage(cfg, resume) not in ("sft", "pt")
     cfg, life, resume_from = open_run(cfg, resume, accelerator.is_main_process, overrides)
     with life:
+        require_shared_run_folder(accelerator, life.path)  # the other processes read the data prepared there
+        if preference:  # preference stages: their own recipe (train/preference.py)
+            from tunelab.train.preference import train_preference
+
+            return train_preference(cfg, life, accelerator, resume_from, config_path)
         s = setup(cfg, life, accelerator, resume_from, config_path)
         run_loop(s)
         finish(s)
@@ -140,7 +142,6 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     from tunelab.runtime import runtime_info
 
     t_cfg, main, world = cfg.training, accelerator.is_main_process, accelerator.num_processes
-    require_shared_run_folder(accelerator, life.path)  # the other processes read the data prepared there
     torch.manual_seed(t_cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
@@ -328,7 +329,6 @@ def evaluate(s: Session) -> bool:
     else:
         state.best_eval, state.best_step, state.bad_evals = ev, step, 0
         save_artifacts(s, "checkpoint-best")
-        barrier()
     patience = s.cfg.training.early_stopping_patience
     return bool(patience and state.bad_evals >= patience)
 
@@ -336,23 +336,24 @@ def evaluate(s: Session) -> bool:
 def save_step_checkpoint(s: Session) -> None:
     """A resumable checkpoint: weights, optimiser, schedule, RNG and the loop's state."""
     sd = gathered_state_dict(s.accelerator, s.loss_fn)  # every process takes part when weights are sharded
-    if s.main:
-        ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}",
-                             lambda d: s.inner.save_pretrained(d, state_dict=sd, safe_serialization=True),
-                             optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
-                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
-        ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
-    barrier()
+    with main_process_work():  # a full disk stops every process with the main one's reason
+        if s.main:
+            ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}",
+                                 lambda d: s.inner.save_pretrained(d, state_dict=sd, safe_serialization=True),
+                                 optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+            ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
 
 
 def save_artifacts(s: Session, name: str) -> None:
     """checkpoint-best / checkpoint-final: adapter (or model) from gathered weights, tokenizer, tunelab.json."""
     sd = gathered_state_dict(s.accelerator, s.loss_fn)  # every process takes part when weights are sharded
-    if s.main:
-        ckpt.save_checkpoint(s.life.path, name,
-                             lambda d: save_final_artifacts(s.inner, s.tokenizer, s.cfg, d, s.life.path.name,
-                                                            s.dtype.name, sd),
-                             estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+    with main_process_work():
+        if s.main:
+            ckpt.save_checkpoint(s.life.path, name,
+                                 lambda d: save_final_artifacts(s.inner, s.tokenizer, s.cfg, d, s.life.path.name,
+                                                                s.dtype.name, sd),
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
 
 
 def finish(s: Session) -> None:
@@ -366,17 +367,17 @@ def finish(s: Session) -> None:
     if s.life.stop_signal:
         s.life.announce_stop()
     save_artifacts(s, "checkpoint-final")
-    # with sharded weights every forward pass needs every process: all generate (in step), the main one reports
-    generated = _final_generation_metrics(s) if s.main or params_sharded(s.accelerator) else {}
-    if s.main:
-        ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
-        final.update(generated)
-        _print_eval_block(final, s.say)
-        s.life.run.log_metrics({"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "final": True,
-                                **{k: v for k, v in final.items() if k != "global_step"}})
-        s.life.trackers.log({f"final/{k}": v for k, v in final.items()}, step)
-        s.life.run.update_manifest(metrics={k: v for k, v in final.items() if k != "global_step"})
-    barrier()
+    with main_process_work():
+        # with sharded weights every forward pass needs every process: all generate (in step), the main one reports
+        generated = _final_generation_metrics(s) if s.main or params_sharded(s.accelerator) else {}
+        if s.main:
+            ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
+            final.update(generated)
+            _print_eval_block(final, s.say)
+            s.life.run.log_metrics({"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "final": True,
+                                    **{k: v for k, v in final.items() if k != "global_step"}})
+            s.life.trackers.log({f"final/{k}": v for k, v in final.items()}, step)
+            s.life.run.update_manifest(metrics={k: v for k, v in final.items() if k != "global_step"})
 
 
 # ---------------------------------------------------------------- model
