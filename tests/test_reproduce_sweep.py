@@ -468,3 +468,27 @@ def test_a_sweep_from_before_the_config_hash_is_checked_against_its_runs(tmp_pat
     with pytest.raises(SweepError, match="another config"):
         _sweep(tmp_path, config=str(b), name="mine")
     assert _sweep(tmp_path, config=str(a), name="mine").skipped == ["r8"]
+
+
+def test_an_interrupted_reproduction_is_continued_by_reproduce(tmp_path):
+    from tunelab.reproduce import reproduce
+
+    calls = []
+
+    def fake(cfg, resume=None):
+        out = Path(cfg.output.dir) / cfg.output.run_name
+        calls.append((out.name, resume))
+        out.mkdir(exist_ok=True)
+        status = "interrupted" if len(calls) == 1 else "finished"
+        (out / "manifest.json").write_text(json.dumps({"status": status, "data_fingerprint": "sha256:old"}))
+        if status == "interrupted":
+            raise KeyboardInterrupt
+        return out
+
+    run = _fabricated_run(tmp_path)
+    with pytest.raises(ReproduceError, match=f"run `tunelab reproduce {run}` again"):
+        reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert calls == [("r-repro", None), ("r-repro", str(tmp_path / "r-repro"))]
+    assert res.reproduction == tmp_path / "r-repro" and not (tmp_path / "r-repro2").exists()
+    assert "reproduction_of" in json.loads((res.reproduction / "manifest.json").read_text())

@@ -2,6 +2,8 @@
 
     tunelab reproduce outputs/my-run        # -> outputs/my-run-repro, and the largest loss-curve difference
 
+An interrupted reproduction is continued (from its last checkpoint) by running the same command again.
+
 The run's resolved `config.yaml` is trained again unchanged (same seed, same data settings) into `<name>-repro`
 beside it. Before anything runs, the data on disk is fingerprinted exactly as training does it and compared with
 the fingerprint in the run's manifest: if the data changed, the run cannot be reproduced and we refuse. On CPU
@@ -115,11 +117,21 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
     return cfg, manifest
 
 
-def _free_name(parent: Path, name: str) -> str:
+def _repro_name(parent: Path, name: str) -> tuple[str, bool]:
+    """The folder the repeat goes to, and whether it continues an interrupted repeat there: `<name>-repro`, or the
+    next free `-reproN`."""
+    from tunelab.rundir import run_status
+    from tunelab.runs import RunError, read_manifest
+
     candidate, k = f"{name}-repro", 2
     while (parent / candidate).exists():
+        try:
+            if run_status(read_manifest(parent / candidate)) == "interrupted":
+                return candidate, True
+        except RunError:
+            pass
         candidate, k = f"{name}-repro{k}", k + 1
-    return candidate
+    return candidate, False
 
 
 def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs", name: str | None = None,
@@ -130,7 +142,11 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     original = resolve_run(run, runs_dir)
     cfg, manifest = check_reproducible(original, fingerprint_fn)
     cfg.output.dir = str(original.parent)
-    cfg.output.run_name = name or _free_name(original.parent, original.name)
+    resume = False
+    if name:
+        cfg.output.run_name = name
+    else:
+        cfg.output.run_name, resume = _repro_name(original.parent, original.name)
     if train_fn is None:
         from tunelab.train.recipe import train as train_fn
     from tunelab.runtime import FIRST_LEVERS, FORMERLY_OPT_IN, LEVERS, OPT_IN, levers_as_recorded
@@ -156,8 +172,18 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     if was_off:  # opt-in then, and not asked for: off then
         off = [*off, *was_off]
         notes.append(f"levers opt-in when the original ran and off in it, reproduced off: {', '.join(was_off)}")
-    with levers_as_recorded(off, on):
-        repro = Path(train_fn(cfg))
+    folder = original.parent / cfg.output.run_name
+    try:
+        with levers_as_recorded(off, on):
+            repro = Path(train_fn(cfg, resume=str(folder)) if resume else train_fn(cfg))
+    except KeyboardInterrupt:
+        raise ReproduceError(f"the reproduction {folder} was interrupted; run `tunelab reproduce {original}` again to "
+                             "continue it and record the comparison") from None
+    except TunelabError as e:
+        if type(e).__name__ != "TrainingInterrupted":
+            raise
+        raise ReproduceError(f"the reproduction {folder} was interrupted; run `tunelab reproduce {original}` again to "
+                             "continue it from its last checkpoint and record the comparison") from None
     rmanifest = read_manifest(repro)
     if rmanifest.get("data_fingerprint") != manifest.get("data_fingerprint"):
         notes.append("the reproduction saw a different data fingerprint than the original")
