@@ -78,6 +78,14 @@ def test_option_values_that_cannot_work_are_usage_errors(argv, says, capsys):
     assert e.value.code == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".", "a\\b"])
+def test_a_run_name_is_a_plain_folder_name(name, tmp_path):
+    """`output.run_name: ../../escape` trained into a folder outside output.dir (unseen by runs list and the UI)."""
+    with pytest.raises(ConfigError, match="is not a plain folder name"):
+        load_config(None, [f"output.run_name={name}"])
+    assert load_config(None, ["output.run_name=my-run_2.b"]).output.run_name == "my-run_2.b"
+
+
 def test_config_reference_is_current():
     assert (REPO / "docs" / "config.md").read_text() == markdown_reference() + "\n", \
         "regenerate: python -m tunelab.config --markdown > docs/config.md"

@@ -189,7 +189,17 @@ class EvalConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field("outputs", description="Folder that holds the runs.")
-    run_name: str | None = Field(None, description="Run folder name; default `<model>-<method>-<YYYYmmdd-HHMMSS>`.")
+    run_name: str | None = Field(None, description="Run folder name (a plain name, no path); default "
+                                 "`<model>-<method>-<YYYYmmdd-HHMMSS>`.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        """The run folder is output.dir / run_name: a path here would put the run outside output.dir."""
+        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")):
+            raise ValueError(f"{value!r} is not a plain folder name (no /, \\, . or ..): the run folder is "
+                             "output.dir / run_name; put the folder in output.dir")
+        return value
 
 
 class TrackingConfig(_Section):
