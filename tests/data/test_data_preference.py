@@ -28,6 +28,7 @@ BAD = {
                         "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "y"}]},
     "wrong_stage": {"messages": PROMPT + [{"role": "assistant", "content": "Paris."}], "label": True},
     "invalid_text": {"prompt": "Q\u0000?", "chosen": "A.", "rejected": "B."},
+    "ambiguous_prompt": {"prompt": "Q?", "messages": PROMPT, "chosen": "A.", "rejected": "B."},
 }
 
 
@@ -72,11 +73,16 @@ def test_kto_reads_labels_both_ways(tmp_path, tiny_tokenizer):
     recs = [{"messages": PROMPT + [{"role": "assistant", "content": "Paris."}], "label": True},
             {"prompt": "Capital of Italy?", "completion": "Madrid.", "label": False},
             {"prompt": "Q?", "completion": "A.", "label": "yes"},
-            {"prompt": "Q?", "chosen": "A.", "rejected": "B."}]
+            {"prompt": "Q?", "chosen": "A.", "rejected": "B."},
+            {"prompt": "Q?", "messages": PROMPT + [{"role": "assistant", "content": "Paris."}], "label": True}]
     src = _write(tmp_path / "kto.jsonl", recs)
     r = prepare_dataset(str(src), tmp_path / "k", tokenizer=tiny_tokenizer, stage="kto", val_ratio=0,
                         console=lambda _: None).report
-    assert r["records_accepted"] == 2 and r["rejected_by_reason"] == {"wrong_type": 1, "wrong_stage": 1}
+    assert r["records_accepted"] == 2
+    assert r["rejected_by_reason"] == {"wrong_type": 1, "wrong_stage": 1, "ambiguous_prompt": 1}
+    assert r["rejected_examples"][-1] == {"source": str(src), "location": "line 5", "reason": "both 'prompt' and "
+                                          "'messages' hold a prompt: keep one of them (tunelab does not guess "
+                                          "which one is meant)"}
     labels = sorted(rec["label"] for rec in load_prepared(tmp_path / "k").train)
     assert labels == [False, True]
 

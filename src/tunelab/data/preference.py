@@ -15,7 +15,7 @@ Forms read (detected per record, like the SFT formats; the turn and text checks 
 | KTO | `messages` or `conversations` + `label` / `kto_tag` (true/false); TRL `prompt` + `completion` + `label` |
 
 Rejected with a reason: chosen identical to rejected, an empty side, prompts that differ between the two sides,
-a prompt that does not end with the user, a KTO label that is not true/false, a paired record in a kto run (or
+a prompt in two fields (e.g. both `prompt` and `messages`), a prompt that does not end with the user, a KTO label that is not true/false, a paired record in a kto run (or
 the reverse). A pair longer than `max_length` has its answers cut (overflow=truncate: counted, and the record says
 how many tokens were cut), or is rejected (drop); a prompt that leaves no room for an answer is rejected.
 """
@@ -96,19 +96,26 @@ def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict
     return prompt_c, chosen[k:], rejected[k:]
 
 
+def _prompt_key(rec: dict, keys: tuple[str, ...]) -> str | None:
+    """The one key of `keys` the record holds its prompt in; Invalid when it has two (one would be ignored)."""
+    found = [k for k in keys if k in rec]
+    if len(found) > 1:
+        raise Invalid("ambiguous_prompt", f"both '{found[0]}' and '{found[1]}' hold a prompt: keep one of them "
+                                          "(tunelab does not guess which one is meant)")
+    return found[0] if found else None
+
+
 def _pair(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, list, list]:
-    if "chosen_messages" in rec or ("chosen" in rec and "prompt" not in rec and "conversations" not in rec
-                                    and "messages" not in rec and "instruction" not in rec):
-        kc, kr = ("chosen_messages", "rejected_messages") if "chosen_messages" in rec else ("chosen", "rejected")
+    key = _prompt_key(rec, ("chosen_messages", "conversations", "messages", "prompt", "instruction"))
+    if key == "chosen_messages" or (key is None and "chosen" in rec):
+        kc, kr = ("chosen_messages", "rejected_messages") if key else ("chosen", "rejected")
         c, r = _side(rec, kc, notes, tmap), _side(rec, kr, notes, tmap)
-        return ("v1" if kc == "chosen_messages" else "trl_implicit"), *_split_implicit(c, r)
-    if "conversations" in rec:
-        fmt, prompt = "sharegpt", _turns(rec["conversations"], "conversations", tmap, notes)[0]
-    elif "messages" in rec:
-        fmt, prompt = "openai", _turns(rec["messages"], "messages", tmap, notes)[0]
-    elif "prompt" in rec:
+        return ("v1" if key else "trl_implicit"), *_split_implicit(c, r)
+    if key in ("conversations", "messages"):
+        fmt, prompt = ("sharegpt" if key == "conversations" else "openai"), _turns(rec[key], key, tmap, notes)[0]
+    elif key == "prompt":
         fmt, prompt = "trl", _prompt_turns(rec, "prompt", notes, tmap)
-    elif "instruction" in rec:
+    elif key == "instruction":
         instruction = _text(rec, "instruction", notes, required=True)
         inp = _text(rec, "input", notes, required=False)
         fmt, prompt = "alpaca", [{"role": USER, "content": f"{instruction}\n\n{inp}" if inp else instruction}]
@@ -129,10 +136,10 @@ def _kto(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, li
     label = rec.get(key)
     if not isinstance(label, bool):
         raise Invalid("wrong_type", f"'{key}' must be true or false, got {_type_name(label)}")
-    if "completion" in rec:
+    conv_key = _prompt_key(rec, ("prompt", "messages", "conversations"))
+    if "completion" in rec or conv_key == "prompt":
         return "trl_kto", _prompt_turns(rec, "prompt", notes, tmap), _side(rec, "completion", notes, tmap), label
-    conv_key = "messages" if "messages" in rec else "conversations"
-    if conv_key not in rec:
+    if conv_key is None:
         raise Invalid("missing_field", "a KTO record needs messages / conversations, or prompt + completion")
     turns = _turns(rec[conv_key], conv_key, tmap, notes)[0]
     if not turns or turns[-1]["role"] != ASSISTANT:
