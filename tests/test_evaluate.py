@@ -204,7 +204,7 @@ def test_eval_cli_on_a_model_writes_results(tiny_model_dir, tmp_path, capsys, mo
     from tunelab.evaluate import runner
 
     # The prepared-folder reader belongs to the data module; here only the eval plumbing is under test.
-    monkeypatch.setattr(runner, "load_eval_data", lambda d, split: runner.EvalData(RECORDS, "f" * 64, str(d), split))
+    monkeypatch.setattr(runner, "load_eval_data", lambda d, split, *_, **__: runner.EvalData(RECORDS, "f" * 64, str(d), split))
     rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--metrics", "perplexity,bleu,rouge",
                "--max-new-tokens", "3", "--dtype", "fp32", "--output-dir", str(tmp_path / "ev"), "--name", "t"])
     assert rc == 0
@@ -217,6 +217,23 @@ def test_eval_cli_on_a_model_writes_results(tiny_model_dir, tmp_path, capsys, mo
     assert set(rec["metrics"]) >= {"perplexity", "eval_loss", "bleu", "rouge_l"}
     rows = [json.loads(x) for x in (tmp_path / "ev" / "t.predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]) >= {"prompt", "reference", "prediction", "scores"}
+
+
+def test_eval_on_a_raw_file_reports_its_rejected_records(tiny_model_dir, tmp_path, capsys):
+    """Not silently dropped: each rejection with file and line on the console, the counts in the result json."""
+    from tunelab.cli import main
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"instruction": "Q1", "output": "A1"}\n{"instruction": "Q2"}\nnot json\n'
+                   '{"instruction": "Q3", "output": "A3"}\n')
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(raw), "--metrics", "perplexity", "--dtype",
+                 "fp32", "--output-dir", str(tmp_path / "ev"), "--name", "t"]) == 0
+    out = capsys.readouterr().out
+    assert f"rejected {raw} line 2" in out and f"rejected {raw} line 3" in out and "tunelab-eval-" not in out
+    assert f"2 of 4 records of {raw} rejected" in out
+    data = json.loads((tmp_path / "ev" / "t.json").read_text())["data"]
+    assert data["records"] == 2 and data["records_read"] == 4 and data["records_rejected"] == 2
+    assert sum(data["rejected_by_reason"].values()) == 2 and len(data["rejected_examples"]) == 2
 
 
 def test_eval_without_a_model_says_what_to_give():

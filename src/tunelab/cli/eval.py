@@ -5,7 +5,8 @@
 
 Writes `<run>/eval/<name>.json` (metrics, settings, data fingerprint, models, BLEU tokeniser and why) and
 `<run>/eval/<name>.predictions.jsonl` (prompt, reference, prediction, per-sample scores; base answers too with
---compare-base). Without a run (a plain or merged model) they go to --output-dir.
+--compare-base). Without a run (a plain or merged model) they go to --output-dir. A raw data file is read as
+`tunelab prepare` reads it: every rejected record is printed with its file and line, and counted in the results.
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ def run(args: argparse.Namespace) -> int:
                    dtype=args.dtype, output_dir=args.output_dir)
     console = make_console()
     base = out.base_result.metrics if out.base_result else None
-    title = f"{out.name}: {out.record['data']['records']} records ({out.record['data']['split']})"
+    data = out.record["data"]
+    title = f"{out.name}: {data['records']} records ({data['split']})"
     console.print(eval_table(out.result.metrics, base, title=title))
     choice = out.record.get("tokenizer_choice")
     if choice:
         console.print(f"BLEU tokenisation: {choice['bleu_tokenize']} — {choice['bleu_tokenize_reason']}")
+    if data.get("records_rejected"):  # a raw file: each rejection was printed above, as prepare prints them
+        console.print(f"{data['records_rejected']} of {data['records_read']} records of {data['source']} rejected "
+                      "(reasons above; counts and the first 50 in the results)", markup=False, highlight=False,
+                      soft_wrap=True)
     console.print(f"results: {out.json_path}\npredictions: {out.predictions_path}")
     return 0

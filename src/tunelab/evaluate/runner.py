@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.metrics import ALL_METRICS, GENERATION_METRICS
@@ -103,6 +103,11 @@ class EvalData:
     fingerprint: str | None
     source: str
     split: str
+    rejections: dict[str, Any] = field(default_factory=dict)  # a raw file: records read / rejected and why
+
+
+REJECTION_KEYS = ("records_read", "records_accepted", "records_rejected", "duplicates_removed", "rejected_by_reason",
+                  "rejected_examples")  # of prepare's report, kept in the eval result (rejected_examples: first 50)
 
 
 @dataclass
@@ -115,9 +120,10 @@ class EvalRun:
     record: dict[str, Any]
 
 
-def load_eval_data(data: str | os.PathLike, split: str = "val", stage: str = "sft") -> EvalData:
+def load_eval_data(data: str | os.PathLike, split: str = "val", stage: str = "sft",
+                   console: Callable[[str], None] = print) -> EvalData:
     """Records to evaluate: a prepared folder (its `split`), a run folder (its prepared data/), or a raw file
-    (prepared in memory: every record, no split)."""
+    (prepared in memory: every record, no split; what prepare says of it, rejections too, goes to `console`)."""
     path = Path(data)
     if not path.exists():
         raise EvalError(f"evaluation data not found: {path}")
@@ -139,22 +145,30 @@ def load_eval_data(data: str | os.PathLike, split: str = "val", stage: str = "sf
         if not records:
             raise EvalError(f"{path} has no {split} records" + (" (use --split train)" if split == "val" else ""))
         return EvalData(records, fingerprint, str(path), split)
-    return _prepare_raw(path, stage)
+    return _prepare_raw(path, stage, console)
 
 
-def _prepare_raw(path: Path, stage: str = "sft") -> EvalData:
-    """A raw file, validated and normalised by the prepare pipeline (every record, no split)."""
+def _prepare_raw(path: Path, stage: str, console: Callable[[str], None]) -> EvalData:
+    """A raw file, validated and normalised by the prepare pipeline (every record, no split); its report (each
+    rejection with file and line, the counts) goes to `console`, less what it says of the scratch folder."""
     import tempfile
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
 
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
-        result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=lambda *_: None,
+        def say(line: str) -> None:
+            if tmp in line:  # "wrote <scratch folder>": deleted once read
+                return
+            console(line.replace("listed in rejected.jsonl and report.md",
+                                 "counted by reason below; the first 50 are in the eval result"))
+
+        result = prepare_dataset([str(path)], Path(tmp) / "data", val_ratio=0.0, console=say,
                                  stage=stage if stage in RAW_STAGES else "sft")
         result.raise_if_unusable()
         prepared = load_prepared(result.output)
         records = list(prepared.train) + list(prepared.val)
-        return EvalData(records, prepared.fingerprint, str(path), "all")
+        return EvalData(records, prepared.fingerprint, str(path), "all",
+                        {k: result.report[k] for k in REJECTION_KEYS if k in result.report})
 
 
 def run_folder_of(adapter: str | os.PathLike | None) -> Path | None:
@@ -230,9 +244,10 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
              metrics: Sequence[str] | str | None = None, name: str | None = None, split: str = "val",
              compare_base: bool = False, base: str | None = None, max_samples: int | None = None,
              max_new_tokens: int | None = None, batch_size: int | None = None, max_length: int | None = None,
-             train_on: str | None = None, dtype: str | None = None,
-             output_dir: str | os.PathLike | None = None) -> EvalRun:
-    """Evaluate a base/merged model or a run's adapter and write `eval/<name>.json` + `.predictions.jsonl`."""
+             train_on: str | None = None, dtype: str | None = None, output_dir: str | os.PathLike | None = None,
+             console: Callable[[str], None] = print) -> EvalRun:
+    """Evaluate a base/merged model or a run's adapter and write `eval/<name>.json` + `.predictions.jsonl`; what
+    prepare says of a raw data file (every rejection, with file and line) goes to `console`."""
     from tunelab.model.loading import base_model_of, resolve_adapter_dir
     from tunelab.rundir import now_iso, package_versions
 
@@ -258,7 +273,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
                 max_samples=max_samples or d.get("max_samples", 32), batch_size=batch_size or d.get("batch_size", 8))
     dtype = dtype or d.get("dtype", "auto")
     stage = d.get("stage") if d.get("stage") in RAW_STAGES else None
-    ev_data = load_eval_data(data, split, **({"stage": stage} if stage else {}))  # raw files read as the run's
+    ev_data = load_eval_data(data, split, stage or "sft", console=console)  # raw files read as the run's
     from tunelab.evaluate.preference import is_preference_data
 
     pairs = is_preference_data(ev_data.records)  # dpo/orpo/simpo pairs or kto's labelled answers
@@ -290,7 +305,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
         "settings": {**result.settings, "dtype": dtype, "split": ev_data.split},
         "tokenizer_choice": result.settings.get("tokenizer_choice"),
         "data": {"path": str(data), "source": ev_data.source, "split": ev_data.split,
-                 "records": len(ev_data.records), "fingerprint": ev_data.fingerprint},
+                 "records": len(ev_data.records), "fingerprint": ev_data.fingerprint, **ev_data.rejections},
         "model": {"model": model, "adapter": str(adapter_dir) if adapter_dir else None, "base_model": base_name,
                   "run": str(run_dir) if run_dir else None},
         "versions": package_versions(),
