@@ -105,6 +105,21 @@ def test_column_map_renames_preference_fields_and_turn_keys(tmp_path):
     assert r.report["records_accepted"] == 1, r.report["rejected_examples"]
 
 
+def test_system_field_is_the_system_turn_of_every_form(tmp_path):
+    turns = [{"from": "human", "value": "Hi?"}]
+    recs = [{"conversations": turns, "system": "Be brief.", "chosen": {"from": "gpt", "value": "Hello!"},
+             "rejected": {"from": "gpt", "value": "Go away."}},
+            {"prompt": "Q?", "system": "Be kind.", "chosen": "A.", "rejected": "B."},
+            {"prompt": [{"role": "system", "content": "Be kind."}, PROMPT[0]], "system": "Be brief.", "chosen": "A.",
+             "rejected": "B."}]
+    src = _write(tmp_path / "pairs.jsonl", recs)
+    r = prepare_dataset(str(src), tmp_path / "p", stage="dpo", val_ratio=0, console=lambda _: None).report
+    assert r["rejected_examples"] == [{"source": str(src), "location": "line 3", "reason": "both a 'system' field "
+                                       "and a system turn in the prompt: keep one of them"}]
+    assert [d["prompt"][0] for d in load_prepared(tmp_path / "p").train] == [
+        {"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."}]
+
+
 @pytest.mark.parametrize("options,says", [({"column_map": {"output": "answer"}}, "cannot map 'output' for stage dpo"),
                                           ({"format": "alpaca"}, "format 'alpaca' applies to sft conversations")])
 def test_options_a_preference_stage_cannot_apply_are_refused(tmp_path, options, says):

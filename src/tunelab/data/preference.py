@@ -119,9 +119,6 @@ def _pair(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, l
         instruction = _text(rec, "instruction", notes, required=True)
         inp = _text(rec, "input", notes, required=False)
         fmt, prompt = "alpaca", [{"role": USER, "content": f"{instruction}\n\n{inp}" if inp else instruction}]
-        system = _text(rec, "system", notes, required=False)
-        if system:
-            prompt.insert(0, {"role": SYSTEM, "content": system})
     else:
         raise Invalid("unknown_format", "not a preference record: expected chosen/rejected with conversations, "
                                         f"instruction, prompt or messages; found keys {', '.join(sorted(rec))[:120]}")
@@ -145,6 +142,19 @@ def _kto(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, li
     if not turns or turns[-1]["role"] != ASSISTANT:
         raise Invalid("order", "a KTO conversation must end with the assistant answer that is labelled")
     return f"{'openai' if conv_key == 'messages' else 'sharegpt'}_kto", turns[:-1], turns[-1:], label
+
+
+def _with_system(prompt: list[dict], system: str, system_prompt: str | None, notes: Counter) -> list[dict]:
+    """The prompt with the record's `system` field (any form), else `system_prompt`, when it has no system turn."""
+    has_turn = bool(prompt) and prompt[0]["role"] == SYSTEM
+    if system and has_turn:
+        raise Invalid("ambiguous_prompt", "both a 'system' field and a system turn in the prompt: keep one of them")
+    if system:
+        return [{"role": SYSTEM, "content": system}] + prompt
+    if system_prompt and not has_turn:
+        notes["system prompt added"] += 1
+        return [{"role": SYSTEM, "content": system_prompt}] + prompt
+    return prompt
 
 
 def normalize_preference(rec: Any, stage: str, notes: Counter | None = None, system_prompt: str | None = None,
@@ -171,9 +181,7 @@ def normalize_preference(rec: Any, stage: str, notes: Counter | None = None, sys
         label = None
         if chosen == rejected:
             raise Invalid("identical_pair", "chosen is identical to rejected: the pair teaches nothing")
-    if system_prompt and not (prompt and prompt[0]["role"] == SYSTEM):
-        prompt = [{"role": SYSTEM, "content": system_prompt}] + prompt
-        notes["system prompt added"] += 1
+    prompt = _with_system(prompt, _text(rec, "system", notes, required=False), system_prompt, notes)
     for side in (chosen, rejected):
         if side is not None:
             check_order([m["role"] for m in prompt + side], warnings)
