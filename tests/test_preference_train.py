@@ -157,3 +157,30 @@ def test_dpo_resumed_before_its_first_checkpoint_trains_as_the_fresh_run(tiny_mo
     train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(run))
     again = [(m["loss"], m["grad_norm"]) for m in read_metrics(run) if "grad_norm" in m]
     assert len(fresh) == 3 and again == fresh
+
+
+def test_a_prepared_preference_folder_gets_the_runs_system_prompt_and_its_eval_folder_its_stage(tiny_model_dir,
+                                                                                               pref_files, tmp_path):
+    """data.system_prompt reached SFT records only: a prepared DPO folder trained without it (while inference then
+    added it); a prepared data.eval folder of another stage was a KeyError traceback."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.prepare import prepare_dataset
+    from tunelab.errors import TunelabError
+    from tunelab.train.inputs import load_data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, src, stage in [("pairs", "pairs.jsonl", "dpo"), ("sft", "sft.jsonl", "sft")]:
+        prepare_dataset([str(pref_files / src)], tmp_path / name, tokenizer=tok, val_ratio=0.2, stage=stage,
+                        console=lambda *_: None)
+    system = "data.system_prompt=You answer in one word."
+
+    def prompts(train, *extra):
+        cfg = _cfg(tiny_model_dir, train, tmp_path, "x", "dpo", system, *extra)
+        return [e["prompt_ids"] for e in load_data(cfg, tok, tmp_path / "run", True, False, say=lambda *_: None).train]
+
+    (tmp_path / "run").mkdir()
+    from_folder, from_raw = prompts(tmp_path / "pairs"), prompts(pref_files / "pairs.jsonl")
+    assert from_folder == from_raw and "one word" in tok.decode(from_folder[0])
+    with pytest.raises(TunelabError, match="was prepared for training.stage=sft, this run trains dpo"):
+        prompts(tmp_path / "pairs", f"data.eval={tmp_path / 'sft'}")

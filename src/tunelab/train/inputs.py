@@ -26,11 +26,16 @@ class Encoded:
 
 
 def with_system_prompt(records: list[dict], system_prompt: str | None) -> list[dict]:
-    """The records as training encodes them: the run's system prompt where a record has none."""
+    """The records as training encodes them: the run's system prompt where a record has none (in `messages`, and
+    in a preference record's `prompt`, which is what its encoding reads)."""
     if not system_prompt:
         return records
-    return [r if r["messages"][0]["role"] == "system" else
-            {**r, "messages": [{"role": "system", "content": system_prompt}] + r["messages"]} for r in records]
+    system = {"role": "system", "content": system_prompt}
+
+    def first(turns: list[dict]) -> list[dict]:
+        return turns if turns and turns[0]["role"] == "system" else [system] + turns
+
+    return [{**r, **{k: first(r[k]) for k in ("messages", "prompt") if isinstance(r.get(k), list)}} for r in records]
 
 
 def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
@@ -57,6 +62,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
                                f"prepare --input {cfg.data.eval} --output data/processed/{Path(cfg.data.eval).stem}")
         ev = load_prepared(Path(cfg.data.eval))
         _check_usable(ev.report, Path(cfg.data.eval))
+        _check_stage(ev.report, cfg.training.stage, Path(cfg.data.eval))
         val_records = ev.val or ev.train
     if cfg.training.stage == "pt":
         return _encode_text(cfg, tokenizer, prepared, val_records, folder)
