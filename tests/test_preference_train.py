@@ -184,3 +184,39 @@ def test_a_prepared_preference_folder_gets_the_runs_system_prompt_and_its_eval_f
     assert from_folder == from_raw and "one word" in tok.decode(from_folder[0])
     with pytest.raises(TunelabError, match="was prepared for training.stage=sft, this run trains dpo"):
         prompts(tmp_path / "pairs", f"data.eval={tmp_path / 'sft'}")
+
+
+def test_a_resumed_dpo_run_refuses_a_changed_starting_adapter(tiny_model_dir, pref_files, tmp_path, monkeypatch):
+    """The reference is the adapter the run started from: resumed after that adapter changed, the run trained on
+    against another reference without a word (and overwrote the recorded fingerprint)."""
+    from safetensors.torch import save_file
+
+    import tunelab.train.monitor as monitor
+    from tunelab.errors import TunelabError
+
+    sft = train(load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32",
+                                   f"data.train={pref_files / 'sft.jsonl'}", f"output.dir={tmp_path}",
+                                   "output.run_name=sft", "training.max_steps=1", "eval.metrics=[perplexity]",
+                                   "tracking.report_to=[none]"]))
+    original = monitor.Reporter.advance
+
+    def advance(self, s, info):
+        original(self, s, info)
+        if s == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "dpo", "dpo", f"model.adapter={sft}",
+                   "training.max_steps=2"))
+    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    weights = sft / "checkpoint-final" / "adapter_model.safetensors"
+    kept = weights.read_bytes()
+    save_file({k: v * 2 for k, v in load_file(weights).items()}, str(weights))
+    recorded = json.loads((tmp_path / "dpo" / "manifest.json").read_text())["reference"]["fingerprint"]
+    with pytest.raises(TunelabError, match=r"--resume: the adapter this run started from .* has changed since"):
+        train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(tmp_path / "dpo"))
+    assert json.loads((tmp_path / "dpo" / "manifest.json").read_text())["reference"]["fingerprint"] == recorded
+    weights.write_bytes(kept)
+    train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(tmp_path / "dpo"))
+    assert json.loads((tmp_path / "dpo" / "manifest.json").read_text())["status"] == "finished"

@@ -198,12 +198,12 @@ def recorded_reference(run_dir) -> dict[str, Any]:
     ref = (json.loads(manifest.read_text()).get("reference") or {}) if manifest and manifest.is_file() else {}
     if ref.get("kind") != "adapter":
         return ref
-    from tunelab.train.preference import _fingerprint
+    from tunelab.train.preference import adapter_fingerprint
 
     folder, want = Path(ref.get("adapter", "")), ref.get("fingerprint")
     if not folder.is_dir():
         problem = "is missing"
-    elif want and _fingerprint(folder) != want:
+    elif want and adapter_fingerprint(folder) != want:
         problem = "has changed since training (its weights' sha256 differs from the recorded one)"
     else:
         return ref

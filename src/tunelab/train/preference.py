@@ -141,6 +141,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     life.say(f"Data ({stage}): {len(data.train)} train / {len(data.val)} eval examples (fingerprint "
              f"{data.fingerprint[:12]})")
     model, choice, reference, ref_info = build_policy(cfg, accelerator, life.say)
+    if not life.fresh:
+        _same_reference(life.run.manifest().get("reference") or {}, ref_info)
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.learning_rate,
                                   betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
@@ -163,6 +165,15 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     if reference is not None and cfg.preference.precompute_ref_logps:
         precompute_reference(s)
     return s
+
+
+def _same_reference(recorded: dict, now: dict) -> None:
+    """A resumed run keeps the reference it started with: the adapter it started from must not have changed."""
+    if recorded.get("fingerprint") and recorded["fingerprint"] != now.get("fingerprint"):
+        raise TunelabError(f"--resume: the adapter this run started from ({recorded.get('adapter')}) has changed since "
+                           f"(sha256 {recorded['fingerprint'][7:19]}… recorded, {str(now.get('fingerprint'))[7:19]}… "
+                           "now): its rewards would be measured against another reference; put that adapter back, or "
+                           "start a new run")
 
 
 def build_policy(cfg: Config, accelerator, say):
@@ -190,7 +201,7 @@ def build_policy(cfg: Config, accelerator, say):
 
         ref_dir = resolve_adapter_dir(cfg.model.adapter)
         info = {"kind": "adapter", "model": cfg.model.name, "adapter": str(ref_dir),
-                "fingerprint": _fingerprint(ref_dir)}
+                "fingerprint": adapter_fingerprint(ref_dir)}
         return model, choice, lambda: _switched(model, REF_ADAPTER), info
     if method == "full":
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
@@ -221,7 +232,8 @@ def _from_adapter(cfg: Config, accelerator, say):
     return model, choice
 
 
-def _fingerprint(folder: Path) -> str:
+def adapter_fingerprint(folder: Path) -> str:
+    """sha256 of an adapter's weights: what a run records of the adapter it started from (its reference)."""
     import hashlib
 
     h = hashlib.sha256()
