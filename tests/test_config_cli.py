@@ -86,6 +86,19 @@ def test_a_run_name_is_a_plain_folder_name(name, tmp_path):
     assert load_config(None, ["output.run_name=my-run_2.b"]).output.run_name == "my-run_2.b"
 
 
+@pytest.mark.parametrize("overrides,says", [
+    (["training.stage=kto", "training.batch_size=1"], "training.stage=kto needs training.batch_size of at least 2"),
+    (["training.stage=kto", "preference.precompute_ref_logps=true"], "read by training.stage=dpo only, not kto"),
+    (["training.stage=simpo", "preference.precompute_ref_logps=true"], "read by training.stage=dpo only, not simpo"),
+])
+def test_preference_settings_that_cannot_work_are_refused(overrides, says):
+    """kto at batch 1 trained with a KL estimate equal to the example's own reward; precompute was refused for kto
+    only after the model had loaded, and silently ignored by orpo and simpo."""
+    with pytest.raises(ConfigError, match=says):
+        load_config(None, overrides)
+    load_config(None, ["training.stage=kto", "training.batch_size=2"])
+
+
 def test_config_reference_is_current():
     assert (REPO / "docs" / "config.md").read_text() == markdown_reference() + "\n", \
         "regenerate: python -m tunelab.config --markdown > docs/config.md"

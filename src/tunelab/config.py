@@ -95,9 +95,10 @@ class DataConfig(_Section):
                                  "or only the last assistant turn.")
     system_prompt: str | None = Field(None, description="System prompt added to records that carry none.")
     text_documents: Literal["auto", "paragraph", "line", "file"] = Field(
-        "auto", description="training.stage=pt, .txt files: where one document ends. auto: blank lines separate "
-                            "documents, and a file without any blank line holds one document per line "
-                            "(LLaMA-Factory's text format); paragraph; line; file (the whole file is one document).")
+        "auto", description="training.stage=pt, .txt files: where one document ends. auto: blank lines between "
+                            "text separate documents, and a file without such a blank line holds one document per "
+                            "line (LLaMA-Factory's text format); paragraph; line; file (the whole file is one "
+                            "document). `tunelab prepare --text-documents`.")
     map: dict[str, str] = Field(default_factory=dict,
                                 description="Column mapping for custom field names, e.g. {instruction: question}.")
 
@@ -174,7 +175,7 @@ class PreferenceConfig(_Section):
     disable_dropout: bool = Field(True, description="Train preference stages without dropout (LoRA's and the "
                                                     "model's), so a policy log-ratio to the reference is not noise "
                                                     "(TRL's disable_dropout default). False: lora.dropout applies.")
-    precompute_ref_logps: bool = Field(False, description="dpo / kto: compute the reference log-probabilities once "
+    precompute_ref_logps: bool = Field(False, description="dpo: compute the reference log-probabilities once "
                                                           "before training and cache them in the run folder, "
                                                           "instead of a reference forward every step.")
 
@@ -207,6 +208,18 @@ class TrackingConfig(_Section):
         default_factory=lambda: ["tensorboard"], description="Experiment trackers (mlflow/wandb need their extras).")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow store, e.g. file:./mlruns.")
     project: str = Field("tunelab", description="Experiment / project name for MLflow and W&B.")
+
+
+def _check_preference(cfg: "Config") -> None:
+    stage = cfg.training.stage
+    if cfg.preference.precompute_ref_logps and stage != "dpo":
+        raise ValueError(f"preference.precompute_ref_logps is read by training.stage=dpo only, not {stage} (kto's KL "
+                         "term pairs the answers of each batch, so its reference runs every step; orpo and simpo "
+                         "have no reference model)")
+    if stage == "kto" and cfg.training.batch_size < 2:
+        raise ValueError("training.stage=kto needs training.batch_size of at least 2: its KL estimate pairs each "
+                         "prompt with another example's answer in the micro-batch; with one example it is that "
+                         "example's own reward (TRL refuses it too)")
 
 
 def _check_batch_tokens(cfg: "Config") -> None:
@@ -256,6 +269,7 @@ class Config(_Section):
         if self.training.stage == "pt" and not self.training.packing:
             raise ValueError("training.stage=pt trains packed blocks of documents (each document attending only to "
                              "itself); set training.packing=true")
+        _check_preference(self)
         if self.model.adapter and self.training.stage == "sft":
             raise ValueError("model.adapter is read by the preference stages (dpo, orpo, simpo, kto); to continue "
                              "an SFT run use --resume, or merge it (tunelab merge) and give the merged model as "

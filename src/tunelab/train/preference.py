@@ -469,10 +469,8 @@ def finish(s: PrefSession) -> None:
 
 @torch.no_grad()
 def precompute_reference(s: PrefSession) -> None:
-    """dpo: reference log-probs of every pair, once (cached in the run folder for a resumed run)."""
-    if s.cfg.training.stage != "dpo":
-        raise TunelabError("preference.precompute_ref_logps is supported for training.stage=dpo (kto's KL term "
-                           "pairs answers per batch, so its reference runs every step)")
+    """dpo (the config refuses it elsewhere): reference log-probs of every pair, once (cached in the run folder for
+    a resumed run)."""
     path = s.life.path / "ref_logps.pt"
     cache = torch.load(path) if path.is_file() else None
     for split in ("train", "val"):
