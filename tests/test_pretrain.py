@@ -188,7 +188,17 @@ def test_pt_config_and_stage_mismatch_refused(tmp_path, tiny_tokenizer):
     from tunelab.train.inputs import _check_stage
 
     with pytest.raises(TunelabError, match="--stage pt"):
-        _check_stage(r.report, "pt", r.output)
+        _check_stage(r.report, load_config(None, ["training.stage=pt"]), r.output)
+    # a pt folder split by paragraph does not train a run that asks for one document per line (it did, silently)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("one\ntwo\n\nthree\n")
+    r = prepare_dataset([str(txt)], tmp_path / "pt", tokenizer=tiny_tokenizer, val_ratio=0, console=_quiet, stage="pt",
+                        text_documents="paragraph")
+    with pytest.raises(TunelabError, match="prepared with --text-documents paragraph, this run asks for "
+                                           "data.text_documents=line"):
+        _check_stage(r.report, load_config(None, ["training.stage=pt", "data.text_documents=line"]), r.output)
+    for same in ("auto", "paragraph"):
+        _check_stage(r.report, load_config(None, ["training.stage=pt", f"data.text_documents={same}"]), r.output)
 
 
 @pytest.mark.parametrize("rel,docs", [("llamafactory/c4_demo.jsonl", 300), ("llamafactory/wiki_demo.txt", 30)])

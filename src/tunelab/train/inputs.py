@@ -50,7 +50,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
             _prepare_into(cfg, tokenizer, src, folder, run_path.name)
     prepared = load_prepared(folder)
     _check_usable(prepared.report, folder)
-    _check_stage(prepared.report, cfg.training.stage, folder)
+    _check_stage(prepared.report, cfg, folder)
     if expected_fingerprint and prepared.fingerprint != expected_fingerprint:
         raise TunelabError(f"--resume: the data in {folder} (fingerprint {prepared.fingerprint[:19]}) is not the data "
                            f"this run trained on ({expected_fingerprint[:19]}); start a new run instead")
@@ -62,7 +62,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
                                f"prepare --input {cfg.data.eval} --output data/processed/{Path(cfg.data.eval).stem}")
         ev = load_prepared(Path(cfg.data.eval))
         _check_usable(ev.report, Path(cfg.data.eval))
-        _check_stage(ev.report, cfg.training.stage, Path(cfg.data.eval))
+        _check_stage(ev.report, cfg, Path(cfg.data.eval))
         val_records = ev.val or ev.train
     if cfg.training.stage == "pt":
         return _encode_text(cfg, tokenizer, prepared, val_records, folder)
@@ -89,11 +89,18 @@ def _check_usable(report: dict, folder: Path) -> None:
                            "expected)")
 
 
-def _check_stage(report: dict, stage: str, folder: Path) -> None:
-    prepared_for = (report.get("options") or {}).get("stage", "sft")
+def _check_stage(report: dict, cfg: Config, folder: Path) -> None:
+    """The folder was prepared for this run's stage (and, pt, with the document split the config asks for)."""
+    options, stage = report.get("options") or {}, cfg.training.stage
+    prepared_for = options.get("stage", "sft")
     if prepared_for != stage:
         raise TunelabError(f"{folder} was prepared for training.stage={prepared_for}, this run trains {stage}: "
                            f"prepare it again with `tunelab prepare --stage {stage}` or give the raw file as data.train")
+    split, asked = options.get("text_documents"), cfg.data.text_documents
+    if stage == "pt" and asked != "auto" and split not in (None, asked):
+        raise TunelabError(f"{folder} was prepared with --text-documents {split}, this run asks for "
+                           f"data.text_documents={asked}: prepare it again with `tunelab prepare --stage pt "
+                           f"--text-documents {asked}` or give the raw file as data.train")
 
 
 def _encode_text(cfg: Config, tokenizer, prepared, val_records: list[dict], folder: Path) -> Encoded:
