@@ -472,6 +472,7 @@ def test_a_sweep_from_before_the_config_hash_is_checked_against_its_runs(tmp_pat
 
 def test_an_interrupted_reproduction_is_continued_by_reproduce(tmp_path):
     from tunelab.reproduce import reproduce
+    from tunelab.train.lifecycle import TrainingInterrupted
 
     calls = []
 
@@ -486,8 +487,9 @@ def test_an_interrupted_reproduction_is_continued_by_reproduce(tmp_path):
         return out
 
     run = _fabricated_run(tmp_path)
-    with pytest.raises(ReproduceError, match=f"run `tunelab reproduce {run}` again"):
+    with pytest.raises(TrainingInterrupted, match=f"run `tunelab reproduce {run}` again") as e:
         reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert e.value.exit_code == 130  # as an interrupted `tunelab train`
     res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
     assert calls == [("r-repro", None), ("r-repro", str(tmp_path / "r-repro"))]
     assert res.reproduction == tmp_path / "r-repro" and not (tmp_path / "r-repro2").exists()

@@ -149,6 +149,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
         cfg.output.run_name, resume = _repro_name(original.parent, original.name)
     if train_fn is None:
         from tunelab.train.recipe import train as train_fn
+    from tunelab.train.lifecycle import TrainingInterrupted
     from tunelab.runtime import FIRST_LEVERS, FORMERLY_OPT_IN, LEVERS, OPT_IN, levers_as_recorded
 
     notes = []
@@ -176,14 +177,9 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     try:
         with levers_as_recorded(off, on):
             repro = Path(train_fn(cfg, resume=str(folder)) if resume else train_fn(cfg))
-    except KeyboardInterrupt:
-        raise ReproduceError(f"the reproduction {folder} was interrupted; run `tunelab reproduce {original}` again to "
-                             "continue it and record the comparison") from None
-    except TunelabError as e:
-        if type(e).__name__ != "TrainingInterrupted":
-            raise
-        raise ReproduceError(f"the reproduction {folder} was interrupted; run `tunelab reproduce {original}` again to "
-                             "continue it from its last checkpoint and record the comparison") from None
+    except (KeyboardInterrupt, TrainingInterrupted):  # exit code 130, as an interrupted train
+        raise TrainingInterrupted(f"the reproduction {folder} was interrupted; run `tunelab reproduce {original}` "
+                                  "again to continue it from its last checkpoint and record the comparison") from None
     rmanifest = read_manifest(repro)
     if rmanifest.get("data_fingerprint") != manifest.get("data_fingerprint"):
         notes.append("the reproduction saw a different data fingerprint than the original")
