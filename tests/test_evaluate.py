@@ -94,6 +94,19 @@ def tiny(tiny_model_dir):
     return load_pretrained(str(tiny_model_dir), dtype="fp32")
 
 
+def test_changes_are_marked_by_the_metrics_direction_only_where_it_is_known():
+    """A preference run's falling logps/rejected (the undesirable answers made less likely: the aim) was marked
+    "(worse)": every metric not listed counted as higher-is-better."""
+    from tunelab.evaluate.report import before_after_rows
+
+    rows = {r[0]: r[3] for r in before_after_rows(
+        {"perplexity": 9.0, "bleu": 20.0, "logps/rejected": -30.0, "logps/chosen": -10.0, "some_count": 5},
+        {"perplexity": 10.0, "bleu": 25.0, "logps/rejected": -20.0, "logps/chosen": -12.0, "some_count": 4})}
+    assert rows["Perplexity"].endswith("(better)") and rows["BLEU"].endswith("(worse)")
+    assert rows["logps/rejected"] == "-10 (better)" and rows["logps/chosen"] == "+2 (better)"
+    assert rows["some_count"] == "+1"
+
+
 def test_perplexity_is_token_weighted_exp_of_training_loss(tiny):
     """Independent reference: HF's own loss per record (mean over its trained tokens), weighted by token count."""
     import torch

@@ -24,8 +24,10 @@ from tunelab.files import read_json_object
 from tunelab.rundir import run_status
 
 # Metrics where a lower value is better; every other numeric metric is higher-is-better.
-LOWER_IS_BETTER = {"loss", "train_loss", "eval_loss", "perplexity", "eval_perplexity", "best_eval_loss"}
-HIGHER_IS_BETTER = {"bleu", "chrf", "rouge_l", "exact_match"}
+# logps/*: the answers' log-probabilities (preference eval): the chosen / desirable ones up, the rejected down
+LOWER_IS_BETTER = {"loss", "train_loss", "eval_loss", "perplexity", "eval_perplexity", "best_eval_loss",
+                   "logps/rejected"}
+HIGHER_IS_BETTER = {"bleu", "chrf", "rouge_l", "exact_match", "rewards/accuracy", "rewards/margin", "logps/chosen"}
 KNOWN_METRICS = ("train_loss", "eval_loss", "perplexity", "bleu", "chrf", "rouge_l", "exact_match")
 
 
@@ -361,7 +363,8 @@ def run_labels(paths: Sequence[Path], runs_dir: str | os.PathLike, names: Sequen
     return out
 
 
-def _better(metric: str) -> str | None:
+def metric_direction(metric: str) -> str | None:
+    """"min" or "max" for a metric whose better direction is known, else None."""
     leaf = metric.split(":")[-1]
     if leaf in LOWER_IS_BETTER or leaf.endswith("loss") or leaf.endswith("perplexity"):
         return "min"
@@ -395,7 +398,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
     for k in order:
         values = [r.get(k) for r in per_run]
         metrics[k] = values
-        direction, present = _better(k), [(v, i) for i, v in enumerate(values) if v is not None]
+        direction, present = metric_direction(k), [(v, i) for i, v in enumerate(values) if v is not None]
         if direction and len(present) >= 2:
             target = (min if direction == "min" else max)(v for v, _ in present)
             best[k] = [i for v, i in present if v == target]

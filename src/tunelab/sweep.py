@@ -104,9 +104,9 @@ def check_name(name: str) -> str:
 
 def check_metric(metric: str) -> str:
     """The metric must be one we know the direction of, or the ranking would be a guess (or empty after hours)."""
-    from tunelab.runs import KNOWN_METRICS, _better
+    from tunelab.runs import KNOWN_METRICS, metric_direction
 
-    if _better(metric) is None:
+    if metric_direction(metric) is None:
         close = difflib.get_close_matches(metric, KNOWN_METRICS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise SweepError(f"--metric {metric!r}: not a metric the sweep can rank by; {hint}"
@@ -286,7 +286,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
 
 
 def sweep_rows(folder: Path, state: dict[str, Any], metric: str) -> list[SweepRow]:
-    from tunelab.runs import _better, final_metrics
+    from tunelab.runs import metric_direction, final_metrics
 
     rows = []
     for combo, entry in state["runs"].items():
@@ -294,7 +294,7 @@ def sweep_rows(folder: Path, state: dict[str, Any], metric: str) -> list[SweepRo
         value = final_metrics(_manifest(run_dir) or {}).get(metric)
         rows.append(SweepRow(combo, run_dir, _status(run_dir) or str(entry.get("status", "pending")), value,
                              [str(o) for o in entry.get("overrides") or []], entry.get("error")))
-    sign = -1 if _better(metric) == "max" else 1
+    sign = -1 if metric_direction(metric) == "max" else 1
     return sorted(rows, key=lambda r: (r.value is None, sign * r.value if r.value is not None else 0))
 
 

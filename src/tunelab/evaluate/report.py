@@ -21,7 +21,6 @@ from typing import Any
 METRIC_LABELS = {"perplexity": "Perplexity", "eval_loss": "Eval loss", "eval_tokens": "Eval tokens",
                  "train_loss": "Train loss", "bleu": "BLEU", "chrf": "chrF", "rouge_l": "ROUGE-L",
                  "exact_match": "Exact match (%)"}
-LOWER = {"perplexity", "eval_loss", "train_loss"}
 
 
 def _f(v: Any) -> str:
@@ -31,14 +30,18 @@ def _f(v: Any) -> str:
 
 
 def before_after_rows(tuned: dict[str, float], base: dict[str, float] | None) -> list[tuple[str, str, str, str]]:
-    """(metric, base, tuned, change) rows; the change is marked better/worse by the metric's direction."""
+    """(metric, base, tuned, change) rows; the change is marked better/worse where the metric's direction is known."""
+    from tunelab.runs import metric_direction
+
     rows = []
     for key in [k for k in METRIC_LABELS if k in tuned] + [k for k in tuned if k not in METRIC_LABELS]:
         t, b = tuned.get(key), (base or {}).get(key)
         change = ""
         if isinstance(t, (int, float)) and isinstance(b, (int, float)) and key != "eval_tokens":
-            better = (t < b) if key in LOWER else (t > b)
-            change = f"{t - b:+.4g}" + ("" if t == b else " (better)" if better else " (worse)")
+            direction = metric_direction(key)
+            better = (t < b) if direction == "min" else (t > b)
+            mark = "" if t == b or direction is None else " (better)" if better else " (worse)"
+            change = f"{t - b:+.4g}{mark}"
         rows.append((METRIC_LABELS.get(key, key), _f(b) if base is not None else "", _f(t), change))
     return rows
 
