@@ -134,3 +134,24 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def signal_after_step(monkeypatch):
+    """signal_after_step(step, signum=SIGTERM): training sends `signum` to this process once `step` is done (as a
+    user's Ctrl-C or a scheduler's SIGTERM would); signal_after_step(None) stops doing it."""
+    import signal
+
+    import tunelab.train.monitor as monitor
+
+    original = monitor.Reporter.advance
+
+    def install(step: int | None, signum: int = signal.SIGTERM) -> None:
+        def advance(self, s, info):
+            original(self, s, info)
+            if s == step:
+                os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(monitor.Reporter, "advance", original if step is None else advance)
+
+    return install

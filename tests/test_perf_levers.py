@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -108,10 +107,9 @@ def _cfg(tiny_model_dir, demo_files, out, name, *extra, dtype="fp32"):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_token_budget_run_resumes_exactly(tiny_model_dir, demo_files, tmp_path, monkeypatch, dtype):
+def test_token_budget_run_resumes_exactly(tiny_model_dir, demo_files, tmp_path, signal_after_step, dtype):
     """A run with a token budget: the plan counts its packed rows, and a run stopped mid-epoch and resumed
     equals the uninterrupted one (same rows in the same order), in fp32 and bf16."""
-    import tunelab.train.monitor as monitor
     from tunelab.rundir import read_metrics
     from tunelab.train.recipe import TrainingInterrupted, train
 
@@ -119,17 +117,10 @@ def test_token_budget_run_resumes_exactly(tiny_model_dir, demo_files, tmp_path, 
     manifest = json.loads((full / "manifest.json").read_text())
     steps = manifest["total_steps"]
     assert steps >= 4 and steps < manifest["data"]["train_records"] / 2, "rows of several records"
-    original = monitor.Reporter.advance
-
-    def advance(self, s, info):
-        original(self, s, info)
-        if s == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    signal_after_step(3)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2", dtype=dtype))
-    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    signal_after_step(None)
     train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(tmp_path / "split"))
     losses = [[m["loss"] for m in read_metrics(run) if "loss" in m and not m.get("final")]
               for run in (full, tmp_path / "split")]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 from safetensors.torch import load_file
@@ -66,22 +64,13 @@ def test_dpo_learns_the_preference(tiny_model_dir, pref_files, tmp_path):
     assert (run / "ref_logps.pt").is_file()
 
 
-def test_resumed_dpo_run_equals_uninterrupted_run(tiny_model_dir, pref_files, tmp_path, monkeypatch):
-    import tunelab.train.monitor as monitor
-
+def test_resumed_dpo_run_equals_uninterrupted_run(tiny_model_dir, pref_files, tmp_path, signal_after_step):
     data = pref_files / "pairs.jsonl"
     full = train(_cfg(tiny_model_dir, data, tmp_path, "full", "dpo", "training.save_steps=2"))
-    original = monitor.Reporter.advance
-
-    def advance(self, s, info):
-        original(self, s, info)
-        if s == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    signal_after_step(3)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         train(_cfg(tiny_model_dir, data, tmp_path, "split", "dpo", "training.save_steps=2"))
-    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    signal_after_step(None)
     split = tmp_path / "split"
     assert [s for s, _ in ckpt.complete_checkpoints(split)][-1] == 3
     train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(split))
@@ -186,30 +175,23 @@ def test_a_prepared_preference_folder_gets_the_runs_system_prompt_and_its_eval_f
         prompts(tmp_path / "pairs", f"data.eval={tmp_path / 'sft'}")
 
 
-def test_a_resumed_dpo_run_refuses_a_changed_starting_adapter(tiny_model_dir, pref_files, tmp_path, monkeypatch):
+def test_a_resumed_dpo_run_refuses_a_changed_starting_adapter(tiny_model_dir, pref_files, tmp_path,
+                                                              signal_after_step):
     """The reference is the adapter the run started from: resumed after that adapter changed, the run trained on
     against another reference without a word (and overwrote the recorded fingerprint)."""
     from safetensors.torch import save_file
 
-    import tunelab.train.monitor as monitor
     from tunelab.errors import TunelabError
 
     sft = train(load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32",
                                    f"data.train={pref_files / 'sft.jsonl'}", f"output.dir={tmp_path}",
                                    "output.run_name=sft", "training.max_steps=1", "eval.metrics=[perplexity]",
                                    "tracking.report_to=[none]"]))
-    original = monitor.Reporter.advance
-
-    def advance(self, s, info):
-        original(self, s, info)
-        if s == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    signal_after_step(1)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "dpo", "dpo", f"model.adapter={sft}",
                    "training.max_steps=2"))
-    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    signal_after_step(None)
     weights = sft / "checkpoint-final" / "adapter_model.safetensors"
     kept = weights.read_bytes()
     save_file({k: v * 2 for k, v in load_file(weights).items()}, str(weights))

@@ -135,19 +135,6 @@ def test_a_failure_after_training_started_is_recorded_and_listed(tiny_model_dir,
     assert [(r.name, r.status) for r in list_runs(tmp_path)] == [("late", "failed")]
 
 
-def _interrupt_after(monkeypatch, step: int) -> None:
-    import tunelab.train.monitor as monitor
-
-    original = monitor.Reporter.advance
-
-    def advance(self, s, info):
-        original(self, s, info)
-        if s == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(monitor.Reporter, "advance", advance)
-
-
 def test_ctrl_c_during_the_generation_metrics_skips_them_and_the_run_finishes(tiny_model_dir, demo_files, tmp_path,
                                                                                monkeypatch):
     """After checkpoint-final, BLEU's generation can take minutes: Ctrl-C then stops it (it used to be ignored
@@ -171,11 +158,11 @@ def test_ctrl_c_during_the_generation_metrics_skips_them_and_the_run_finishes(ti
 
 
 def test_resume_applies_safe_overrides_and_refuses_the_others_by_name(tiny_model_dir, demo_files, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, signal_after_step):
     from tunelab.cli.train import train_from_args
     from tunelab.train.lifecycle import TrainingInterrupted
 
-    _interrupt_after(monkeypatch, 2)
+    signal_after_step(2, signal.SIGINT)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "r", "training.max_steps=4"))
     monkeypatch.undo()
@@ -195,14 +182,14 @@ def test_resume_applies_safe_overrides_and_refuses_the_others_by_name(tiny_model
 
 
 def test_resume_refuses_a_run_another_process_is_training_but_not_a_reused_pid(tiny_model_dir, demo_files, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, signal_after_step):
     """Two processes in one run folder would interleave their steps and checkpoints: `--resume RUN` refuses while
     the process the manifest names is alive. A live process with that pid but another start time is not it."""
     from tunelab.cli.train import train_from_args
     from tunelab.rundir import RunDir, process_started
     from tunelab.train.lifecycle import TrainingInterrupted
 
-    _interrupt_after(monkeypatch, 2)
+    signal_after_step(2, signal.SIGINT)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "live", "training.max_steps=3"))
     monkeypatch.undo()
@@ -242,10 +229,11 @@ def test_a_run_resumed_before_its_first_checkpoint_trains_as_a_fresh_one(tiny_mo
     assert len(fresh) == 3 and again == fresh
 
 
-def test_resume_refuses_data_that_is_not_the_runs(tiny_model_dir, demo_files, tmp_path, monkeypatch):
+def test_resume_refuses_data_that_is_not_the_runs(tiny_model_dir, demo_files, tmp_path, monkeypatch,
+                                                  signal_after_step):
     from tunelab.train.lifecycle import TrainingInterrupted
 
-    _interrupt_after(monkeypatch, 1)
+    signal_after_step(1, signal.SIGINT)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "fp", "training.max_steps=3"))
     monkeypatch.undo()

@@ -4,7 +4,6 @@ equivalence after a mid-epoch stop, reproducibility, the divergence guard and cr
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -35,21 +34,12 @@ def _cfg(tiny_model_dir, demo_files, out, name, *extra, dtype="fp32"):
                               "tracking.report_to=[none]", *extra])
 
 
-def _interrupted_run(monkeypatch, step: int, signum: int, cfg) -> None:
+def _interrupted_run(signal_after_step, step: int, signum: int, cfg) -> None:
     """Train `cfg`, sending `signum` to ourselves once `step` is done; the run must stop with TrainingInterrupted."""
-    import tunelab.train.monitor as monitor
-
-    original = monitor.Reporter.advance
-
-    def advance(self, s, info):
-        original(self, s, info)
-        if s == step:
-            os.kill(os.getpid(), signum)
-
-    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    signal_after_step(step, signum)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         train(cfg)
-    monkeypatch.setattr(monitor.Reporter, "advance", original)
+    signal_after_step(None)
 
 
 def _losses(run: Path) -> list[float]:
@@ -90,12 +80,12 @@ def test_run_folder_contract(tiny_model_dir, demo_files, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_path, monkeypatch, dtype):
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, demo_files, tmp_path, signal_after_step, dtype):
     full = train(_cfg(tiny_model_dir, demo_files, tmp_path, "full", "training.save_steps=2", dtype=dtype))
 
     # Same run, stopped by SIGTERM after step 3 (mid-epoch, between checkpoints): the handler lets the step
     # finish, writes checkpoint-3 and raises with the resume command. Exact in bf16 too: same ops, same order.
-    _interrupted_run(monkeypatch, 3, signal.SIGTERM,
+    _interrupted_run(signal_after_step, 3, signal.SIGTERM,
                      _cfg(tiny_model_dir, demo_files, tmp_path, "split", "training.save_steps=2", dtype=dtype))
     split = tmp_path / "split"
     assert json.loads((split / "manifest.json").read_text())["status"] == "interrupted"
@@ -154,10 +144,10 @@ def test_disk_check_refuses_clearly(tmp_path):
 
 
 def test_resume_survives_a_torn_metrics_line_and_refuses_a_finished_run(tiny_model_dir, demo_files, tmp_path,
-                                                                          monkeypatch):
+                                                                          signal_after_step):
     from tunelab.errors import TunelabError
 
-    _interrupted_run(monkeypatch, 2, signal.SIGINT, _cfg(tiny_model_dir, demo_files, tmp_path, "torn",
+    _interrupted_run(signal_after_step, 2, signal.SIGINT, _cfg(tiny_model_dir, demo_files, tmp_path, "torn",
                                                          "training.max_steps=4"))
     run = tmp_path / "torn"
     with open(run / "metrics.jsonl", "a") as f:
