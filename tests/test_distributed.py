@@ -57,6 +57,21 @@ if _out and "RANK" in os.environ:
             weights = {n: p.detach().cpu().contiguous() for n, p in _held["model"].named_parameters()
                        if p.requires_grad}
             save_file(weights, os.path.join(_out, "rank%s.safetensors" % os.environ["RANK"]))
+
+_stop = os.environ.get("TUNELAB_TEST_STOP_AFTER_STEP")
+if _stop and "RANK" in os.environ:  # each process sends itself a SIGTERM once that step is done
+    import signal
+
+    import tunelab.train.monitor as _monitor
+
+    _advance = _monitor.Reporter.advance
+
+    def _advance_then_stop(self, s, info):
+        _advance(self, s, info)
+        if s == int(_stop):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _monitor.Reporter.advance = _advance_then_stop
 '''
 
 TIMEOUT_S = 240
@@ -244,9 +259,9 @@ def _pairs_file(folder: Path) -> Path:
     return data
 
 
-def _launch_local(overrides: list[str], processes: int = 2) -> tuple[int, str]:
+def _launch_local(overrides: list[str], processes: int = 2, **env_vars: str) -> tuple[int, str]:
     """`tunelab train --num-processes N ...`: (exit code, output)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_vars}
     cmd = [sys.executable, "-m", "tunelab", "train", "--num-processes", str(processes), *overrides]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -318,3 +333,36 @@ def test_several_processes_without_a_run_name_are_refused_before_launching(tiny_
                  f"data.train={_pairs_file(tmp_path)}", f"output.dir={tmp_path / 'runs'}"]) == 2
     assert "with several processes set output.run_name" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.distributed
+def test_two_processes_stopped_and_resumed_equal_the_uninterrupted_run_with_dropout_on(tiny_model_dir, one_process,
+                                                                                     tmp_path):
+    """Each process resumes its own random stream. The checkpoint held rank 0's only, so after a resume rank 1 drew
+    rank 0's dropout masks, not its own: with torch's dropout (its draws depend on each process's batch) the
+    resumed run trained other weights than the uninterrupted one."""
+    data, _ = one_process
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
+    env = {"TUNELAB_PERF_OFF": "fast_dropout",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
+
+    def overrides(name):
+        return [*_overrides(tiny_model_dir, data, tmp_path / "runs", name, 1), "lora.dropout=0.3",
+                "training.save_steps=1"]
+
+    code, output = _launch_local(overrides("whole"), **env)
+    assert code == 0, output[-3000:]
+    code, output = _launch_local(overrides("split"), TUNELAB_TEST_STOP_AFTER_STEP="1", **env)
+    assert code == 130, output[-3000:]
+    split = tmp_path / "runs" / "split"
+    assert (split / "checkpoint-1" / "rng_state_1.pt").is_file()
+    code, output = _launch_local(["--resume", str(split)], **env)
+    assert code == 0, output[-3000:]
+    whole, resumed = _losses(tmp_path / "runs" / "whole"), _losses(split)
+    assert whole.keys() == resumed.keys() == set(range(1, STEPS + 1))
+    assert all(resumed[s] == pytest.approx(whole[s], abs=1e-6) for s in whole), (whole, resumed)
+    a = load_file(tmp_path / "runs" / "whole" / "checkpoint-final" / "adapter_model.safetensors")
+    b = load_file(split / "checkpoint-final" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

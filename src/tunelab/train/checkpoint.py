@@ -70,6 +70,21 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def all_rng_states() -> list[dict[str, Any]]:
+    """Every process's RNG state, by rank (a collective: all processes call it). Each resumes its own stream: the
+    processes' streams part once their draws depend on their own batches (torch's dropout, CUDA's Philox)."""
+    state = rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _rng_file(rank: int) -> str:
+    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
@@ -78,8 +93,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, scheduler=None,
-                    trainer_state: dict[str, Any] | None = None, estimate_bytes: int = 0) -> Path:
-    """Write `run/name` atomically. `save_model(folder)` writes the weights (adapter or full model) and tokenizer."""
+                    trainer_state: dict[str, Any] | None = None, estimate_bytes: int = 0,
+                    rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """Write `run/name` atomically. `save_model(folder)` writes the weights (adapter or full model) and tokenizer;
+    with `trainer_state`, the RNG states too (`rng_states`: every process's, from `all_rng_states`)."""
     run = Path(run)
     check_disk(run, estimate_bytes)
     final = run / name
@@ -87,7 +104,7 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _write_files(tmp, save_model, optimizer, scheduler, trainer_state)
+        _write_files(tmp, save_model, optimizer, scheduler, trainer_state, rng_states)
     except Exception as e:  # disk full (torch reports it as a RuntimeError), quota, I/O: the others are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise TunelabError(f"could not write {name} in {run}: {_why(e, run)}. The previous checkpoints are intact; "
@@ -111,14 +128,16 @@ def _why(e: Exception, run: Path) -> str:
             if full else f"{type(e).__name__}: {e}")
 
 
-def _write_files(tmp: Path, save_model, optimizer, scheduler, trainer_state: dict[str, Any] | None) -> None:
+def _write_files(tmp: Path, save_model, optimizer, scheduler, trainer_state: dict[str, Any] | None,
+                 rng_states: list[dict[str, Any]] | None) -> None:
     save_model(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if trainer_state is not None:
-        torch.save(rng_state(), tmp / "rng_state.pt")
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / _rng_file(rank))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     sizes = _fsync_tree(tmp)
     (tmp / "manifest.json").write_text(json.dumps({"files": sizes, "complete": True}, indent=2))
@@ -138,8 +157,11 @@ def rotate(run: Path, keep: int) -> None:
             os.replace(old, final)
 
 
-def load_training_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
+def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Optimiser, schedule and this process's RNG state (rank 0's where the checkpoint holds no state of `rank`:
+    a run resumed with more processes than it saved, or saved before states were kept per process)."""
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(folder / "rng_state.pt", weights_only=True))
+    rng = folder / _rng_file(rank)
+    set_rng_state(torch.load(rng if rng.is_file() else folder / _rng_file(0), weights_only=True))
     return json.loads((folder / "trainer_state.json").read_text())

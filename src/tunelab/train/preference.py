@@ -151,7 +151,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
              f"{t_cfg.lr_scheduler} LR {fmt_lr(t_cfg.learning_rate)}; {stage} beta {cfg.preference.beta}")
     policy, optimizer = accelerator.prepare(_Policy(model), optimizer)
     inner = accelerator.unwrap_model(policy).model
-    state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
+    state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps,
+                          accelerator.process_index)
     life.run.update_manifest(
         seed=t_cfg.seed, method=t_cfg.method, stage=stage, reference=ref_info, model=cfg.model.name,
         data_fingerprint=data.fingerprint, data=data.data_info, dtype={"name": choice.name, "reason": choice.reason},
@@ -415,11 +416,12 @@ def _save_model(s: PrefSession):
 def save_step_checkpoint(s: PrefSession) -> None:
     from tunelab.train.recipe import checkpoint_bytes
 
+    rngs = ckpt.all_rng_states()
     with main_process_work():  # a full disk stops every process with the main one's reason
         if s.main:
             ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}", _save_model(s),
                                  optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
-                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method), rng_states=rngs)
             ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
 
 

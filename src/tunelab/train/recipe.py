@@ -164,7 +164,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     _refuse_deepspeed_accumulation(accelerator, plan.group_size // world)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     inner = accelerator.unwrap_model(loss_fn).model
-    state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps)
+    state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps,
+                          accelerator.process_index)
     life.run.update_manifest(
         seed=t_cfg.seed, method=t_cfg.method, stage=t_cfg.stage, model=cfg.model.name,
         data_fingerprint=data.fingerprint,
@@ -213,11 +214,11 @@ def _refuse_deepspeed_accumulation(accelerator, passes: int) -> None:
 
 
 def restore_state(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
-                  total_steps: int) -> TrainState:
+                  total_steps: int, rank: int = 0) -> TrainState:
     """Weights, optimiser, schedule and step from `resume_from` (both recipes); no checkpoint: a fresh start."""
     if resume_from is not None:
         load_checkpoint_weights(inner, resume_from, cfg.training.method)
-        state = TrainState.from_json(ckpt.load_training_state(resume_from, optimizer, scheduler))
+        state = TrainState.from_json(ckpt.load_training_state(resume_from, optimizer, scheduler, rank))
         life.run.truncate_metrics(state.global_step)
         life.say(f"Resuming from {resume_from.name} (step {state.global_step}/{total_steps})")
         return state
@@ -336,12 +337,13 @@ def evaluate(s: Session) -> bool:
 def save_step_checkpoint(s: Session) -> None:
     """A resumable checkpoint: weights, optimiser, schedule, RNG and the loop's state."""
     sd = gathered_state_dict(s.accelerator, s.loss_fn)  # every process takes part when weights are sharded
+    rngs = ckpt.all_rng_states()
     with main_process_work():  # a full disk stops every process with the main one's reason
         if s.main:
             ckpt.save_checkpoint(s.life.path, f"checkpoint-{s.state.global_step}",
                                  lambda d: s.inner.save_pretrained(d, state_dict=sd, safe_serialization=True),
                                  optimizer=s.optimizer, scheduler=s.scheduler, trainer_state=asdict(s.state),
-                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method), rng_states=rngs)
             ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
 
 
