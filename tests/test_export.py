@@ -204,6 +204,14 @@ def test_cli_export(llama_dir, tmp_path):
     assert "FROM ./d.gguf\n" in (tmp_path / "d.Modelfile").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "c.gguf", "d.Modelfile", "d.gguf"]
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "d.gguf")]) == 2
+    # --output naming a file that is not a GGUF (here the model's own weights) replaced it with the GGUF
+    import shutil
+
+    shutil.copytree(llama_dir, tmp_path / "m")
+    weights = next((tmp_path / "m").glob("*.safetensors"))
+    before = weights.read_bytes()
+    assert main(["export", "--model", str(tmp_path / "m"), "--output", str(weights), "--no-verify"]) == 2
+    assert weights.read_bytes() == before
 
 
 @pytest.mark.slow

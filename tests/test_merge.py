@@ -135,6 +135,9 @@ def test_merge_refuses_non_model_output_and_missing_adapter(run_dir, tmp_path):
         merge_adapter(run_dir, tmp_path / "notes")
     with pytest.raises(TunelabError, match="no adapter"):
         merge_adapter(tmp_path / "nowhere", tmp_path / "x")
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):  # nan switched the check off and still said "verified"
+        with pytest.raises(TunelabError, match="tolerance must be a number above 0"):
+            merge_adapter(run_dir, tmp_path / "x", tolerance=bad)
 
 
 def test_merge_never_overwrites_what_it_reads_and_a_damaged_adapter_is_named(tiny_model_dir, tmp_path):
@@ -181,6 +184,22 @@ def test_merged_and_prepared_folders_get_the_permissions_mkdir_would_give(run_di
         os.umask(old)
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "prepared").stat().st_mode & 0o777 == 0o755
+    # and the files in them, and a checkpoint's: safetensors writes its files 0600
+    import torch
+    from safetensors.torch import save_file
+
+    from tunelab.train.checkpoint import save_checkpoint
+
+    (tmp_path / "run").mkdir()
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "run", "checkpoint-1",
+                        lambda d: save_file({"w": torch.zeros(2)}, str(d / "adapter_model.safetensors")))
+    finally:
+        os.umask(old)
+    files = [p for d in ("merged", "prepared", "run") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o644) for p in files}
 
 
 def test_cli_and_root_script(run_dir, tmp_path):

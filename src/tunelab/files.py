@@ -45,6 +45,14 @@ def staging_dir(final: Path) -> Path:
     return tmp
 
 
+def as_umask_allows(path: Path) -> None:
+    """`path` (a file, or a folder and everything in it) with the permissions a plain `open` would give under this
+    umask: safetensors writes its files 0600, so merged weights and adapters only their owner could read."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _umask() -> int:
     """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
     try:

@@ -22,6 +22,7 @@ The output folder is written to a temporary folder beside it and renamed into pl
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.files import staging_dir
+from tunelab.files import as_umask_allows, staging_dir
 from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates
 from tunelab.model.stop_tokens import stop_token_ids
 
@@ -161,6 +162,8 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
 
     if dtype not in DEFAULT_TOLERANCE:
         raise MergeError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
+    if tolerance is not None and not 0 < tolerance < math.inf:  # nan would compare false: never a failure
+        raise MergeError(f"the tolerance must be a number above 0, not {tolerance}")
     adapter_dir = resolve_adapter_dir(adapter)
     meta = read_tunelab_json(adapter_dir)
     method = meta.get("method") or ("lora" if (adapter_dir / "adapter_config.json").is_file() else "full")
@@ -217,6 +220,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
              "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
                  "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
              "eos_token_ids": stops, "notes": notes}, indent=2) + "\n")
+        as_umask_allows(tmp)
         _swap_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

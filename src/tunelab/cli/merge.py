@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.cli import positive
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="run folder (its checkpoint-final is used) or checkpoint folder")
     p.add_argument("--output", required=True, help="folder for the merged model (written atomically)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype of the saved weights (the merge itself is always done in fp32)")
-    p.add_argument("--tolerance", type=float, default=None,
+    p.add_argument("--tolerance", type=positive, default=None,
                    help="max |logit diff| relative to the largest logit (default: 1e-3 fp32, 2e-2 fp16, 1e-1 bf16)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the adapter-vs-merged comparison")

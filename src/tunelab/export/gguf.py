@@ -343,6 +343,11 @@ def _check_llama_cpp(path: Path, tok, want: list[list[int]], n_tokens: int) -> s
     return f"verified: same first greedy token on {len(got)}/{len(got)} prompts ({same} equal over {n_tokens} tokens)"
 
 
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: str = "f16", modelfile: bool = True,
                 verify: bool = True, n_tokens: int = 8) -> ExportReport:
     """Write `output` (.gguf) from a merged model folder, and an Ollama `Modelfile` beside it; verify both."""
@@ -353,6 +358,9 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
         raise ExportError(f"unknown quant {quant!r}; choose {' or '.join(QUANTS)}")
     if output.is_dir():  # found before the minutes of writing and verifying, not after
         raise ExportError(f"--output {output} is a folder; give the .gguf file to write, e.g. {output / 'model.gguf'}")
+    if output.is_file() and _magic(output) != b"GGUF":  # e.g. the model's own model.safetensors
+        raise ExportError(f"--output {output} exists and is not a GGUF file: the export would replace it; give "
+                          "another file name")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a model folder (no config.json); merge an adapter first: "
                           "tunelab merge --adapter RUN --output DIR")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.files import as_umask_allows
 
 STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -109,6 +110,7 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
         shutil.rmtree(tmp, ignore_errors=True)
         raise TunelabError(f"could not write {name} in {run}: {_why(e, run)}. The previous checkpoints are intact; "
                            f"free some space and resume with: tunelab train --resume {run}") from None
+    as_umask_allows(tmp)  # safetensors writes 0600: an adapter others on the machine could not serve
     old = run / f".{name}.old"
     if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place
         shutil.rmtree(old, ignore_errors=True)
