@@ -257,3 +257,38 @@ def test_fuzzed_requests_get_4xx_json_and_memory_stays_flat(client):
     assert kept < 256 << 10, f"{kept} bytes still held after 1,000 bad requests"
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # still serving
     assert client.get("/health").json()["active"] == 0
+
+
+def scripted(tok, monkeypatch, *parts):
+    """Make every row write `parts` (text, or a token id) and then 'x' forever, whatever the model's logits say."""
+    from tunelab.serve import Engine
+
+    script = [t for p in parts for t in ([p] if isinstance(p, int) else tok(p, add_special_tokens=False)["input_ids"])]
+    filler = tok("x", add_special_tokens=False)["input_ids"][0]
+    monkeypatch.setattr(Engine, "_pick", lambda self, rows, logits: [
+        (script[len(r.tokens)] if len(r.tokens) < len(script) else filler) for r in rows])
+
+
+def test_a_special_token_as_stop_string_stops_on_that_token(client, tiny, monkeypatch):
+    tok = tiny[1]
+    start, text_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    scripted(tok, monkeypatch, "Sure.", start, "user\nmore", text_end, " tail")
+    for stop, text in (["<|im_start|>"], "Sure."), ("<|endoftext|>", "Sure.user\nmore"):
+        r = client.post("/v1/completions", json={**COMPLETE, "max_tokens": 20, "stop": stop})
+        choice = r.json()["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (text, "stop"), stop
+    # a special token inside a longer stop string could never match the text: refused, not ignored
+    r = client.post("/v1/completions", json={**COMPLETE, "stop": ["\n<|im_start|>user"]})
+    assert is_openai_error(r, 400) and r.json()["error"]["param"] == "stop"
+    assert "<|im_start|>" in r.json()["error"]["message"]
+
+
+def test_the_models_own_eos_ends_an_answer_too(tiny, monkeypatch):
+    """A base model's generation_config says `<|endoftext|>` ends a text, while the chat tokenizer's EOS is
+    `<|im_end|>`: both end the answer (as generate would), instead of the first being dropped from the text."""
+    from tunelab.serve import Engine
+
+    model, tok = tiny
+    text_end = tok.convert_tokens_to_ids("<|endoftext|>")
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [text_end])
+    assert text_end in Engine(model, tok).eos and tok.eos_token_id in Engine(model, tok).eos

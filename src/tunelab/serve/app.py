@@ -261,6 +261,7 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings | None
     app = FastAPI(title="tunelab", description="OpenAI-compatible API over a tunelab model", lifespan=_lifespan)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.settings = settings
+    app.state.specials = _special_tokens(tokenizer)
     app.state.context = settings.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
     app.state.created = int(time.time())
     app.add_exception_handler(APIError, _api_error)
@@ -310,9 +311,33 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
     return "".join(parts)
 
 
-def _stops(req: _Request) -> list[str]:
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """The tokens that decoding leaves out of the text (skip_special_tokens), by their text."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials = {str(t): int(i) for i, t in added.items() if getattr(t, "special", False)}
+    for tok in tokenizer.all_special_tokens:
+        specials.setdefault(tok, int(tokenizer.convert_tokens_to_ids(tok)))
+    return specials
+
+
+def _stops(state, req: _Request) -> dict[str, Any]:
+    """The job's text stops and stop token ids: a special token never appears in the text, so a stop string that is
+    one (`<|im_start|>`) stops on its id, and one that holds one among other text could never match (400)."""
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    return [_clean(s, "stop") for s in stops if s]  # "" would match at once: an empty stop string stops nothing
+    texts, ids = [], set()
+    for s in stops:
+        if not s:
+            continue  # "" would match at once: an empty stop string stops nothing
+        if s in state.specials:
+            ids.add(state.specials[s])
+            continue
+        inside = [tok for tok in state.specials if tok and tok in s]
+        if inside:
+            raise APIError(400, f"the stop string {s!r} holds the special token {inside[0]!r}, which never appears "
+                                f"in the answer's text; give {inside[0]!r} as a stop string of its own",
+                           param="stop")
+        texts.append(_clean(s, "stop"))
+    return {"stops": texts, "stop_ids": frozenset(ids)}
 
 
 def _sampling(state, req: _Request, prompt_ids: list[int], max_tokens: int | None, param: str) -> Sampling:
@@ -374,11 +399,11 @@ def _raise_if_failed(job: Job) -> None:
 
 
 async def _answer(request: Request, prompts: list[list[int]], samplings: list[Sampling],
-                  stops: list[str]) -> list[Job] | None:
+                  stops: dict[str, Any]) -> list[Job] | None:
     """Run the jobs to the end; None if the client went away first (its jobs are then cancelled)."""
     state, loop = request.app.state, asyncio.get_running_loop()
     events = [asyncio.Event() for _ in prompts]
-    jobs = [Job(ids, s, stops, sink=lambda piece, ev=ev: piece is None and loop.call_soon_threadsafe(ev.set))
+    jobs = [Job(ids, s, **stops, sink=lambda piece, ev=ev: piece is None and loop.call_soon_threadsafe(ev.set))
             for ids, s, ev in zip(prompts, samplings, events)]
     _submit(state, jobs)
     try:
@@ -397,12 +422,12 @@ async def _answer(request: Request, prompts: list[list[int]], samplings: list[Sa
     return jobs
 
 
-def _stream(request: Request, prompt_ids: list[int], sampling: Sampling, stops: list[str], chunk, final,
+def _stream(request: Request, prompt_ids: list[int], sampling: Sampling, stops: dict[str, Any], chunk, final,
             include_usage: bool) -> StreamingResponse:
     """Server-sent events, one per text piece; the job is queued now, so a full queue is a 429, not a broken stream."""
     state, loop = request.app.state, asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
-    job = Job(prompt_ids, sampling, stops, sink=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+    job = Job(prompt_ids, sampling, **stops, sink=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
     _submit(state, [job])
 
     async def events():
@@ -479,9 +504,9 @@ async def chat_completions(req: ChatRequest, request: Request):
         def final(job):
             return _json({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": job.finish_reason}]})
 
-        return _stream(request, prompt_ids, sampling, _stops(req), chunk, final,
+        return _stream(request, prompt_ids, sampling, _stops(state, req), chunk, final,
                        bool(req.stream_options and req.stream_options.include_usage))
-    jobs = await _answer(request, [prompt_ids], [sampling], _stops(req))
+    jobs = await _answer(request, [prompt_ids], [sampling], _stops(state, req))
     if jobs is None:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
     return {"id": rid, "object": "chat.completion", "created": now, "model": state.model_name,
@@ -524,9 +549,9 @@ async def completions(req: CompletionRequest, request: Request):
             return _json({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
                                                "finish_reason": job.finish_reason}]})
 
-        return _stream(request, encoded[0], samplings[0], _stops(req), chunk, final,
+        return _stream(request, encoded[0], samplings[0], _stops(state, req), chunk, final,
                        bool(req.stream_options and req.stream_options.include_usage))
-    jobs = await _answer(request, encoded, samplings, _stops(req))
+    jobs = await _answer(request, encoded, samplings, _stops(state, req))
     if jobs is None:
         return Response(status_code=499)
     choices = [{"index": i, "text": j.text, "logprobs": None, "finish_reason": j.finish_reason}

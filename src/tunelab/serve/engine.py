@@ -80,6 +80,7 @@ class Job:
     prompt_ids: list[int]
     sampling: Sampling
     stops: list[str] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # tokens that end this job too: special tokens given as stop strings
     sink: Callable[[str | None], None] = lambda piece: None
     cancel: threading.Event = field(default_factory=threading.Event)
     text: str = ""  # what was handed to the sink so far
@@ -129,7 +130,7 @@ class Engine:
             raise TunelabError(f"max_batch_size={max_batch_size}: it must be at least 1")
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
-        self.eos = set(stop_token_ids(tokenizer))
+        self.eos = set(stop_token_ids(tokenizer)) | _config_eos(model)
         self.device = next(model.parameters()).device
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "prefills": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -368,7 +369,7 @@ class Engine:
         """Record `token`, hand the text that is now safe to the sink; False when the row has finished."""
         job = row.job
         job.completion_tokens += 1  # the end-of-turn token counts too, as it does in transformers' output
-        if token in self.eos:
+        if token in self.eos or token in job.stop_ids:
             self._emit(row, len(row.decoded))
             self._finish(job, "stop")
             return False
@@ -408,6 +409,13 @@ class Engine:
             job.sink(piece)
         except Exception:  # noqa: BLE001 - a sink whose event loop has closed: nobody is listening any more
             log.debug("could not deliver to a finished request", exc_info=True)
+
+
+def _config_eos(model) -> set[int]:
+    """The model's own end tokens (generation_config.eos_token_id, an id or a list): a base model's
+    `<|endoftext|>` ends its answer even when the chat tokenizer's EOS is another token."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return {int(i) for i in ([] if eos is None else [eos] if isinstance(eos, int) else eos)}
 
 
 def _select(cache: KVCache, mask, keep: list[int]):
