@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -217,7 +218,8 @@ def test_eval_cli_on_a_model_writes_results(tiny_model_dir, tmp_path, capsys, mo
     from tunelab.evaluate import runner
 
     # The prepared-folder reader belongs to the data module; here only the eval plumbing is under test.
-    monkeypatch.setattr(runner, "load_eval_data", lambda d, split, *_, **__: runner.EvalData(RECORDS, "f" * 64, str(d), split))
+    monkeypatch.setattr(runner, "load_eval_data", lambda d, split, *_, **__: runner.EvalData(RECORDS, "f" * 64, str(d),
+                                                                                         split or "val"))
     rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--metrics", "perplexity,bleu,rouge",
                "--max-new-tokens", "3", "--dtype", "fp32", "--output-dir", str(tmp_path / "ev"), "--name", "t"])
     assert rc == 0
@@ -247,6 +249,28 @@ def test_eval_on_a_raw_file_reports_its_rejected_records(tiny_model_dir, tmp_pat
     data = json.loads((tmp_path / "ev" / "t.json").read_text())["data"]
     assert data["records"] == 2 and data["records_read"] == 4 and data["records_rejected"] == 2
     assert sum(data["rejected_by_reason"].values()) == 2 and len(data["rejected_examples"]) == 2
+
+
+def test_eval_options_that_would_be_ignored_or_mean_nothing_are_errors(tiny_model_dir, tmp_path, capsys):
+    """`--metrics ,` wrote an empty result over the last one; --base without --compare-base and --split on a raw file
+    were ignored (the result recorded the unused base); --max-length past the model's positions scored garbage."""
+    from transformers import AutoConfig
+
+    from tunelab.cli import main
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"instruction": "Q1", "output": "A1"}\n')
+    common = ["eval", "--model", str(tiny_model_dir), "--data", str(raw), "--dtype", "fp32", "--output-dir",
+              str(tmp_path / "ev")]
+    context = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    for extra, says in [(["--metrics", ","], "no metric given"),
+                        (["--base", str(tiny_model_dir)], "add --compare-base"),
+                        (["--split", "train"], "is a raw file, whose every record is evaluated"),
+                        (["--metrics", "perplexity", "--max-length", str(context + 1)],
+                         f"beyond this model's context \\({context} tokens\\)")]:
+        assert main(common + extra) == 2, extra
+        assert re.search(says, capsys.readouterr().err), extra
+    assert not (tmp_path / "ev").exists()
 
 
 def test_eval_without_a_model_says_what_to_give():

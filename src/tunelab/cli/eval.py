@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          "(default: the adapter's base model)")
     p.add_argument("--adapter", "-a", metavar="RUN", help="a run folder (its checkpoint-final) or a checkpoint folder")
     p.add_argument("--data", "-d", help="prepared folder, run folder (its data/) or raw file (default: the run's data)")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="split of a prepared folder (default val)")
+    p.add_argument("--split", choices=["val", "train"], help="split of a prepared folder or a run (default val)")
     p.add_argument("--metrics", default=None,
                    help="comma-separated: perplexity,bleu,rouge,chrf,exact_match (default: the run's eval.metrics, "
                         "else perplexity,bleu)")

@@ -50,8 +50,10 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
     import torch
 
     from tunelab.evaluate.perplexity import compute_dtype_name
+    from tunelab.evaluate.runner import within_context
     from tunelab.model.loss import autocast_for
 
+    within_context(model, max_length)
     encoded, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
     kto = is_kto_data(records)
     score = _score_kto if kto else _score_pairs

@@ -48,7 +48,17 @@ def normalize_metrics(metrics: Sequence[str] | str) -> list[str]:
         (out if key in ALL_METRICS else unknown).append(key)
     if unknown:
         raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    if not out:  # an empty result would replace the last one in eval/<name>.json
+        raise EvalError(f"no metric given; choose from {', '.join(ALL_METRICS)}")
     return list(dict.fromkeys(out))
+
+
+def within_context(model, max_length: int) -> None:
+    """Scores past the model's positions mean nothing (generation refuses them too, tunelab.infer)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and max_length > context:
+        raise EvalError(f"--max-length {max_length} is beyond this model's context ({context} tokens): scores past "
+                        f"it mean nothing; pass --max-length {context} or less")
 
 
 def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
@@ -64,6 +74,7 @@ def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
     from tunelab.evaluate.perplexity import perplexity
 
     metrics = normalize_metrics(metrics)
+    within_context(model, max_length)
     out: dict[str, float] = {}
     settings: dict[str, Any] = {"metrics": metrics, "max_length": max_length, "train_on": train_on,
                                 "overflow": overflow, "records": len(records)}
@@ -120,13 +131,17 @@ class EvalRun:
     record: dict[str, Any]
 
 
-def load_eval_data(data: str | os.PathLike, split: str = "val", stage: str = "sft",
+def load_eval_data(data: str | os.PathLike, split: str | None = None, stage: str = "sft",
                    console: Callable[[str], None] = print) -> EvalData:
-    """Records to evaluate: a prepared folder (its `split`), a run folder (its prepared data/), or a raw file
-    (prepared in memory: every record, no split; what prepare says of it, rejections too, goes to `console`)."""
+    """Records to evaluate: a prepared folder (its `split`, default val), a run folder (its prepared data/), or a raw
+    file (prepared in memory: every record, no split; what prepare says of it, rejections too, goes to `console`)."""
     path = Path(data)
     if not path.exists():
         raise EvalError(f"evaluation data not found: {path}")
+    if path.is_file() and split is not None:
+        raise EvalError(f"--split chooses a split of a prepared folder or a run; {path} is a raw file, whose every "
+                        "record is evaluated")
+    split = split or "val"
     if path.is_dir() and (path / "manifest.json").is_file():  # a run folder: the data it trained and evaluated on
         folder = (json.loads((path / "manifest.json").read_text()).get("data") or {}).get("folder")
         path = Path(folder) if folder and Path(folder).is_dir() else path / "data"
@@ -241,7 +256,7 @@ def _safe_name(text: str) -> str:
 
 
 def run_eval(model: str | None = None, adapter: str | None = None, data: str | None = None, *,
-             metrics: Sequence[str] | str | None = None, name: str | None = None, split: str = "val",
+             metrics: Sequence[str] | str | None = None, name: str | None = None, split: str | None = None,
              compare_base: bool = False, base: str | None = None, max_samples: int | None = None,
              max_new_tokens: int | None = None, batch_size: int | None = None, max_length: int | None = None,
              train_on: str | None = None, dtype: str | None = None, output_dir: str | os.PathLike | None = None,
@@ -279,14 +294,17 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     pairs = is_preference_data(ev_data.records)  # dpo/orpo/simpo pairs or kto's labelled answers
     if any("messages" not in r for r in ev_data.records):  # raw text (pt): no prompt to answer, perplexity only
         metrics = ["perplexity"]
-    elif d.get("system_prompt") and not pairs:  # pairs got it when they were prepared  # as training encoded them: the run's system prompt where a record has none
-        ev_data.records = [r if r["messages"][0]["role"] == "system" else
-                           {**r, "messages": [{"role": "system", "content": d["system_prompt"]}] + r["messages"]}
-                           for r in ev_data.records]
+    else:  # as training encoded them: the run's system prompt where a record has none
+        from tunelab.train.inputs import with_system_prompt
+
+        ev_data.records = with_system_prompt(ev_data.records, d.get("system_prompt"))
     own_data = run_dir is not None and Path(data).resolve() == run_dir.resolve()
     name = _safe_name(name or (ev_data.split if own_data else f"{Path(data).stem}-{ev_data.split}"))
     out_dir = Path(output_dir) if output_dir else (run_dir / "eval" if run_dir else Path("outputs") / "eval")
 
+    if base and not compare_base:
+        raise EvalError("--base names the model --compare-base evaluates beside this one: add --compare-base, or "
+                        "drop --base")
     base_name = base or (base_model_of(adapter_dir) if adapter_dir else _base_of_merged(model))
     if compare_base and not base_name:
         raise EvalError(f"--compare-base: cannot tell the base model of {model}; pass --base BASE_MODEL")
