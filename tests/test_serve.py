@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -326,3 +327,40 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_shutdown_fails_answers_in_flight_with_503_and_an_sse_error_not_a_cut_connection(tiny, monkeypatch):
+    """SIGTERM / Ctrl-C with answers that outlast the grace period: they end as the docs promise, before uvicorn
+    cancels their tasks (a non-streamed one with a 503, a stream with an error event and [DONE])."""
+    import json
+
+    from tunelab.serve import Engine, create_app, make_server
+
+    slow_pick = Engine._pick
+    monkeypatch.setattr(Engine, "_pick", lambda self, rows, logits: time.sleep(0.02) or slow_pick(self, rows, logits))
+    app = create_app(*tiny, NAME, max_tokens_limit=900)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    srv = make_server(app, grace=1, log_level="critical")  # the engine stops after 0.5 s, uvicorn cancels at 1 s
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started and thread.is_alive():
+        time.sleep(0.05)
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 800}  # ~16 s of slowed decoding
+    with ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(httpx.post, base, json=body, timeout=60)
+        lines = []
+        with httpx.stream("POST", base, json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 4:  # two events in; then wait for the other request to be decoding too
+                    deadline = time.time() + 30
+                    while app.state.engine.load()["active"] < 2 and time.time() < deadline:
+                        time.sleep(0.05)
+                    srv.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        answer = plain.result()
+    thread.join(timeout=30)
+    assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+    events = [line.removeprefix("data: ") for line in lines if line]
+    assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]

@@ -11,9 +11,11 @@ from tunelab.serve.app import (
     CompletionRequest,
     ServeSettings,
     create_app,
+    make_server,
     serve,
 )
 from tunelab.serve.engine import Engine, Job, QueueFull, Sampling
 
 __all__ = ["DEFAULT_MAX_TOKENS_LIMIT", "APIError", "ChatMessage", "ChatRequest", "CompletionRequest", "Engine",
-           "Job", "QueueFull", "Sampling", "ServeSettings", "create_app", "serve"]
+           "Job", "QueueFull", "Sampling", "ServeSettings", "create_app", "make_server",
+           "serve"]

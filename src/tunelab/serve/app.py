@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -569,8 +570,6 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     decode steps multiply with (`tunelab.decode.set_decode_weights`: "model" or opt-in "int8")."""
     from pathlib import Path
 
-    import uvicorn
-
     from tunelab.decode import set_decode_weights
     from tunelab.infer import load
 
@@ -596,5 +595,33 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     dtype_name += ", int8 decode weights" if weights == "int8" else ""
     print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "
           f"http://{host}:{port}/v1 (OpenAI-compatible){' with an API key' if settings.api_key else ''}")
-    # on SIGTERM, answers in flight get 10 s to finish; then the engine stops and fails the rest with a 503
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    make_server(app, host=host, port=port, log_level="info").run()
+
+
+def make_server(app: FastAPI, grace: float = 10, **config: Any):
+    """A uvicorn server for `app` (`config`: uvicorn.Config's options) that on SIGTERM / Ctrl-C gives the answers in
+    flight about `grace` seconds to finish and then fails the rest: a 503, or an SSE error event and [DONE]."""
+    return _Server(uvicorn.Config(app, timeout_graceful_shutdown=grace, **config), app)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn cancels the requests still running when timeout_graceful_shutdown runs out and only then runs the
+    lifespan's shutdown (which stops the engine), so those clients would get a cut connection. This server stops
+    the engine a little before that: its jobs fail with ShuttingDown and their answers go out while it waits."""
+
+    def __init__(self, config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        stop = None
+        if grace is not None:  # None: uvicorn waits for every request, however long
+            # the worker ends its current step before failing the batch; the answers need a moment to be written
+            stop = asyncio.get_running_loop().call_later(
+                grace - min(2, grace / 2), lambda: self.app.state.engine.stop(timeout=0))  # timeout=0: no join
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if stop is not None:
+                stop.cancel()
