@@ -292,3 +292,13 @@ def test_the_models_own_eos_ends_an_answer_too(tiny, monkeypatch):
     text_end = tok.convert_tokens_to_ids("<|endoftext|>")
     monkeypatch.setattr(model.generation_config, "eos_token_id", [text_end])
     assert text_end in Engine(model, tok).eos and tok.eos_token_id in Engine(model, tok).eos
+
+
+def test_a_developer_message_is_the_system_prompt(client):
+    def ask(role):
+        messages = [{"role": role, "content": "Answer in French."}, {"role": "user", "content": "Hello there"}]
+        return client.post("/v1/chat/completions", json={**CHAT, "messages": messages}).json()
+
+    developer, system = ask("developer"), ask("system")
+    assert developer["usage"] == system["usage"]  # the same prompt: no default system prompt added before it
+    assert developer["choices"][0]["message"] == system["choices"][0]["message"]

@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)            # or: tunelab serve --model models/merged
 
 Any OpenAI client works (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`). Chat requests are
-rendered with the model's own chat template (the one used in training) and stop on its end-of-turn token.
+rendered with the model's own chat template (the one used in training; a `developer` message is the system prompt)
+and stop on its end-of-turn token.
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, reproducible) when not sent; `n` must
 be 1; logprobs, tools and penalties other than repetition are not supported; unknown fields are refused.
 
@@ -490,7 +491,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     if len(req.messages) > state.settings.max_messages:
         raise APIError(400, f"{len(req.messages)} messages is more than this server accepts in one request "
                             f"({state.settings.max_messages})", param="messages", code="too_many_messages")
-    messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+    # "developer" is what newer OpenAI clients send for the system prompt; templates know only "system"
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
+                for m in req.messages]
     prompt_ids = await _off_loop(state, _render_chat, state.tokenizer, messages)
     sampling = _sampling(state, req, prompt_ids, req.max_completion_tokens or req.max_tokens, "messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
