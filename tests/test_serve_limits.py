@@ -302,3 +302,18 @@ def test_a_developer_message_is_the_system_prompt(client):
     developer, system = ask("developer"), ask("system")
     assert developer["usage"] == system["usage"]  # the same prompt: no default system prompt added before it
     assert developer["choices"][0]["message"] == system["choices"][0]["message"]
+
+
+def test_unsupported_parameters_are_refused_not_ignored(client):
+    # completions' logprobs=0 asks for the chosen tokens' logprobs; stream_options needs stream (as OpenAI says)
+    for path, body, param in (("/v1/completions", {**COMPLETE, "logprobs": 0}, "logprobs"),
+                              ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs"),
+                              ("/v1/completions", {**COMPLETE, "stream_options": {"include_usage": True}},
+                               "stream_options"),
+                              ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi",
+                                                                              "name": "ann"}]},
+                               "messages.0.name")):
+        r = client.post(path, json=body)
+        assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, body
+    assert client.post("/v1/completions", json={**COMPLETE, "logprobs": None}).status_code == 200
+    assert client.post("/v1/chat/completions", json={**CHAT, "logprobs": False}).status_code == 200

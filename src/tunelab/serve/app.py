@@ -1,13 +1,14 @@
 """An OpenAI-compatible HTTP API over one model: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
 
     app = create_app(model, tokenizer, "my-model", api_key="secret")   # or create_app(..., ServeSettings(...))
-    uvicorn.run(app, host="127.0.0.1", port=8000)            # or: tunelab serve --model models/merged
+    make_server(app, host="127.0.0.1", port=8000).run()      # or: tunelab serve --model models/merged
 
 Any OpenAI client works (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`). Chat requests are
 rendered with the model's own chat template (the one used in training; a `developer` message is the system prompt)
 and stop on its end-of-turn token.
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, reproducible) when not sent; `n` must
-be 1; logprobs, tools and penalties other than repetition are not supported; unknown fields are refused.
+be 1; logprobs, tools, message names and penalties other than repetition are not supported; unknown fields are
+refused.
 
 Concurrent requests are decoded together by one worker thread that owns the model (continuous batching, see
 `tunelab.serve.engine`); the model, the engine and the tokenising thread live on `app.state`, set up and torn
@@ -289,8 +290,10 @@ def _check_request(state, req: _Request) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise APIError(400, f"{name} is not supported; use repetition_penalty", param=name)
-    if req.logprobs:
+    if req.logprobs is not None and req.logprobs is not False:  # completions' logprobs=0 asks for them too
         raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
 
 def _clean(text: str, param: str) -> str:
@@ -491,6 +494,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     if len(req.messages) > state.settings.max_messages:
         raise APIError(400, f"{len(req.messages)} messages is more than this server accepts in one request "
                             f"({state.settings.max_messages})", param="messages", code="too_many_messages")
+    named = next((i for i, m in enumerate(req.messages) if m.name is not None), None)
+    if named is not None:  # the chat template has no place for it: refused rather than silently dropped
+        raise APIError(400, "messages[].name is not supported", param=f"messages.{named}.name")
     # "developer" is what newer OpenAI clients send for the system prompt; templates know only "system"
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                 for m in req.messages]
