@@ -317,3 +317,17 @@ def test_unsupported_parameters_are_refused_not_ignored(client):
         assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, body
     assert client.post("/v1/completions", json={**COMPLETE, "logprobs": None}).status_code == 200
     assert client.post("/v1/chat/completions", json={**CHAT, "logprobs": False}).status_code == 200
+
+
+def test_a_context_length_beyond_the_models_is_refused_at_startup(tiny, tiny_model_dir, capsys):
+    from tunelab.cli import main
+    from tunelab.errors import TunelabError
+    from tunelab.serve import create_app
+
+    most = tiny[0].config.max_position_embeddings
+    with pytest.raises(TunelabError, match="max_position_embeddings"):
+        create_app(*tiny, NAME, context_length=most + 1)
+    assert create_app(*tiny, NAME, context_length=most).state.context == most
+    assert main(["serve", "--model", str(tiny_model_dir), "--context-length", str(4 * most)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: context_length=") and str(most) in err[0]

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunelab.errors import TunelabError
 from tunelab.serve.engine import Engine, Job, QueueFull, Sampling, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,11 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings | None
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.settings = settings
     app.state.specials = _special_tokens(tokenizer)
-    app.state.context = settings.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    most = getattr(model.config, "max_position_embeddings", None)
+    if settings.context_length and most and settings.context_length > most:  # past it, the answers are garbage
+        raise TunelabError(f"context_length={settings.context_length} is more than this model's "
+                           f"max_position_embeddings ({most}); give at most {most}")
+    app.state.context = settings.context_length or most or 2048
     app.state.created = int(time.time())
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
