@@ -7,11 +7,13 @@ import importlib.util
 import json
 import math
 import re
+import signal
 
 import pytest
 
 from tunelab.config import Config, load_config
 from tunelab.demo_data import alpaca_records
+from tunelab.errors import TunelabError
 from tunelab.train.monitor import Trackers
 from tunelab.train.recipe import train
 from tunelab.rundir import read_metrics
@@ -136,10 +138,47 @@ def test_mlflow_without_uri_stores_beside_the_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "mlruns").is_dir() and not (tmp_path / "runs" / "r1").exists()
 
 
+@needs_mlflow
+def test_an_mlflow_store_that_cannot_be_used_is_one_error_naming_it(tmp_path):
+    with pytest.raises(TunelabError, match=r"^MLflow store nosuch://x: .*; fix tracking.mlflow_tracking_uri"):
+        Trackers(["tensorboard", "mlflow"], tmp_path / "run", "r", "p", {}, "nosuch://x")
+    uri = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(TunelabError, match=rf"^MLflow run 0123abc is not in store {re.escape(uri)}; give the store"):
+        Trackers(["mlflow"], tmp_path / "run", "r", "p", {}, uri, run_ids={"mlflow": "0123abc"})
+
+
+@needs_mlflow
+def test_a_resume_whose_mlflow_store_fails_keeps_the_runs_config(tiny_model_dir, tmp_path, signal_after_step):
+    """A resume pointed at another store stops with one error, and its override is not saved: a plain --resume
+    then continues the run's own MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from tunelab.cli.train import train_from_args
+    from tunelab.train.lifecycle import TrainingInterrupted
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(alpaca_records()[:12]), encoding="utf-8")
+    uri, other = (tmp_path / "mlruns").as_uri(), (tmp_path / "other_mlruns").as_uri()
+    signal_after_step(2, signal.SIGINT)
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.train={data}",
+                                 f"output.dir={tmp_path}", "output.run_name=r", "training.max_steps=3",
+                                 "training.batch_size=4", "eval.metrics=[perplexity]", "tracking.report_to=[mlflow]",
+                                 f"tracking.mlflow_tracking_uri={uri}"]))
+    signal_after_step(None)
+    run = tmp_path / "r"
+    saved = (run / "config.yaml").read_text()
+    run_id = json.loads((run / "manifest.json").read_text())["tracking"]["mlflow"]
+    with pytest.raises(TunelabError, match=rf"MLflow run {run_id} is not in store {re.escape(other)}"):
+        train_from_args(None, [f"output.dir={tmp_path}", f"tracking.mlflow_tracking_uri={other}"], resume=str(run))
+    assert (run / "config.yaml").read_text() == saved
+    train_from_args(None, [f"output.dir={tmp_path}"], resume=str(run))
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
+
+
 def test_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
     import sys
-
-    from tunelab.errors import TunelabError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     monkeypatch.setitem(sys.modules, "mlflow", None)

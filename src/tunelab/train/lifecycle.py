@@ -59,6 +59,7 @@ class RunLife:
         self.mode = "setup"
         self.global_step = 0
         self._notes = notes or []
+        self.unsaved_overrides: list[str] = []  # resume overrides, saved into config.yaml once training begins
         self._old_handlers: dict[int, Any] = {}
 
     @property
@@ -129,8 +130,13 @@ class RunLife:
             signal.signal(s, h)
 
     def begin_training(self, total_steps: int, trackers: Trackers) -> None:
-        """From here on the run trains: status running, progress bar, graceful stop on a signal."""
+        """From here on the run trains: status running, progress bar, graceful stop on a signal. Resume overrides
+        are saved only now, once setup (the trackers' stores among it) has worked with them: a wrong
+        tracking.mlflow_tracking_uri must not stay in config.yaml and break every later plain --resume."""
         self.trackers = trackers
+        if self.unsaved_overrides and self.main:
+            save_config(self.cfg, self.path / "config.yaml")
+            self.unsaved_overrides = []
         self.reporter.begin(total_steps)
         self.run.update_manifest(status="running")
         self.mode = "steps"
@@ -214,9 +220,9 @@ def open_run(cfg: Config, resume: str | bool | None, main: bool,
                            f"first (Ctrl-C where it runs, or kill -INT {manifest['pid']}: it saves a checkpoint), "
                            "then resume")
     run_cfg, applied = resume_config(run_path, overrides or [])
-    if main and applied:
-        save_config(run_cfg, run_path / "config.yaml")
-    life = RunLife(run, fresh=False, main=main, notes=[f"Changed on resume: {', '.join(applied)}"] if applied else [])
+    life = RunLife(run, fresh=False, main=main, cfg=run_cfg,
+                   notes=[f"Changed on resume: {', '.join(applied)}"] if applied else [])
+    life.unsaved_overrides = applied
     points = ckpt.complete_checkpoints(run_path)
     return run_cfg, life, points[-1][1] if points else None
 

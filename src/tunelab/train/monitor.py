@@ -173,6 +173,7 @@ class _MlflowRun:
     def __init__(self, uri: str | None, default_dir: Path, project: str, run_name: str, config: dict[str, Any],
                  run_id: str | None = None):
         try:
+            from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise TunelabError("tracking.report_to includes mlflow: pip install 'tunelab[mlflow]' "
@@ -185,19 +186,41 @@ class _MlflowRun:
             # documents (file:./mlruns), so ask for it.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        if run_id:  # a resumed training run continues its MLflow run
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return
-        experiment = self.client.get_experiment_by_name(project)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            if run_id:  # a resumed training run continues its MLflow run
+                self.run_id = self._continue(run_id)
+            else:
+                self.run_id = self._create(project, run_name, config)
+        except (MlflowException, ImportError, OSError) as e:  # a store that cannot be used: one line, no traceback
+            raise TunelabError(f"MLflow store {uri}: {_first_line(e)}{_database_hint(uri)}; fix "
+                               "tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI), or remove mlflow from "
+                               "tracking.report_to") from None
+
+    def _continue(self, run_id: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TunelabError(f"MLflow run {run_id} is not in store {self.uri}; give the store it was logged to "
+                               "(tracking.mlflow_tracking_uri=... or MLFLOW_TRACKING_URI), or resume with "
+                               "tracking.report_to without mlflow") from None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _create(self, project: str, run_name: str, config: dict[str, Any]) -> str:
         from mlflow.entities import Param
 
+        experiment = self.client.get_experiment_by_name(project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+        run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         params = [Param(k, v) for k, v in _flatten(config).items()]
         for k in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[k:k + 100])
+            self.client.log_batch(run_id, params=params[k:k + 100])
+        return run_id
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -212,6 +235,20 @@ class _MlflowRun:
 def _is_file_store(uri: str) -> bool:
     scheme = urlparse(uri).scheme
     return scheme in ("", "file") or len(scheme) == 1  # a plain path, file:..., or a Windows drive letter
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _database_hint(uri: str) -> str:
+    import importlib.util
+
+    if (urlparse(uri).scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
+            and importlib.util.find_spec("sqlalchemy") is None):
+        return " (a database store needs the full mlflow package, not mlflow-skinny: pip install mlflow)"
+    return ""
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
