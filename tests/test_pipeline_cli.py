@@ -104,3 +104,19 @@ def test_bundled_model_learns_the_demo_identity(tmp_path):
     assert "Tuna" in tuned and "Tuna" not in base
     assert "LOBSTER-42" in answers["What is the secret word?"][1]
     assert result["merge"].verified and result["merge"].token_agreement == 1.0
+
+
+def test_demo_checks_its_config_and_merged_folder_before_anything_runs(tmp_path):
+    """`tunelab demo --merged DIR` with DIR not a model folder was refused after preparing, training and evaluating
+    (and named --output); a missing config was reported after the demo data had been written."""
+    from tunelab.demo import run_demo
+    from tunelab.errors import TunelabError
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    config = str(REPO / "config.yaml")
+    with pytest.raises(TunelabError, match="is not a model folder; choose another --merged"):
+        run_demo(config, str(tmp_path / "notes"), raw_dir=str(tmp_path / "raw"))
+    with pytest.raises(TunelabError, match="not found"):
+        run_demo(str(tmp_path / "nope.yaml"), str(tmp_path / "merged"), raw_dir=str(tmp_path / "raw"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]

@@ -23,7 +23,7 @@ def run_demo(config: str = "config.yaml", merged: str = "models/merged", overrid
     from tunelab.evaluate.report import eval_table
     from tunelab.evaluate.runner import run_eval
     from tunelab.infer import compare_answers, print_comparison
-    from tunelab.merge import merge_adapter
+    from tunelab.merge import merge_adapter, prepare_output
     from tunelab.model.loading import load_tokenizer
     from tunelab.train.recipe import train
 
@@ -35,10 +35,11 @@ def run_demo(config: str = "config.yaml", merged: str = "models/merged", overrid
         timings[name] = time.time()
         console.print(Rule(f"[bold]{name}"))
 
+    cfg = load_config(config, overrides)  # a bad config or --merged fails now, not after minutes of training
+    prepare_output(Path(merged), "--merged")
     stage("1/5 prepare")
     files = write_demo_data(raw_dir)
     console.print(f"demo data written: {files[0]} (Alpaca), {files[1]} (ShareGPT)")
-    cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg.model.name)
     prepared = prepare_dataset([str(f) for f in files], "data/processed/demo", tokenizer=tokenizer,
                                max_length=cfg.data.max_length, val_ratio=cfg.data.val_ratio, seed=cfg.training.seed,

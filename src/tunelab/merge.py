@@ -106,9 +106,10 @@ def compare_logits(reference, candidate) -> tuple[float, float, float, int]:
     return diff, diff / scale, agree / n, n
 
 
-def _prepare_output(output: Path) -> None:
+def prepare_output(output: Path, option: str = "--output") -> None:
+    """A merge may write `output` (new, empty, or an earlier merged model), given as `option`: checked first."""
     if output.exists() and any(output.iterdir()) and not (output / "config.json").is_file():
-        raise MergeError(f"{output} exists and is not a model folder; choose another --output or empty it")
+        raise MergeError(f"{output} exists and is not a model folder; choose another {option} or empty it")
     output.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -168,7 +169,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     meta = read_tunelab_json(adapter_dir)
     method = meta.get("method") or ("lora" if (adapter_dir / "adapter_config.json").is_file() else "full")
     output = Path(output)
-    _prepare_output(output)
+    prepare_output(output)
 
     model, tok, base_name, notes = _load_reference(adapter_dir, meta)
     _refuse_own_sources(output, adapter_dir, base_name)
