@@ -245,3 +245,31 @@ def test_full_checkpoint_becomes_a_standalone_folder(tiny_model_dir, tmp_path):
     report = merge_adapter(tmp_path / "full-run", tmp_path / "out", dtype="fp16")
     assert report.method == "full" and report.verified and report.token_agreement >= 0.97
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] in (2, [2])
+
+
+def test_a_merge_stopped_by_sigterm_leaves_no_staging_copy_and_a_killed_ones_is_swept(run_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """SIGTERM killed `tunelab merge` without its cleanup: a hidden full-size copy of the model stayed beside the
+    output, and nothing ever removed it."""
+    import os
+    import signal
+    import time
+
+    import tunelab.merge
+    from tunelab.cli import main
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process holds now
+    orphan = tmp_path / f".merged.tmp-{dead.pid}-abc123"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"x" * 1024)
+
+    def stopped(tmp, output):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts this
+
+    monkeypatch.setattr(tunelab.merge, "_swap_into_place", stopped)
+    assert main(["merge", "--adapter", str(run_dir), "--output", str(tmp_path / "merged"), "--no-verify"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # neither this merge's staging folder nor the killed one's
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI put the handler back

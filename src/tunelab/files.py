@@ -3,7 +3,9 @@ their final place and renamed into it."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -37,12 +39,27 @@ def read_json_object(path, error: type[TunelabError] = TunelabError) -> dict:
 
 def staging_dir(final: Path) -> Path:
     """A new empty folder beside `final`, to be renamed into place once complete, with the permissions `mkdir` gives
-    (tempfile.mkdtemp's are 0700: a merged model or a prepared dataset only its owner could read)."""
+    (tempfile.mkdtemp's are 0700: a merged model or a prepared dataset only its owner could read). Staging folders
+    of `final` whose process is gone (killed outright: no cleanup ran) are removed first."""
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_orphans(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
+
+
+def _remove_orphans(final: Path) -> None:
+    import re
+    import shutil
+
+    from tunelab.rundir import pid_alive
+
+    own = re.compile(rf"\.{re.escape(final.name)}\.tmp-(\d+)-")
+    for folder in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        m = own.match(folder.name)
+        if m and folder.is_dir() and pid_alive(int(m.group(1))) is False:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def as_umask_allows(path: Path) -> None:

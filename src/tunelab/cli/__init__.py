@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # verb -> (module, one-line help). A plain dict: no registry machinery.
 VERBS = {
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     module = importlib.import_module(VERBS[args.verb][0])
+    previous = _sigterm_interrupts()
     try:
         return int(module.run(args) or 0)
     except TunelabError as e:
@@ -103,6 +106,23 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_interrupts():
+    """SIGTERM (`kill`, a job scheduler) stops a verb as Ctrl-C does, so its cleanup runs (a merge stopped midway
+    leaves no hidden copy of the model). Training and the servers put their own handlers over it while they run.
+    Returns the handler it replaced (None: left alone, outside the main thread or when one was set)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":  # pragma: no cover
