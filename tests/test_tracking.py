@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import signal
 
 import pytest
@@ -128,6 +129,60 @@ def test_mlflow_run_status_and_resumed_run_continue_one_mlflow_run(tmp_path):
     run = client.get_run(first.run_ids["mlflow"])
     assert run.info.status == "FINISHED" and "final" not in run.data.metrics
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 2.0), (2, 1.5)]
+
+
+@needs_mlflow
+def test_a_resumed_run_logs_each_step_once_to_tensorboard_and_mlflow(tmp_path):
+    """Killed after step 7 with its last checkpoint at step 6: the resumed run logs step 7 again. TensorBoard hides
+    the killed run's points from step 7 on (purge_step); MLflow, which cannot delete points, keeps the first."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri, run = (tmp_path / "mlruns").as_uri(), tmp_path / "run"
+    killed = Trackers(["tensorboard", "mlflow"], run, "r", "p", {}, uri)
+    for step in range(1, 8):
+        killed.log({"loss": float(step)}, step)
+    killed.close("KILLED")
+    resumed = Trackers(["tensorboard", "mlflow"], run, "r", "p", {}, uri, run_ids=killed.run_ids, resumed_at=6)
+    for step in (7, 8):
+        resumed.log({"loss": 10.0 * step, "eval_loss": 1.0}, step)
+    resumed.close()
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(s, s) for s in range(1, 7)] + [(7, 70), (8, 80)]
+    client = MlflowClient(tracking_uri=uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(killed.run_ids["mlflow"], "loss"))
+    assert history == [(s, s) for s in range(1, 8)] + [(8, 80)]
+    assert [m.step for m in client.get_metric_history(killed.run_ids["mlflow"], "eval_loss")] == [7, 8]
+
+
+@needs_mlflow
+def test_a_run_resumed_from_step_0_continues_its_mlflow_run(tiny_model_dir, tmp_path):
+    """Killed before its first checkpoint, a run starts again from step 0: in the same MLflow run (a new one left
+    the first RUNNING for ever and took its id out of the manifest), each step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    from tunelab.cli.train import train_from_args
+    from tunelab.rundir import RunDir
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(alpaca_records()[:12]), encoding="utf-8")
+    uri = (tmp_path / "mlruns").as_uri()
+    run = train(load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.train={data}",
+                                   f"output.dir={tmp_path}", "output.run_name=r", "training.max_steps=3",
+                                   "training.batch_size=4", "training.logging_steps=1", "eval.metrics=[perplexity]",
+                                   "tracking.report_to=[mlflow]", f"tracking.mlflow_tracking_uri={uri}"]))
+    run_id = json.loads((run / "manifest.json").read_text())["tracking"]["mlflow"]
+    for point in run.glob("checkpoint-*"):
+        shutil.rmtree(point)
+    RunDir(run).update_manifest(status="interrupted")
+    train_from_args(None, [f"output.dir={tmp_path}"], resume=str(run))
+    assert json.loads((run / "manifest.json").read_text())["tracking"] == {"mlflow": run_id}
+    client = MlflowClient(tracking_uri=uri)
+    (only,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert only.info.run_id == run_id and only.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3]
 
 
 @needs_mlflow

@@ -129,11 +129,19 @@ class RunLife:
         for s, h in self._old_handlers.items():
             signal.signal(s, h)
 
-    def begin_training(self, total_steps: int, trackers: Trackers) -> None:
-        """From here on the run trains: status running, progress bar, graceful stop on a signal. Resume overrides
-        are saved only now, once setup (the trackers' stores among it) has worked with them: a wrong
-        tracking.mlflow_tracking_uri must not stay in config.yaml and break every later plain --resume."""
-        self.trackers = trackers
+    def begin_training(self, total_steps: int, start_step: int) -> None:
+        """From here on the run trains: trackers started, status running, progress bar, graceful stop on a signal.
+
+        A resumed run continues the MLflow / W&B runs its manifest names (also one resumed from step 0), and its
+        trackers drop what was logged after `start_step` before the interruption, since it is logged again.
+        Resume overrides are saved only now, once setup (the trackers' stores among it) has worked with them: a
+        wrong tracking.mlflow_tracking_uri must not stay in config.yaml and break every later plain --resume."""
+        t_cfg = self.cfg.tracking
+        self.trackers = Trackers(t_cfg.report_to, self.path, self.path.name, t_cfg.project, self.cfg.to_dict(),
+                                 t_cfg.mlflow_tracking_uri, enabled=self.main,
+                                 run_ids=self.run.manifest().get("tracking"),
+                                 resumed_at=None if self.fresh else start_step)
+        self.run.update_manifest(tracking=self.trackers.run_ids)
         if self.unsaved_overrides and self.main:
             save_config(self.cfg, self.path / "config.yaml")
             self.unsaved_overrides = []

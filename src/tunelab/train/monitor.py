@@ -101,11 +101,15 @@ class Trackers:
 
     Metric names: TensorBoard groups them as train/<name>, eval/<name> and final/<name>; MLflow and W&B get the
     names as logged (loss, lr, eval_loss, final/perplexity, ...). `run_ids` (from a previous `.run_ids`, kept in
-    the run's manifest) continues the same MLflow / W&B run when a training run is resumed.
+    the run's manifest) continues the same MLflow / W&B run when a training run is resumed. `resumed_at`, the
+    step a resumed run continues from: the steps after it, logged before the interruption, are logged again, so
+    TensorBoard hides the old points (purge_step) and MLflow skips a metric's step it already holds (it cannot
+    delete points; resumed runs train the same values). W&B itself ignores steps below its last one.
     """
 
     def __init__(self, names: list[str], run_dir: Path, run_name: str, project: str, config: dict[str, Any],
-                 mlflow_uri: str | None = None, enabled: bool = True, run_ids: dict[str, str] | None = None):
+                 mlflow_uri: str | None = None, enabled: bool = True, run_ids: dict[str, str] | None = None,
+                 resumed_at: int | None = None):
         self.tb = self.mlflow = self.wandb = None
         self.run_ids: dict[str, str] = {}
         if not enabled:
@@ -116,10 +120,11 @@ class Trackers:
             if "tensorboard" in names:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=None if resumed_at is None else resumed_at + 1)
             if "mlflow" in names:
                 self.mlflow = _MlflowRun(mlflow_uri, Path(run_dir).parent / "mlruns", project, run_name, config,
-                                         run_ids.get("mlflow"))
+                                         run_ids.get("mlflow"), resumed_at or 0)
                 self.run_ids["mlflow"] = self.mlflow.run_id
             if "wandb" in names:
                 try:
@@ -171,7 +176,7 @@ class _MlflowRun:
     several runs in one process (tests, sweeps) never log into each other."""
 
     def __init__(self, uri: str | None, default_dir: Path, project: str, run_name: str, config: dict[str, Any],
-                 run_id: str | None = None):
+                 run_id: str | None = None, resumed_at: int = 0):
         try:
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
@@ -186,10 +191,11 @@ class _MlflowRun:
             # documents (file:./mlruns), so ask for it.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri = uri
+        self.logged: set[tuple[str, int]] = set()  # (metric, step) a resumed run already holds past resumed_at
         try:
             self.client = MlflowClient(tracking_uri=uri)
             if run_id:  # a resumed training run continues its MLflow run
-                self.run_id = self._continue(run_id)
+                self.run_id = self._continue(run_id, resumed_at)
             else:
                 self.run_id = self._create(project, run_name, config)
         except (MlflowException, ImportError, OSError) as e:  # a store that cannot be used: one line, no traceback
@@ -197,11 +203,11 @@ class _MlflowRun:
                                "tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI), or remove mlflow from "
                                "tracking.report_to") from None
 
-    def _continue(self, run_id: str) -> str:
+    def _continue(self, run_id: str, resumed_at: int) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_run(run_id)
+            run = self.client.get_run(run_id)
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -209,6 +215,8 @@ class _MlflowRun:
                                "(tracking.mlflow_tracking_uri=... or MLFLOW_TRACKING_URI), or resume with "
                                "tracking.report_to without mlflow") from None
         self.client.update_run(run_id, status="RUNNING")
+        self.logged = {(key, m.step) for key in run.data.metrics
+                       for m in self.client.get_metric_history(run_id, key) if m.step > resumed_at}
         return run_id
 
     def _create(self, project: str, run_name: str, config: dict[str, Any]) -> str:
@@ -226,7 +234,9 @@ class _MlflowRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+        metrics = [Metric(k, v, now, step) for k, v in scalars.items() if (k, step) not in self.logged]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)

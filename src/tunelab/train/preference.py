@@ -40,7 +40,7 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train.distributed import any_process, main_process_work
 from tunelab.train.inputs import load_data
 from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted
-from tunelab.train.monitor import Trackers, fmt_lr
+from tunelab.train.monitor import fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
 from tunelab.train.recipe import Plan, TrainState, make_plan, make_scheduler, param_groups, restore_state
@@ -273,13 +273,9 @@ def micro_step(s: PrefSession, examples: list[dict], grad: bool = True):
 
 
 def run_loop(s: PrefSession) -> None:
-    cfg, t_cfg, life = s.cfg, s.cfg.training, s.life
+    t_cfg, life = s.cfg.training, s.life
     life.global_step = s.state.global_step
-    life.begin_training(s.plan.total_steps, Trackers(
-        cfg.tracking.report_to, life.path, life.path.name, cfg.tracking.project, cfg.to_dict(),
-        cfg.tracking.mlflow_tracking_uri, enabled=s.main,
-        run_ids=life.run.manifest().get("tracking") if s.start_step else None))
-    life.run.update_manifest(tracking=life.trackers.run_ids)
+    life.begin_training(s.plan.total_steps, s.start_step)
     t_last, tokens_since = time.time(), 0
     while s.state.global_step < s.plan.total_steps:
         step = s.state.global_step

@@ -32,7 +32,7 @@ from tunelab.train.distributed import (any_process, gathered_state_dict, make_ac
 from tunelab.train.inputs import Encoded, load_data
 from tunelab.train.lifecycle import OptionalWorkStopped, RunLife, TrainingDiverged, TrainingInterrupted, open_run
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
-from tunelab.train.monitor import Trackers, fmt_lr, rss_gib
+from tunelab.train.monitor import fmt_lr, rss_gib
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
 from tunelab.runtime import bound_kernel_caches, return_free_heap
 
@@ -230,13 +230,9 @@ def restore_state(cfg: Config, life: RunLife, inner, optimizer, scheduler, resum
 
 def run_loop(s: Session) -> None:
     """Steps until the plan is done, early stopping says stop, or a signal asks for a checkpoint and a stop."""
-    cfg, t_cfg, life = s.cfg, s.cfg.training, s.life
+    t_cfg, life = s.cfg.training, s.life
     life.global_step = s.state.global_step
-    life.begin_training(s.plan.total_steps, Trackers(
-        cfg.tracking.report_to, life.path, life.path.name, cfg.tracking.project, cfg.to_dict(),
-        cfg.tracking.mlflow_tracking_uri, enabled=s.main,
-        run_ids=life.run.manifest().get("tracking") if s.start_step else None))
-    life.run.update_manifest(tracking=life.trackers.run_ids)
+    life.begin_training(s.plan.total_steps, s.start_step)
     t_last, tokens_since = time.time(), 0
     while s.state.global_step < s.plan.total_steps:
         step = s.state.global_step
