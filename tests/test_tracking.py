@@ -203,6 +203,25 @@ def test_an_mlflow_store_that_cannot_be_used_is_one_error_naming_it(tmp_path):
 
 
 @needs_mlflow
+def test_an_mlflow_server_that_cannot_be_reached_is_said_at_once(tmp_path, monkeypatch):
+    """MLflow retries with back-off for minutes before it says anything: the first contact tries once (the
+    back-off is switched off here so that, unfixed, the test fails rather than waits)."""
+    import os
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    said = []
+    with pytest.raises(TunelabError, match=rf"^cannot reach the MLflow server at {uri} \(.*refused\); start it"):
+        Trackers(["mlflow"], tmp_path / "run", "r", "p", {}, uri, say=said.append)
+    assert said == [f"connecting to MLflow at {uri}"]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the quick first contact only
+
+
+@needs_mlflow
 def test_a_resume_whose_mlflow_store_fails_keeps_the_runs_config(tiny_model_dir, tmp_path, signal_after_step):
     """A resume pointed at another store stops with one error, and its override is not saved: a plain --resume
     then continues the run's own MLflow run."""

@@ -140,7 +140,7 @@ class RunLife:
         self.trackers = Trackers(t_cfg.report_to, self.path, self.path.name, t_cfg.project, self.cfg.to_dict(),
                                  t_cfg.mlflow_tracking_uri, enabled=self.main,
                                  run_ids=self.run.manifest().get("tracking"),
-                                 resumed_at=None if self.fresh else start_step)
+                                 resumed_at=None if self.fresh else start_step, say=self.say)
         self.run.update_manifest(tracking=self.trackers.run_ids)
         if self.unsaved_overrides and self.main:
             save_config(self.cfg, self.path / "config.yaml")

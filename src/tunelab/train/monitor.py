@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -109,7 +111,7 @@ class Trackers:
 
     def __init__(self, names: list[str], run_dir: Path, run_name: str, project: str, config: dict[str, Any],
                  mlflow_uri: str | None = None, enabled: bool = True, run_ids: dict[str, str] | None = None,
-                 resumed_at: int | None = None):
+                 resumed_at: int | None = None, say: Callable[[str], None] = print):
         self.tb = self.mlflow = self.wandb = None
         self.run_ids: dict[str, str] = {}
         if not enabled:
@@ -124,7 +126,7 @@ class Trackers:
                                         purge_step=None if resumed_at is None else resumed_at + 1)
             if "mlflow" in names:
                 self.mlflow = _MlflowRun(mlflow_uri, Path(run_dir).parent / "mlruns", project, run_name, config,
-                                         run_ids.get("mlflow"), resumed_at or 0)
+                                         run_ids.get("mlflow"), resumed_at or 0, say)
                 self.run_ids["mlflow"] = self.mlflow.run_id
             if "wandb" in names:
                 try:
@@ -176,7 +178,7 @@ class _MlflowRun:
     several runs in one process (tests, sweeps) never log into each other."""
 
     def __init__(self, uri: str | None, default_dir: Path, project: str, run_name: str, config: dict[str, Any],
-                 run_id: str | None = None, resumed_at: int = 0):
+                 run_id: str | None = None, resumed_at: int = 0, say: Callable[[str], None] = print):
         try:
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
@@ -194,6 +196,9 @@ class _MlflowRun:
         self.logged: set[tuple[str, int]] = set()  # (metric, step) a resumed run already holds past resumed_at
         try:
             self.client = MlflowClient(tracking_uri=uri)
+            if urlparse(uri).scheme in ("http", "https"):
+                say(f"connecting to MLflow at {uri}")
+                self._first_contact()
             if run_id:  # a resumed training run continues its MLflow run
                 self.run_id = self._continue(run_id, resumed_at)
             else:
@@ -202,6 +207,27 @@ class _MlflowRun:
             raise TunelabError(f"MLflow store {uri}: {_first_line(e)}{_database_hint(uri)}; fix "
                                "tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI), or remove mlflow from "
                                "tracking.report_to") from None
+
+    def _first_contact(self) -> None:
+        """MLflow retries a server it cannot reach with back-off for minutes (7 retries, 120 s each) before it says
+        anything: the first request tries once, for 10 s (unless the environment sets these MLflow settings)."""
+        from mlflow.exceptions import MlflowException
+
+        saved = {k: os.environ.get(k) for k in _FIRST_CONTACT}
+        os.environ.update({k: v for k, v in _FIRST_CONTACT.items() if saved[k] is None})
+        try:
+            self.client.search_experiments(max_results=1)
+        except MlflowException as e:
+            reason = re.search(r"\[Errno -?\d+\][^'\")]*|timed out", str(e))
+            if reason is None:
+                raise  # the server answered: a store problem, said as one
+            raise TunelabError(f"cannot reach the MLflow server at {self.uri} ({reason.group(0).strip()}); start it, or "
+                               "fix tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI), or remove mlflow from "
+                               "tracking.report_to") from None
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
 
     def _continue(self, run_id: str, resumed_at: int) -> str:
         from mlflow.exceptions import MlflowException
@@ -240,6 +266,9 @@ class _MlflowRun:
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+_FIRST_CONTACT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _is_file_store(uri: str) -> bool:
