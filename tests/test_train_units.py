@@ -266,6 +266,27 @@ def test_lora_changes_every_adapter_weight_and_no_base_weight(tiny_model, tiny_t
         assert changed == ("lora_" in name), name
 
 
+def test_lora_module_names_that_match_nothing_are_refused_not_dropped(tiny_model):
+    """peft raised only when no target matched at all: [q_proj, c_attn] trained q_proj alone, and a
+    modules_to_save entry naming nothing changed nothing, both without a word."""
+    from tunelab.errors import TunelabError
+
+    for lora, says in (({"target_modules": ["q_proj", "c_attn"]}, "lora.target_modules 'c_attn' ("),
+                       ({"modules_to_save": ["foo"]}, "lora.modules_to_save 'foo' ("),
+                       ({"target_modules": ["c_attn", "v_proj", "wte"], "modules_to_save": ["lm_head", "foo"]},
+                        "lora.target_modules 'c_attn', 'wte' and lora.modules_to_save 'foo' (")):
+        with pytest.raises(TunelabError, match="no module of this model matches") as err:
+            apply_method(tiny_model, Config.model_validate({"lora": lora}))
+        assert says in str(err.value) and "this model's linear layers: down_proj, gate_proj" in str(err.value)
+    # a dotted suffix and a module to save are names peft matches: accepted, and each one is adapted or saved
+    model = apply_method(tiny_model, Config.model_validate(
+        {"lora": {"target_modules": ["layers.0.self_attn.q_proj", "v_proj"], "modules_to_save": ["lm_head"]}}))
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                       "model.layers.1.self_attn.v_proj"}
+    assert any(type(m).__name__ == "ModulesToSaveWrapper" for m in model.modules())  # peft may save the tied twin
+
+
 def test_length_grouped_batches_cover_every_record_once():
     lengths = [5, 100, 7, 90, 6, 95, 8, 99, 3, 97, 4, 92]
     batches = batches_for_epoch(lengths, 3, seed=1, epoch=0, group_by_length=True)

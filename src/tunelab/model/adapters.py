@@ -99,6 +99,7 @@ def apply_method(model: Any, cfg: Config) -> Any:
     with peft_calls():
         from peft import get_peft_model, prepare_model_for_kbit_training
 
+    refuse_unmatched_modules(model, cfg)
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
@@ -106,10 +107,31 @@ def apply_method(model: Any, cfg: Config) -> Any:
         with peft_calls():
             return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)),
                                   autocast_adapter_dtype=True)
-    except ValueError as e:  # e.g. lora.target_modules naming no module of this model
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-        raise TunelabError(f"lora: {str(e).splitlines()[0][:300]} (this model's linear layers: "
-                           f"{', '.join(linear)}; or use lora.target_modules: all-linear)") from None
+    except ValueError as e:  # e.g. a lora.target_modules entry that names a module peft cannot adapt
+        raise TunelabError(f"lora: {str(e).splitlines()[0][:300]} ({_linear_layers_hint(model)})") from None
+
+
+def _linear_layers_hint(model: Any) -> str:
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+    return f"this model's linear layers: {', '.join(linear)}; or use lora.target_modules: all-linear"
+
+
+def refuse_unmatched_modules(model: Any, cfg: Config) -> None:
+    """Every lora.target_modules and lora.modules_to_save entry must name a module of the model. peft raises only
+    when no target matches at all and skips the rest without a word (and adapter_config.json still lists them), so
+    `[q_proj, c_attn]` on a Llama trained q_proj alone. The rules are peft 0.21's: a target matches a module whose
+    dotted name is it or ends with "." + it (check_target_module_exists); a module to save, one whose name ends with
+    it (_set_trainable). `all-linear` is peft's to resolve."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)]  # tied modules under both names
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, list) else []
+    unmatched = {
+        "lora.target_modules": [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)],
+        "lora.modules_to_save": [m for m in cfg.lora.modules_to_save if not any(n.endswith(m) for n in names)],
+    }
+    problems = [f"{key} {', '.join(map(repr, entries))}" for key, entries in unmatched.items() if entries]
+    if problems:
+        raise TunelabError(f"lora: no module of this model matches {' and '.join(problems)} "
+                           f"({_linear_layers_hint(model)})")
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
