@@ -206,7 +206,10 @@ class OutputConfig(_Section):
 class TrackingConfig(_Section):
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Experiment trackers (mlflow/wandb need their extras).")
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow store, e.g. file:./mlruns.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow store, e.g. file:./mlruns or http://host:5000 "
+                                            "(default: MLFLOW_TRACKING_URI, else <output.dir>/mlruns). A resumed "
+                                            "run continues its MLflow run in this store; a server is contacted once "
+                                            "at start and an unreachable one is an error.")
     project: str = Field("tunelab", description="Experiment / project name for MLflow and W&B.")
 
 
