@@ -287,6 +287,29 @@ def test_lora_module_names_that_match_nothing_are_refused_not_dropped(tiny_model
     assert any(type(m).__name__ == "ModulesToSaveWrapper" for m in model.modules())  # peft may save the tied twin
 
 
+def test_a_lora_rank_above_an_adapted_layers_width_is_one_warning_line(tiny_model_dir, caplog):
+    """r=256 on the tiny model (k_proj 64 -> 32) was accepted without a word: the update's rank stops at 32 while
+    the scale falls to alpha/r. A warning, not a refusal (some do it on purpose, with rsLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    def lines(lora, own_say=True):
+        said: list[str] = []
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        apply_method(model, Config.model_validate({"lora": lora}), said.append if own_say else None)
+        return said
+
+    said = lines({"r": 256, "alpha": 32})
+    assert said == ["warning: lora.r=256 exceeds the width of the narrowest adapted layer "
+                    "(model.layers.0.self_attn.k_proj: 32); its update has rank at most 32 while the scale is 0.125 "
+                    "(lora.r <= 32 avoids this)"]
+    assert lines({"r": 32}) == [] and lines({"r": 64, "target_modules": ["q_proj", "up_proj"]}) == []
+    assert "up_proj: 64)" in lines({"r": 65, "target_modules": ["q_proj", "up_proj"]})[0]
+    with caplog.at_level("WARNING", logger="tunelab.model.adapters"):  # a library caller without `say`: logged
+        lines({"r": 48, "use_rslora": True}, own_say=False)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        "warning: lora.r=48 exceeds the width of the narrowest adapted layer (model.layers.0.self_attn.k_proj: 32)"]
+
+
 def test_length_grouped_batches_cover_every_record_once():
     lengths = [5, 100, 7, 90, 6, 95, 8, 99, 3, 97, 4, 92]
     batches = batches_for_epoch(lengths, 3, seed=1, epoch=0, group_by_length=True)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from tunelab.config import Config
 from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -89,8 +93,9 @@ def adapts_tied_embeddings(model: Any, cfg: Config) -> bool:
     return any(n.rsplit(".", 1)[-1] in leaf_names for n in named)
 
 
-def apply_method(model: Any, cfg: Config) -> Any:
-    """Return the model to train: a peft model for lora/qlora/dora, the model itself (all weights) for full."""
+def apply_method(model: Any, cfg: Config, say: Callable[[str], None] | None = None) -> Any:
+    """Return the model to train: a peft model for lora/qlora/dora, the model itself (all weights) for full.
+    `say`: where a warning line goes (the run's output); by default this module's logger."""
     method = cfg.training.method
     if method == "full":
         for p in model.parameters():
@@ -105,10 +110,14 @@ def apply_method(model: Any, cfg: Config) -> Any:
     # adapters stay fp32 (autocast_adapter_dtype) while the frozen base may be bf16
     try:
         with peft_calls():
-            return get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)),
-                                  autocast_adapter_dtype=True)
+            model = get_peft_model(model, lora_config(cfg, adapts_tied_embeddings(model, cfg)),
+                                   autocast_adapter_dtype=True)
     except ValueError as e:  # e.g. a lora.target_modules entry that names a module peft cannot adapt
         raise TunelabError(f"lora: {str(e).splitlines()[0][:300]} ({_linear_layers_hint(model)})") from None
+    warning = rank_warning(model, cfg)
+    if warning:
+        (say or log.warning)(warning)
+    return model
 
 
 def _linear_layers_hint(model: Any) -> str:
@@ -132,6 +141,22 @@ def refuse_unmatched_modules(model: Any, cfg: Config) -> None:
     if problems:
         raise TunelabError(f"lora: no module of this model matches {' and '.join(problems)} "
                            f"({_linear_layers_hint(model)})")
+
+
+def rank_warning(model: Any, cfg: Config) -> str | None:
+    """A line when lora.r exceeds the width of an adapted layer: there the update's rank cannot pass min(in, out),
+    while the scale still falls to alpha/r (alpha/sqrt(r) with rslora). Allowed, as some do it on purpose."""
+    widths = [(min(m.in_features, m.out_features), n.removeprefix("base_model.model."))
+              for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")]
+    if not widths:
+        return None
+    width, name = min(widths)
+    r = cfg.lora.r
+    if r <= width:
+        return None
+    scale = cfg.lora.alpha / (math.sqrt(r) if cfg.lora.use_rslora else r)
+    return (f"warning: lora.r={r} exceeds the width of the narrowest adapted layer ({name}: {width}); its update has "
+            f"rank at most {width} while the scale is {scale:g} (lora.r <= {width} avoids this)")
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
