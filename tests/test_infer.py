@@ -191,6 +191,34 @@ def test_an_output_that_cannot_be_written_fails_before_generating(tiny_model_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "prompts.jsonl"]
 
 
+def test_a_missing_model_folder_is_named_as_one_and_a_hub_id_still_goes_to_the_hub(tmp_path, monkeypatch, capsys):
+    """`--model models/merged` before merging said "could not load 'models/merged' from the Hugging Face Hub ...
+    model.name=bundled:...": a missing folder read as a hub id (owner/name), and a config key for an option."""
+    from tunelab.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+    def error(model: str) -> str:
+        assert main(["infer", "--model", model, "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        return err
+
+    for model in ("models/merged", "./models/merged", str(tmp_path / "models" / "merged")):
+        assert error(model) == (f"error: {model} does not exist (no such folder); merge a run first: "
+                                f"tunelab merge --adapter RUN --output {model}\n")
+    for model in ("outputs/run", "../elsewhere", "a/b/c", "~/no-such-model-folder"):
+        assert error(model) == f"error: {model} does not exist (no such folder)\n"
+    assert error("runs/merged").startswith("error: runs/merged does not exist (no such folder, and not loadable "
+                                           "from the Hugging Face Hub: HF_HUB_OFFLINE=1 is set)")
+    for hub_id in ("Qwen/Qwen2.5-1.5B-Instruct", "gpt2"):
+        err = error(hub_id)
+        assert err.startswith(f"error: could not load '{hub_id}' from the Hugging Face Hub (HF_HUB_OFFLINE=1 is set")
+        assert "does not exist" not in err and "bundled:smollm2-135m-instruct" in err
+
+
 def test_a_prompt_file_that_cannot_be_read_says_where(tmp_path):
     from tunelab.errors import TunelabError
     from tunelab.infer import read_prompts

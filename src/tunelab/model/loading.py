@@ -90,17 +90,29 @@ def resolve_model_path(name: str) -> str:
             raise ModelLoadError(f"{path} exists but has no config.json: it is not a model folder"
                                  " (for an adapter use --adapter)")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"model folder not found: {name}")
+    # a hub id is `owner/name`: a path of another shape, or one into tunelab's own folders, is a missing folder
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or path.parts[0] in OWN_FOLDERS:
+        raise _missing_folder(name)
     return name
+
+
+OWN_FOLDERS = ("models", "outputs")  # where `tunelab merge` writes by convention, and output.dir's default
+
+
+def _missing_folder(name: str, also: str = "") -> ModelLoadError:
+    merged_here = "models" in Path(name).parts[:-1]
+    merge = f"; merge a run first: tunelab merge --adapter RUN --output {name}" if merged_here else ""
+    return ModelLoadError(f"{name} does not exist (no such folder{also}){merge}")
 
 
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face Hub could not be reached or has no such model"
+    if "/" in name and Path(name).expanduser().parent.is_dir():  # `owner/name` where ./owner is a folder: a path?
+        return _missing_folder(name, f", and not loadable from the Hugging Face Hub: {why}")
     return ModelLoadError(
         f"could not load {name!r} from the Hugging Face Hub ({why}; {type(err).__name__}: {str(err).splitlines()[0][:200]}).\n"
-        f"Use a local model folder, or the bundled model that works offline: model.name={BUNDLED_MODEL}")
+        f"Use a local model folder, or the bundled model that works offline: {BUNDLED_MODEL}")
 
 
 # ---------------------------------------------------------------- dtype
