@@ -43,8 +43,8 @@ if _out and "RANK" in os.environ:
     _held = {}
     _original = _adapters.apply_method
 
-    def _apply_method(model, cfg):
-        _held["model"] = _original(model, cfg)
+    def _apply_method(model, cfg, say=None):
+        _held["model"] = _original(model, cfg, say)
         return _held["model"]
 
     _adapters.apply_method = _apply_method

@@ -387,7 +387,7 @@ def build_model(cfg: Config, accelerator, say):
 
     model, choice = load_base(cfg, accelerator, say)
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
-    model = ready_to_train(apply_method(model, cfg), accelerator, say, cfg.lora.dropout)
+    model = ready_to_train(apply_method(model, cfg, say), accelerator, say, cfg.lora.dropout)
     trainable, total = parameter_counts(model)
     say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
     return model, choice
