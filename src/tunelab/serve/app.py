@@ -609,7 +609,10 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     dtype_name += ", int8 decode weights" if weights == "int8" else ""
     print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "
           f"http://{host}:{port}/v1 (OpenAI-compatible){' with an API key' if settings.api_key else ''}")
-    make_server(app, host=host, port=port, log_level="info").run()
+    try:
+        make_server(app, host=host, port=port, log_level="info").run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on (uvicorn.run catches it too): done
+        pass
 
 
 def make_server(app: FastAPI, grace: float = 10, **config: Any):
