@@ -419,6 +419,16 @@ def test_sweep_refuses_a_metric_it_cannot_rank_by_before_training(tmp_path, metr
     assert calls == [] and not any(tmp_path.iterdir())
 
 
+def test_sweep_ranks_by_what_preference_training_logs(tmp_path):
+    calls: list = []
+    with pytest.raises(SweepError) as e:
+        _sweep(tmp_path, metric="eval_rewards/acuracy", calls=calls)
+    assert "did you mean eval_rewards/accuracy?" in str(e.value) and "logps/chosen" in str(e.value)
+    assert calls == []
+    res = _sweep(tmp_path, ["lora.r=8,16"], metric="eval_rewards/accuracy", name="s")
+    assert res.metric == "eval_rewards/accuracy"
+
+
 def test_sweep_without_the_metric_writes_no_ranking(tmp_path):
     res = _sweep(tmp_path, ["lora.r=8,16"], metric="rouge_l", name="s")  # fake runs record eval_loss and bleu only
     assert all(r.value is None for r in res.rows)

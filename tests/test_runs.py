@@ -121,6 +121,16 @@ def test_compare_marks_the_best_and_diffs_config_and_data(tmp_path, capsys):
     assert "★" in out and "DIFFERENT" in out and "training.learning_rate" in out
 
 
+def test_compare_marks_the_best_of_preference_training_metrics(tmp_path):
+    """Preference training logs its held-out metrics with an eval_ prefix (eval_rewards/accuracy, ...)."""
+    make_run(tmp_path, "a", metrics={"eval_rewards/accuracy": 0.6, "eval_rewards/margin": 0.2})
+    make_run(tmp_path, "b", metrics={"eval_rewards/accuracy": 0.8, "eval_rewards/margin": 0.1})
+    cmp = runs.compare_runs(["a", "b"], tmp_path)
+    assert cmp.best["eval_rewards/accuracy"] == [1] and cmp.best["eval_rewards/margin"] == [0]
+    assert runs.metric_direction("eval_logps/rejected") == "min" and runs.metric_direction("val:eval_loss") == "min"
+    assert runs.metric_direction("eval_tokens") is None and runs.metric_direction("eval_") is None
+
+
 def test_compare_shows_environment_differences(tmp_path):
     a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
     manifest = json.loads((b / "manifest.json").read_text())

@@ -364,8 +364,11 @@ def run_labels(paths: Sequence[Path], runs_dir: str | os.PathLike, names: Sequen
 
 
 def metric_direction(metric: str) -> str | None:
-    """"min" or "max" for a metric whose better direction is known, else None."""
+    """"min" or "max" for a metric whose better direction is known, else None. An eval record's `val:` prefix and
+    training's `eval_` prefix name the same metric: `eval_rewards/accuracy` (logged by preference training on the
+    held-out split) ranks like `rewards/accuracy` (what `tunelab eval` writes)."""
     leaf = metric.split(":")[-1]
+    leaf = leaf.removeprefix("eval_") or leaf
     if leaf in LOWER_IS_BETTER or leaf.endswith("loss") or leaf.endswith("perplexity"):
         return "min"
     if leaf in HIGHER_IS_BETTER:

@@ -8,9 +8,10 @@ Running the same command again continues the sweep: completed (and diverged) run
 failed run is resumed from its last complete checkpoint, and the rest are trained. The sweep name defaults to the
 config file's name plus a hash of the grid, so the same command always finds the same sweep. A `--name` is a plain
 folder name; reusing it with another grid, other overrides or another resolved config is refused rather than mixing
-results. `--metric` must be one whose direction is known (KNOWN_METRICS, or a name ending in loss/perplexity), and
-is checked before anything trains; `output.*` is set per run by the sweep, so it cannot be a grid axis (and
-`output.run_name` cannot be an override; `output.dir` can, it is where the sweep folder goes).
+results. `--metric` must be one whose direction is known (runs.LOWER_IS_BETTER / HIGHER_IS_BETTER, with or without
+training's `eval_` prefix, or a name ending in loss/perplexity), and is checked before anything trains; `output.*`
+is set per run by the sweep, so it cannot be a grid axis (and `output.run_name` cannot be an override; `output.dir`
+can, it is where the sweep folder goes).
 """
 
 from __future__ import annotations
@@ -104,13 +105,15 @@ def check_name(name: str) -> str:
 
 def check_metric(metric: str) -> str:
     """The metric must be one we know the direction of, or the ranking would be a guess (or empty after hours)."""
-    from tunelab.runs import KNOWN_METRICS, metric_direction
+    from tunelab.runs import HIGHER_IS_BETTER, LOWER_IS_BETTER, metric_direction
 
     if metric_direction(metric) is None:
-        close = difflib.get_close_matches(metric, KNOWN_METRICS, n=1)
+        known = sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)
+        close = difflib.get_close_matches(metric, known + [f"eval_{k}" for k in known], n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise SweepError(f"--metric {metric!r}: not a metric the sweep can rank by; {hint}"
-                         f"use one of {', '.join(KNOWN_METRICS)}")
+                         f"use one of {', '.join(known)} (each also with an eval_ prefix, as training logs them), "
+                         "or a name ending in loss or perplexity")
     return metric
 
 
