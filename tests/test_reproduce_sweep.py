@@ -403,10 +403,9 @@ def test_sweep_refuses_a_name_started_from_another_config(tmp_path):
     b.write_text("training:\n  seed: 2\n")
     _sweep(tmp_path, config=str(a), name="mine")
     calls: list = []
-    with pytest.raises(SweepError, match="another config"):
+    with pytest.raises(SweepError, match="another config.*differs in training.seed;"):
         _sweep(tmp_path, config=str(b), name="mine", calls=calls)
     assert calls == []
-    assert "config_hash" in json.loads((tmp_path / "mine" / "sweep.json").read_text())
     res = _sweep(tmp_path, config=str(a), name="mine")  # the same config continues it
     assert res.skipped == ["r8"]
 
@@ -473,11 +472,39 @@ def test_a_sweep_from_before_the_config_hash_is_checked_against_its_runs(tmp_pat
     b.write_text("training:\n  seed: 2\n")
     _sweep(tmp_path, config=str(a), name="mine")
     state = json.loads((tmp_path / "mine" / "sweep.json").read_text())
-    del state["config_hash"]
+    state.pop("config_hash", None)
     (tmp_path / "mine" / "sweep.json").write_text(json.dumps(state))
     with pytest.raises(SweepError, match="another config"):
         _sweep(tmp_path, config=str(b), name="mine")
     assert _sweep(tmp_path, config=str(a), name="mine").skipped == ["r8"]
+
+
+def test_a_tunelab_upgrade_alone_does_not_stop_a_sweep(tmp_path):
+    """A newer tunelab adds config keys (with their defaults): the runs an older one trained are still this config's,
+    whatever an older sweep.json recorded about the config."""
+    import yaml
+
+    from tunelab.config import load_config
+
+    a = tmp_path / "a.yaml"
+    a.write_text("training:\n  seed: 1\n")
+    _sweep(tmp_path, ["lora.r=8,16"], config=str(a), name="mine")
+    state_path = tmp_path / "mine" / "sweep.json"
+    state = json.loads(state_path.read_text())
+    state["config_hash"] = "0123456789abcdef"  # a hash an older version computed over a config without a new key
+    state_path.write_text(json.dumps(state))
+    for combo in ("r8", "r16"):  # config.yaml as written before training.seed's neighbours existed
+        path = tmp_path / "mine" / combo / "config.yaml"
+        saved = yaml.safe_load(path.read_text())
+        dropped = [k for k in list(saved["training"]) if k != "seed"][-2:]
+        for k in dropped:
+            del saved["training"][k]
+        path.write_text(yaml.safe_dump(saved))
+        assert load_config(path).to_dict()["training"]["seed"] == 1  # read back: the keys get their defaults
+    calls: list = []
+    res = _sweep(tmp_path, ["lora.r=8,16"], config=str(a), name="mine", calls=calls)
+    assert res.skipped == ["r8", "r16"] and calls == []
+    assert "config_hash" not in json.loads(state_path.read_text())
 
 
 def test_an_interrupted_reproduction_is_continued_by_reproduce(tmp_path):

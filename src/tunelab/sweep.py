@@ -7,8 +7,8 @@ run folder `<output.dir>/<sweep>/<combo>` (e.g. `r8-learning_rate1e-4`), so `tun
 Running the same command again continues the sweep: completed (and diverged) runs are skipped, an interrupted or
 failed run is resumed from its last complete checkpoint, and the rest are trained. The sweep name defaults to the
 config file's name plus a hash of the grid, so the same command always finds the same sweep. A `--name` is a plain
-folder name; reusing it with another grid, other overrides or another resolved config is refused rather than mixing
-results. `--metric` must be one whose direction is known (runs.LOWER_IS_BETTER / HIGHER_IS_BETTER, with or without
+folder name; reusing it with another grid, other overrides or another resolved config (checked against the runs'
+own config.yaml) is refused rather than mixing results. `--metric` must be one whose direction is known (runs.LOWER_IS_BETTER / HIGHER_IS_BETTER, with or without
 training's `eval_` prefix, or a name ending in loss/perplexity), and is checked before anything trains; `output.*`
 is set per run by the sweep, so it cannot be a grid axis (and `output.run_name` cannot be an override; `output.dir`
 can, it is where the sweep folder goes).
@@ -117,29 +117,28 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def config_hash(cfg) -> str:
-    """A hash of the resolved config every run of the sweep starts from (before the grid)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def trained_from_another_config(folder: Path, cfgs: dict[str, Any]) -> list[str]:
-    """The combinations whose run folder holds a config.yaml other than the one the sweep would train now (the
-    output section aside): a sweep.json from before the config hash records nothing else to check against."""
+def trained_from_another_config(folder: Path, cfgs: dict[str, Any]) -> dict[str, list[str]]:
+    """The combinations whose run folder holds a config.yaml other than the one the sweep would train now, with the
+    dotted keys that differ (the output section aside: the sweep sets it per run). The runs' own config.yaml is what
+    their results came from, so this is the one check that a sweep continues the config it was started with; a key
+    a newer tunelab adds reads back as its default on both sides, so an upgrade alone does not stop a sweep."""
     from tunelab.config import load_config
+    from tunelab.runs import flatten
 
-    changed = []
+    changed = {}
     for combo, cfg in cfgs.items():
         path = folder / combo / "config.yaml"
         if not path.is_file():
             continue
         try:
-            ran = load_config(path).to_dict()
+            ran = flatten(load_config(path).to_dict())
         except TunelabError:  # unreadable: resuming or skipping it will say so
             continue
-        want = cfg.to_dict()
-        ran.pop("output", None), want.pop("output", None)
-        if ran != want:
-            changed.append(combo)
+        want = flatten(cfg.to_dict())
+        keys = sorted(k for k in set(ran) | set(want)
+                      if not k.startswith("output.") and ran.get(k) != want.get(k))
+        if keys:
+            changed[combo] = keys
     return changed
 
 
@@ -225,21 +224,23 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     if problems:
         raise SweepError("the sweep has invalid combinations:\n" + "\n".join(problems))
     base = next(iter(cfgs.values()))
-    digest = config_hash(load_config(config, list(overrides)))
     name = name or default_sweep_name(config, axes, overrides)
     folder = sweep_dir(base.output.dir, name)
     state_path = folder / "sweep.json"
     state = read_state(state_path) if state_path.is_file() else {
-        "name": name, "config": config, "config_hash": digest, "grid": [f"{k}={','.join(v)}" for k, v in axes],
+        "name": name, "config": config, "grid": [f"{k}={','.join(v)}" for k, v in axes],
         "overrides": list(overrides), "metric": metric, "created_at": now_iso(), "runs": {}}
     if state.get("grid") != [f"{k}={','.join(v)}" for k, v in axes] or state.get("overrides") != list(overrides):
         raise SweepError(f"sweep {name!r} in {folder} was started with another grid ({state.get('grid')}, overrides "
                          f"{state.get('overrides')}); pass --name to start a new sweep")
-    if state.setdefault("config_hash", digest) != digest or trained_from_another_config(folder, cfgs):
+    changed = trained_from_another_config(folder, cfgs)
+    if changed:
+        combo, keys = next(iter(changed.items()))
         raise SweepError(f"sweep {name!r} in {folder} was started from another config ({state.get('config')} as it "
-                         "was then, with its overrides); its results are not this config's. Pass another --name to "
-                         "start a new sweep")
+                         f"was then, with its overrides): {combo}/config.yaml differs in {', '.join(keys)}; its "
+                         "results are not this config's. Pass another --name to start a new sweep")
     folder.mkdir(parents=True, exist_ok=True)
+    state.pop("config_hash", None)  # written by earlier versions; the runs' config.yaml is what is checked now
     state["metric"] = metric
     for combo, ovr in combos:
         state["runs"].setdefault(combo, {"overrides": ovr, "run_dir": str(folder / combo), "status": "pending"})
