@@ -222,6 +222,20 @@ def test_list_sweep_finds_its_runs_from_any_folder(tmp_path, monkeypatch):
     assert sorted(s.name for s in runs.list_runs(tmp_path / "outputs", sweep="s")) == ["s/r16", "s/r8"]
 
 
+def test_runs_reads_a_sweep_without_importing_the_sweep_module(tmp_path, monkeypatch):
+    """sweep imports runs; runs importing sweep back would be a cycle (house style: none)."""
+    import sys
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"runs": {"r8": {"status": "finished"}}}))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "sweep.json").write_text(json.dumps({"runs": [1]}))
+    monkeypatch.setitem(sys.modules, "tunelab.sweep", None)  # any import of it raises ImportError
+    assert list(runs.load_sweep(tmp_path, "s")["runs"]) == ["r8"]
+    with pytest.raises(runs.RunError, match="cannot read .*sweep.json"):
+        runs.load_sweep(tmp_path, "t")
+
+
 def test_reports_in_one_folder_keep_their_own_loss_plot(tmp_path):
     from tunelab.evaluate.report import write_run_report
 

@@ -220,17 +220,23 @@ def summarize(run: Path, manifest: dict[str, Any] | None = None, runs_dir: Path 
                       metrics=final_metrics(m), started_at=started)
 
 
+def read_sweep_state(path: Path, error: type[TunelabError] = RunError) -> dict[str, Any]:
+    """A sweep.json as `tunelab sweep` writes it, or `error` naming the file when it is not (here, not in sweep.py,
+    so that runs need not import the sweep that imports them)."""
+    state = read_json_object(path, error)
+    entries = state.get("runs")
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise error(f"cannot read {path}: its \"runs\" is not a mapping of run entries; move it away (the run "
+                    "folders beside it are kept) or pass another --name")
+    return state
+
+
 def load_sweep(output_dir: str | os.PathLike, name: str) -> dict[str, Any]:
     """The state file of `tunelab sweep` (`<output_dir>/<name>/sweep.json`): its runs and their status."""
-    from tunelab.sweep import SweepError, read_state
-
     path = Path(output_dir) / name / "sweep.json"
     if not path.is_file():
         raise RunError(f"no sweep {name!r} in {output_dir} (looked for {path})")
-    try:
-        return read_state(path)
-    except SweepError as e:
-        raise RunError(str(e)) from None
+    return read_sweep_state(path)
 
 
 def list_runs(runs_dir: str | os.PathLike = "outputs", sweep: str | None = None) -> list[RunSummary]:

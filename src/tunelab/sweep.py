@@ -146,16 +146,6 @@ def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / name
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """sweep.json, or SweepError naming it when it is not what `tunelab sweep` writes."""
-    state = read_json_object(path, SweepError)
-    runs = state.get("runs")
-    if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):
-        raise SweepError(f"cannot read {path}: its \"runs\" is not a mapping of run entries; move it away (the run "
-                         "folders beside it are kept) or pass another --name")
-    return state
-
-
 def _save(path: Path, state: dict[str, Any]) -> None:
     from tunelab.rundir import write_json_atomic
 
@@ -206,6 +196,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     """Train every point of `grid` (dotted key=v1,v2 axes) on top of `config` + `overrides`, one at a time."""
     from tunelab.config import ConfigError, load_config
     from tunelab.rundir import now_iso
+    from tunelab.runs import read_sweep_state
 
     check_metric(metric)
     if name is not None:
@@ -227,7 +218,7 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     name = name or default_sweep_name(config, axes, overrides)
     folder = sweep_dir(base.output.dir, name)
     state_path = folder / "sweep.json"
-    state = read_state(state_path) if state_path.is_file() else {
+    state = read_sweep_state(state_path, SweepError) if state_path.is_file() else {
         "name": name, "config": config, "grid": [f"{k}={','.join(v)}" for k, v in axes],
         "overrides": list(overrides), "metric": metric, "created_at": now_iso(), "runs": {}}
     if state.get("grid") != [f"{k}={','.join(v)}" for k, v in axes] or state.get("overrides") != list(overrides):
