@@ -253,7 +253,7 @@ def test_eval_on_a_raw_file_reports_its_rejected_records(tiny_model_dir, tmp_pat
 
 def test_eval_options_that_would_be_ignored_or_mean_nothing_are_errors(tiny_model_dir, tmp_path, capsys):
     """`--metrics ,` wrote an empty result over the last one; --base without --compare-base and --split on a raw file
-    were ignored (the result recorded the unused base); --max-length past the model's positions scored garbage."""
+    were ignored (the result recorded the unused base); a max_length past the model's positions scored garbage."""
     from transformers import AutoConfig
 
     from tunelab.cli import main
@@ -265,12 +265,15 @@ def test_eval_options_that_would_be_ignored_or_mean_nothing_are_errors(tiny_mode
     context = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
     for extra, says in [(["--metrics", ","], "no metric given"),
                         (["--base", str(tiny_model_dir)], "add --compare-base"),
-                        (["--split", "train"], "is a raw file, whose every record is evaluated"),
-                        (["--metrics", "perplexity", "--max-length", str(context + 1)],
-                         f"beyond this model's context \\({context} tokens\\)")]:
+                        (["--split", "train"], "is a raw file, whose every record is evaluated")]:
         assert main(common + extra) == 2, extra
         assert re.search(says, capsys.readouterr().err), extra
     assert not (tmp_path / "ev").exists()
+    # past the positions: scored at the context, and said (a run trained with a longer data.max_length evaluates)
+    assert main(common + ["--metrics", "perplexity", "--max-length", str(context + 1), "--name", "long"]) == 0
+    assert f"max_length {context + 1} is beyond this model's context: scored at {context}" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "ev" / "long.json").read_text())["settings"]
+    assert settings["max_length"] == context and settings["max_length_asked"] == context + 1
 
 
 def test_eval_without_a_model_says_what_to_give():

@@ -53,7 +53,8 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
     from tunelab.evaluate.runner import within_context
     from tunelab.model.loss import autocast_for
 
-    within_context(model, max_length)
+    cut: dict[str, Any] = {}
+    max_length = within_context(model, max_length, cut)
     encoded, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
     kto = is_kto_data(records)
     score = _score_kto if kto else _score_pairs
@@ -66,7 +67,7 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
     metrics = _kto_summary(rows) if kto else _summary(rows)
     predictions = [_prediction(records[i], i, row) for i, row in zip(index, rows)]
     settings = {"metrics": ["preference"], ("examples" if kto else "pairs"): len(rows), "skipped": skipped,
-                "max_length": max_length, "overflow": overflow, "beta": beta, "reference": bool(reference)}
+                "max_length": max_length, "overflow": overflow, "beta": beta, "reference": bool(reference), **cut}
     return EvalResult(metrics, predictions, settings)
 
 

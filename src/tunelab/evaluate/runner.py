@@ -53,12 +53,14 @@ def normalize_metrics(metrics: Sequence[str] | str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def within_context(model, max_length: int) -> None:
-    """Scores past the model's positions mean nothing (generation refuses them too, tunelab.infer)."""
+def within_context(model, max_length: int, settings: dict[str, Any]) -> int:
+    """`max_length` cut to the model's positions (scores past them mean nothing; generation stops there too,
+    tunelab.infer); a cut is recorded in `settings` (max_length_asked) and said by `run_eval`."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and max_length > context:
-        raise EvalError(f"--max-length {max_length} is beyond this model's context ({context} tokens): scores past "
-                        f"it mean nothing; pass --max-length {context} or less")
+    if not isinstance(context, int) or max_length <= context:
+        return max_length
+    settings.update(max_length=context, max_length_asked=max_length)
+    return context
 
 
 def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
@@ -74,10 +76,10 @@ def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
     from tunelab.evaluate.perplexity import perplexity
 
     metrics = normalize_metrics(metrics)
-    within_context(model, max_length)
     out: dict[str, float] = {}
     settings: dict[str, Any] = {"metrics": metrics, "max_length": max_length, "train_on": train_on,
                                 "overflow": overflow, "records": len(records)}
+    max_length = within_context(model, max_length, settings)
     if "perplexity" in metrics:
         ppl = perplexity(model, tokenizer, records, max_length=max_length, train_on=train_on, overflow=overflow,
                          batch_size=batch_size, chunk_size=chunk_size, autocast=autocast)
@@ -317,6 +319,9 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     else:
         result, base_result = _evaluate_tuned_and_base(model, adapter_dir, base_name if compare_base else None,
                                                        dtype, ev_data.records, metrics, opts)
+    if "max_length_asked" in result.settings:
+        console(f"note: max_length {result.settings['max_length_asked']} is beyond this model's context: scored at "
+                f"{result.settings['max_length']} tokens (recorded as max_length_asked in the result)")
     record = {
         "name": name, "created_at": now_iso(), "metrics": result.metrics,
         "base_metrics": base_result.metrics if base_result else None,
