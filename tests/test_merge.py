@@ -273,3 +273,43 @@ def test_a_merge_stopped_by_sigterm_leaves_no_staging_copy_and_a_killed_ones_is_
     assert "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # neither this merge's staging folder nor the killed one's
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI put the handler back
+
+
+def test_adapter_merged_model_and_export_stop_on_the_same_ids(tiny_model_dir, tmp_path):
+    """A base whose generation_config ends text at `<|endoftext|>` while the chat tokenizer's EOS is `<|im_end|>`:
+    serve --adapter, serve --model merged, the merged generation_config and the GGUF/Modelfile all stop on the
+    ids of the one rule (stop_token_ids), the base's `<|endoftext|>` included."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tunelab.export.gguf import export_gguf
+    from tunelab.infer import load
+    from tunelab.merge import merge_adapter
+    from tunelab.model.stop_tokens import stop_token_ids
+    from tunelab.serve import Engine
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text_end, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == im_end != text_end
+    base_dir = tmp_path / "base"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.generation_config.eos_token_id = [text_end]
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    make_adapter(base_dir, tmp_path / "run")
+
+    want = stop_token_ids(tok, GenerationConfig.from_pretrained(base_dir))
+    assert set(want) == {im_end, text_end}
+    merge_adapter(tmp_path / "run", tmp_path / "merged")
+    merged_eos = json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    assert merged_eos == want
+    assert Engine(*load(adapter=str(tmp_path / "run"), dtype="fp32")).eos == set(want)
+    assert Engine(*load(str(tmp_path / "merged"), dtype="fp32")).eos == set(want)
+
+    report = export_gguf(tmp_path / "merged", tmp_path / "m.gguf", verify=False)
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert r.fields["tokenizer.ggml.eos_token_id"].contents() == im_end
+    assert r.fields["tokenizer.ggml.eot_token_id"].contents() == text_end
+    modelfile = Path(report.modelfile).read_text()
+    assert 'PARAMETER stop "<|endoftext|>"' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile

@@ -5,7 +5,8 @@
 
 The output is a standalone folder that plain `transformers.AutoModelForCausalLM.from_pretrained` loads: weights
 (safetensors), config, the tokenizer with the chat template used in training, and a generation_config whose
-eos_token_id holds EOS and the template's end-of-turn token (so generation stops after one answer). A
+eos_token_id holds the stop ids of `stop_token_ids` (EOS, the template's end-of-turn token and the base model's
+own generation_config eos ids), so generation stops after one answer where the adapter's would. A
 `tunelab.json` records where it came from and the verification figures.
 
 How it is verified: a few chat samples go through the adapter model (fp32 base + adapter, unmerged) and through
@@ -188,7 +189,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
             delattr(merged.config, attr)
     merged.config.dtype = torch_dtype
 
-    stops = stop_token_ids(tok)
+    stops = stop_token_ids(tok, merged.generation_config)  # the base model's own eos ids too, before it is replaced
     gen = GenerationConfig.from_model_config(merged.config)
     gen.eos_token_id = stops if len(stops) > 1 else stops[0]
     gen.pad_token_id = tok.pad_token_id

@@ -143,8 +143,9 @@ def _load_state(model_dir: Path) -> dict:
     return state
 
 
-def _write(model_dir: Path, tmp: Path, cfg, tok, quant: str):
-    """Write the GGUF file; returns (arch name, {gguf name: (source name, source array, permuted?)})."""
+def _write(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
+    """Write the GGUF file (`stops`: `stop_token_ids`, the tokenizer's eos first); returns
+    (arch name, {gguf name: (source name, source array, permuted?)})."""
     import gguf
     import numpy as np
 
@@ -189,8 +190,8 @@ def _write(model_dir: Path, tmp: Path, cfg, tok, quant: str):
     if special.chat_template is None:
         special.chat_template = tok.chat_template
     special.add_to_gguf(w, quiet=True)
-    eot = [i for i in stop_token_ids(tok) if i != tok.eos_token_id]
-    if eot:
+    eot = [i for i in stops if i != tok.eos_token_id]
+    if eot:  # GGUF holds one eos and one eot id; llama.cpp also ends on <|endoftext|>/<|im_end|> by their text
         w.add_eot_token_id(eot[0])
 
     state = _load_state(model_dir)
@@ -218,6 +219,13 @@ def _write(model_dir: Path, tmp: Path, cfg, tok, quant: str):
     w.write_tensors_to_file()
     w.close()
     return arch, written, (n_head, n_kv)
+
+
+def _generation_config(model_dir: Path):
+    """The folder's GenerationConfig, or None when it has none."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() else None
 
 
 def _field(reader, key):
@@ -380,9 +388,12 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")  # renamed into place once verified
+    stops = stop_token_ids(tok, _generation_config(model_dir))  # merge wrote the base model's eos ids there
+    if tpl is not None:  # Ollama stops on strings: every stop id's token, as serve and merge stop on the ids
+        tpl.stop += [s for s in tok.convert_ids_to_tokens(stops) if s not in tpl.stop]
     modelfile_body = modelfile_text(output.name, tpl) if tpl is not None else None
     try:
-        arch, written, heads = _write(model_dir, tmp, cfg, tok, quant)
+        arch, written, heads = _write(model_dir, tmp, cfg, tok, quant, stops)
         report = ExportReport(str(output), arch, quant, tensors=len(written), size_bytes=tmp.stat().st_size)
         if verify:
             msg, reader = _check_readback(tmp, model_dir, cfg, tok, arch, written, heads)

@@ -1,6 +1,8 @@
-"""The one rule for where generation stops: EOS plus the chat template's end-of-turn token.
+"""The one rule for where generation stops: EOS, the chat template's end-of-turn token and the model's own
+generation_config.eos_token_id (a base model's `<|endoftext|>` when the chat tokenizer's EOS is another token).
 
-Used by generation (infer, serve, evaluate), merge (generation_config) and export (GGUF / Ollama stop words).
+Used by generation (infer, serve), merge (writes these ids to the merged generation_config, so the merged model
+stops where the adapter did) and export (GGUF eos/eot ids, Ollama stop words).
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ def end_of_turn_tokens(tokenizer) -> list[str]:
     return []
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the template's end-of-turn token ids, in a stable order: what generation must stop on."""
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """What generation must stop on, in a stable order: the tokenizer's EOS, the template's end-of-turn token,
+    then `generation_config.eos_token_id` (an id or a list; the model's GenerationConfig, or None)."""
     ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    for tok in end_of_turn_tokens(tokenizer):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid is not None and tid not in ids:
+
+    def add(tid) -> None:
+        if tid is not None and int(tid) not in ids:
             ids.append(int(tid))
+
+    add(tokenizer.eos_token_id)
+    for tok in end_of_turn_tokens(tokenizer):
+        add(tokenizer.convert_tokens_to_ids(tok))
+    eos = getattr(generation_config, "eos_token_id", None)
+    for tid in [eos] if isinstance(eos, int) else eos or []:
+        add(tid)
     return ids

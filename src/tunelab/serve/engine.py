@@ -130,7 +130,7 @@ class Engine:
             raise TunelabError(f"max_batch_size={max_batch_size}: it must be at least 1")
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.max_batch_size, self.capacity = max_batch_size, max_batch_size + max_queue
-        self.eos = set(stop_token_ids(tokenizer)) | _config_eos(model)
+        self.eos = set(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
         self.device = next(model.parameters()).device
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "prefills": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -409,13 +409,6 @@ class Engine:
             job.sink(piece)
         except Exception:  # noqa: BLE001 - a sink whose event loop has closed: nobody is listening any more
             log.debug("could not deliver to a finished request", exc_info=True)
-
-
-def _config_eos(model) -> set[int]:
-    """The model's own end tokens (generation_config.eos_token_id, an id or a list): a base model's
-    `<|endoftext|>` ends its answer even when the chat tokenizer's EOS is another token."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return {int(i) for i in ([] if eos is None else [eos] if isinstance(eos, int) else eos)}
 
 
 def _select(cache: KVCache, mask, keep: list[int]):
