@@ -320,7 +320,7 @@ def test_data_the_main_process_refuses_stops_every_process_with_its_reason(tiny_
     code, output = _launch_local(overrides)
     assert code == 2, output[-3000:]
     assert "Traceback" not in output and "ChildFailedError" not in output
-    assert f"error: {bad}: line" in output and "stopped because the main process (rank 0) failed" in output
+    assert f"error: {bad}: line" in output and "stopped because another process failed: see its error" in output
     assert not (tmp_path / "runs" / "bad").exists()
 
 

@@ -84,27 +84,37 @@ def params_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
-def _on_any_process(flag: bool) -> bool:
-    """`flag` or'ed over the processes (a barrier too); no accelerator at hand, so torch.distributed directly."""
+def _worst_on_any_process(code: int) -> int:
+    """The largest `code` over the processes (a barrier too); no accelerator at hand, so torch.distributed."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
+        return code
     nccl = torch.distributed.get_backend() == "nccl"
-    t = torch.tensor(float(flag), device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
-    torch.distributed.all_reduce(t)
-    return bool(t.item() > 0)
+    t = torch.tensor(float(code), device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+_OK, _INTERRUPTED, _FAILED = 0, 1, 2
 
 
 @contextmanager
 def main_process_work() -> Iterator[None]:
-    """Work the main process does while the others wait (the block then ends in a barrier). When it fails, every
-    process stops: the main one with its own error, the others saying so, instead of crashing in the barrier."""
+    """Work the main process does while the others wait (the block then ends in a barrier); with sharded weights
+    the others take part. When a process fails or is interrupted, every process stops, as interrupted (exit 130)
+    or failed, the one it happened to with its own error, instead of the others crashing in the barrier."""
     try:
         yield
-    except BaseException:
-        _on_any_process(True)
+    except KeyboardInterrupt:
+        _worst_on_any_process(_INTERRUPTED)
         raise
-    if _on_any_process(False):
-        raise TunelabError("stopped because the main process (rank 0) failed: see its error")
+    except BaseException:
+        _worst_on_any_process(_FAILED)
+        raise
+    worst = _worst_on_any_process(_OK)
+    if worst == _INTERRUPTED:
+        raise KeyboardInterrupt  # the run ends as interrupted, with the resume command
+    if worst == _FAILED:
+        raise TunelabError("stopped because another process failed: see its error")
 
 
 def gathered_state_dict(accelerator, wrapped) -> dict | None:
