@@ -26,13 +26,15 @@ def greedy_generate(model, tokenizer, conversations: Sequence[list[dict[str, Any
                     batch_size: int = 8) -> list[str]:
     import torch
 
-    from tunelab.data.template import _eos_ids, render
+    from tunelab.data.template import render
+    from tunelab.model.stop_tokens import stop_token_ids
 
     texts = [render(tokenizer, list(msgs), add_generation_prompt=True) for msgs in conversations]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
     out: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))  # serve's and merge's rule
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only: pad on the left
     was_training = model.training
     model.eval()
@@ -43,7 +45,7 @@ def greedy_generate(model, tokenizer, conversations: Sequence[list[dict[str, Any
                 enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     eos_token_id=sorted(_eos_ids(tokenizer)), pad_token_id=pad_id)
+                                     eos_token_id=stop_ids, pad_token_id=pad_id)
                 new = gen[:, enc["input_ids"].shape[1]:]
                 for i, row in zip(idx, new):
                     out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
