@@ -213,8 +213,8 @@ def test_qlora_trains_on_a_4bit_nf4_double_quantised_base(tiny_model_dir, demo_a
     seen = {}
     original = adapters.apply_method
 
-    def spy(model, cfg):  # keep the model the recipe trains, to inspect its layers afterwards
-        seen["model"] = original(model, cfg)
+    def spy(model, cfg, say=None):  # keep the model the recipe trains, to inspect its layers afterwards
+        seen["model"] = original(model, cfg, say)
         return seen["model"]
 
     monkeypatch.setattr(adapters, "apply_method", spy)
