@@ -90,6 +90,7 @@ def test_a_run_name_is_a_plain_folder_name(name, tmp_path):
     (["training.stage=kto", "training.batch_size=1"], "training.stage=kto needs training.batch_size of at least 2"),
     (["training.stage=kto", "preference.precompute_ref_logps=true"], "read by training.stage=dpo only, not kto"),
     (["training.stage=simpo", "preference.precompute_ref_logps=true"], "read by training.stage=dpo only, not simpo"),
+    (["training.stage=dpo", "data.format=alpaca"], "data.format alpaca applies to sft conversations"),
 ])
 def test_preference_settings_that_cannot_work_are_refused(overrides, says):
     """kto at batch 1 trained with a KL estimate equal to the example's own reward; precompute was refused for kto
@@ -97,6 +98,21 @@ def test_preference_settings_that_cannot_work_are_refused(overrides, says):
     with pytest.raises(ConfigError, match=says):
         load_config(None, overrides)
     load_config(None, ["training.stage=kto", "training.batch_size=2"])
+
+
+def test_a_saved_run_config_an_older_tunelab_accepted_still_loads_with_the_behaviour_it_had(tmp_path):
+    """Resume and reproduce read a run's config.yaml: today's stricter checks must not lock older runs out where the
+    setting did nothing (precompute outside dpo, data.format outside sft) or names the same folder (run_name)."""
+    from tunelab.config import load_run_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("training: {stage: simpo}\npreference: {precompute_ref_logps: true}\ndata: {format: alpaca}\n"
+                     "output: {dir: runs, run_name: grp/r1}\n")
+    cfg = load_run_config(saved)
+    assert not cfg.preference.precompute_ref_logps and cfg.data.format == "auto"
+    assert Path(cfg.output.dir) / cfg.output.run_name == Path("runs/grp/r1") and cfg.output.run_name == "r1"
+    with pytest.raises(ConfigError, match="not a plain folder name"):  # a new config is held to the rules
+        load_config(saved)
 
 
 def test_config_reference_is_current():

@@ -215,6 +215,9 @@ class TrackingConfig(_Section):
 
 def _check_preference(cfg: "Config") -> None:
     stage = cfg.training.stage
+    if cfg.data.format != "auto" and stage != "sft":
+        raise ValueError(f"data.format {cfg.data.format} applies to sft conversations; training.stage={stage} "
+                         "detects the form of each record itself (leave data.format at auto)")
     if cfg.preference.precompute_ref_logps and stage != "dpo":
         raise ValueError(f"preference.precompute_ref_logps is read by training.stage=dpo only, not {stage} (kto's KL "
                          "term pairs the answers of each batch, so its reference runs every step; orpo and simpo "
@@ -420,15 +423,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """A run folder's saved config.yaml (resume, reproduce): `load_config`, except that a key added since the run
-    was saved keeps the behaviour the run had. training.pass_tokens: such a run made one pass per micro-batch."""
+    """A run folder's saved config.yaml (resume, reproduce): `load_config`, except that what an older tunelab
+    accepted keeps the behaviour the run had: training.pass_tokens (such a run made one pass per micro-batch);
+    preference.precompute_ref_logps off and data.format auto outside the stages that read them (they were
+    ignored there); a run_name holding a path (its folder: output.dir/run_name) as output.dir + a plain name."""
     saved = yaml.safe_load(read_user_text(path, "config", ConfigError, "utf-8-sig")) if Path(path).is_file() \
         else None
-    training = saved.get("training") if isinstance(saved, dict) else None
+    return load_config(path, [*_legacy_overrides(saved if isinstance(saved, dict) else {}), *(overrides or [])])
+
+
+def _legacy_overrides(saved: dict[str, Any]) -> list[str]:
+    section = {k: v if isinstance(v := saved.get(k), dict) else {} for k in ("training", "preference", "data", "output")}
+    training, stage = section["training"], section["training"].get("stage", "sft")
     legacy = []
-    if isinstance(training, dict) and training.get("batch_tokens") and "pass_tokens" not in training:
+    if training.get("batch_tokens") and "pass_tokens" not in training:
         legacy.append(f"training.pass_tokens={training['batch_tokens']}")
-    return load_config(path, [*legacy, *(overrides or [])])
+    if section["preference"].get("precompute_ref_logps") and stage != "dpo":
+        legacy.append("preference.precompute_ref_logps=false")
+    if section["data"].get("format", "auto") != "auto" and stage != "sft":
+        legacy.append("data.format=auto")
+    name = section["output"].get("run_name")
+    if isinstance(name, str) and ("/" in name or "\\" in name):
+        where = Path(section["output"].get("dir") or "outputs") / name
+        legacy += [f"output.dir={where.parent}", f"output.run_name={where.name}"]
+    return legacy
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
