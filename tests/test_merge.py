@@ -257,12 +257,15 @@ def test_a_merge_stopped_by_sigterm_leaves_no_staging_copy_and_a_killed_ones_is_
 
     import tunelab.merge
     from tunelab.cli import main
+    from tunelab.files import _HOST
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid no process holds now
-    orphan = tmp_path / f".merged.tmp-{dead.pid}-abc123"
+    orphan = tmp_path / f".merged.tmp-{_HOST}-{dead.pid}-abc123"
     orphan.mkdir()
     (orphan / "model.safetensors").write_bytes(b"x" * 1024)
+    elsewhere = tmp_path / f".merged.tmp-{_HOST}x-{dead.pid}-abc123"  # another machine's, on shared storage: kept
+    elsewhere.mkdir()
 
     def stopped(tmp, output):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -271,7 +274,7 @@ def test_a_merge_stopped_by_sigterm_leaves_no_staging_copy_and_a_killed_ones_is_
     monkeypatch.setattr(tunelab.merge, "_swap_into_place", stopped)
     assert main(["merge", "--adapter", str(run_dir), "--output", str(tmp_path / "merged"), "--no-verify"]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert os.listdir(tmp_path) == []  # neither this merge's staging folder nor the killed one's
+    assert os.listdir(tmp_path) == [elsewhere.name]  # neither this merge's staging folder nor the killed one's
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI put the handler back
 
 

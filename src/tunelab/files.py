@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import socket
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -44,18 +46,18 @@ def staging_dir(final: Path) -> Path:
     import tempfile
 
     _remove_orphans(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_HOST}-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
 
 
 def _remove_orphans(final: Path) -> None:
-    import re
     import shutil
 
     from tunelab.rundir import pid_alive
 
-    own = re.compile(rf"\.{re.escape(final.name)}\.tmp-(\d+)-")
+    # this machine's only: on shared storage another machine's staging folder is not ours to judge
+    own = re.compile(rf"\.{re.escape(final.name)}\.tmp-{re.escape(_HOST)}-(\d+)-")
     for folder in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
         m = own.match(folder.name)
         if m and folder.is_dir() and pid_alive(int(m.group(1))) is False:
@@ -68,6 +70,9 @@ def as_umask_allows(path: Path) -> None:
     mask = _umask()
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
 def _umask() -> int:
