@@ -433,7 +433,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Con
 
 
 def _legacy_overrides(saved: dict[str, Any]) -> list[str]:
-    section = {k: v if isinstance(v := saved.get(k), dict) else {} for k in ("training", "preference", "data", "output")}
+    section = {k: v if isinstance(v := saved.get(k), dict) else {}
+               for k in ("training", "preference", "data", "output")}
     training, stage = section["training"], section["training"].get("stage", "sft")
     legacy = []
     if training.get("batch_tokens") and "pass_tokens" not in training:
