@@ -156,3 +156,13 @@ def test_resume_survives_a_torn_metrics_line_and_refuses_a_finished_run(tiny_mod
     assert [m["step"] for m in read_metrics(run) if "loss" in m and not m.get("final")] == [1, 2, 3, 4]
     with pytest.raises(TunelabError, match="already finished"):
         train(load_config(None), resume=str(run))
+
+
+def test_max_length_past_the_models_positions_is_refused(tiny_model_dir, demo_files, tmp_path):
+    """data.max_length 2048 on a model with 1024 positions trained rotary positions it never had (a learned
+    position table fails in the lookup instead)."""
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match=r"data.max_length=2048 .* max_position_embeddings \(1024\)"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "too-long", "data.max_length=2048"))
+    assert not (tmp_path / "too-long").exists()  # nothing trained: no run folder left behind

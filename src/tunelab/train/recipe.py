@@ -418,11 +418,22 @@ def load_base(cfg: Config, accelerator, say):
                           attn_implementation=cfg.model.attn_implementation, quantization=quant,
                           device_map={"": accelerator.device} if quant is not None and torch.cuda.is_available() else None)
     model.config.use_cache = False
+    _refuse_past_positions(model, cfg)
     if cfg.training.packing and lever_enabled("packed_attention") and use_packed_attention(model):
         say("Attention: per-record causal SDPA over packed rows (no scores across records)")
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, choice
+
+
+def _refuse_past_positions(model, cfg: Config) -> None:
+    """A record longer than the model's positions trains on positions it never had (rotary models) or fails in
+    the embedding lookup (learned positions); packed rows restart positions at each record, so the record's
+    length is what counts."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.data.max_length > positions:
+        raise TunelabError(f"data.max_length={cfg.data.max_length} is more than {cfg.model.name}'s "
+                           f"max_position_embeddings ({positions}); give data.max_length at most {positions}")
 
 
 def ready_to_train(model, accelerator, say, lora_dropout: float):
