@@ -202,3 +202,31 @@ def test_a_resumed_dpo_run_refuses_a_changed_starting_adapter(tiny_model_dir, pr
     weights.write_bytes(kept)
     train(load_config(None, [f"output.dir={tmp_path}"]), resume=str(tmp_path / "dpo"))
     assert json.loads((tmp_path / "dpo" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_kto_lone_example_is_paired_with_another_answer(tiny_model_dir, pref_files, tmp_path, monkeypatch):
+    """kto's KL pairs rotate the answers of a micro-batch by one: an epoch's last micro-batch of one example was
+    paired with its own answer, so its "KL" was its own reward. It takes another example's answer now; and with
+    no other example kto is refused."""
+    from tunelab.errors import TunelabError
+    from tunelab.train import preference
+    from tunelab.train.preference_loss import collate_kto
+
+    lone = []
+
+    def spy(examples, spare=None):
+        batch = collate_kto(examples, spare)
+        if len(examples) == 1:
+            lone.append((examples[0], spare, batch))
+        return batch
+
+    monkeypatch.setattr(preference, "collate_kto", spy)
+    train(_cfg(tiny_model_dir, pref_files / "kto.jsonl", tmp_path, "lone", "kto", "training.batch_size=3",
+               "training.epochs=1"))  # 10 train examples: micro-batches of 3, 3, 3, 1
+    assert lone
+    for example, spare, batch in lone:
+        assert spare is not None and spare is not example and spare["where"] != example["where"]
+        kl_row = batch["kl"]["input_ids"][0].tolist()
+        assert kl_row == example["prompt_ids"] + spare["completion_ids"]
+    with pytest.raises(TunelabError, match="at least 2 examples"):
+        collate_kto([example])

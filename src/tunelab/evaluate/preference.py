@@ -63,7 +63,8 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
     rows: list[dict[str, Any]] = []
     for k in range(0, len(encoded), batch_size):
         with torch.no_grad(), autocast():
-            rows += score(model, encoded[k:k + batch_size], device, reference, beta, chunk_size)
+            rows += score(model, encoded[k:k + batch_size], device, reference, beta, chunk_size,
+                          encoded[k - 1] if k else None)
     metrics = _kto_summary(rows) if kto else _summary(rows)
     predictions = [_prediction(records[i], i, row) for i, row in zip(index, rows)]
     settings = {"metrics": ["preference"], ("examples" if kto else "pairs"): len(rows), "skipped": skipped,
@@ -71,7 +72,8 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
     return EvalResult(metrics, predictions, settings)
 
 
-def _score_pairs(model, part: list[dict], device, reference, beta: float, chunk_size: int) -> list[dict[str, float]]:
+def _score_pairs(model, part: list[dict], device, reference, beta: float, chunk_size: int,
+                 _spare: dict | None = None) -> list[dict[str, float]]:
     """One batch of pairs: each answer's summed and per-token log-probability, and its reward when `reference`."""
     from tunelab.train.preference_loss import _to, collate_pairs, policy_logps, reference_logps, shares_prompts
 
@@ -91,12 +93,14 @@ def _score_pairs(model, part: list[dict], device, reference, beta: float, chunk_
     return rows
 
 
-def _score_kto(model, part: list[dict], device, reference, beta: float, chunk_size: int) -> list[dict[str, float]]:
+def _score_kto(model, part: list[dict], device, reference, beta: float, chunk_size: int,
+               spare: dict | None = None) -> list[dict[str, float]]:
     """One batch of kto's labelled answers: log-probabilities and, when `reference`, the reward beta x (log pi -
-    log ref) and the batch's KL estimate as training computes it (each prompt with the previous answer)."""
+    log ref) and the batch's KL estimate as training computes it (each prompt with the previous answer; a lone
+    last example with `spare`'s)."""
     from tunelab.train.preference_loss import _to, collate_kto, policy_logps, reference_logps
 
-    batch = _to(collate_kto(part), device)
+    batch = _to(collate_kto(part, spare or (None if reference else part[0])), device)  # KL: with a reference only
     n = len(part)
     sums, counts = policy_logps(model, batch, n, chunk_size)
     rows = [{"label": bool(e["label"]), "logp": float(sums[j]), "mean_logp": float(sums[j]) / max(int(counts[j]), 1)}

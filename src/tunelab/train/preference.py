@@ -136,6 +136,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
                                trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
     recorded = life.run.manifest().get("data_fingerprint") if not life.fresh else None
     data = load_data(cfg, tokenizer, life.path, accelerator.is_main_process, life.fresh, recorded, life.say)
+    if stage == "kto" and len(data.train) < 2:  # its KL term pairs a prompt with another example's answer
+        raise TunelabError(f"kto needs at least 2 training examples; the data has {len(data.train)}")
     plan = make_plan(cfg, len(data.train), accelerator.num_processes)
     life.say(f"Run: {life.path}")
     life.say(f"Data ({stage}): {len(data.train)} train / {len(data.val)} eval examples (fingerprint "
@@ -246,10 +248,10 @@ def adapter_fingerprint(folder: Path) -> str:
 # ---------------------------------------------------------------- the loop
 
 
-def collate(s: PrefSession, examples: list[dict]) -> dict:
+def collate(s: PrefSession, examples: list[dict], spare: dict | None = None) -> dict:
     stage = s.cfg.training.stage
     if stage == "kto":
-        return collate_kto(examples)
+        return collate_kto(examples, spare)
     batch = collate_pairs(examples, with_prompt_nll=stage == "orpo", share_prompt=shares_prompts(s.inner))
     if "ref_chosen" in examples[0]:  # precomputed reference log-probs
         batch["ref"] = {"logps": torch.tensor([e["ref_chosen"] for e in examples]
@@ -257,10 +259,11 @@ def collate(s: PrefSession, examples: list[dict]) -> dict:
     return batch
 
 
-def micro_step(s: PrefSession, examples: list[dict], grad: bool = True):
+def micro_step(s: PrefSession, examples: list[dict], grad: bool = True, spare: dict | None = None):
+    """One micro-batch's loss (kto: `spare`, another example, gives a lone example its KL pair)."""
     from tunelab.train.preference_loss import _to
 
-    batch = _to(collate(s, examples), s.accelerator.device)
+    batch = _to(collate(s, examples, spare), s.accelerator.device)
     chunk, stage = s.cfg.training.loss_chunk_size, s.cfg.training.stage
     with s.autocast():
         ref = batch.get("ref")
@@ -316,7 +319,7 @@ def train_step(s: PrefSession, epoch: int, pos: int):
     for k, idx in enumerate(mine):
         examples = [s.data.train[i] for i in idx]
         with nullcontext() if k == len(mine) - 1 else acc.no_sync(s.policy):
-            out = micro_step(s, examples)
+            out = micro_step(s, examples, spare=s.data.train[idx[0] - 1])
             acc.backward(out.loss_sum / n_step * world * weight)
         if k < len(mine) - 1 and acc.device.type == "cpu":
             return_free_heap()  # as in recipe.forward_backward
@@ -377,7 +380,7 @@ def preference_eval(s: PrefSession, examples: list[dict]) -> dict[str, float]:
     s.inner.eval()
     total, sums, bs = 0.0, {}, s.cfg.training.batch_size
     for k in range(0, len(examples), bs):
-        out = micro_step(s, examples[k:k + bs], grad=False)
+        out = micro_step(s, examples[k:k + bs], grad=False, spare=examples[k - 1] if k else s.data.train[0])
         total += float(out.loss_sum)
         for key, v in out.sums.items():
             sums[key] = sums.get(key, 0.0) + v

@@ -18,7 +18,8 @@ compares loss and gradients with TRL's trainers on the same model and batch (tes
   log-odds(rejected)), with log-odds from the mean token log-prob of each answer. No reference model.
 - simpo: -log s(beta * (mean logp_c - mean logp_r) - gamma) (TRL's CPOTrainer loss_type=simpo, cpo_alpha=0).
 - kto: desirable 1 - s(beta (l - z)), undesirable 1 - s(beta (z - l)), weighted, mean over the examples; z =
-  max(0, mean KL estimate) from mismatched (prompt i, answer i-1) pairs of the same micro-batch, no gradient.
+  max(0, mean KL estimate) from mismatched (prompt i, answer i-1) pairs of the same micro-batch, no gradient
+  (a micro-batch of one example pairs its prompt with another example's answer, `spare`).
 """
 
 from __future__ import annotations
@@ -83,12 +84,20 @@ def shares_prompts(model) -> bool:
     return lever_enabled("shared_prompt") and branches_supported(model) and not _own_head(_base(model).config)
 
 
-def collate_kto(examples: Sequence[dict]) -> dict[str, Any]:
+def collate_kto(examples: Sequence[dict], spare: dict | None = None) -> dict[str, Any]:
     """Unpaired examples → one row with the matched answers (groups 0..B-1) and a second row with the mismatched
-    (prompt i, answer i-1) pairs that estimate the KL term (TRL rotates the answers of each batch the same way)."""
+    (prompt i, answer i-1) pairs that estimate the KL term (TRL rotates the answers of each batch the same way).
+    Rotating one example gives back its own answer, whose "KL" is its reward: a single example (an epoch's last
+    micro-batch) is paired with the answer of `spare`, another example of the set."""
+    from tunelab.errors import TunelabError
+
     n = len(examples)
     row = _pack([(e["prompt_ids"], e["completion_ids"], i, -1) for i, e in enumerate(examples)])
-    kl = _pack([(e["prompt_ids"], examples[i - 1]["completion_ids"], i, -1) for i, e in enumerate(examples)])
+    if n == 1 and spare is None:
+        raise TunelabError("kto estimates its KL term from a prompt paired with another example's answer: "
+                           "it needs at least 2 examples")
+    others = [spare] if n == 1 else [examples[i - 1] for i in range(n)]
+    kl = _pack([(e["prompt_ids"], o["completion_ids"], i, -1) for i, (e, o) in enumerate(zip(examples, others))])
     return {**row, "kl": kl, "label": torch.tensor([bool(e["label"]) for e in examples]), "n": n}
 
 
