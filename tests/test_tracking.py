@@ -278,3 +278,92 @@ def test_wandb_offline(tmp_path, monkeypatch):
     trackers.close()
     (offline,) = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert list(offline.glob("*.wandb"))
+
+
+class _FakeMlflowServer:
+    """Just enough of MLflow's REST API for one tracked run (http.server, in a thread); `stop()` takes it away
+    mid-run, as a crashed or restarted tracking server would."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.batches: list[dict] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                size = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(size) or b"{}")
+                path = self.path.split("?")[0]
+                info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "status": "RUNNING",
+                        "lifecycle_stage": "active", "start_time": 0, "user_id": "", "artifact_uri": ""}
+                code, out = 200, {}
+                if path.endswith("experiments/search"):
+                    out = {"experiments": []}
+                elif path.endswith("experiments/get-by-name"):
+                    code, out = 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}
+                elif path.endswith("experiments/create"):
+                    out = {"experiment_id": "1"}
+                elif path.endswith("runs/create"):
+                    out = {"run": {"info": info, "data": {}}}
+                elif path.endswith("runs/log-batch"):
+                    server.batches.append(body)
+                elif path.endswith("runs/update"):
+                    out = {"run_info": info}
+                data = json.dumps(out).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = _answer
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@needs_mlflow
+def test_an_mlflow_server_gone_mid_training_is_said_once_and_training_goes_on(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    """A tracking server that died during training stalled the run for minutes of MLflow's retries (7, with
+    back-off) and then failed it with a traceback: MLflow is optional, so it is said once, logging to it stops
+    after a bounded try, and the run finishes with every metric in metrics.jsonl. (Back-off 0 here so that,
+    unfixed, the test fails rather than waits.)"""
+    from tunelab.train import monitor
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = _FakeMlflowServer()
+    real_log = monitor._MlflowRun.log
+
+    def log_then_die(self, scalars, step):
+        real_log(self, scalars, step)
+        if step == 2:
+            server.stop()
+
+    monkeypatch.setattr(monitor._MlflowRun, "log", log_then_die)
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(alpaca_records()[:16]), encoding="utf-8")
+    try:
+        run = train(load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.train={data}",
+                                       f"output.dir={tmp_path}", "output.run_name=r", "training.max_steps=4",
+                                       "training.batch_size=4", "training.logging_steps=1",
+                                       "eval.metrics=[perplexity]", "tracking.report_to=[mlflow]",
+                                       f"tracking.mlflow_tracking_uri={server.uri}"]))
+    finally:
+        server.stop()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+    assert [m["step"] for m in read_metrics(run) if "loss" in m and not m.get("final")] == [1, 2, 3, 4]
+    got = [int(b["metrics"][0]["step"]) for b in server.batches if b.get("metrics")]
+    assert got == [1, 2]  # what MLflow got before it went away
+    warnings = [line for line in (run / "train.log").read_text().splitlines() if "MLflow logging failed" in line]
+    assert len(warnings) == 1 and "at step 3" in warnings[0] and "the run goes on without MLflow" in warnings[0]

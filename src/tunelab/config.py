@@ -209,7 +209,8 @@ class TrackingConfig(_Section):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow store, e.g. file:./mlruns or http://host:5000 "
                                             "(default: MLFLOW_TRACKING_URI, else <output.dir>/mlruns). A resumed "
                                             "run continues its MLflow run in this store; a server is contacted once "
-                                            "at start and an unreachable one is an error.")
+                                            "at start and an unreachable one is an error; one lost during training "
+                                            "is a warning, and the run goes on without it.")
     project: str = Field("tunelab", description="Experiment / project name for MLflow and W&B.")
 
 

@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -175,7 +176,9 @@ def _tb_tag(key: str) -> str:
 
 class _MlflowRun:
     """One MLflow run through an explicit `MlflowClient`: no process-global tracking URI or active run, so
-    several runs in one process (tests, sweeps) never log into each other."""
+    several runs in one process (tests, sweeps) never log into each other. MLflow is optional work: a store that
+    fails during training (a server gone) is said once and logging to it stops, after a bounded wait; the
+    training and its metrics.jsonl go on."""
 
     def __init__(self, uri: str | None, default_dir: Path, project: str, run_name: str, config: dict[str, Any],
                  run_id: str | None = None, resumed_at: int = 0, say: Callable[[str], None] = print):
@@ -192,7 +195,7 @@ class _MlflowRun:
             # MLflow 3 refuses its file store unless asked; a local file store is what tracking.mlflow_tracking_uri
             # documents (file:./mlruns), so ask for it.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.uri = uri
+        self.uri, self.say, self.failed = uri, say, False
         self.logged: set[tuple[str, int]] = set()  # (metric, step) a resumed run already holds past resumed_at
         try:
             self.client = MlflowClient(tracking_uri=uri)
@@ -213,21 +216,16 @@ class _MlflowRun:
         anything: the first request tries once, for 10 s (unless the environment sets these MLflow settings)."""
         from mlflow.exceptions import MlflowException
 
-        saved = {k: os.environ.get(k) for k in _FIRST_CONTACT}
-        os.environ.update({k: v for k, v in _FIRST_CONTACT.items() if saved[k] is None})
         try:
-            self.client.search_experiments(max_results=1)
+            with _http_limits(_FIRST_CONTACT):
+                self.client.search_experiments(max_results=1)
         except MlflowException as e:
-            reason = re.search(r"\[Errno -?\d+\][^'\")]*|timed out", str(e))
+            reason = _unreachable(e)
             if reason is None:
                 raise  # the server answered: a store problem, said as one
-            raise TunelabError(f"cannot reach the MLflow server at {self.uri} ({reason.group(0).strip()}); start it, or "
+            raise TunelabError(f"cannot reach the MLflow server at {self.uri} ({reason}); start it, or "
                                "fix tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI), or remove mlflow from "
                                "tracking.report_to") from None
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
 
     def _continue(self, run_id: str, resumed_at: int) -> str:
         from mlflow.exceptions import MlflowException
@@ -261,14 +259,47 @@ class _MlflowRun:
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in scalars.items() if (k, step) not in self.logged]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        if metrics and not self.failed:
+            self._during_training(lambda: self.client.log_batch(self.run_id, metrics=metrics), f"step {step}")
 
     def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        if not self.failed:
+            self._during_training(lambda: self.client.set_terminated(self.run_id, status=status), "the end")
+
+    def _during_training(self, call: Callable[[], Any], when: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _http_limits(_DURING_TRAINING):
+                call()
+        except (MlflowException, OSError) as e:
+            self.failed = True
+            self.say(f"warning: MLflow logging failed at {when} ({_unreachable(e) or _first_line(e)}); the run goes "
+                     f"on without MLflow (its metrics stay in metrics.jsonl); store {self.uri}")
 
 
+# MLflow's own defaults retry an unreachable server with back-off for minutes (7 retries, 120 s timeout each)
 _FIRST_CONTACT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_DURING_TRAINING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def _http_limits(limits: dict[str, str]):
+    """MLflow's HTTP retry settings for the requests inside (read per request), unless the environment sets them."""
+    unset = [k for k in limits if os.environ.get(k) is None]
+    os.environ.update({k: limits[k] for k in unset})
+    try:
+        yield
+    finally:
+        for k in unset:
+            os.environ.pop(k, None)
+
+
+def _unreachable(e: BaseException) -> str | None:
+    """The connection failure in an MLflow error ("[Errno 111] Connection refused", "timed out"), or None when the
+    server answered."""
+    reason = re.search(r"\[Errno -?\d+\][^'\")]*|timed out", str(e))
+    return reason.group(0).strip() if reason else None
 
 
 def _is_file_store(uri: str) -> bool:
