@@ -531,3 +531,34 @@ def test_an_interrupted_reproduction_is_continued_by_reproduce(tmp_path):
     assert calls == [("r-repro", None), ("r-repro", str(tmp_path / "r-repro"))]
     assert res.reproduction == tmp_path / "r-repro" and not (tmp_path / "r-repro2").exists()
     assert "reproduction_of" in json.loads((res.reproduction / "manifest.json").read_text())
+
+
+def test_a_second_process_on_a_running_sweep_is_refused(tmp_path):
+    """Two `tunelab sweep` commands on one sweep trained the same combinations side by side and overwrote each
+    other's sweep.json. While one runs (another process here), the second is refused with one line; once it has
+    ended (even killed) the sweep continues."""
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from tunelab.sweep import run_sweep\n"
+        "def train(cfg, resume=None):\n"
+        "    print('training', flush=True); time.sleep(60)\n"
+        f"run_sweep(None, {GRID!r}, name='s', overrides=['output.dir={tmp_path}'], train_fn=train, "
+        "say=lambda *_: None)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "training"
+        calls: list = []
+        with pytest.raises(SweepError, match=r"^sweep 's' in .* is running now in another process; wait"):
+            run_sweep(None, GRID, name="s", overrides=[f"output.dir={tmp_path}"], train_fn=fake_train(calls),
+                      say=lambda *_: None)
+        assert calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    res = run_sweep(None, GRID, name="s", overrides=[f"output.dir={tmp_path}"], train_fn=fake_train([]),
+                    say=lambda *_: None)
+    assert len(res.rows) == 4 and all(r.status == "finished" for r in res.rows)

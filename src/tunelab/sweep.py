@@ -11,7 +11,8 @@ folder name; reusing it with another grid, other overrides or another resolved c
 own config.yaml) is refused rather than mixing results. `--metric` must be one whose direction is known (runs.LOWER_IS_BETTER / HIGHER_IS_BETTER, with or without
 training's `eval_` prefix, or a name ending in loss/perplexity), and is checked before anything trains; `output.*`
 is set per run by the sweep, so it cannot be a grid axis (and `output.run_name` cannot be an override; `output.dir`
-can, it is where the sweep folder goes).
+can, it is where the sweep folder goes). One process at a time works on a sweep: a second command on a running
+sweep is refused (a file lock in its folder, `.sweep.lock`, freed when the first ends, however it ends).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -195,8 +197,6 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
               say: Callable[[str], None] = print) -> SweepResult:
     """Train every point of `grid` (dotted key=v1,v2 axes) on top of `config` + `overrides`, one at a time."""
     from tunelab.config import ConfigError, load_config
-    from tunelab.rundir import now_iso
-    from tunelab.runs import read_sweep_state
 
     check_metric(metric)
     if name is not None:
@@ -217,6 +217,35 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
     base = next(iter(cfgs.values()))
     name = name or default_sweep_name(config, axes, overrides)
     folder = sweep_dir(base.output.dir, name)
+    with _sweep_lock(folder, name):
+        return _run_locked(config, axes, combos, cfgs, folder, name, metric, overrides, train_fn, say)
+
+
+@contextmanager
+def _sweep_lock(folder: Path, name: str):
+    """One process at a time continues a sweep: a second one would train the same combinations beside the first
+    and overwrite its sweep.json. An OS file lock in the sweep's folder, released when the process ends, even
+    killed (every check that can refuse the sweep has run before: no folder is made for a refused one)."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".sweep.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SweepError(f"sweep {name!r} in {folder} is running now in another process; wait for it to end (or stop "
+                         "it with Ctrl-C where it runs), then run the command again") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(config, axes, combos, cfgs, folder: Path, name: str, metric: str, overrides: Sequence[str],
+                train_fn: Callable | None, say: Callable[[str], None]) -> SweepResult:
+    from tunelab.rundir import now_iso
+    from tunelab.runs import read_sweep_state
+
     state_path = folder / "sweep.json"
     state = read_sweep_state(state_path, SweepError) if state_path.is_file() else {
         "name": name, "config": config, "grid": [f"{k}={','.join(v)}" for k, v in axes],
@@ -230,7 +259,6 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
         raise SweepError(f"sweep {name!r} in {folder} was started from another config ({state.get('config')} as it "
                          f"was then, with its overrides): {combo}/config.yaml differs in {', '.join(keys)}; its "
                          "results are not this config's. Pass another --name to start a new sweep")
-    folder.mkdir(parents=True, exist_ok=True)
     state.pop("config_hash", None)  # written by earlier versions; the runs' config.yaml is what is checked now
     state["metric"] = metric
     for combo, ovr in combos:
