@@ -51,7 +51,9 @@ def test_train_log_has_the_briefs_monitoring_shape(tracked):
     lines = text.splitlines()
     epochs = [i for i, line in enumerate(lines) if re.fullmatch(r"Epoch \d+/2:", line)]
     assert [lines[i] for i in epochs] == ["Epoch 1/2:", "Epoch 2/2:"]
-    step_re = re.compile(r"  Step (\d+)/6 \| Loss: (\d+\.\d{3}) \| LR: (\S+) \| Time: \d+:\d\d:\d\d( \| .*)?")
+    # the brief's LR form (2e-4, 1.8e-4), not 0.0002
+    step_re = re.compile(r"  Step (\d+)/6 \| Loss: (\d+\.\d{3}) \| LR: (0|\d(?:\.\d{1,2})?e-\d+) \| "
+                         r"Time: \d+:\d\d:\d\d( \| .*)?")
     steps = {int(m.group(1)): (i, m) for i, line in enumerate(lines) if (m := step_re.fullmatch(line))}
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # logging_steps=1: every step
     assert epochs[0] < steps[1][0] < steps[3][0] < epochs[1] < steps[4][0] < steps[6][0]
@@ -65,7 +67,8 @@ def test_train_log_has_the_briefs_monitoring_shape(tracked):
     # the final evaluation block, after the last step line
     final = next(m for m in tracked["metrics"] if m.get("final"))
     tail = "\n".join(lines[steps[6][0] + 1:])
-    ppl = re.search(r"^  Perplexity: (\d+\.\d{2}) ", tail, re.M)
+    assert "\n评估结果:\n  Perplexity: " in tail  # the brief's lines, exactly
+    ppl = re.search(r"^  Perplexity: (\d+\.\d{2})$", tail, re.M)
     assert ppl and float(ppl.group(1)) == pytest.approx(math.exp(final["eval_loss"]), abs=0.01)
     bleu = re.search(r"^  BLEU: (\d+\.\d)$", tail, re.M)
     assert bleu and float(bleu.group(1)) == pytest.approx(final["bleu"], abs=0.05)

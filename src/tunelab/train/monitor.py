@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import sys
@@ -25,7 +26,11 @@ def hms(seconds: float) -> str:
 
 
 def fmt_lr(lr: float) -> str:
-    return f"{lr:.3g}".replace("e-0", "e-")
+    """The brief's form: 2e-4, 1.8e-4, 1.57e-4 (three significant digits at most); 0 as 0."""
+    if lr == 0 or not math.isfinite(lr) or abs(lr) >= 0.1:
+        return f"{lr:.3g}"
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def rss_gib() -> float:

@@ -457,7 +457,7 @@ def finish(s: PrefSession) -> None:
         if s.main:
             ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
             s.say("")
-            s.say("评估结果 (evaluation on the held-out split):")
+            s.say("评估结果:")
             for k, v in final.items():
                 if k != "global_step" and v is not None:
                     s.say(f"  {k}: {v:.4f}")

@@ -581,10 +581,10 @@ def _final_generation_metrics(s: Session) -> dict[str, float]:
 
 def _print_eval_block(final: dict[str, Any], say) -> None:
     say("")
-    say("评估结果 (evaluation on the held-out split):")
+    say("评估结果:")  # the brief's block, as it prints it: the held-out split's scores
     if "perplexity" in final:
-        say(f"  Perplexity: {final['perplexity']:.2f}   (eval loss {final['eval_loss']:.4f} over "
-            f"{final['eval_tokens']} tokens)")
+        say(f"  Perplexity: {final['perplexity']:.2f}")
+        say(f"  Eval loss: {final['eval_loss']:.4f} over {final['eval_tokens']:,} held-out tokens")
     for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge_l", "ROUGE-L"), ("exact_match", "Exact match")):
         if key in final:
             say(f"  {label}: {final[key]:.1f}")
