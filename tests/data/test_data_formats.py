@@ -230,6 +230,30 @@ def test_kto_false_is_rejected_true_is_kept():
     assert [w[0] for w in normalize({**base, "label": True}).warnings] == ["kto_label_true_kept"]
 
 
+@pytest.mark.parametrize("fields,shown", [
+    ({"kto_tag": False}, "labelled false"),  # LLaMA-Factory's KTO key, read by the kto stage too
+    ({"label": 0}, "'label' is 0, not true/false"),
+    ({"label": "false"}, "'label' is 'false', not true/false"),  # a CSV cell
+    ({"label": 1}, "'label' is 1, not true/false"),  # the kto stage refuses it as well: no guessing
+    ({"kto_tag": "yes"}, "'kto_tag' is 'yes', not true/false"),
+    ({"label": False, "kto_tag": True}, "labelled false"),  # `label` first, as the kto stage reads it
+])
+@pytest.mark.parametrize("base", [
+    {"messages": [{"role": "user", "content": "Is the earth flat?"}, {"role": "assistant", "content": "Yes."}]},
+    {"instruction": "Is the earth flat?", "output": "Yes."},
+])
+def test_kto_records_not_labelled_true_are_rejected_in_sft(base, fields, shown):
+    e = rejected({**base, **fields})
+    assert e.category == "preference_rejected" and shown in e.reason and "training.stage=kto" in e.reason
+
+
+def test_kto_tag_true_is_kept_and_a_label_that_is_no_kto_label_is_not_read():
+    base = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert [w[0] for w in normalize({**base, "kto_tag": True}).warnings] == ["kto_label_true_kept"]
+    for label in ("math", 3, None):
+        assert normalize({**base, "label": label}).warnings == []
+
+
 def test_placeholders_warn():
     c = normalize({"instruction": "who?", "output": "I am {{name}} by {{ author }}."})
     assert [w[0] for w in c.warnings] == ["template_placeholders"]

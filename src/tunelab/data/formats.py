@@ -20,7 +20,9 @@ Decisions worth knowing:
   mask comes from roles and ``train_on``).
 - Preference data is used for supervised fine-tuning only where that is safe: a DPO record (``chosen`` /
   ``rejected``, or v1 ``chosen_messages``) becomes its prompt plus the *chosen* answer (counted as a warning);
-  a KTO record labelled ``false`` (an undesirable answer) is rejected, one labelled ``true`` is kept.
+  a KTO record (``label``, else ``kto_tag``, as the kto stage reads them) labelled ``true`` is kept; one labelled
+  ``false`` (an undesirable answer) is rejected, and so is one labelled ``0``/``1``/``"false"``..., which the kto
+  stage refuses too (a ``label`` that is no such value, e.g. a class name, is not read).
 """
 
 from __future__ import annotations
@@ -285,13 +287,30 @@ def _detect(rec: dict) -> str:
                                     "Use --map to name your columns, e.g. --map instruction=question,output=answer")
 
 
-def _preference(rec: dict, fmt: str, warnings: list) -> str | None:
-    """Which key holds the conversation of a preference record, after deciding whether it may be used."""
-    if "label" in rec and isinstance(rec["label"], bool):
-        if not rec["label"]:
-            raise Invalid("preference_rejected", "KTO record labelled false (an undesirable answer): not used for "
-                                                 "supervised fine-tuning")
-        warnings.append(("kto_label_true_kept", "KTO record labelled true: kept as an ordinary conversation"))
+def _kto_label(rec: dict, warnings: list) -> None:
+    """A KTO label, read as the kto stage reads it (`label`, else `kto_tag`): true keeps the record as an ordinary
+    conversation; false, or a label that is not true/false, rejects it (an undesirable answer must not be learnt).
+    A `label` that cannot be a KTO label (a class name, a score) is a field nobody reads."""
+    key = "label" if "label" in rec else "kto_tag" if "kto_tag" in rec else None
+    v = rec.get(key)
+    if key is None or (key == "label" and not isinstance(v, bool) and not _looks_boolean(v)):
+        return
+    if v is True:
+        warnings.append(("kto_label_true_kept", f"KTO record ('{key}' true): kept as an ordinary conversation"))
+        return
+    why = "labelled false (an undesirable answer)" if v is False else f"whose '{key}' is {v!r}, not true/false"
+    raise Invalid("preference_rejected", f"a KTO record {why}: not used for supervised fine-tuning; to train on "
+                                         "labelled answers use training.stage=kto (labels true/false)")
+
+
+def _looks_boolean(v: Any) -> bool:
+    if _is_number(v):
+        return v in (0, 1)
+    return isinstance(v, str) and v.strip().lower() in ("true", "false", "0", "1")
+
+
+def _preference(rec: dict, warnings: list) -> str | None:
+    """Which key holds the conversation of a preference record (v1 `chosen_messages`), or None."""
     if "chosen_messages" in rec:
         warnings.append(("preference_chosen_used", "preference record: trained on the chosen answer only"))
         return "chosen_messages"
@@ -330,12 +349,13 @@ def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt:
                   notes: Counter) -> Conversation:
     warnings: list[tuple[str, str]] = []
     tools = _tools(rec, notes)
+    _kto_label(rec, warnings)
     if kind == "alpaca":
         msgs = _alpaca(rec, notes)
         kinds = [m["role"] for m in msgs]
     else:
         key = "messages" if kind == "openai" else "conversations"
-        key = _preference(rec, kind, warnings) or key
+        key = _preference(rec, warnings) or key
         if key not in rec:
             raise Invalid("missing_field", f"missing field '{key}' (format {kind})")
         msgs, kinds = _turns(rec[key], key, turn_map, notes)
