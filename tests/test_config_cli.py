@@ -91,6 +91,8 @@ def test_a_run_name_is_a_plain_folder_name(name, tmp_path):
     (["training.stage=kto", "preference.precompute_ref_logps=true"], "read by training.stage=dpo only, not kto"),
     (["training.stage=simpo", "preference.precompute_ref_logps=true"], "read by training.stage=dpo only, not simpo"),
     (["training.stage=dpo", "data.format=alpaca"], "data.format alpaca applies to sft conversations"),
+    (["training.stage=pt", "model.adapter=outputs/sft"], "not by training.stage=pt"),  # was ignored without a word
+    (["model.adapter=outputs/sft"], "not by training.stage=sft"),
 ])
 def test_preference_settings_that_cannot_work_are_refused(overrides, says):
     """kto at batch 1 trained with a KL estimate equal to the example's own reward; precompute was refused for kto

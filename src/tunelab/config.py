@@ -54,10 +54,10 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template to use instead of the tokenizer's own (a string or a path to a file).")
     adapter: str | None = Field(
-        None, description="Start from this LoRA/DoRA adapter (an SFT run folder or a checkpoint), on top of "
-                          "model.name: training continues that adapter, and for preference stages it is also the "
-                          "reference policy (evaluated with the adapter's weights frozen as they started). A merged "
-                          "model needs no adapter: give it as model.name.")
+        None, description="Preference stages (dpo, orpo, simpo, kto): start from this LoRA/DoRA adapter (an SFT "
+                          "run folder or a checkpoint) on top of model.name; training continues that adapter, and it "
+                          "is also the reference policy (its weights frozen as they started). sft and pt refuse it "
+                          "(continue a run with --resume). A merged model needs no adapter: give it as model.name.")
 
 
 class LoraConfig(_Section):
@@ -277,10 +277,10 @@ class Config(_Section):
             raise ValueError("training.stage=pt trains packed blocks of documents (each document attending only to "
                              "itself); set training.packing=true")
         _check_preference(self)
-        if self.model.adapter and self.training.stage == "sft":
-            raise ValueError("model.adapter is read by the preference stages (dpo, orpo, simpo, kto); to continue "
-                             "an SFT run use --resume, or merge it (tunelab merge) and give the merged model as "
-                             "model.name")
+        if self.model.adapter and self.training.stage in ("sft", "pt"):
+            raise ValueError(f"model.adapter is read by the preference stages (dpo, orpo, simpo, kto), not by "
+                             f"training.stage={self.training.stage}; to continue a run use --resume, or merge it "
+                             "(tunelab merge) and give the merged model as model.name")
         return self
 
     @field_validator("tracking", mode="after")
