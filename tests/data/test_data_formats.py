@@ -207,6 +207,23 @@ def test_system_prompt_added_only_where_missing():
     assert c.messages[0]["content"] == "Own."
 
 
+@pytest.mark.parametrize("rec", [
+    sg(("human", "hi"), ("gpt", "woof"), system="You are a dog."),
+    {"system": "You are a dog.", "messages": msgs(("user", "hi"), ("assistant", "woof"))},
+])
+def test_a_system_field_is_the_first_turn_in_every_format(rec):
+    assert normalize(rec).messages == msgs(("system", "You are a dog."), ("user", "hi"), ("assistant", "woof"))
+
+
+@pytest.mark.parametrize("rec", [
+    sg(("system", "Be brief."), ("human", "hi"), ("gpt", "arr"), system="You are a pirate."),
+    {"system": "You are a cat.", "messages": msgs(("system", "Be brief."), ("user", "hi"), ("assistant", "meow"))},
+])
+def test_a_system_field_beside_a_system_turn_is_ambiguous_not_dropped(rec):
+    e = rejected(rec)
+    assert e.category == "ambiguous_prompt" and "both a 'system' field and a system turn" in e.reason
+
+
 # ---------------------------------------------------------------- preference data
 
 

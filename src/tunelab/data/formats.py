@@ -14,6 +14,8 @@ Decisions worth knowing:
   character, NaN/Infinity or an integer beyond 64 bits used as text rejects the record, naming the field or
   turn.
   Fields that are not read are not checked.
+- A record's ``system`` field is the conversation's first turn, whatever the format; a conversation that also
+  has a system turn is rejected (``ambiguous_prompt``, as for preference records) rather than losing one.
 - Tool calls stay text. A ShareGPT ``function_call`` turn, OpenAI ``tool_calls`` and v1 ``tool_call`` blocks
   become an assistant turn whose content is the call's JSON; ``observation``/``tool`` turns become ``tool``.
 - v1 ``reasoning`` blocks become ``<think>...</think>`` before the answer; ``loss_weight`` is ignored (the loss
@@ -359,11 +361,7 @@ def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt:
         if key not in rec:
             raise Invalid("missing_field", f"missing field '{key}' (format {kind})")
         msgs, kinds = _turns(rec[key], key, turn_map, notes)
-        if kind == "sharegpt" and "system" in rec and not (msgs and msgs[0]["role"] == SYSTEM):
-            system = _text(rec, "system", notes, required=False)
-            if system:
-                msgs.insert(0, {"role": SYSTEM, "content": system})
-                kinds.insert(0, SYSTEM)
+        _system_field(rec, msgs, kinds, notes)
         chosen = rec.get("chosen")
         if isinstance(chosen, str) and chosen.strip():
             chosen = {"role": ASSISTANT, "content": chosen}
@@ -383,6 +381,19 @@ def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt:
         warnings.append(("template_placeholders", "contains {{placeholder}} text (e.g. {{name}}): replace it "
                                                   "before training or the model learns it literally"))
     return Conversation(msgs, tools, kind, warnings)
+
+
+def _system_field(rec: dict, msgs: list[dict[str, str]], kinds: list[str], notes: Counter) -> None:
+    """The record's `system` field (ShareGPT, OpenAI messages) becomes the first turn; Invalid when the conversation
+    has a system turn too, as for preference records: which one is meant is not ours to guess."""
+    system = _text(rec, "system", notes, required=False)
+    if not system:
+        return
+    if msgs and msgs[0]["role"] == SYSTEM:
+        raise Invalid("ambiguous_prompt", "both a 'system' field and a system turn in the conversation: keep one "
+                                          "of them")
+    msgs.insert(0, {"role": SYSTEM, "content": system})
+    kinds.insert(0, SYSTEM)
 
 
 def check_order(kinds: list[str], warnings: list[tuple[str, str]]) -> None:
