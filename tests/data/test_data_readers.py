@@ -87,6 +87,37 @@ def test_invalid_json_line_is_a_record_problem_and_truncation_is_named(write):
     assert "truncated" in items[2].error and items[2].location == "line 3"
 
 
+REPEATED = '{"instruction": "q", "output": "first answer", "output": "second answer"}'
+NESTED = '{"messages": [{"role": "user", "content": "hi", "role": "assistant"}]}'
+
+
+@pytest.mark.parametrize("name,records,key", [
+    ("first.jsonl", [REPEATED, json.dumps(alpaca(1))], "output"),  # the first line decides the container
+    ("nested.jsonl", [json.dumps(alpaca(1)), NESTED], "role"),
+    ("array.json", [json.dumps(alpaca(1)), REPEATED], "output"),
+    ("nested.json", [NESTED, json.dumps(alpaca(1))], "role"),
+])
+def test_a_repeated_key_rejects_its_record_alone_naming_the_key(write, name, records, key):
+    """json keeps the last of two values under one key without a word: which one was meant is unknown."""
+    text = "\n".join(records) + "\n" if name.endswith("l") else "[" + ",\n".join(records) + "]"
+    items, _ = read(write(name, text))
+    assert [i.line for i in items] == [1, 2]
+    good, bad = sorted(items, key=lambda i: bool(i.error))
+    assert bad.value is None and f"the key '{key}' appears twice in one object" in bad.error
+    assert good.error is None and good.value == alpaca(1)
+
+
+def test_a_repeated_key_in_a_json_array_is_found_wherever_the_window_cuts(write):
+    from tunelab.data.readers import _read_json
+
+    text = f"[{json.dumps(alpaca(1))},\n {NESTED},\n {json.dumps(alpaca(2))}]"
+    path = write("a.json", text)
+    for chunk in range(1, len(text) + 2):
+        items = list(_read_json(path, "utf-8", 0, FileInfo(str(path)), chunk=chunk))
+        assert [bool(i.error) for i in items] == [False, True, False], chunk
+        assert items[1].raw == NESTED and items[2].value == alpaca(2)
+
+
 def test_blank_jsonl_lines_are_skipped_and_counted(write):
     path = write("x.jsonl", "\n" + jsonl([alpaca(1)]) + "\n   \n" + jsonl([alpaca(2)]))
     items, info = read(path)

@@ -8,8 +8,8 @@ use LF or CRLF line endings.
     for item in read_file(Path("data/raw/x.json"), info):
         item.location, item.value, item.error   # "record 3 (line 12)", the parsed object, or why it is unreadable
 
-Problems of one record (invalid JSON on a JSONL line, invalid UTF-8 bytes, a CSV row with the wrong number of
-fields) come back as an item with ``error`` set, so the caller rejects just that record. Problems of the whole
+Problems of one record (invalid JSON on a JSONL line, invalid UTF-8 bytes, a key repeated in one object, a CSV
+row with the wrong number of fields) come back as an item with ``error`` set, so the caller rejects just that record. Problems of the whole
 file (empty, truncated JSON array, trailing comma, unknown container) raise ``FileError`` with line and column.
 Every container is streamed: memory does not grow with the file. A JSON array is read element by element
 through a moving window (`_Window`, ``json.JSONDecoder.raw_decode`` over chunks), so a multi-GB array needs a
@@ -46,7 +46,23 @@ _BOMS = [  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
 ]
 
 
-_LOADS = json.JSONDecoder(parse_int=parse_int).decode  # json.loads raises ValueError past 4,300 digits
+class RepeatedKey(ValueError):
+    """An object names one key twice: json would keep the last value without a word (the record is rejected)."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's ``object_pairs_hook``: the object as a dict, or RepeatedKey naming the first key it repeats."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise RepeatedKey(f"invalid JSON: the key {key!r} appears twice in one object (JSON readers keep only the "
+                          "last value): keep one")
+    return obj
+
+
+# json.loads raises ValueError past 4,300 digits: parse_int keeps such a number as a BigNumber to reject
+_LOADS = json.JSONDecoder(parse_int=parse_int, object_pairs_hook=_object).decode
 
 
 def _mark_bad_bytes(e: UnicodeDecodeError) -> tuple[str, int]:
@@ -167,7 +183,7 @@ def _first_lines(path: Path, codec: str, bom_len: int, info: FileInfo, k: int = 
 def _is_json(s: str, kind: type = object) -> bool:
     try:
         return isinstance(_LOADS(s), kind)
-    except RecursionError:  # JSON nested deeper than Python parses: a record to reject later, not a file error
+    except (RecursionError, RepeatedKey):  # JSON, but a record to reject later, not a file error
         return kind is object or s.startswith("{") == (kind is dict)
     except ValueError:
         return False
@@ -274,6 +290,8 @@ def _read_jsonl(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterato
 
 
 def _json_line_reason(e: ValueError, s: str) -> str:
+    if isinstance(e, RepeatedKey):
+        return str(e)
     if isinstance(e, json.JSONDecodeError):
         cut = " (the line is cut off: is the file truncated?)" if e.pos >= len(s) - 1 or s[-1] != "}" else ""
         return f"invalid JSON at column {e.colno}: {e.msg}{cut}"
@@ -285,7 +303,8 @@ def _json_line_reason(e: ValueError, s: str) -> str:
 # Characters decoded per read. The window holds about two of these plus the record being read, so memory does
 # not grow with the file (a multi-GB array reads in a few MB); a larger record widens the window as needed.
 CHUNK_CHARS = 1 << 20
-_DECODE = json.JSONDecoder(parse_int=parse_int).raw_decode
+_DECODE = json.JSONDecoder(parse_int=parse_int, object_pairs_hook=_object).raw_decode
+_DECODE_LAST_WINS = json.JSONDecoder(parse_int=parse_int).raw_decode  # where a record with a RepeatedKey ends
 _BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)  # strings (skipped whole) and brackets
 
 
@@ -342,11 +361,11 @@ class _Window:
             if not self.more():
                 return ""
 
-    def value(self) -> tuple[Any, int]:
+    def value(self, decode=_DECODE) -> tuple[Any, int]:
         """Decode the JSON value at ``pos``: (value, end). Reads on while the window's end may cut it."""
         while True:
             try:
-                value, end = _DECODE(self.buf, self.pos)
+                value, end = decode(self.buf, self.pos)
                 # A number may go on past the window ("1500." of "1500.25", "1e" of "1e+5"): at most two
                 # characters stop the number grammar early, so keep more than two in view after any value.
                 if end + 2 < len(self.buf) or self.eof:
@@ -453,7 +472,7 @@ def _element(path: Path, w: _Window, n: int, label: str, closes: bool, what: str
     line = w.line
     loc = f"record {n} (line {line})"
     try:  # reading on may move the window: the element starts at w.pos afterwards, not at the old index
-        value, end = w.value()
+        value, end, repeated = _decoded(w)
     except RecursionError:  # deeper than Python's parser goes: reject this record, read on after it
         end = w.skip_value()
         if end is None:
@@ -465,11 +484,19 @@ def _element(path: Path, w: _Window, n: int, label: str, closes: bool, what: str
     except json.JSONDecodeError as e:
         raise _element_error(path, w, e, n, closes, what, label) from None
     raw = w.buf[w.pos:end]
-    bad = _marked_reason(w, w.pos, end, label)
+    bad = _marked_reason(w, w.pos, end, label) or repeated
     w.advance(end)
     if bad:  # the raw text goes to rejected.jsonl: show each bad byte as U+FFFD, as JSONL lines do
         return RawItem(loc, line, error=bad, raw=_MARKED.sub("\ufffd", raw))
     return RawItem(loc, line, value, raw=raw)
+
+
+def _decoded(w: _Window) -> tuple[Any, int, str | None]:
+    """(value, end, None), or (None, end, why) for a value with a repeated key: rejected alone, read on after it."""
+    try:
+        return *w.value(), None
+    except RepeatedKey as e:
+        return None, w.value(_DECODE_LAST_WINS)[1], str(e)
 
 
 def _element_error(path: Path, w: _Window, e: json.JSONDecodeError, n: int, closes: bool, what: str,
