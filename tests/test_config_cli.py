@@ -34,6 +34,27 @@ def test_typo_gets_path_line_and_hint(tmp_path):
     assert "training.batch_size" in msg and "'many'" in msg
 
 
+def test_an_unknown_override_is_named_as_given_with_every_key_it_may_mean(tmp_path):
+    """`learning_rate=1e-4` on the command line was reported at 'line 17' of the file (the nested
+    training.learning_rate), the brief's `batch_size` got 'did you mean eval.batch_size?', and other tools' names
+    (lr, lora_alpha) got unrelated keys."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  name: x\ntraining:\n  batch_size: 4\n  learning_rate: 2e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["learning_rate=1e-4", "batch_size=2", "training.lr=3", "lora_alpha=8"])
+    msg = str(e.value)
+    assert ", line " not in msg
+    assert "learning_rate: unknown key (command-line override learning_rate=1e-4) (did you mean " \
+           "training.learning_rate?)" in msg
+    assert "(did you mean training.batch_size or eval.batch_size?)" in msg
+    assert "training.lr: unknown key (command-line override training.lr=3) (did you mean training.learning_rate?)" \
+        in msg
+    assert "lora_alpha: unknown key (command-line override lora_alpha=8) (did you mean lora.alpha?)" in msg
+    f.write_text("training:\n  learning_rate: 2e-4\nlearning_rate: 1e-4\n")  # the top-level key, not the nested
+    with pytest.raises(ConfigError, match=r"learning_rate: unknown key \(.*c\.yaml, line 3\)"):
+        load_config(f)
+
+
 def test_dotted_overrides_and_scientific_notation():
     cfg = load_config(REPO / "config.yaml", ["training.epochs=1", "lora.r=8", "training.learning_rate=2e-4",
                                              "lora.target_modules=[q_proj, v_proj]"])

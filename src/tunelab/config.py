@@ -12,7 +12,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Sequence, get_args
 
 import yaml
 from tunelab.errors import TunelabError
@@ -309,16 +309,26 @@ def _all_key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 KEY_PATHS = _all_key_paths(Config)
+SECTION_PATHS = {p for p in KEY_PATHS if f"{p}." in " ".join(KEY_PATHS)}  # model, lora, training, ...
+# transformers' TrainingArguments, peft's LoraConfig and LLaMA-Factory's names for keys of ours
+_OTHER_TOOLS_NAMES = {"lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                      "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                      "model_name_or_path": "name", "cutoff_len": "max_length", "lora_target": "target_modules"}
 
 
 def _hint(path: str) -> str:
+    """The key meant: every key of that name in another section (batch_size: training. or eval.), else a close
+    spelling of the path, else every key with a name close to it. Other tools' names (lr, num_train_epochs,
+    lora_alpha, ...) count as ours."""
     leaf = path.split(".")[-1]
-    close = difflib.get_close_matches(path, KEY_PATHS, n=1, cutoff=0.6)
-    if not close:  # a misplaced key: same leaf name under another section
-        close = [p for p in KEY_PATHS if p.split(".")[-1] == leaf][:1] or difflib.get_close_matches(
-            leaf, [p.split(".")[-1] for p in KEY_PATHS], n=1, cutoff=0.75)
-        close = [p for p in KEY_PATHS if p.split(".")[-1] in close][:1] if close and "." not in close[0] else close
-    return f" (did you mean {close[0]}?)" if close else ""
+    leaf = _OTHER_TOOLS_NAMES.get(leaf, leaf)
+    leaves = [p for p in KEY_PATHS if p not in SECTION_PATHS]
+    close = [p for p in leaves if p.split(".")[-1] == leaf and p != path]
+    close = close or difflib.get_close_matches(path, leaves, n=1, cutoff=0.6)
+    if not close:
+        near = difflib.get_close_matches(leaf, [p.split(".")[-1] for p in leaves], n=1, cutoff=0.75)
+        close = [p for p in leaves if p.split(".")[-1] in near]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _line_of(path: str, source_text: str | None) -> str:
@@ -337,7 +347,8 @@ def _line_of(path: str, source_text: str | None) -> str:
             indent_stack.pop()
             depth -= 1
         key = stripped.split(":", 1)[0].strip().strip("'\"")
-        if depth < len(parts) and key == parts[depth]:
+        nested = bool(indent_stack) or indent > 0  # the key is in a section the path does not go through
+        if depth < len(parts) and key == parts[depth] and (depth > 0 or not nested):
             if depth == len(parts) - 1:
                 return f", line {lineno}"
             indent_stack.append(indent)
@@ -345,11 +356,14 @@ def _line_of(path: str, source_text: str | None) -> str:
     return ""
 
 
-def format_validation_error(err: ValidationError, source: str = "config", source_text: str | None = None) -> str:
+def format_validation_error(err: ValidationError, source: str = "config", source_text: str | None = None,
+                            overridden: Sequence[str] = ()) -> str:
+    """Every problem, each with where it came from: the file's line, or the command-line override that set it."""
     problems = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
-        where = f"{source}{_line_of(path, source_text)}"
+        given = next((o for o in reversed(overridden) if o.partition("=")[0].strip() == path), None)
+        where = f"command-line override {given}" if given else f"{source}{_line_of(path, source_text)}"
         if e["type"] == "extra_forbidden":
             problems.append(f"  - {path}: unknown key ({where}){_hint(path)}")
         else:
@@ -420,7 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, text)) from None
+        raise ConfigError(format_validation_error(e, source, text, overrides or ())) from None
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
