@@ -106,6 +106,14 @@ def test_bundled_model_learns_the_demo_identity(tmp_path):
     assert result["merge"].verified and result["merge"].token_agreement == 1.0
 
 
+def test_demo_next_steps_name_the_folders_it_wrote():
+    """`tunelab demo --merged X` ended by suggesting `inference.py --model models/merged` all the same."""
+    from tunelab.demo import next_steps
+
+    line = next_steps("out/my merged", Path("outputs/demo-1"))
+    assert line.startswith("next: python inference.py --model 'out/my merged'   |") and "runs report outputs/demo-1" in line
+
+
 def test_demo_checks_its_config_and_merged_folder_before_anything_runs(tmp_path):
     """`tunelab demo --merged DIR` with DIR not a model folder was refused after preparing, training and evaluating
     (and named --output); a missing config was reported after the demo data had been written."""

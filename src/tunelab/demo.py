@@ -63,6 +63,13 @@ def run_demo(config: str = "config.yaml", merged: str = "models/merged", overrid
     print_comparison(rows, console=console, titles=("base model", "fine-tuned (merged)"))
     total = time.time() - t0
     console.print(f"\nrun folder: {run}\nmerged model: {merged}\ndemo finished in {total / 60:.1f} min")
-    console.print("next: python inference.py --model models/merged   |   tunelab runs list   |   "
-                  f"tunelab runs report {run}")
+    console.print(next_steps(merged, run))
     return {"run": run, "merged": merged, "merge": report, "eval": ev, "answers": rows, "seconds": total}
+
+
+def next_steps(merged: str, run: Path) -> str:
+    """The commands to try after the demo, on the folders it wrote."""
+    import shlex
+
+    return (f"next: python inference.py --model {shlex.quote(str(merged))}   |   tunelab runs list   |   "
+            f"tunelab runs report {shlex.quote(str(run))}")
