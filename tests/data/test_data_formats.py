@@ -224,6 +224,39 @@ def test_a_system_field_beside_a_system_turn_is_ambiguous_not_dropped(rec):
     assert e.category == "ambiguous_prompt" and "both a 'system' field and a system turn" in e.reason
 
 
+def test_a_turn_weight_of_0_masks_an_assistant_turn_and_is_counted():
+    notes = Counter()
+    rec = {"messages": [{"role": "user", "content": "rude?", "loss_weight": 0.0},
+                        {"role": "assistant", "content": "You idiot.", "loss_weight": 0.0},
+                        {"role": "user", "content": "polite?", "loss_weight": 0},
+                        {"role": "assistant", "content": "Sorry.", "loss_weight": 1.0}]}
+    assert [m.get("train", True) for m in normalize(rec, notes=notes).messages] == [True, False, True, True]
+    c = normalize(sg(("human", "hi"), ("gpt", "bad"), ("human", "again"), ("gpt", "good"), notes=notes))
+    assert "train" not in c.messages[1]
+    c = normalize({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "bad", "weight": 0},
+                                     {"from": "human", "value": "again"}, {"from": "gpt", "value": "good"}]},
+                  notes=notes)
+    assert c.messages[1] == {"role": "assistant", "content": "bad", "train": False} and "train" not in c.messages[3]
+    assert notes["assistant turn with weight 0 → not trained"] == 2
+
+
+@pytest.mark.parametrize("turn,category,reason", [
+    ({"role": "assistant", "loss_weight": 0.5}, "wrong_type", "turn 2 (assistant): 'loss_weight' must be 0"),
+    ({"role": "assistant", "weight": "0"}, "wrong_type", "turn 2 (assistant): 'weight' must be 0 (not trained) or 1"),
+    ({"role": "assistant", "weight": True}, "wrong_type", "'weight' must be 0"),
+    ({"role": "assistant", "weight": float("nan")}, "wrong_type", "'weight' must be 0"),
+    ({"role": "assistant", "weight": 0}, "nothing_to_train", "every assistant turn has weight 0"),
+])
+def test_turn_weights_that_cannot_be_honoured_are_rejected(turn, category, reason):
+    e = rejected({"messages": [{"role": "user", "content": "q"}, {"content": "a", **turn}]})
+    assert e.category == category and reason in e.reason
+
+
+def test_a_weight_of_1_on_a_turn_tunelab_never_trains_is_rejected():
+    e = rejected({"conversations": [{"from": "human", "value": "q", "weight": 1}, {"from": "gpt", "value": "a"}]})
+    assert e.category == "unsupported_weight" and "turn 1 (user): 'weight' 1 asks to train a user turn" in e.reason
+
+
 # ---------------------------------------------------------------- preference data
 
 

@@ -192,3 +192,25 @@ def test_undecodable_bytes_in_a_json_array_show_as_replacement_characters(write,
     assert saved["reason"].startswith("line 1: invalid UTF-8 byte 0xe9 at column")
     assert saved["raw"] == '{"instruction": "caf\ufffd", "output": "x"}'
 
+
+
+def test_assistant_turns_weighted_0_are_not_trained_after_prepare(write, tiny_tokenizer, tmp_path):
+    """LLaMA-Factory's loss_weight and axolotl's weight of 0: the prepared records train only the other answers
+    (training and tunelab eval mask from the same prepared messages with encode_record)."""
+    from tunelab.data.template import IGNORE_INDEX, encode_record
+
+    def turn(role, text, **w):
+        return {"role": role, "content": [{"type": "text", "value": text}], **w}
+
+    recs = [{"messages": [turn("user", "Say something rude", loss_weight=0.0),
+                          turn("assistant", "You idiot.", loss_weight=0.0), turn("user", "Now be polite"),
+                          turn("assistant", "Sorry, I apologise.", loss_weight=1.0)]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "bad answer", "weight": 0},
+                               {"from": "human", "value": "again"}, {"from": "gpt", "value": "good answer"}]}]
+    prepare_dataset(str(write("w.jsonl", jsonl(recs))), tmp_path / "o", tokenizer=tiny_tokenizer, val_ratio=0,
+                    console=quiet)
+    trained = []
+    for line in (tmp_path / "o" / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        enc = encode_record(tiny_tokenizer, json.loads(line)["messages"])
+        trained.append(tiny_tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX]))
+    assert sorted(t.split("<")[0] for t in trained) == ["Sorry, I apologise.", "good answer"]

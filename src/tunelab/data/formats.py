@@ -18,8 +18,10 @@ Decisions worth knowing:
   has a system turn is rejected (``ambiguous_prompt``, as for preference records) rather than losing one.
 - Tool calls stay text. A ShareGPT ``function_call`` turn, OpenAI ``tool_calls`` and v1 ``tool_call`` blocks
   become an assistant turn whose content is the call's JSON; ``observation``/``tool`` turns become ``tool``.
-- v1 ``reasoning`` blocks become ``<think>...</think>`` before the answer; ``loss_weight`` is ignored (the loss
-  mask comes from roles and ``train_on``).
+- v1 ``reasoning`` blocks become ``<think>...</think>`` before the answer.
+- A turn's ``loss_weight`` (LLaMA-Factory) or ``weight`` (axolotl) of 0 masks an assistant turn: it keeps
+  ``"train": false`` and `tunelab.data.template` trains it no more than a user turn. 1 (or none) leaves the rule by
+  role; another value, or 1 on a user/system/tool turn (which tunelab never trains), rejects the record.
 - Preference data is used for supervised fine-tuning only where that is safe: a DPO record (``chosen`` /
   ``rejected``, or v1 ``chosen_messages``) becomes its prompt plus the *chosen* answer (counted as a warning);
   a KTO record (``label``, else ``kto_tag``, as the kto stage reads them) labelled ``true`` is kept; one labelled
@@ -35,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.data.template import is_trained
 from tunelab.data.values import BigNumber, number_problem, text_problem, value_problem
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
@@ -269,8 +272,26 @@ def _turns(turns: Any, key: str, rec_map: dict[str, str], notes: Counter) -> tup
         if not content:
             raise Invalid("empty_field", f"turn {j} ({canon}) is empty")
         msgs.append({"role": canon, "content": content})
+        if not _trained(t, j, canon) and canon == ASSISTANT:
+            msgs[-1]["train"] = False  # template.is_trained: masked like a user turn
+            notes["assistant turn with weight 0 → not trained"] += 1
         kinds.append(CALL if call else canon)
     return msgs, kinds
+
+
+def _trained(turn: dict, j: int, canon: str) -> bool:
+    """A turn's LLaMA-Factory `loss_weight` / axolotl `weight`: 0 masks an assistant turn (False), 1 or none keeps
+    the rule by role; any other value, or 1 on a turn tunelab never trains, cannot be honoured: Invalid."""
+    weights = [(k, turn[k]) for k in ("loss_weight", "weight") if turn.get(k) is not None]
+    for k, w in weights:
+        if not (_is_number(w) and w in (0, 1)):
+            raise Invalid("wrong_type", f"turn {j} ({canon}): '{k}' must be 0 (not trained) or 1, got {w!r} "
+                                        "(tunelab trains a token or not, it does not weight it)")
+        if w == 1 and canon != ASSISTANT:
+            raise Invalid("unsupported_weight", f"turn {j} ({canon}): '{k}' 1 asks to train a {canon} turn; "
+                                                "tunelab trains assistant turns only (data.train_on=all trains "
+                                                "every token)")
+    return all(w == 1 for _, w in weights)
 
 
 def _detect(rec: dict) -> str:
@@ -375,6 +396,8 @@ def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt:
         kinds.insert(0, SYSTEM)
         notes["system prompt added"] += 1
     check_order(kinds, warnings)
+    if not any(m["role"] == ASSISTANT and is_trained(m) for m in msgs):
+        raise Invalid("nothing_to_train", "every assistant turn has weight 0 (loss_weight / weight): nothing to train")
     for j, m in enumerate(msgs, 1):  # every text checked above where its field is named; this catches the rest
         _valid_text(m["content"], f"turn {j} ({m['role']})")
     if any("{{" in m["content"] and _PLACEHOLDER.search(m["content"]) for m in msgs):

@@ -3,7 +3,8 @@
 A canonical record is ``{"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}`` with an
 optional ``"tools"`` entry. The tokenizer's own chat template renders it (any template, nothing hard-coded); the
 trained spans are found by rendering the conversation up to each assistant turn, so each span covers the
-assistant's content *and* the template's end-of-turn token(s) — the model learns to stop.
+assistant's content *and* the template's end-of-turn token(s) — the model learns to stop. An assistant turn
+marked ``"train": false`` (its data gave it weight 0, see `tunelab.data.formats`) is context, like a user turn.
 
     enc = encode_record(tokenizer, record["messages"], max_length=512)
     enc.input_ids, enc.labels   # labels are -100 outside the trained spans (unshifted, HF convention)
@@ -45,6 +46,11 @@ def render(tokenizer, messages: list[dict[str, Any]], tools: Any = None, add_gen
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
+def is_trained(message: dict[str, Any]) -> bool:
+    """Whether an assistant turn carries loss: not when its data gave it weight 0 (``"train": false``)."""
+    return message.get("train", True) is not False
+
+
 def assistant_char_spans(tokenizer, messages: list[dict[str, Any]], tools: Any = None,
                          train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of the assistant turns that carry loss."""
@@ -54,6 +60,7 @@ def assistant_char_spans(tokenizer, messages: list[dict[str, Any]], tools: Any =
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last_assistant":
         idx = idx[-1:]
+    idx = [i for i in idx if is_trained(messages[i])]
     spans = []
     for i in idx:
         before = render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
