@@ -251,6 +251,21 @@ def test_eval_on_a_raw_file_reports_its_rejected_records(tiny_model_dir, tmp_pat
     assert sum(data["rejected_by_reason"].values()) == 2 and len(data["rejected_examples"]) == 2
 
 
+def test_eval_result_names_a_file_whose_name_is_not_utf8(tiny_model_dir, tmp_path):
+    """A raw file named caf\\xe9.jsonl with a rejected record: writing the result (its rejected_examples name the
+    file) crashed with UnicodeEncodeError."""
+    import os
+
+    from tunelab.evaluate import run_eval
+
+    raw = tmp_path / os.fsdecode(b"caf" + bytes([0xE9]) + b".jsonl")
+    raw.write_text('{"instruction": "Q1", "output": "A1"}\n{"instruction": "Q2"}\n')
+    ev = run_eval(model=str(tiny_model_dir), data=str(raw), metrics="perplexity", dtype="fp32",
+                  output_dir=tmp_path / "ev", name="t", console=lambda *_: None)
+    data = json.loads(ev.json_path.read_text(encoding="utf-8"))["data"]
+    assert data["source"] == str(raw) and data["rejected_examples"][0]["source"] == str(raw)
+
+
 def test_eval_options_that_would_be_ignored_or_mean_nothing_are_errors(tiny_model_dir, tmp_path, capsys):
     """`--metrics ,` wrote an empty result over the last one; --base without --compare-base and --split on a raw file
     were ignored (the result recorded the unused base); a max_length past the model's positions scored garbage."""

@@ -688,3 +688,28 @@ def test_heads_that_scale_logits_use_the_models_own_head():
     pair = collate_pairs([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7]}], share_prompt=True)
     with pytest.raises(ValueError, match="shares prompts"):
         sequence_logps(model, pair["input_ids"], pair["groups"], 2, pair["position_ids"])
+
+
+# ---------------------------------------------------------------- the run's data (train/inputs.py)
+
+
+def _cfg(**data):
+    return Config.model_validate({"data": data})
+
+
+def test_records_rejected_at_encode_are_listed_whatever_their_file_name(tiny_tokenizer, tmp_path):
+    """A record from caf\\xe9.jsonl (a name that is not UTF-8) that training could not encode crashed the listing
+    of rejected_at_encode with UnicodeEncodeError."""
+    import json
+    import os
+
+    from tunelab.train.inputs import _encode
+
+    source = os.fsdecode(b"caf" + bytes([0xE9]) + b".jsonl")
+    long = {"messages": [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "a"}],
+            "source": source, "location": "line 1"}
+    said = []
+    assert _encode(_cfg(max_length=16), tiny_tokenizer, [long], "train", tmp_path, True, said.append) == []
+    listed = [json.loads(x) for x in (tmp_path / "rejected_at_encode.train.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["location"]) for r in listed] == [(source, "line 1")]
+    assert "1 train records could not be trained" in said[0]

@@ -305,3 +305,19 @@ def test_output_that_is_not_a_prepared_folder_is_never_replaced(messy, tmp_path)
     prepare_dataset(str(messy), out, console=quiet)
     r = prepare_dataset([messy], out, val_ratio=0, console=quiet)  # a prepared folder is replaced; Path inputs work
     assert r.report["split"]["val"] == 0 and len(load_prepared(out).val) == 0
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped_and_reads_back(write, tmp_path):
+    """validate passed a folder holding caf\\xe9.jsonl (a Latin-1 name), prepare crashed writing train.jsonl
+    (UnicodeEncodeError: surrogates not allowed): every file that names the source now holds it escaped."""
+    import os
+
+    src = write(f"in/{os.fsdecode(b'caf' + bytes([0xE9]) + b'.jsonl')}",
+                jsonl([alpaca(1), alpaca(2), {"instruction": "q"}]))
+    out = tmp_path / "out"
+    prepare_dataset(str(tmp_path / "in"), out, console=quiet)
+    data = load_prepared(out)
+    assert {r["source"] for r in data.train + data.val} == {str(src)}
+    assert lines(out / "rejected.jsonl")[0]["source"] == str(src)
+    assert json.loads((out / "report.json").read_text())["files"][0]["path"] == str(src)
+    assert "caf\\udce9.jsonl" in (out / "report.md").read_text(encoding="utf-8")

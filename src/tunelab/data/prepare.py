@@ -73,7 +73,7 @@ class PreparedData:
     folder: Path | None = None
 
 
-def _dumps(obj: Any, **kw) -> str:
+def to_json(obj: Any, **kw) -> str:
     """JSON for our own files: readable UTF-8, except that text which is not valid Unicode (the raw line of a
     rejected record, with a lone surrogate or an undecodable byte) is escaped instead of crashing the write."""
     text = json.dumps(obj, ensure_ascii=False, **kw)
@@ -365,7 +365,7 @@ class _Pass:
             if duplicate_of:
                 entry["duplicate_of"] = duplicate_of
             entry["raw"] = item.raw
-            self.rejected_file.write(_dumps(entry) + "\n")
+            self.rejected_file.write(to_json(entry) + "\n")
 
     def warn(self, category: str, where: str) -> None:
         self.warnings[category] += 1
@@ -507,7 +507,7 @@ class _Pass:
         out = self.sink(role)
         if out is not None:
             row = {"messages": conv.messages, "tools": conv.tools} if self.stage == "sft" else conv.row()
-            out.write(json.dumps({**row, "source": source, "location": item.location}, ensure_ascii=False) + "\n")
+            out.write(to_json({**row, "source": source, "location": item.location}) + "\n")
 
     def _saw_format(self, fmt: str, item: RawItem, fstats: Counter) -> None:
         fstats[f"format {fmt}"] += 1
@@ -757,8 +757,9 @@ def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
     if ts:
         rpt.write_histogram_png(ts["histogram"], ts["max_length"], workdir / "length_histogram.png",
                                 f"{report['name']}: tokens per record ({report['records_accepted']} records)")
-    (workdir / "report.json").write_text(_dumps(report, indent=2) + "\n", encoding="utf-8")
-    (workdir / "report.md").write_text(rpt.markdown(report), encoding="utf-8")
+    (workdir / "report.json").write_text(to_json(report, indent=2) + "\n", encoding="utf-8")
+    # a file name that is not valid UTF-8 (os.fsdecode's surrogates) is written escaped, as to_json does
+    (workdir / "report.md").write_text(rpt.markdown(report), encoding="utf-8", errors="backslashreplace")
     if out_dir.exists():
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
     os.replace(workdir, out_dir)

@@ -265,6 +265,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
              console: Callable[[str], None] = print) -> EvalRun:
     """Evaluate a base/merged model or a run's adapter and write `eval/<name>.json` + `.predictions.jsonl`; what
     prepare says of a raw data file (every rejection, with file and line) goes to `console`."""
+    from tunelab.data.prepare import to_json
     from tunelab.model.loading import base_model_of, resolve_adapter_dir
     from tunelab.rundir import now_iso, package_versions
 
@@ -335,7 +336,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, pred_path = out_dir / f"{name}.json", out_dir / f"{name}.predictions.jsonl"
-    json_path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    json_path.write_text(to_json(record, indent=2), encoding="utf-8")
     base_preds = {p["index"]: p for p in base_result.predictions} if base_result else {}
     with open(pred_path, "w", encoding="utf-8") as f:
         for p in result.predictions:
@@ -344,7 +345,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
                 if "prediction" in p:  # pairs score the given answers: nothing generated
                     row["base_prediction"] = base_preds[p["index"]]["prediction"]
                 row["base_scores"] = base_preds[p["index"]]["scores"]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(to_json(row) + "\n")
     return EvalRun(name, result, base_result, json_path, pred_path, record)
 
 

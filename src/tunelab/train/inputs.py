@@ -6,7 +6,6 @@ the copy it prepared and refuses one whose fingerprint differs from the one its 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +161,7 @@ def _encode_preference(cfg: Config, tokenizer, rec: dict) -> dict:
 
 
 def _encode(cfg: Config, tokenizer, records: list[dict], split: str, run_path: Path, main: bool, say) -> list[dict]:
+    from tunelab.data.prepare import to_json
     from tunelab.data.template import RecordRejected, encode_record
 
     out, rejected = [], []
@@ -186,7 +186,7 @@ def _encode(cfg: Config, tokenizer, records: list[dict], split: str, run_path: P
         listing = run_path / f"rejected_at_encode.{split}.jsonl"
         if main:
             with open(listing, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+                f.writelines(to_json(r) + "\n" for r in rejected)
         say(f"warning: {len(rejected)} {split} records could not be trained with these settings "
             f"(e.g. {rejected[0]['location']}: {rejected[0]['reason']}); listed in {listing}")
     return out
