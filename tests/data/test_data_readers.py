@@ -170,6 +170,25 @@ def test_a_malformed_first_csv_row_is_that_rows_rejection_not_the_files(write):
     assert items[1].value == {"instruction": "q1", "output": "a1"}
 
 
+def test_pandas_to_csv_with_its_unnamed_index_column_is_read_without_it(write):
+    # pd.DataFrame({"instruction": ["q1", "q2"], "input": ["", "x"], "output": ["a1", "a2"]}).to_csv(path)
+    items, info = read(write("d.csv", ",instruction,input,output\n0,q1,,a1\n1,q2,x,a2\n"))
+    assert info.container == "CSV (unnamed first column, pandas' index: not read)"
+    assert [i.value for i in items] == [{"instruction": "q1", "input": "", "output": "a1"},
+                                        {"instruction": "q2", "input": "x", "output": "a2"}]
+    with pytest.raises(FileError, match="cannot tell"):  # an empty name elsewhere is no pandas index
+        read(write("e.csv", "instruction,,output\nq,x,a\n"))
+
+
+def test_a_one_column_csv_is_read_and_prose_is_still_no_csv(write):
+    # pd.DataFrame({"text": ["doc one", "doc, two"]}).to_csv(path, index=False): stage pt's text column
+    items, info = read(write("d.csv", 'text\ndoc one\n"doc, two"\n'))
+    assert info.container == "CSV" and [i.value for i in items] == [{"text": "doc one"}, {"text": "doc, two"}]
+    for prose in ("Once upon a time\nthere was a file\n", "Chapter\nIt was late, and dark, and cold.\n"):
+        with pytest.raises(FileError, match="cannot tell what this file is"):
+            read(write("p.csv", prose))
+
+
 def test_tsv_is_detected(write):
     items, info = read(write("d.tsv", "instruction\toutput\nq\ta\n"))
     assert info.container == "TSV" and items[0].value == {"instruction": "q", "output": "a"}

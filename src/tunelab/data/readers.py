@@ -2,8 +2,8 @@
 
 The container is sniffed from the bytes, never from the extension: Parquet by its ``PAR1`` magic; a JSON array
 or single object when the text starts with ``[`` / a multi-line ``{``; JSON Lines when a line holds one complete
-object; otherwise CSV/TSV with a header row. Text may be UTF-8 (with or without BOM), UTF-16/32 with BOM, and
-use LF or CRLF line endings.
+object; otherwise CSV/TSV with a header row (one name is enough; an empty first name is pandas' index, not
+read). Text may be UTF-8 (with or without BOM), UTF-16/32 with BOM, and use LF or CRLF line endings.
 
     for item in read_file(Path("data/raw/x.json"), info):
         item.location, item.value, item.error   # "record 3 (line 12)", the parsed object, or why it is unreadable
@@ -34,6 +34,7 @@ from tunelab.data.values import parse_int
 from tunelab.errors import TunelabError
 
 _WS = re.compile(r"[ \t\n\r]*")
+_ONE_NAME = re.compile(r"[A-Za-z_][\w-]{0,63}")  # the header of a one-column CSV (a name, not a line of prose)
 _SNIFF_BYTES = 1 << 16  # enough to see the first JSONL line or CSV header of any sane file
 _MARK = "tunelab-mark-bad-bytes"
 _MARKED = re.compile("[\udc00-\udcff]")  # what _MARK decodes a bad byte to; valid decoding never yields these
@@ -243,15 +244,28 @@ def sniff(path: Path, info: FileInfo) -> tuple[str, str, int]:
 
 
 def _csv_delimiter(header: str) -> str | None:
+    """The delimiter of a CSV/TSV header line (',' for a one-column header), or None when it is no header."""
     counts = {d: header.count(d) for d in (",", "\t", ";")}
     delim = max(counts, key=counts.get)
-    if not counts[delim]:
-        return None
+    if not counts[delim]:  # one column (pandas' to_csv of a 'text' column for pt): one name, no prose
+        return "," if _ONE_NAME.fullmatch(header.strip()) else None
     names = next(csv.reader([header], delimiter=delim))
-    # A header is short names; a line of prose with a comma is not one.
-    if len(names) >= 2 and all(0 < len(n.strip()) <= 64 for n in names):
+    # A header is short names, the first one possibly empty (pandas' unnamed index); a line of prose with a comma
+    # is not one.
+    if len(names) >= 2 and len(names[0]) <= 64 and all(0 < len(n.strip()) <= 64 for n in names[1:]):
         return delim
     return None
+
+
+def _csv_header(path: Path, row: list[str], line: int, info: FileInfo) -> list[str]:
+    """The column names; an empty first name is pandas' unnamed index (row numbers): a column nobody reads."""
+    header = [h.strip().lstrip("\ufeff") for h in row]
+    named = header[1:] if len(header) > 1 and not header[0] else header
+    if len(set(named)) < len(named) or not all(named):
+        raise FileError(path, f"the CSV header has empty or repeated column names: {row}", line)
+    if named is not header:
+        info.container += " (unnamed first column, pandas' index: not read)"
+    return header
 
 
 def _csv_rows_agree(text: str, delim: str) -> bool:
@@ -543,10 +557,7 @@ def _read_csv(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[
         start = physical[0][0]
         raw = "".join(s for _, s, _ in physical).rstrip("\r\n")
         if header is None:
-            header = [h.strip().lstrip("\ufeff") for h in row]
-            dup = {h for h in header if header.count(h) > 1}
-            if dup or not all(header):
-                raise FileError(path, f"the CSV header has empty or repeated column names: {row}", start)
+            header = _csv_header(path, row, start, info)
             continue
         if not any(x.strip() for x in row):
             info.blank_lines += 1
@@ -560,7 +571,9 @@ def _read_csv(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[
             yield RawItem(loc, start, error=f"the row has {len(row)} fields but the header has {len(header)} "
                                             f"({', '.join(header)}); an unquoted '{delim}' in a value?", raw=raw)
         else:
-            yield RawItem(loc, start, dict(zip(header, row)), raw=raw)
+            value = dict(zip(header, row))
+            value.pop("", None)  # pandas' unnamed index (_csv_header)
+            yield RawItem(loc, start, value, raw=raw)
     if header is None:
         raise FileError(path, "the file is empty (no records)")
 
