@@ -175,6 +175,37 @@ def test_perplexity_with_nothing_to_score_is_an_error_not_nan(tiny):
         evaluate_records(model, tok, RECORDS, ["perplexity"], max_length=2, overflow="drop")
 
 
+STRICT = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+          "{{ raise_exception('Only user, assistant and system roles are supported!') }}{% endif %}"
+          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_records_the_chat_template_refuses_are_set_aside_with_where_and_why(tiny):
+    """A template that raises for a record (a tool turn; content 5, a TypeError) ended `tunelab eval` with jinja's
+    traceback: such a record is left out of perplexity and generation and listed with its location and reason."""
+    import copy
+
+    from tunelab.evaluate import evaluate_records
+    from tunelab.evaluate.preference import encode_pairs
+
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = STRICT
+    user, answer = {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "sunny"}
+    tool = [user, {"role": "assistant", "content": "call"}, {"role": "tool", "content": "r"}, answer]
+    recs = [dict(r, source="d.jsonl", location=f"line {i}") for i, r in enumerate(
+        [RECORDS[0], {"messages": tool}, {"messages": [{**user, "content": 5}, answer]}], 1)]
+    res = evaluate_records(model, tok, recs, ["perplexity", "bleu"], max_new_tokens=2)
+    assert res.settings["perplexity_records"] == 1 and [p["index"] for p in res.predictions] == [0]
+    assert [(r["index"], r["location"]) for r in res.settings["rejected"]] == [(1, "line 2"), (2, "line 3")]
+    assert "Only user, assistant and system roles" in res.settings["rejected"][0]["reason"]
+    pairs = [{"prompt": r["messages"][:-1], "chosen": [answer], "rejected": [{**answer, "content": "no"}],
+              "location": r["location"]} for r in recs]
+    encoded, index, rejected = encode_pairs(tok, pairs, 128, "truncate")
+    assert index == [0] and [r["location"] for r in rejected] == ["line 2", "line 3"]
+
+
 def test_generation_metrics_and_predictions(tiny):
     from tunelab.evaluate import evaluate_records
 

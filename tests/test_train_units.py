@@ -713,3 +713,49 @@ def test_records_rejected_at_encode_are_listed_whatever_their_file_name(tiny_tok
     listed = [json.loads(x) for x in (tmp_path / "rejected_at_encode.train.jsonl").read_text().splitlines()]
     assert [(r["source"], r["location"]) for r in listed] == [(source, "line 1")]
     assert "1 train records could not be trained" in said[0]
+
+
+STRICT = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+          "{{ raise_exception('Only user, assistant and system roles are supported!') }}{% endif %}"
+          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def strict_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a chat template that refuses tool turns (jinja's raise_exception)."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = STRICT
+    return tok
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_record_the_chat_template_refuses_at_training_is_set_aside_with_its_reason(strict_tokenizer, tmp_path,
+                                                                                      stage):
+    """A prepared folder trained with model.chat_template that raises for a record (a tool turn; content 5, a
+    TypeError) ended training with jinja2's TemplateError traceback: such records are set aside like any record
+    training cannot encode, listed with their location and reason."""
+    import json
+
+    from tunelab.train.inputs import _encode
+
+    user, answer = {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "sunny"}
+    tool = [user, {"role": "assistant", "content": "call"}, {"role": "tool", "content": "r"}]
+    if stage == "sft":
+        recs = [{"messages": [user, answer]}, {"messages": tool + [answer]},
+                {"messages": [user, {**answer, "content": 5}]}]
+    else:
+        recs = [{"prompt": [user], "chosen": [answer], "rejected": [{**answer, "content": "no"}]},
+                {"prompt": tool, "chosen": [answer], "rejected": [{**answer, "content": "no"}]},
+                {"prompt": [{**user, "content": 5}], "chosen": [answer], "rejected": [{**answer, "content": "no"}]}]
+    recs = [{**r, "source": "d.jsonl", "location": f"line {i}"} for i, r in enumerate(recs, 1)]
+    cfg = Config.model_validate({"training": {"stage": stage}})
+    said = []
+    out = _encode(cfg, strict_tokenizer, recs, "train", tmp_path, True, said.append)
+    assert [e["where"] for e in out] == ["d.jsonl:line 1"]
+    listed = [json.loads(x) for x in (tmp_path / "rejected_at_encode.train.jsonl").read_text().splitlines()]
+    assert [r["location"] for r in listed] == ["line 2", "line 3"]
+    assert "the chat template cannot render this record: Only user, assistant" in listed[0]["reason"]
+    assert "2 train records could not be trained" in said[0]

@@ -84,6 +84,35 @@ def to_json(obj: Any, **kw) -> str:
     return text
 
 
+def template_refusal(e: Exception) -> str:
+    """Why the chat template cannot render a record: our TemplateError says it; anything else a Jinja template
+    raised (its raise_exception, a TypeError on content that is not text) in one line."""
+    from tunelab.data.template import TemplateError
+
+    if isinstance(e, TemplateError):
+        return str(e)
+    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return f"the chat template cannot render this record: {msg}"
+
+
+def encode_or_refuse(encode: Callable, *args, **kwargs):
+    """`encode(*args, **kwargs)` of one record, with whatever its chat template raises as RecordRejected (the reason
+    from `template_refusal`): training and eval then set that record aside with its location, as prepare does."""
+    from tunelab.data.template import RecordRejected
+
+    try:
+        return encode(*args, **kwargs)
+    except RecordRejected:
+        raise
+    except Exception as e:  # a Jinja template may raise anything
+        raise RecordRejected(template_refusal(e)) from None
+
+
+def refused(rec: dict[str, Any], e: Exception) -> dict[str, Any]:
+    """A prepared record that cannot be trained or scored: where it came from, and why."""
+    return {"source": rec.get("source"), "location": rec.get("location"), "reason": str(e)}
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -375,7 +404,7 @@ class _Pass:
 
     def encode(self, conv: Conversation):
         """Encode with the real template and mask; Invalid when the record cannot be trained."""
-        from tunelab.data.template import RecordRejected, TemplateError, encode_record
+        from tunelab.data.template import RecordRejected, encode_record
 
         o, tok = self.opts, self.tok
         try:
@@ -396,11 +425,8 @@ class _Pass:
                 raise Invalid("too_long", str(e)) from None
             self.tok_counts["nothing_to_train"] += 1
             raise Invalid("nothing_to_train", str(e)) from None
-        except TemplateError as e:
-            raise Invalid("chat_template", str(e)) from None
         except Exception as e:  # a Jinja template may raise anything (e.g. "roles must alternate")
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise Invalid("chat_template", f"the chat template cannot render this record: {msg}") from None
+            raise Invalid("chat_template", template_refusal(e)) from None
         self.tok_counts["eos_appended"] += enc.eos_appended
         self.trained.append(enc.num_trained)
         return enc
@@ -481,16 +507,14 @@ class _Pass:
 
     def _encode_preference(self, rec):
         from tunelab.data.preference import encode_preference
-        from tunelab.data.template import RecordRejected, TemplateError
+        from tunelab.data.template import RecordRejected
 
         try:
             enc = encode_preference(self.tok, rec.row(), self.opts["max_length"], self.opts["overflow"])
         except RecordRejected as e:
             raise Invalid("too_long" if "longer than" in str(e) else "nothing_to_train", str(e)) from None
-        except TemplateError as e:
-            raise Invalid("chat_template", str(e)) from None
         except Exception as e:  # a Jinja template may raise anything
-            raise Invalid("chat_template", f"the chat template cannot render this record: {str(e)[:200]}") from None
+            raise Invalid("chat_template", template_refusal(e)) from None
         self.pref_stats.add(enc)
         if enc["truncated"]:
             rec.warnings.append(("answers_truncated", f"answers cut by {enc['truncated']} tokens to fit max_length"))

@@ -20,7 +20,7 @@ class PerplexityResult:
     perplexity: float
     tokens: int  # trained tokens scored
     records: int  # records scored
-    skipped: int  # records with nothing to train on (same rule as training)
+    rejected: list[dict[str, Any]]  # records not scored (nothing to train, as training; the template refuses it)
 
     @property
     def as_metrics(self) -> dict[str, float]:
@@ -28,12 +28,14 @@ class PerplexityResult:
 
 
 def encode_for_loss(tokenizer, records: Sequence[dict[str, Any]], *, max_length: int, train_on: str,
-                    overflow: str = "truncate") -> tuple[list[dict[str, list[int]]], int]:
-    """Encoded examples ({input_ids, labels}) and how many records were skipped as untrainable."""
+                    overflow: str = "truncate") -> tuple[list[dict[str, list[int]]], list[dict[str, Any]]]:
+    """Encoded examples ({input_ids, labels}), and the records that cannot be scored: each with its index, source,
+    location and reason."""
+    from tunelab.data.prepare import encode_or_refuse, refused
     from tunelab.data.template import RecordRejected, encode_record
 
-    examples, skipped = [], 0
-    for rec in records:
+    examples, rejected = [], []
+    for i, rec in enumerate(records):
         if "text" in rec and "messages" not in rec:  # raw text (stage pt): its pieces, exactly as training's eval
             from tunelab.data.text import encode_text
 
@@ -41,13 +43,13 @@ def encode_for_loss(tokenizer, records: Sequence[dict[str, Any]], *, max_length:
             examples += [{"input_ids": p, "labels": list(p)} for p in pieces]
             continue
         try:
-            enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=max_length,
-                                train_on=train_on, overflow=overflow)
-        except RecordRejected:
-            skipped += 1
+            enc = encode_or_refuse(encode_record, tokenizer, rec["messages"], tools=rec.get("tools"),
+                                   max_length=max_length, train_on=train_on, overflow=overflow)
+        except RecordRejected as e:
+            rejected.append({"index": i, **refused(rec, e)})
             continue
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    return examples, skipped
+    return examples, rejected
 
 
 def perplexity(model, tokenizer, records: Sequence[dict[str, Any]], *, max_length: int = 512,
@@ -56,8 +58,8 @@ def perplexity(model, tokenizer, records: Sequence[dict[str, Any]], *, max_lengt
     """`autocast`: training's policy for the precision the model computes in (default: from its weights' dtype)."""
     from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 
-    examples, skipped = encode_for_loss(tokenizer, records, max_length=max_length, train_on=train_on,
-                                        overflow=overflow)
+    examples, rejected = encode_for_loss(tokenizer, records, max_length=max_length, train_on=train_on,
+                                         overflow=overflow)
     device = next(model.parameters()).device
     if autocast is None:
         autocast = autocast_for(device.type, compute_dtype_name(model))
@@ -65,12 +67,14 @@ def perplexity(model, tokenizer, records: Sequence[dict[str, Any]], *, max_lengt
     if records and not examples:  # a perplexity of nan written over an earlier result would say nothing
         from tunelab.errors import TunelabError
 
+        first = f"; the first, {rejected[0]['source']} {rejected[0]['location']}: {rejected[0]['reason']}" \
+            if rejected else ""
         raise TunelabError(f"perplexity: none of the {len(records)} records has a token to score at "
-                           f"max_length={max_length} (train_on={train_on}, overflow={overflow}): raise max_length")
+                           f"max_length={max_length} (train_on={train_on}, overflow={overflow}){first}")
     loss, count = eval_loss(CausalLMLoss(model, chunk_size=chunk_size), examples, batch_size, pad_id, autocast,
                             device)
     return PerplexityResult(loss=loss, perplexity=math.exp(loss) if count else float("nan"), tokens=count,
-                            records=len(examples), skipped=skipped)
+                            records=len(examples), rejected=rejected)
 
 
 def compute_dtype_name(model) -> str:

@@ -28,18 +28,19 @@ from tunelab.evaluate.runner import EvalResult
 
 
 def encode_pairs(tokenizer, records: Sequence[dict[str, Any]], max_length: int, overflow: str):
-    """(encoded pairs, their record indices, how many were skipped as untrainable)."""
+    """(encoded pairs, their record indices, the records that cannot be scored: index, source, location, reason)."""
     from tunelab.data.preference import encode_preference
+    from tunelab.data.prepare import encode_or_refuse, refused
     from tunelab.data.template import RecordRejected
 
-    out, index, skipped = [], [], 0
+    out, index, rejected = [], [], []
     for i, rec in enumerate(records):
         try:
-            out.append(encode_preference(tokenizer, rec, max_length, overflow))
+            out.append(encode_or_refuse(encode_preference, tokenizer, rec, max_length, overflow))
             index.append(i)
-        except RecordRejected:
-            skipped += 1
-    return out, index, skipped
+        except RecordRejected as e:
+            rejected.append({"index": i, **refused(rec, e)})
+    return out, index, rejected
 
 
 def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, max_length: int = 512,
@@ -55,7 +56,7 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
 
     cut: dict[str, Any] = {}
     max_length = within_context(model, max_length, cut)
-    encoded, index, skipped = encode_pairs(tokenizer, records, max_length, overflow)
+    encoded, index, rejected = encode_pairs(tokenizer, records, max_length, overflow)
     kto = is_kto_data(records)
     score = _score_kto if kto else _score_pairs
     device = next(model.parameters()).device
@@ -67,7 +68,8 @@ def preference_metrics(model, tokenizer, records: Sequence[dict[str, Any]], *, m
                           encoded[k - 1] if k else None)
     metrics = _kto_summary(rows) if kto else _summary(rows)
     predictions = [_prediction(records[i], i, row) for i, row in zip(index, rows)]
-    settings = {"metrics": ["preference"], ("examples" if kto else "pairs"): len(rows), "skipped": skipped,
+    settings = {"metrics": ["preference"], ("examples" if kto else "pairs"): len(rows), "skipped": len(rejected),
+                "rejected": rejected,
                 "max_length": max_length, "overflow": overflow, "beta": beta, "reference": bool(reference), **cut}
     return EvalResult(metrics, predictions, settings)
 

@@ -69,8 +69,8 @@ def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
                      batch_size: int = 8, chunk_size: int = 1024, overflow: str = "truncate",
                      autocast: Any = None) -> EvalResult:
     """Perplexity over every record (trained tokens, training's masking); generation metrics on the first
-    `max_samples` records that end in an assistant answer (the reference), generated greedily."""
-    from tunelab.data.template import prompt_messages
+    `max_samples` records that end in an assistant answer (the reference), generated greedily. A record that cannot
+    be scored (nothing to train, a chat template that refuses it) is in settings["rejected"] with where and why."""
     from tunelab.evaluate.generation import generate_answers
     from tunelab.evaluate.metrics import score_texts
     from tunelab.evaluate.perplexity import perplexity
@@ -80,22 +80,17 @@ def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
     settings: dict[str, Any] = {"metrics": metrics, "max_length": max_length, "train_on": train_on,
                                 "overflow": overflow, "records": len(records)}
     max_length = within_context(model, max_length, settings)
+    rejected: dict[int, dict[str, Any]] = {}
     if "perplexity" in metrics:
         ppl = perplexity(model, tokenizer, records, max_length=max_length, train_on=train_on, overflow=overflow,
                          batch_size=batch_size, chunk_size=chunk_size, autocast=autocast)
         out.update(ppl.as_metrics)
-        settings.update(perplexity_records=ppl.records, perplexity_skipped=ppl.skipped)
+        settings.update(perplexity_records=ppl.records, perplexity_skipped=len(ppl.rejected))
+        rejected.update((r["index"], r) for r in ppl.rejected)
     predictions: list[dict[str, Any]] = []
     gen_metrics = [m for m in metrics if m in GENERATION_METRICS]
     if gen_metrics:
-        for i, rec in enumerate(records):
-            if len(predictions) >= max_samples:
-                break
-            prompt, reference = prompt_messages(rec["messages"])
-            if reference is None or not prompt:
-                continue
-            last_user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
-            predictions.append({"index": i, "prompt": last_user, "messages": prompt, "reference": reference})
+        predictions = _generation_prompts(tokenizer, records, max_samples, rejected)
         texts = generate_answers(model, tokenizer, [p["messages"] for p in predictions],
                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
         scores = score_texts(texts, [p["reference"] for p in predictions], gen_metrics)
@@ -104,7 +99,32 @@ def evaluate_records(model, tokenizer, records: Sequence[dict[str, Any]],
         out.update(scores.corpus)
         settings.update(max_new_tokens=max_new_tokens, max_samples=max_samples, samples=len(predictions),
                         generation="greedy", tokenizer_choice=scores.describe())
+    settings["rejected"] = [rejected[i] for i in sorted(rejected)]
     return EvalResult(out, predictions, settings)
+
+
+def _generation_prompts(tokenizer, records: Sequence[dict[str, Any]], max_samples: int,
+                        rejected: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first `max_samples` records that end in an assistant answer, as prompts with their reference; a record
+    whose prompt the chat template cannot render joins `rejected` (by index), with where and why."""
+    from tunelab.data.prepare import encode_or_refuse, refused
+    from tunelab.data.template import RecordRejected, prompt_messages, render
+
+    predictions: list[dict[str, Any]] = []
+    for i, rec in enumerate(records):
+        if len(predictions) >= max_samples:
+            break
+        prompt, reference = prompt_messages(rec["messages"])
+        if reference is None or not prompt:
+            continue
+        try:
+            encode_or_refuse(render, tokenizer, prompt, add_generation_prompt=True)
+        except RecordRejected as e:
+            rejected.setdefault(i, {"index": i, **refused(rec, e)})
+            continue
+        last_user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+        predictions.append({"index": i, "prompt": last_user, "messages": prompt, "reference": reference})
+    return predictions
 
 
 # ---------------------------------------------------------------- the `tunelab eval` command as a function
@@ -346,7 +366,16 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
                     row["base_prediction"] = base_preds[p["index"]]["prediction"]
                 row["base_scores"] = base_preds[p["index"]]["scores"]
             f.write(to_json(row) + "\n")
+    _say_rejected(result.settings.get("rejected"), json_path, console)
     return EvalRun(name, result, base_result, json_path, pred_path, record)
+
+
+def _say_rejected(rejected: list[dict[str, Any]] | None, json_path: Path, console: Callable[[str], None]) -> None:
+    """Records set aside at encoding (as training sets them aside), said in one line as training says it."""
+    if rejected:
+        r = rejected[0]
+        console(f"warning: {len(rejected)} records could not be evaluated with these settings (e.g. {r['source']} "
+                f"{r['location']}: {r['reason']}); listed in {json_path} under settings.rejected")
 
 
 def _base_of_merged(model: str) -> str | None:

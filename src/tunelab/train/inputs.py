@@ -150,6 +150,18 @@ def _prepare_into(cfg: Config, tokenizer, src: Path, folder: Path, name: str) ->
                            "rejected.jsonl) to a folder of your choice")
 
 
+def _encode_one(cfg: Config, tokenizer, rec: dict) -> dict:
+    """One record as the recipe reads it: a conversation's input_ids and labels, or a preference record's ids."""
+    from tunelab.data.template import encode_record
+
+    if cfg.training.stage not in ("sft", "pt"):
+        return _encode_preference(cfg, tokenizer, rec)
+    enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=cfg.data.max_length,
+                        train_on=cfg.data.train_on, overflow=cfg.data.overflow)
+    return {"input_ids": enc.input_ids, "labels": enc.labels,
+            "n_targets": sum(1 for x in enc.labels[1:] if x != -100)}
+
+
 def _encode_preference(cfg: Config, tokenizer, rec: dict) -> dict:
     """A pair (or kto example) as the preference recipe reads it: token ids of the prompt and the answers."""
     from tunelab.data.preference import encode_preference
@@ -161,27 +173,19 @@ def _encode_preference(cfg: Config, tokenizer, rec: dict) -> dict:
 
 
 def _encode(cfg: Config, tokenizer, records: list[dict], split: str, run_path: Path, main: bool, say) -> list[dict]:
-    from tunelab.data.prepare import to_json
-    from tunelab.data.template import RecordRejected, encode_record
+    """Each record encoded as training reads it; one that cannot be (nothing left to train, a chat template that
+    refuses it) is set aside with its location and reason, listed in rejected_at_encode.<split>.jsonl."""
+    from tunelab.data.prepare import encode_or_refuse, refused, to_json
+    from tunelab.data.template import RecordRejected
 
     out, rejected = [], []
     for rec in records:
-        if cfg.training.stage not in ("sft", "pt"):
-            try:
-                out.append({**_encode_preference(cfg, tokenizer, rec), "where": f"{rec.get('source')}:"
-                                                                                 f"{rec.get('location')}"})
-            except RecordRejected as e:
-                rejected.append({"source": rec.get("source"), "location": rec.get("location"), "reason": str(e)})
-            continue
         try:
-            enc = encode_record(tokenizer, rec["messages"], tools=rec.get("tools"), max_length=cfg.data.max_length,
-                                train_on=cfg.data.train_on, overflow=cfg.data.overflow)
+            enc = encode_or_refuse(_encode_one, cfg, tokenizer, rec)
         except RecordRejected as e:
-            rejected.append({"source": rec.get("source"), "location": rec.get("location"), "reason": str(e)})
+            rejected.append(refused(rec, e))
             continue
-        n_targets = sum(1 for x in enc.labels[1:] if x != -100)
-        out.append({"input_ids": enc.input_ids, "labels": enc.labels, "n_targets": n_targets,
-                    "where": f"{rec.get('source')}:{rec.get('location')}"})
+        out.append({**enc, "where": f"{rec.get('source')}:{rec.get('location')}"})
     if rejected:
         listing = run_path / f"rejected_at_encode.{split}.jsonl"
         if main:
