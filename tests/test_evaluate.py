@@ -297,6 +297,21 @@ def test_eval_result_names_a_file_whose_name_is_not_utf8(tiny_model_dir, tmp_pat
     assert data["source"] == str(raw) and data["rejected_examples"][0]["source"] == str(raw)
 
 
+def test_a_raw_folder_holding_train_jsonl_is_evaluated_as_raw_data(tmp_path):
+    """A folder in the Hugging Face layout (train.jsonl, test.jsonl) was taken for a prepared folder and refused
+    ("not a prepared dataset"): it is raw data, read as validate reads it."""
+    from tunelab.evaluate import load_eval_data
+
+    raw = tmp_path / "hf"
+    raw.mkdir()
+    (raw / "train.jsonl").write_text('{"instruction": "Q1", "output": "A1"}\n')
+    (raw / "test.jsonl").write_text('{"instruction": "Q2", "output": "A2"}\n')
+    data = load_eval_data(raw, console=lambda *_: None)
+    assert data.split == "all" and [r["location"] for r in data.records] == ["line 1", "line 1"]
+    with pytest.raises(EvalError, match="is a raw data folder, whose every record is evaluated"):
+        load_eval_data(raw, "val")
+
+
 def test_eval_options_that_would_be_ignored_or_mean_nothing_are_errors(tiny_model_dir, tmp_path, capsys):
     """`--metrics ,` wrote an empty result over the last one; --base without --compare-base and --split on a raw file
     were ignored (the result recorded the unused base); a max_length past the model's positions scored garbage."""

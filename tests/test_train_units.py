@@ -759,3 +759,28 @@ def test_a_record_the_chat_template_refuses_at_training_is_set_aside_with_its_re
     assert [r["location"] for r in listed] == ["line 2", "line 3"]
     assert "the chat template cannot render this record: Only user, assistant" in listed[0]["reason"]
     assert "2 train records could not be trained" in said[0]
+
+
+def _alpaca_file(path, n, tag=""):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"instruction": f"q{tag}{i}", "output": f"a{tag}{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_raw_folder_in_the_hugging_face_layout_is_raw_data_not_a_prepared_folder(tiny_tokenizer, tmp_path):
+    """data.train=<folder holding train.jsonl and test.jsonl> (raw, the Hugging Face layout), which validate
+    accepts, was refused by train as "not a prepared dataset": a prepared folder is told by its own report.json."""
+    from tunelab.data.prepare import prepare_dataset
+    from tunelab.train.inputs import load_data
+
+    raw = _alpaca_file(tmp_path / "hf" / "train.jsonl", 6).parent
+    _alpaca_file(raw / "test.jsonl", 2, "t")
+    (tmp_path / "run").mkdir()
+    enc = load_data(_cfg(train=str(raw)), tiny_tokenizer, tmp_path / "run", True, True, say=lambda *_: None)
+    assert enc.data_info["folder"] == str(tmp_path / "run" / "data") and len(enc.train) + len(enc.val) == 8
+    prepare_dataset(str(raw), tmp_path / "prepared", console=lambda *_: None)  # a prepared folder is still one
+    (tmp_path / "run2").mkdir()
+    enc = load_data(_cfg(train=str(tmp_path / "prepared")), tiny_tokenizer, tmp_path / "run2", True, True)
+    assert enc.data_info["folder"] == str(tmp_path / "prepared")

@@ -812,18 +812,29 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _own_report(folder: Path) -> dict[str, Any] | None:
+    """The report.json `prepare_dataset` wrote in `folder` (it records tunelab_prepare_version), else None."""
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "tunelab_prepare_version" in report else None
+
+
 def is_prepared(folder: str | Path) -> bool:
+    """A folder `prepare_dataset` wrote: told by its own report.json, not by train.jsonl alone (a raw dataset in the
+    Hugging Face layout holds train.jsonl / test.jsonl too)."""
     folder = Path(folder)
-    return folder.is_dir() and (folder / "report.json").is_file() and (folder / "train.jsonl").is_file()
+    return (folder / "train.jsonl").is_file() and _own_report(folder) is not None
 
 
 def load_prepared(folder: str | Path) -> PreparedData:
     """The train/val records, report and fingerprint of a folder written by `prepare_dataset`."""
     folder = Path(folder)
-    if not is_prepared(folder):
-        raise DataError(f"{folder} is not a prepared dataset (it needs train.jsonl and report.json); "
-                        f"create one with: tunelab prepare --input FILE --output {folder}")
-    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    report = _own_report(folder) if (folder / "train.jsonl").is_file() else None
+    if report is None:
+        raise DataError(f"{folder} is not a prepared dataset (it needs train.jsonl and the report.json tunelab "
+                        f"prepare writes); create one with: tunelab prepare --input FILE --output {folder}")
     train = _read_jsonl(folder / "train.jsonl")
     val = _read_jsonl(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else []
     if not train:

@@ -155,38 +155,36 @@ class EvalRun:
 
 def load_eval_data(data: str | os.PathLike, split: str | None = None, stage: str = "sft",
                    console: Callable[[str], None] = print) -> EvalData:
-    """Records to evaluate: a prepared folder (its `split`, default val), a run folder (its prepared data/), or a raw
-    file (prepared in memory: every record, no split; what prepare says of it, rejections too, goes to `console`)."""
+    """Records to evaluate: a prepared folder (its `split`, default val), a run folder (its prepared data/), or raw
+    data, a file or a folder of files (prepared in memory: every record, no split; what prepare says of it,
+    rejections too, goes to `console`)."""
+    from tunelab.data.prepare import is_prepared, load_prepared
+
     path = Path(data)
     if not path.exists():
         raise EvalError(f"evaluation data not found: {path}")
-    if path.is_file() and split is not None:
-        raise EvalError(f"--split chooses a split of a prepared folder or a run; {path} is a raw file, whose every "
-                        "record is evaluated")
-    split = split or "val"
     if path.is_dir() and (path / "manifest.json").is_file():  # a run folder: the data it trained and evaluated on
         folder = (json.loads((path / "manifest.json").read_text()).get("data") or {}).get("folder")
         path = Path(folder) if folder and Path(folder).is_dir() else path / "data"
-        if not path.is_dir():
+        if not is_prepared(path):
             raise EvalError(f"the run {data} holds no prepared data ({path}); pass --data")
-    if path.is_dir():
-        if not (path / "train.jsonl").is_file():
-            raise EvalError(f"{path} is not a prepared dataset folder (no train.jsonl); run `tunelab prepare` or "
-                            "pass a raw data file")
-        if split not in ("train", "val"):
-            raise EvalError(f"--split must be train or val, not {split!r}")
-        from tunelab.data.prepare import load_prepared
-
-        prepared = load_prepared(path)
-        records, fingerprint = list(getattr(prepared, split)), prepared.fingerprint
-        if not records:
-            raise EvalError(f"{path} has no {split} records" + (" (use --split train)" if split == "val" else ""))
-        return EvalData(records, fingerprint, str(path), split)
-    return _prepare_raw(path, stage, console)
+    if not is_prepared(path):
+        if split is not None:
+            raise EvalError(f"--split chooses a split of a prepared folder or a run; {path} is a raw "
+                            f"{'file' if path.is_file() else 'data folder'}, whose every record is evaluated")
+        return _prepare_raw(path, stage, console)
+    split = split or "val"
+    if split not in ("train", "val"):
+        raise EvalError(f"--split must be train or val, not {split!r}")
+    prepared = load_prepared(path)
+    records, fingerprint = list(getattr(prepared, split)), prepared.fingerprint
+    if not records:
+        raise EvalError(f"{path} has no {split} records" + (" (use --split train)" if split == "val" else ""))
+    return EvalData(records, fingerprint, str(path), split)
 
 
 def _prepare_raw(path: Path, stage: str, console: Callable[[str], None]) -> EvalData:
-    """A raw file, validated and normalised by the prepare pipeline (every record, no split); its report (each
+    """Raw data, validated and normalised by the prepare pipeline (every record, no split); its report (each
     rejection with file and line, the counts) goes to `console`, less what it says of the scratch folder."""
     import tempfile
 

@@ -43,7 +43,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     from tunelab.data.prepare import is_prepared, load_prepared
 
     src = Path(cfg.data.train)
-    folder = src if src.is_dir() and (src / "train.jsonl").is_file() else run_path / "data"
+    folder = src if is_prepared(src) else run_path / "data"  # else raw data: a file, or a folder of files
     with main_process_work():  # a dataset the main process refuses stops every process with its reason
         if folder != src and main and (fresh or not (folder / "train.jsonl").is_file()):
             _prepare_into(cfg, tokenizer, src, folder, run_path.name)
