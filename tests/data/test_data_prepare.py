@@ -321,3 +321,23 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped_and_reads_back(write, t
     assert lines(out / "rejected.jsonl")[0]["source"] == str(src)
     assert json.loads((out / "report.json").read_text())["files"][0]["path"] == str(src)
     assert "caf\\udce9.jsonl" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_files_a_folder_input_holds_but_are_not_read_are_named(write, tmp_path):
+    """A folder of shards read train-00000.jsonl and passed over train-00001.jsonl.gz without a word (4 of 12
+    records read): every file of a folder that is not read is named on the console and in the report."""
+    import gzip
+
+    write("in/train-00000.jsonl", jsonl([alpaca(1)]))
+    write("in/train-00001.jsonl.gz", gzip.compress(jsonl([alpaca(2)]).encode()))
+    write("in/README.md", "a dataset card")
+    printed = []
+    r = prepare_dataset(str(tmp_path / "in"), tmp_path / "out", console=printed.append)
+    gz, readme = str(tmp_path / "in" / "train-00001.jsonl.gz"), str(tmp_path / "in" / "README.md")
+    assert r.report["skipped_files"] == [readme, gz]
+    said = next(x for x in printed if x.startswith("warning: 2 file(s)"))
+    assert gz in said and readme in said and "gunzip" in said
+    assert f"`{gz}`" in (tmp_path / "out" / "report.md").read_text()
+    write("gz/a.jsonl.gz", gzip.compress(jsonl([alpaca(2)]).encode()))
+    with pytest.raises(DataError, match=r"no data files .*; it holds .*a\.jsonl\.gz \(compressed files are not read"):
+        prepare_dataset(str(tmp_path / "gz"), check=True, console=quiet)

@@ -46,6 +46,7 @@ __all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", 
 
 PREPARE_VERSION = 1  # bump when the canonical output of the same input changes (part of the fingerprint)
 DATA_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq"}
+COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip", ".7z"}  # a folder's .jsonl.gz: said, not silently passed over
 OVERFLOW = ("truncate", "drop", "keep")
 TRAIN_ON = ("assistant", "all", "last_assistant")
 SHOW_REJECTIONS = 10  # printed to the terminal; all of them go to rejected.jsonl
@@ -116,22 +117,28 @@ def refused(rec: dict[str, Any], e: Exception) -> dict[str, Any]:
 # ---------------------------------------------------------------- inputs
 
 
-def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike], text: bool = False) -> list[Path]:
-    """Files, folders (their data files, recursively, sorted) and globs → a list of files, in the order given.
-    `text` (stage pt): a folder's .txt / .text / .md files count as data too."""
+def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                   text: bool = False) -> tuple[list[Path], list[Path]]:
+    """Files, folders (their data files, recursively, sorted) and globs → (the files to read, in the order given;
+    the other files of those folders, which are not read: said by `prepare_dataset`). `text` (stage pt): a
+    folder's .txt / .text / .md files count as data too."""
     suffixes = DATA_SUFFIXES | TEXT_SUFFIXES if text else DATA_SUFFIXES
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out: list[Path] = []
+    skipped: list[Path] = []
     for item in items:
         p = Path(item).expanduser()
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+            files = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = [f for f in files if f.suffix.lower() in suffixes]
             if not found:
-                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(suffixes))})")
+                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(suffixes))})"
+                                + (f"; it holds {skipped_text(files)}" if files else ""))
             out += found
+            skipped += [f for f in files if f.suffix.lower() not in suffixes]
         elif any(c in str(item) for c in "*?["):
             found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not found:
@@ -140,7 +147,16 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike], text
         else:
             raise DataError(f"input not found: {item}")
     seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))], skipped
+
+
+def skipped_text(files: list[Path], most: int = 10) -> str:
+    """The files of a folder input that are not read, by name (`most` of them), and how to have compressed ones
+    read."""
+    names = ", ".join(str(f) for f in files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
+    if any(f.suffix.lower() in COMPRESSED for f in files):
+        names += " (compressed files are not read: decompress them first, e.g. gunzip -k FILE.jsonl.gz)"
+    return names
 
 
 STAGES = ("sft", "pt", "dpo", "orpo", "simpo", "kto")
@@ -561,9 +577,15 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     _check_options(stage, format, column_map, overflow, train_on, val_ratio, max_length, max_reject_ratio)
     if text_documents not in TEXT_DOCUMENTS:
         raise DataError(f"text_documents must be one of {', '.join(TEXT_DOCUMENTS)}, not {text_documents!r}")
-    files = [("train", p) for p in resolve_inputs(inputs, text=stage == "pt")]
+    found, skipped = resolve_inputs(inputs, text=stage == "pt")
+    files = [("train", p) for p in found]
     if eval_inputs:
-        files += [("eval", p) for p in resolve_inputs(eval_inputs, text=stage == "pt")]
+        found, more = resolve_inputs(eval_inputs, text=stage == "pt")
+        files += [("eval", p) for p in found]
+        skipped += more
+    if skipped:
+        console(f"warning: {len(skipped)} file(s) in the input folders are not data files and are not read: "
+                + skipped_text(skipped))
     first = inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs)[0]
     name = name or (Path(first).stem.replace("*", "") or "dataset")
     out_dir = None if check else Path(output) if output else Path("data") / "processed" / name
@@ -593,6 +615,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
         report = _build_report(p, files, file_reports, options, tok_id, name, max_reject_ratio, out_dir)
         split_counts = _split(p, workdir, val_ratio if not eval_inputs else None, seed, report)
         report["split"] = split_counts
+        report["skipped_files"] = [str(f) for f in skipped]
         if p.text_stats is not None and p.tok is not None:
             report["text_stats"] = p.text_stats.report(p.val_idx)
         _print_summary(p, report, console)

@@ -106,6 +106,9 @@ def markdown(r: dict[str, Any]) -> str:
                       f["accepted"], f["rejected"], f["duplicates"]) for f in r["files"]],
                     ("file", "role", "container", "encoding", "formats", "read", "accepted", "rejected",
                      "duplicates"))
+    if r.get("skipped_files"):
+        lines += ["", f"**Not read**: {len(r['skipped_files'])} file(s) in the input folders are not data files: "
+                  + ", ".join(f"`{x}`" for x in r["skipped_files"]) + "."]
     mixed = [f for f in r["files"] if len(f.get("formats", {})) > 1]
     if mixed:
         lines += ["", f"**Mixed formats** in {len(mixed)} file(s): each record was read by its own format; "
