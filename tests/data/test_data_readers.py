@@ -118,6 +118,37 @@ def test_a_repeated_key_in_a_json_array_is_found_wherever_the_window_cuts(write)
         assert items[1].raw == NESTED and items[2].value == alpaca(2)
 
 
+@pytest.mark.parametrize("top", [
+    ["this is not json"],  # a stray line at the top costs only itself, as at the bottom
+    ['{"instruction": "a", "output": "b",}', '{"instruction": "c",'],
+    ["# exported by some tool", "---"],
+])
+def test_bad_lines_at_the_top_of_json_lines_are_rejected_alone(write, top):
+    items, info = read(write("x.jsonl", "\n".join(top) + "\n" + jsonl([alpaca(1), alpaca(2), alpaca(3)])))
+    assert info.container == "JSONL" and len(items) == len(top) + 3
+    assert all(i.error.startswith("invalid JSON") for i in items[:len(top)])
+    assert "cut off" not in items[0].error  # prose, or a trailing comma, is no sign of a truncated file
+    assert [i.value for i in items[len(top):]] == [alpaca(1), alpaca(2), alpaca(3)]
+
+
+@pytest.mark.parametrize("content,container", [
+    ('{\n "messages": [\n  {"role": "user", "content": "q"},\n  {"role": "assistant", "content": "a"}\n ]\n}',
+     "JSON object"),  # one complete object per line inside a document is no JSON Lines
+    ('[\n{"instruction": "q", "output": "a"},\n{"instruction": "r", "output": "b"}\n]', "JSON array"),
+])
+def test_pretty_printed_json_documents_are_not_taken_for_json_lines(write, content, container):
+    items, info = read(write("x.json", content))
+    assert info.container == container and not any(i.error for i in items)
+
+
+def test_cr_only_line_endings_are_named_with_the_fix(write):
+    for name, text in (("x.jsonl", jsonl([alpaca(1), alpaca(2)])), ("x.csv", "instruction,output\nq,a\nr,b\n")):
+        with pytest.raises(FileError, match="carriage return alone .* tr "):
+            read(write(name, text.replace("\n", "\r")))
+    items, _ = read(write("x.json", json.dumps([alpaca(1), alpaca(2)], indent=1).replace("\n", "\r")))
+    assert [i.value for i in items] == [alpaca(1), alpaca(2)]  # in a JSON document a CR is whitespace
+
+
 def test_blank_jsonl_lines_are_skipped_and_counted(write):
     path = write("x.jsonl", "\n" + jsonl([alpaca(1)]) + "\n   \n" + jsonl([alpaca(2)]))
     items, info = read(path)

@@ -214,3 +214,9 @@ def test_assistant_turns_weighted_0_are_not_trained_after_prepare(write, tiny_to
         enc = encode_record(tiny_tokenizer, json.loads(line)["messages"])
         trained.append(tiny_tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX]))
     assert sorted(t.split("<")[0] for t in trained) == ["Sorry, I apologise.", "good answer"]
+
+
+@pytest.mark.parametrize("content", [b"", b" \n\n", b"\xef\xbb\xbf\n"])
+def test_an_empty_text_file_for_pt_is_a_file_error_like_an_empty_json_file(write, content):
+    with pytest.raises(DataError, match="empty.txt: the file is empty"):
+        prepare_dataset(str(write("empty.txt", content)), check=True, stage="pt", console=quiet)

@@ -36,6 +36,7 @@ from tunelab.errors import TunelabError
 _WS = re.compile(r"[ \t\n\r]*")
 _ONE_NAME = re.compile(r"[A-Za-z_][\w-]{0,63}")  # the header of a one-column CSV (a name, not a line of prose)
 _SNIFF_BYTES = 1 << 16  # enough to see the first JSONL line or CSV header of any sane file
+_SNIFF_LINES = 8  # non-blank lines looked at to tell JSON Lines (a few bad lines at its top) from a JSON document
 _MARK = "tunelab-mark-bad-bytes"
 _MARKED = re.compile("[\udc00-\udcff]")  # what _MARK decodes a bad byte to; valid decoding never yields these
 _BOMS = [  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
@@ -215,23 +216,18 @@ def sniff(path: Path, info: FileInfo) -> tuple[str, str, int]:
     stripped = text.lstrip(" \t\r\n\ufeff")
     if not stripped:
         raise FileError(path, "the file is empty (no records)")
-    first = stripped[:1]
-    if first != "{":
-        # JSON Lines whose first record is not an object ([...], null, "text", 3) is still JSON Lines: that
-        # record is rejected alone, not the file.
-        lines = _head_lines(stripped, len(head) < _SNIFF_BYTES)
-        if lines and _is_json(lines[0]) and (first != "[" or len(lines) > 1 and _is_json(lines[1])):
-            info.container = "JSONL"
-            return "jsonl", codec, bom_len
-    if first == "[":
-        info.container = "JSON array"
-        return "json", codec, bom_len
-    if first == "{":
-        lines = _first_lines(path, codec, bom_len, info)
-        if lines and (_is_json(lines[0], dict) or (len(lines) > 1 and _is_json(lines[1], dict))):
-            info.container = "JSONL"
-            return "jsonl", codec, bom_len
-        info.container = "JSON object"
+    first, whole = stripped[:1], len(head) < _SNIFF_BYTES
+    if "\r" in stripped.rstrip() and "\n" not in stripped:
+        _refuse_cr_only(path, stripped, first, whole)
+    # A JSON Lines line can be longer than the head: read on from a '{', not from a '[' (a minified array is one
+    # multi-GB line).
+    lines = (_first_lines(path, codec, bom_len, info, _SNIFF_LINES) if first == "{"
+             else _head_lines(stripped, whole, _SNIFF_LINES))
+    if _looks_jsonl(lines, first):
+        info.container = "JSONL"
+        return "jsonl", codec, bom_len
+    if first in "[{":
+        info.container = "JSON array" if first == "[" else "JSON object"
         return "json", codec, bom_len
     header = stripped.splitlines()[0] if stripped else ""
     delim = _csv_delimiter(header)
@@ -241,6 +237,28 @@ def sniff(path: Path, info: FileInfo) -> tuple[str, str, int]:
     shown = header[:60].encode("unicode_escape").decode()
     raise FileError(path, f"cannot tell what this file is: it is not JSON (starts with '[' or '{{'), JSON Lines, "
                           f"CSV/TSV with a header row, or Parquet; it starts with: {shown!r}", 1, 1)
+
+
+def _looks_jsonl(lines: list[str], first: str) -> bool:
+    """Whether the first non-blank lines are JSON Lines. The first line is one JSON value: a record that is not an
+    object ([...], null, 3) is still JSON Lines, rejected alone (but a '[' line needs a JSON line after it, else
+    it opens a pretty-printed array). Or bad lines at the top are followed by objects, one per line: the second
+    line, or two lines in a row (no JSON document has those: its elements are separated by commas); the bad
+    lines are then rejected alone, as they would be further down."""
+    if lines and _is_json(lines[0]) and (first != "[" or len(lines) > 1 and _is_json(lines[1])):
+        return True
+    if first == "[":  # an array that lacks a comma is the array's error, not JSON Lines
+        return False
+    objects = [_is_json(x, dict) for x in lines]
+    return (first == "{" and objects[1:2] == [True]) or any(a and b for a, b in zip(objects, objects[1:]))
+
+
+def _refuse_cr_only(path: Path, stripped: str, first: str, whole: bool) -> None:
+    """Lines that end with a lone CR (classic Mac OS) are one long line to us: JSON Lines or CSV so written is
+    refused with the fix (in a JSON document a CR is only whitespace: read as usual)."""
+    if first not in "[{" or _looks_jsonl(_head_lines(stripped.replace("\r", "\n"), whole, _SNIFF_LINES), first):
+        raise FileError(path, "the lines end with a carriage return alone (CR, as on classic Mac OS): tunelab "
+                              "reads LF or CRLF line endings; convert the file, e.g. tr '\\r' '\\n' < in > out", 1)
 
 
 def _csv_delimiter(header: str) -> str | None:
@@ -307,7 +325,9 @@ def _json_line_reason(e: ValueError, s: str) -> str:
     if isinstance(e, RepeatedKey):
         return str(e)
     if isinstance(e, json.JSONDecodeError):
-        cut = " (the line is cut off: is the file truncated?)" if e.pos >= len(s) - 1 or s[-1] != "}" else ""
+        # A record that stops before its closing bracket looks cut off; a line of prose, or a trailing comma, does not.
+        looks_cut = s[:1] in "{[" and (e.pos >= len(s) or s[-1] not in "}]")
+        cut = " (the line is cut off: is the file truncated?)" if looks_cut else ""
         return f"invalid JSON at column {e.colno}: {e.msg}{cut}"
     return f"invalid JSON: {e}"
 

@@ -80,6 +80,8 @@ def read_text_file(path: Path, info: FileInfo, mode: str = "auto") -> Iterator[R
     codec, bom_len, label = _sniff_encoding(head)
     if codec == "binary":
         raise FileError(path, "binary data, not text (a .txt file for training.stage=pt must be UTF-8/16/32 text)")
+    if len(head) < 1 << 16 and not head[bom_len:].decode(codec, "replace").strip(" \t\r\n\ufeff"):
+        raise FileError(path, "the file is empty (no documents)")  # as an empty JSON file is
     if mode == "auto":
         mode = "paragraph" if _has_blank_line(path, codec, bom_len) else "line"
     info.encoding = label
