@@ -312,6 +312,26 @@ def test_a_raw_folder_holding_train_jsonl_is_evaluated_as_raw_data(tmp_path):
         load_eval_data(raw, "val")
 
 
+def test_eval_of_a_run_refuses_its_prepared_folder_prepared_again_since(tmp_path):
+    """A run trained on a prepared folder that was then prepared again (another seed and val_ratio): `tunelab eval
+    --adapter RUN` scored the new val split, records the run had trained on, without a word. The folder's
+    fingerprint is now compared with the one the run's manifest records."""
+    from tunelab.data.prepare import prepare_dataset
+    from tunelab.evaluate import load_eval_data
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"instruction": f"Q{i}", "output": f"A{i}"}) + "\n" for i in range(5)))
+    folder, run = tmp_path / "prepared", tmp_path / "run"
+    trained = prepare_dataset(str(raw), folder, console=lambda *_: None).report["fingerprint"]
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"data": {"folder": str(folder)}, "data_fingerprint": trained}))
+    assert load_eval_data(run).fingerprint == trained
+    now = prepare_dataset(str(raw), folder, seed=7, val_ratio=0.6, console=lambda *_: None).report["fingerprint"]
+    with pytest.raises(EvalError, match="prepared again after the run") as e:
+        load_eval_data(run)
+    assert now[:19] in str(e.value) and trained[:19] in str(e.value)
+
+
 def test_eval_options_that_would_be_ignored_or_mean_nothing_are_errors(tiny_model_dir, tmp_path, capsys):
     """`--metrics ,` wrote an empty result over the last one; --base without --compare-base and --split on a raw file
     were ignored (the result recorded the unused base); a max_length past the model's positions scored garbage."""

@@ -160,11 +160,12 @@ def load_eval_data(data: str | os.PathLike, split: str | None = None, stage: str
     rejections too, goes to `console`)."""
     from tunelab.data.prepare import is_prepared, load_prepared
 
-    path = Path(data)
+    path, trained_on = Path(data), None
     if not path.exists():
         raise EvalError(f"evaluation data not found: {path}")
     if path.is_dir() and (path / "manifest.json").is_file():  # a run folder: the data it trained and evaluated on
-        folder = (json.loads((path / "manifest.json").read_text()).get("data") or {}).get("folder")
+        manifest = json.loads((path / "manifest.json").read_text())
+        folder, trained_on = (manifest.get("data") or {}).get("folder"), manifest.get("data_fingerprint")
         path = Path(folder) if folder and Path(folder).is_dir() else path / "data"
         if not is_prepared(path):
             raise EvalError(f"the run {data} holds no prepared data ({path}); pass --data")
@@ -177,6 +178,11 @@ def load_eval_data(data: str | os.PathLike, split: str | None = None, stage: str
     if split not in ("train", "val"):
         raise EvalError(f"--split must be train or val, not {split!r}")
     prepared = load_prepared(path)
+    if trained_on and prepared.fingerprint != trained_on:
+        raise EvalError(f"{path} was prepared again after the run {data} trained on it: its data fingerprint is "
+                        f"{prepared.fingerprint[:19]}…, the run's manifest records {trained_on[:19]}…, so its {split} "
+                        "split may hold records the run trained on. Prepare it again as it was (the inputs and data "
+                        "settings of the run's config.yaml), or pass --data to evaluate on other data")
     records, fingerprint = list(getattr(prepared, split)), prepared.fingerprint
     if not records:
         raise EvalError(f"{path} has no {split} records" + (" (use --split train)" if split == "val" else ""))
