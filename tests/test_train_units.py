@@ -784,3 +784,26 @@ def test_a_raw_folder_in_the_hugging_face_layout_is_raw_data_not_a_prepared_fold
     (tmp_path / "run2").mkdir()
     enc = load_data(_cfg(train=str(tmp_path / "prepared")), tiny_tokenizer, tmp_path / "run2", True, True)
     assert enc.data_info["folder"] == str(tmp_path / "prepared")
+
+
+def test_a_prepared_folder_whose_raw_file_changed_since_is_refused(tiny_tokenizer, tmp_path):
+    """data.train=<prepared folder> trained on the records of the old raw file after it was edited, without a word:
+    report.json now records each source's size, mtime and sha256, and training compares them (a touch is no
+    change; a file that is gone is none either: the folder stands on its own)."""
+    import os
+
+    from tunelab.data.prepare import prepare_dataset
+    from tunelab.errors import TunelabError
+    from tunelab.train.inputs import load_data
+
+    raw = _alpaca_file(tmp_path / "raw.jsonl", 4)
+    prepare_dataset(str(raw), tmp_path / "prepared", console=lambda *_: None)
+    cfg = _cfg(train=str(tmp_path / "prepared"))
+    for n in range(3):
+        (tmp_path / f"run{n}").mkdir()
+    os.utime(raw, ns=(0, 0))  # touched: the same bytes
+    load_data(cfg, tiny_tokenizer, tmp_path / "run0", True, True)
+    _alpaca_file(raw, 5)
+    with pytest.raises(TunelabError, match=f"prepared from files that have changed since: {raw} \\(sha256"):
+        load_data(cfg, tiny_tokenizer, tmp_path / "run1", True, True)
+    load_data(cfg, tiny_tokenizer, tmp_path / "run2", True, False)  # a resumed run compares fingerprints instead

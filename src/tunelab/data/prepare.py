@@ -31,7 +31,7 @@ import shutil
 import weakref
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,18 +326,49 @@ def _tokenizer_identity(tok) -> dict[str, str]:
             "eos_token": str(getattr(tok, "eos_token", ""))}
 
 
-def fingerprint(files: list[tuple[str, Path]], options: dict[str, Any], tok_id: dict[str, str] | None) -> str:
-    """sha256 of the input bytes (with their role), the options and the tokenizer identity."""
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        yield from iter(lambda: f.read(1 << 20), b"")
+
+
+def fingerprint(files: list[tuple[str, Path]], options: dict[str, Any],
+                tok_id: dict[str, str] | None) -> tuple[str, list[dict[str, Any]]]:
+    """sha256 of the input bytes (with their role), the options and the tokenizer identity; and each file as it was
+    read (resolved path, bytes, mtime, its own sha256), so that training can tell a source changed since."""
     h = hashlib.sha256(f"tunelab-prepare-v{PREPARE_VERSION}\n".encode())
+    states = []
     for role, path in files:
         h.update(f"file:{role}\n".encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        own, stat = hashlib.sha256(), path.stat()
+        for chunk in _chunks(path):
+            h.update(chunk)
+            own.update(chunk)
+        states.append({"resolved": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "sha256": own.hexdigest()})
     h.update(json.dumps(options, sort_keys=True, ensure_ascii=False).encode())
     tok_part = {k: v for k, v in (tok_id or {}).items() if k != "name"}  # a path differs between machines
     h.update(json.dumps(tok_part, sort_keys=True).encode())
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + h.hexdigest(), states
+
+
+def changed_sources(report: dict[str, Any]) -> list[str]:
+    """The raw files a prepared folder was made from that have changed since, in words. A file that is gone is
+    not one: the folder stands on its own (moved to another machine, say)."""
+    changed = []
+    for f in report.get("files") or []:
+        path = Path(f.get("resolved") or "")
+        if "sha256" not in f or not path.is_file():
+            continue
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) == (f.get("bytes"), f.get("mtime_ns")):
+            continue
+        own = hashlib.sha256()
+        for chunk in _chunks(path):
+            own.update(chunk)
+        now = own.hexdigest()
+        if now != f["sha256"]:
+            changed.append(f"{f['path']} (sha256 {f['sha256'][:12]}… when prepared, {now[:12]}… now)")
+    return changed
 
 
 # ---------------------------------------------------------------- one pass over the inputs
@@ -685,6 +716,9 @@ def _file_report(p: _Pass, source: str, role: str, info: FileInfo, fstats: Count
 
 def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reject_ratio, out_dir) -> dict:
     assert p.read == p.accepted + p.rejected + p.duplicates, "conservation broken: a record was lost"
+    fp, states = fingerprint(files, options, tok_id)
+    for file_report, state in zip(file_reports, states):
+        file_report.update(state)
     notes = dict(p.notes)
     if p.duplicates:
         notes["duplicates removed"] = p.duplicates
@@ -707,7 +741,7 @@ def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reje
         "usable": not problems, "problems": problems,
         "warnings": dict(p.warnings), "warning_examples": p.warning_examples, "normalisations": notes,
         "rejected_by_reason": dict(p.rejected_by), "rejected_examples": p.rejected_examples,
-        "token_stats": token_stats, "fingerprint": fingerprint(files, options, tok_id),
+        "token_stats": token_stats, "fingerprint": fp,
         **({"preference_stats": p.pref_stats.report()} if p.pref_stats is not None and p.tok is not None else {}),
         "tokenizer": tok_id, "options": options | {"max_reject_ratio": max_reject_ratio}, "files": file_reports,
         "output": str(out_dir) if out_dir else None,

@@ -48,8 +48,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
         if folder != src and main and (fresh or not (folder / "train.jsonl").is_file()):
             _prepare_into(cfg, tokenizer, src, folder, run_path.name)
     prepared = load_prepared(folder)
-    _check_usable(prepared.report, folder)
-    _check_stage(prepared.report, cfg, folder)
+    _check_prepared(prepared.report, cfg, folder, fresh)
     if expected_fingerprint and prepared.fingerprint != expected_fingerprint:
         raise TunelabError(f"--resume: the data in {folder} (fingerprint {prepared.fingerprint[:19]}) is not the data "
                            f"this run trained on ({expected_fingerprint[:19]}); start a new run instead")
@@ -60,8 +59,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
                                "prepared folder too (prepared with the same tokenizer and max_length): tunelab "
                                f"prepare --input {cfg.data.eval} --output data/processed/{Path(cfg.data.eval).stem}")
         ev = load_prepared(Path(cfg.data.eval))
-        _check_usable(ev.report, Path(cfg.data.eval))
-        _check_stage(ev.report, cfg, Path(cfg.data.eval))
+        _check_prepared(ev.report, cfg, Path(cfg.data.eval), fresh)
         val_records = ev.val or ev.train
     if cfg.training.stage == "pt":
         return _encode_text(cfg, tokenizer, prepared, val_records, folder)
@@ -77,6 +75,20 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     kept = {e["where"] for e in val}
     val_kept = [r for r in val_recs if f"{r.get('source')}:{r.get('location')}" in kept]
     return Encoded(train, val, val_kept, prepared.fingerprint, info)
+
+
+def _check_prepared(report: dict, cfg: Config, folder: Path, fresh: bool) -> None:
+    """A prepared folder this run may train on: usable, prepared for this stage, and (a fresh run; a resumed one
+    compares fingerprints) not older than the raw files it was prepared from."""
+    from tunelab.data.prepare import changed_sources
+
+    _check_usable(report, folder)
+    _check_stage(report, cfg, folder)
+    changed = changed_sources(report) if fresh else []
+    if changed:
+        raise TunelabError(f"{folder} was prepared from files that have changed since: {'; '.join(changed)}. It "
+                           "holds the records of the old files: prepare it again (tunelab prepare with the inputs "
+                           f"and options in {folder / 'report.md'}), or give the raw data as data.train")
 
 
 def _check_usable(report: dict, folder: Path) -> None:
