@@ -807,3 +807,30 @@ def test_a_prepared_folder_whose_raw_file_changed_since_is_refused(tiny_tokenize
     with pytest.raises(TunelabError, match=f"prepared from files that have changed since: {raw} \\(sha256"):
         load_data(cfg, tiny_tokenizer, tmp_path / "run1", True, True)
     load_data(cfg, tiny_tokenizer, tmp_path / "run2", True, False)  # a resumed run compares fingerprints instead
+
+
+def test_a_prepared_folder_with_other_data_settings_than_the_config_is_refused(tiny_tokenizer, tmp_path):
+    """Prepared with --system-prompt 'You are X.', trained with data.system_prompt='You are Y.': training used X
+    while the run's config.yaml said Y. The settings prepare applies are compared with the config's (a default
+    asks for nothing; a system prompt the folder lacks is added by training, as prepare would)."""
+    from tunelab.data.prepare import prepare_dataset
+    from tunelab.errors import TunelabError
+    from tunelab.train.inputs import load_data
+
+    raw = _alpaca_file(tmp_path / "raw.jsonl", 4)
+    for name, system in (("x", "You are X."), ("none", None)):
+        prepare_dataset(str(raw), tmp_path / name, system_prompt=system, console=lambda *_: None)
+
+    def load(folder, **data):
+        run = tmp_path / "runs" / f"{folder}-{len(data)}-{data.get('system_prompt')}"
+        run.mkdir(parents=True)
+        return load_data(_cfg(train=str(tmp_path / folder), **data), tiny_tokenizer, run, True, True)
+
+    with pytest.raises(TunelabError, match=r"prepared with --system-prompt 'You are X.', this run asks for "
+                                           r"data.system_prompt='You are Y.'.*tunelab prepare --stage sft "
+                                           r"--system-prompt 'You are Y.'"):
+        load("x", system_prompt="You are Y.")
+    with pytest.raises(TunelabError, match=r"prepared with --map '', this run asks for data.map=instruction=q"):
+        load("x", map={"instruction": "q"})
+    assert load("x").train and load("x", system_prompt="You are X.").train
+    assert load("none", system_prompt="You are Y.").val_records[0]["messages"][0]["content"] == "You are Y."

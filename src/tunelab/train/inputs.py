@@ -100,18 +100,47 @@ def _check_usable(report: dict, folder: Path) -> None:
                            "expected)")
 
 
+# Data settings prepare applies to the records it writes, so that a prepared folder already carries them:
+# (config field, prepare option, its command-line flag, the config's default, which asks for nothing).
+APPLIED_BY_PREPARE = (("format", "format", "--format", "auto"), ("map", "column_map", "--map", {}),
+                      ("system_prompt", "system_prompt", "--system-prompt", None),
+                      ("text_documents", "text_documents", "--text-documents", "auto"))
+
+
 def _check_stage(report: dict, cfg: Config, folder: Path) -> None:
-    """The folder was prepared for this run's stage (and, pt, with the document split the config asks for)."""
+    """The folder was prepared for this run's stage, with the data settings the config asks for (APPLIED_BY_PREPARE):
+    another would be written in the run's config.yaml and never applied."""
     options, stage = report.get("options") or {}, cfg.training.stage
     prepared_for = options.get("stage", "sft")
     if prepared_for != stage:
         raise TunelabError(f"{folder} was prepared for training.stage={prepared_for}, this run trains {stage}: "
                            f"prepare it again with `tunelab prepare --stage {stage}` or give the raw file as data.train")
-    split, asked = options.get("text_documents"), cfg.data.text_documents
-    if stage == "pt" and asked != "auto" and split not in (None, asked):
-        raise TunelabError(f"{folder} was prepared with --text-documents {split}, this run asks for "
-                           f"data.text_documents={asked}: prepare it again with `tunelab prepare --stage pt "
-                           f"--text-documents {asked}` or give the raw file as data.train")
+    differ = _settings_not_applied(options, cfg)
+    if differ:
+        raise TunelabError(
+            f"{folder} was prepared with {', '.join(f'{flag} {_shell(p)}' for _, flag, p, _ in differ)}, this run "
+            f"asks for {', '.join(f'data.{key}={_shell(a)}' for key, _, _, a in differ)}: its records carry what "
+            f"prepare applied, so the config's would not be. Prepare it again with `tunelab prepare --stage {stage} "
+            f"{' '.join(f'{flag} {_shell(a)}' for _, flag, _, a in differ)}` or give the raw data as data.train")
+
+
+def _settings_not_applied(options: dict, cfg: Config) -> list[tuple[str, str, Any, Any]]:
+    """(config field, flag, prepared with, asked for) of each setting of APPLIED_BY_PREPARE that the config sets
+    (not its default) to another value than the folder was prepared with."""
+    out = []
+    for key, option, flag, default in APPLIED_BY_PREPARE:
+        prepared, asked = options.get(option), getattr(cfg.data, key)
+        # a system prompt the folder lacks is added by training itself (with_system_prompt), as prepare adds it
+        if option in options and asked not in (default, prepared) and not (key == "system_prompt" and not prepared):
+            out.append((key, flag, prepared, asked))
+    return out
+
+
+def _shell(value: str | dict[str, str]) -> str:
+    """A setting as `tunelab prepare` takes it on a command line (a column map as name=column,...)."""
+    import shlex
+
+    return shlex.quote(",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
 
 
 def _encode_text(cfg: Config, tokenizer, prepared, val_records: list[dict], folder: Path) -> Encoded:
