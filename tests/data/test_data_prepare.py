@@ -341,3 +341,16 @@ def test_files_a_folder_input_holds_but_are_not_read_are_named(write, tmp_path):
     write("gz/a.jsonl.gz", gzip.compress(jsonl([alpaca(2)]).encode()))
     with pytest.raises(DataError, match=r"no data files .*; it holds .*a\.jsonl\.gz \(compressed files are not read"):
         prepare_dataset(str(tmp_path / "gz"), check=True, console=quiet)
+
+
+def test_truncated_records_are_named_as_the_preference_stages_name_theirs(write, tiny_tokenizer, tmp_path):
+    """SFT counted its truncated records (token_stats.truncated) but recorded nowhere which they were, while the
+    preference stages name theirs (answers_truncated): each cut record's location is now a warning example."""
+    recs = [long_alpaca(0, 3, 3), long_alpaca(1, 3, 200), long_alpaca(2, 3, 3), long_alpaca(3, 3, 300)]
+    src = write("d.jsonl", jsonl(recs))
+    printed = []
+    r = prepare_dataset(str(src), tmp_path / "o", tokenizer=tiny_tokenizer, max_length=64, console=printed.append)
+    assert r.report["token_stats"]["truncated"] == r.report["warnings"]["truncated_to_max_length"] == 2
+    assert r.report["warning_examples"]["truncated_to_max_length"] == [f"{src} line 2", f"{src} line 4"]
+    assert any(x.startswith("warning: truncated_to_max_length: 2 record(s)") and f"{src} line 4" in x for x in printed)
+    assert f"{src} line 2" in (tmp_path / "o" / "report.md").read_text()

@@ -466,6 +466,8 @@ class _Pass:
                     enc = encode_record(tok, conv.messages, tools=conv.tools, max_length=o["max_length"],
                                         train_on=o["train_on"], overflow=o["overflow"])
                     self.tok_counts["truncated"] += enc.truncated
+                    if enc.truncated:  # which records were cut, as the preference stages say it
+                        conv.warnings.append(("truncated_to_max_length", f"cut to max_length={o['max_length']}"))
         except RecordRejected as e:
             if o["overflow"] == "drop" and "longer than" in str(e):
                 self.tok_counts["dropped"] += 1
