@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tunelab.data.prepare import (DataError, PreparedData, PrepareResult, _FastTokenizer, load_prepared,
-                                  prepare_dataset)
+from tunelab.data.fast_tokenizer import FastTokenizer
+from tunelab.data.prepare import DataError, PreparedData, PrepareResult, load_prepared, prepare_dataset
 from tunelab.data.formats import Conversation
 from tunelab.data.template import encode_record
 from tunelab.errors import TunelabError
@@ -167,7 +167,7 @@ def test_fast_tokenizer_proxy_gives_identical_encodings(tiny_tokenizer, monkeypa
     calls = []
     real = tiny_tokenizer.apply_chat_template
     monkeypatch.setattr(tiny_tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or real(*a, **k))
-    proxy = _FastTokenizer(tiny_tokenizer)
+    proxy = FastTokenizer(tiny_tokenizer)
     convs = [
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
         [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
