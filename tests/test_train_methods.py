@@ -97,7 +97,7 @@ def test_lora_target_list_rslora_and_modules_to_save(tiny_model_dir, demo_alpaca
     lora_n = _lora_params(shapes, {"q_proj", "v_proj"}, r=8)
     assert method == "lora"
     log = (run / "train.log").read_text(encoding="utf-8")
-    assert re.search(r"^  Perplexity: \d+\.\d\d ", log, re.M) and "BLEU" not in log  # eval.metrics=[perplexity]
+    assert re.search(r"^  Perplexity: \d+\.\d\d$", log, re.M) and "BLEU" not in log  # eval.metrics=[perplexity]
     assert trainable == lora_n + vocab * hidden  # LoRA on q/v + one trained copy of the (tied) output head
     assert total == sum(p.numel() for p in base.parameters()) + trainable
 
