@@ -228,6 +228,20 @@ def test_token_stats_histogram_and_samples(write, tiny_tokenizer):
     assert "user\nq0" in out and "[[q0" not in out
 
 
+@pytest.mark.parametrize("train_on,marked", [("assistant", ["[[right]]"]), ("last_assistant", ["[[right]]"]),
+                                              ("all", ["[[q]]", "[[wrong]]", "[[again]]", "[[right]]"])])
+def test_samples_without_a_tokenizer_mark_what_the_mask_trains(write, train_on, marked):
+    # a turn of weight 0 is context (template.is_trained): shown unmarked, as the loss mask leaves it out
+    rec = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "wrong", "loss_weight": 0},
+                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "right"}]}
+    printed = []
+    prepare_dataset(str(write("w.jsonl", jsonl([rec]))), check=True, train_on=train_on, show_samples=1,
+                    console=printed.append)
+    turns = printed[printed.index("--- sample 1") + 1:][:4]
+    assert [t.split(": ", 1)[1] for t in turns if "[[" in t] == marked
+
+
 def test_fingerprint_covers_bytes_options_and_tokenizer(write, tiny_tokenizer):
     src = write("d.jsonl", jsonl([alpaca(1), alpaca(2)]))
 

@@ -698,17 +698,18 @@ def _print_summary(p: _Pass, report: dict, console) -> None:
 def _print_samples(p: _Pass, console) -> None:
     if not p.samples:
         return
-    from tunelab.data.template import show_trained_span
+    from tunelab.data.template import show_trained_span, trained_turns
 
     console(f"{len(p.samples)} sample(s); the text between [[ and ]] is what the loss trains on:")
     for i, (conv, enc) in enumerate(p.samples, 1):
         console(f"--- sample {i}")
         if enc is not None:
             console(show_trained_span(p.tok, enc))
-        else:  # no tokenizer: no chat template to render, show the turns with the assistant marked
-            for m in conv.messages:
-                text = f"[[{m['content']}]]" if m["role"] == "assistant" else m["content"]
-                console(f"{m['role']}: {text}")
+            continue
+        # no tokenizer, no chat template to render: the turns, those the mask trains marked by the mask's own rule
+        trained = trained_turns(conv.messages, p.opts["train_on"])
+        for j, m in enumerate(conv.messages):
+            console(f"{m['role']}: " + (f"[[{m['content']}]]" if j in trained else m["content"]))
 
 
 def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:

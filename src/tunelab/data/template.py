@@ -51,18 +51,25 @@ def is_trained(message: dict[str, Any]) -> bool:
     return message.get("train", True) is not False
 
 
+def trained_turns(messages: list[dict[str, Any]], train_on: str = "assistant") -> list[int]:
+    """The indexes of the turns the loss covers: the assistant turns that carry loss (`is_trained`), only the last
+    assistant turn for last_assistant (none when that one has weight 0), every turn for all."""
+    if train_on == "all":
+        return list(range(len(messages)))
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        idx = idx[-1:]
+    return [i for i in idx if is_trained(messages[i])]
+
+
 def assistant_char_spans(tokenizer, messages: list[dict[str, Any]], tools: Any = None,
                          train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of the assistant turns that carry loss."""
     text = render(tokenizer, messages, tools)
     if train_on == "all":
         return text, [(0, len(text))]
-    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if train_on == "last_assistant":
-        idx = idx[-1:]
-    idx = [i for i in idx if is_trained(messages[i])]
     spans = []
-    for i in idx:
+    for i in trained_turns(messages, train_on):
         before = render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
         upto = render(tokenizer, messages[: i + 1], tools)
         if not (text.startswith(before) and text.startswith(upto)) or len(upto) <= len(before):
