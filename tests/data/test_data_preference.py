@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import shared_file
+from data_helpers import shared_file
 from tunelab.data.prepare import DataError, load_prepared, prepare_dataset
 
 PROMPT = [{"role": "user", "content": "Capital of France?"}]
@@ -85,6 +85,41 @@ def test_kto_reads_labels_both_ways(tmp_path, tiny_tokenizer):
                                           "which one is meant)"}
     labels = sorted(rec["label"] for rec in load_prepared(tmp_path / "k").train)
     assert labels == [False, True]
+
+
+def _turn(role, text, **weight):
+    return {"role": role, "content": text, **weight}
+
+
+def test_turns_of_weight_0_are_context_in_preference_records_and_never_scored(tmp_path, tiny_tokenizer):
+    """SFT's rule (template.is_trained) for pairs and kto answers: a turn of weight 0 is prompt, not answer."""
+    from tunelab.data.preference import encode_preference
+    from tunelab.train.preference_loss import collate_pairs
+
+    q, draft = _turn("user", "Q?"), _turn("assistant", "DRAFT", loss_weight=0)
+    good = {"prompt": [q], "chosen": [draft, _turn("user", "Better?"), _turn("assistant", "GOOD")],
+            "rejected": [draft, _turn("user", "Better?"), _turn("assistant", "BAD")]}
+    bad = {"nothing_to_train": {"chosen_messages": [q, _turn("assistant", "A", loss_weight=0)],
+                                "rejected_messages": [q, _turn("assistant", "B", loss_weight=0)]},
+           "prompt_mismatch": {"chosen_messages": [q, draft, _turn("user", "More?"), _turn("assistant", "A")],
+                               "rejected_messages": [q, _turn("assistant", "OTHER", weight=0), _turn("user", "More?"),
+                                                     _turn("assistant", "B")]},
+           "unsupported_weight": {"prompt": [q], "chosen": [_turn("assistant", "A"), _turn("user", "And?"), draft],
+                                  "rejected": [_turn("assistant", "B"), _turn("user", "And?"), draft]}}
+    src = _write(tmp_path / "w.jsonl", [good, *bad.values()])
+    r = prepare_dataset(str(src), tmp_path / "p", tokenizer=tiny_tokenizer, stage="dpo", val_ratio=0,
+                        console=lambda _: None).report
+    assert r["records_accepted"] == 1 and r["rejected_by_reason"] == dict.fromkeys(bad, 1)
+    rec = load_prepared(tmp_path / "p").train[0]
+    assert [m["content"] for m in rec["prompt"]] == ["Q?", "DRAFT", "Better?"]
+    # what the loss scores: the tokens of the packed row in an answer's group (the prompt's group is -1)
+    batch = collate_pairs([encode_preference(tiny_tokenizer, rec, max_length=512)])
+    ids, groups = batch["input_ids"][0].tolist(), batch["groups"][0].tolist()
+    scored = [tiny_tokenizer.decode([t for t, g in zip(ids, groups) if g == k]) for k in (0, 1)]
+    assert scored[0].startswith("GOOD<|im_end|>") and scored[1].startswith("BAD<|im_end|>")
+    kto = _write(tmp_path / "k.jsonl", [{"messages": [q, _turn("assistant", "A", loss_weight=0)], "label": True}])
+    r = prepare_dataset(str(kto), None, check=True, stage="kto", console=lambda _: None).report
+    assert r["rejected_by_reason"] == {"nothing_to_train": 1}
 
 
 def test_column_map_renames_preference_fields_and_turn_keys(tmp_path):

@@ -15,9 +15,12 @@ Forms read (detected per record, like the SFT formats; the turn and text checks 
 | KTO | `messages` or `conversations` + `label` / `kto_tag` (true/false); TRL `prompt` + `completion` + `label` |
 
 Rejected with a reason: chosen identical to rejected, an empty side, prompts that differ between the two sides,
-a prompt in two fields (e.g. both `prompt` and `messages`), a prompt that does not end with the user, a KTO label that is not true/false, a paired record in a kto run (or
-the reverse). A pair longer than `max_length` has its answers cut (overflow=truncate: counted, and the record says
-how many tokens were cut), or is rejected (drop); a prompt that leaves no room for an answer is rejected.
+a prompt in two fields (e.g. both `prompt` and `messages`), a prompt that does not end with the user, a KTO label
+that is not true/false, a paired record in a kto run (or the reverse). Turns of weight 0 (`loss_weight` / `weight`)
+are context, as in SFT (`_scored`): before an answer's first trained turn they join the prompt; an answer that is
+all weight 0, or that has weight 0 after a trained turn, is rejected. A pair longer than `max_length` has its
+answers cut (overflow=truncate: counted, and the record says how many tokens were cut), or is rejected (drop); a
+prompt that leaves no room for an answer is rejected.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from tunelab.data.formats import (ASSISTANT, SYSTEM, USER, Invalid, _text, _tools, _turns, _type_name,
                                   apply_map, check_order)
+from tunelab.data.template import is_trained
 
 PAIR_STAGES = ("dpo", "orpo", "simpo")
 STAGES = PAIR_STAGES + ("kto",)
@@ -144,6 +148,30 @@ def _kto(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, li
     return f"{'openai' if conv_key == 'messages' else 'sharegpt'}_kto", turns[:-1], turns[-1:], label
 
 
+def _scored(prompt: list[dict], **sides: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """The prompt and the answers to score, by SFT's rule (`template.is_trained`): turns of weight 0 are context. Those
+    before an answer's first trained turn join the prompt, which both answers must then share; an answer with no
+    trained turn has nothing to score; weight 0 after a trained turn cannot be honoured (an answer is scored whole,
+    from its first trained turn to its end), so it rejects the record rather than score a turn meant as context."""
+    context, answers = None, []
+    for name, side in sides.items():
+        first = next((i for i, m in enumerate(side) if m["role"] == ASSISTANT and is_trained(m)), None)
+        if first is None:
+            raise Invalid("nothing_to_train", f"{name}: every assistant turn of the answer has weight 0 "
+                                              "(loss_weight / weight): nothing to score")
+        late = next((i for i in range(first, len(side)) if not is_trained(side[i])), None)
+        if late is not None:
+            raise Invalid("unsupported_weight", f"turn {len(prompt) + late + 1} ({name}) has weight 0 after a trained "
+                                                "turn of the same answer: tunelab scores an answer whole, weight 0 "
+                                                "can only mark the context before it")
+        if context is not None and side[:first] != context:
+            raise Invalid("prompt_mismatch", "chosen and rejected differ in turns of weight 0 before their answers: "
+                                             "those are context (part of the prompt), which a pair must share")
+        context = side[:first]
+        answers.append(side[first:])
+    return prompt + context, answers
+
+
 def _with_system(prompt: list[dict], system: str, system_prompt: str | None, notes: Counter) -> list[dict]:
     """The prompt with the record's `system` field (any form), else `system_prompt`, when it has no system turn."""
     has_turn = bool(prompt) and prompt[0]["role"] == SYSTEM
@@ -175,9 +203,11 @@ def normalize_preference(rec: Any, stage: str, notes: Counter | None = None, sys
     warnings: list[tuple[str, str]] = []
     if stage == "kto":
         fmt, prompt, chosen, label = _kto(rec, notes, tmap)
+        prompt, (chosen,) = _scored(prompt, completion=chosen)
         rejected = None
     else:
         fmt, prompt, chosen, rejected = _pair(rec, notes, tmap)
+        prompt, (chosen, rejected) = _scored(prompt, chosen=chosen, rejected=rejected)
         label = None
         if chosen == rejected:
             raise Invalid("identical_pair", "chosen is identical to rejected: the pair teaches nothing")
