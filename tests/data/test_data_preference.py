@@ -122,6 +122,21 @@ def test_turns_of_weight_0_are_context_in_preference_records_and_never_scored(tm
     assert r["rejected_by_reason"] == {"nothing_to_train": 1}
 
 
+def test_encoding_scores_only_trained_turns_of_rows_prepared_before_the_rule(tiny_tokenizer):
+    # a prepared row still holding weight-0 turns in its answers ("train": false): the same rule at encode time
+    from tunelab.data.preference import encode_preference
+    from tunelab.data.template import RecordRejected
+
+    q, draft = _turn("user", "Q?"), _turn("assistant", "DRAFT", train=False)
+    row = {"prompt": [q], "chosen": [draft, _turn("user", "Better?"), _turn("assistant", "GOOD")],
+           "rejected": [draft, _turn("user", "Better?"), _turn("assistant", "BAD")]}
+    enc = encode_preference(tiny_tokenizer, row, max_length=512)
+    assert "DRAFT" in tiny_tokenizer.decode(enc["prompt_ids"])
+    assert tiny_tokenizer.decode(enc["chosen_ids"]).startswith("GOOD<|im_end|>")
+    with pytest.raises(RecordRejected, match="completion: every assistant turn of the answer has weight 0"):
+        encode_preference(tiny_tokenizer, {"prompt": [q], "completion": [draft], "label": True}, max_length=512)
+
+
 def test_column_map_renames_preference_fields_and_turn_keys(tmp_path):
     turn = {"speaker": "human", "text": "Hi?"}
     pairs = [{"instruction": "unused", "question": "Add 2+2", "chosen": "4", "rejected": "5"},

@@ -233,15 +233,19 @@ def _answer_ids(tokenizer, prompt_ids: list[int], prompt: list, answer: list, to
 def encode_preference(tokenizer, row: dict, max_length: int, overflow: str = "truncate") -> dict[str, Any]:
     """Token ids of prompt and answers (the answers keep the template's end-of-turn); cut to max_length.
 
-    Raises RecordRejected when the prompt leaves no room for an answer, for overflow=drop, or when cutting made
-    the two answers identical."""
+    Raises RecordRejected when the prompt leaves no room for an answer, for overflow=drop, when cutting made
+    the two answers identical, or when an answer has nothing to score (turns of weight 0, `_scored`)."""
     from tunelab.data.template import RecordRejected, render
 
     tools = row.get("tools")
-    prompt_ids = list(tokenizer(render(tokenizer, row["prompt"], tools, add_generation_prompt=True),
-                                add_special_tokens=False)["input_ids"])
     keys = ("completion",) if "label" in row else ("chosen", "rejected")
-    answers = {k: _answer_ids(tokenizer, prompt_ids, row["prompt"], row[k], tools) for k in keys}
+    try:  # rows prepared before weight-0 turns were context, or made in code, are scored by the same rule
+        prompt, sides = _scored(row["prompt"], **{k: row[k] for k in keys})
+    except Invalid as e:
+        raise RecordRejected(e.reason) from None
+    prompt_ids = list(tokenizer(render(tokenizer, prompt, tools, add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"])
+    answers = {k: _answer_ids(tokenizer, prompt_ids, prompt, side, tools) for k, side in zip(keys, sides)}
     longest = len(prompt_ids) + max(len(a) for a in answers.values())
     out: dict[str, Any] = {"prompt_ids": prompt_ids, "truncated": 0, "full_length": longest}
     if longest > max_length and overflow != "keep":
