@@ -284,3 +284,72 @@ def test_json_array_is_streamed_peak_memory_far_below_file_size(tmp_path):
     tracemalloc.stop()
     assert (count, last) == (80_000, 80_001)  # every element, with its line
     assert peak < size / 5 and peak < 16 * 2**20, (peak, size)
+
+
+GZ_CONTENT = {"JSONL": jsonl([alpaca(1), alpaca(2)]), "JSON array": json.dumps([alpaca(1), alpaca(2)], indent=1),
+              "CSV": "instruction,input,output\nquestion 1,,answer 1\nquestion 2,,answer 2\n"}
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.jsonl"])  # told by its first bytes, whatever its name
+@pytest.mark.parametrize("container", GZ_CONTENT)
+def test_a_gzip_compressed_file_is_read_as_it_is(write, name, container):
+    """As the datasets library reads a .jsonl.gz: the same records, locations and raw text as the plain file."""
+    import gzip
+
+    plain, _ = read(write("plain", GZ_CONTENT[container]))
+    items, info = read(write(name, gzip.compress(GZ_CONTENT[container].encode())))
+    assert info.container == f"gzip {container}" and info.describe().startswith("gzip ")
+    assert [(i.location, i.value, i.raw) for i in items] == [(i.location, i.value, i.raw) for i in plain]
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_gzip_data_damaged_or_cut_short_is_a_file_error(write, damage):
+    import gzip
+
+    data = gzip.compress(jsonl([alpaca(i) for i in range(200)]).encode())
+    data = data[:len(data) // 2] if damage == "cut" else data[:-8] + bytes(b ^ 0xFF for b in data[-8:])
+    with pytest.raises(FileError, match=r"d\.jsonl\.gz: the gzip data is damaged or cut short .*gzip -t FILE"):
+        read(write("d.jsonl.gz", data))
+
+
+def _zip(text: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("d.jsonl", text)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("pack,says", [
+    (lambda b: __import__("bz2").compress(b), "bzip2-compressed: decompress it first, e.g. bunzip2 -k FILE"),
+    (lambda b: __import__("lzma").compress(b), "xz-compressed: decompress it first, e.g. unxz -k FILE"),
+    (lambda b: b"\x28\xb5\x2f\xfd" + b, "zstd-compressed: decompress it first, e.g. unzstd FILE"),
+    (_zip, "a zip archive .*: extract the data file first"),
+])
+def test_other_compressions_are_refused_with_the_command_that_unpacks_them(write, pack, says):
+    with pytest.raises(FileError, match=says):
+        read(write("d.jsonl", pack(jsonl([alpaca(1)]).encode())))
+
+
+def test_a_gzip_compressed_parquet_file_is_refused_with_the_fix(write, tmp_path):
+    import gzip
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([alpaca(1)]), tmp_path / "d.parquet")
+    with pytest.raises(FileError, match="gzip-compressed Parquet file .*gunzip -k FILE"):
+        read(write("d.parquet.gz", gzip.compress((tmp_path / "d.parquet").read_bytes())))
+
+
+def test_a_gzip_compressed_text_file_is_read_for_pt(write):
+    import gzip
+
+    from tunelab.data.text import records_of
+
+    path = write("corpus.txt.gz", gzip.compress(b"doc one\n\ndoc two\n"))
+    info = FileInfo(str(path))
+    docs = [i.value["text"] for i in records_of(path, info, "pt")]
+    assert docs == ["doc one\n", "doc two\n"] and info.container.startswith("gzip text")

@@ -3,7 +3,9 @@
 The container is sniffed from the bytes, never from the extension: Parquet by its ``PAR1`` magic; a JSON array
 or single object when the text starts with ``[`` / a multi-line ``{``; JSON Lines when a line holds one complete
 object; otherwise CSV/TSV with a header row (one name is enough; an empty first name is pandas' index, not
-read). Text may be UTF-8 (with or without BOM), UTF-16/32 with BOM, and use LF or CRLF line endings.
+read). Text may be UTF-8 (with or without BOM), UTF-16/32 with BOM, and use LF or CRLF line endings. A gzip-compressed
+file is read as it is (`open_bytes`, told by its first bytes: `datasets` users expect a .jsonl.gz to load); other
+compressions and archives (bzip2, xz, zstd, zip, 7z) are refused with the command that unpacks them.
 
     for item in read_file(Path("data/raw/x.json"), info):
         item.location, item.value, item.error   # "record 3 (line 12)", the parsed object, or why it is unreadable
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,16 @@ _SNIFF_BYTES = 1 << 16  # enough to see the first JSONL line or CSV header of an
 _SNIFF_LINES = 8  # non-blank lines looked at to tell JSON Lines (a few bad lines at its top) from a JSON document
 _MARK = "tunelab-mark-bad-bytes"
 _MARKED = re.compile("[\udc00-\udcff]")  # what _MARK decodes a bad byte to; valid decoding never yields these
+GZIP_MAGIC = b"\x1f\x8b"
+# Compressions and archives not read, told by their first bytes: refused with the command that unpacks them.
+_NOT_READ = [
+    (rb"BZh[1-9]1AY&SY", "bzip2-compressed", "decompress it first, e.g. bunzip2 -k FILE"),
+    (rb"\xfd7zXZ\x00", "xz-compressed", "decompress it first, e.g. unxz -k FILE"),
+    (rb"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first, e.g. unzstd FILE"),
+    (rb"7z\xbc\xaf\x27\x1c", "a 7z archive", "extract the data file first, e.g. 7z x FILE"),
+    (rb"PK\x03\x04", "a zip archive (as .xlsx and .docx files are)",
+     "extract the data file first (unzip FILE), or export a spreadsheet as CSV"),
+]
 _BOMS = [  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32 (BOM)"),
     (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32 (BOM)"),
@@ -125,6 +139,32 @@ class RawItem:
         return self._raw
 
 
+def open_bytes(path: Path):
+    """The file's bytes, decompressed when it is gzip (told by its first bytes, whatever its name): the `datasets`
+    library reads a .jsonl.gz as it is, so users expect it; gzip streams, so memory stays flat."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _compression(path: Path) -> str | None:
+    """'gzip' for a gzip-compressed file; FileError, with the fix, for a compression or archive we do not read."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    for magic, what, fix in _NOT_READ:
+        if re.match(magic, head):
+            raise FileError(path, f"this file is {what}: {fix} (tunelab reads gzip as it is)")
+    return None
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that names the data's form, under a .gz one: '.jsonl' for train.jsonl.gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-2] if len(suffixes) > 1 and suffixes[-1] == ".gz" else path.suffix.lower()
+
+
 def _sniff_encoding(head: bytes) -> tuple[str, int, str]:
     for bom, codec, label in _BOMS:
         if head.startswith(bom):
@@ -145,7 +185,7 @@ def _bad_byte_reason(line: bytes, err: UnicodeDecodeError) -> str:
 
 def _text_lines(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterator[tuple[int, str, str | None]]:
     """(line number from 1, decoded line with its ending, encoding problem or None), streamed."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         f.seek(bom_len)
         if codec == "utf-8":
             for n, b in enumerate(f, 1):
@@ -168,7 +208,7 @@ def _text_lines(path: Path, codec: str, bom_len: int, info: FileInfo) -> Iterato
 
 
 def _read_head(path: Path) -> bytes:
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         return f.read(_SNIFF_BYTES)
 
 
@@ -201,8 +241,20 @@ def _head_lines(text: str, whole: bool, k: int = 2) -> list[str]:
 
 
 def sniff(path: Path, info: FileInfo) -> tuple[str, str, int]:
-    """(container, codec, bom length) from the file's content; FileError when it is none we read."""
+    """(container, codec, bom length) from the file's content, gzip-compressed or not; FileError when it is none we
+    read."""
+    compression = _compression(path)
+    kind = _sniff(path, info, compression)
+    if compression:
+        info.container = f"{compression} {info.container}"
+    return kind
+
+
+def _sniff(path: Path, info: FileInfo, compression: str | None) -> tuple[str, str, int]:
     head = _read_head(path)
+    if head.startswith(b"PAR1") and compression:  # pyarrow reads a Parquet file by seeking to its footer
+        raise FileError(path, f"a {compression}-compressed Parquet file (Parquet compresses its own columns): "
+                              "decompress it first, e.g. gunzip -k FILE")
     if head.startswith(b"PAR1"):
         info.container, info.encoding = "Parquet", "binary"
         return "parquet", "binary", 0
@@ -423,14 +475,6 @@ class _Window:
                 return None
 
 
-def _tail_closes(path: Path, codec: str, bom_len: int, closer: str) -> bool:
-    """Whether the file's last non-blank character is `closer` (to tell a truncated file from a broken one)."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(bom_len, size - 64 + (size - bom_len) % 4))  # whole UTF-16/32 code units
-        return f.read().decode(codec, "replace").rstrip().endswith(closer)
-
-
 def _marked_reason(w: _Window, start: int, end: int, label: str) -> str | None:
     """Where the first undecodable byte between buffer indexes start and end is, or None."""
     m = _MARKED.search(w.buf, start, end)
@@ -447,7 +491,7 @@ def _marked_reason(w: _Window, start: int, end: int, label: str) -> str | None:
 
 def _read_json(path: Path, codec: str, bom_len: int, info: FileInfo, chunk: int = CHUNK_CHARS) -> Iterator[RawItem]:
     """The elements of a JSON array (or the one object of a JSON object file), streamed through a `_Window`."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         f.seek(bom_len)
         w = _Window(f, codec, chunk)
         c = w.next_char()
@@ -455,9 +499,8 @@ def _read_json(path: Path, codec: str, bom_len: int, info: FileInfo, chunk: int 
             raise FileError(path, "the file is empty (no records)")
         if c not in "[{":
             raise FileError(path, "expected a JSON array of records or one record object", *w.where(w.pos))
-        closes = _tail_closes(path, codec, bom_len, "]" if c == "[" else "}")
         if c == "{":
-            yield _element(path, w, 1, info.encoding, closes, "the JSON object")
+            yield _element(path, w, 1, info.encoding, "the JSON object")
             if w.next_char():
                 raise FileError(path, "extra data after the JSON object (for one record per line, every line must "
                                       "be a complete JSON object: JSON Lines)", *w.where(w.pos))
@@ -465,10 +508,10 @@ def _read_json(path: Path, codec: str, bom_len: int, info: FileInfo, chunk: int 
         w.advance(w.pos + 1)
         if w.next_char() == "]":
             raise FileError(path, "the JSON array is empty (no records)", *w.where(w.pos))
-        yield from _array_elements(path, w, info.encoding, closes)
+        yield from _array_elements(path, w, info.encoding)
 
 
-def _array_elements(path: Path, w: _Window, label: str, closes: bool) -> Iterator[RawItem]:
+def _array_elements(path: Path, w: _Window, label: str) -> Iterator[RawItem]:
     count, comma = 0, None
 
     def truncated() -> FileError:
@@ -484,7 +527,7 @@ def _array_elements(path: Path, w: _Window, label: str, closes: bool) -> Iterato
             raise FileError(path, f"trailing comma after record {count}: JSON does not allow a comma before ']'; "
                                   "delete it", *comma)
         count += 1
-        yield _element(path, w, count, label, closes, f"record {count}")
+        yield _element(path, w, count, label, f"record {count}")
         c = w.next_char()
         if c == ",":
             comma = w.where(w.pos)
@@ -501,7 +544,7 @@ def _array_elements(path: Path, w: _Window, label: str, closes: bool) -> Iterato
                             *w.where(w.pos))
 
 
-def _element(path: Path, w: _Window, n: int, label: str, closes: bool, what: str) -> RawItem:
+def _element(path: Path, w: _Window, n: int, label: str, what: str) -> RawItem:
     """One array element (or the whole object) as a located RawItem; the window moves past it."""
     line = w.line
     loc = f"record {n} (line {line})"
@@ -516,7 +559,7 @@ def _element(path: Path, w: _Window, n: int, label: str, closes: bool, what: str
         w.advance(end)
         return RawItem(loc, line, error="invalid JSON: nested too deeply (thousands of levels)", raw=raw)
     except json.JSONDecodeError as e:
-        raise _element_error(path, w, e, n, closes, what, label) from None
+        raise _element_error(path, w, e, n, what, label) from None
     raw = w.buf[w.pos:end]
     bad = _marked_reason(w, w.pos, end, label) or repeated
     w.advance(end)
@@ -533,8 +576,10 @@ def _decoded(w: _Window) -> tuple[Any, int, str | None]:
         return None, w.value(_DECODE_LAST_WINS)[1], str(e)
 
 
-def _element_error(path: Path, w: _Window, e: json.JSONDecodeError, n: int, closes: bool, what: str,
-                   label: str) -> FileError:
+def _element_error(path: Path, w: _Window, e: json.JSONDecodeError, n: int, what: str, label: str) -> FileError:
+    # At the end of the file the window holds its tail: a file whose last character does not close the array (or
+    # object) was cut short, one that does is broken inside
+    closes = w.buf.rstrip().endswith("}" if what == "the JSON object" else "]")
     if w.eof and (e.pos >= len(w.buf.rstrip()) or not closes):
         before = f"; {n - 1} complete records before it" if what.startswith("record") else ""
         w.advance(len(w.buf))
@@ -646,16 +691,29 @@ def _parquet_row(batch, i: int, row: int) -> RawItem:
 
 
 def read_file(path: Path, info: FileInfo) -> Iterator[RawItem]:
-    """Every record of one file, in order; FileError (raised before any record) for a whole-file problem."""
+    """Every record of one file, in order; FileError for a whole-file problem."""
+    return guarded(path, _records(path, info))
+
+
+def _records(path: Path, info: FileInfo) -> Iterator[RawItem]:
+    kind, codec, bom_len = sniff(path, info)
+    if kind == "parquet":
+        yield from _read_parquet(path, info)
+    elif kind == "jsonl":
+        yield from _read_jsonl(path, codec, bom_len, info)
+    elif kind == "csv":
+        yield from _read_csv(path, codec, bom_len, info)
+    else:
+        yield from _read_json(path, codec, bom_len, info)
+
+
+def guarded(path: Path, items: Iterator[RawItem]) -> Iterator[RawItem]:
+    """`items`, with a file that cannot be read, or gzip data that is damaged or cut short, as the FileError that
+    names the file (the records before it were read, but the file is not whole: nothing is prepared from it)."""
     try:
-        kind, codec, bom_len = sniff(path, info)
-        if kind == "parquet":
-            yield from _read_parquet(path, info)
-        elif kind == "jsonl":
-            yield from _read_jsonl(path, codec, bom_len, info)
-        elif kind == "csv":
-            yield from _read_csv(path, codec, bom_len, info)
-        else:
-            yield from _read_json(path, codec, bom_len, info)
+        yield from items
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError: caught first
+        raise FileError(path, f"the gzip data is damaged or cut short ({e}): check it with gzip -t FILE, or fetch "
+                              "it again") from None
     except OSError as e:
         raise FileError(path, f"cannot read the file: {e.strerror or e}") from None

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tunelab.data.formats import Invalid, _type_name, apply_map
-from tunelab.data.readers import FileError, FileInfo, RawItem, _sniff_encoding, _text_lines, read_file
+from tunelab.data.readers import (FileError, FileInfo, RawItem, _compression, _sniff_encoding, _text_lines,
+                                  data_suffix, guarded, open_bytes, read_file)
 from tunelab.data.values import text_problem
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
@@ -46,7 +47,7 @@ _CONVERSATION_KEYS = {"messages", "conversations", "instruction", "chosen", "rej
 
 
 def is_text_file(path: Path) -> bool:
-    return path.suffix.lower() in TEXT_SUFFIXES
+    return data_suffix(path) in TEXT_SUFFIXES
 
 
 # ---------------------------------------------------------------- reading
@@ -55,7 +56,7 @@ def is_text_file(path: Path) -> bool:
 def records_of(path: Path, info: FileInfo, stage: str, mode: str = "auto") -> Iterator[RawItem]:
     """Raw records of one input file; for stage pt, a .txt file's documents."""
     if stage == "pt" and is_text_file(path):
-        return read_text_file(path, info, mode)
+        return guarded(path, read_text_file(path, info, mode))
     return read_file(path, info)
 
 
@@ -75,7 +76,8 @@ def _has_blank_line(path: Path, codec: str, bom_len: int) -> bool:
 
 def read_text_file(path: Path, info: FileInfo, mode: str = "auto") -> Iterator[RawItem]:
     """Documents of a plain-text file, each a RawItem ``{"text": ...}`` located at its first line."""
-    with open(path, "rb") as f:
+    compression = _compression(path)
+    with open_bytes(path) as f:
         head = f.read(1 << 16)
     codec, bom_len, label = _sniff_encoding(head)
     if codec == "binary":
@@ -87,6 +89,8 @@ def read_text_file(path: Path, info: FileInfo, mode: str = "auto") -> Iterator[R
     info.encoding = label
     info.container = {"paragraph": "text, blank-line separated documents", "line": "text, one document per line",
                       "file": "text, one document per file"}[mode]
+    if compression:
+        info.container = f"{compression} {info.container}"
     start, buf, bad = None, [], None
     for n, s, problem in _text_lines(path, codec, bom_len, info):
         info.crlf = info.crlf or s.endswith("\r\n")
