@@ -562,3 +562,47 @@ def test_a_second_process_on_a_running_sweep_is_refused(tmp_path):
     res = run_sweep(None, GRID, name="s", overrides=[f"output.dir={tmp_path}"], train_fn=fake_train([]),
                     say=lambda *_: None)
     assert len(res.rows) == 4 and all(r.status == "finished" for r in res.rows)
+
+
+def test_reproduce_reads_the_original_before_training_and_names_its_damaged_files(tmp_path, caplog):
+    """The original's metrics.jsonl was read only after the whole repeat had trained, and a damaged line crashed it
+    then, with no `reproduction_of` recorded; a config.yaml that is not YAML gave a ParserError traceback. The
+    metrics are read (damaged lines skipped with a warning) before training, and a broken config is refused."""
+    from tunelab.cli import main
+    from tunelab.reproduce import reproduce
+
+    run = _fabricated_run(tmp_path)
+    good = b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    (run / "metrics.jsonl").write_bytes(good[:25] + b'[1]\n{"step": 1, "note": "\xff"}\n' + good[25:])
+    warned_before = []
+
+    def fake(cfg, resume=None):
+        warned_before.append(any("metrics.jsonl: 2 lines skipped" in r.getMessage() for r in caplog.records))
+        out = Path(cfg.output.dir) / cfg.output.run_name
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"status": "finished", "data_fingerprint": "sha256:old"}))
+        (out / "metrics.jsonl").write_bytes(good)
+        return out
+
+    res = reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert warned_before == [True] and res.diff.steps_compared == 2 and res.diff.identical
+    assert json.loads((res.reproduction / "manifest.json").read_text())["reproduction_of"]["identical"] is True
+
+    (run / "config.yaml").write_text("training: [unclosed\n")
+    with pytest.raises(ReproduceError, match=r"config.yaml is not valid YAML .*restore the file"):
+        reproduce(run, train_fn=fake, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert main(["reproduce", str(run)]) == 2 and warned_before == [True]
+
+
+def test_reproduce_says_a_stale_run_can_be_resumed(tmp_path):
+    """A run whose process is gone while its manifest says running shows as stale, as in `tunelab runs list`."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    run = _fabricated_run(tmp_path, status="running")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "pid": gone.pid, "pid_started": 1.0}))
+    with pytest.raises(ReproduceError, match=r"status 'stale'.*continue it with: tunelab train --resume"):
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")

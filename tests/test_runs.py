@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -291,3 +292,100 @@ def test_compare_and_plot_tell_alike_names_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(plt.Axes, "legend", legend)
     runs.plot_runs(["mine/r2", "other/r2"], "loss", tmp_path / "p.png", tmp_path)
     assert "mine/r2 train" in labels and "other/r2 train" in labels
+
+
+# ---------------------------------------------------------------- damaged run folders
+
+
+def test_a_damaged_manifest_is_named_on_resume_and_does_not_stop_the_run_writing_it(tmp_path, capsys, caplog):
+    """A truncated manifest.json gave `train --resume` a JSONDecodeError traceback. It is one error naming the file
+    and what to do; the process that writes the manifest goes on from what it wrote last instead, and the runs
+    table still lists every run."""
+    from tunelab.errors import TunelabError
+    from tunelab.rundir import RunDir
+
+    run = make_run(tmp_path, "cut", status="interrupted")
+    (run / "manifest.json").write_text((run / "manifest.json").read_text()[:50])
+    with pytest.raises(TunelabError, match=r"cannot read .*manifest.json.*\n.*restore the file") as e:
+        RunDir(run).manifest()
+    assert f"tunelab train --config {run / 'config.yaml'}" in str(e.value)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "The run's record is damaged" in capsys.readouterr().err
+    make_run(tmp_path, "good")
+    assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "good" in out and "unreadable" in out
+
+    writer = RunDir(tmp_path / "live")
+    writer.path.mkdir()
+    writer.update_manifest(status="running", data_fingerprint="f")
+    writer.manifest_path.write_text('{"status": "run')  # damaged under the run (a hand edit, a full disk)
+    writer.update_manifest(status="finished")
+    assert json.loads(writer.manifest_path.read_text()) == {"status": "finished", "data_fingerprint": "f"}
+    assert any("written again from what this run recorded" in r.getMessage() for r in caplog.records)
+
+
+def _damaged_metrics(run: Path) -> None:
+    """Three bad lines among the good ones (a list, a number, bytes that are not UTF-8), then a torn last line."""
+    good = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join([good[0], b"[1]\n", b"3\n", b'{"step": 2, "note": "\xff"}\n',
+                                                  *good[1:], b'{"step": 4, "lo']))
+
+
+def test_damaged_metric_lines_are_skipped_with_one_warning(tmp_path, capsys, caplog):
+    """A non-object line gave an AttributeError in plot/report (and on resume, in truncate_metrics), bytes that are
+    not UTF-8 a UnicodeDecodeError in show/report/plot. Such lines are left out with one warning naming the file
+    and how many; a torn last line (a kill mid-append) stays quiet."""
+    from tunelab.rundir import RunDir
+
+    run = make_run(tmp_path, "a", losses=(2.0, 1.5, 1.2, 1.1))
+    _damaged_metrics(run)
+    assert [s for s, _ in runs.curve(runs.read_metrics(run), "loss")] == [1, 2, 3, 4]
+    for verb in (["show", "a"], ["plot", "a", "-o", str(tmp_path / "a.png")],
+                 ["report", "a", "-o", str(tmp_path / "a.md")]):
+        assert main(["runs", *verb, "--dir", str(tmp_path)]) == 0, capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith(f"{run / 'metrics.jsonl'}: 3 lines skipped")
+
+    RunDir(run).truncate_metrics(2)  # a resume from checkpoint-2
+    assert [(r["step"], "loss" in r) for r in runs.read_metrics(run)] == [(1, True), (2, True)]
+
+    caplog.clear()
+    torn = make_run(tmp_path, "torn")
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert len(runs.read_metrics(torn)) == 5 and not caplog.records
+
+
+def test_a_run_whose_process_is_gone_lists_as_stale(tmp_path, capsys):
+    """`runs list` said `running` for a run killed outright (its manifest never written again); the web UI calls
+    it `stale` by the recorded pid and its start time, and so does the CLI now, by the same function."""
+    import subprocess
+    import sys
+
+    from tunelab.rundir import process_started
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    for name, owner in (("killed", {"pid": gone.pid, "pid_started": 1.0}),
+                        ("live", {"pid": os.getpid(), "pid_started": process_started()}),
+                        ("old", {})):  # made before runs recorded their process: cannot tell, shown as written
+        run = make_run(tmp_path, name, status="running")
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps({**manifest, **owner}))
+    assert {s.name: s.status for s in runs.list_runs(tmp_path)} == {"killed": "stale", "live": "running",
+                                                                    "old": "running"}
+    assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
+    assert "stale" in capsys.readouterr().out
+    assert main(["runs", "show", "killed", "--dir", str(tmp_path)]) == 0
+    assert "its process is gone" in capsys.readouterr().out
+
+
+def test_a_file_name_that_is_not_utf8_is_written_into_the_manifest(tmp_path):
+    """data.train = b'\\xff.jsonl' (a str with a surrogate escape in Python) crashed training in
+    write_json_atomic; it is escaped there, and other text stays readable."""
+    from tunelab.rundir import write_json_atomic
+
+    data = {"data": {"source": os.fsdecode(b"/data/\xff.jsonl"), "note": "café"}}
+    write_json_atomic(tmp_path / "manifest.json", data)
+    assert json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8")) == data

@@ -53,14 +53,20 @@ class ReproResult:
         return self.diff.max_abs_diff
 
 
-def loss_curve_diff(original: Path, repro: Path) -> CurveDiff:
-    """Largest |difference| between the logged train losses (and eval losses) of two runs, step by step."""
+Curves = tuple[dict[int, float], dict[int, float]]  # (train loss, eval loss) by step
+
+
+def loss_curves(run: Path) -> Curves:
+    """The train-loss and eval-loss points a run logged (the final summary line is not a step of its own)."""
     from tunelab.runs import curve, read_metrics
 
-    a, b = read_metrics(original), read_metrics(repro)
-    ta = dict(curve((r for r in a if not r.get("final")), "loss"))
-    tb = dict(curve((r for r in b if not r.get("final")), "loss"))
-    ea, eb = dict(curve(a, "eval_loss")), dict(curve(b, "eval_loss"))
+    records = read_metrics(run)
+    return dict(curve((r for r in records if not r.get("final")), "loss")), dict(curve(records, "eval_loss"))
+
+
+def curve_diff(a: Curves, b: Curves) -> CurveDiff:
+    """Largest |difference| between two runs' train losses (and eval losses), step by step."""
+    (ta, ea), (tb, eb) = a, b
     common = sorted(set(ta) & set(tb))
     ecommon = sorted(set(ea) & set(eb))
     return CurveDiff(
@@ -68,6 +74,11 @@ def loss_curve_diff(original: Path, repro: Path) -> CurveDiff:
         eval_max_abs_diff=max((abs(ea[s] - eb[s]) for s in ecommon), default=None),
         steps_compared=len(common),
         only_in_original=sorted(set(ta) - set(tb)), only_in_repro=sorted(set(tb) - set(ta)))
+
+
+def loss_curve_diff(original: Path, repro: Path) -> CurveDiff:
+    """How far the loss curves of two run folders lie apart (see curve_diff)."""
+    return curve_diff(loss_curves(original), loss_curves(repro))
 
 
 def data_fingerprint(cfg, run_name: str) -> str:
@@ -92,16 +103,16 @@ def data_fingerprint(cfg, run_name: str) -> str:
 
 def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
     """The run's config, after checking it finished, its seed and that its data is unchanged on disk."""
-    from tunelab.config import load_run_config
-    from tunelab.rundir import run_status
+    from tunelab.rundir import live_status
     from tunelab.runs import read_manifest
 
     manifest = read_manifest(run)
-    status = run_status(manifest)
+    status = live_status(manifest)[0]
     if status != "finished":
-        hint = f"; continue it with: tunelab train --resume {run}" if status in ("interrupted", "failed") else ""
+        hint = f"; continue it with: tunelab train --resume {run}" if status in ("interrupted", "failed", "stale") \
+            else ""
         raise ReproduceError(f"{run} has status {status!r}: only a finished run can be reproduced{hint}")
-    cfg = load_run_config(run / "config.yaml")
+    cfg = _run_config(run)
     if manifest.get("seed") is not None and manifest["seed"] != cfg.training.seed:
         raise ReproduceError(f"{run}: the manifest's seed {manifest['seed']} differs from config.yaml's "
                              f"training.seed {cfg.training.seed}; the run folder was edited")
@@ -115,6 +126,18 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
             f"  {cfg.data.train}: fingerprint now {now[:16]}, at training time {recorded[:16]}.\n"
             "Restore the original data (same file, same records), or train a new run on the new data.")
     return cfg, manifest
+
+
+def _run_config(run: Path):
+    import yaml
+
+    from tunelab.config import load_run_config
+
+    try:
+        return load_run_config(run / "config.yaml")
+    except yaml.YAMLError as e:  # load_run_config parses the file before load_config's check, which says it better
+        raise ReproduceError(f"{run / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]}): the run records "
+                             "what it trained with there; restore the file to reproduce it") from None
 
 
 def _repro_name(parent: Path, name: str) -> tuple[str, bool]:
@@ -141,6 +164,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
 
     original = resolve_run(run, runs_dir)
     cfg, manifest = check_reproducible(original, fingerprint_fn)
+    before = loss_curves(original)  # read now: a damaged file is reported before the repeat, not after it
     cfg.output.dir = str(original.parent)
     resume = False
     if name:
@@ -188,7 +212,7 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
             changed = sorted(k for k in set(manifest[key]) | set(rmanifest[key])
                              if manifest[key].get(k) != rmanifest[key].get(k))
             notes.append(f"{key} differ ({', '.join(changed)}): small loss differences are expected")
-    result = ReproResult(original, repro, loss_curve_diff(original, repro), final_metrics(manifest),
+    result = ReproResult(original, repro, curve_diff(before, loss_curves(repro)), final_metrics(manifest),
                          final_metrics(rmanifest), notes)
     summary = {"original": str(original), "max_abs_diff": result.diff.max_abs_diff,
                "eval_max_abs_diff": result.diff.eval_max_abs_diff, "steps_compared": result.diff.steps_compared,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import re
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config
+from tunelab.errors import TunelabError
+from tunelab.files import read_json_object
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("tunelab", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors")
 
@@ -26,9 +31,12 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    from tunelab.data.prepare import to_json  # a file name that is not UTF-8 (data.train) is escaped, not a crash
+
     tmp = path.with_name(f".{path.name}.tmp")
+    text = to_json(data, indent=2, default=str)
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -79,12 +87,32 @@ def git_commit() -> str | None:
 
 STATUSES = ("starting", "running", "finished", "failed", "interrupted")
 _OLD_STATUSES = {"completed": "finished", "diverged": "failed"}  # written by tunelab before the run lifecycle
+LIVE_STATUSES = ("starting", "running")
 
 
 def run_status(manifest: dict[str, Any]) -> str:
     """The run's status in today's words (runs made by older versions said completed / diverged)."""
-    status = manifest.get("status") or "unknown"
+    status = str(manifest.get("status") or "unknown")  # str: a hand-edited list or number is not a dict key
     return _OLD_STATUSES.get(status, status)
+
+
+def live_status(manifest: dict[str, Any], job: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(status shown, note), as `tunelab runs` and the web UI show a run: today's words (run_status); a live status
+    whose process is gone (killed, machine restarted) is `stale`, as only a resume continues it. `job`: the web UI's
+    record of the command it started for the run (pid, returncode), asked when the manifest names no usable pid."""
+    raw, status, note = str(manifest.get("status") or "unknown"), run_status(manifest), ""
+    if status in LIVE_STATUSES:
+        alive = pid_alive(manifest.get("pid"), manifest.get("pid_started"))
+        if alive is None and job is not None:
+            alive = job.get("returncode") is None and pid_alive(job.get("pid")) is not False
+        if alive is False:
+            return "stale", f"manifest says {raw} but its process is gone (killed?); resume it to continue"
+    elif status not in STATUSES:
+        note = f"status {raw!r} is not one this version knows"
+        status = "unknown"
+    if status == "failed" and manifest.get("error"):
+        note = str(manifest["error"])
+    return status, note
 
 
 def pid_alive(pid: Any, started: Any = None) -> bool | None:
@@ -126,13 +154,27 @@ class RunDir:
     def __init__(self, path: Path, main_process: bool = True):
         self.path = Path(path)
         self.main = main_process
+        self._written: dict[str, Any] | None = None  # the manifest as this object last wrote it
 
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+        """manifest.json ({} before it is written); a damaged one is an error that names it and what to do, except
+        in the process writing the run: it goes on from what it wrote last, so that a file damaged under a run
+        (a hand edit, a full disk) never stops it from recording its steps and how it ended."""
+        if not self.manifest_path.is_file():
+            return {}
+        try:
+            return read_json_object(self.manifest_path)
+        except TunelabError as e:
+            if self._written is None:
+                raise TunelabError(
+                    f"{e}\nThe run's record is damaged: restore the file from a copy, or train the run anew "
+                    f"(tunelab train --config {self.path / 'config.yaml'} output.run_name=NEW_NAME)") from None
+            log.warning("%s; it is written again from what this run recorded", e)
+            return dict(self._written)
 
     def update_manifest(self, **fields: Any) -> None:
         if not self.main:
@@ -140,6 +182,7 @@ class RunDir:
         data = self.manifest()
         data.update(fields)
         write_json_atomic(self.manifest_path, data)
+        self._written = data
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -152,23 +195,49 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not self.main or not path.is_file():
             return
-        keep = [r for r in _parse_lines(path) if r.get("step", 0) <= after_step and not r.get("final")]
+        keep = [r for r in _parse_lines(path) if _step(r) <= after_step and not r.get("final")]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, path)
 
 
+def _step(record: dict[str, Any]) -> float:
+    """The step a metric line was logged at (0 when it names none); a hand-edited step that is not a number sorts
+    after every step, so a resume drops that line rather than fail on it."""
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) else float("inf")
+
+
+_warned: set[tuple[str, int]] = set()  # (file, lines skipped) already reported: a report reads its file twice
+
+
 def _parse_lines(path: Path) -> list[dict[str, Any]]:
-    """JSON lines, skipping a line torn by a kill in the middle of an append."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
+    """The JSON objects of a JSON-lines file. An unterminated last line is one torn by a kill in the middle of an
+    append (or still being written): left out quietly. Any other line that is not a JSON object in UTF-8 (a hand
+    edit, a damaged disk) is left out too, with one warning that counts them."""
+    data = path.read_bytes()
+    lines = data.splitlines()
+    torn = lines.pop() if lines and not data.endswith((b"\n", b"\r")) else None
+    out = [r for r in map(_record, lines) if r is not None]
+    bad = sum(1 for line in lines if line.strip()) - len(out)
+    if torn is not None and (last := _record(torn)) is not None:  # killed after the object, before its newline
+        out.append(last)
+    if bad and (str(path), bad) not in _warned:
+        _warned.add((str(path), bad))
+        log.warning("%s: %d line%s skipped, not a JSON object in UTF-8 (edited or damaged); the other %d are read",
+                    path, bad, "s" * (bad != 1), len(out))
     return out
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in the order logged ([] before the first)."""
     path = Path(run) / "metrics.jsonl"
     return _parse_lines(path) if path.is_file() else []

@@ -6,7 +6,7 @@
     runs.plot_runs(["outputs/a", "outputs/b"], "loss", "loss.png")
 
 `list_runs` reads only each run's manifest.json, so it stays fast with hundreds of runs. Metrics read from
-metrics.jsonl tolerate a torn last line (a run killed mid-write).
+metrics.jsonl skip a torn last line (a run killed mid-write) quietly and other damaged lines with a warning.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from tunelab.errors import TunelabError
 from tunelab.files import read_json_object
-from tunelab.rundir import run_status
+from tunelab.rundir import live_status, read_metrics, run_status
 
 # Metrics where a lower value is better; every other numeric metric is higher-is-better.
 # logps/*: the answers' log-probabilities (preference eval): the chosen / desirable ones up, the rejected down
@@ -114,19 +114,6 @@ def read_config(run: Path) -> dict[str, Any]:
     return data
 
 
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a torn line from a killed run
-            continue
-    return out
-
-
 def read_evals(run: Path) -> dict[str, dict[str, Any]]:
     """`eval/<name>.json` files of a run, by name; a file that is not an eval record is left out, and sections that
     are not mappings read as absent (`metrics` {}, `base_metrics` None)."""
@@ -173,6 +160,7 @@ class RunSummary:
     duration_s: float | None
     metrics: dict[str, float] = field(default_factory=dict)
     started_at: str = ""
+    note: str = ""  # why the status reads as it does (stale, unknown, failed), when there is more to say
 
 
 def _model_name(manifest: dict[str, Any]) -> str:
@@ -213,11 +201,11 @@ def summarize(run: Path, manifest: dict[str, Any] | None = None, runs_dir: Path 
     except ValueError:
         date = started[:16]
     name = str(run.relative_to(runs_dir)) if runs_dir is not None else str(m.get("run_name") or run.name)
-    steps = m.get("global_step")
-    return RunSummary(name=name, path=run, date=date, status=str(run_status(m)),
+    steps, (status, note) = m.get("global_step"), live_status(m)
+    return RunSummary(name=name, path=run, date=date, status=status,
                       method=str(m.get("method") or "?"), model=_model_name(m), data=_data_name(m),
                       steps=steps if isinstance(_number(steps), int) else None, duration_s=_number(m.get("duration_s")),
-                      metrics=final_metrics(m), started_at=started)
+                      metrics=final_metrics(m), started_at=started, note=note)
 
 
 def read_sweep_state(path: Path, error: type[TunelabError] = RunError) -> dict[str, Any]:
@@ -290,7 +278,8 @@ def runs_table(summaries: Sequence[RunSummary]):
                 "perplexity", "BLEU", "duration"):
         t.add_column(col, justify="right" if col in ("steps", "train loss", "eval loss", "perplexity", "BLEU",
                                                       "duration") else "left")
-    colour = {"finished": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "starting": "cyan"}
+    colour = {"finished": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "starting": "cyan",
+              "stale": "yellow"}
     for s in summaries:
         m = s.metrics
         t.add_row(s.name, s.date, f"[{colour.get(s.status, 'white')}]{s.status}[/]", s.method, s.model, s.data,

@@ -71,7 +71,8 @@ def _show(console, info: dict) -> None:
     s, m = info["summary"], info["manifest"]
     t = Table(title=f"run {s.name}", show_header=False)
     dtype = m.get("dtype")
-    for k, v in (("folder", info["path"]), ("status", s.status), ("started", s.date),
+    status = f"{s.status}: {s.note}" if s.note else s.status  # stale: what happened and how to continue
+    for k, v in (("folder", info["path"]), ("status", status), ("started", s.date),
                  ("duration", fmt_duration(s.duration_s)), ("method", s.method), ("model", s.model),
                  ("data", s.data), ("data fingerprint", m.get("data_fingerprint")), ("seed", m.get("seed")),
                  ("steps", fmt_num(s.steps)), ("dtype", f"{dtype.get('name', '?')}"

@@ -14,13 +14,8 @@ from typing import Any
 
 from tunelab import runs
 from tunelab.errors import TunelabError
-from tunelab.rundir import pid_alive
+from tunelab.rundir import live_status  # the status rule `tunelab runs` shows too (stale: its process is gone)
 
-# The run lifecycle: starting -> running -> finished | failed | interrupted. Older runs wrote `completed`
-# (= finished) and `diverged` (= failed); anything else is shown as it is, marked unknown.
-STATUS_ALIASES = {"completed": "finished", "diverged": "failed"}
-KNOWN_STATUSES = {"starting", "running", "finished", "failed", "interrupted"}
-LIVE_STATUSES = {"starting", "running"}
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
 MEMORY_KEYS = ("memory_gib", "rss_gib", "peak_memory_gib", "cuda_memory_gib", "gpu_memory_gib")
 
@@ -53,25 +48,6 @@ def run_path(root: Path, name: str) -> Path:
     if not found:
         raise runs.RunError(f"no run {name!r} under {root}")
     return path
-
-
-def live_status(manifest: dict[str, Any], job: dict[str, Any] | None = None) -> tuple[str, str]:
-    """(status shown, note): aliases resolved; a live status whose process is gone shows as `stale`."""
-    raw = str(manifest.get("status") or "unknown")
-    status = STATUS_ALIASES.get(raw, raw)
-    note = ""
-    if status in LIVE_STATUSES:
-        alive = pid_alive(manifest.get("pid"), manifest.get("pid_started"))
-        if alive is None and job is not None:
-            alive = job.get("returncode") is None and pid_alive(job.get("pid")) is not False
-        if alive is False:
-            return "stale", f"manifest says {raw} but its process is gone (killed?); resume it to continue"
-    elif status not in KNOWN_STATUSES:
-        note = f"status {raw!r} is not one this version knows"
-        status = "unknown"
-    if status == "failed" and manifest.get("error"):
-        note = str(manifest["error"])
-    return status, note
 
 
 def _num(v: Any) -> float | None:
