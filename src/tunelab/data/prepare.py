@@ -72,6 +72,7 @@ class PreparedData:
     report: dict[str, Any]
     fingerprint: str
     folder: Path | None = None
+    edited: list[str] = field(default_factory=list)  # files changed since prepare wrote them, in words
 
 
 def to_json(obj: Any, **kw) -> str:
@@ -207,6 +208,13 @@ def _chunks(path: Path) -> Iterator[bytes]:
         yield from iter(lambda: f.read(1 << 20), b"")
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(path):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(files: list[tuple[str, Path]], options: dict[str, Any],
                 tok_id: dict[str, str] | None) -> tuple[str, list[dict[str, Any]]]:
     """sha256 of the input bytes (with their role), the options and the tokenizer identity; and each file as it was
@@ -238,10 +246,7 @@ def changed_sources(report: dict[str, Any]) -> list[str]:
         stat = path.stat()
         if (stat.st_size, stat.st_mtime_ns) == (f.get("bytes"), f.get("mtime_ns")):
             continue
-        own = hashlib.sha256()
-        for chunk in _chunks(path):
-            own.update(chunk)
-        now = own.hexdigest()
+        now = _file_sha256(path)
         if now != f["sha256"]:
             changed.append(f"{f['path']} (sha256 {f['sha256'][:12]}… when prepared, {now[:12]}… now)")
     return changed
@@ -717,6 +722,7 @@ def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
     if ts:
         rpt.write_histogram_png(ts["histogram"], ts["max_length"], workdir / "length_histogram.png",
                                 f"{report['name']}: tokens per record ({report['records_accepted']} records)")
+    report["output_sha256"] = {name: _file_sha256(workdir / name) for name in PREPARED_FILES}  # see load_prepared
     (workdir / "report.json").write_text(to_json(report, indent=2) + "\n", encoding="utf-8")
     # a file name that is not valid UTF-8 (os.fsdecode's surrogates) is written escaped, as to_json does
     (workdir / "report.md").write_text(rpt.markdown(report), encoding="utf-8", errors="backslashreplace")
@@ -726,6 +732,8 @@ def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading a prepared folder
+
+PREPARED_FILES = ("train.jsonl", "val.jsonl")  # the records training reads: hashed when written and when read
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -776,4 +784,22 @@ def load_prepared(folder: str | Path) -> PreparedData:
     if not train:
         raise DataError(f"{folder}/train.jsonl holds no records"
                         + (": " + "; ".join(report.get("problems", [])) if report.get("problems") else ""))
-    return PreparedData(train, val, report, report.get("fingerprint", ""), folder)
+    fingerprint, edited = _content_fingerprint(folder, report)
+    return PreparedData(train, val, report, fingerprint, folder, edited)
+
+
+def _content_fingerprint(folder: Path, report: dict[str, Any]) -> tuple[str, list[str]]:
+    """(fingerprint, files edited since prepare wrote them, in words). Untouched files keep the fingerprint prepare
+    recorded (of its inputs, options and tokenizer), so runs and `tunelab reproduce` of the raw files agree with
+    it; an edit gives a fingerprint of the files as they are, which no run recorded before the edit. A folder
+    prepared before the files' hashes were recorded keeps its recorded fingerprint, unchecked."""
+    fingerprint, recorded = report.get("fingerprint", ""), report.get("output_sha256")
+    if not isinstance(recorded, dict):
+        return fingerprint, []
+    now = {name: _file_sha256(folder / name) if (folder / name).is_file() else None for name in PREPARED_FILES}
+    edited = [f"{name} (sha256 {str(recorded.get(name))[:12]}… when prepared, "
+              + (f"{digest[:12]}… now)" if digest else "gone now)")
+              for name, digest in now.items() if digest != recorded.get(name)]
+    if not edited:
+        return fingerprint, []
+    return "sha256:" + hashlib.sha256(json.dumps([fingerprint, now]).encode()).hexdigest(), edited

@@ -49,9 +49,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
             _prepare_into(cfg, tokenizer, src, folder, run_path.name)
     prepared = load_prepared(folder)
     _check_prepared(prepared.report, cfg, folder, fresh)
-    if expected_fingerprint and prepared.fingerprint != expected_fingerprint:
-        raise TunelabError(f"--resume: the data in {folder} (fingerprint {prepared.fingerprint[:19]}) is not the data "
-                           f"this run trained on ({expected_fingerprint[:19]}); start a new run instead")
+    _check_same_data(prepared, folder, expected_fingerprint, say)
     val_records = prepared.val
     if cfg.data.eval and folder == src:  # a prepared train folder plus a separate eval source
         if not is_prepared(Path(cfg.data.eval)):
@@ -89,6 +87,23 @@ def _check_prepared(report: dict, cfg: Config, folder: Path, fresh: bool) -> Non
         raise TunelabError(f"{folder} was prepared from files that have changed since: {'; '.join(changed)}. It "
                            "holds the records of the old files: prepare it again (tunelab prepare with the inputs "
                            f"and options in {folder / 'report.md'}), or give the raw data as data.train")
+
+
+def _check_same_data(prepared, folder: Path, expected: str | None, say) -> None:
+    """A resumed run trains on the records it started with (`expected`: the fingerprint its manifest recorded). A
+    fresh run on a folder edited after prepare wrote it is told that its report no longer describes the records."""
+    edits = "; ".join(prepared.edited)
+    if expected and prepared.fingerprint != expected:
+        what = (f"its files were edited after tunelab prepare wrote them: {edits}" if prepared.edited
+                else "it was prepared again since, from other files or with other settings")
+        raise TunelabError(f"--resume: the data in {folder} is not the data this run trained on: {what} (fingerprint "
+                           f"{prepared.fingerprint[:19]}… now, {expected[:19]}… recorded). The checkpoint's weights, "
+                           "optimiser and schedule were made on the old records: start a new run to train on these "
+                           "(without --resume), or put the old data back to resume")
+    if prepared.edited and not expected:
+        say(f"warning: {folder} was edited after tunelab prepare wrote it: {edits}. Its report no longer describes "
+            f"these records; the run records their own fingerprint ({prepared.fingerprint[:19]}…). Prepare the data "
+            "again to have them checked and counted")
 
 
 def _check_usable(report: dict, folder: Path) -> None:
