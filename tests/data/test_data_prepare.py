@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -339,22 +340,34 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped_and_reads_back(write, t
 
 def test_files_a_folder_input_holds_but_are_not_read_are_named(write, tmp_path):
     """A folder of shards read train-00000.jsonl and passed over train-00001.jsonl.gz without a word (4 of 12
-    records read): every file of a folder that is not read is named on the console and in the report."""
+    records read): a .jsonl.gz is now read as it is, and every file of a folder that is not read (another
+    compression, a README) is named on the console and in the report."""
     import gzip
+    import lzma
 
     write("in/train-00000.jsonl", jsonl([alpaca(1)]))
     write("in/train-00001.jsonl.gz", gzip.compress(jsonl([alpaca(2)]).encode()))
+    write("in/train-00002.jsonl.xz", lzma.compress(jsonl([alpaca(3)]).encode()))
     write("in/README.md", "a dataset card")
     printed = []
     r = prepare_dataset(str(tmp_path / "in"), tmp_path / "out", console=printed.append)
-    gz, readme = str(tmp_path / "in" / "train-00001.jsonl.gz"), str(tmp_path / "in" / "README.md")
-    assert r.report["skipped_files"] == [readme, gz]
+    xz, readme = str(tmp_path / "in" / "train-00002.jsonl.xz"), str(tmp_path / "in" / "README.md")
+    assert r.report["records_accepted"] == 2 and r.report["files"][1]["container"] == "gzip JSONL"
+    assert r.report["skipped_files"] == [readme, xz]
     said = next(x for x in printed if x.startswith("warning: 2 file(s)"))
-    assert gz in said and readme in said and "gunzip" in said
-    assert f"`{gz}`" in (tmp_path / "out" / "report.md").read_text()
-    write("gz/a.jsonl.gz", gzip.compress(jsonl([alpaca(2)]).encode()))
-    with pytest.raises(DataError, match=r"no data files .*; it holds .*a\.jsonl\.gz \(compressed files are not read"):
-        prepare_dataset(str(tmp_path / "gz"), check=True, console=quiet)
+    assert xz in said and readme in said and "unxz -k" in said
+    assert f"`{xz}`" in (tmp_path / "out" / "report.md").read_text()
+    write("xz/a.jsonl.xz", lzma.compress(jsonl([alpaca(2)]).encode()))
+    with pytest.raises(DataError, match=r"no data files .*; it holds .*a\.jsonl\.xz \(only gzip-compressed files"):
+        prepare_dataset(str(tmp_path / "xz"), check=True, console=quiet)
+
+
+def test_a_gzip_input_names_its_prepared_folder_without_its_suffixes(write, tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.chdir(tmp_path)
+    r = prepare_dataset(str(write("shard.jsonl.gz", gzip.compress(jsonl([alpaca(1)]).encode()))), console=quiet)
+    assert r.output == Path("data") / "processed" / "shard" and r.report["name"] == "shard"
 
 
 def test_truncated_records_are_named_as_the_preference_stages_name_theirs(write, tiny_tokenizer, tmp_path):

@@ -38,7 +38,7 @@ from typing import Any
 from tunelab.data import report as rpt
 from tunelab.data.fast_tokenizer import FastTokenizer, tokenizer_identity
 from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
-from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, read_file
+from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, data_suffix, read_file
 from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
 from tunelab.files import staging_dir
 
@@ -46,7 +46,8 @@ __all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", 
 
 PREPARE_VERSION = 1  # bump when the canonical output of the same input changes (part of the fingerprint)
 DATA_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq"}
-COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip", ".7z"}  # a folder's .jsonl.gz: said, not silently passed over
+# A folder's .jsonl.xz: said, not silently passed over (a .jsonl.gz is read as it is: readers.open_bytes)
+COMPRESSED = {".bz2", ".xz", ".zst", ".zip", ".7z"}
 OVERFLOW = ("truncate", "drop", "keep")
 TRAIN_ON = ("assistant", "all", "last_assistant")
 SHOW_REJECTIONS = 10  # printed to the terminal; all of them go to rejected.jsonl
@@ -122,7 +123,7 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                    text: bool = False) -> tuple[list[Path], list[Path]]:
     """Files, folders (their data files, recursively, sorted) and globs → (the files to read, in the order given;
     the other files of those folders, which are not read: said by `prepare_dataset`). `text` (stage pt): a
-    folder's .txt / .text / .md files count as data too."""
+    folder's .txt / .text / .md files count as data too. Each may be gzip-compressed (train.jsonl.gz)."""
     suffixes = DATA_SUFFIXES | TEXT_SUFFIXES if text else DATA_SUFFIXES
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out: list[Path] = []
@@ -134,12 +135,12 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
         elif p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            found = [f for f in files if f.suffix.lower() in suffixes]
+            found = [f for f in files if data_suffix(f) in suffixes]
             if not found:
-                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(suffixes))})"
+                raise DataError(f"{p} is a folder with no data files ({', '.join(sorted(suffixes))}, or these .gz)"
                                 + (f"; it holds {skipped_text(files)}" if files else ""))
             out += found
-            skipped += [f for f in files if f.suffix.lower() not in suffixes]
+            skipped += [f for f in files if data_suffix(f) not in suffixes]
         elif any(c in str(item) for c in "*?["):
             found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not found:
@@ -156,8 +157,13 @@ def skipped_text(files: list[Path], most: int = 10) -> str:
     read."""
     names = ", ".join(str(f) for f in files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
     if any(f.suffix.lower() in COMPRESSED for f in files):
-        names += " (compressed files are not read: decompress them first, e.g. gunzip -k FILE.jsonl.gz)"
+        names += " (only gzip-compressed files are read: decompress the others first, e.g. unxz -k FILE.jsonl.xz)"
     return names
+
+
+def _stem(path: Path) -> str:
+    """The name a prepared folder takes from its input: 'train' for train.jsonl and for train.jsonl.gz."""
+    return Path(path.stem).stem if path.suffix.lower() == ".gz" else path.stem
 
 
 STAGES = ("sft", "pt", "dpo", "orpo", "simpo", "kto")
@@ -501,7 +507,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
         console(f"warning: {len(skipped)} file(s) in the input folders are not data files and are not read: "
                 + skipped_text(skipped))
     first = inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs)[0]
-    name = name or (Path(first).stem.replace("*", "") or "dataset")
+    name = name or (_stem(Path(first)).replace("*", "") or "dataset")
     out_dir = None if check else Path(output) if output else Path("data") / "processed" / name
     if out_dir is not None and out_dir.exists() and not (is_prepared(out_dir) or _is_empty_dir(out_dir)):
         raise DataError(f"{out_dir} exists and is not a prepared dataset: refusing to replace it; "
