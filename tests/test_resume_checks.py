@@ -1,9 +1,10 @@
 """What a resume checks before it continues a run: the data is the data it trained on (the prepared files' bytes,
-not only the fingerprint their report claims)."""
+not only the fingerprint their report claims), and the base weights are the ones it started on."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -118,3 +119,61 @@ def _tokenizer(model_dir):
 
 def _steps(run: Path) -> list[int]:
     return [m["step"] for m in read_metrics(run) if "loss" in m and not m.get("final")]
+
+
+# ---------------------------------------------------------------- base weights
+
+
+def test_resume_refuses_base_weights_replaced_since(tiny_model_dir, model_dir, demo_files, tmp_path,
+                                                    signal_after_step):
+    """The audit's case: model.name a local folder whose weights were replaced; the resume said nothing and the
+    loss jumped. Same bytes put back (with their time) resume; a run recorded before the identity resumes too."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    weights = base / "model.safetensors"
+    shutil.copy2(weights, tmp_path / "original.safetensors")
+    cfg = _cfg(base, demo_files, tmp_path / "out", "r", "training.max_steps=4")
+    run = _interrupt(signal_after_step, 1, cfg)
+
+    shutil.copy(model_dir / "model.safetensors", weights)  # same architecture, other weights
+    with pytest.raises(TunelabError, match=r"base model .* is not the one this run started on: .*model\.safetensors"
+                                           r".* recorded, .* now.*start a new run"):
+        train(load_config(None), resume=str(run))
+
+    shutil.copy2(tmp_path / "original.safetensors", weights)  # the same bytes and time: the same identity
+    _interrupt(signal_after_step, 2, load_config(None), resume=run)
+    assert _steps(run) == [1, 2]
+
+    manifest = _manifest(run)  # as an older tunelab left it: no identity recorded
+    del manifest["base_model"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    train(load_config(None), resume=str(run))
+    assert "records no identity of its base weights" in (run / "train.log").read_text()
+    assert _manifest(run)["status"] == "finished"
+    assert _manifest(run)["base_model"]["files"]["model.safetensors"]["bytes"] == weights.stat().st_size
+
+
+def test_base_identity_of_a_hub_model_and_of_the_bundled_one(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from tunelab.model.loading import base_changes, base_identity
+
+    repo = tmp_path / "models--owner--name"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    first = base_identity("owner/name")
+    assert first["commit"] == "a" * 40 and base_changes(first, base_identity("owner/name")) == []
+    assert base_identity("owner/name", revision="b" * 40)["commit"] == "b" * 40
+    (repo / "refs" / "main").write_text("b" * 40)  # a newer snapshot downloaded since
+    assert base_changes(first, base_identity("owner/name")) == [
+        f"owner/name resolves to commit {'b' * 40} now, {'a' * 40} when the run started"]
+    assert base_changes(first, base_identity("other/unknown")) == []  # not in the cache: cannot tell, not refused
+
+    bundled = base_identity("bundled:smollm2-135m-instruct")
+    assert bundled["kind"] == "bundled" and len(bundled["sha256"]) == 64
+    assert base_changes(bundled, dict(bundled)) == []
+    assert "sha256" in base_changes({**bundled, "sha256": "0" * 64}, bundled)[0]

@@ -115,6 +115,74 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
         f"Use a local model folder, or the bundled model that works offline: {BUNDLED_MODEL}")
 
 
+# ---------------------------------------------------------------- identity of the base weights
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the files from_pretrained reads weights from
+
+
+def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
+    """What a run records of its base weights, so that a resume can tell they changed (`base_changes`). A local
+    folder: each weight file's size and modification time (stat only: a 7B model's 14 GB are not read again); the
+    bundled model: the sha256 of its GGUF (94 MiB, ~0.1 s); a hub id: the commit the local cache resolves
+    `revision` to (after the model loaded, that is the snapshot it loaded; None where the cache cannot tell)."""
+    if name in BUNDLED:
+        gguf = bundled_gguf_path(name)
+        return {"kind": "bundled", "file": str(gguf), "bytes": gguf.stat().st_size, "sha256": _sha256(gguf)}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = {f.name: {"bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+                 for f in sorted(path.iterdir()) if f.suffix in WEIGHT_SUFFIXES and f.is_file()}
+        return {"kind": "folder", "path": str(path.resolve()), "files": files}
+    return {"kind": "hub", "repo": name, "revision": revision, "commit": _cached_commit(name, revision)}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_commit(repo: str, revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def base_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the base weights `now` differ from those a run `recorded` (base_identity), in words; [] when the same or
+    when it cannot be told (a hub commit the cache did not know)."""
+    if recorded.get("kind") != now.get("kind"):
+        return [f"model.name was a {recorded.get('kind')} when the run started and is a {now.get('kind')} now"]
+    if now["kind"] == "bundled" and recorded.get("sha256") != now["sha256"]:
+        return [f"{now['file']} (sha256 {str(recorded.get('sha256'))[:12]}… recorded, {now['sha256'][:12]}… now)"]
+    if now["kind"] == "hub":
+        old, new = recorded.get("commit"), now["commit"]
+        changed = bool(old and new and old != new)
+        return [f"{now['repo']} resolves to commit {new} now, {old} when the run started"] if changed else []
+    if now["kind"] != "folder":
+        return []
+    old, new = recorded.get("files") or {}, now["files"]
+    return [f"{Path(now['path']) / name}: {_file_words(old.get(name))} recorded, {_file_words(new.get(name))} now"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+
+
+def _file_words(state: dict[str, int] | None) -> str:
+    if state is None:
+        return "no such file"
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(state["mtime_ns"] / 1e9).isoformat(sep=" ", timespec="milliseconds")
+    return f"{state['bytes']:,} bytes modified {when}"
+
+
 # ---------------------------------------------------------------- dtype
 
 

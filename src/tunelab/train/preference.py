@@ -43,7 +43,8 @@ from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupt
 from tunelab.train.monitor import fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
-from tunelab.train.recipe import Plan, TrainState, make_plan, make_scheduler, param_groups, restore_state
+from tunelab.train.recipe import (Plan, TrainState, make_plan, make_scheduler, param_groups, restore_state,
+                                  same_base)
 
 REF_ADAPTER = "ref"
 
@@ -143,6 +144,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     life.say(f"Data ({stage}): {len(data.train)} train / {len(data.val)} eval examples (fingerprint "
              f"{data.fingerprint[:12]})")
     model, choice, reference, ref_info = build_policy(cfg, accelerator, life.say)
+    base = same_base(cfg, life)
     if not life.fresh:
         _same_reference(life.run.manifest().get("reference") or {}, ref_info)
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.learning_rate,
@@ -156,7 +158,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps,
                           accelerator.process_index)
     life.run.update_manifest(
-        seed=t_cfg.seed, method=t_cfg.method, stage=stage, reference=ref_info, model=cfg.model.name,
+        seed=t_cfg.seed, method=t_cfg.method, stage=stage, reference=ref_info, model=cfg.model.name, base_model=base,
         data_fingerprint=data.fingerprint, data=data.data_info, dtype={"name": choice.name, "reason": choice.reason},
         versions=package_versions(), hardware=hardware(), runtime=runtime_info(), git_commit=git_commit(),
         processes=accelerator.num_processes, total_steps=plan.total_steps,

@@ -154,6 +154,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     life.say(f"Data: {data.data_info['train_records']} train / {data.data_info['val_records']} eval records, "
              f"{data.data_info['train_target_tokens']:,} trained tokens per epoch (fingerprint {data.fingerprint[:12]})")
     model, choice = build_model(cfg, accelerator, life.say)
+    base = same_base(cfg, life)
     loss_fn = CausalLMLoss(model, chunk_size=t_cfg.loss_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.learning_rate,
                                   betas=(0.9, 0.999), eps=1e-8)
@@ -167,7 +168,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     state = restore_state(cfg, life, inner, optimizer, scheduler, resume_from, plan.total_steps,
                           accelerator.process_index)
     life.run.update_manifest(
-        seed=t_cfg.seed, method=t_cfg.method, stage=t_cfg.stage, model=cfg.model.name,
+        seed=t_cfg.seed, method=t_cfg.method, stage=t_cfg.stage, model=cfg.model.name, base_model=base,
         data_fingerprint=data.fingerprint,
         data=data.data_info, dtype={"name": choice.name, "reason": choice.reason}, versions=package_versions(),
         hardware=hardware(), runtime=runtime_info(), git_commit=git_commit(), processes=world,
@@ -211,6 +212,25 @@ def _refuse_deepspeed_accumulation(accelerator, passes: int) -> None:
         raise TunelabError("DeepSpeed would step the optimiser after every forward pass with this recipe: set "
                            "training.gradient_accumulation_steps=1 (raise training.batch_size or processes instead)"
                            " and, with training.batch_tokens, training.pass_tokens to batch_tokens")
+
+
+def same_base(cfg: Config, life: RunLife) -> dict[str, Any]:
+    """The identity of the base weights, for the manifest (after loading: a hub model is in the cache by then). A
+    resumed run refuses base weights other than those it started on: its adapter learnt a difference from them."""
+    from tunelab.model.loading import base_changes, base_identity
+
+    now = base_identity(cfg.model.name, cfg.model.revision)
+    recorded = None if life.fresh else life.run.manifest().get("base_model")
+    if not life.fresh and recorded is None:
+        life.say("This run's manifest records no identity of its base weights (an older tunelab started it): "
+                 "they are not checked on this resume, and are recorded from now on")
+    changes = base_changes(recorded, now) if recorded else []
+    if changes:
+        raise TunelabError(f"--resume: the base model {cfg.model.name} is not the one this run started on: "
+                           f"{'; '.join(changes)}. The checkpoint was trained on top of the old base weights; "
+                           "continuing it on these would mix two models (the loss would jump): put the old weights "
+                           "back to resume, or start a new run (without --resume) on these")
+    return now
 
 
 def restore_state(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
