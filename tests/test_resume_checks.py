@@ -1,11 +1,13 @@
 """What a resume checks before it continues a run: the data is the data it trained on (the prepared files' bytes,
-not only the fingerprint their report claims), and the base weights are the ones it started on."""
+not only the fingerprint their report claims), the base weights are the ones it started on, and there is disk for
+a checkpoint before step 1 (else a run with save_steps=0 trains every step and then loses them)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import signal
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,69 @@ def test_base_identity_of_a_hub_model_and_of_the_bundled_one(tmp_path, monkeypat
     assert bundled["kind"] == "bundled" and len(bundled["sha256"]) == 64
     assert base_changes(bundled, dict(bundled)) == []
     assert "sha256" in base_changes({**bundled, "sha256": "0" * 64}, bundled)[0]
+
+
+# ---------------------------------------------------------------- disk
+
+
+def _disk(monkeypatch, free_mib: float, when=lambda: True) -> None:
+    """shutil.disk_usage says `free_mib` MiB are free while `when()` holds (the real figure otherwise)."""
+    real = shutil.disk_usage
+
+    def usage(path):
+        if not when():
+            return real(path)
+        return namedtuple("usage", "total used free")(10 * 2**30, 10 * 2**30, int(free_mib * 2**20))
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_too_little_disk_for_a_checkpoint_is_refused_before_step_one(tiny_model_dir, demo_files, tmp_path,
+                                                                     monkeypatch, stage):
+    """The audit's case: with save_steps=0 every step trained and then checkpoint-final was refused ("about 20 MiB
+    needed, 30 MiB free ... resume with --resume"), and --resume started from step 0. The preference recipe too."""
+    data = demo_files
+    if stage == "dpo":
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."})
+                                + "\n" for i in range(8)))
+    _disk(monkeypatch, 30)
+    with pytest.raises(TunelabError) as err:
+        train(_cfg(tiny_model_dir, data, tmp_path, "small", "training.max_steps=2", f"training.stage={stage}"))
+    assert "a checkpoint of it takes about 20 MiB" in str(err.value)
+    assert "plus a margin of 20% + 50 MiB is free; 30 MiB are free. Nothing was trained" in str(err.value)
+    assert not (tmp_path / "small").exists()  # nothing trained: no folder left behind
+
+
+def test_a_final_checkpoint_that_cannot_be_written_says_the_weights_are_lost(tiny_model_dir, demo_files, tmp_path,
+                                                                             monkeypatch):
+    """Room at the start, none at the end (something else filled the disk): the error says plainly that the
+    trained weights were not saved, how much room a checkpoint needs, and that a resume starts from step 0."""
+    import tunelab.train.monitor as monitor
+
+    done = {}
+    original = monitor.Reporter.advance
+
+    def advance(self, step, info):
+        original(self, step, info)
+        done["last"] = step == 2
+
+    monkeypatch.setattr(monitor.Reporter, "advance", advance)
+    _disk(monkeypatch, 30, when=lambda: done.get("last", False))
+    with pytest.raises(TunelabError, match=r"the trained weights were NOT saved: checkpoint-final, the result of all "
+                                           r"2 steps, could not be written \(not enough free disk .*20 MiB.*\)\. "
+                                           r"They are lost when this process ends; no checkpoint of this run exists, "
+                                           r"so a resume trains it again from step 0"):
+        train(_cfg(tiny_model_dir, demo_files, tmp_path, "filled", "training.max_steps=2"))
+    assert _manifest(tmp_path / "filled")["status"] == "failed"
+
+
+def test_a_final_checkpoint_asks_room_for_its_weights_not_for_an_optimiser_it_does_not_hold():
+    import torch
+
+    from tunelab.train.recipe import checkpoint_bytes
+
+    model = torch.nn.Linear(1000, 1000, bias=False)  # 1M trainable parameters, fp32
+    assert checkpoint_bytes(model, "lora") == 12_000_000 + 20 * 2**20  # weights and two Adam moments
+    assert checkpoint_bytes(model, "lora", optimizer=False) == 4_000_000 + 20 * 2**20

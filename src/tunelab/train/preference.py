@@ -43,8 +43,8 @@ from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupt
 from tunelab.train.monitor import fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
-from tunelab.train.recipe import (Plan, TrainState, make_plan, make_scheduler, param_groups, restore_state,
-                                  same_base)
+from tunelab.train.recipe import (Plan, TrainState, make_plan, make_scheduler, param_groups, refuse_short_disk,
+                                  restore_state, same_base, unsaved)
 
 REF_ADAPTER = "ref"
 
@@ -145,6 +145,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
              f"{data.fingerprint[:12]})")
     model, choice, reference, ref_info = build_policy(cfg, accelerator, life.say)
     base = same_base(cfg, life)
+    refuse_short_disk(life, model, t_cfg.method)
     if not life.fresh:
         _same_reference(life.run.manifest().get("reference") or {}, ref_info)
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.learning_rate,
@@ -444,7 +445,7 @@ def save_final(s: PrefSession) -> None:
     with main_process_work():
         if s.main:
             ckpt.save_checkpoint(s.life.path, "checkpoint-final", write,
-                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method, optimizer=False))
 
 
 def finish(s: PrefSession) -> None:
@@ -454,7 +455,10 @@ def finish(s: PrefSession) -> None:
     final: dict[str, Any] = {"train_loss": s.state.train_loss, "global_step": step}
     if s.data.val:
         final.update(preference_eval(s, s.data.val))
-    save_final(s)
+    try:
+        save_final(s)
+    except TunelabError as e:
+        raise unsaved(s.life, step, e) from None
     with main_process_work():
         if s.main:
             ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -155,6 +156,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
              f"{data.data_info['train_target_tokens']:,} trained tokens per epoch (fingerprint {data.fingerprint[:12]})")
     model, choice = build_model(cfg, accelerator, life.say)
     base = same_base(cfg, life)
+    refuse_short_disk(life, model, t_cfg.method)
     loss_fn = CausalLMLoss(model, chunk_size=t_cfg.loss_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.learning_rate,
                                   betas=(0.9, 0.999), eps=1e-8)
@@ -231,6 +233,37 @@ def same_base(cfg: Config, life: RunLife) -> dict[str, Any]:
                            "continuing it on these would mix two models (the loss would jump): put the old weights "
                            "back to resume, or start a new run (without --resume) on these")
     return now
+
+
+def refuse_short_disk(life: RunLife, model, method: str) -> None:
+    """Before step 1: room for one checkpoint, or every step is trained and then lost for want of it (with the
+    default save_steps=0 the first checkpoint written is checkpoint-final, after the last step)."""
+    need = checkpoint_bytes(model, method)
+    with main_process_work():  # the main process writes the checkpoints; its refusal stops the others
+        if not life.main:
+            return
+        try:
+            ckpt.check_disk(life.path, need)  # the rule every checkpoint is written under
+        except TunelabError:
+            if life.fresh:
+                then = "Nothing was trained: free some space or set output.dir to a disk with room, then start again"
+            else:
+                then = f"Nothing more was trained: free some space, then resume: tunelab train --resume {life.path}"
+            free = shutil.disk_usage(life.path).free
+            raise TunelabError(f"not enough free disk in {life.path} for this run: a checkpoint of it takes about "
+                               f"{need / 2**20:,.0f} MiB, and one is written only when that plus a margin of 20% + "
+                               f"50 MiB is free; {free / 2**20:,.0f} MiB are free. {then}") from None
+
+
+def unsaved(life: RunLife, step: int, error: TunelabError) -> TunelabError:
+    """checkpoint-final could not be written: the error, saying plainly that the trained weights are lost with
+    this process and where a resume starts."""
+    points = ckpt.complete_checkpoints(life.path)
+    where = (f"a resume continues from checkpoint-{points[-1][0]}" if points
+             else "no checkpoint of this run exists, so a resume trains it again from step 0")
+    return TunelabError(f"the trained weights were NOT saved: checkpoint-final, the result of all {step} steps, "
+                        f"could not be written ({error}). They are lost when this process ends; {where}: "
+                        f"tunelab train --resume {life.path}")
 
 
 def restore_state(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
@@ -371,7 +404,7 @@ def save_artifacts(s: Session, name: str) -> None:
             ckpt.save_checkpoint(s.life.path, name,
                                  lambda d: save_final_artifacts(s.inner, s.tokenizer, s.cfg, d, s.life.path.name,
                                                                 s.dtype.name, sd),
-                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method))
+                                 estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method, optimizer=False))
 
 
 def finish(s: Session) -> None:
@@ -384,7 +417,10 @@ def finish(s: Session) -> None:
         final.update(eval_loss=ev, eval_tokens=n, perplexity=math.exp(ev) if ev < 50 else float("inf"))
     if s.life.stop_signal:
         s.life.announce_stop()
-    save_artifacts(s, "checkpoint-final")
+    try:
+        save_artifacts(s, "checkpoint-final")
+    except TunelabError as e:
+        raise unsaved(s.life, step, e) from None
     with main_process_work():
         # with sharded weights every forward pass needs every process: all generate (in step), the main one reports
         generated = _final_generation_metrics(s) if s.main or params_sharded(s.accelerator) else {}
@@ -508,9 +544,11 @@ def save_final_artifacts(model, tokenizer, cfg: Config, folder: Path, run_name: 
     (folder / "tunelab.json").write_text(json.dumps(meta, indent=2))
 
 
-def checkpoint_bytes(model, method: str) -> int:
+def checkpoint_bytes(model, method: str, optimizer: bool = True) -> int:
+    """The size of a checkpoint, for the disk check: a step checkpoint holds the optimiser's state, checkpoint-best
+    and checkpoint-final do not (asking room for it there could refuse a run's only save for space it never uses)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable * 4 * 3 + 20 * 2**20  # weights + two Adam moments (fp32) + tokenizer
+    return trainable * 4 * (3 if optimizer else 1) + 20 * 2**20  # weights (+ two Adam moments), fp32; tokenizer
 
 
 def load_checkpoint_weights(inner, folder: Path, method: str) -> None:
