@@ -50,7 +50,7 @@ def test_run_folder_contract(tiny_model_dir, demo_files, tmp_path):
     run = train(_cfg(tiny_model_dir, demo_files, tmp_path, "contract", "training.save_steps=3",
                      "training.eval_steps=3", "tracking.report_to=[tensorboard]"))
     top = {p.name for p in run.iterdir()}
-    assert top == {"config.yaml", "manifest.json", "metrics.jsonl", "train.log", "data", "tensorboard",
+    assert top == {"config.yaml", "manifest.json", "metrics.jsonl", "train.log", "data", "tensorboard", ".run.lock",
                    "checkpoint-3", "checkpoint-6", "checkpoint-best", "checkpoint-final"}
     final = {p.name for p in (run / "checkpoint-final").iterdir()}
     assert final == {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -7,10 +7,14 @@ transformers and friends only inside `run`, so `tunelab --help` and every `tunel
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import signal
 import sys
 import threading
+from typing import Any
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: OSErrors without a file name
 
 # verb -> (module, one-line help). A plain dict: no registry machinery.
 VERBS = {
@@ -98,31 +102,35 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a path the user gave that cannot be written or read (a file where a folder must be, ...)
-        if e.filename is None:
+        if e.filename is None and e.errno not in _DISK_ERRNOS:
             raise
         names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        print(f"error: {e.strerror or type(e).__name__}: {names}", file=sys.stderr)
+        print(f"error: {e.strerror or type(e).__name__}{': ' + names if names else ''}", file=sys.stderr)
+        if e.errno in _DISK_ERRNOS:
+            print("the disk is full: free some space (older runs in outputs/, exports) and run the command again; "
+                  "what was being written was not kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _sigterm_interrupts():
-    """SIGTERM (`kill`, a job scheduler) stops a verb as Ctrl-C does, so its cleanup runs (a merge stopped midway
-    leaves no hidden copy of the model). Training and the servers put their own handlers over it while they run.
-    Returns the handler it replaced (None: left alone, outside the main thread or when one was set)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
+def _sigterm_interrupts() -> dict[int, Any]:
+    """SIGTERM (`kill`, a job scheduler) and SIGHUP (the terminal or ssh session closed) stop a verb as Ctrl-C
+    does, so its cleanup runs (a merge stopped midway leaves no hidden copy of the model). Training and the servers
+    put their own handlers over them while they run. Left alone outside the main thread, or where a handler was set
+    or the signal is ignored (`nohup`). Returns the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    return {s: signal.signal(s, interrupt) for s in sigs if signal.getsignal(s) is signal.SIG_DFL}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):  # `--resume training.eval_steps=5`
+        args.overrides, args.resume = [args.resume, *args.overrides], "latest"
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args)
     return train_from_args(args.config, args.overrides, args.resume)
@@ -55,6 +57,13 @@ def train_from_args(config: str | None, overrides: list[str], resume: str | None
     from tunelab.train.recipe import train
 
     cfg = load_config(config, overrides)
-    # on --resume the run's own config.yaml rules: overrides safe mid-run are applied, the others refused by name
-    train(cfg, resume=resume, config_path=config, overrides=list(overrides) if resume else None)
+    if not resume:
+        train(cfg, config_path=config)
+        return 0
+    # the run's own config.yaml rules: settings safe mid-run (from --config or the command line) are applied, the
+    # others refused by name; the manifest keeps naming the file the run was started from
+    from tunelab.train.lifecycle import config_file_overrides
+
+    from_file = config_file_overrides(cfg, config, resume, overrides) if config else []
+    train(cfg, resume=resume, overrides=from_file + list(overrides))
     return 0

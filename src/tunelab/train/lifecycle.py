@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 from tunelab.config import Config, load_run_config, save_config
 from tunelab.errors import TunelabError
+from tunelab.files import read_json_object
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.monitor import Reporter, Trackers
 from tunelab.rundir import RunDir, default_run_name, now_iso, owner, pid_alive, read_metrics, run_status
@@ -32,6 +34,17 @@ from tunelab.rundir import RunDir, default_run_name, now_iso, owner, pid_alive, 
 SAFE_ON_RESUME = ("training.logging_steps", "training.eval_steps", "training.save_steps", "training.save_total_limit",
                   "training.early_stopping_patience", "training.nan_guard", "training.num_workers", "eval.",
                   "tracking.", "output.")
+
+
+LOCK_NAME = ".run.lock"  # the run folder's lock file (see RunLife._claim_folder)
+
+
+def _stop_signals() -> list[signal.Signals]:
+    """The signals that stop a run cleanly: Ctrl-C, `kill`, and the terminal or ssh session closing (SIGHUP),
+    unless the run was started to ignore hang-ups (`nohup`)."""
+    hup = getattr(signal, "SIGHUP", None)  # not on Windows
+    keep_hup = hup is not None and signal.getsignal(hup) is not signal.SIG_IGN
+    return [signal.SIGINT, signal.SIGTERM] + ([hup] if keep_hup else [])
 
 
 class TrainingInterrupted(TunelabError):
@@ -49,8 +62,7 @@ class OptionalWorkStopped(Exception):
 class RunLife:
     """The run folder's owner: status, error, log, trackers and signal handlers (see the module docstring)."""
 
-    def __init__(self, run: RunDir, *, fresh: bool, main: bool, cfg: Config | None = None,
-                 notes: list[str] | None = None):
+    def __init__(self, run: RunDir, *, fresh: bool, main: bool, cfg: Config | None = None):
         self.run, self.fresh, self.main, self.cfg = run, fresh, main, cfg
         self.reporter = Reporter(None, 0, enabled=main)  # the log is attached once the folder is ours
         self.trackers: Trackers | None = None
@@ -58,9 +70,10 @@ class RunLife:
         # setup: a signal aborts; steps: it checkpoints and stops; finish: it is noted; optional: it stops that work
         self.mode = "setup"
         self.global_step = 0
-        self._notes = notes or []
+        self._notes: list[str] = []
         self.unsaved_overrides: list[str] = []  # resume overrides, saved into config.yaml once training begins
         self._old_handlers: dict[int, Any] = {}
+        self._lock = None  # the run folder's OS lock (filelock), held by the main process while the run lives
 
     @property
     def path(self) -> Path:
@@ -69,22 +82,25 @@ class RunLife:
     def say(self, text: str = "") -> None:
         self.reporter.line(text)
 
+    def say_on_enter(self, text: str) -> None:
+        """Said (and written to train.log) once the run folder is ours: what opening the run found."""
+        self._notes.append(text)
+
     # ---- the context
 
     def __enter__(self) -> "RunLife":
         from tunelab.train.distributed import main_process_work
 
-        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in _stop_signals()}
         try:  # the folder is made only once the handlers are ours: no window for an orphan
             with main_process_work():
-                if self.fresh and self.main:
-                    _create_run_folder(self.cfg, self.path)
+                if self.main:
+                    self._claim_folder()
         except BaseException:
-            self._restore_handlers()
+            self._release()
             raise
         if self.main:
             self.reporter.attach_log(self.path / "train.log")
-        self.run.update_manifest(status="starting", **owner())  # a resumed run loads again too
         for note in self._notes:
             self.say(note)
         return self
@@ -95,9 +111,12 @@ class RunLife:
             signal.signal(s, signal.SIG_IGN)
         try:
             self._record_end(status, error, exc)
+        except Exception as e:  # noqa: BLE001 - a full disk, a damaged manifest: the run's own error must show
+            print(f"warning: could not record the run's end ({status}) in {self.run.manifest_path}: "
+                  f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
         finally:
             self._close_quietly(status, error)
-            self._restore_handlers()
+            self._release()
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or one before the first step
             raise TrainingInterrupted(self.resume_hint("aborted")) from None
         return False
@@ -125,9 +144,33 @@ class RunLife:
             self.reporter.log_only(f"{'error' if status == 'failed' else 'stopped'}: {error}")
         self.reporter.close()
 
-    def _restore_handlers(self) -> None:
+    def _claim_folder(self) -> None:
+        """Make (fresh) or take (resumed) the run folder, holding its lock until the run ends: a second process
+        on the same folder (two `--resume` at once, two fresh runs given one name) is refused, not mixed in."""
+        if self.fresh:
+            self.run.path = _create_run_folder(self.cfg, self.path, self._lock_folder)
+        else:  # locked by open_run
+            self.run.update_manifest(status="starting", **owner())
+
+    def _lock_folder(self, path: Path) -> None:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(path / LOCK_NAME, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise TunelabError(f"{path} is being trained right now by another process; wait for it to end or stop it "
+                               "(Ctrl-C where it runs: it saves a checkpoint), then resume") from None
+        self._lock = lock
+
+    def _release(self) -> None:
+        """The signal handlers back to what they were, and the folder's lock freed."""
         for s, h in self._old_handlers.items():
             signal.signal(s, h)
+        self._old_handlers = {}
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def begin_training(self, total_steps: int, start_step: int) -> None:
         """From here on the run trains: trackers started, status running, progress bar, graceful stop on a signal.
@@ -173,9 +216,8 @@ class RunLife:
         if self.fresh and not self._has_results():
             return f"{what} before anything was trained"
         if not (ckpt.complete_checkpoints(self.path) or (self.path / "checkpoint-final").is_dir()):
-            return (f"{what} before the first checkpoint; start it again from step 0 with: tunelab train --resume "
-                    f"{self.path}")
-        return f"{what}; resume from the last checkpoint with: tunelab train --resume {self.path}"
+            return f"{what} before the first checkpoint; start it again from step 0 with: {resume_command(self.path)}"
+        return f"{what}; resume from the last checkpoint with: {resume_command(self.path)}"
 
     def _on_signal(self, signum, _frame) -> None:
         if self.mode == "setup" or self.stop_signal is not None:  # nothing to save yet, or a second Ctrl-C
@@ -187,6 +229,11 @@ class RunLife:
     def _has_results(self) -> bool:
         return bool(ckpt.complete_checkpoints(self.path) or (self.path / "checkpoint-final").is_dir()
                     or read_metrics(self.path))
+
+
+def resume_command(run: Path) -> str:
+    """The command that continues `run`, ready to paste into a shell (a path with a space is quoted)."""
+    return f"tunelab train --resume {shlex.quote(str(run))}"
 
 
 def _outcome(exc: BaseException | None) -> tuple[str, str | None]:
@@ -219,36 +266,93 @@ def open_run(cfg: Config, resume: str | bool | None, main: bool,
     run_path = find_resume_run(cfg, resume)
     if not (run_path / "config.yaml").is_file():
         raise TunelabError(f"--resume: {run_path} is not a tunelab run folder (no config.yaml)")
-    run = RunDir(run_path, main)
-    manifest = run.manifest()
+    life = RunLife(RunDir(run_path, main), fresh=False, main=main)
+    if main:  # held from here: two resumes at once would both pick (and set aside) checkpoints, then both train
+        life._lock_folder(run_path)
+    try:
+        return _resumed(life, overrides or [])
+    except BaseException:
+        life._release()
+        raise
+
+
+def _resumed(life: RunLife, overrides: list[str]) -> tuple[Config, RunLife, Path | None]:
+    manifest = life.run.manifest()
     if run_status(manifest) == "finished":
-        raise TunelabError(f"--resume: {run_path} already finished; start a new run instead")
+        raise TunelabError(f"--resume: {life.path} already finished; start a new run instead")
     if _live(manifest):  # two processes writing one folder would mix their steps and checkpoints
-        raise TunelabError(f"--resume: {run_path} is being trained right now by process {manifest['pid']}; stop it "
+        raise TunelabError(f"--resume: {life.path} is being trained right now by process {manifest['pid']}; stop it "
                            f"first (Ctrl-C where it runs, or kill -INT {manifest['pid']}: it saves a checkpoint), "
                            "then resume")
-    run_cfg, applied = resume_config(run_path, overrides or [])
-    life = RunLife(run, fresh=False, main=main, cfg=run_cfg,
-                   notes=[f"Changed on resume: {', '.join(applied)}"] if applied else [])
+    life.cfg, applied = resume_config(life.path, overrides)
     life.unsaved_overrides = applied
-    points = ckpt.complete_checkpoints(run_path)
-    return run_cfg, life, points[-1][1] if points else None
+    if applied:
+        life.say_on_enter(f"Changed on resume: {', '.join(applied)}")
+    return life.cfg, life, ckpt.newest_sound_checkpoint(life.path, life.say_on_enter, set_aside=life.main)
 
 
-def _create_run_folder(cfg: Config, path: Path) -> None:
+def _create_run_folder(cfg: Config, path: Path, lock) -> Path:
+    """Make and lock the folder of a fresh run, then write its config and manifest; returns the folder. A default
+    name taken meanwhile (two runs started in the same second) moves on to `<name>-2`; on a failure (a full disk)
+    nothing of it is left to block the next attempt."""
+    made = _make_folder(path, unique=not cfg.output.run_name)
+    path = made or path
+    done = []  # how far the start got: what a failure has to undo
+    try:
+        lock(path)
+        done.append("locked")
+        _refuse_taken(path)
+        done.append("writing")
+        save_config(cfg, path / "config.yaml")
+        RunDir(path).update_manifest(run_name=path.name, status="starting", created_at=now_iso(), **owner())
+    except BaseException as e:
+        _unmake(path, made is not None, done)
+        if isinstance(e, OSError):
+            raise TunelabError(f"cannot start the run in {path}: {e.strerror or e} (free some space, or pick "
+                               "another output.dir)") from None
+        raise
+    return path
+
+
+def _make_folder(path: Path, unique: bool) -> Path | None:
+    """`path` (or, when `unique`, the first free `<path>-N`), made now; None when it existed already (a folder of
+    the user's, or a run: `_refuse_taken` tells which)."""
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            if not unique:
+                return None
+        except OSError as e:  # e.g. output.dir names a file, a read-only or full disk
+            raise TunelabError(f"cannot make the run folder {candidate}: {e.strerror or e} (check output.dir)") \
+                from None
+    raise TunelabError(f"no free run name next to {path}; pick one with output.run_name")
+
+
+def _refuse_taken(path: Path) -> None:
+    if not path.is_dir():
+        raise TunelabError(f"cannot make the run folder {path}: a file of that name exists (check output.dir)")
     if (path / "manifest.json").exists():
         raise TunelabError(f"run folder {path} already holds a run; use --resume to continue it or pick another "
                            "output.run_name")
-    if path.is_dir() and any(path.iterdir()):  # never ours (tunelab removes what a failed start made): keep it
+    if any(p.name != LOCK_NAME for p in path.iterdir()):  # never ours (tunelab removes what a failed start made)
         raise TunelabError(f"{path} exists and holds no tunelab run (e.g. files of your own, or what an older "
                            "tunelab left after a failed start); pick another output.run_name, or remove the folder "
-                           f"if it is not needed: rm -r {path}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # e.g. output.dir names a file
-        raise TunelabError(f"cannot make the run folder {path}: {e.strerror or e} (check output.dir)") from None
-    save_config(cfg, path / "config.yaml")
-    RunDir(path).update_manifest(run_name=path.name, status="starting", created_at=now_iso(), **owner())
+                           f"if it is not needed: rm -r {shlex.quote(str(path))}")
+
+
+def _unmake(path: Path, made: bool, done: list[str]) -> None:
+    """Undo a fresh start that failed: the folder if this run made it, else only what it wrote in it (and the lock
+    file it made in a folder of the user's)."""
+    if made:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in ("config.yaml", "manifest.json", ".manifest.json.tmp") if "writing" in done else ():
+        (path / name).unlink(missing_ok=True)
+    if "locked" in done and not (path / "manifest.json").exists():
+        (path / LOCK_NAME).unlink(missing_ok=True)
 
 
 def find_resume_run(cfg: Config, resume: str | bool) -> Path:
@@ -259,8 +363,8 @@ def find_resume_run(cfg: Config, resume: str | bool) -> Path:
     candidates = []
     for p in Path(cfg.output.dir).glob("*/manifest.json"):
         try:
-            manifest = json.loads(p.read_text())
-        except (OSError, ValueError):
+            manifest = read_json_object(p)
+        except TunelabError:
             continue  # a torn or foreign manifest is not a run to resume
         if run_status(manifest) != "finished" and not _live(manifest):
             candidates.append((p.stat().st_mtime, p.parent))
@@ -284,11 +388,39 @@ def resume_config(run_path: Path, overrides: list[str]) -> tuple[Config, list[st
     own = load_run_config(run_path / "config.yaml")
     changing = [o for o in overrides if not o.startswith("output.")
                 and load_run_config(run_path / "config.yaml", [o]).to_dict() != own.to_dict()]
-    keys = [o.split("=", 1)[0].strip() for o in changing]
-    unsafe = [k for k in keys if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
+    unsafe = _unsafe_on_resume([o.split("=", 1)[0].strip() for o in changing])
     if unsafe:
         raise TunelabError(
             f"--resume cannot change {', '.join(unsafe)}: the checkpoint's weights, optimiser state, data order and "
             f"schedule were made with the run's own values ({run_path / 'config.yaml'}). Start a new run to change "
             f"them; on resume only these may change: {', '.join(s.rstrip('.') + ('.*' if s.endswith('.') else '') for s in SAFE_ON_RESUME)}")
     return (load_run_config(run_path / "config.yaml", changing) if changing else own), changing
+
+
+def _unsafe_on_resume(keys: list[str]) -> list[str]:
+    return [k for k in keys if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
+
+
+def config_file_overrides(cfg: Config, config_file: str, resume: str | bool, overrides: list[str]) -> list[str]:
+    """`--config FILE --resume`: the settings where FILE (`cfg`: FILE + `overrides`) differs from the run's own
+    config.yaml, as overrides (the resume applies them: only safe ones remain) beside the command line's own. A
+    difference that would change what is trained is refused naming FILE, instead of being dropped without a word
+    (the run's own config rules a resumed run)."""
+    from tunelab.runs import flatten
+
+    run_path = find_resume_run(cfg, resume)
+    if not (run_path / "config.yaml").is_file():
+        return []  # open_run says what is wrong with the folder
+    own = flatten(load_run_config(run_path / "config.yaml").to_dict())
+    given = flatten(cfg.to_dict())
+    named = {o.split("=", 1)[0].strip() for o in overrides}  # the command line's: resume_config judges them
+    changed = {k: v for k, v in given.items()
+               if k in own and own[k] != v and k not in named and not k.startswith("output.")}
+    unsafe = _unsafe_on_resume(list(changed))
+    if unsafe:
+        shown = "; ".join(f"{k}: {json.dumps(changed[k])} there, {json.dumps(own[k])} in the run" for k in unsafe)
+        raise TunelabError(
+            f"--resume with --config {config_file}: the file would change what the run trains ({shown}). A resumed "
+            f"run keeps its own settings ({run_path / 'config.yaml'}): resume without --config, or start a new run "
+            "to train with the file's")
+    return [f"{k}={json.dumps(v)}" for k, v in changed.items()]

@@ -49,6 +49,7 @@ class Reporter:
         self.start = time.time()
         self.progress = None
         self.task = None
+        self.terminal = True  # False once writing to it failed
 
     def begin(self, total_steps: int) -> None:
         """Training starts: the clock (not counting loading) and, on a terminal, the live progress bar."""
@@ -65,7 +66,7 @@ class Reporter:
 
     def close(self) -> None:
         if self.progress:
-            self.progress.stop()
+            self._to_terminal(self.progress.stop)
             self.progress = None
         if self.log:
             self.log.close()
@@ -75,12 +76,21 @@ class Reporter:
         if not self.enabled:
             return
         if self.progress:
-            self.progress.console.print(text, markup=False, highlight=False)
+            self._to_terminal(lambda: self.progress.console.print(text, markup=False, highlight=False))
         else:
-            print(text, flush=True)
+            self._to_terminal(lambda: print(text, flush=True))
         if self.log:
             self.log.write(text + "\n")
             self.log.flush()
+
+    def _to_terminal(self, write: Callable[[], Any]) -> None:
+        """A terminal that went away (ssh dropped: SIGHUP, then EIO on every write) must not fail the run's
+        checkpoint and end: the terminal is dropped, train.log keeps every line."""
+        if self.terminal:
+            try:
+                write()
+            except OSError:
+                self.terminal = False
 
     def attach_log(self, log_path: Path) -> None:
         """Append to `log_path` from now on (a run folder's train.log, once the folder exists)."""
