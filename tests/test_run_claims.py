@@ -196,3 +196,22 @@ def test_the_resume_hint_can_be_pasted_into_a_shell(tmp_path):
 
     run = tmp_path / "my runs" / "it's"
     assert shlex.split(resume_command(run)) == ["tunelab", "train", "--resume", str(run)]
+
+
+def test_a_hang_up_stops_any_verb_as_sigterm_does(monkeypatch, capsys, tmp_path):
+    """SIGHUP killed a verb without its cleanup (a merge's staging copy stayed); now it takes the verb's SIGTERM
+    path: here the CLI's own (interrupted, 130), in a server uvicorn's graceful shutdown, in training a checkpoint."""
+    import os
+    import time
+
+    import tunelab.cli.validate as validate
+    from tunelab.cli import main
+
+    def hung_up(args):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(10)  # the handler interrupts this
+
+    monkeypatch.setattr(validate, "run", hung_up)
+    assert main(["validate", str(tmp_path / "x.json")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -119,18 +119,24 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
 
 
 def _sigterm_interrupts() -> dict[int, Any]:
-    """SIGTERM (`kill`, a job scheduler) and SIGHUP (the terminal or ssh session closed) stop a verb as Ctrl-C
-    does, so its cleanup runs (a merge stopped midway leaves no hidden copy of the model). Training and the servers
-    put their own handlers over them while they run. Left alone outside the main thread, or where a handler was set
-    or the signal is ignored (`nohup`). Returns the handlers it replaced."""
+    """SIGTERM (`kill`, a job scheduler) stops a verb as Ctrl-C does, so its cleanup runs (a merge stopped midway
+    leaves no hidden copy of the model); SIGHUP (the terminal or ssh session closed) is turned into a SIGTERM, so it
+    takes whatever stop the verb has (training and the servers put their own SIGTERM handlers over this one while
+    they run). Left alone outside the main thread, where a handler was set, or where ignored (`nohup`). Returns the
+    handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    return {s: signal.signal(s, interrupt) for s in sigs if signal.getsignal(s) is signal.SIG_DFL}
+    def hang_up(signum, frame):
+        signal.raise_signal(signal.SIGTERM)
+
+    handlers = {signal.SIGTERM: interrupt}
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        handlers[signal.SIGHUP] = hang_up
+    return {s: signal.signal(s, h) for s, h in handlers.items() if signal.getsignal(s) is signal.SIG_DFL}
 
 
 if __name__ == "__main__":  # pragma: no cover
