@@ -129,7 +129,7 @@ def _steps(run: Path) -> list[int]:
 def test_resume_refuses_base_weights_replaced_since(tiny_model_dir, model_dir, demo_files, tmp_path,
                                                     signal_after_step):
     """The audit's case: model.name a local folder whose weights were replaced; the resume said nothing and the
-    loss jumped. Same bytes put back (with their time) resume; a run recorded before the identity resumes too."""
+    loss jumped. The same bytes put back (even by a plain cp) resume; a run recorded before the identity resumes too."""
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     weights = base / "model.safetensors"
@@ -142,7 +142,8 @@ def test_resume_refuses_base_weights_replaced_since(tiny_model_dir, model_dir, d
                                            r".* recorded, .* now.*start a new run"):
         train(load_config(None), resume=str(run))
 
-    shutil.copy2(tmp_path / "original.safetensors", weights)  # the same bytes and time: the same identity
+    shutil.copy(tmp_path / "original.safetensors", weights)  # the same bytes at a new time: the same weights
+    assert weights.stat().st_mtime_ns != (tmp_path / "original.safetensors").stat().st_mtime_ns
     _interrupt(signal_after_step, 2, load_config(None), resume=run)
     assert _steps(run) == [1, 2]
 
