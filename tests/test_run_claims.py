@@ -192,7 +192,7 @@ def test_resume_followed_by_an_override_reads_it_as_one(monkeypatch):
 
 def test_the_resume_hint_can_be_pasted_into_a_shell(tmp_path):
     """The printed `tunelab train --resume PATH` broke on a path with a space."""
-    from tunelab.train.lifecycle import resume_command
+    from tunelab.rundir import resume_command
 
     run = tmp_path / "my runs" / "it's"
     assert shlex.split(resume_command(run)) == ["tunelab", "train", "--resume", str(run)]

@@ -103,13 +103,13 @@ def data_fingerprint(cfg, run_name: str) -> str:
 
 def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
     """The run's config, after checking it finished, its seed and that its data is unchanged on disk."""
-    from tunelab.rundir import live_status
+    from tunelab.rundir import live_status, resume_command
     from tunelab.runs import read_manifest
 
     manifest = read_manifest(run)
     status = live_status(manifest)[0]
     if status != "finished":
-        hint = f"; continue it with: tunelab train --resume {run}" if status in ("interrupted", "failed", "stale") \
+        hint = f"; continue it with: {resume_command(run)}" if status in ("interrupted", "failed", "stale") \
             else ""
         raise ReproduceError(f"{run} has status {status!r}: only a finished run can be reproduced{hint}")
     cfg = _run_config(run)

@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def resume_command(run: Path) -> str:
+    """The command that continues `run`, ready to paste into a shell (a path with a space is quoted)."""
+    return f"tunelab train --resume {shlex.quote(str(run))}"
 
 
 def default_run_name(cfg: Config) -> str:

@@ -28,7 +28,8 @@ from tunelab.errors import TunelabError
 from tunelab.files import read_json_object
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.monitor import Reporter, Trackers
-from tunelab.rundir import RunDir, default_run_name, now_iso, owner, pid_alive, read_metrics, run_status
+from tunelab.rundir import (RunDir, default_run_name, now_iso, owner, pid_alive, read_metrics, resume_command,
+                            run_status)
 
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not what is trained.
 SAFE_ON_RESUME = ("training.logging_steps", "training.eval_steps", "training.save_steps", "training.save_total_limit",
@@ -229,11 +230,6 @@ class RunLife:
     def _has_results(self) -> bool:
         return bool(ckpt.complete_checkpoints(self.path) or (self.path / "checkpoint-final").is_dir()
                     or read_metrics(self.path))
-
-
-def resume_command(run: Path) -> str:
-    """The command that continues `run`, ready to paste into a shell (a path with a space is quoted)."""
-    return f"tunelab train --resume {shlex.quote(str(run))}"
 
 
 def _outcome(exc: BaseException | None) -> tuple[str, str | None]:

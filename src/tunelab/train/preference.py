@@ -39,7 +39,7 @@ from tunelab.rundir import git_commit, hardware, now_iso, package_versions
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.distributed import any_process, main_process_work
 from tunelab.train.inputs import load_data
-from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted
+from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupted, resume_command
 from tunelab.train.monitor import fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
@@ -305,7 +305,7 @@ def run_loop(s: PrefSession) -> None:
         if stop_now:
             raise TrainingInterrupted(
                 f"stopped by {life.stop_signal or 'a signal'} after step {step}/{s.plan.total_steps}; checkpoint "
-                f"written.\nResume with: tunelab train --resume {life.path}")
+                f"written.\nResume with: {resume_command(life.path)}")
 
 
 def train_step(s: PrefSession, epoch: int, pos: int):

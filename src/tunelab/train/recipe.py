@@ -31,7 +31,8 @@ from tunelab.train.distributed import (any_process, gathered_state_dict, make_ac
                                        main_process_work, refuse_unverified_sharding,
                                        require_run_name, require_shared_run_folder)
 from tunelab.train.inputs import Encoded, load_data
-from tunelab.train.lifecycle import OptionalWorkStopped, RunLife, TrainingDiverged, TrainingInterrupted, open_run
+from tunelab.train.lifecycle import (OptionalWorkStopped, RunLife, TrainingDiverged, TrainingInterrupted, open_run,
+                                    resume_command)
 from tunelab.model.loss import CausalLMLoss, autocast_for, eval_loss
 from tunelab.train.monitor import fmt_lr, rss_gib
 from tunelab.rundir import git_commit, hardware, now_iso, package_versions
@@ -248,7 +249,7 @@ def refuse_short_disk(life: RunLife, model, method: str) -> None:
             if life.fresh:
                 then = "Nothing was trained: free some space or set output.dir to a disk with room, then start again"
             else:
-                then = f"Nothing more was trained: free some space, then resume: tunelab train --resume {life.path}"
+                then = f"Nothing more was trained: free some space, then resume: {resume_command(life.path)}"
             free = shutil.disk_usage(life.path).free
             raise TunelabError(f"not enough free disk in {life.path} for this run: a checkpoint of it takes about "
                                f"{need / 2**20:,.0f} MiB, and one is written only when that plus a margin of 20% + "
@@ -263,7 +264,7 @@ def unsaved(life: RunLife, step: int, error: TunelabError) -> TunelabError:
              else "no checkpoint of this run exists, so a resume trains it again from step 0")
     return TunelabError(f"the trained weights were NOT saved: checkpoint-final, the result of all {step} steps, "
                         f"could not be written ({error}). They are lost when this process ends; {where}: "
-                        f"tunelab train --resume {life.path}")
+                        f"{resume_command(life.path)}")
 
 
 def restore_state(cfg: Config, life: RunLife, inner, optimizer, scheduler, resume_from: Path | None,
@@ -312,7 +313,7 @@ def run_loop(s: Session) -> None:
         if stop_now:
             raise TrainingInterrupted(
                 f"stopped by {life.stop_signal or 'a signal'} after step {step}/{s.plan.total_steps}; checkpoint "
-                f"written.\nResume with: tunelab train --resume {life.path}")
+                f"written.\nResume with: {resume_command(life.path)}")
 
 
 def train_step(s: Session, epoch: int, pos: int) -> tuple[float, float, int]:
