@@ -1,13 +1,17 @@
 """Files the user names or tunelab writes: read with an error that names the file and the problem, or made beside
-their final place and renamed into it."""
+their final place and renamed into it, with a failed write (a full disk) told in words."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import re
+import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -39,6 +43,39 @@ def read_json_object(path, error: type[TunelabError] = TunelabError) -> dict:
     return data
 
 
+def write_failure(e: BaseException, folder) -> str:
+    """Why writing into `folder` failed, in words: "the disk is full: N MiB free in <folder>" when it is, else the
+    error itself. Call it before what was partly written is removed: safetensors, torch ("PytorchStreamWriter
+    failed writing file") and gguf ("N requested and M written") report a full disk in their own exceptions,
+    mostly without an errno, so the free space left at that moment is what tells it."""
+    code, said = (e.errno if isinstance(e, OSError) else None), str(e)
+    if code == errno.EDQUOT or os.strerror(errno.EDQUOT) in said:
+        return f"your disk quota is used up in {folder}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or os.strerror(errno.ENOSPC) in said or (free is not None and free < _FULL_BELOW):
+        return "the disk is full" + (f": {free / 2**20:,.0f} MiB free in {folder}" if free is not None else "")
+    return f"{type(e).__name__}: {e}"
+
+
+_FULL_BELOW = 64 * 2**20  # a failed write that leaves less than this free was the disk filling up
+
+
+@contextmanager
+def writing(what: str, folder, error: type[TunelabError], then: str) -> Iterator[None]:
+    """Writing `what` (e.g. "the merged model models/m") into `folder`: any failure of the write becomes `error`
+    naming it, `write_failure`'s reason, and `then` (what was left: the caller removes the partial files, after
+    this has judged the free space they hold)."""
+    try:
+        yield
+    except (TunelabError, MemoryError):
+        raise
+    except Exception as e:
+        raise error(f"could not write {what}: {write_failure(e, folder)}. {then}") from None
+
+
 def staging_dir(final: Path) -> Path:
     """A new empty folder beside `final`, to be renamed into place once complete, with the permissions `mkdir` gives
     (tempfile.mkdtemp's are 0700: a merged model or a prepared dataset only its owner could read). Staging folders
@@ -52,8 +89,6 @@ def staging_dir(final: Path) -> Path:
 
 
 def _remove_orphans(final: Path) -> None:
-    import shutil
-
     from tunelab.rundir import pid_alive
 
     # this machine's only: on shared storage another machine's staging folder is not ours to judge

@@ -40,7 +40,7 @@ from tunelab.data.fast_tokenizer import FastTokenizer, tokenizer_identity
 from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
 from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, data_suffix, read_file
 from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
-from tunelab.files import staging_dir
+from tunelab.files import staging_dir, write_failure
 
 __all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", "DataError", "resolve_inputs"]
 
@@ -528,6 +528,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
             workdir = staging_dir(out_dir)
         except OSError as e:  # e.g. a file where a folder of the path should be
             raise DataError(f"cannot write the prepared dataset to {out_dir}: {e.strerror or e}") from None
+        _warn_if_short(files, out_dir.parent, console)
     try:
         p = _Pass(tokenizer, options | {"column_map": column_map}, console, workdir, show_samples)
         p.file_names = [str(path) for _, path in files]
@@ -542,6 +543,12 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
         if workdir is not None:
             _write_folder(workdir, report, out_dir)
             workdir = None
+    except OSError as e:  # the readers turn an input's OSErrors into FileErrors: this one is a write (a full disk)
+        if workdir is None or (e.filename is not None and workdir not in Path(e.filename).parents):
+            raise
+        raise DataError(f"could not write the prepared dataset {out_dir}: {write_failure(e, out_dir.parent)}. Nothing "
+                        f"was written to {out_dir} and no partial file was left; free some space and prepare "
+                        "again") from None
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -551,6 +558,18 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
         console(f"wrote {out_dir}/ (train.jsonl, val.jsonl, report.json, report.md, rejected.jsonl"
                 + (", length_histogram.png)" if report["token_stats"] else ")"))
     return PrepareResult(out_dir, report, report["usable"], report["problems"])
+
+
+def _warn_if_short(files: list[tuple[str, Path]], folder: Path, console) -> None:
+    """Said before the pass, not after it: the prepared records (about 1-1.3x their JSONL input, with the messages'
+    keys, source and location) are written as they are read, then held twice while split into train and val."""
+    size = sum(path.stat().st_size for _, path in files)
+    free = shutil.disk_usage(folder).free
+    if free < 2.5 * size:
+        console(f"warning: {free / 2**20:,.0f} MiB are free in {folder}, and the prepared dataset may take about "
+                f"{2.5 * size / 2**20:,.0f} MiB while it is written ({size / 2**20:,.0f} MiB of input; more for "
+                "gzip or Parquet input); if the disk fills, nothing is kept: free some space or choose another "
+                "--output")
 
 
 def _read_all(p: _Pass, files: list[tuple[str, Path]], console) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ Checkpoints written before hashes were recorded are checked by size only.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.files import as_umask_allows
+from tunelab.files import as_umask_allows, write_failure
 
 STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -181,8 +180,9 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
         tmp.mkdir(parents=True)
         _write_files(tmp, save_model, optimizer, scheduler, trainer_state, rng_states)
     except Exception as e:  # disk full (torch reports it as a RuntimeError), quota, I/O: the others are untouched
+        why = write_failure(e, run)  # while the partial files still fill the disk
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TunelabError(f"could not write {name} in {run}: {_why(e, run)}. {_kept(run)}; free some space and "
+        raise TunelabError(f"could not write {name} in {run}: {why}. {_kept(run)}; free some space and "
                            f"resume with: tunelab train --resume {run}") from None
     as_umask_allows(tmp)  # safetensors writes 0600: an adapter others on the machine could not serve
     old = run / f".{name}.old"
@@ -192,16 +192,6 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _why(e: Exception, run: Path) -> str:
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-    try:
-        full = full or shutil.disk_usage(run).free < 64 * 2**20
-    except OSError:
-        pass
-    return ("the disk is full" + (f" ({type(e).__name__}: {e})" if not isinstance(e, OSError) else "")
-            if full else f"{type(e).__name__}: {e}")
 
 
 def _kept(run: Path) -> str:
