@@ -28,10 +28,11 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.files import as_umask_allows, staging_dir
+from tunelab.files import as_umask_allows, staging_dir, writing
 from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates
 from tunelab.model.stop_tokens import stop_token_ids
 
@@ -197,10 +198,15 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     report.eos_token_ids = stops
     merged.generation_config = gen
 
-    tmp = staging_dir(output)
+    # every write into the staging folder: a failure (a full disk) names the output; the finally removes the folder
+    written = partial(writing, f"the merged model {output}", output.parent, MergeError,
+                      f"Nothing was written to {output} and no partial copy was left; free some space and merge again")
+    with written():
+        tmp = staging_dir(output)
     try:
-        merged.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with written():
+            merged.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         del merged, model
         if verify:
             with quiet_local_loading(tmp):
@@ -216,12 +222,13 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
                     f"{agree:.1%} (need {MIN_AGREEMENT[dtype]:.0%}). Nothing was written to {output}. Try --dtype "
                     "fp32, or check that the adapter matches its base model")
         check_templates({"training": tok, "merged": AutoTokenizer.from_pretrained(tmp)})
-        (tmp / "tunelab.json").write_text(json.dumps(
-            {"merged_from": str(adapter_dir), "base_model": base_name, "revision": meta.get("revision"),
-             "trust_remote_code": bool(meta.get("trust_remote_code")), "method": method, "dtype": dtype,
-             "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
-                 "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
-             "eos_token_ids": stops, "notes": notes}, indent=2) + "\n")
+        record = {"merged_from": str(adapter_dir), "base_model": base_name, "revision": meta.get("revision"),
+                  "trust_remote_code": bool(meta.get("trust_remote_code")), "method": method, "dtype": dtype,
+                  "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
+                      "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
+                  "eos_token_ids": stops, "notes": notes}
+        with written():
+            (tmp / "tunelab.json").write_text(json.dumps(record, indent=2) + "\n")
         as_umask_allows(tmp)
         _swap_into_place(tmp, output)
     finally:

@@ -24,10 +24,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from hashlib import sha256
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.files import writing
 from tunelab.export.template_check import (
     SAMPLE_CONVERSATIONS,
     UnsupportedTemplate,
@@ -143,9 +145,9 @@ def _load_state(model_dir: Path) -> dict:
     return state
 
 
-def _write(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
-    """Write the GGUF file (`stops`: `stop_token_ids`, the tokenizer's eos first); returns
-    (arch name, {gguf name: (source name, source array, permuted?)})."""
+def _writer(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
+    """The GGUF file's writer, holding every tensor and key but nothing written yet (`stops`: `stop_token_ids`, the
+    tokenizer's eos first); returns (writer, arch name, {gguf name: (source name, source array, permuted?)})."""
     import gguf
     import numpy as np
 
@@ -214,11 +216,16 @@ def _write(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
         else:
             w.add_tensor(new, data.astype(np.float16))
         written[new] = (name, state[name], permuted)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return arch, written, (n_head, n_kv)
+    return w, arch, written, (n_head, n_kv)
+
+
+def _save(w) -> None:
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()  # flushes the last buffer: a full disk can surface here too
 
 
 def _generation_config(model_dir: Path):
@@ -392,8 +399,15 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     if tpl is not None:  # Ollama stops on strings: every stop id's token, as serve and merge stop on the ids
         tpl.stop += [s for s in tok.convert_ids_to_tokens(stops) if s not in tpl.stop]
     modelfile_body = modelfile_text(output.name, tpl) if tpl is not None else None
+    mf = _modelfile_path(output) if modelfile_body is not None else None
+    tmp_mf = mf.with_name(f".{mf.name}.tmp-{os.getpid()}") if mf else None
+    # the GGUF and its Modelfile are written beside their places and renamed in together: a failure leaves neither
+    writes = partial(writing, f"the GGUF export {output}", output.parent, ExportError,
+                     f"Nothing was written to {output} and no partial file was left; free some space and export again")
     try:
-        arch, written, heads = _write(model_dir, tmp, cfg, tok, quant, stops)
+        w, arch, written, heads = _writer(model_dir, tmp, cfg, tok, quant, stops)
+        with writes():
+            _save(w)
         report = ExportReport(str(output), arch, quant, tensors=len(written), size_bytes=tmp.stat().st_size)
         if verify:
             msg, reader = _check_readback(tmp, model_dir, cfg, tok, arch, written, heads)
@@ -410,15 +424,17 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
             report.llama_cpp = _check_llama_cpp(tmp, tok, want, n_tokens)
         else:
             report.llama_cpp = "not verified (--no-verify)"
+        if tmp_mf is not None:
+            with writes():
+                tmp_mf.write_text(modelfile_body, encoding="utf-8")
         os.replace(tmp, output)
+        if tmp_mf is not None:
+            os.replace(tmp_mf, mf)
+            report.modelfile = str(mf)
     finally:
         tmp.unlink(missing_ok=True)
-    if modelfile_body is not None:
-        mf = _modelfile_path(output)
-        tmp_mf = mf.with_name(f".{mf.name}.tmp-{os.getpid()}")
-        tmp_mf.write_text(modelfile_body, encoding="utf-8")
-        os.replace(tmp_mf, mf)
-        report.modelfile = str(mf)
+        if tmp_mf is not None:
+            tmp_mf.unlink(missing_ok=True)
     return report
 
 
