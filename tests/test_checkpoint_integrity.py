@@ -60,8 +60,8 @@ def test_the_newest_damaged_checkpoints_are_moved_aside_and_only_the_chosen_one_
     _damage(tmp_path / "checkpoint-4" / "trainer_state.json")
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2, 4, 6], "same sizes: complete to a size check"
     hashed = []
-    real = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.parent.name) or real(p))
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda p: hashed.append(p.parent.name) or real(p))
     said = []
     assert ckpt.newest_sound_checkpoint(tmp_path, said.append) == tmp_path / "checkpoint-2"
     assert len(said) == 2

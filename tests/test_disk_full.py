@@ -217,3 +217,23 @@ def test_an_input_that_vanishes_during_prepare_is_not_called_a_write_failure(tmp
     with pytest.raises(FileNotFoundError):
         prep.prepare_dataset([str(raw)], tmp_path / "out", console=lambda s: None)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_an_eval_result_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path):
+    """`tunelab eval` on a full disk left an empty eval/<name>.json (written in place after the whole evaluation)."""
+    import errno
+
+    from tunelab.evaluate.runner import EvalError, _write_result
+
+    json_path, pred_path = tmp_path / "e.json", tmp_path / "e.predictions.jsonl"
+    _write_result(json_path, {"metrics": {"bleu": 1.0}}, pred_path, iter([{"index": 0}]))
+    before = json_path.read_text(), pred_path.read_text()
+
+    def rows():
+        yield {"index": 0}
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(EvalError, match=r"could not write the eval result .*e\.json: the disk is full.*Nothing of it"):
+        _write_result(json_path, {"metrics": {"bleu": 2.0}}, pred_path, rows())
+    assert (json_path.read_text(), pred_path.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.predictions.jsonl"]

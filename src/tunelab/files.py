@@ -4,6 +4,7 @@ their final place and renamed into it, with a failed write (a full disk) told in
 from __future__ import annotations
 
 import errno
+import hashlib
 import glob
 import json
 import os
@@ -30,6 +31,16 @@ def read_user_text(path, what: str, error: type[TunelabError] = TunelabError, en
         raise error(f"{what}: {path} is not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise error(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces (larger ones hash no faster and show in prepare's memory
+    peak; sha256, not blake2b: ~1.7x faster on CPUs with SHA extensions)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json_object(path, error: type[TunelabError] = TunelabError) -> dict:

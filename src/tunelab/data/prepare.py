@@ -40,7 +40,7 @@ from tunelab.data.fast_tokenizer import FastTokenizer, tokenizer_identity
 from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
 from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, data_suffix, read_file
 from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
-from tunelab.files import staging_dir, write_failure
+from tunelab.files import sha256_file, staging_dir, write_failure
 
 __all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", "DataError", "resolve_inputs"]
 
@@ -214,13 +214,6 @@ def _chunks(path: Path) -> Iterator[bytes]:
         yield from iter(lambda: f.read(1 << 20), b"")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    for chunk in _chunks(path):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(files: list[tuple[str, Path]], options: dict[str, Any],
                 tok_id: dict[str, str] | None) -> tuple[str, list[dict[str, Any]]]:
     """sha256 of the input bytes (with their role), the options and the tokenizer identity; and each file as it was
@@ -252,7 +245,7 @@ def changed_sources(report: dict[str, Any]) -> list[str]:
         stat = path.stat()
         if (stat.st_size, stat.st_mtime_ns) == (f.get("bytes"), f.get("mtime_ns")):
             continue
-        now = _file_sha256(path)
+        now = sha256_file(path)
         if now != f["sha256"]:
             changed.append(f"{f['path']} (sha256 {f['sha256'][:12]}… when prepared, {now[:12]}… now)")
     return changed
@@ -747,7 +740,7 @@ def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
     if ts:
         rpt.write_histogram_png(ts["histogram"], ts["max_length"], workdir / "length_histogram.png",
                                 f"{report['name']}: tokens per record ({report['records_accepted']} records)")
-    report["output_sha256"] = {name: _file_sha256(workdir / name) for name in PREPARED_FILES}  # see load_prepared
+    report["output_sha256"] = {name: sha256_file(workdir / name) for name in PREPARED_FILES}  # see load_prepared
     (workdir / "report.json").write_text(to_json(report, indent=2) + "\n", encoding="utf-8")
     # a file name that is not valid UTF-8 (os.fsdecode's surrogates) is written escaped, as to_json does
     (workdir / "report.md").write_text(rpt.markdown(report), encoding="utf-8", errors="backslashreplace")
@@ -821,7 +814,7 @@ def _content_fingerprint(folder: Path, report: dict[str, Any]) -> tuple[str, lis
     fingerprint, recorded = report.get("fingerprint", ""), report.get("output_sha256")
     if not isinstance(recorded, dict):
         return fingerprint, []
-    now = {name: _file_sha256(folder / name) if (folder / name).is_file() else None for name in PREPARED_FILES}
+    now = {name: sha256_file(folder / name) if (folder / name).is_file() else None for name in PREPARED_FILES}
     edited = [f"{name} (sha256 {str(recorded.get(name))[:12]}… when prepared, "
               + (f"{digest[:12]}… now)" if digest else "gone now)")
               for name, digest in now.items() if digest != recorded.get(name)]

@@ -289,7 +289,6 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
              console: Callable[[str], None] = print) -> EvalRun:
     """Evaluate a base/merged model or a run's adapter and write `eval/<name>.json` + `.predictions.jsonl`; what
     prepare says of a raw data file (every rejection, with file and line) goes to `console`."""
-    from tunelab.data.prepare import to_json
     from tunelab.model.loading import base_model_of, resolve_adapter_dir
     from tunelab.rundir import now_iso, package_versions
 
@@ -360,18 +359,39 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, pred_path = out_dir / f"{name}.json", out_dir / f"{name}.predictions.jsonl"
-    json_path.write_text(to_json(record, indent=2), encoding="utf-8")
     base_preds = {p["index"]: p for p in base_result.predictions} if base_result else {}
-    with open(pred_path, "w", encoding="utf-8") as f:
-        for p in result.predictions:
-            row = {k: v for k, v in p.items() if k != "messages"}
-            if p["index"] in base_preds:
-                if "prediction" in p:  # pairs score the given answers: nothing generated
-                    row["base_prediction"] = base_preds[p["index"]]["prediction"]
-                row["base_scores"] = base_preds[p["index"]]["scores"]
-            f.write(to_json(row) + "\n")
+    _write_result(json_path, record, pred_path, (_prediction_row(p, base_preds) for p in result.predictions))
     _say_rejected(result.settings.get("rejected"), json_path, console)
     return EvalRun(name, result, base_result, json_path, pred_path, record)
+
+
+def _prediction_row(p: dict[str, Any], base_preds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    row = {k: v for k, v in p.items() if k != "messages"}
+    if p["index"] in base_preds:
+        if "prediction" in p:  # pairs score the given answers: nothing generated
+            row["base_prediction"] = base_preds[p["index"]]["prediction"]
+        row["base_scores"] = base_preds[p["index"]]["scores"]
+    return row
+
+
+def _write_result(json_path: Path, record: dict[str, Any], pred_path: Path, rows) -> None:
+    """The predictions, then the result, each written beside its place and renamed in: a full disk leaves the
+    files of an earlier eval of that name as they were, never an empty or cut one."""
+    from tunelab.data.prepare import to_json
+    from tunelab.files import writing
+
+    tmp_json, tmp_pred = (p.with_name(f".{p.name}.tmp") for p in (json_path, pred_path))
+    try:
+        with writing(f"the eval result {json_path}", json_path.parent, EvalError, "Nothing of it was kept"):
+            with open(tmp_pred, "w", encoding="utf-8") as f:
+                f.writelines(to_json(row) + "\n" for row in rows)
+            tmp_json.write_text(to_json(record, indent=2), encoding="utf-8")
+    except BaseException:
+        for tmp in (tmp_json, tmp_pred):
+            tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_pred, pred_path)
+    os.replace(tmp_json, json_path)
 
 
 def _say_rejected(rejected: list[dict[str, Any]] | None, json_path: Path, console: Callable[[str], None]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from tunelab.config import BUNDLED_MODEL
 from tunelab.errors import TunelabError
-from tunelab.files import read_json_object, read_user_text, staging_dir
+from tunelab.files import read_json_object, read_user_text, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +129,13 @@ def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
     `revision` to (after the model loaded, that is the snapshot it loaded; None where the cache cannot tell)."""
     if name in BUNDLED:
         gguf = bundled_gguf_path(name)
-        return {"kind": "bundled", "file": str(gguf), "bytes": gguf.stat().st_size, "sha256": _sha256(gguf)}
+        return {"kind": "bundled", "file": str(gguf), "bytes": gguf.stat().st_size, "sha256": sha256_file(gguf)}
     path = Path(name).expanduser()
     if path.is_dir():
         files = {f.name: {"bytes": f.stat().st_size, "sampled_sha256": _sampled_sha256(f)}
                  for f in sorted(path.iterdir()) if f.suffix in WEIGHT_SUFFIXES and f.is_file()}
         return {"kind": "folder", "path": str(path.resolve()), "files": files}
     return {"kind": "hub", "repo": name, "revision": revision, "commit": _cached_commit(name, revision)}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sampled_sha256(path: Path, slices: int = 64, size: int = 1 << 16) -> str:

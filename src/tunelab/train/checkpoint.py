@@ -9,7 +9,6 @@ Checkpoints written before hashes were recorded are checked by size only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,7 +23,8 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.files import as_umask_allows, write_failure
+from tunelab.rundir import resume_command
+from tunelab.files import as_umask_allows, sha256_file, write_failure
 
 STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -38,16 +38,8 @@ def _seal(folder: Path) -> dict[str, Any]:
             name = str(f.relative_to(folder))
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            sizes[name], digests[name] = f.stat().st_size, _sha256(f)
+            sizes[name], digests[name] = f.stat().st_size, sha256_file(f)
     return {"files": sizes, "sha256": digests, "complete": True}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()  # not blake2b: sha256 is ~1.7x faster on CPUs with SHA extensions
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _manifest(folder: Path) -> tuple[dict[str, int], dict[str, str]] | None:
@@ -80,7 +72,7 @@ def damaged_file(folder: Path) -> str | None:
     man = _manifest(folder)
     for name, digest in (man[1] if man else {}).items():
         try:
-            if _sha256(folder / name) != digest:
+            if sha256_file(folder / name) != digest:
                 return name
         except OSError:  # gone or unreadable since the size check: as unusable as a changed file
             return name
@@ -128,12 +120,15 @@ def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def check_disk(folder: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes * 1.2 + 50 * 2**20:
-        raise TunelabError(f"not enough free disk in {folder} for a checkpoint: about {needed_bytes / 2**20:.0f} MiB "
-                           f"needed, {free / 2**20:.0f} MiB free. Free some space (older runs in outputs/) and "
-                           "resume with --resume")
+def check_disk(folder: Path, needed_bytes: int, then: str | None = None) -> None:
+    """Refuse a checkpoint of about `needed_bytes` unless that plus a margin (20% + 50 MiB: the estimate's error, and
+    what else the run writes meanwhile) is free in the run `folder`; `then`: what to do, said after."""
+    free, wanted = shutil.disk_usage(folder).free, needed_bytes * 1.2 + 50 * 2**20
+    if free < wanted:
+        then = then or f"Free some space (older runs in outputs/) and resume with: {resume_command(folder)}"
+        raise TunelabError(f"not enough free disk in {folder} for a checkpoint: it takes about "
+                           f"{needed_bytes / 2**20:,.0f} MiB, and one is written only when that plus a margin of 20% + "
+                           f"50 MiB ({wanted / 2**20:,.0f} MiB in all) is free; {free / 2**20:,.0f} MiB are free. {then}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -183,7 +178,7 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
         why = write_failure(e, run)  # while the partial files still fill the disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise TunelabError(f"could not write {name} in {run}: {why}. {_kept(run)}; free some space and "
-                           f"resume with: tunelab train --resume {run}") from None
+                           f"resume with: {resume_command(run)}") from None
     as_umask_allows(tmp)  # safetensors writes 0600: an adapter others on the machine could not serve
     old = run / f".{name}.old"
     if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place
@@ -267,5 +262,5 @@ def reading(path: Path) -> Iterator[Path]:
         raise TunelabError(
             f"--resume: {path.name} in {folder} could not be loaded ({type(e).__name__}: {first}). If the checkpoint "
             f"is damaged, move it aside and resume from the one before it (or from step 0 when there is none): "
-            f"mv {q(str(folder))} {q(str(folder) + '.damaged')} && tunelab train --resume {q(str(folder.parent))}"
+            f"mv {q(str(folder))} {q(str(folder) + '.damaged')} && {resume_command(folder.parent)}"
         ) from e
