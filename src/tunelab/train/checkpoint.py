@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.rundir import resume_command
 from tunelab.files import as_umask_allows, sha256_file, write_failure
+from tunelab.rundir import resume_command
 
 STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 
