@@ -115,6 +115,42 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
         f"Use a local model folder, or the bundled model that works offline: {BUNDLED_MODEL}")
 
 
+def damaged_folder(path: str | os.PathLike, what: str, err: Exception) -> ModelLoadError | None:
+    """When a local folder's `what` (model or tokenizer) did not load with `err` because one of its files is
+    damaged or missing (a truncated weights file, no tokenizer.json): the error naming that file and what to do;
+    None when no such file is found (the error is something else)."""
+    folder = Path(path)
+    culprit = _unreadable_weights(folder) if what == "model" else _missing_tokenizer_file(folder)
+    if culprit is None:
+        return None
+    merged = (folder / "tunelab.json").is_file() and (folder / "config.json").is_file()
+    fix = "merge it again (tunelab merge)" if merged else "copy or download the folder again from where it came from"
+    return ModelLoadError(f"could not load the {what} from {folder}: {culprit}. The folder is damaged or "
+                          f"incomplete: {fix}")
+
+
+def _unreadable_weights(folder: Path) -> str | None:
+    """'<file> is truncated or damaged (...)' for the first weights file whose header does not read."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError (not an OSError) or an OSError reading it
+            return f"{f} is truncated or damaged ({str(e).splitlines()[0][:200]})"
+    return None
+
+
+def _missing_tokenizer_file(folder: Path) -> str | None:
+    """A tokenizer_config.json without the vocabulary beside it: transformers then tries a slow-tokenizer
+    conversion and fails with words about sentencepiece that do not name the missing file."""
+    vocab = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if (folder / "tokenizer_config.json").is_file() and not any((folder / v).is_file() for v in vocab):
+        return f"{folder / 'tokenizer.json'} is missing (tokenizer_config.json is there without it)"
+    return None
+
+
 # ---------------------------------------------------------------- identity of the base weights
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the files from_pretrained reads weights from
@@ -246,10 +282,14 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     path = str(local_tok) if (local_tok / "tokenizer_config.json").is_file() else resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if Path(path).exists():
+    except Exception as e:  # noqa: BLE001 - a missing or broken file of a local folder raises many kinds
+        if Path(path).is_dir() and (damaged := damaged_folder(path, "tokenizer", e)):
+            raise damaged from None
+        if isinstance(e, OSError) and Path(path).exists():
             raise ModelLoadError(f"could not load the tokenizer from {path}: {e}") from None
-        raise _hub_error(name, e) from None
+        if isinstance(e, OSError):
+            raise _hub_error(name, e) from None
+        raise
     if chat_template:
         tok.chat_template = chat_template_text(chat_template)
     if tok.pad_token_id is None:
@@ -296,16 +336,8 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
     try:
         with quiet_local_loading(path):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except ImportError as e:  # e.g. attn_implementation=flash_attention_2 without the flash-attn package
-        raise ModelLoadError(f"could not load {name} with model.attn_implementation={attn_implementation}: "
-                             f"{str(e).splitlines()[0][:300]}") from None
-    except ValueError as e:  # unknown architecture, or custom code that needs trust_remote_code
-        raise ModelLoadError(f"could not load {name}: {str(e).splitlines()[0][:300]} (if the model ships its own "
-                             "code and you trust it, set model.trust_remote_code: true)") from None
-    except OSError as e:
-        if Path(path).exists():
-            raise ModelLoadError(f"could not load the model from {path}: {e}") from None
-        raise _hub_error(name, e) from None
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and json each raise their own for a damaged file
+        raise _model_load_error(name, path, attn_implementation, e) from None
     import torch
 
     # Under a distributed launcher accelerate.prepare places the model: each process on its own GPU, and FSDP's
@@ -313,6 +345,23 @@ def load_model(name: str, *, dtype: str = "auto", revision: str | None = None, t
     if quantization is None and device_map is None and torch.cuda.is_available() and not under_launcher():
         model = model.to("cuda")
     return model, choice
+
+
+def _model_load_error(name: str, path: str, attn_implementation: str, e: Exception) -> Exception:
+    """What load_model raises for `e`: a damaged local folder first (its file named), whatever kind of error the
+    damage came out as; then the known kinds; anything else as it was."""
+    if Path(path).is_dir() and (damaged := damaged_folder(path, "model", e)):
+        return damaged
+    if isinstance(e, ImportError):  # e.g. attn_implementation=flash_attention_2 without the flash-attn package
+        return ModelLoadError(f"could not load {name} with model.attn_implementation={attn_implementation}: "
+                              f"{str(e).splitlines()[0][:300]}")
+    if isinstance(e, ValueError):  # unknown architecture, or custom code that needs trust_remote_code
+        return ModelLoadError(f"could not load {name}: {str(e).splitlines()[0][:300]} (if the model ships its own "
+                              "code and you trust it, set model.trust_remote_code: true)")
+    if isinstance(e, OSError):
+        return (ModelLoadError(f"could not load the model from {path}: {e}") if Path(path).exists()
+                else _hub_error(name, e))
+    return e
 
 
 def under_launcher() -> bool:
