@@ -34,3 +34,20 @@ def test_a_truncated_weights_file_or_a_missing_tokenizer_json_is_named(tiny_mode
     (notok / "tokenizer.json").unlink()
     err = _cli_error(capsys, "infer", "--model", str(notok), "--prompt", "hi")
     assert f"could not load the tokenizer from {notok}: {notok / 'tokenizer.json'} is missing" in err
+
+
+def _without_chat_template(model_dir: Path, to: Path) -> Path:
+    shutil.copytree(model_dir, to)
+    (to / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((to / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (to / "tokenizer_config.json").write_text(json.dumps(config))
+    return to
+
+
+def test_infer_refuses_a_model_without_a_chat_template_before_the_first_prompt(tiny_model_dir, tmp_path, capsys):
+    """It was transformers' ValueError traceback ("Cannot use chat template functions ...") on the first prompt."""
+    plain = _without_chat_template(tiny_model_dir, tmp_path / "plain")
+    for argv in (["--prompt", "hi"], ["--compare", "--prompt", "hi"]):
+        err = _cli_error(capsys, "infer", "--model", str(plain), "--max-new-tokens", "2", *argv)
+        assert err.startswith(f"error: {plain} has no chat template") and "chat_template.jinja" in err

@@ -331,3 +331,39 @@ def test_a_context_length_beyond_the_models_is_refused_at_startup(tiny, tiny_mod
     assert main(["serve", "--model", str(tiny_model_dir), "--context-length", str(4 * most)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: context_length=") and str(most) in err[0]
+
+
+def test_an_empty_tools_list_and_parallel_tool_calls_ask_nothing_and_are_accepted(client):
+    """Clients that send `"tools": []` or `"parallel_tool_calls": false` by default got 400 unknown field."""
+    for extra in ({"tools": []}, {"parallel_tool_calls": False}, {"tools": None}):
+        assert client.post("/v1/chat/completions", json={**CHAT, **extra}).status_code == 200, extra
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    r = client.post("/v1/chat/completions", json={**CHAT, "tools": [tool]})
+    assert is_openai_error(r, 400) and r.json()["error"]["param"] == "tools"
+
+
+def test_a_model_without_a_chat_template_says_so_at_startup_and_on_chat_requests(tiny, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """It started without a word and answered every chat request "the chat template cannot render these messages",
+    as if the client's messages were at fault."""
+    import shutil
+
+    import tunelab.serve.app as serve_app
+    from tunelab.serve import create_app
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(serve_app, "make_server", lambda app, **kw: type("S", (), {"run": lambda self: None})())
+    serve_app.serve(str(plain), dtype="fp32")
+    assert f"{plain} has no chat template" in caplog.text and "/v1/completions serves raw prompts" in caplog.text
+    tok = __import__("copy").deepcopy(tiny[1])
+    tok.chat_template = None
+    with TestClient(create_app(tiny[0], tok, NAME, api_key=KEY), headers=AUTH) as c:
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert is_openai_error(r, 400) and r.json()["error"]["code"] == "no_chat_template"
+        assert "this model has no chat template" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json=COMPLETE).status_code == 200

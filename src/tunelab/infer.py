@@ -46,6 +46,16 @@ def _set_weights(model, weights: str | None) -> None:
         set_decode_weights(model, weights)
 
 
+def require_chat_template(tokenizer, name: str) -> None:
+    """Refuse, before the first prompt, a model whose tokenizer has no chat template: every prompt is rendered
+    with it, and transformers' own error came as a traceback on the first one."""
+    from tunelab.model.loading import ModelLoadError, no_chat_template
+
+    why = no_chat_template(tokenizer, name)
+    if why:
+        raise ModelLoadError(why)
+
+
 def as_conversation(prompt: str | Conversation, system: str | None = None) -> Conversation:
     convo = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and not (convo and convo[0]["role"] == "system"):
@@ -305,11 +315,13 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
     target = resolve_adapter_dir(adapter_or_merged)
     if (target / "adapter_config.json").is_file():
         model, tok = load(base_model, adapter=str(target), dtype=dtype)
+        require_chat_template(tok, adapter_or_merged)
         with model.disable_adapter():
             base_answers = generate(model, tok, convos, **gen)
         tuned_answers = generate(model, tok, convos, **gen)
     else:
         tuned, tok = load(str(target), dtype=dtype)
+        require_chat_template(tok, adapter_or_merged)
         tuned_answers = generate(tuned, tok, convos, **gen)
         del tuned
         if base_model is None:

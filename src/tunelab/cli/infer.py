@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output and not args.input:
         raise TunelabError("--output goes with --input (a JSONL file of prompts)")
     model, tok = infer.load(args.model, adapter=args.adapter, dtype=args.dtype)
+    infer.require_chat_template(tok, args.adapter or args.model)
     gen["weights"] = args.weights
     if args.prompt is not None:
         # one prompt is a single stream: batch_size=1 lets the decode use its one-row kernels (tunelab.decode)

@@ -297,6 +297,17 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
+def no_chat_template(tokenizer, name: str) -> str | None:
+    """Why chat messages cannot be rendered for `name`: its tokenizer has no chat template (None when it has one).
+    Training says it when it starts (model.chat_template), export when it writes the Modelfile; infer and serve
+    say it before the first prompt, not as a template error on each."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return (f"{name} has no chat template (no chat_template.jinja, none in tokenizer_config.json), so a "
+            "conversation cannot be turned into its prompt: use a model or adapter that has one (an adapter keeps "
+            "the template it was trained with), or add a chat_template.jinja to the folder")
+
+
 def chat_template_text(value: str) -> str:
     """model.chat_template: a Jinja template itself (it has `{{` or `{%`), or else the path of a file holding one."""
     if "{{" in value or "{%" in value:

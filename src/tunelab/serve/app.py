@@ -128,6 +128,9 @@ class _Request(_Strict):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # clients send these by default; an empty list and parallel_tool_calls ask for nothing, any tool is refused
+    tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool | None = None
     store: bool | None = None
     service_tier: str | None = None
 
@@ -369,6 +372,9 @@ def _sampling(state, req: _Request, prompt_ids: list[int], max_tokens: int | Non
 def _render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     from tunelab.data.template import render
 
+    if not getattr(tokenizer, "chat_template", None):  # the model's lack, not the request's fault: say so
+        raise APIError(400, "this model has no chat template, so chat messages cannot be turned into a prompt; "
+                            "send a raw prompt to /v1/completions instead", code="no_chat_template")
     try:
         text = render(tokenizer, messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - the template rejected the conversation (e.g. roles out of order)
@@ -499,6 +505,8 @@ async def chat_completions(req: ChatRequest, request: Request):
     if len(req.messages) > state.settings.max_messages:
         raise APIError(400, f"{len(req.messages)} messages is more than this server accepts in one request "
                             f"({state.settings.max_messages})", param="messages", code="too_many_messages")
+    if req.tools:
+        raise APIError(400, "tools are not supported by this server", param="tools")
     named = next((i for i, m in enumerate(req.messages) if m.name is not None), None)
     if named is not None:  # the chat template has no place for it: refused rather than silently dropped
         raise APIError(400, "messages[].name is not supported", param=f"messages.{named}.name")
@@ -586,6 +594,7 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
 
     from tunelab.decode import set_decode_weights
     from tunelab.infer import load
+    from tunelab.model.loading import no_chat_template
 
     import torch
 
@@ -595,6 +604,10 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     m, tok = load(model, adapter=adapter, dtype=dtype)
+    no_template = no_chat_template(tok, adapter or model)
+    if no_template:  # /v1/completions still serves raw prompts; chat clients learn it now, not per request
+        log.warning("%s: /v1/chat/completions will refuse every request; /v1/completions serves raw prompts",
+                    no_template.split(", so ")[0])
     set_decode_weights(m, weights)
     name = model_name
     if not name and adapter:
