@@ -90,6 +90,53 @@ def test_q8_0_export_is_smaller_and_verified(llama_dir, tmp_path):
     assert all("differs" not in c for c in q8.checks)
 
 
+def test_weights_beyond_f16_are_refused_by_name_and_export_at_f32(llama_dir, tmp_path):
+    """An f16 export of weights beyond 65504 failed its own check naming a vanished temporary file and "differs
+    by inf"; now refused before writing, naming the tensor and --quant f32, which exports them exactly."""
+    import shutil
+
+    import gguf
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.export.gguf import export_gguf
+
+    big = tmp_path / "big"
+    shutil.copytree(llama_dir, big)
+    state = load_file(big / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e5
+    save_file(state, big / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TunelabError, match=r"model.layers.0.mlp.up_proj.weight holds weights up to 1e\+05, beyond "
+                                           r"float16's largest value .*--quant f32"):
+        export_gguf(big, tmp_path / "big.gguf", quant="f16")
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".big.gguf*")) == []
+    report = export_gguf(big, tmp_path / "big.gguf", quant="f32")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "big.gguf")).tensors}
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.F32 and "f32" in report.summary()
+    assert torch.is_tensor(state["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_q8_0_says_which_matrices_it_kept_in_f16(tiny_model_dir, tmp_path):
+    """q8_0 keeps a matrix whose rows are not whole 32-value blocks in f16, as llama.cpp does; the summary said only
+    "q8_0" (a 48-wide model: every matrix reading the hidden state has 48-value rows, down_proj's are 96)."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.export.gguf import export_gguf
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m48")
+    tok.save_pretrained(tmp_path / "m48")
+    report = export_gguf(tmp_path / "m48", tmp_path / "q.gguf", quant="q8_0", verify=False)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors if len(t.shape) == 2}
+    kept = sum(t == gguf.GGMLQuantizationType.F16 for t in types.values())
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q8_0 and kept == report.kept_f16 > 0
+    assert f"note: {kept} matrices kept in f16: their rows are not a multiple of 32" in report.summary()
+
+
 def test_qwen2_export(qwen_dir, tmp_path, monkeypatch):
     import gguf
     from transformers import AutoTokenizer

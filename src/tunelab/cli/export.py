@@ -1,4 +1,4 @@
-"""`tunelab export --model models/merged --format gguf [--quant f16|q8_0] --output models/merged.gguf`
+"""`tunelab export --model models/merged --format gguf [--quant f16|q8_0|f32] --output models/merged.gguf`
 
 Writes the GGUF file and an Ollama `Modelfile` beside it, and verifies both (see tunelab.export.gguf).
 """
@@ -11,7 +11,8 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="merged model folder (tunelab merge writes one)")
     p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (gguf: llama.cpp, Ollama)")
-    p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="weight type of the matrices")
+    p.add_argument("--quant", choices=["f16", "q8_0", "f32"], default="f16",
+                   help="weight type of the matrices (f32: for weights beyond float16's range; twice f16's size)")
     p.add_argument("--output", required=True, help="the .gguf file to write (the Modelfile goes beside it; "
                    "NAME.Modelfile when the folder's Modelfile is another GGUF's)")
     p.add_argument("--no-modelfile", dest="modelfile", action="store_false", help="do not write an Ollama Modelfile")

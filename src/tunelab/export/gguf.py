@@ -44,7 +44,8 @@ from tunelab.model.stop_tokens import stop_token_ids
 log = logging.getLogger(__name__)
 
 ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}  # transformers model_type -> gguf.MODEL_ARCH member
-QUANTS = {"f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+QUANTS = {"f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "f32": ("F32", "ALL_F32")}
+F16_MAX = 65504.0  # float16's largest finite value: a weight beyond it would be inf in an f16 GGUF
 
 # llama.cpp recognises a BPE pre-tokenizer by hashing the token ids of this text (convert_hf_to_gguf.py).
 CHK_TXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
@@ -72,10 +73,14 @@ class ExportReport:
     modelfile: str | None = None
     checks: list[str] = field(default_factory=list)
     llama_cpp: str = "skipped"
+    kept_f16: int = 0  # q8_0: matrices whose rows are not whole 32-value blocks, stored in f16
 
     def summary(self) -> str:
         lines = [f"wrote {self.output} ({self.arch}, {self.quant}, {self.tensors} tensors, "
                  f"{self.size_bytes / 2**20:.1f} MiB)"]
+        if self.kept_f16:
+            lines.append(f"note: {self.kept_f16} matrices kept in f16: their rows are not a multiple of 32 values, "
+                         "the q8_0 block (as llama.cpp's converter does)")
         if self.modelfile:
             lines.append(f"wrote {self.modelfile}: ollama create NAME -f {self.modelfile}")
         lines += [f"check: {c}" for c in self.checks]
@@ -147,7 +152,8 @@ def _load_state(model_dir: Path) -> dict:
 
 def _writer(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
     """The GGUF file's writer, holding every tensor and key but nothing written yet (`stops`: `stop_token_ids`, the
-    tokenizer's eos first); returns (writer, arch name, {gguf name: (source name, source array, permuted?)})."""
+    tokenizer's eos first); returns (writer, arch name, {gguf name: (source name, source array, permuted?)}, heads,
+    how many matrices q8_0 kept in f16)."""
     import gguf
     import numpy as np
 
@@ -198,7 +204,7 @@ def _writer(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
 
     state = _load_state(model_dir)
     tmap = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
-    written = {}
+    written, kept_f16 = {}, 0
     for name, data in state.items():
         if name.endswith(".rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
@@ -208,15 +214,26 @@ def _writer(model_dir: Path, tmp: Path, cfg, tok, quant: str, stops: list[int]):
         permuted = arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
         if permuted:
             data = permute_qk(data, n_head, n_head if name.endswith("q_proj.weight") else n_kv)
-        if data.ndim <= 1:
+        if data.ndim <= 1 or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(new, data.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
             q = gguf.quants.quantize(data, qtype)
             w.add_tensor(new, q, raw_dtype=qtype)
-        else:
+        else:  # f16, and under q8_0 a matrix whose rows are not whole 32-value blocks (llama.cpp does the same)
+            _refuse_beyond_f16(name, data, quant)
             w.add_tensor(new, data.astype(np.float16))
+            kept_f16 += qtype == gguf.GGMLQuantizationType.Q8_0
         written[new] = (name, state[name], permuted)
-    return w, arch, written, (n_head, n_kv)
+    return w, arch, written, (n_head, n_kv), kept_f16
+
+
+def _refuse_beyond_f16(name: str, data, quant: str) -> None:
+    import numpy as np
+
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if peak > F16_MAX:
+        raise ExportError(f"{name} holds weights up to {peak:.3g}, beyond float16's largest value ({F16_MAX:.0f}): "
+                          f"a {quant} GGUF would hold inf there. Export with --quant f32 (4 bytes per weight)")
 
 
 def _save(w) -> None:
@@ -318,7 +335,7 @@ def _check_transformers(path: Path, model_dir: Path, tok, quant: str, n_tokens: 
     want = [_greedy(src, x, n_tokens) for x in ids]
     got = [_greedy(ggm, x, n_tokens) for x in ids]
     first_ok = all(w[:1] == g[:1] for w, g in zip(want, got))
-    limit = 0.05 if quant == "f16" else 0.15
+    limit = 0.15 if quant == "q8_0" else 0.05
     if diff / scale > limit or not first_ok:
         raise ExportError(f"the GGUF, read by transformers, disagrees with the source: max |logit diff| {diff:.3g} "
                           f"({diff / scale:.1%}), first greedy tokens {got} vs {want}")
@@ -405,10 +422,11 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     writes = partial(writing, f"the GGUF export {output}", output.parent, ExportError,
                      f"Nothing was written to {output} and no partial file was left; free some space and export again")
     try:
-        w, arch, written, heads = _writer(model_dir, tmp, cfg, tok, quant, stops)
+        w, arch, written, heads, kept_f16 = _writer(model_dir, tmp, cfg, tok, quant, stops)
         with writes():
             _save(w)
-        report = ExportReport(str(output), arch, quant, tensors=len(written), size_bytes=tmp.stat().st_size)
+        report = ExportReport(str(output), arch, quant, tensors=len(written), size_bytes=tmp.stat().st_size,
+                              kept_f16=kept_f16)
         if verify:
             msg, reader = _check_readback(tmp, model_dir, cfg, tok, arch, written, heads)
             report.checks.append(msg)
