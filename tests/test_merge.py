@@ -167,6 +167,43 @@ def test_merge_never_overwrites_what_it_reads_and_a_damaged_adapter_is_named(tin
     assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "afile" / "m")]) == 2
 
 
+def test_a_merge_stopped_between_its_two_renames_gets_the_earlier_model_back(run_dir, tmp_path, monkeypatch):
+    """Interrupted after the earlier merge was renamed aside, the output was gone and the earlier model stayed hidden
+    as .NAME.old-PID: no later merge put it back or removed it."""
+    import os
+
+    from tunelab.files import _HOST, staging_dir
+    from tunelab.merge import merge_adapter, prepare_output
+
+    out = tmp_path / "m"
+    merge_adapter(run_dir, out, verify=False)
+    earlier = (out / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def stopped(src, dst):
+        if Path(src).name.startswith(".m.tmp-") and Path(dst) == out:  # the new model's rename into place
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(run_dir, out, verify=False)
+    monkeypatch.undo()
+    assert (out / "model.safetensors").read_bytes() == earlier and os.listdir(tmp_path) == ["m"]
+
+    # killed outright there (no handler ran): the next merge (or staging folder) of that output puts it back
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.rename(out, tmp_path / f".m.old-{_HOST}-{dead.pid}")
+    (tmp_path / f".m.old-{_HOST}x-{dead.pid}").mkdir()  # another machine's, on shared storage: not ours to judge
+    prepare_output(out)
+    assert (out / "model.safetensors").read_bytes() == earlier
+    # killed while removing the old copy, after the new one was in place: the old one is removed
+    (tmp_path / f".m.old-{_HOST}-{dead.pid}").mkdir()
+    staged = staging_dir(out)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m", f".m.old-{_HOST}x-{dead.pid}", staged.name])
+
+
 def test_merged_and_prepared_folders_get_the_permissions_mkdir_would_give(run_dir, tmp_path):
     """They are written in a temporary folder and renamed into place; tempfile.mkdtemp made them 0700 (readable by
     their owner only: another user could not serve the merged model)."""
@@ -271,7 +308,7 @@ def test_a_merge_stopped_by_sigterm_leaves_no_staging_copy_and_a_killed_ones_is_
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)  # the handler interrupts this
 
-    monkeypatch.setattr(tunelab.merge, "_swap_into_place", stopped)
+    monkeypatch.setattr(tunelab.merge, "swap_into_place", stopped)
     assert main(["merge", "--adapter", str(run_dir), "--output", str(tmp_path / "merged"), "--no-verify"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == [elsewhere.name]  # neither this merge's staging folder nor the killed one's

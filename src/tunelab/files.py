@@ -89,24 +89,48 @@ def writing(what: str, folder, error: type[TunelabError], then: str) -> Iterator
 
 def staging_dir(final: Path) -> Path:
     """A new empty folder beside `final`, to be renamed into place once complete, with the permissions `mkdir` gives
-    (tempfile.mkdtemp's are 0700: a merged model or a prepared dataset only its owner could read). Staging folders
-    of `final` whose process is gone (killed outright: no cleanup ran) are removed first."""
+    (tempfile.mkdtemp's are 0700: a merged model or a prepared dataset only its owner could read). What a killed
+    process left of `final` is dealt with first (`remove_orphans`)."""
     import tempfile
 
-    _remove_orphans(final)
+    remove_orphans(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_HOST}-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
 
 
-def _remove_orphans(final: Path) -> None:
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete folder `tmp` to `final`, replacing the folder there: the old one is renamed aside first
+    and removed after, so `final` is never a mix of both. Interrupted between the two renames, the old one is put
+    back; killed there, the next `remove_orphans(final)` puts it back."""
+    old = final.with_name(f".{final.name}.old-{_HOST}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_orphans(final: Path) -> None:
+    """Undo what a process killed outright (no cleanup ran) while writing `final` left beside it: its staging folders
+    are removed; the old `final` it had renamed aside to swap in the new one is put back if `final` is missing (the
+    kill came between the renames), else removed (it came during the removal)."""
     from tunelab.rundir import pid_alive
 
-    # this machine's only: on shared storage another machine's staging folder is not ours to judge
-    own = re.compile(rf"\.{re.escape(final.name)}\.tmp-{re.escape(_HOST)}-(\d+)-")
-    for folder in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+    # this machine's only: on shared storage another machine's folders are not ours to judge
+    own = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-{re.escape(_HOST)}-(\d+)(-|$)")
+    leftovers = [p for kind in ("tmp", "old") for p in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*")]
+    for folder in leftovers:
         m = own.match(folder.name)
-        if m and folder.is_dir() and pid_alive(int(m.group(1))) is False:
+        if not (m and folder.is_dir() and pid_alive(int(m.group(2))) is False):
+            continue
+        if m.group(1) == "old" and not final.exists():
+            os.replace(folder, final)
+        else:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.files import as_umask_allows, staging_dir, writing
+from tunelab.files import as_umask_allows, remove_orphans, staging_dir, swap_into_place, writing
 from tunelab.export.template_check import SAMPLE_CONVERSATIONS, check_templates
 from tunelab.model.stop_tokens import stop_token_ids
 
@@ -110,6 +110,7 @@ def compare_logits(reference, candidate) -> tuple[float, float, float, int]:
 
 def prepare_output(output: Path, option: str = "--output") -> None:
     """A merge may write `output` (new, empty, or an earlier merged model), given as `option`: checked first."""
+    remove_orphans(output)  # a killed merge's earlier model, renamed aside, is put back first: then judged
     if output.exists() and any(output.iterdir()) and not (output / "config.json").is_file():
         raise MergeError(f"{output} exists and is not a model folder; choose another {option} or empty it")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -129,16 +130,6 @@ def _refuse_own_sources(output: Path, adapter_dir: Path, base_name: str) -> None
         if out == src or out in src.parents or src in out.parents:
             raise MergeError(f"--output {output} would overwrite {what} ({src}), which this merge reads; choose "
                              "another --output")
-
-
-def _swap_into_place(tmp: Path, output: Path) -> None:
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_reference(adapter_dir: Path, meta: dict):
@@ -230,7 +221,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
         with written():
             (tmp / "tunelab.json").write_text(json.dumps(record, indent=2) + "\n")
         as_umask_allows(tmp)
-        _swap_into_place(tmp, output)
+        swap_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
