@@ -51,3 +51,53 @@ def test_infer_refuses_a_model_without_a_chat_template_before_the_first_prompt(t
     for argv in (["--prompt", "hi"], ["--compare", "--prompt", "hi"]):
         err = _cli_error(capsys, "infer", "--model", str(plain), "--max-new-tokens", "2", *argv)
         assert err.startswith(f"error: {plain} has no chat template") and "chat_template.jinja" in err
+
+
+@pytest.fixture()
+def base_and_run(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
+    """A copy of the tiny model as a base, and a run folder whose manifest recorded that base's identity."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.model.loading import base_identity
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    run = tmp_path / "run"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.save_pretrained(run / "checkpoint-final")
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "checkpoint-final")
+    (run / "checkpoint-final" / "tunelab.json").write_text(json.dumps({"base_model": str(base), "method": "lora"}))
+    (run / "manifest.json").write_text(json.dumps({"base_model": base_identity(str(base))}))
+    return base, run
+
+
+def test_an_adapter_whose_recorded_base_was_replaced_is_refused_and_another_base_by_choice_is_not(
+        base_and_run, model_dir, capsys):
+    """merge, eval and infer applied the adapter to replaced base weights without a word (merge said "verified");
+    `train --resume` already refused them."""
+    from tunelab.model.loading import ModelLoadError, load_pretrained
+
+    base, run = base_and_run
+    load_pretrained(adapter=run, dtype="fp32")  # the base as it was recorded: loads
+    shutil.copy(model_dir / "model.safetensors", base / "model.safetensors")  # other weights, the same shapes
+    for model in (None, str(base)):
+        with pytest.raises(ModelLoadError) as e:
+            load_pretrained(model, adapter=run, dtype="fp32")
+        assert f"the base model {base} is not the one {run} was trained on: {base / 'model.safetensors'}" in str(e.value)
+        assert "put the old weights back" in str(e.value) and "--model" in str(e.value)
+    load_pretrained(str(model_dir), adapter=run, dtype="fp32")  # another base, named on purpose
+    err = _cli_error(capsys, "infer", "--adapter", str(run), "--prompt", "hi")
+    assert "is not the one" in err
+
+
+def test_an_older_record_without_sampled_hashes_is_not_called_changed(base_and_run):
+    from tunelab.model.loading import load_pretrained
+
+    base, run = base_and_run
+    (run / "manifest.json").write_text(json.dumps({"base_model": {
+        "kind": "folder", "path": str(base.resolve()),
+        "files": {"model.safetensors": {"bytes": (base / "model.safetensors").stat().st_size, "mtime_ns": 1}}}}))
+    load_pretrained(adapter=run, dtype="fp32")

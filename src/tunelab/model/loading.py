@@ -214,7 +214,15 @@ def base_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
         return []
     old, new = recorded.get("files") or {}, now["files"]
     return [f"{Path(now['path']) / name}: {_file_words(old.get(name))} recorded, {_file_words(new.get(name))} now"
-            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+            for name in sorted(old.keys() | new.keys()) if not _same_file(old.get(name), new.get(name))]
+
+
+def _same_file(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
+    """Compared on what both records hold: an older tunelab recorded size and mtime_ns, not a sampled hash, and
+    a file told apart by nothing the two share is not called changed."""
+    if old is None or new is None:
+        return old is new
+    return all(old[k] == new[k] for k in old.keys() & new.keys())
 
 
 def _file_words(state: dict[str, Any] | None) -> str:
@@ -401,6 +409,8 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
     if is_full:  # method=full: the checkpoint is a whole model
         model, revision, adapter_dir = str(adapter_dir), None, None
     base_name = model or base_model_of(adapter_dir)
+    if adapter_dir is not None:
+        refuse_changed_base(adapter_dir, base_name, revision)
     tok_source = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else None
     tok = load_tokenizer(str(tok_source) if tok_source else base_name,
                          revision=None if tok_source else revision, trust_remote_code=trust)
@@ -418,6 +428,29 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
                                      f"{str(e).splitlines()[0][:300] if str(e) else ''}): a damaged or incomplete "
                                      "checkpoint? Another checkpoint of the run may load") from None
     return lm.eval(), tok
+
+
+def refuse_changed_base(adapter_dir: Path, base_name: str, revision: str | None) -> None:
+    """Refuse the base an adapter was trained on when its weights were replaced since (the run's manifest.json
+    recorded their identity): the adapter learnt a difference from the old weights, and on others it is neither
+    model, silently. Another base named on purpose (--model elsewhere) is the user's choice and not checked."""
+    manifest = adapter_dir.parent / "manifest.json"
+    if not (adapter_dir.name.startswith("checkpoint-") and manifest.is_file()):
+        return
+    recorded = read_json_object(manifest, ModelLoadError).get("base_model")
+    if not isinstance(recorded, dict):
+        return
+    now = base_identity(base_name, revision)  # a folder that is gone reads as a hub id: another base, below
+    where = {"folder": "path", "hub": "repo", "bundled": "kind"}.get(now["kind"], "kind")
+    if recorded.get("kind") != now["kind"] or recorded.get(where) != now.get(where):
+        return  # another base than the recorded one
+    changes = base_changes(recorded, now)
+    if changes:
+        raise ModelLoadError(
+            f"the base model {base_name} is not the one {adapter_dir.parent} was trained on: {'; '.join(changes)}. "
+            "The adapter learnt a difference from the old base weights; applied to these it would give neither "
+            "model: put the old weights back, or, to apply it to these weights knowingly, copy them to another "
+            "folder and pass that with --model")
 
 
 def read_tunelab_json(folder: Path | None) -> dict[str, Any]:
