@@ -130,6 +130,36 @@ def read_evals(run: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def eval_subject(model: str | None, adapter: str | None, adapter_base: str | None) -> str | None:
+    """What an eval scored, in a few words, when it is not a run's final adapter on its own base: `checkpoint-2`,
+    `m1` (a merged or other model), `checkpoint-2 on other`; None when it is. Result names and the run tables carry
+    it, so that a checkpoint's or another model's number never reads as the run's."""
+    def same(a: str, b: str | None) -> bool:
+        return b is not None and (a == b or (Path(a).exists() and Path(b).exists()
+                                             and Path(a).resolve() == Path(b).resolve()))
+
+    parts = [Path(adapter).name] if adapter and Path(adapter).name != "checkpoint-final" else []
+    if model and not (adapter and same(model, adapter_base)):  # no adapter, or one put on another model
+        label = Path(model).name if Path(model).exists() else model.replace("/", "-")
+        parts.append(f"on {label}" if adapter else label)
+    return " ".join(parts) or None
+
+
+def eval_source(ev: dict[str, Any]) -> str | None:
+    """`eval_subject` of an eval record: as recorded, or (a result written before it was) from its model section."""
+    m = ev.get("model") if isinstance(ev.get("model"), dict) else {}
+    if "subject" in m:
+        return m["subject"]
+    return eval_subject(*(str(m[k]) if m.get(k) else None for k in ("model", "adapter", "base_model")))
+
+
+def eval_label(name: str, ev: dict[str, Any]) -> str:
+    """An eval's name, with what it scored when that is not the run's final adapter and the name does not say so
+    (`val (checkpoint-2)`: a result written before names said it)."""
+    source = eval_source(ev)
+    return name if not source or source.replace(" ", "-") in name else f"{name} ({source})"
+
+
 def final_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     """The final metrics of a run: the manifest's `metrics`/`final_metrics` section and top-level metric keys."""
     out: dict[str, float] = {}
@@ -389,7 +419,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
         for ev_name, ev in read_evals(p).items():
             for k, v in ev["metrics"].items():
                 if isinstance(v, (int, float)):
-                    per_run[i][f"{ev_name}:{k}"] = v
+                    per_run[i][f"{eval_label(ev_name, ev)}:{k}"] = v
     order = [k for k in KNOWN_METRICS if any(k in r for r in per_run)]
     order += sorted(k for k in set().union(*per_run) if k not in order)
     best: dict[str, list[int]] = {}

@@ -27,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else perplexity,bleu)")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base model; print before/after")
     p.add_argument("--base", help="base model for --compare-base with a merged model (default: its tunelab.json)")
-    p.add_argument("--name", help="result name: eval/<name>.json (default: `val` for the run's own data, "
-                                  "else <data>-<split>)")
+    p.add_argument("--name", help="result name: eval/<name>.json (default: `val` for the run's own data, else "
+                                  "<data>-<split>, led by what was evaluated when it is not the run's final adapter "
+                                  "on its base: checkpoint-2-val, m1-r1-val); a name holding another model's result "
+                                  "is refused")
     p.add_argument("--max-samples", type=positive_int, help="records used for the generation metrics (default 32)")
     p.add_argument("--max-new-tokens", type=positive_int, help="generation length (default 64)")
     p.add_argument("--batch-size", type=positive_int, help="records per batch (default 8)")

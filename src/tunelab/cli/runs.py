@@ -65,6 +65,7 @@ def _show(console, info: dict) -> None:
     import yaml
     from rich.table import Table
 
+    from tunelab import runs
     from tunelab.evaluate.report import eval_table
     from tunelab.runs import fmt_duration, fmt_num
 
@@ -84,6 +85,6 @@ def _show(console, info: dict) -> None:
     if info["metrics"]:
         console.print(eval_table(info["metrics"], title="final metrics"))
     for name, ev in info["evals"].items():
-        console.print(eval_table(ev["metrics"], ev["base_metrics"], title=f"eval/{name}"))
+        console.print(eval_table(ev["metrics"], ev["base_metrics"], title=f"eval/{runs.eval_label(name, ev)}"))
     console.print("config.yaml:")
     console.print(yaml.safe_dump(info["config"], sort_keys=False, allow_unicode=True), markup=False)

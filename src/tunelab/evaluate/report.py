@@ -87,7 +87,7 @@ def _samples(run: Path, limit: int) -> list[dict[str, Any]]:
 def _sections(run: Path, samples: int) -> dict[str, Any]:
     import yaml
 
-    from tunelab.runs import final_metrics, read_evals, read_manifest, read_metrics, summarize
+    from tunelab.runs import eval_label, final_metrics, read_evals, read_manifest, read_metrics, summarize
 
     manifest = read_manifest(run)
     s = summarize(run, manifest)
@@ -104,7 +104,7 @@ def _sections(run: Path, samples: int) -> dict[str, Any]:
                                                    "duplicates_removed") if k in rep]
     evals = [("final (training)", final_metrics(manifest), None, None)]
     for name, ev in read_evals(run).items():
-        evals.append((f"eval/{name}", ev.get("metrics") or {}, ev.get("base_metrics"),
+        evals.append((f"eval/{eval_label(name, ev)}", ev.get("metrics") or {}, ev.get("base_metrics"),
                       (ev.get("tokenizer_choice") or {}).get("bleu_tokenize_reason")))
     config_text = (run / "config.yaml").read_text(encoding="utf-8") if (run / "config.yaml").is_file() \
         else yaml.safe_dump({})

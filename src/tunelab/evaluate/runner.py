@@ -246,6 +246,43 @@ def _defaults_from(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, 
     return out
 
 
+ENCODING_KEYS = ("max_length", "train_on", "overflow", "system_prompt", "chunk_size")  # how records were scored
+
+
+def _related_run(model: str, data: str) -> tuple[Path | None, str]:
+    """The run whose settings fit when no adapter is given: the one a tunelab-merged model was merged from (its
+    tunelab.json's merged_from, else its run_name under outputs/), else the run whose data is evaluated."""
+    from tunelab.model.loading import read_tunelab_json
+
+    meta = read_tunelab_json(Path(model)) if Path(model).is_dir() else {}
+    if meta.get("merged_from"):
+        found = run_folder_of(meta["merged_from"])
+        if found is None and meta.get("run_name"):
+            from tunelab.runs import RunError, resolve_run
+
+            try:
+                found = resolve_run(meta["run_name"])
+            except RunError:
+                found = None
+        if found is not None:
+            return found, f"the run {model} was merged from"
+    found = run_folder_of(data)
+    return found, "the run whose data this is"
+
+
+def _defaults_of_related_run(model: str, data: str, console: Callable[[str], None]) -> dict[str, Any]:
+    """A merged model, or a run's data, is scored as that run encoded its records (max_length, masking,
+    truncation, system prompt): the 512-token fallback gave a merged model other numbers than its adapter."""
+    run, why = _related_run(model, data)
+    if run is None:
+        return {}
+    d = {k: v for k, v in _defaults_from(None, run).items() if k in ENCODING_KEYS}
+    if d:
+        console(f"info: {', '.join(f'{k} {v!r}' for k, v in d.items())} from {run}/config.yaml ({why}); "
+                "flags such as --max-length take precedence")
+    return d
+
+
 def _evaluate_tuned_and_base(model: str, adapter_dir: Path | None, base: str | None, dtype: str,
                              records: list[dict[str, Any]], metrics: list[str],
                              opts: dict[str, Any]) -> tuple[EvalResult, EvalResult | None]:
@@ -291,6 +328,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     prepare says of a raw data file (every rejection, with file and line) goes to `console`."""
     from tunelab.model.loading import base_model_of, resolve_adapter_dir
     from tunelab.rundir import now_iso, package_versions
+    from tunelab.runs import eval_subject
 
     if adapter and not Path(adapter).exists():  # a run name under outputs/
         from tunelab.runs import resolve_run
@@ -306,7 +344,7 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
         if run_dir is None:
             raise EvalError("give --data (a prepared folder or a raw file) to evaluate on")
         data = str(run_dir)
-    d = _defaults_from(adapter_dir, run_dir)
+    d = _defaults_from(adapter_dir, run_dir) if run_dir else _defaults_of_related_run(model, data, console)
     metrics = normalize_metrics(metrics if metrics else d.get("metrics", ["perplexity", "bleu"]))
     opts = dict(max_length=max_length or d.get("max_length", 512), train_on=train_on or d.get("train_on", "assistant"),
                 overflow=d.get("overflow", "truncate"), chunk_size=d.get("chunk_size", 1024),
@@ -324,9 +362,12 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
         from tunelab.train.inputs import with_system_prompt
 
         ev_data.records = with_system_prompt(ev_data.records, d.get("system_prompt"))
-    own_data = run_dir is not None and Path(data).resolve() == run_dir.resolve()
-    name = _safe_name(name or (ev_data.split if own_data else f"{Path(data).stem}-{ev_data.split}"))
+    subject = eval_subject(model, str(adapter_dir) if adapter_dir else None,
+                           base_model_of(adapter_dir) if adapter_dir else None)
+    name = _safe_name(name or _default_name(data, run_dir, ev_data.split, subject))
     out_dir = Path(output_dir) if output_dir else (run_dir / "eval" if run_dir else Path("outputs") / "eval")
+    identity = {"model": model, "adapter": str(adapter_dir) if adapter_dir else None}
+    _refuse_replacing(out_dir / f"{name}.json", identity, run_dir)
 
     if base and not compare_base:
         raise EvalError("--base names the model --compare-base evaluates beside this one: add --compare-base, or "
@@ -353,8 +394,8 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
         "tokenizer_choice": result.settings.get("tokenizer_choice"),
         "data": {"path": str(data), "source": ev_data.source, "split": ev_data.split,
                  "records": len(ev_data.records), "fingerprint": ev_data.fingerprint, **ev_data.rejections},
-        "model": {"model": model, "adapter": str(adapter_dir) if adapter_dir else None, "base_model": base_name,
-                  "run": str(run_dir) if run_dir else None},
+        "model": {**identity, "base_model": base_name, "run": str(run_dir) if run_dir else None,
+                  "subject": subject},
         "versions": package_versions(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +404,48 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
     _write_result(json_path, record, pred_path, (_prediction_row(p, base_preds) for p in result.predictions))
     _say_rejected(result.settings.get("rejected"), json_path, console)
     return EvalRun(name, result, base_result, json_path, pred_path, record)
+
+
+def _default_name(data: str, run_dir: Path | None, split: str, subject: str | None) -> str:
+    """`val` for a run's final adapter on its own data, `<data>-<split>` on other data, each led by what was
+    evaluated when it is not that adapter (`checkpoint-2-val`, `m1-r1-val`): results of different models never
+    share a default name."""
+    own_data = run_dir is not None and Path(data).resolve() == run_dir.resolve()
+    name = split if own_data else f"{Path(data).stem}-{split}"
+    return f"{subject}-{name}" if subject else name
+
+
+def _same_model(a: dict[str, Any], b: dict[str, Any], in_run: bool) -> bool:
+    """`in_run`: the result lives in the run's own eval/, so its adapters are told apart by checkpoint name (a run
+    folder copied or moved keeps its results' identity)."""
+    def key(p: Any, adapter: bool) -> str | None:
+        if not p:
+            return None
+        path = Path(str(p))
+        return path.name if adapter and in_run else str(path.resolve()) if path.exists() else str(p)
+
+    return all(key(a.get(k), k == "adapter") == key(b.get(k), k == "adapter") for k in ("model", "adapter"))
+
+
+def _refuse_replacing(json_path: Path, identity: dict[str, Any], run_dir: Path | None) -> None:
+    """An earlier result of this name from another model or checkpoint is refused before evaluating, not
+    replaced: its numbers would be lost and the new ones read under its label (a result of the same model is
+    a re-run and is replaced)."""
+    from tunelab.files import read_json_object
+
+    if not json_path.is_file():
+        return
+    try:
+        earlier = read_json_object(json_path, EvalError).get("model")
+    except EvalError:
+        earlier = None
+    in_run = run_dir is not None and json_path.parent.resolve() == (run_dir / "eval").resolve()
+    if isinstance(earlier, dict) and _same_model(earlier, identity, in_run):
+        return
+    what = (", ".join(f"{k} {earlier[k]}" for k in ("model", "adapter") if earlier.get(k))
+            if isinstance(earlier, dict) else "something else")
+    raise EvalError(f"{json_path} already holds an evaluation of {what}; pass another --name to keep both, or "
+                    f"remove {json_path} to replace it")
 
 
 def _prediction_row(p: dict[str, Any], base_preds: dict[int, dict[str, Any]]) -> dict[str, Any]:
