@@ -154,6 +154,9 @@ def test_merge_never_overwrites_what_it_reads_and_a_damaged_adapter_is_named(tin
     run = tmp_path / "run"
     make_adapter(base, run)
     before = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(TunelabError, match="holds a model that tunelab merge did not write"):
+        merge_adapter(run, base)
+    (base / "tunelab.json").write_text(json.dumps({"merged_from": "elsewhere"}))  # a merged model as a base
     with pytest.raises(TunelabError, match="would overwrite the adapter's base model .*which this merge reads"):
         merge_adapter(run, base)
     assert hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest() == before
@@ -165,6 +168,63 @@ def test_merge_never_overwrites_what_it_reads_and_a_damaged_adapter_is_named(tin
     assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "merged")]) == 2
     (tmp_path / "afile").write_text("x")
     assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "afile" / "m")]) == 2
+
+
+def test_merge_replaces_only_an_earlier_merge_and_names_the_files_it_did_not_write(run_dir, tiny_model_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A folder holding config.json was replaced whole: a model and NOTES.md put there by hand, or the GGUF and
+    Modelfile `tunelab export` wrote into an earlier merge, were deleted without a word (rc 0)."""
+    import shutil
+
+    import tunelab.merge
+    from tunelab.cli import main
+    from tunelab.merge import MergeError, merge_adapter
+
+    def contents(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    by_hand = tmp_path / "v"
+    shutil.copytree(tiny_model_dir, by_hand)
+    (by_hand / "NOTES.md").write_text("keep me")
+    kept = contents(by_hand)
+    with pytest.raises(MergeError, match="v holds a model that tunelab merge did not write"):
+        merge_adapter(run_dir, by_hand, verify=False)
+    assert contents(by_hand) == kept
+
+    merged = tmp_path / "m"
+    merge_adapter(run_dir, merged, verify=False)
+    assert set(json.loads((merged / "tunelab.json").read_text())["files"]) == set(contents(merged))
+    merge_adapter(run_dir, merged, verify=False)  # an earlier merge, nothing else in it: replaced
+    (merged / "m.gguf").write_bytes(b"GGUF")
+    (merged / "Modelfile").write_text("FROM ./m.gguf")
+    kept = contents(merged)
+    assert main(["merge", "--adapter", str(run_dir), "--output", str(merged), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "files the merge did not write: Modelfile, m.gguf" in err and "--overwrite" in err
+    assert contents(merged) == kept
+
+    record = json.loads((merged / "tunelab.json").read_text())  # a merge from before `files` was recorded
+    del record["files"]
+    (merged / "tunelab.json").write_text(json.dumps(record))
+    with pytest.raises(MergeError, match="did not write: Modelfile, m.gguf"):
+        merge_adapter(run_dir, merged, verify=False)
+
+    real = tunelab.merge.check_templates
+
+    def a_file_arrives_meanwhile(*a, **k):  # put there while the merge ran: checked again before the swap
+        (merged / "late.txt").write_text("x")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tunelab.merge, "check_templates", a_file_arrives_meanwhile)
+    (merged / "m.gguf").rename(tmp_path / "m.gguf")
+    (merged / "Modelfile").rename(tmp_path / "Modelfile")
+    with pytest.raises(MergeError, match="did not write: late.txt"):
+        merge_adapter(run_dir, merged, verify=False)
+    assert not list(tmp_path.glob(".m.*"))
+    monkeypatch.undo()
+
+    assert main(["merge", "--adapter", str(run_dir), "--output", str(merged), "--no-verify", "--overwrite"]) == 0
+    assert set(contents(merged)) == set(json.loads((merged / "tunelab.json").read_text())["files"])
 
 
 def test_a_merge_stopped_between_its_two_renames_gets_the_earlier_model_back(run_dir, tmp_path, monkeypatch):

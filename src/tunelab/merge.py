@@ -17,7 +17,9 @@ QLoRA adapters were trained against 4-bit (NF4) weights. Merging into 4-bit weig
 so the base is reloaded in full precision (fp32) and the adapter merged there; the report says so.
 
 For method=full the checkpoint already is a model: it is copied into the same standalone form and verified alike.
-The output folder is written to a temporary folder beside it and renamed into place only once verified.
+The output folder is written to a temporary folder beside it and renamed into place only once verified. A folder
+already there is replaced only if an earlier merge wrote it (its tunelab.json says so) and it holds nothing else;
+other files in it (notes, a GGUF exported from it) are named and the merge refused, unless `overwrite`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
 
@@ -108,12 +111,45 @@ def compare_logits(reference, candidate) -> tuple[float, float, float, int]:
     return diff, diff / scale, agree / n, n
 
 
-def prepare_output(output: Path, option: str = "--output") -> None:
-    """A merge may write `output` (new, empty, or an earlier merged model), given as `option`: checked first."""
+def prepare_output(output: Path, option: str = "--output", overwrite: bool = False) -> None:
+    """A merge may write `output` (given as `option`): new, empty, or a model an earlier merge wrote and nothing else
+    (`overwrite`: other files in it too, deleted with it). Checked before any work, and again before the swap."""
     remove_orphans(output)  # a killed merge's earlier model, renamed aside, is put back first: then judged
-    if output.exists() and any(output.iterdir()) and not (output / "config.json").is_file():
-        raise MergeError(f"{output} exists and is not a model folder; choose another {option} or empty it")
+    if output.exists() and not output.is_dir():
+        raise MergeError(f"{option} {output} is a file; choose a folder")
+    if output.is_dir() and any(output.iterdir()):
+        extra = _not_merge_output(output, option)
+        if extra and not overwrite:
+            # not moved into the new folder either: a GGUF or Modelfile exported there holds the old weights
+            hint = " (or merge with --overwrite to delete them with the old model)" if option == "--output" else ""
+            raise MergeError(f"{output} holds an earlier merge and files the merge did not write: {', '.join(extra)}. "
+                             f"A merge replaces the whole folder (and a GGUF exported from the old weights would no "
+                             f"longer match the new ones): move them elsewhere{hint}, or choose another {option}")
     output.parent.mkdir(parents=True, exist_ok=True)
+
+
+# What a merge writes, for a tunelab.json from before it listed them (`files`): tokenizer files vary by tokenizer.
+_MERGE_FILES = ("config.json", "generation_config.json", "tunelab.json", "model*.safetensors",
+                "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                "chat_template.*", "vocab.json", "merges.txt")
+
+
+def _not_merge_output(output: Path, option: str) -> list[str]:
+    """The names in `output` that an earlier merge did not write; MergeError if no merge wrote it (only a folder
+    tunelab merge made is replaced whole: a model or notes put there by hand are not ours to delete)."""
+    if not (output / "config.json").is_file():
+        raise MergeError(f"{output} exists and is not a model folder; choose another {option} or empty it")
+    try:
+        record = json.loads((output / "tunelab.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or "merged_from" not in record:
+        raise MergeError(f"{output} holds a model that tunelab merge did not write (no tunelab.json recording "
+                         f"merged_from) and a merge replaces only its own: choose another {option}, or move it away")
+    names = sorted(p.name for p in output.iterdir())
+    if isinstance(record.get("files"), list):
+        return [n for n in names if n not in record["files"]]
+    return [n for n in names if not any(fnmatch(n, pattern) for pattern in _MERGE_FILES)]
 
 
 def _refuse_own_sources(output: Path, adapter_dir: Path, base_name: str) -> None:
@@ -147,8 +183,9 @@ def _load_reference(adapter_dir: Path, meta: dict):
 
 
 def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp32", verify: bool = True,
-                  tolerance: float | None = None) -> MergeReport:
-    """Merge `adapter` (a run folder or checkpoint) into its base; write a standalone model folder at `output`."""
+                  tolerance: float | None = None, overwrite: bool = False) -> MergeReport:
+    """Merge `adapter` (a run folder or checkpoint) into its base; write a standalone model folder at `output`
+    (`overwrite`: replacing an earlier merge there that holds other files too, e.g. a GGUF exported from it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -162,7 +199,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     meta = read_tunelab_json(adapter_dir)
     method = meta.get("method") or ("lora" if (adapter_dir / "adapter_config.json").is_file() else "full")
     output = Path(output)
-    prepare_output(output)
+    prepare_output(output, overwrite=overwrite)
 
     model, tok, base_name, notes = _load_reference(adapter_dir, meta)
     _refuse_own_sources(output, adapter_dir, base_name)
@@ -217,10 +254,12 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
                   "trust_remote_code": bool(meta.get("trust_remote_code")), "method": method, "dtype": dtype,
                   "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
                       "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
-                  "eos_token_ids": stops, "notes": notes}
+                  "eos_token_ids": stops, "notes": notes,
+                  "files": sorted([p.name for p in tmp.iterdir()] + ["tunelab.json"])}  # what a re-merge may replace
         with written():
             (tmp / "tunelab.json").write_text(json.dumps(record, indent=2) + "\n")
         as_umask_allows(tmp)
+        prepare_output(output, overwrite=overwrite)  # again: files may have been put there while this merge ran
         swap_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`tunelab merge --adapter outputs/RUN --output models/merged [--dtype bf16] [--no-verify]`"""
+"""`tunelab merge --adapter outputs/RUN --output models/merged [--dtype bf16] [--no-verify] [--overwrite]`"""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved weights (the merge itself is always done in fp32)")
     p.add_argument("--tolerance", type=positive, default=None,
                    help="max |logit diff| relative to the largest logit (default: 1e-3 fp32, 2e-2 fp16, 1e-1 bf16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier merged model at --output even if other files were put in it (deleted)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the adapter-vs-merged comparison")
 
@@ -30,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     if adapter is not None:
         print(f"{args.adapter}: using {adapter} (the newest finished run, {adapter.parent.name})")
     report = merge_adapter(adapter or args.adapter, args.output, dtype=args.dtype, verify=args.verify,
-                           tolerance=args.tolerance)
+                           tolerance=args.tolerance, overwrite=args.overwrite)
     print(report.summary())
     return 0
