@@ -266,3 +266,39 @@ def test_compare_answers_base_vs_adapter(model_dir, run_dir, capsys, dtype):
     assert [r[1] for r in rows] != [r[2] for r in rows]
     print_comparison(rows)
     assert "fine-tuned" in capsys.readouterr().out
+
+
+def test_a_prompt_file_is_checked_whole_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A batch file stopped at its first bad line, only after the model had loaded; an assistant-only conversation
+    was a traceback (an IndexError with --compare); `--output` naming the input file replaced the prompts."""
+    import tunelab.infer
+    from tunelab.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(tunelab.infer, "load", never)
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(['{"prompt": "ok"}', '{"messages": [{"role": "assistant", "content": "x"}]}', '{oops',
+                              '{"prompt": "ok"}', '{"foo": 1}']) + "\n")
+    for argv in (["--output", str(tmp_path / "out.jsonl")], ["--compare"]):
+        assert main(["infer", "--model", "m", "--input", str(src), *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"{src}:2: no user turn to answer" in err and f"{src}:3: not valid JSON" in err
+        assert f"{src}:5: expected a \"prompt\" or \"messages\" field" in err and "Traceback" not in err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "ok"}\n')
+    assert main(["infer", "--model", "m", "--input", str(good), "--output", str(good)]) == 2
+    assert "is the --input file" in capsys.readouterr().err and good.read_text() == '{"prompt": "ok"}\n'
+
+
+def test_prompts_longer_than_the_context_are_named_by_file_and_line(tiny, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.infer import answer_file
+
+    src = tmp_path / "long.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Hi", "word " * 1500, "Hi", "word " * 1500)))
+    with pytest.raises(TunelabError) as e:
+        answer_file(*tiny, src, tmp_path / "out.jsonl", max_new_tokens=2)
+    assert str(e.value).startswith(f"{src}:2: the prompt has ") and f"\n{src}:4: the prompt has " in str(e.value)
+    assert not (tmp_path / "out.jsonl").exists()

@@ -65,7 +65,8 @@ def as_conversation(prompt: str | Conversation, system: str | None = None) -> Co
 
 def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             seed: int | None = None, batch_size: int = 16, weights: str | None = None) -> list[str]:
+             seed: int | None = None, batch_size: int = 16, weights: str | None = None,
+             labels: list[str] | None = None) -> list[str]:
     """Answer each conversation (rendered with add_generation_prompt). Returns the answers in input order.
 
     The serve engine's decode loop, run in this thread: up to `batch_size` prompts decode together and a
@@ -74,7 +75,8 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
     kernels (`tunelab.decode`: faster at batch 1, a few logits rounded differently in the last bit than in a
     batch). `weights="int8"` decodes with int8 copies of the weights (faster,
     answers close to but not the model's own; `tunelab.decode.set_decode_weights`), "model" with its own; None
-    keeps what was set for this model.
+    keeps what was set for this model. `labels`: how a prompt longer than the context is named (default its
+    number), every such prompt in one error.
     """
     from tunelab.serve.engine import Engine, Job
 
@@ -84,7 +86,14 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
     sampling = _sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     texts = [render(tokenizer, c, add_generation_prompt=True) for c in conversations]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    jobs = [Job(ids, _within_context(model, ids, sampling, i)) for i, ids in enumerate(encoded, 1)]
+    jobs, too_long = [], []
+    for i, ids in enumerate(encoded):
+        try:
+            jobs.append(Job(ids, _within_context(model, ids, sampling, labels[i] if labels else i + 1)))
+        except TunelabError as e:
+            too_long.append(str(e))
+    if too_long:
+        raise TunelabError("\n".join(too_long))
     order = sorted(range(len(jobs)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
     Engine(model, tokenizer, max_batch_size=batch_size, max_queue=len(jobs)).run([jobs[i] for i in order])
     for job in jobs:
@@ -98,14 +107,14 @@ def _context(model) -> int | None:
     return context if isinstance(context, int) else None
 
 
-def _within_context(model, prompt_ids: list[int], sampling, number: int | None = None):
+def _within_context(model, prompt_ids: list[int], sampling, number: int | str | None = None):
     """`sampling` with max_new_tokens cut to what the model's positions leave after the prompt (answers past them
     are garbage); a prompt that fills them is an error, as it is for `tunelab serve`."""
     context = _context(model)
     if context is None or len(prompt_ids) + sampling.max_new_tokens <= context:
         return sampling
     if len(prompt_ids) >= context:
-        which = "the prompt" if number is None else f"prompt {number}"
+        which = "the prompt" if number is None else f"prompt {number}" if isinstance(number, int) else number
         raise TunelabError(f"{which} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
     return replace(sampling, max_new_tokens=context - len(prompt_ids))
 
@@ -242,53 +251,81 @@ def chat_loop(model, tokenizer, system: str | None = None, input_fn: Callable[[s
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """JSONL lines: {"prompt": "..."}, {"messages": [...]} (a trailing assistant turn becomes the reference),
-    or a plain JSON string per line."""
-    rows = []
+    or a plain JSON string per line. Every bad line is reported at once, as file:line: why."""
+    return [row for _, row in _numbered_prompts(path)]
+
+
+def _numbered_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    rows, problems = [], []
     for n, line in enumerate(read_user_text(path, "prompts").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if isinstance(obj, str):
-            obj = {"prompt": obj}
-        if not isinstance(obj, dict):
-            raise TunelabError(f"{path}:{n}: expected a JSON object or string, found {type(obj).__name__}")
-        if "messages" in obj:
-            msgs = obj["messages"]
-            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                            and isinstance(m.get("role"), str) for m in msgs)):
-                raise TunelabError(f"{path}:{n}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} "
-                                   "objects with text content")
-            msgs, ref = prompt_messages(msgs)
-            rows.append({"messages": msgs, "reference": ref, **{k: v for k, v in obj.items() if k != "messages"}})
-        elif "prompt" in obj or "instruction" in obj:
-            key = "prompt" if "prompt" in obj else "instruction"
-            extra = obj.get("input") if key == "instruction" else None
-            if not isinstance(obj[key], str) or not obj[key].strip() or not isinstance(extra, (str, type(None))):
-                raise TunelabError(f"{path}:{n}: \"{key}\" must be non-empty text")
-            text = obj[key] + (f"\n\n{extra}" if extra else "")
-            rows.append({"messages": [{"role": "user", "content": text}], **obj})
-        else:
-            raise TunelabError(f"{path}:{n}: expected a \"prompt\" or \"messages\" field, found {sorted(obj)}")
+        if line.strip():
+            try:
+                rows.append((n, _prompt_row(line)))
+            except ValueError as e:  # the line's fault: noted, and the rest of the file still read
+                problems.append(f"{path}:{n}: {e}")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        head = "" if len(problems) == 1 else f"{len(problems)} lines of {path} are not prompts (nothing answered):\n"
+        raise TunelabError(head + "\n".join(shown))
     if not rows:
         raise TunelabError(f"{path} holds no prompts")
     return rows
 
 
-def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Path, system: str | None = None,
-                **gen: Any) -> int:
-    """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt."""
-    rows = read_prompts(input_path)
+def _prompt_row(line: str) -> dict[str, Any]:
+    """One line of a prompts file as {"messages", ...}; ValueError saying what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if isinstance(obj, str):
+        obj = {"prompt": obj}
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object or string, found {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                        and isinstance(m.get("role"), str) for m in msgs)):
+            raise ValueError("\"messages\" must be a non-empty list of {\"role\", \"content\"} objects with text "
+                             "content")
+        msgs, ref = prompt_messages(msgs)
+        if not any(m["role"] == "user" for m in msgs):  # a trailing assistant turn is the reference, not a prompt
+            raise ValueError("no user turn to answer (the last assistant turn is taken as the reference answer)")
+        return {"messages": msgs, "reference": ref, **{k: v for k, v in obj.items() if k != "messages"}}
+    if "prompt" in obj or "instruction" in obj:
+        key = "prompt" if "prompt" in obj else "instruction"
+        extra = obj.get("input") if key == "instruction" else None
+        if not isinstance(obj[key], str) or not obj[key].strip() or not isinstance(extra, (str, type(None))):
+            raise ValueError(f"\"{key}\" must be non-empty text")
+        text = obj[key] + (f"\n\n{extra}" if extra else "")
+        return {"messages": [{"role": "user", "content": text}], **obj}
+    raise ValueError(f"expected a \"prompt\" or \"messages\" field, found {sorted(obj)}")
+
+
+def check_batch(input_path: str | Path, output_path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """The prompts of `input_path` with their line numbers, every bad line refused at once, and an output that
+    cannot take the answers refused: all before a model is loaded (`tunelab infer --input` calls it first)."""
     out = Path(output_path)
     if out.is_dir():
         raise TunelabError(f"--output {out} is a folder; give the .jsonl file to write")
+    if out.resolve() == Path(input_path).resolve():
+        raise TunelabError(f"--output {out} is the --input file: the answers would replace the prompts; give "
+                           "another file")
+    return _numbered_prompts(input_path)
+
+
+def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Path, system: str | None = None,
+                **gen: Any) -> int:
+    """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt."""
+    numbered = check_batch(input_path, output_path)
+    rows = [row for _, row in numbered]
+    out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)  # an output that cannot be written fails before generating
     tmp = out.with_name(out.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            answers = generate(model, tokenizer, [as_conversation(r["messages"], system) for r in rows], **gen)
+            answers = generate(model, tokenizer, [as_conversation(r["messages"], system) for r in rows],
+                               labels=[f"{input_path}:{n}: the prompt" for n, _ in numbered], **gen)
             for row, answer in zip(rows, answers):
                 f.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
         tmp.replace(out)

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.output and not args.input:
         raise TunelabError("--output goes with --input (a JSONL file of prompts)")
+    if args.input and not args.output:
+        raise TunelabError("--input needs --output (where to write the answers)")
+    if args.input:
+        infer.check_batch(args.input, args.output)  # every bad line, before minutes of model loading
     model, tok = infer.load(args.model, adapter=args.adapter, dtype=args.dtype)
     infer.require_chat_template(tok, args.adapter or args.model)
     gen["weights"] = args.weights
@@ -68,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
         # one prompt is a single stream: batch_size=1 lets the decode use its one-row kernels (tunelab.decode)
         print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], batch_size=1, **gen)[0])
     elif args.input:
-        if not args.output:
-            raise TunelabError("--input needs --output (where to write the answers)")
         n = infer.answer_file(model, tok, args.input, args.output, system=args.system, batch_size=args.batch_size,
                               **gen)
         print(f"wrote {n} answers to {args.output}")
