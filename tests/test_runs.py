@@ -389,3 +389,32 @@ def test_a_file_name_that_is_not_utf8_is_written_into_the_manifest(tmp_path):
     data = {"data": {"source": os.fsdecode(b"/data/\xff.jsonl"), "note": "café"}}
     write_json_atomic(tmp_path / "manifest.json", data)
     assert json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8")) == data
+
+
+def test_report_of_a_killed_run_shows_its_logged_steps_and_checkpoints(tmp_path, capsys):
+    """A run killed outright (no global_step or duration in its manifest) read `steps | —` and `duration | 0 s`
+    although metrics.jsonl had its steps and a checkpoint was kept."""
+    from tunelab.evaluate.report import write_run_report
+
+    run = make_run(tmp_path, "killed", status="running", losses=(2.0, 1.8, 1.6, 1.5))
+    manifest = json.loads((run / "manifest.json").read_text())
+    for key in ("global_step", "duration_s", "ended_at"):
+        manifest.pop(key)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "checkpoint-3").mkdir()
+    text = write_run_report(run).read_text()
+    assert "| steps | 4 (last logged) |" in text and "| checkpoints | checkpoint-3 |" in text
+    assert "| duration | 3 s (last logged) |" in text and "0 s" not in text
+    assert main(["runs", "show", str(run)]) == 0 and "4 (last logged)" in capsys.readouterr().out
+
+
+def test_report_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+    make_run(tmp_path, "a")
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    assert main(["runs", "report", "a", "--dir", str(tmp_path), "-o", str(notes)]) != 0
+    assert notes.read_text() == "# my notes\n" and "not a report tunelab wrote" in capsys.readouterr().err
+    for _ in range(2):  # its own report is rewritten
+        assert main(["runs", "report", "a", "--dir", str(tmp_path), "-o", str(tmp_path / "r.md")]) == 0
+    assert main(["runs", "report", "a", "--dir", str(tmp_path), "-o", str(notes), "--force"]) == 0
+    assert notes.read_text().startswith("# Run report: a")

@@ -318,6 +318,16 @@ def runs_table(summaries: Sequence[RunSummary]):
     return t
 
 
+def last_logged(run: Path) -> tuple[int | None, float | None]:
+    """The last step metrics.jsonl logged and its elapsed seconds: what a run killed before writing its manifest
+    again (stale, no global_step or duration) did reach."""
+    steps = [r for r in read_metrics(run) if isinstance(r.get("step"), int)]
+    if not steps:
+        return None, None
+    last = max(steps, key=lambda r: r["step"])
+    return last["step"], _number(last.get("elapsed_s"))
+
+
 # ---------------------------------------------------------------- show
 
 

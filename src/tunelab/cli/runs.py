@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             sp.add_argument("-o", "--output", help="report file (.md or .html; default <run>/report.md)")
             sp.add_argument("--format", choices=["md", "html"], help="default: from -o, else md")
             sp.add_argument("--samples", type=int, default=5, help="sample answers shown (default 5)")
+            sp.add_argument("--force", action="store_true", help="replace an -o file that is not a run report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "report":
         from tunelab.evaluate.report import write_run_report
 
-        console.print(f"wrote {write_run_report(args.runs[0], args.output, args.format, args.samples, args.dir)}")
+        out = write_run_report(args.runs[0], args.output, args.format, args.samples, args.dir, force=args.force)
+        console.print(f"wrote {out}")
     return 0
 
 
@@ -76,7 +78,7 @@ def _show(console, info: dict) -> None:
     for k, v in (("folder", info["path"]), ("status", status), ("started", s.date),
                  ("duration", fmt_duration(s.duration_s)), ("method", s.method), ("model", s.model),
                  ("data", s.data), ("data fingerprint", m.get("data_fingerprint")), ("seed", m.get("seed")),
-                 ("steps", fmt_num(s.steps)), ("dtype", f"{dtype.get('name', '?')}"
+                 ("steps", fmt_num(s.steps) if s.steps is not None else _last_logged(info["path"])), ("dtype", f"{dtype.get('name', '?')}"
                                                + (f" ({dtype['reason']})" if dtype.get("reason") else "")
                                                if isinstance(dtype, dict) else dtype),
                  ("git commit", m.get("git_commit")), ("checkpoints", ", ".join(info["checkpoints"]))):
@@ -88,3 +90,13 @@ def _show(console, info: dict) -> None:
         console.print(eval_table(ev["metrics"], ev["base_metrics"], title=f"eval/{runs.eval_label(name, ev)}"))
     console.print("config.yaml:")
     console.print(yaml.safe_dump(info["config"], sort_keys=False, allow_unicode=True), markup=False)
+
+
+def _last_logged(run: str) -> str:
+    """A killed run's manifest holds no step count: the last step its metrics.jsonl logged."""
+    from pathlib import Path
+
+    from tunelab.runs import last_logged
+
+    step = last_logged(Path(run))[0]
+    return "" if step is None else f"{step} (last logged)"

@@ -84,6 +84,20 @@ def _samples(run: Path, limit: int) -> list[dict[str, Any]]:
     return best
 
 
+def _progress(run: Path, s) -> list[list[str]]:
+    """Duration, steps and checkpoints; a run killed outright never wrote its step count or duration into the
+    manifest, so they are read from metrics.jsonl (marked as logged) rather than shown as 0 s and —."""
+    from tunelab.runs import last_logged
+
+    step, elapsed = (s.steps, s.duration_s) if s.steps is not None else last_logged(run)
+    logged = " (last logged)" if s.steps is None and step is not None else ""
+    duration = s.duration_s if s.duration_s is not None else elapsed
+    checkpoints = sorted((p.name for p in run.glob("checkpoint-*") if p.is_dir()),
+                         key=lambda n: (not n[11:].isdigit(), int(n[11:]) if n[11:].isdigit() else 0, n))
+    return [["duration", "—" if duration is None else f"{duration:.0f} s{logged}"], ["steps", _f(step) + logged],
+            ["checkpoints", ", ".join(checkpoints) or "—"]]
+
+
 def _sections(run: Path, samples: int) -> dict[str, Any]:
     import yaml
 
@@ -91,8 +105,8 @@ def _sections(run: Path, samples: int) -> dict[str, Any]:
 
     manifest = read_manifest(run)
     s = summarize(run, manifest)
-    overview = [["status", s.status], ["method", s.method], ["model", s.model], ["started", s.date],
-                ["duration", f"{s.duration_s or 0:.0f} s"], ["steps", _f(s.steps)], ["seed", _f(manifest.get("seed"))],
+    overview = [["status", f"{s.status}: {s.note}" if s.note else s.status], ["method", s.method],
+                ["model", s.model], ["started", s.date], *_progress(run, s), ["seed", _f(manifest.get("seed"))],
                 ["dtype", _f((manifest.get("dtype") or {}).get("name") if isinstance(manifest.get("dtype"), dict)
                              else manifest.get("dtype"))], ["git commit", _f(manifest.get("git_commit"))]]
     data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
@@ -121,9 +135,27 @@ def _plot(run: Path, image: Path) -> Path | None:
         return None
 
 
+def _refuse_foreign(out: Path) -> None:
+    """A file at `out` that is not a run report (notes.md, someone's page) is not replaced unasked: -o names a
+    path, and a report of tunelab's own is the only thing it rewrites."""
+    from tunelab.runs import RunError
+
+    if not out.exists():
+        return
+    try:
+        with open(out, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        head = ""
+    if not (head.startswith("# Run report: ") or (head.startswith("<!doctype html>") and "<h1>Run report: " in head)):
+        raise RunError(f"{out} exists and is not a report tunelab wrote; choose another -o, or pass --force to "
+                       "replace it")
+
+
 def write_run_report(run: str | os.PathLike, output: str | os.PathLike | None = None, fmt: str | None = None,
-                     samples: int = 5, runs_dir: str | os.PathLike = "outputs") -> Path:
-    """Write `<run>/report.md` (or .html, or `output`) and return its path."""
+                     samples: int = 5, runs_dir: str | os.PathLike = "outputs", force: bool = False) -> Path:
+    """Write `<run>/report.md` (or .html, or `output`) and return its path (`force`: replace a file there that is
+    not a run report)."""
     from tunelab.runs import resolve_run
 
     run = resolve_run(run, runs_dir)
@@ -134,6 +166,8 @@ def write_run_report(run: str | os.PathLike, output: str | os.PathLike | None = 
 
         raise RunError(f"report format must be md or html, not {fmt!r}")
     out = Path(output) if output else run / f"report.{fmt}"
+    if not force:
+        _refuse_foreign(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sec = _sections(run, samples)
     if fmt == "md":  # the image is named after the report, so another report in the same folder keeps its own
