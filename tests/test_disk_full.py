@@ -90,6 +90,7 @@ def test_a_full_disk_during_a_merge_names_the_output_and_keeps_the_earlier_model
     out = tmp_path / "models" / "merged"
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")  # an earlier merged model: replaced only by a complete one
+    (out / "tunelab.json").write_text(json.dumps({"merged_from": "run", "files": ["config.json", "tunelab.json"]}))
 
     def save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
@@ -100,7 +101,7 @@ def test_a_full_disk_during_a_merge_names_the_output_and_keeps_the_earlier_model
     err = capsys.readouterr().err
     assert f"error: could not write the merged model {out}: the disk is full: " in err
     assert f"Nothing was written to {out} and no partial copy was left" in err and "Traceback" not in err
-    assert _leftovers(out.parent) == [] and [p.name for p in out.iterdir()] == ["config.json"]
+    assert _leftovers(out.parent) == [] and sorted(p.name for p in out.iterdir()) == ["config.json", "tunelab.json"]
 
 
 def test_a_full_disk_during_an_export_leaves_no_partial_gguf(tiny_model_dir, tmp_path, monkeypatch):
