@@ -289,3 +289,21 @@ def test_bundled_export_matches_llama_cpps_own_conversion(tmp_path):
         want = gguf.quants.dequantize(t.data, t.tensor_type)
         got = gguf.quants.dequantize(t_ours[t.name].data, t_ours[t.name].tensor_type).reshape(want.shape)
         assert np.allclose(got, want, atol=2e-3 * max(1.0, float(np.abs(want).max()))), t.name
+
+
+def test_a_killed_exports_partial_file_is_removed_by_the_next_export(llama_dir, tmp_path):
+    """SIGKILL (the OOM killer) during an export left a full-size hidden .NAME.gguf.tmp-PID that nothing removed."""
+    import subprocess
+    import sys
+
+    from tunelab.export.gguf import export_gguf
+    from tunelab.files import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process holds now
+    orphan = tmp_path / f".m.gguf.tmp-{_HOST}-{dead.pid}"
+    orphan.write_bytes(b"GGUF" + b"\0" * 4096)
+    elsewhere = tmp_path / f".m.gguf.tmp-{_HOST}x-{dead.pid}"  # another machine's, on shared storage: kept
+    elsewhere.write_bytes(b"GGUF")
+    export_gguf(llama_dir, tmp_path / "m.gguf", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, "Modelfile", "m.gguf"]

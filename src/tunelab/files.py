@@ -99,6 +99,13 @@ def staging_dir(final: Path) -> Path:
     return tmp
 
 
+def staging_file(final: Path) -> Path:
+    """The name of a file beside `final` to write and then rename into place (a GGUF, its Modelfile); what a killed
+    process left of `final` is removed first (`remove_orphans`), as for `staging_dir`."""
+    remove_orphans(final)
+    return final.with_name(f".{final.name}.tmp-{_HOST}-{os.getpid()}")
+
+
 def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename the complete folder `tmp` to `final`, replacing the folder there: the old one is renamed aside first
     and removed after, so `final` is never a mix of both. Interrupted between the two renames, the old one is put
@@ -117,21 +124,23 @@ def swap_into_place(tmp: Path, final: Path) -> None:
 
 def remove_orphans(final: Path) -> None:
     """Undo what a process killed outright (no cleanup ran) while writing `final` left beside it: its staging folders
-    are removed; the old `final` it had renamed aside to swap in the new one is put back if `final` is missing (the
+    and files are removed; the old `final` it had renamed aside to swap in the new one is put back if `final` is missing (the
     kill came between the renames), else removed (it came during the removal)."""
     from tunelab.rundir import pid_alive
 
     # this machine's only: on shared storage another machine's folders are not ours to judge
     own = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-{re.escape(_HOST)}-(\d+)(-|$)")
     leftovers = [p for kind in ("tmp", "old") for p in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*")]
-    for folder in leftovers:
-        m = own.match(folder.name)
-        if not (m and folder.is_dir() and pid_alive(int(m.group(2))) is False):
+    for left in leftovers:
+        m = own.match(left.name)
+        if not (m and pid_alive(int(m.group(2))) is False):
             continue
-        if m.group(1) == "old" and not final.exists():
-            os.replace(folder, final)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+        if m.group(1) == "old" and left.is_dir() and not final.exists():
+            os.replace(left, final)
+        elif left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+        else:  # a staging file (staging_file)
+            left.unlink(missing_ok=True)
 
 
 def as_umask_allows(path: Path) -> None:

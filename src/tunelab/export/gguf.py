@@ -29,7 +29,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.files import writing
+from tunelab.files import staging_file, writing
 from tunelab.export.template_check import (
     SAMPLE_CONVERSATIONS,
     UnsupportedTemplate,
@@ -411,13 +411,13 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
             raise ExportError(f"cannot write the Ollama Modelfile: {e}") from None
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")  # renamed into place once verified
+    tmp = staging_file(output)  # renamed into place once verified
     stops = stop_token_ids(tok, _generation_config(model_dir))  # merge wrote the base model's eos ids there
     if tpl is not None:  # Ollama stops on strings: every stop id's token, as serve and merge stop on the ids
         tpl.stop += [s for s in tok.convert_ids_to_tokens(stops) if s not in tpl.stop]
     modelfile_body = modelfile_text(output.name, tpl) if tpl is not None else None
     mf = _modelfile_path(output) if modelfile_body is not None else None
-    tmp_mf = mf.with_name(f".{mf.name}.tmp-{os.getpid()}") if mf else None
+    tmp_mf = staging_file(mf) if mf else None
     # the GGUF and its Modelfile are written beside their places and renamed in together: a failure leaves neither
     writes = partial(writing, f"the GGUF export {output}", output.parent, ExportError,
                      f"Nothing was written to {output} and no partial file was left; free some space and export again")
