@@ -101,3 +101,30 @@ def test_an_older_record_without_sampled_hashes_is_not_called_changed(base_and_r
         "kind": "folder", "path": str(base.resolve()),
         "files": {"model.safetensors": {"bytes": (base / "model.safetensors").stat().st_size, "mtime_ns": 1}}}}))
     load_pretrained(adapter=run, dtype="fp32")
+
+
+def test_an_adapter_on_a_base_of_other_shapes_or_whose_base_moved_says_so(base_and_run, tokenizer_dir, tmp_path):
+    """Another shape read "a damaged or incomplete checkpoint?" with the size-mismatch line cut off; a moved base
+    was "X does not exist", naming a folder the user never gave, and not how to point at the new place."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.model.loading import ModelLoadError, load_pretrained
+
+    base, run = base_and_run
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    wide = tmp_path / "wide"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(wide)
+    tok.save_pretrained(wide)
+    with pytest.raises(ModelLoadError) as e:
+        load_pretrained(str(wide), adapter=run, dtype="fp32")
+    said = str(e.value)
+    assert f"was trained on {base} and does not fit {wide}" in said and "size mismatch for " in said
+    assert "damaged" not in said
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    with pytest.raises(ModelLoadError) as e:
+        load_pretrained(adapter=run, dtype="fp32")
+    assert f"was trained on {base}, which cannot be loaded now" in str(e.value)
+    assert "pass its new place with --model" in str(e.value)
+    load_pretrained(str(moved), adapter=run, dtype="fp32")

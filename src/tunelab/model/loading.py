@@ -410,6 +410,8 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
         model, revision, adapter_dir = str(adapter_dir), None, None
     base_name = model or base_model_of(adapter_dir)
     if adapter_dir is not None:
+        if model is None:
+            recorded_base_loadable(adapter_dir, base_name)
         refuse_changed_base(adapter_dir, base_name, revision)
     tok_source = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else None
     tok = load_tokenizer(str(tok_source) if tok_source else base_name,
@@ -424,10 +426,31 @@ def load_pretrained(model: str | None = None, adapter: str | os.PathLike | None 
             try:
                 lm = PeftModel.from_pretrained(lm, str(adapter_dir))
             except Exception as e:  # a truncated weights file, a broken or missing part of the checkpoint
-                raise ModelLoadError(f"could not load the adapter in {adapter_dir} ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0][:300] if str(e) else ''}): a damaged or incomplete "
-                                     "checkpoint? Another checkpoint of the run may load") from None
+                raise _adapter_error(adapter_dir, base_name, e) from None
     return lm.eval(), tok
+
+
+def _adapter_error(adapter_dir: Path, base_name: str, e: Exception) -> ModelLoadError:
+    """Why an adapter did not go onto `base_name`: a base of another shape (torch's "size mismatch" lines, the
+    first shown: it was cut off after the error's first line), else a damaged checkpoint."""
+    mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), None)
+    if mismatch:
+        return ModelLoadError(f"the adapter in {adapter_dir} was trained on {base_model_of(adapter_dir)} and does not "
+                              f"fit {base_name}, a model of other shapes ({mismatch.rstrip('.')}): leave --model out "
+                              "to use the adapter's own base, or pass that base's new place with --model")
+    said = str(e).splitlines()[0][:300] if str(e) else ""
+    return ModelLoadError(f"could not load the adapter in {adapter_dir} ({type(e).__name__}: {said}): a damaged or "
+                          "incomplete checkpoint? Another checkpoint of the run may load")
+
+
+def recorded_base_loadable(adapter_dir: Path, base_name: str) -> None:
+    """An adapter's recorded base folder that is gone: say where the base was and that --model points at its new
+    place (the bare 'does not exist' named a folder the user never gave)."""
+    try:
+        resolve_model_path(base_name)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"the adapter in {adapter_dir} was trained on {base_name}, which cannot be loaded now: "
+                             f"{e}. If the base model moved, pass its new place with --model") from None
 
 
 def refuse_changed_base(adapter_dir: Path, base_name: str, revision: str | None) -> None:
