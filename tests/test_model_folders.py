@@ -128,3 +128,18 @@ def test_an_adapter_on_a_base_of_other_shapes_or_whose_base_moved_says_so(base_a
     assert f"was trained on {base}, which cannot be loaded now" in str(e.value)
     assert "pass its new place with --model" in str(e.value)
     load_pretrained(str(moved), adapter=run, dtype="fp32")
+
+
+def test_refuse_damaged_folder_for_verbs_that_read_a_folder_themselves(tiny_model_dir, tmp_path):
+    from tunelab.model.loading import ModelLoadError, refuse_damaged_folder
+
+    refuse_damaged_folder(tiny_model_dir)
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    (cut / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer.json is missing"):
+        refuse_damaged_folder(cut)
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ModelLoadError, match="model.safetensors is truncated or damaged"):
+        refuse_damaged_folder(cut)

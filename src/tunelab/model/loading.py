@@ -129,6 +129,15 @@ def damaged_folder(path: str | os.PathLike, what: str, err: Exception) -> ModelL
                           f"incomplete: {fix}")
 
 
+def refuse_damaged_folder(path: str | os.PathLike) -> None:
+    """For a verb that reads a model folder itself rather than through load_model (export): the same
+    ModelLoadError for a truncated weights file or a missing tokenizer.json, before any work (headers only)."""
+    for what in ("model", "tokenizer"):
+        damaged = damaged_folder(path, what, ValueError())
+        if damaged:
+            raise damaged
+
+
 def _unreadable_weights(folder: Path) -> str | None:
     """'<file> is truncated or damaged (...)' for the first weights file whose header does not read."""
     from safetensors import safe_open
