@@ -86,7 +86,8 @@ def test_an_adapter_whose_recorded_base_was_replaced_is_refused_and_another_base
     for model in (None, str(base)):
         with pytest.raises(ModelLoadError) as e:
             load_pretrained(model, adapter=run, dtype="fp32")
-        assert f"the base model {base} is not the one {run} was trained on: {base / 'model.safetensors'}" in str(e.value)
+        said = str(e.value)
+        assert f"the base model {base} is not the one {run} was trained on: {base / 'model.safetensors'}" in said
         assert "put the old weights back" in str(e.value) and "--model" in str(e.value)
     load_pretrained(str(model_dir), adapter=run, dtype="fp32")  # another base, named on purpose
     err = _cli_error(capsys, "infer", "--adapter", str(run), "--prompt", "hi")
