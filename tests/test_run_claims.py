@@ -46,8 +46,17 @@ def _interrupted(signal_after_step, monkeypatch, cfg, signum=signal.SIGINT) -> P
     return Path(cfg.output.dir) / cfg.output.run_name, str(stopped.value)
 
 
+@pytest.fixture
+def hang_ups_heard():
+    """SIGHUP at its default, as in a terminal session (a suite started under `nohup` inherits it ignored, and an
+    ignored SIGHUP is left ignored)."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, before)
+
+
 def test_sighup_stops_a_run_with_a_checkpoint_as_sigterm_does(tiny_model_dir, demo_files, tmp_path, monkeypatch,
-                                                               signal_after_step):
+                                                               signal_after_step, hang_ups_heard):
     """The terminal or ssh session closing killed the run on the spot: no checkpoint, status left `running`."""
     cfg = load_config(None, _overrides(tiny_model_dir, demo_files, tmp_path, "output.run_name=hup"))
     run, message = _interrupted(signal_after_step, monkeypatch, cfg, signal.SIGHUP)
@@ -198,7 +207,7 @@ def test_the_resume_hint_can_be_pasted_into_a_shell(tmp_path):
     assert shlex.split(resume_command(run)) == ["tunelab", "train", "--resume", str(run)]
 
 
-def test_a_hang_up_stops_any_verb_as_sigterm_does(monkeypatch, capsys, tmp_path):
+def test_a_hang_up_stops_any_verb_as_sigterm_does(monkeypatch, capsys, tmp_path, hang_ups_heard):
     """SIGHUP killed a verb without its cleanup (a merge's staging copy stayed); now it takes the verb's SIGTERM
     path: here the CLI's own (interrupted, 130), in a server uvicorn's graceful shutdown, in training a checkpoint."""
     import os
@@ -215,3 +224,7 @@ def test_a_hang_up_stops_any_verb_as_sigterm_does(monkeypatch, capsys, tmp_path)
     assert main(["validate", str(tmp_path / "x.json")]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # started with nohup: hang-ups stay ignored
+    monkeypatch.setattr(validate, "run", lambda args: os.kill(os.getpid(), signal.SIGHUP) or 0)
+    assert main(["validate", str(tmp_path / "x.json")]) == 0
