@@ -307,3 +307,22 @@ def test_a_killed_exports_partial_file_is_removed_by_the_next_export(llama_dir, 
     elsewhere.write_bytes(b"GGUF")
     export_gguf(llama_dir, tmp_path / "m.gguf", verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, "Modelfile", "m.gguf"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_tokenizer"])
+def test_a_damaged_model_folder_is_one_error_not_a_traceback(llama_dir, tmp_path, damage):
+    import os
+    import shutil
+
+    from tunelab.export.gguf import export_gguf
+
+    folder = tmp_path / "m"
+    shutil.copytree(llama_dir, folder)
+    if damage == "truncate":
+        os.truncate(folder / "model.safetensors", 100_000)
+    else:
+        (folder / "tokenizer.json").unlink()
+    with pytest.raises(TunelabError, match="tokenizer.json is missing" if damage != "truncate" else
+                       r"model.safetensors is truncated or damaged"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m.gguf*"))

@@ -413,3 +413,16 @@ def test_adapter_merged_model_and_export_stop_on_the_same_ids(tiny_model_dir, tm
     assert r.fields["tokenizer.ggml.eot_token_id"].contents() == text_end
     modelfile = Path(report.modelfile).read_text()
     assert 'PARAMETER stop "<|endoftext|>"' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_merge_onto_a_base_that_moved_with_model(run_dir, tiny_model_dir, tmp_path, capsys):
+    """The base errors (moved, replaced since training) tell the user to pass --model; merge had no such option."""
+    import shutil
+
+    from tunelab.cli import main
+
+    moved = tmp_path / "base-elsewhere"
+    shutil.copytree(tiny_model_dir, moved)
+    assert main(["merge", "--adapter", str(run_dir), "--output", str(tmp_path / "m"), "--model", str(moved)]) == 0
+    record = json.loads((tmp_path / "m" / "tunelab.json").read_text())
+    assert record["base_model"] == str(moved) and record["verification"]["verified"]

@@ -168,24 +168,26 @@ def _refuse_own_sources(output: Path, adapter_dir: Path, base_name: str) -> None
                              "another --output")
 
 
-def _load_reference(adapter_dir: Path, meta: dict):
-    """(the model the adapter defines, in fp32 and unmerged; the training tokenizer; base name; notes)."""
+def _load_reference(adapter_dir: Path, meta: dict, base: str | None = None):
+    """(the model the adapter defines, in fp32 and unmerged; the training tokenizer; base name; notes). `base`: the
+    base weights to merge into when not the recorded ones (moved, or other weights of the same shapes on purpose)."""
     from tunelab.model.loading import base_model_of, load_pretrained
 
     notes = []
-    model, tok = load_pretrained(adapter=adapter_dir, dtype="fp32")
+    model, tok = load_pretrained(base, adapter=adapter_dir, dtype="fp32")
     if not (adapter_dir / "adapter_config.json").is_file():  # method=full: the checkpoint is the model
         return model, tok, meta.get("base_model", str(adapter_dir)), notes
     if meta.get("method", "lora") == "qlora":
         notes.append("QLoRA adapter: merged into a full-precision (fp32) copy of the base model, never into the "
                      "4-bit weights it was trained against; expect small differences from the 4-bit model")
-    return model, tok, base_model_of(adapter_dir), notes
+    return model, tok, base or base_model_of(adapter_dir), notes
 
 
 def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp32", verify: bool = True,
-                  tolerance: float | None = None, overwrite: bool = False) -> MergeReport:
-    """Merge `adapter` (a run folder or checkpoint) into its base; write a standalone model folder at `output`
-    (`overwrite`: replacing an earlier merge there that holds other files too, e.g. a GGUF exported from it)."""
+                  tolerance: float | None = None, overwrite: bool = False, model: str | None = None) -> MergeReport:
+    """Merge `adapter` (a run folder or checkpoint) into its base (`model`: other base weights than the recorded
+    ones); write a standalone model folder at `output` (`overwrite`: replacing an earlier merge there that holds
+    other files too, e.g. a GGUF exported from it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -201,16 +203,16 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
     output = Path(output)
     prepare_output(output, overwrite=overwrite)
 
-    model, tok, base_name, notes = _load_reference(adapter_dir, meta)
+    unmerged, tok, base_name, notes = _load_reference(adapter_dir, meta, model)
     _refuse_own_sources(output, adapter_dir, base_name)
     for n in notes:
         log.warning(n)
     report = MergeReport(str(output), str(adapter_dir), base_name, method, dtype, notes=notes,
                          tolerance=tolerance if tolerance is not None else DEFAULT_TOLERANCE[dtype])
     samples = _sample_ids(tok)
-    reference = _logits(model, samples) if verify else None
+    reference = _logits(unmerged, samples) if verify else None
 
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    merged = unmerged.merge_and_unload() if hasattr(unmerged, "merge_and_unload") else unmerged
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     merged = merged.to(torch_dtype)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -235,7 +237,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
         with written():
             merged.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        del merged, model
+        del merged, unmerged
         if verify:
             with quiet_local_loading(tmp):
                 reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()

@@ -1,4 +1,5 @@
-"""`tunelab merge --adapter outputs/RUN --output models/merged [--dtype bf16] [--no-verify] [--overwrite]`"""
+"""`tunelab merge --adapter outputs/RUN --output models/merged [--model BASE] [--dtype bf16] [--no-verify]
+[--overwrite]`"""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from tunelab.cli import positive
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="run folder (its checkpoint-final is used) or checkpoint folder")
     p.add_argument("--output", required=True, help="folder for the merged model (written atomically)")
+    p.add_argument("--model", default=None, metavar="BASE",
+                   help="base weights to merge into (default: the base the run recorded; e.g. its new place after "
+                        "it moved)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype of the saved weights (the merge itself is always done in fp32)")
     p.add_argument("--tolerance", type=positive, default=None,
@@ -32,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if adapter is not None:
         print(f"{args.adapter}: using {adapter} (the newest finished run, {adapter.parent.name})")
     report = merge_adapter(adapter or args.adapter, args.output, dtype=args.dtype, verify=args.verify,
-                           tolerance=args.tolerance, overwrite=args.overwrite)
+                           tolerance=args.tolerance, overwrite=args.overwrite, model=args.model)
     print(report.summary())
     return 0

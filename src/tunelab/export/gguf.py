@@ -385,6 +385,8 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     """Write `output` (.gguf) from a merged model folder, and an Ollama `Modelfile` beside it; verify both."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from tunelab.model.loading import refuse_damaged_folder
+
     model_dir, output = Path(model_dir), Path(output)
     if quant not in QUANTS:
         raise ExportError(f"unknown quant {quant!r}; choose {' or '.join(QUANTS)}")
@@ -399,6 +401,7 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     if (model_dir / "adapter_config.json").is_file():
         raise ExportError(f"{model_dir} is an adapter; merge it first: "
                           f"tunelab merge --adapter {model_dir} --output DIR")
+    refuse_damaged_folder(model_dir)  # a truncated weights file or no tokenizer.json: one error, not a traceback
     cfg = AutoConfig.from_pretrained(model_dir)
     if cfg.model_type not in ARCHS:
         raise ExportError(f"GGUF export supports {', '.join(ARCHS)} models, not {cfg.model_type!r}")
