@@ -95,8 +95,10 @@ def test_a_merged_model_is_scored_with_its_runs_settings(run, tiny_model_dir, tm
     monkeypatch.chdir(tmp_path)
     merge_adapter(run, tmp_path / "merged")
     said: list[str] = []
-    adapter = run_eval(adapter=str(run), metrics="perplexity", output_dir=tmp_path / "a", **QUIET)
-    merged = run_eval(model=str(tmp_path / "merged"), data=str(run), metrics="perplexity", console=said.append)
+    # fp32 pinned: the two numbers are compared, and bf16 (auto on a bf16 CPU) rounds the two paths apart (3e-4)
+    adapter = run_eval(adapter=str(run), metrics="perplexity", output_dir=tmp_path / "a", dtype="fp32", **QUIET)
+    merged = run_eval(model=str(tmp_path / "merged"), data=str(run), metrics="perplexity", dtype="fp32",
+                      console=said.append)
     assert merged.record["settings"]["max_length"] == 40
     assert math.isclose(merged.result.metrics["perplexity"], adapter.result.metrics["perplexity"], rel_tol=1e-4)
     assert any(line.startswith("info: max_length 40") and str(run) in line for line in said)
