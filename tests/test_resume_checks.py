@@ -234,9 +234,10 @@ def test_a_final_checkpoint_that_cannot_be_written_says_the_weights_are_lost(tin
     with pytest.raises(TunelabError, match=r"the trained weights were NOT saved: checkpoint-final, the result of all "
                                            r"2 steps, could not be written \(not enough free disk .*20 MiB.*\)\. "
                                            r"They are lost when this process ends; no checkpoint of this run exists, "
-                                           r"so a resume trains it again from step 0"):
+                                           r"so a resume trains it again from step 0") as err:
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "filled", "training.max_steps=2"))
     assert _manifest(tmp_path / "filled")["status"] == "failed"
+    assert str(err.value).count("--resume") == 1 and "Free some space" not in str(err.value)  # the advice, once
 
 
 def test_a_final_checkpoint_asks_room_for_its_weights_not_for_an_optimiser_it_does_not_hold():

@@ -120,15 +120,23 @@ def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+class NotWritten(TunelabError):
+    """A checkpoint that was not written: `reason` says why, the message adds what to do about it."""
+
+    def __init__(self, reason: str, advice: str):
+        super().__init__(f"{reason}. {advice}")
+        self.reason = reason
+
+
 def check_disk(folder: Path, needed_bytes: int, then: str | None = None) -> None:
     """Refuse a checkpoint of about `needed_bytes` unless that plus a margin (20% + 50 MiB: the estimate's error, and
     what else the run writes meanwhile) is free in the run `folder`; `then`: what to do, said after."""
     free, wanted = shutil.disk_usage(folder).free, needed_bytes * 1.2 + 50 * 2**20
     if free < wanted:
         then = then or f"Free some space (older runs in outputs/) and resume with: {resume_command(folder)}"
-        raise TunelabError(f"not enough free disk in {folder} for a checkpoint: it takes about "
-                           f"{needed_bytes / 2**20:,.0f} MiB, and one is written only when that plus a margin of 20% + "
-                           f"50 MiB ({wanted / 2**20:,.0f} MiB in all) is free; {free / 2**20:,.0f} MiB are free. {then}")
+        raise NotWritten(f"not enough free disk in {folder} for a checkpoint: it takes about "
+                         f"{needed_bytes / 2**20:,.0f} MiB, and one is written only when that plus a margin of 20% + "
+                         f"50 MiB ({wanted / 2**20:,.0f} MiB in all) is free; {free / 2**20:,.0f} MiB are free", then)
 
 
 def rng_state() -> dict[str, Any]:
@@ -177,8 +185,8 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
     except Exception as e:  # disk full (torch reports it as a RuntimeError), quota, I/O: the others are untouched
         why = write_failure(e, run)  # while the partial files still fill the disk
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TunelabError(f"could not write {name} in {run}: {why}. {_kept(run)}; free some space and "
-                           f"resume with: {resume_command(run)}") from None
+        raise NotWritten(f"could not write {name} in {run}: {why}",
+                         f"{_kept(run)}; free some space and resume with: {resume_command(run)}") from None
     as_umask_allows(tmp)  # safetensors writes 0600: an adapter others on the machine could not serve
     old = run / f".{name}.old"
     if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place

@@ -256,8 +256,9 @@ def unsaved(life: RunLife, step: int, error: TunelabError) -> TunelabError:
     points = ckpt.complete_checkpoints(life.path)
     where = (f"a resume continues from checkpoint-{points[-1][0]}" if points
              else "no checkpoint of this run exists, so a resume trains it again from step 0")
+    why = error.reason if isinstance(error, ckpt.NotWritten) else error  # without its own "resume with: …"
     return TunelabError(f"the trained weights were NOT saved: checkpoint-final, the result of all {step} steps, "
-                        f"could not be written ({error}). They are lost when this process ends; {where}: "
+                        f"could not be written ({why}). They are lost when this process ends; {where}: "
                         f"{resume_command(life.path)}")
 
 
