@@ -214,10 +214,11 @@ def artefacts(run: Path, run_arg: str, manifest: dict[str, Any], jobs: list[dict
             resumed = p.name != "checkpoint-final" and manifest.get("resumed_at")
             out.append({"path": p.name, "command": train_cmd, "recorded": bool(train_job),
                         "note": "resumable" if p.name[11:].isdigit() else "", "resumed": bool(resumed)})
+    results = runs.read_evals(run)
     for p in sorted((run / "eval").glob("*.json")):
         job = next((j for j in jobs if j.get("kind") == "eval" and p.stem in j.get("outputs", [])), None)
         out.append({"path": f"eval/{p.name}", "recorded": bool(job), "command": job["command"] if job else
-                    f"tunelab eval --adapter {shlex.quote(run_arg)} --name {shlex.quote(p.stem)}"})
+                    "tunelab " + shlex.join(eval_args(run, run_arg, p.stem, results.get(p.stem, {})))})
     for p in sorted(run.glob("report.*")):
         out.append({"path": p.name, "recorded": False,
                     "command": f"tunelab runs report {shlex.quote(run_arg)} -o {shlex.quote(run_arg + '/' + p.name)}"})
@@ -226,6 +227,40 @@ def artefacts(run: Path, run_arg: str, manifest: dict[str, Any], jobs: list[dict
             out.extend({"path": o, "command": j["command"], "recorded": True, "outside": True}
                        for o in j.get("outputs", []))
     return out
+
+
+def eval_args(run: Path, run_arg: str, name: str, ev: dict[str, Any]) -> list[str]:
+    """The `tunelab eval` arguments that write `eval/<name>.json` again, from what the result records it scored
+    (the final adapter or a checkpoint, on its base or another model; which data and split; a base comparison)."""
+    from tunelab.evaluate.runner import _default_name, _safe_name
+
+    m = ev.get("model") if isinstance(ev.get("model"), dict) else {}
+    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    adapter, subject = m.get("adapter"), runs.eval_source(ev)
+    model_only = bool(m.get("model") and not adapter)  # a model scored on this run's data into its eval/
+    checkpoint = Path(str(adapter)).name if adapter else "checkpoint-final"
+    args = ["eval"] if model_only else [
+        "eval", "--adapter", run_arg if checkpoint == "checkpoint-final" else os.path.join(run_arg, checkpoint)]
+    on_other = bool(adapter and subject and (subject.startswith("on ") or " on " in subject))
+    if on_other or model_only:  # no adapter, or the adapter put on another model than its base
+        args += ["--model", str(m["model"])]
+    data_path = str(data.get("path") or run)
+    own = data_path in (str(run), str(m.get("run"))) or Path(data_path).resolve() == run.resolve()
+    split = str(data.get("split") or "val")
+    if not own or model_only:
+        args += ["--data", run_arg if own else data_path]
+    if model_only:
+        args += ["--output-dir", os.path.join(run_arg, "eval")]
+    if split == "train":
+        args += ["--split", "train"]
+    if ev.get("base_metrics") is not None:
+        args.append("--compare-base")
+        if not on_other and m.get("base_model") and m.get("model") and m["base_model"] != m["model"]:
+            args += ["--base", str(m["base_model"])]
+    default = _default_name(str(run) if own else data_path, None if model_only else run, split, subject)
+    if name != _safe_name(default):
+        args += ["--name", name]
+    return args
 
 
 def run_detail(root: Path, name: str, run_arg: str, workdir: Path, jobs: list[dict[str, Any]]) -> dict:

@@ -1,0 +1,63 @@
+"""The run page's command for an eval result the UI did not run is the command that wrote that file: a
+checkpoint's result, another split's, or the adapter on another model, each rebuilt from what the result records."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the UI tests need the ui extra: pip install -e '.[test,ui]'")
+
+
+@pytest.fixture
+def evaluated(tiny_model_dir, tmp_path, monkeypatch) -> Path:
+    """A 2-step LoRA run under outputs/r with checkpoint-1, and three results written from the command line."""
+    from tunelab.cli import main
+    from tunelab.config import load_config
+    from tunelab.demo_data import write_demo_data
+    from tunelab.train.recipe import train
+
+    monkeypatch.chdir(tmp_path)
+    write_demo_data(tmp_path / "raw")
+    train(load_config(None, [
+        f"model.name={tiny_model_dir}", "model.dtype=fp32", "data.train=raw/demo_alpaca.json", "data.max_length=40",
+        "output.dir=outputs", "output.run_name=r", "training.max_steps=2", "training.save_steps=1",
+        "training.save_total_limit=2", "eval.metrics=[perplexity]", "tracking.report_to=[none]"]))
+    shutil.copytree(tiny_model_dir, tmp_path / "other")
+    for argv in (["eval", "--adapter", "outputs/r/checkpoint-1", "--compare-base"],
+                 ["eval", "--adapter", "outputs/r", "--split", "train"],
+                 ["eval", "--model", "other", "--adapter", "outputs/r"]):
+        assert main(argv) == 0
+    return tmp_path
+
+
+def test_an_eval_result_shows_the_command_that_wrote_it(evaluated, capsys):
+    """Every result showed `tunelab eval --adapter outputs/r --name <stem>`: for checkpoint-1-val that command
+    scores the final adapter and is refused (the file holds checkpoint-1's result); for `train` it scores the val
+    split under the name train."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.cli import main
+    from tunelab.ui.app import create_app
+
+    eval_dir = evaluated / "outputs" / "r" / "eval"
+    with TestClient(create_app("outputs", workdir=evaluated), headers={"X-Tunelab": "1"}) as c:
+        shown = {a["path"]: a["command"] for a in c.get("/api/run", params={"name": "r"}).json()["artefacts"]
+                 if a["path"].startswith("eval/")}
+    assert shown == {
+        "eval/checkpoint-1-val.json": "tunelab eval --adapter outputs/r/checkpoint-1 --compare-base",
+        "eval/train.json": "tunelab eval --adapter outputs/r --split train",
+        "eval/on-other-val.json": "tunelab eval --adapter outputs/r --model other"}
+    before = {p.name: json.loads(p.read_text()) for p in eval_dir.glob("*.json")}
+    for path, command in shown.items():  # each one, run again, writes the same file from the same model and data
+        assert main(shlex.split(command)[1:]) == 0, capsys.readouterr()
+        again = json.loads((evaluated / "outputs" / "r" / path).read_text())
+        old = before[Path(path).name]
+        assert again["created_at"] >= old["created_at"]
+        assert {k: again[k] for k in ("model", "data", "metrics")} == {k: old[k] for k in ("model", "data", "metrics")}
+        assert (again["base_metrics"] is None) == (old["base_metrics"] is None)
+    assert sorted(p.name for p in eval_dir.glob("*.json")) == sorted(before)
