@@ -18,13 +18,17 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from tunelab import runs
+from tunelab.data.prepare import DATA_SUFFIXES as DATA_FILE_SUFFIXES
+from tunelab.data.readers import data_suffix
+from tunelab.data.text import TEXT_SUFFIXES
 from tunelab.errors import TunelabError
 from tunelab.rundir import pid_alive
 from tunelab.ui import forms, views
 from tunelab.ui.jobs import JobError
 
 CONFIG_DIR = "configs"  # where New run saves configs (relative to the working folder)
-DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq")
+# what prepare reads (pretraining text too), each also gzip-compressed: data.jsonl.gz (tunelab.data.readers)
+DATA_SUFFIXES = tuple(sorted(DATA_FILE_SUFFIXES | TEXT_SUFFIXES))
 RUN_ACTIONS = ("stop", "resume", "eval", "merge", "export", "report")
 
 
@@ -315,7 +319,7 @@ def _data_routes(app: FastAPI) -> None:
                 continue
             for p in sorted(base.iterdir()):
                 rel = str(p.relative_to(ui.workdir))
-                if p.is_file() and p.suffix.lower() in DATA_SUFFIXES:
+                if p.is_file() and is_data_file(p):
                     found.append({"path": rel, "kind": "file", "bytes": p.stat().st_size})
                 elif p.is_dir() and (p / "train.jsonl").is_file():
                     found.append({"path": rel, "kind": "prepared"})
@@ -326,8 +330,9 @@ def _data_routes(app: FastAPI) -> None:
         """The file's bytes as the request body, saved under data/raw/ (never replacing a file)."""
         ui = _ui(request)
         clean = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[-views.NAME_MAX + 8:].lstrip(".")  # room for -N
-        if not clean or Path(clean).suffix.lower() not in DATA_SUFFIXES:
-            raise TunelabError(f"{name!r}: a dataset file ends in one of {', '.join(DATA_SUFFIXES)}")
+        if not clean or not is_data_file(Path(clean)):
+            raise TunelabError(f"{name!r}: a dataset file ends in one of {', '.join(DATA_SUFFIXES)} (or one of "
+                               "these and .gz)")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > ui.max_upload_bytes:
             raise TooLarge(_too_large(name, ui.max_upload_bytes))
@@ -353,6 +358,11 @@ def _data_routes(app: FastAPI) -> None:
         return validate_dataset(_ui(request), req)
 
 
+def is_data_file(path: Path) -> bool:
+    """A file name prepare reads as data: train.jsonl, train.jsonl.gz, corpus.txt."""
+    return data_suffix(path) in DATA_SUFFIXES
+
+
 class TooLarge(TunelabError):
     """A request body over the UI's limit (HTTP 413)."""
 
@@ -363,15 +373,18 @@ def _too_large(name: str, limit: int) -> str:
 
 
 def _link_free_name(part: Path, target: Path) -> Path:
-    """`part` under the name `target`, or NAME-2, NAME-3... when taken (a link never replaces a file)."""
-    stem, n = target.stem, 1
+    """`part` under the name `target`, or NAME-2, NAME-3... when taken (a link never replaces a file); the number
+    goes before the whole data suffix (x-2.jsonl.gz: x.jsonl-2.gz would no longer read as JSON Lines)."""
+    gz = target.suffix.lower() == ".gz" and data_suffix(target) != ".gz"
+    suffix = "".join(target.suffixes[-2:]) if gz else target.suffix
+    stem, n = target.name[:len(target.name) - len(suffix)], 1
     while True:
         try:
             os.link(part, target)
             return target
         except FileExistsError:
             n += 1
-            target = target.with_name(f"{stem}-{n}{target.suffix}")
+            target = target.with_name(f"{stem}-{n}{suffix}")
 
 
 def validate_dataset(ui, req: ValidateRequest) -> dict[str, Any]:

@@ -1,0 +1,31 @@
+"""The dashboard off the happy path: compressed data, wrong form values, damaged run folders, jobs that fail or
+collide, and what a request may reach."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from tests.ui.conftest import make_run
+
+
+def _alpaca_lines(n: int = 12) -> bytes:
+    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"{2 * i}."} for i in range(n)]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_gzip_and_text_data_files_are_uploaded_listed_and_validated(client, workdir):
+    """The readers read train.jsonl.gz as it is, but the UI refused its upload (suffix .gz) and never listed it; a
+    second upload of the same name became x.jsonl-2.gz, whose suffix no longer says JSON Lines."""
+    body = gzip.compress(_alpaca_lines())
+    first = client.put("/api/datasets/upload", params={"name": "x.jsonl.gz"}, content=body)
+    assert first.status_code == 200 and first.json()["path"] == "data/raw/x.jsonl.gz"
+    second = client.put("/api/datasets/upload", params={"name": "x.jsonl.gz"}, content=body)
+    assert second.json()["path"] == "data/raw/x-2.jsonl.gz"
+    assert client.put("/api/datasets/upload", params={"name": "corpus.txt"}, content=b"some text\n").status_code == 200
+    res = client.put("/api/datasets/upload", params={"name": "x.gz"}, content=body)
+    assert res.status_code == 400 and ".jsonl" in res.json()["error"]
+    listed = {d["path"] for d in client.get("/api/datasets").json()["datasets"]}
+    assert listed == {"data/raw/x.jsonl.gz", "data/raw/x-2.jsonl.gz", "data/raw/corpus.txt"}
+    report = client.post("/api/datasets/validate", json={"path": "data/raw/x-2.jsonl.gz"}).json()["report"]
+    assert report["records_read"] == 12 and report["records_accepted"] == 12
