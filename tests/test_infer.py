@@ -302,3 +302,108 @@ def test_prompts_longer_than_the_context_are_named_by_file_and_line(tiny, tmp_pa
         answer_file(*tiny, src, tmp_path / "out.jsonl", max_new_tokens=2)
     assert str(e.value).startswith(f"{src}:2: the prompt has ") and f"\n{src}:4: the prompt has " in str(e.value)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+class _Keys:
+    """A stdin for `input()`: the lines, then `end` (EOFError for Ctrl-D, KeyboardInterrupt for Ctrl-C)."""
+
+    def __init__(self, lines, end):
+        self.lines, self.end, self.read = list(lines), end, 0
+
+    def readline(self):
+        self.read += 1
+        if not self.lines:
+            raise self.end
+        return self.lines.pop(0) + "\n"
+
+
+def test_ctrl_c_during_an_answer_stops_only_that_answer_and_keeps_what_was_shown(tiny):
+    """Ctrl-C while an answer streamed ended the whole chat session (ollama, llama.cpp stop only the answer)."""
+    import io
+    import os
+    import signal
+    import threading
+
+    from tunelab.infer import chat_loop
+
+    model, tok = tiny
+
+    class Screen(io.StringIO):  # the user presses Ctrl-C once the third piece of the first answer is on screen
+        pieces = 0
+
+        def write(self, text):
+            n = super().write(text)
+            if text and "\n" not in text:  # a piece of an answer
+                Screen.pieces += 1
+                if Screen.pieces == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return n
+
+    threads = threading.active_count()
+    lines = iter(["Tell me a story about a dragon", "And then?", "/exit"])
+    out = Screen()
+    convo = chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=40)
+    text = out.getvalue()
+    assert "(answer stopped; the part shown stays in the conversation" in text
+    shown = text.split("\n", 1)[1].split("\n(answer stopped")[0]  # after the help line
+    assert [m["role"] for m in convo] == ["user", "assistant", "user", "assistant"]
+    assert convo[1]["content"] == shown.strip() and convo[1]["content"]  # the history is what the user saw
+    assert convo[2]["content"] == "And then?" and convo[3]["content"]  # the chat went on, and answered
+    assert threading.active_count() == threads  # the stopped generation's thread ended
+
+
+def test_an_answer_stopped_before_it_began_keeps_nothing(tiny, monkeypatch):
+    import io
+
+    import tunelab.infer
+    from tunelab.infer import chat_loop
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+        yield  # a generator, as stream_generate is
+
+    real = tunelab.infer.stream_generate
+    calls = iter([stopped, real])
+    monkeypatch.setattr(tunelab.infer, "stream_generate", lambda *a, **k: next(calls)(*a, **k))
+    lines = iter(["Hello", "Hi again", "/exit"])
+    out = io.StringIO()
+    convo = chat_loop(*tiny, input_fn=lambda _: next(lines), out=out, max_new_tokens=4)
+    assert "(stopped before the answer began; your message was not kept)" in out.getvalue()
+    assert [m["content"] for m in convo if m["role"] == "user"] == ["Hi again"]
+
+
+@pytest.mark.parametrize("end", [EOFError, KeyboardInterrupt])
+def test_ctrl_c_or_ctrl_d_at_the_prompt_ends_the_chat_cleanly(tiny_model_dir, monkeypatch, capsys, end):
+    """Ctrl-C at the prompt ended `tunelab infer` as an interruption ("interrupted", exit 130)."""
+    from tunelab.cli import main
+
+    keys = _Keys(["/reset"], end)
+    monkeypatch.setattr("sys.stdin", keys)
+    assert main(["infer", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert keys.read == 2 and captured.err == "" and captured.out.endswith(">>> \n")
+
+
+def test_sigterm_during_an_answer_ends_the_chat(tiny_model_dir, monkeypatch, capsys):
+    """Ctrl-C stops only the answer; `kill` (SIGTERM) still ends the session, as for every other verb."""
+    import os
+    import signal
+    import time
+
+    import tunelab.infer
+    from tunelab.cli import main
+
+    def endless(*a, **k):
+        for i in range(1000):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield "word "
+            time.sleep(0.01)
+        raise AssertionError("SIGTERM did not stop the chat")
+
+    monkeypatch.setattr(tunelab.infer, "stream_generate", endless)
+    keys = _Keys(["Hello", "never answered"], EOFError)
+    monkeypatch.setattr("sys.stdin", keys)
+    assert main(["infer", "--model", str(tiny_model_dir)]) == 130
+    assert capsys.readouterr().err == "interrupted\n" and keys.read == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -15,6 +15,7 @@ several times faster in tokens/s than one prompt at a time (see bench/generate.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -202,48 +203,104 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], result: StreamResul
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a chat: the session ends (`tunelab` reports it as an interrupt), where Ctrl-C only
+    stops the answer being streamed."""
+
+
+@contextlib.contextmanager
+def _termination_ends_chat() -> Iterator[None]:
+    """While chatting, the SIGTERM handler that `tunelab` installs (it raises KeyboardInterrupt) raises `Terminated`
+    instead, so that the chat can tell a `kill` from a Ctrl-C. Left alone outside the main thread and where SIGTERM
+    has no Python handler (default: the process ends; ignored: it stays ignored)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if not callable(before):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def chat_loop(model, tokenizer, system: str | None = None, input_fn: Callable[[str], str] = input,
               out=None, **gen: Any) -> Conversation:
-    """Stream answers to what the user types, keeping the history. Returns the final conversation."""
+    """Stream answers to what the user types, keeping the history. Returns the final conversation.
+
+    Ctrl-C while an answer streams stops that answer and returns to the prompt (what was shown of it stays in the
+    conversation, as the user saw it); Ctrl-C or Ctrl-D (end of input) at the prompt ends the session.
+    """
     out = out or sys.stdout
     history: Conversation = []
     print(HELP, file=out)
-    while True:
-        try:
-            line = input_fn("\n>>> ")
-        except EOFError:
-            break
-        cmd = line.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit"):
-            break
-        if cmd == "/reset":
-            history = []
-            print("(conversation cleared)", file=out)
-            continue
-        if cmd.startswith("/system"):
-            system = cmd[len("/system"):].strip() or None
-            history = []
-            print(f"(system prompt {'set' if system else 'removed'}; conversation cleared)", file=out)
-            continue
-        if cmd.startswith("/"):
-            print(f"unknown command {cmd.split()[0]}; {HELP}", file=out)
-            continue
-        convo = as_conversation(history + [{"role": "user", "content": line}], system)
-        ids, convo, dropped = fit_conversation(model, tokenizer, convo, gen.get("max_new_tokens", 256))
-        result = StreamResult()
-        try:
-            for piece in stream_generate(model, tokenizer, ids, result, **gen):
-                print(piece, end="", file=out, flush=True)
-        except TunelabError as e:  # a message longer than the context: say so, keep the conversation
-            print(f"error: {e}; message not kept", file=out)
-            continue
-        print(file=out)
-        if dropped:
-            print(f"(the {dropped} oldest messages no longer fit the model's context: forgotten)", file=out)
-        history = [m for m in convo if m["role"] != "system"] + [{"role": "assistant", "content": result.text.strip()}]
+    with _termination_ends_chat():
+        while True:
+            try:
+                line = input_fn("\n>>> ")
+            except (EOFError, KeyboardInterrupt) as e:
+                if isinstance(e, Terminated):
+                    raise
+                print(file=out)  # the shell's prompt on a line of its own, not after ">>> "
+                break
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                history = []
+                print("(conversation cleared)", file=out)
+                continue
+            if cmd.startswith("/system"):
+                system = cmd[len("/system"):].strip() or None
+                history = []
+                print(f"(system prompt {'set' if system else 'removed'}; conversation cleared)", file=out)
+                continue
+            if cmd.startswith("/"):
+                print(f"unknown command {cmd.split()[0]}; {HELP}", file=out)
+                continue
+            history = _chat_turn(model, tokenizer, as_conversation(history + [{"role": "user", "content": line}],
+                                                                    system), out, gen, history)
     return as_conversation(history, system)
+
+
+def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
+               history: Conversation) -> Conversation:
+    """Stream the answer to `convo` (its last turn the user's message); returns the history after it: `history`
+    unchanged when the message is refused or stopped before any answer was shown."""
+    ids, convo, dropped = fit_conversation(model, tokenizer, convo, gen.get("max_new_tokens", 256))
+    shown: list[str] = []  # what the user saw: the history keeps exactly that of a stopped answer
+    stream = stream_generate(model, tokenizer, ids, StreamResult(), **gen)
+    stopped = False
+    try:
+        with contextlib.closing(stream):  # a Ctrl-C in print() too stops the generation before the next prompt
+            for piece in stream:
+                shown.append(piece)  # first: a Ctrl-C lands after print's write more often than before it
+                print(piece, end="", file=out, flush=True)
+    except TunelabError as e:  # a message longer than the context: say so, keep the conversation
+        print(f"error: {e}; message not kept", file=out)
+        return history
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            raise
+        stopped = True
+    print(file=out)
+    answer = "".join(shown).strip()
+    if stopped and not answer:
+        print("(stopped before the answer began; your message was not kept)", file=out)
+        return history
+    if stopped:
+        print("(answer stopped; the part shown stays in the conversation: /reset forgets it)", file=out)
+    if dropped:
+        print(f"(the {dropped} oldest messages no longer fit the model's context: forgotten)", file=out)
+    return [m for m in convo if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
 
 
 # ---------------------------------------------------------------- files of prompts
