@@ -407,3 +407,29 @@ def test_sigterm_during_an_answer_ends_the_chat(tiny_model_dir, monkeypatch, cap
     assert main(["infer", "--model", str(tiny_model_dir)]) == 130
     assert capsys.readouterr().err == "interrupted\n" and keys.read == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_output_that_is_not_an_answers_file_is_not_replaced(tmp_path, monkeypatch, capsys):
+    """`--output data/train.jsonl` (any existing file) was silently replaced by the answers."""
+    import tunelab.infer
+    from tunelab.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(tunelab.infer, "load", never)
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"prompt": "ok"}\n')
+    cases = {"train.jsonl": '{"messages": []}\n', "notes.txt": "my notes\n", "latin.jsonl": '"caf\xe9"\n',
+             "mixed.jsonl": '{"answer": "a"}\n[1]\n'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text, encoding="latin-1" if name == "latin.jsonl" else "utf-8")
+        assert main(["infer", "--model", "m", "--input", str(src), "--output", str(tmp_path / name)]) == 2
+        assert (f"--output {tmp_path / name} exists and is not an answers file" in capsys.readouterr().err)
+        assert (tmp_path / name).read_text(encoding="latin-1" if name == "latin.jsonl" else "utf-8") == text
+    assert main(["infer", "--model", "m", "--prompt", "hi", "--overwrite"]) == 2
+    assert "--overwrite goes with --output" in capsys.readouterr().err
+    for name in ("train.jsonl", "empty.jsonl", "answers.jsonl"):  # forced; empty; an earlier answers file
+        (tmp_path / "answers.jsonl").write_text('{"prompt": "x", "answer": "old"}\n')
+        (tmp_path / "empty.jsonl").write_text("")
+        assert tunelab.infer.check_batch(src, tmp_path / name, overwrite=name == "train.jsonl")

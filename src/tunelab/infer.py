@@ -359,22 +359,46 @@ def _prompt_row(line: str) -> dict[str, Any]:
     raise ValueError(f"expected a \"prompt\" or \"messages\" field, found {sorted(obj)}")
 
 
-def check_batch(input_path: str | Path, output_path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+def check_batch(input_path: str | Path, output_path: str | Path,
+                overwrite: bool = False) -> list[tuple[int, dict[str, Any]]]:
     """The prompts of `input_path` with their line numbers, every bad line refused at once, and an output that
-    cannot take the answers refused: all before a model is loaded (`tunelab infer --input` calls it first)."""
+    cannot take the answers refused: all before a model is loaded (`tunelab infer --input` calls it first). An
+    existing output is replaced only when it is an earlier answers file (or empty), unless `overwrite`."""
     out = Path(output_path)
     if out.is_dir():
         raise TunelabError(f"--output {out} is a folder; give the .jsonl file to write")
     if out.resolve() == Path(input_path).resolve():
         raise TunelabError(f"--output {out} is the --input file: the answers would replace the prompts; give "
                            "another file")
+    why = None if overwrite else _not_answers(out)
+    if why:
+        raise TunelabError(f"--output {out} exists and is not an answers file ({why}); give another file, or "
+                           "--overwrite to replace it")
     return _numbered_prompts(input_path)
 
 
+def _not_answers(path: Path) -> str | None:
+    """Why the existing file `path` is not one that `answer_file` wrote (every line an object with an "answer"),
+    or None: it is one, it is empty, or there is no file."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip() and not (isinstance(row := json.loads(line), dict) and "answer" in row):
+                    return f"line {n} has no \"answer\""
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "not JSON lines"
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    return None
+
+
 def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Path, system: str | None = None,
-                **gen: Any) -> int:
-    """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt."""
-    numbered = check_batch(input_path, output_path)
+                overwrite: bool = False, **gen: Any) -> int:
+    """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt.
+    An existing `output_path` is replaced only when it holds earlier answers, unless `overwrite`."""
+    numbered = check_batch(input_path, output_path, overwrite)
     rows = [row for _, row in numbered]
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)  # an output that cannot be written fails before generating

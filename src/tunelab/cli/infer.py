@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     mode.add_argument("--input", default=None, help="JSONL of prompts ({\"prompt\": ...} or {\"messages\": [...]})")
     p.add_argument("--output", default=None, help="with --input: JSONL to write the answers to")
+    p.add_argument("--overwrite", action="store_true", help="with --output: replace the file even when it is not "
+                                                            "an earlier answers file")
     p.add_argument("--compare", action="store_true", help="show base and fine-tuned answers side by side "
                                                           "(prompts from --prompt, --input or a built-in few)")
     p.add_argument("--system", default=None, help="system prompt")
@@ -61,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.output and not args.input:
         raise TunelabError("--output goes with --input (a JSONL file of prompts)")
+    if args.overwrite and not args.output:
+        raise TunelabError("--overwrite goes with --output (the answers file it may replace)")
     if args.input and not args.output:
         raise TunelabError("--input needs --output (where to write the answers)")
     if args.input:
-        infer.check_batch(args.input, args.output)  # every bad line, before minutes of model loading
+        infer.check_batch(args.input, args.output, args.overwrite)  # every bad line, before the model loads
     model, tok = infer.load(args.model, adapter=args.adapter, dtype=args.dtype)
     infer.require_chat_template(tok, args.adapter or args.model)
     gen["weights"] = args.weights
@@ -72,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         # one prompt is a single stream: batch_size=1 lets the decode use its one-row kernels (tunelab.decode)
         print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], batch_size=1, **gen)[0])
     elif args.input:
-        n = infer.answer_file(model, tok, args.input, args.output, system=args.system, batch_size=args.batch_size,
-                              **gen)
+        n = infer.answer_file(model, tok, args.input, args.output, system=args.system, overwrite=args.overwrite,
+                              batch_size=args.batch_size, **gen)
         print(f"wrote {n} answers to {args.output}")
     else:
         infer.chat_loop(model, tok, system=args.system, **gen)
