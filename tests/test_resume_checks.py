@@ -114,6 +114,35 @@ def test_resume_refuses_data_edited_since_and_resumes_once_it_is_back(tiny_model
             check_reproducible(run)
 
 
+def test_resume_refuses_a_separate_eval_folder_prepared_again_since(tiny_model_dir, demo_files, tmp_path,
+                                                                    signal_after_step):
+    """A prepared train folder with a separate prepared data.eval: the eval set was outside the run's fingerprint,
+    so a resume after it was prepared again compared its eval losses (and checkpoint-best) across two held-out
+    sets without a word; `tunelab reproduce` trusted it too."""
+    from tunelab.reproduce import ReproduceError, check_reproducible
+
+    tok = _tokenizer(tiny_model_dir)
+    train_dir = prepare_dataset(demo_files, tmp_path / "prep", tokenizer=tok, console=lambda *_: None).output
+    ev = prepare_dataset(demo_files, tmp_path / "ev", tokenizer=tok, console=lambda *_: None).output
+    cfg = _cfg(tiny_model_dir, train_dir, tmp_path / "out", "r", "training.max_steps=4", f"data.eval={ev}",
+               "training.eval_steps=2")
+    run = _interrupt(signal_after_step, 2, cfg)
+    recorded = _manifest(run)["data"]
+    assert recorded["eval_folder"] == str(ev) and recorded["eval_fingerprint"] == load_prepared(ev).fingerprint
+
+    old = _cut(Path(ev) / "val.jsonl", 2)
+    with pytest.raises(TunelabError, match=r"--resume: the eval data in .*ev is not the data this run evaluated on "
+                                           r"\(fingerprint .*checkpoint-best would compare"):
+        train(load_config(None), resume=str(run))
+    (Path(ev) / "val.jsonl").write_bytes(old)
+    train(load_config(None), resume=str(run))
+    assert _manifest(run)["status"] == "finished" and _steps(run) == [1, 2, 3, 4]
+
+    _cut(Path(ev) / "val.jsonl", 2)
+    with pytest.raises(ReproduceError, match=r"the eval data changed since r was trained"):
+        check_reproducible(run)
+
+
 def _tokenizer(model_dir):
     from transformers import AutoTokenizer
 

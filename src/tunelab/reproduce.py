@@ -125,7 +125,23 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
             f"the data changed since {run.name} was trained, so it cannot be reproduced:\n"
             f"  {cfg.data.train}: fingerprint now {now[:16]}, at training time {recorded[:16]}.\n"
             "Restore the original data (same file, same records), or train a new run on the new data.")
+    _same_eval_data(cfg, run, manifest)
     return cfg, manifest
+
+
+def _same_eval_data(cfg, run: Path, manifest: dict) -> None:
+    """A separate prepared data.eval (outside the data fingerprint) still holds the held-out records the run
+    evaluated on: its eval losses drove early stopping and checkpoint-best."""
+    from tunelab.data.prepare import is_prepared, load_prepared
+
+    recorded = (manifest.get("data") or {}).get("eval_fingerprint")
+    if not recorded or not cfg.data.eval:
+        return
+    now = load_prepared(cfg.data.eval).fingerprint if is_prepared(cfg.data.eval) else "(not a prepared folder now)"
+    if now != recorded:
+        raise ReproduceError(f"the eval data changed since {run.name} was trained, so it cannot be reproduced:\n"
+                             f"  {cfg.data.eval}: fingerprint now {now[:16]}, at training time {recorded[:16]}.\n"
+                             "Restore the original eval data, or train a new run on the new data.")
 
 
 def _run_config(run: Path):

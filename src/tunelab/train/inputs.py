@@ -50,17 +50,23 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
     prepared = load_prepared(folder)
     _check_prepared(prepared.report, cfg, folder, fresh)
     _check_same_data(prepared, folder, expected_fingerprint, say)
-    val_records = prepared.val
+    val_records, eval_info = prepared.val, {}
     if cfg.data.eval and folder == src:  # a prepared train folder plus a separate eval source
-        if not is_prepared(Path(cfg.data.eval)):
+        ev_folder = Path(cfg.data.eval)
+        if not is_prepared(ev_folder):
             raise TunelabError(f"data.eval={cfg.data.eval}: with a prepared folder as data.train, data.eval must be a "
                                "prepared folder too (prepared with the same tokenizer and max_length): tunelab "
-                               f"prepare --input {cfg.data.eval} --output data/processed/{Path(cfg.data.eval).stem}")
-        ev = load_prepared(Path(cfg.data.eval))
-        _check_prepared(ev.report, cfg, Path(cfg.data.eval), fresh)
+                               f"prepare --input {cfg.data.eval} --output data/processed/{ev_folder.stem}")
+        ev = load_prepared(ev_folder)
+        _check_prepared(ev.report, cfg, ev_folder, fresh)
+        if not fresh:
+            _check_same_eval(ev.fingerprint, ev_folder, run_path, say)
         val_records = ev.val or ev.train
+        eval_info = {"eval_folder": str(ev_folder), "eval_fingerprint": ev.fingerprint}
     if cfg.training.stage == "pt":
-        return _encode_text(cfg, tokenizer, prepared, val_records, folder)
+        encoded = _encode_text(cfg, tokenizer, prepared, val_records, folder)
+        encoded.data_info.update(eval_info)
+        return encoded
     train_recs = with_system_prompt(prepared.train, cfg.data.system_prompt)
     val_recs = with_system_prompt(val_records, cfg.data.system_prompt)
     train = _encode(cfg, tokenizer, train_recs, "train", run_path, main, say)
@@ -69,7 +75,7 @@ def load_data(cfg: Config, tokenizer, run_path: Path, main: bool, fresh: bool,
         raise TunelabError(f"no trainable records in {folder}: every record was rejected (see its report.md)")
     info = {"folder": str(folder), "source": cfg.data.train, "train_records": len(train), "val_records": len(val),
             "train_tokens": sum(e.get("n_tokens", len(e.get("input_ids", ()))) for e in train),
-            "train_target_tokens": sum(e["n_targets"] for e in train)}
+            "train_target_tokens": sum(e["n_targets"] for e in train), **eval_info}
     kept = {e["where"] for e in val}
     val_kept = [r for r in val_recs if f"{r.get('source')}:{r.get('location')}" in kept]
     return Encoded(train, val, val_kept, prepared.fingerprint, info)
@@ -104,6 +110,22 @@ def _check_same_data(prepared, folder: Path, expected: str | None, say) -> None:
         say(f"warning: {folder} was edited after tunelab prepare wrote it: {edits}. Its report no longer describes "
             f"these records; the run records their own fingerprint ({prepared.fingerprint[:19]}…). Prepare the data "
             "again to have them checked and counted")
+
+
+def _check_same_eval(fingerprint: str, folder: Path, run_path: Path, say) -> None:
+    """A resumed run evaluates on the held-out records it started with: its eval losses, early stopping and
+    checkpoint-best compare each evaluation with the earlier ones (the fingerprint recorded in the manifest's data)."""
+    from tunelab.rundir import RunDir
+
+    recorded = (RunDir(run_path).manifest().get("data") or {}).get("eval_fingerprint")
+    if recorded is None:
+        say(f"This run's manifest records no fingerprint of its eval data {folder} (an older tunelab started it): "
+            "it is not checked on this resume, and is recorded from now on")
+    elif recorded != fingerprint:
+        raise TunelabError(f"--resume: the eval data in {folder} is not the data this run evaluated on (fingerprint "
+                           f"{fingerprint[:19]}… now, {recorded[:19]}… recorded): its eval losses, early stopping "
+                           "and checkpoint-best would compare losses on two different held-out sets. Put the old eval "
+                           "data back to resume, or start a new run (without --resume) to evaluate on this one")
 
 
 def _check_usable(report: dict, folder: Path) -> None:
