@@ -433,3 +433,23 @@ def test_an_output_that_is_not_an_answers_file_is_not_replaced(tmp_path, monkeyp
         (tmp_path / "answers.jsonl").write_text('{"prompt": "x", "answer": "old"}\n')
         (tmp_path / "empty.jsonl").write_text("")
         assert tunelab.infer.check_batch(src, tmp_path / name, overwrite=name == "train.jsonl")
+
+
+def test_an_empty_prompt_and_options_that_would_be_ignored_are_refused(monkeypatch, capsys):
+    """`--prompt ""` answered an empty message (a file's empty prompt is refused), and with --compare it silently
+    compared the built-in prompts instead; `--compare --output` wrote nothing and said nothing."""
+    import tunelab.infer
+    from tunelab.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(tunelab.infer, "load", never)
+    monkeypatch.setattr(tunelab.infer, "compare_answers", never)
+    for argv, says in ((["--prompt", ""], "--prompt is empty"), (["--prompt", " \n"], "--prompt is empty"),
+                       (["--compare", "--prompt", ""], "--prompt is empty"),
+                       (["--compare", "--output", "a.jsonl"], "--compare shows the answers side by side and writes "
+                                                              "no --output file")):
+        assert main(["infer", "--model", "m", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1

@@ -42,15 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tunelab import infer
-    from tunelab.errors import TunelabError
 
-    if not args.model and not args.adapter:
-        raise TunelabError("give --model (a model folder, hub id or bundled name) and/or --adapter (a run folder)")
+    _check_options(args)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.compare:
-        if args.weights != "model":
-            raise TunelabError("--weights int8 is for answering; --compare shows the model's own answers")
         if args.input:
             prompts = [r["messages"] for r in infer.read_prompts(args.input)]
         else:
@@ -61,12 +57,6 @@ def run(args: argparse.Namespace) -> int:
             rows = infer.compare_answers(None, args.model, prompts, system=args.system, dtype=args.dtype, **gen)
         infer.print_comparison(rows)
         return 0
-    if args.output and not args.input:
-        raise TunelabError("--output goes with --input (a JSONL file of prompts)")
-    if args.overwrite and not args.output:
-        raise TunelabError("--overwrite goes with --output (the answers file it may replace)")
-    if args.input and not args.output:
-        raise TunelabError("--input needs --output (where to write the answers)")
     if args.input:
         infer.check_batch(args.input, args.output, args.overwrite)  # every bad line, before the model loads
     model, tok = infer.load(args.model, adapter=args.adapter, dtype=args.dtype)
@@ -82,3 +72,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         infer.chat_loop(model, tok, system=args.system, **gen)
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that cannot go together, or that would be ignored: refused before anything is loaded."""
+    from tunelab.errors import TunelabError
+
+    if not args.model and not args.adapter:
+        raise TunelabError("give --model (a model folder, hub id or bundled name) and/or --adapter (a run folder)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise TunelabError("--prompt is empty; give the text to answer")
+    if args.compare and args.weights != "model":
+        raise TunelabError("--weights int8 is for answering; --compare shows the model's own answers")
+    if args.compare and args.output:
+        raise TunelabError("--compare shows the answers side by side and writes no --output file; leave out "
+                           "--output, or --compare to write the fine-tuned model's answers")
+    if args.overwrite and not args.output:
+        raise TunelabError("--overwrite goes with --output (the answers file it may replace)")
+    if args.output and not args.input:
+        raise TunelabError("--output goes with --input (a JSONL file of prompts)")
+    if args.input and not args.output and not args.compare:
+        raise TunelabError("--input needs --output (where to write the answers)")
