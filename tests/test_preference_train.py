@@ -230,3 +230,27 @@ def test_kto_lone_example_is_paired_with_another_answer(tiny_model_dir, pref_fil
         assert kl_row == example["prompt_ids"] + spare["completion_ids"]
     with pytest.raises(TunelabError, match="at least 2 examples"):
         collate_kto([example])
+
+
+def test_dpo_early_stopping_and_best_checkpoint_as_sft(tiny_model_dir, pref_files, tmp_path, monkeypatch):
+    """training.early_stopping_patience was silently ignored by the preference stages, and no checkpoint-best was
+    kept: a DPO run whose eval loss stops improving trained on to the end. Eval losses that only rise after the
+    first evaluation stop it after `patience` evaluations, and the first evaluation's weights are checkpoint-best."""
+    from tunelab.train import preference
+
+    real = preference.preference_eval
+
+    def rising(s, examples):
+        res = real(s, examples)
+        return {**res, "eval_loss": res["eval_loss"] + s.state.global_step}
+
+    monkeypatch.setattr(preference, "preference_eval", rising)
+    run = train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "early", "dpo", "training.eval_steps=1",
+                     "training.early_stopping_patience=2", "training.epochs=3"))
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["status"] == "finished" and man["total_steps"] > 3
+    steps = [m["step"] for m in read_metrics(run) if "grad_norm" in m]
+    assert steps == [1, 2, 3]
+    assert "Early stopping: no eval improvement in 2 evaluations" in (run / "train.log").read_text()
+    assert (run / "checkpoint-best" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "checkpoint-best" / "tunelab.json").read_text())["stage"] == "dpo"

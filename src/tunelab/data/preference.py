@@ -14,13 +14,14 @@ Forms read (detected per record, like the SFT formats; the turn and text checks 
 | TRL implicit prompt, OpenAI messages | `chosen` / `rejected` as whole conversations (the shared prefix is the prompt); `messages` + `chosen` / `rejected`; LLaMA-Factory v1 `chosen_messages` / `rejected_messages` |
 | KTO | `messages` or `conversations` + `label` / `kto_tag` (true/false); TRL `prompt` + `completion` + `label` |
 
-Rejected with a reason: chosen identical to rejected, an empty side, prompts that differ between the two sides,
-a prompt in two fields (e.g. both `prompt` and `messages`), a prompt that does not end with the user, a KTO label
-that is not true/false, a paired record in a kto run (or the reverse). Turns of weight 0 (`loss_weight` / `weight`)
-are context, as in SFT (`_scored`): before an answer's first trained turn they join the prompt; an answer that is
-all weight 0, or that has weight 0 after a trained turn, is rejected. A pair longer than `max_length` has its
-answers cut (overflow=truncate: counted, and the record says how many tokens were cut), or is rejected (drop); a
-prompt that leaves no room for an answer is rejected.
+Rejected with a reason: chosen identical to rejected, an empty side (or one without an assistant turn: a
+prompt-only record), prompts that differ between the two sides, a prompt in two fields (e.g. both `prompt` and
+`messages`), a prompt that does not end with the user, a KTO label that is not true/false (or `label` and `kto_tag`
+that disagree), a paired record in a kto run (or the reverse). Turns of weight 0 (`loss_weight` / `weight`) are
+context, as in SFT (`_scored`): before an answer's first trained turn they join the prompt; an answer that is all
+weight 0, or that has weight 0 after a trained turn, is rejected. A pair longer than `max_length` has its answers
+cut (overflow=truncate: counted, and the record says how many tokens were cut), or is rejected (drop); a prompt
+that leaves no room for an answer is rejected.
 """
 
 from __future__ import annotations
@@ -133,10 +134,17 @@ def _pair(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, l
 
 
 def _kto(rec: dict, notes: Counter, tmap: dict[str, str]) -> tuple[str, list, list, bool]:
-    key = "label" if "label" in rec else "kto_tag"
-    label = rec.get(key)
-    if not isinstance(label, bool):
-        raise Invalid("wrong_type", f"'{key}' must be true or false, got {_type_name(label)}")
+    labels = {k: rec[k] for k in ("label", "kto_tag") if k in rec}
+    for key, label in labels.items():
+        if not isinstance(label, bool):
+            raise Invalid("wrong_type", f"'{key}' must be true or false, got {_type_name(label)}")
+    if len(set(labels.values())) > 1:
+        raise Invalid("ambiguous_label", "'label' and 'kto_tag' disagree (true and false): keep one of them")
+    label = next(iter(labels.values()))
+    pair = [k for k in ("chosen", "rejected") if k in rec]
+    if pair:  # else one of the two answers would be trained and the other ignored
+        raise Invalid("wrong_stage", f"a labelled record that also holds '{pair[0]}': kto trains one labelled answer "
+                                     "(completion, or the conversation's last turn); drop the pair, or use stage dpo")
     conv_key = _prompt_key(rec, ("prompt", "messages", "conversations"))
     if "completion" in rec or conv_key == "prompt":
         return "trl_kto", _prompt_turns(rec, "prompt", notes, tmap), _side(rec, "completion", notes, tmap), label
@@ -156,6 +164,9 @@ def _scored(prompt: list[dict], **sides: list[dict]) -> tuple[list[dict], list[l
     context, answers = None, []
     for name, side in sides.items():
         first = next((i for i, m in enumerate(side) if m["role"] == ASSISTANT and is_trained(m)), None)
+        if not any(m["role"] == ASSISTANT for m in side):
+            turns = f" (its turns: {', '.join(m['role'] for m in side)})" if side else " (the record is a prompt only)"
+            raise Invalid("empty_field", f"{name} holds no assistant answer{turns}: nothing to score")
         if first is None:
             raise Invalid("nothing_to_train", f"{name}: every assistant turn of the answer has weight 0 "
                                               "(loss_weight / weight): nothing to score")

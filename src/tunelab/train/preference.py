@@ -296,7 +296,10 @@ def run_loop(s: PrefSession) -> None:
             t_last, tokens_since = time.time(), 0
             log_step(s, loss, grad_norm, metrics, tps)
         if t_cfg.eval_steps and step % t_cfg.eval_steps == 0 and s.data.val and step < s.plan.total_steps:
-            evaluate(s)
+            if evaluate(s):
+                s.say(f"Early stopping: no eval improvement in {t_cfg.early_stopping_patience} evaluations")
+                s.plan.total_steps = step
+                break
         stop_now = any_process(s.accelerator, life.stop_signal is not None)
         if stop_now and life.stop_signal:
             life.announce_stop()
@@ -391,18 +394,25 @@ def preference_eval(s: PrefSession, examples: list[dict]) -> dict[str, float]:
     return {"eval_loss": total / len(examples), **{f"eval_{k}": v for k, v in reward_metrics(sums, len(examples)).items()}}
 
 
-def evaluate(s: PrefSession) -> dict[str, float]:
-    step = s.state.global_step
+def evaluate(s: PrefSession) -> bool:
+    """Eval loss and reward metrics; keep the best checkpoint; True when early stopping should stop (as SFT)."""
+    step, state = s.state.global_step, s.state
     res = preference_eval(s, s.data.val)
     rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), **res}
     s.life.run.log_metrics(rec)
     s.life.trackers.log(rec, step)
     acc = res.get("eval_rewards/accuracy")
+    improved = state.best_eval is None or res["eval_loss"] < state.best_eval
     s.say(f"  Eval @ step {step} | Loss: {res['eval_loss']:.4f}"
-          + (f" | Reward accuracy: {acc:.1%} | Margin: {res['eval_rewards/margin']:.3f}" if acc is not None else ""))
-    if s.state.best_eval is None or res["eval_loss"] < s.state.best_eval:
-        s.state.best_eval, s.state.best_step = res["eval_loss"], step
-    return res
+          + (f" | Reward accuracy: {acc:.1%} | Margin: {res['eval_rewards/margin']:.3f}" if acc is not None else "")
+          + (" (best)" if improved else ""))
+    if not improved:
+        state.bad_evals += 1
+    else:
+        state.best_eval, state.best_step, state.bad_evals = res["eval_loss"], step, 0
+        save_artifacts(s, "checkpoint-best")
+    patience = s.cfg.training.early_stopping_patience
+    return bool(patience and state.bad_evals >= patience)
 
 
 # ---------------------------------------------------------------- saving
@@ -427,7 +437,8 @@ def save_step_checkpoint(s: PrefSession) -> None:
             ckpt.rotate(s.life.path, s.cfg.training.save_total_limit)
 
 
-def save_final(s: PrefSession) -> None:
+def save_artifacts(s: PrefSession, name: str) -> None:
+    """checkpoint-best / checkpoint-final: the trained adapter (or model), tokenizer, tunelab.json."""
     import json
 
     from tunelab.train.recipe import checkpoint_bytes
@@ -444,7 +455,7 @@ def save_final(s: PrefSession) -> None:
 
     with main_process_work():
         if s.main:
-            ckpt.save_checkpoint(s.life.path, "checkpoint-final", write,
+            ckpt.save_checkpoint(s.life.path, name, write,
                                  estimate_bytes=checkpoint_bytes(s.inner, s.cfg.training.method, optimizer=False))
 
 
@@ -456,7 +467,7 @@ def finish(s: PrefSession) -> None:
     if s.data.val:
         final.update(preference_eval(s, s.data.val))
     try:
-        save_final(s)
+        save_artifacts(s, "checkpoint-final")
     except TunelabError as e:
         raise unsaved(s.life, step, e) from None
     with main_process_work():

@@ -1,0 +1,59 @@
+"""Preference records off the happy path: every record accepted or rejected with a reason that names the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.data.formats import Invalid
+from tunelab.data.preference import normalize_preference
+from tunelab.data.prepare import prepare_dataset
+
+Q = {"role": "user", "content": "Capital of France?"}
+A = {"role": "assistant", "content": "Paris."}
+
+
+@pytest.mark.parametrize("rec", [
+    {"chosen": [Q], "rejected": [Q, A]},                                                     # TRL implicit
+    {"chosen_messages": [Q], "rejected_messages": [Q, A]},                                   # LLaMA-Factory v1
+    {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "human", "value": "Hello?"},
+     "rejected": {"from": "gpt", "value": "Go away."}},                                      # answer by the user
+])
+def test_a_side_without_an_answer_is_named_as_such_not_as_weight_0(rec):
+    """A prompt-only side (or an answer given by the user) was rejected as "every assistant turn of the answer has
+    weight 0 (loss_weight / weight)": the record has no weights, and no assistant turn on that side."""
+    with pytest.raises(Invalid, match=r"chosen holds no assistant answer \((the record is a prompt only|its turns: "
+                                      r"user)\): nothing to score") as e:
+        normalize_preference(rec, "dpo")
+    assert e.value.category == "empty_field"
+
+
+def test_kto_label_and_kto_tag_that_disagree_are_rejected_not_one_of_them_picked():
+    rec = {"messages": [Q, A], "label": False, "kto_tag": True}
+    with pytest.raises(Invalid, match="'label' and 'kto_tag' disagree") as e:
+        normalize_preference(rec, "kto")
+    assert e.value.category == "ambiguous_label"
+    assert normalize_preference({**rec, "kto_tag": False}, "kto").label is False
+    with pytest.raises(Invalid, match="'kto_tag' must be true or false, got str"):
+        normalize_preference({**rec, "kto_tag": "true"}, "kto")
+
+
+@pytest.mark.parametrize("extra", [{"rejected": "Rome."}, {"chosen": "Paris.", "rejected": "Rome."}])
+def test_kto_record_that_also_holds_a_pair_is_rejected(extra):
+    """A labelled completion with a `rejected` answer beside it trained the completion and ignored the rest."""
+    with pytest.raises(Invalid, match="a labelled record that also holds '(chosen|rejected)'") as e:
+        normalize_preference({"prompt": "Capital of France?", "completion": "Paris.", "label": True, **extra}, "kto")
+    assert e.value.category == "wrong_stage"
+
+
+def test_every_record_of_a_mixed_kto_file_is_counted_with_its_reason(tmp_path):
+    records = [{"messages": [Q, A], "label": True}, {"messages": [Q, A], "label": "yes"},
+               {"messages": [Q], "label": True}, {"messages": [Q, A], "label": True, "kto_tag": False},
+               {"prompt": "Q?", "chosen": "a", "rejected": "b"}, {"prompt": "Q?", "completion": "x", "label": False,
+                                                                  "rejected": "y"}]
+    src = tmp_path / "k.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = prepare_dataset(str(src), None, check=True, stage="kto", console=lambda *_: None).report
+    assert r["records_read"] == 6 and r["records_accepted"] == 1
+    assert r["rejected_by_reason"] == {"wrong_type": 1, "order": 1, "ambiguous_label": 1, "wrong_stage": 2}
