@@ -38,11 +38,13 @@ from typing import Any
 from tunelab.data import report as rpt
 from tunelab.data.fast_tokenizer import FastTokenizer, tokenizer_identity
 from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, Invalid, normalize
-from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, data_suffix, read_file
+from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, data_suffix
 from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
+from tunelab.data.prepared import PREPARED_FILES, PreparedData, is_empty_dir, is_prepared, load_prepared
 from tunelab.files import sha256_file, staging_dir, write_failure
 
-__all__ = ["prepare_dataset", "load_prepared", "PreparedData", "PrepareResult", "DataError", "resolve_inputs"]
+__all__ = ["prepare_dataset", "load_prepared", "is_prepared", "PreparedData", "PrepareResult", "DataError",
+           "resolve_inputs"]
 
 PREPARE_VERSION = 1  # bump when the canonical output of the same input changes (part of the fingerprint)
 DATA_SUFFIXES = {".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq"}
@@ -64,16 +66,6 @@ class PrepareResult:
     def raise_if_unusable(self) -> None:
         if not self.usable:
             raise DataError("the dataset is not usable: " + "; ".join(self.problems))
-
-
-@dataclass
-class PreparedData:
-    train: list[dict[str, Any]]
-    val: list[dict[str, Any]]
-    report: dict[str, Any]
-    fingerprint: str
-    folder: Path | None = None
-    edited: list[str] = field(default_factory=list)  # files changed since prepare wrote them, in words
 
 
 def to_json(obj: Any, **kw) -> str:
@@ -502,7 +494,7 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     first = inputs if isinstance(inputs, (str, os.PathLike)) else list(inputs)[0]
     name = name or (_stem(Path(first)).replace("*", "") or "dataset")
     out_dir = None if check else Path(output) if output else Path("data") / "processed" / name
-    if out_dir is not None and out_dir.exists() and not (is_prepared(out_dir) or _is_empty_dir(out_dir)):
+    if out_dir is not None and out_dir.exists() and not (is_prepared(out_dir) or is_empty_dir(out_dir)):
         raise DataError(f"{out_dir} exists and is not a prepared dataset: refusing to replace it; "
                         "choose another --output (an existing prepared folder is replaced)")
     options = {"format": format, "column_map": column_map or {}, "max_length": max_length, "overflow": overflow,
@@ -747,77 +739,3 @@ def _write_folder(workdir: Path, report: dict, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
     os.replace(workdir, out_dir)
-
-
-# ---------------------------------------------------------------- reading a prepared folder
-
-PREPARED_FILES = ("train.jsonl", "val.jsonl")  # the records training reads: hashed when written and when read
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e}); re-run tunelab prepare") from None
-                if not isinstance(rec, dict) or not (isinstance(rec.get("messages"), list)
-                                                     or isinstance(rec.get("text"), str)):
-                    raise DataError(f"{path}:{n}: not a prepared record (no 'messages'); re-run tunelab prepare")
-                out.append(rec)
-    return out
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def _own_report(folder: Path) -> dict[str, Any] | None:
-    """The report.json `prepare_dataset` wrote in `folder` (it records tunelab_prepare_version), else None."""
-    try:
-        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) and "tunelab_prepare_version" in report else None
-
-
-def is_prepared(folder: str | Path) -> bool:
-    """A folder `prepare_dataset` wrote: told by its own report.json, not by train.jsonl alone (a raw dataset in the
-    Hugging Face layout holds train.jsonl / test.jsonl too)."""
-    folder = Path(folder)
-    return (folder / "train.jsonl").is_file() and _own_report(folder) is not None
-
-
-def load_prepared(folder: str | Path) -> PreparedData:
-    """The train/val records, report and fingerprint of a folder written by `prepare_dataset`."""
-    folder = Path(folder)
-    report = _own_report(folder) if (folder / "train.jsonl").is_file() else None
-    if report is None:
-        raise DataError(f"{folder} is not a prepared dataset (it needs train.jsonl and the report.json tunelab "
-                        f"prepare writes); create one with: tunelab prepare --input FILE --output {folder}")
-    train = _read_jsonl(folder / "train.jsonl")
-    val = _read_jsonl(folder / "val.jsonl") if (folder / "val.jsonl").is_file() else []
-    if not train:
-        raise DataError(f"{folder}/train.jsonl holds no records"
-                        + (": " + "; ".join(report.get("problems", [])) if report.get("problems") else ""))
-    fingerprint, edited = _content_fingerprint(folder, report)
-    return PreparedData(train, val, report, fingerprint, folder, edited)
-
-
-def _content_fingerprint(folder: Path, report: dict[str, Any]) -> tuple[str, list[str]]:
-    """(fingerprint, files edited since prepare wrote them, in words). Untouched files keep the fingerprint prepare
-    recorded (of its inputs, options and tokenizer), so runs and `tunelab reproduce` of the raw files agree with
-    it; an edit gives a fingerprint of the files as they are, which no run recorded before the edit. A folder
-    prepared before the files' hashes were recorded keeps its recorded fingerprint, unchecked."""
-    fingerprint, recorded = report.get("fingerprint", ""), report.get("output_sha256")
-    if not isinstance(recorded, dict):
-        return fingerprint, []
-    now = {name: sha256_file(folder / name) if (folder / name).is_file() else None for name in PREPARED_FILES}
-    edited = [f"{name} (sha256 {str(recorded.get(name))[:12]}… when prepared, "
-              + (f"{digest[:12]}… now)" if digest else "gone now)")
-              for name, digest in now.items() if digest != recorded.get(name)]
-    if not edited:
-        return fingerprint, []
-    return "sha256:" + hashlib.sha256(json.dumps([fingerprint, now]).encode()).hexdigest(), edited
