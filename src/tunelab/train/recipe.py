@@ -86,6 +86,7 @@ class Session:
     start_step: int
     collate: Callable
     epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)
+    lr: float = 0.0  # the learning rate the last optimiser step used (the scheduler already holds the next one)
 
     @property
     def main(self) -> bool:
@@ -330,6 +331,7 @@ def train_step(s: Session, epoch: int, pos: int) -> tuple[float, float, int]:
             f"training diverged at step {s.state.global_step + 1}: loss={loss_value}, grad_norm={grad_norm}; the "
             f"batch held {where}. The last good checkpoint is kept; lower training.learning_rate or check those "
             "records, then resume with --resume")
+    s.lr = s.scheduler.get_last_lr()[0]
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.scheduler.step()
@@ -344,9 +346,8 @@ def train_step(s: Session, epoch: int, pos: int) -> tuple[float, float, int]:
 def log_step(s: Session, loss_value: float, grad_norm: float, tokens_per_s: float) -> None:
     """The brief's step line, metrics.jsonl and the trackers."""
     step, reporter = s.state.global_step, s.life.reporter
-    lr = s.scheduler.get_last_lr()[0]
-    s.say(reporter.step_line(step, loss_value, lr, tokens_per_s, s.start_step))
-    rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "loss": loss_value, "lr": lr,
+    s.say(reporter.step_line(step, loss_value, s.lr, tokens_per_s, s.start_step))
+    rec = {"step": step, "epoch": round(step / s.plan.steps_per_epoch, 4), "loss": loss_value, "lr": s.lr,
            "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1), "rss_gib": round(rss_gib(), 3),
            "elapsed_s": round(time.time() - reporter.start, 2)}
     s.life.run.log_metrics(rec)
