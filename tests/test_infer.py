@@ -453,3 +453,70 @@ def test_an_empty_prompt_and_options_that_would_be_ignored_are_refused(monkeypat
         assert main(["infer", "--model", "m", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {says}") and err.count("\n") == 1
+
+
+def test_an_interrupted_batch_keeps_the_answers_so_far_and_says_how_far_it_got(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """SIGTERM or Ctrl-C during `infer --input` lost every answer, however many were done ("interrupted")."""
+    from tunelab.cli import main
+    from tunelab.serve.engine import Engine
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Question {i}"}) + "\n" for i in range(20)))
+    out = tmp_path / "answers.jsonl"
+    out.write_text('{"answer": "an earlier run"}\n')
+    real_run, runs = Engine.run, []
+
+    def run(self, jobs, stop_at):
+        runs.append(len(jobs))
+        if len(runs) == stop_at:
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM, which `tunelab` turns into one
+        return real_run(self, jobs)
+
+    argv = ["infer", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(out), "--batch-size", "1",
+            "--max-new-tokens", "2"]
+    monkeypatch.setattr(Engine, "run", lambda self, jobs: run(self, jobs, 1))  # during the first 8: nothing done
+    assert main(argv) == 130
+    assert capsys.readouterr().err == "interrupted\n" and out.read_text() == '{"answer": "an earlier run"}\n'
+    runs.clear()
+    monkeypatch.setattr(Engine, "run", lambda self, jobs: run(self, jobs, 2))
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (f"error: interrupted: {out} holds the answers to the first 8 of 20 prompts "
+                                       f"(up to {src}:8); the rest were not answered\n")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f"Question {i}" for i in range(8)] and all("answer" in r for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "prompts.jsonl"]
+    monkeypatch.setattr(Engine, "run", real_run)
+    assert main(argv) == 0 and len(out.read_text().splitlines()) == 20
+
+
+def test_a_conversation_the_chat_template_refuses_is_named_not_a_traceback(tiny, tmp_path):
+    """Templates that raise (Mistral's, Gemma's: roles must alternate, no system role) made `infer --input` and
+    `--compare` end in a jinja traceback after the model had loaded, and the chat end on `/system`."""
+    import io
+
+    from tunelab.errors import TunelabError
+    from tunelab.infer import answer_file, chat_loop
+
+    model, tok = tiny
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+              "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+              "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    src = tmp_path / "prompts.jsonl"
+    two_users = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    src.write_text("\n".join([json.dumps("fine"), json.dumps(two_users), json.dumps("fine")]) + "\n")
+    before, tok.chat_template = tok.chat_template, strict
+    try:
+        with pytest.raises(TunelabError, match=f"^{src}:2: the prompt cannot be rendered by the chat template: "
+                                               "Conversation roles must alternate$"):
+            answer_file(model, tok, src, tmp_path / "out.jsonl", max_new_tokens=2)
+        lines = iter(["Hello", "/system Be brief.", "Hello again", "/exit"])
+        out = io.StringIO()
+        convo = chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=2)
+    finally:
+        tok.chat_template = before
+    assert "error: the prompt cannot be rendered by the chat template: System role not supported; message not kept" \
+        in out.getvalue()
+    assert [m["role"] for m in convo] == ["system"]
+    assert not (tmp_path / "out.jsonl").exists()

@@ -67,7 +67,8 @@ def as_conversation(prompt: str | Conversation, system: str | None = None) -> Co
 def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              seed: int | None = None, batch_size: int = 16, weights: str | None = None,
-             labels: list[str] | None = None) -> list[str]:
+             labels: list[str] | None = None, chunk: int | None = None,
+             on_answers: Callable[[list[str]], None] | None = None) -> list[str]:
     """Answer each conversation (rendered with add_generation_prompt). Returns the answers in input order.
 
     The serve engine's decode loop, run in this thread: up to `batch_size` prompts decode together and a
@@ -76,8 +77,10 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
     kernels (`tunelab.decode`: faster at batch 1, a few logits rounded differently in the last bit than in a
     batch). `weights="int8"` decodes with int8 copies of the weights (faster,
     answers close to but not the model's own; `tunelab.decode.set_decode_weights`), "model" with its own; None
-    keeps what was set for this model. `labels`: how a prompt longer than the context is named (default its
-    number), every such prompt in one error.
+    keeps what was set for this model. `labels`: how a prompt is named (default "prompt N") when it is longer
+    than the context or its template cannot render it, every such prompt in one error before any is answered.
+    `chunk`: answer the prompts `chunk` at a time in input order, handing each chunk's answers to `on_answers`
+    as it finishes (what an interruption leaves is a prefix of the answers).
     """
     from tunelab.serve.engine import Engine, Job
 
@@ -85,22 +88,44 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
         return []
     _set_weights(model, weights)
     sampling = _sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-    texts = [render(tokenizer, c, add_generation_prompt=True) for c in conversations]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    jobs, too_long = [], []
-    for i, ids in enumerate(encoded):
+    jobs, problems = [], []
+    for i, convo in enumerate(conversations):
+        name = labels[i] if labels else i + 1
         try:
-            jobs.append(Job(ids, _within_context(model, ids, sampling, labels[i] if labels else i + 1)))
+            ids = _prompt_ids(tokenizer, convo, name)
+            jobs.append(Job(ids, _within_context(model, ids, sampling, name)))
         except TunelabError as e:
-            too_long.append(str(e))
-    if too_long:
-        raise TunelabError("\n".join(too_long))
-    order = sorted(range(len(jobs)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
-    Engine(model, tokenizer, max_batch_size=batch_size, max_queue=len(jobs)).run([jobs[i] for i in order])
-    for job in jobs:
-        if job.error is not None:
-            raise job.error
-    return [tokenizer.decode(job.tokens, skip_special_tokens=True).strip() for job in jobs]
+            problems.append(str(e))
+    if problems:
+        raise TunelabError("\n".join(problems))
+    answers: list[str] = []
+    for start in range(0, len(jobs), chunk or len(jobs)):
+        part = jobs[start:start + (chunk or len(jobs))]
+        # similar lengths share a batch: less padding
+        Engine(model, tokenizer, max_batch_size=batch_size, max_queue=len(part)).run(
+            sorted(part, key=lambda job: len(job.prompt_ids)))
+        for job in part:
+            if job.error is not None:
+                raise job.error
+        done = [tokenizer.decode(job.tokens, skip_special_tokens=True).strip() for job in part]
+        answers += done
+        if on_answers is not None:
+            on_answers(done)
+    return answers
+
+
+def _prompt_name(number: int | str | None) -> str:
+    return "the prompt" if number is None else f"prompt {number}" if isinstance(number, int) else number
+
+
+def _prompt_ids(tokenizer, conversation: Conversation, number: int | str | None = None) -> list[int]:
+    """The token ids of `conversation` rendered with add_generation_prompt; a conversation the chat template
+    refuses (roles out of the order it wants, say) is a TunelabError naming it."""
+    try:
+        text = render(tokenizer, conversation, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or whatever the template's own code raised
+        raise TunelabError(f"{_prompt_name(number)} cannot be rendered by the chat template: {e}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _context(model) -> int | None:
@@ -115,8 +140,7 @@ def _within_context(model, prompt_ids: list[int], sampling, number: int | str | 
     if context is None or len(prompt_ids) + sampling.max_new_tokens <= context:
         return sampling
     if len(prompt_ids) >= context:
-        which = "the prompt" if number is None else f"prompt {number}" if isinstance(number, int) else number
-        raise TunelabError(f"{which} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
+        raise TunelabError(f"{_prompt_name(number)} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
     return replace(sampling, max_new_tokens=context - len(prompt_ids))
 
 
@@ -128,7 +152,7 @@ def fit_conversation(model, tokenizer, conversation: Conversation,
     kept = list(conversation)
     dropped = 0
     while True:
-        ids = tokenizer(render(tokenizer, kept, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        ids = _prompt_ids(tokenizer, kept)
         context = _context(model)
         first = 1 if kept and kept[0]["role"] == "system" else 0
         if context is None or len(ids) + max_new_tokens <= context or len(kept) - first <= 1:
@@ -275,16 +299,16 @@ def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
                history: Conversation) -> Conversation:
     """Stream the answer to `convo` (its last turn the user's message); returns the history after it: `history`
     unchanged when the message is refused or stopped before any answer was shown."""
-    ids, convo, dropped = fit_conversation(model, tokenizer, convo, gen.get("max_new_tokens", 256))
     shown: list[str] = []  # what the user saw: the history keeps exactly that of a stopped answer
-    stream = stream_generate(model, tokenizer, ids, StreamResult(), **gen)
     stopped = False
     try:
+        ids, convo, dropped = fit_conversation(model, tokenizer, convo, gen.get("max_new_tokens", 256))
+        stream = stream_generate(model, tokenizer, ids, StreamResult(), **gen)
         with contextlib.closing(stream):  # a Ctrl-C in print() too stops the generation before the next prompt
             for piece in stream:
                 shown.append(piece)  # first: a Ctrl-C lands after print's write more often than before it
                 print(piece, end="", file=out, flush=True)
-    except TunelabError as e:  # a message longer than the context: say so, keep the conversation
+    except TunelabError as e:  # longer than the context, or refused by the template: say so, keep the history
         print(f"error: {e}; message not kept", file=out)
         return history
     except KeyboardInterrupt as e:
@@ -394,25 +418,46 @@ def _not_answers(path: Path) -> str | None:
     return None
 
 
+class BatchInterrupted(TunelabError):
+    exit_code = 130
+
+
 def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Path, system: str | None = None,
-                overwrite: bool = False, **gen: Any) -> int:
+                overwrite: bool = False, batch_size: int = 16, **gen: Any) -> int:
     """Answer every prompt of a JSONL file in batches; write one {"messages", "answer", ...} line per prompt.
-    An existing `output_path` is replaced only when it holds earlier answers, unless `overwrite`."""
+    An existing `output_path` is replaced only when it holds earlier answers, unless `overwrite`.
+
+    The file is answered `8 * batch_size` prompts at a time, in its order: stopped (Ctrl-C, SIGTERM) after the
+    first of those, the output keeps the answers so far and `BatchInterrupted` says how far it got."""
     numbered = check_batch(input_path, output_path, overwrite)
-    rows = [row for _, row in numbered]
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)  # an output that cannot be written fails before generating
     tmp = out.with_name(out.name + ".tmp")
+    written = 0
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            answers = generate(model, tokenizer, [as_conversation(r["messages"], system) for r in rows],
-                               labels=[f"{input_path}:{n}: the prompt" for n, _ in numbered], **gen)
-            for row, answer in zip(rows, answers):
-                f.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+
+            def write(answers: list[str]) -> None:
+                nonlocal written
+                for (_, row), answer in zip(numbered[written:], answers):
+                    f.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+                f.flush()
+                written += len(answers)
+
+            try:
+                generate(model, tokenizer, [as_conversation(r["messages"], system) for _, r in numbered],
+                         labels=[f"{input_path}:{n}: the prompt" for n, _ in numbered], batch_size=batch_size,
+                         chunk=8 * batch_size, on_answers=write, **gen)
+            except KeyboardInterrupt:
+                if not written:
+                    raise
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(rows)
+    if written < len(numbered):
+        raise BatchInterrupted(f"interrupted: {out} holds the answers to the first {written} of {len(numbered)} "
+                               f"prompts (up to {input_path}:{numbered[written - 1][0]}); the rest were not answered")
+    return written
 
 
 # ---------------------------------------------------------------- side by side
