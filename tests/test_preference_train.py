@@ -64,12 +64,15 @@ def test_dpo_learns_the_preference(tiny_model_dir, pref_files, tmp_path):
     assert (run / "ref_logps.pt").is_file()
 
 
-def test_resumed_dpo_run_equals_uninterrupted_run(tiny_model_dir, pref_files, tmp_path, signal_after_step):
-    data = pref_files / "pairs.jsonl"
-    full = train(_cfg(tiny_model_dir, data, tmp_path, "full", "dpo", "training.save_steps=2"))
+@pytest.mark.parametrize("precompute", [False, True])
+def test_resumed_dpo_run_equals_uninterrupted_run(tiny_model_dir, pref_files, tmp_path, signal_after_step,
+                                                  precompute):
+    # precompute: the resumed run reads the reference log-probs back from ref_logps.pt
+    data, extra = pref_files / "pairs.jsonl", ["training.save_steps=2", f"preference.precompute_ref_logps={precompute}"]
+    full = train(_cfg(tiny_model_dir, data, tmp_path, "full", "dpo", *extra))
     signal_after_step(3)
     with pytest.raises(TrainingInterrupted, match="--resume"):
-        train(_cfg(tiny_model_dir, data, tmp_path, "split", "dpo", "training.save_steps=2"))
+        train(_cfg(tiny_model_dir, data, tmp_path, "split", "dpo", *extra))
     signal_after_step(None)
     split = tmp_path / "split"
     assert [s for s, _ in ckpt.complete_checkpoints(split)][-1] == 3
@@ -254,3 +257,30 @@ def test_dpo_early_stopping_and_best_checkpoint_as_sft(tiny_model_dir, pref_file
     assert "Early stopping: no eval improvement in 2 evaluations" in (run / "train.log").read_text()
     assert (run / "checkpoint-best" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "checkpoint-best" / "tunelab.json").read_text())["stage"] == "dpo"
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_reference_of_a_new_adapter_is_the_starting_policy(tiny_model_dir, pref_files, tmp_path, method, stage):
+    """The reference of a new LoRA / DoRA / QLoRA adapter is the base with the adapter disabled: before the first
+    update the policy is that same model, so every reward of step 1 is 0 (a reference that differed would show)."""
+    extra = ["quantization.compute_dtype=bf16"] if method == "qlora" else []
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    data = pref_files / ("kto.jsonl" if stage == "kto" else "pairs.jsonl")
+    run = train(_cfg(tiny_model_dir, data, tmp_path, f"{stage}-{method}", stage, f"training.method={method}",
+                     "training.max_steps=2", "training.warmup_ratio=0", *extra))
+    first, second = [m for m in read_metrics(run) if "grad_norm" in m]
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6, first
+    assert abs(second["rewards/chosen"]) + abs(second["rewards/rejected"]) > 1e-6  # the adapter moved, not the ref
+
+
+def test_precomputed_reference_gives_the_losses_of_a_reference_run_every_step(tiny_model_dir, pref_files, tmp_path):
+    runs = [train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, f"pre-{p}", "dpo", "training.max_steps=4",
+                       f"preference.precompute_ref_logps={p}")) for p in (False, True)]
+    every, once = [read_metrics(r) for r in runs]
+    assert len(every) == len(once) and sum("eval_loss" in m for m in once) and sum("loss" in m for m in once) == 4
+    for a, b in zip(every, once):
+        for key in ("loss", "eval_loss", "rewards/margin", "eval_rewards/margin"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
