@@ -216,3 +216,10 @@ def test_allocator_reexec_keeps_the_command_line_and_runs_once(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/home/me/my_script.py"])  # someone's script calling main(): left alone
     runtime.reexec_with_allocator_settings("train")
     assert len(calls) == 1
+
+
+def test_a_config_that_is_not_a_regular_file_is_not_called_missing(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config /dev/null is not a regular file \(a folder, device or pipe\)"):
+        load_config("/dev/null")  # it exists: "config file not found" was wrong
+    with pytest.raises(ConfigError, match=r"^config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")

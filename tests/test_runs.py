@@ -84,6 +84,9 @@ def test_resolve_run_by_name_or_path_and_suggests(tmp_path):
     assert runs.resolve_run(run / "checkpoint-final", tmp_path) == run
     with pytest.raises(runs.RunError, match="did you mean lora-r16"):
         runs.resolve_run("lora-r61", tmp_path)
+    gone = tmp_path / "gone"  # an absolute path is looked at once, and said once
+    with pytest.raises(runs.RunError, match=rf"looked at {gone}\)"):
+        runs.resolve_run(gone, tmp_path)
 
 
 def test_show(tmp_path, capsys):

@@ -419,7 +419,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}" if not path.exists() else
+                              f"config {path} is not a regular file (a folder, device or pipe): give a YAML file")
         text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
         source = str(path)
         try:

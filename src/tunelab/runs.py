@@ -74,8 +74,8 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = "outputs")
     close = difflib.get_close_matches(str(run), names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else (
         f"; `tunelab runs list --dir {runs_dir}` shows the runs there" if names else "")
-    raise RunError(f"no run {str(run)!r} (a run folder holds manifest.json; looked at {p} and "
-                   f"{Path(runs_dir) / p}){hint}")
+    looked = " and ".join(dict.fromkeys(str(c) for c in (p, Path(runs_dir) / p)))  # once for an absolute path
+    raise RunError(f"no run {str(run)!r} (a run folder holds manifest.json; looked at {looked}){hint}")
 
 
 def newest_run_checkpoint(path: str | os.PathLike) -> Path | None:

@@ -141,6 +141,8 @@ def test_inputs_folder_glob_and_missing(write, tmp_path):
         prepare_dataset(str(tmp_path / "nope.json"), check=True, console=quiet)
     with pytest.raises(DataError, match="no files match"):
         prepare_dataset(str(tmp_path / "*.nothing"), check=True, console=quiet)
+    with pytest.raises(DataError, match=r"^/dev/null is not a regular file or folder \(a device, pipe or socket\)"):
+        prepare_dataset("/dev/null", check=True, console=quiet)  # it exists: "not found" was wrong
 
 
 def test_bad_options_are_refused_together(messy):

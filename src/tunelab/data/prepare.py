@@ -138,6 +138,9 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
             if not found:
                 raise DataError(f"no files match {item}")
             out += found
+        elif p.exists():  # /dev/null, a pipe (<(zcat ...)): read more than once here (sniffed, read, hashed)
+            raise DataError(f"{item} is not a regular file or folder (a device, pipe or socket): save the data to "
+                            "a file and give that")
         else:
             raise DataError(f"input not found: {item}")
     seen: set[Path] = set()
