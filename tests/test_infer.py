@@ -520,3 +520,34 @@ def test_a_conversation_the_chat_template_refuses_is_named_not_a_traceback(tiny,
         in out.getvalue()
     assert [m["role"] for m in convo] == ["system"]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_answer_cut_at_the_end_of_the_context_says_so(tiny, model_dir, tmp_path, caplog, capsys):
+    """A prompt that left less room than max_new_tokens got its answer cut at the context's end without a word
+    (in a file, or the chat), indistinguishable from the model stopping by itself."""
+    import io
+
+    from tunelab.infer import answer_file, chat_loop
+
+    model, tok = tiny
+    context = model.config.max_position_embeddings
+    long = " ".join(["hello"] * (context - 60))  # one token per word; the template adds a few more
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(json.dumps(p) for p in ("Hi", long)) + "\n")
+    with caplog.at_level("WARNING", logger="tunelab.infer"):
+        answer_file(model, tok, src, tmp_path / "out.jsonl", max_new_tokens=200)
+    (cut,) = [r.getMessage() for r in caplog.records]
+    assert cut.startswith(f"{src}:2: the prompt left room for only ")
+    assert cut.endswith(f"of max_new_tokens=200 answer tokens in this model's context of {context} tokens: its "
+                        "answer stops there")
+    lines = iter([long, "/exit"])
+    out = io.StringIO()
+    chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=200)
+    assert f"(the answer stops at the end of the model's context of {context} tokens: your message left room" \
+        in out.getvalue()
+    caplog.clear()
+    from tunelab.cli import main
+
+    argv = ["infer", "--model", str(model_dir), "--dtype", "fp32", "--prompt", long, "--max-new-tokens", "200"]
+    assert main(argv) == 0
+    assert [r.getMessage().split(" left room")[0] for r in caplog.records] == ["--prompt"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from tunelab.files import read_user_text
 from tunelab.model.loading import load_pretrained as load  # noqa: F401 (the one loader, as infer.load)
 
 Conversation = list[dict[str, Any]]
+log = logging.getLogger(__name__)
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
@@ -108,10 +110,20 @@ def generate(model, tokenizer, conversations: list[Conversation], max_new_tokens
             if job.error is not None:
                 raise job.error
         done = [tokenizer.decode(job.tokens, skip_special_tokens=True).strip() for job in part]
+        for i, job in enumerate(part, start):
+            if _cut_by_context(job, max_new_tokens):
+                log.warning("%s left room for only %d of max_new_tokens=%d answer tokens in this model's context of "
+                            "%d tokens: its answer stops there", _prompt_name(labels[i] if labels else i + 1),
+                            job.completion_tokens, max_new_tokens, _context(model))
         answers += done
         if on_answers is not None:
             on_answers(done)
     return answers
+
+
+def _cut_by_context(job, max_new_tokens: int) -> bool:
+    """Whether `job`'s answer stopped at the end of the model's context rather than at max_new_tokens or a stop."""
+    return job.finish_reason == "length" and job.completion_tokens < max_new_tokens
 
 
 def _prompt_name(number: int | str | None) -> str:
@@ -140,7 +152,8 @@ def _within_context(model, prompt_ids: list[int], sampling, number: int | str | 
     if context is None or len(prompt_ids) + sampling.max_new_tokens <= context:
         return sampling
     if len(prompt_ids) >= context:
-        raise TunelabError(f"{_prompt_name(number)} has {len(prompt_ids)} tokens; this model's context is {context} tokens")
+        raise TunelabError(f"{_prompt_name(number)} has {len(prompt_ids)} tokens; this model's context is {context} "
+                           "tokens")
     return replace(sampling, max_new_tokens=context - len(prompt_ids))
 
 
@@ -303,7 +316,8 @@ def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
     stopped = False
     try:
         ids, convo, dropped = fit_conversation(model, tokenizer, convo, gen.get("max_new_tokens", 256))
-        stream = stream_generate(model, tokenizer, ids, StreamResult(), **gen)
+        result = StreamResult()
+        stream = stream_generate(model, tokenizer, ids, result, **gen)
         with contextlib.closing(stream):  # a Ctrl-C in print() too stops the generation before the next prompt
             for piece in stream:
                 shown.append(piece)  # first: a Ctrl-C lands after print's write more often than before it
@@ -324,6 +338,9 @@ def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
         print("(answer stopped; the part shown stays in the conversation: /reset forgets it)", file=out)
     if dropped:
         print(f"(the {dropped} oldest messages no longer fit the model's context: forgotten)", file=out)
+    if not stopped and _cut_by_context(result, gen.get("max_new_tokens", 256)):
+        print(f"(the answer stops at the end of the model's context of {_context(model)} tokens: your message "
+              f"left room for {result.completion_tokens} tokens of answer)", file=out)
     return [m for m in convo if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
 
 

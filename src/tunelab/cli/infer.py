@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     gen["weights"] = args.weights
     if args.prompt is not None:
         # one prompt is a single stream: batch_size=1 lets the decode use its one-row kernels (tunelab.decode)
-        print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], batch_size=1, **gen)[0])
+        print(infer.generate(model, tok, [infer.as_conversation(args.prompt, args.system)], batch_size=1,
+                             labels=["--prompt"], **gen)[0])
     elif args.input:
         n = infer.answer_file(model, tok, args.input, args.output, system=args.system, overwrite=args.overwrite,
                               batch_size=args.batch_size, **gen)
