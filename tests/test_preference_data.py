@@ -57,3 +57,22 @@ def test_every_record_of_a_mixed_kto_file_is_counted_with_its_reason(tmp_path):
     r = prepare_dataset(str(src), None, check=True, stage="kto", console=lambda *_: None).report
     assert r["records_read"] == 6 and r["records_accepted"] == 1
     assert r["rejected_by_reason"] == {"wrong_type": 1, "order": 1, "ambiguous_label": 1, "wrong_stage": 2}
+
+
+def test_kto_step_or_eval_without_one_kind_of_answer_logs_no_mean_for_it():
+    """A kto step (or held-out set) with only desirable answers logged rewards/rejected 0.0 and a margin equal to
+    rewards/chosen: a made-up number in every curve (TRL logs a kind only when the batch holds one)."""
+    from tunelab.evaluate.preference import _kto_summary
+    from tunelab.train.preference import reward_metrics
+
+    only_good = {"rewards/chosen": 0.6, "rewards/rejected": 0.0, "count/chosen": 2.0, "count/rejected": 0.0, "kl": 0.2}
+    assert reward_metrics(only_good, 2) == {"rewards/chosen": 0.3, "kl": 0.1}
+    both = {**only_good, "rewards/rejected": -0.4, "count/rejected": 1.0}
+    assert reward_metrics(both, 3) == pytest.approx({"rewards/chosen": 0.3, "rewards/rejected": -0.4,
+                                                     "rewards/margin": 0.7, "kl": 0.2 / 3})
+    rows = [{"label": True, "logp": -3.0, "mean_logp": -1.0, "reward": 0.2, "kl": 0.1},
+            {"label": True, "logp": -6.0, "mean_logp": -2.0, "reward": -0.1, "kl": 0.1}]
+    out = _kto_summary(rows)
+    assert out["logps/chosen"] == -1.5 and out["rewards/chosen"] == pytest.approx(0.05)
+    assert not {"logps/rejected", "rewards/rejected", "rewards/margin"} & set(out)
+    assert out["undesirable"] == 0 and out["rewards/accuracy"] == 0.5

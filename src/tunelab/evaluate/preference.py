@@ -136,13 +136,17 @@ def _kto_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     (`rejected`) answers each averaged over their own examples; `rewards/accuracy` is the share whose reward has
     the label's sign (a zero reward is not a hit)."""
     good, bad = [r for r in rows if r["label"]], [r for r in rows if not r["label"]]
-    out = {"examples": len(rows), "desirable": len(good), "undesirable": len(bad),
-           "logps/chosen": _mean([r["mean_logp"] for r in good]), "logps/rejected": _mean([r["mean_logp"] for r in bad])}
-    if rows and "reward" in rows[0]:
-        out.update({"rewards/chosen": _mean([r["reward"] for r in good]),
-                    "rewards/rejected": _mean([r["reward"] for r in bad])})
-        out.update({"rewards/margin": out["rewards/chosen"] - out["rewards/rejected"],
-                    "rewards/accuracy": _mean([r["reward"] != 0 and (r["reward"] > 0) == r["label"] for r in rows]),
+    out: dict[str, float] = {"examples": len(rows), "desirable": len(good), "undesirable": len(bad)}
+    rewards = bool(rows) and "reward" in rows[0]
+    for side, part in (("chosen", good), ("rejected", bad)):  # a kind with no example has no mean (not 0)
+        if part:
+            out[f"logps/{side}"] = _mean([r["mean_logp"] for r in part])
+            if rewards:
+                out[f"rewards/{side}"] = _mean([r["reward"] for r in part])
+    if rewards:
+        if good and bad:
+            out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out.update({"rewards/accuracy": _mean([r["reward"] != 0 and (r["reward"] > 0) == r["label"] for r in rows]),
                     "kl": _mean([r["kl"] for r in rows])})
     return out
 

@@ -358,12 +358,12 @@ def train_step(s: PrefSession, epoch: int, pos: int):
 
 def reward_metrics(sums: dict[str, float], n: int) -> dict[str, float]:
     """Means over the examples: rewards/chosen, rewards/rejected, rewards/accuracy, rewards/margin (kto: kl)."""
-    if "count/chosen" in sums:  # kto: each side averaged over its own examples
-        c, r = max(sums["count/chosen"], 1), max(sums["count/rejected"], 1)
-        out = {"rewards/chosen": sums["rewards/chosen"] / c, "rewards/rejected": sums["rewards/rejected"] / r,
-               "kl": sums["kl"] / n}
-        out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
-        return out
+    if "count/chosen" in sums:  # kto: each side averaged over its own examples; a side absent is not logged (TRL)
+        out = {f"rewards/{side}": sums[f"rewards/{side}"] / sums[f"count/{side}"] for side in ("chosen", "rejected")
+               if sums[f"count/{side}"]}
+        if len(out) == 2:
+            out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return {**out, "kl": sums["kl"] / n}
     return {k: v / n for k, v in sums.items()}
 
 
