@@ -551,3 +551,27 @@ def test_an_answer_cut_at_the_end_of_the_context_says_so(tiny, model_dir, tmp_pa
     argv = ["infer", "--model", str(model_dir), "--dtype", "fp32", "--prompt", long, "--max-new-tokens", "200"]
     assert main(argv) == 0
     assert [r.getMessage().split(" left room")[0] for r in caplog.records] == ["--prompt"]
+
+
+def test_compare_with_a_damaged_or_bare_merged_folder_says_so_before_loading(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A merged folder's unreadable tunelab.json was a traceback (JSONDecodeError, or AttributeError for a list),
+    and one recording no base model was refused only after its answers had been generated."""
+    import shutil
+
+    import tunelab.infer
+    from tunelab.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before its record was read")
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    monkeypatch.setattr(tunelab.infer, "load", never)
+    for record, says in (("{oops", f"cannot read {merged / 'tunelab.json'}: Expecting property name"),
+                         ('["x"]', f"cannot read {merged / 'tunelab.json'}: a JSON object was expected, found list"),
+                         ('{"method": "lora"}', f"{merged} records no base model; pass the base model")):
+        (merged / "tunelab.json").write_text(record)
+        assert main(["infer", "--model", str(merged), "--compare", "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and "Traceback" not in err

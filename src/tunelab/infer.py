@@ -500,16 +500,14 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
             base_answers = generate(model, tok, convos, **gen)
         tuned_answers = generate(model, tok, convos, **gen)
     else:
+        rec = read_tunelab_json(target)  # the base the merged model was made from, as training loaded it
+        base_model = base_model or rec.get("base_model")
+        if base_model is None:  # before minutes of loading and answering, not after
+            raise TunelabError(f"{target} records no base model; pass the base model to compare against")
         tuned, tok = load(str(target), dtype=dtype)
         require_chat_template(tok, adapter_or_merged)
         tuned_answers = generate(tuned, tok, convos, **gen)
         del tuned
-        if base_model is None:
-            meta = target / "tunelab.json"
-            base_model = json.loads(meta.read_text()).get("base_model") if meta.is_file() else None
-        if base_model is None:
-            raise TunelabError(f"{target} records no base model; pass the base model to compare against")
-        rec = read_tunelab_json(target)  # the base the merged model was made from, as training loaded it
         same = base_model == rec.get("base_model")
         base, _ = load(base_model, dtype=dtype, revision=rec.get("revision") if same else None,
                        trust_remote_code=bool(rec.get("trust_remote_code")) if same else None)
