@@ -575,3 +575,15 @@ def test_compare_with_a_damaged_or_bare_merged_folder_says_so_before_loading(tin
         assert main(["infer", "--model", str(merged), "--compare", "--prompt", "hi"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {says}") and "Traceback" not in err
+
+
+def test_a_prompt_file_with_a_bom_or_unicode_line_separators_in_its_text_is_read_as_written(tmp_path):
+    """A UTF-8 BOM (Windows editors) made line 1 "not valid JSON", and a raw U+2028 or U+0085 inside a JSON string
+    (valid JSON, and what `ensure_ascii=False` writes) split its line in two: both reported as bad lines."""
+    from tunelab.infer import read_prompts
+
+    src = tmp_path / "prompts.jsonl"
+    texts = ["first", "a\u2028b", "c\u0085d", "e\u2029f"]
+    src.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"prompt": t}, ensure_ascii=False) + "\r\n"
+                                                for t in texts).encode())
+    assert [r["prompt"] for r in read_prompts(src)] == texts

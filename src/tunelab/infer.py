@@ -355,7 +355,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 def _numbered_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     rows, problems = [], []
-    for n, line in enumerate(read_user_text(path, "prompts").splitlines(), 1):
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085 ..., which JSON strings may hold as they are
+    for n, line in enumerate(read_user_text(path, "prompts", encoding="utf-8-sig").split("\n"), 1):
         if line.strip():
             try:
                 rows.append((n, _prompt_row(line)))
