@@ -29,3 +29,22 @@ def test_gzip_and_text_data_files_are_uploaded_listed_and_validated(client, work
     assert listed == {"data/raw/x.jsonl.gz", "data/raw/x-2.jsonl.gz", "data/raw/corpus.txt"}
     report = client.post("/api/datasets/validate", json={"path": "data/raw/x-2.jsonl.gz"}).json()["report"]
     assert report["records_read"] == 12 and report["records_accepted"] == 12
+
+
+def test_a_form_value_that_is_not_yaml_is_reported_not_a_500(client):
+    """`[q_proj` typed into a YAML-typed field (lora.target_modules) was a 500 (yaml ParserError); the command
+    line reads it as text and validation names the field, as here."""
+    for route in ("/api/config/render", "/api/train"):
+        res = client.post(route, json={"values": {"lora.target_modules": "[q_proj", "output.run_name": "r"}})
+        assert res.status_code == 200
+        assert "lora.target_modules" in res.json()["error"] and "job" not in res.json()
+
+
+def test_a_run_whose_metrics_file_is_not_a_file_still_shows(client, workdir):
+    """metrics.jsonl replaced by a folder was a 500 (IsADirectoryError) on the run page and ended its live stream."""
+    run = make_run(workdir / "outputs", "r")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    res = client.get("/api/run", params={"name": "r"})
+    assert res.status_code == 200 and res.json()["metrics"] == [] and res.json()["status"] == "finished"
+    assert client.get("/api/runs").json()["runs"][0]["name"] == "r"

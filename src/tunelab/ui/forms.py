@@ -75,7 +75,8 @@ def values_to_data(values: dict[str, Any]) -> dict[str, Any]:
                 continue
             value = "null"
         text = as_override_value(value)
-        if key in DEFAULTS and yaml.safe_load(text if text else "''") == DEFAULTS[key]:
+        # read as the command line reads `key=text` (`[q_proj` stays text, for validation to name)
+        if key in DEFAULTS and apply_overrides({}, [f"v={text}"])["v"] == DEFAULTS[key]:
             continue
         overrides.append(f"{key}={text}")
     return apply_overrides({}, overrides)

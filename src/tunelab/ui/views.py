@@ -305,15 +305,18 @@ def tail(path: Path, max_bytes: int = 8000) -> str:
 def metrics_since(path: Path, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
     """(new metric records, new offset, reset): only complete lines after byte `offset`. `reset` is True when
     the file shrank (a resumed run drops the lines after its checkpoint): the caller re-reads from 0."""
-    size = file_stamp(path)[1]
+    size = file_stamp(path)[1] if path.is_file() else 0  # a folder or device in its place: no metrics
     reset = size < offset
     if reset:
         offset = 0
     if size == offset:
         return [], offset, reset
-    with open(path, "rb") as f:
-        f.seek(offset)
-        chunk = f.read(size - offset)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read(size - offset)
+    except OSError:  # unreadable (permissions, removed meanwhile): nothing new this time
+        return [], offset, reset
     end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
     records = []
     for line in chunk[:end].splitlines():
