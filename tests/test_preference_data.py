@@ -76,3 +76,16 @@ def test_kto_step_or_eval_without_one_kind_of_answer_logs_no_mean_for_it():
     assert out["logps/chosen"] == -1.5 and out["rewards/chosen"] == pytest.approx(0.05)
     assert not {"logps/rejected", "rewards/rejected", "rewards/margin"} & set(out)
     assert out["undesirable"] == 0 and out["rewards/accuracy"] == 0.5
+
+
+def test_kto_label_balance_is_said_and_advised_as_trl_does():
+    """A kto run said nothing of its labels: a file whose labels were all true (or 9:1) trained without a word."""
+    from tunelab.config import PreferenceConfig
+    from tunelab.train.preference import kto_balance
+
+    assert kto_balance([True, False] * 5, PreferenceConfig()) == "KTO labels: 5 desirable / 5 undesirable"
+    assert kto_balance([True] * 4, PreferenceConfig()).startswith(
+        "warning: KTO labels: 4 desirable / 0 undesirable: every answer is desirable")
+    line = kto_balance([True] + [False] * 9, PreferenceConfig())
+    assert "weighted 0.11 : 1" in line and "desirable_weight between 9.00 and 12.00" in line
+    assert kto_balance([True] + [False] * 9, PreferenceConfig(desirable_weight=10)).startswith("KTO labels: 1 ")

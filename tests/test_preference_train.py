@@ -55,6 +55,7 @@ def test_preference_run(tiny_model_dir, pref_files, tmp_path, stage):
     assert all("rewards/margin" not in m or {"rewards/chosen", "rewards/rejected"} <= set(m) for m in steps)
     log = (run / "train.log").read_text()
     assert "| Loss: " in log and "Margin:" in log
+    assert ("KTO labels: " in log) == (stage == "kto")
 
 
 def test_dpo_learns_the_preference(tiny_model_dir, pref_files, tmp_path):

@@ -139,6 +139,8 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     data = load_data(cfg, tokenizer, life.path, accelerator.is_main_process, life.fresh, recorded, life.say)
     if stage == "kto" and len(data.train) < 2:  # its KL term pairs a prompt with another example's answer
         raise TunelabError(f"kto needs at least 2 training examples; the data has {len(data.train)}")
+    if stage == "kto":
+        life.say(kto_balance([e["label"] for e in data.train], cfg.preference))
     plan = make_plan(cfg, len(data.train), accelerator.num_processes)
     life.say(f"Run: {life.path}")
     life.say(f"Data ({stage}): {len(data.train)} train / {len(data.val)} eval examples (fingerprint "
@@ -171,6 +173,23 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     if reference is not None and cfg.preference.precompute_ref_logps:
         precompute_reference(s)
     return s
+
+
+def kto_balance(labels: list[bool], pcfg) -> str:
+    """The desirable / undesirable counts, with TRL's advice when the weighted ratio desirable_weight x desirable :
+    undesirable_weight x undesirable leaves [1, 4/3] (the KTO paper's range), or a warning when one kind is absent."""
+    good, bad = sum(labels), len(labels) - sum(labels)
+    line = f"KTO labels: {good} desirable / {bad} undesirable"
+    if not good or not bad:
+        return (f"warning: {line}: every answer is {'desirable' if good else 'undesirable'}; kto then only moves "
+                "each answer against the KL baseline, with no contrast to learn from: check the labels")
+    ratio = pcfg.desirable_weight * good / (pcfg.undesirable_weight * bad)
+    if 1 <= ratio <= 4 / 3:
+        return line
+    low, high = bad / good * pcfg.undesirable_weight, 4 / 3 * bad / good * pcfg.undesirable_weight
+    return (f"warning: {line}, weighted {ratio:.2f} : 1 (outside the recommended 1 to 4/3); set "
+            f"preference.desirable_weight between {low:.2f} and {high:.2f} (with undesirable_weight "
+            f"{pcfg.undesirable_weight:g})")
 
 
 def _same_reference(recorded: dict, now: dict) -> None:
