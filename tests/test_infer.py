@@ -587,3 +587,27 @@ def test_a_prompt_file_with_a_bom_or_unicode_line_separators_in_its_text_is_read
     src.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"prompt": t}, ensure_ascii=False) + "\r\n"
                                                 for t in texts).encode())
     assert [r["prompt"] for r in read_prompts(src)] == texts
+
+
+def test_answers_are_staged_under_a_name_of_their_own(tiny, tmp_path, monkeypatch):
+    """The answers were staged in OUTPUT.tmp: a user's file of that name was replaced and then deleted, and two
+    runs writing the same output wrote into one staging file."""
+    import os
+
+    import tunelab.infer
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('"Hi"\n')
+    (tmp_path / "out.jsonl.tmp").write_text("mine")
+    staged = []
+    real = tunelab.infer.generate
+
+    def generate(*a, **k):
+        staged.extend(p.name for p in tmp_path.iterdir() if p.name not in ("prompts.jsonl", "out.jsonl.tmp"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tunelab.infer, "generate", generate)
+    tunelab.infer.answer_file(*tiny, src, tmp_path / "out.jsonl", max_new_tokens=2)
+    assert (tmp_path / "out.jsonl.tmp").read_text() == "mine"
+    assert len(staged) == 1 and staged[0].startswith(".out.jsonl.tmp-") and staged[0].endswith(f"-{os.getpid()}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp", "prompts.jsonl"]

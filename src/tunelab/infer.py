@@ -27,7 +27,7 @@ from typing import Any
 
 from tunelab.data.template import prompt_messages, render
 from tunelab.errors import TunelabError
-from tunelab.files import read_user_text
+from tunelab.files import read_user_text, staging_file
 from tunelab.model.loading import load_pretrained as load  # noqa: F401 (the one loader, as infer.load)
 
 Conversation = list[dict[str, Any]]
@@ -450,7 +450,7 @@ def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Pat
     numbered = check_batch(input_path, output_path, overwrite)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)  # an output that cannot be written fails before generating
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = staging_file(out)  # this process's own: not a user's X.tmp, nor another run's writing the same output
     written = 0
     try:
         with tmp.open("w", encoding="utf-8") as f:
