@@ -48,3 +48,46 @@ def test_a_run_whose_metrics_file_is_not_a_file_still_shows(client, workdir):
     res = client.get("/api/run", params={"name": "r"})
     assert res.status_code == 200 and res.json()["metrics"] == [] and res.json()["status"] == "finished"
     assert client.get("/api/runs").json()["runs"][0]["name"] == "r"
+
+
+def _long_job(client, run: str) -> dict:
+    """A train job of this UI that keeps running (a tunelab process that waits), recorded for `run`."""
+    from tests.ui.conftest import wait_for
+
+    jobs = client.app.state.ui.jobs
+    job = jobs.start(["ui", "--dir", "outputs", "--port", "0", "--no-browser"], kind="train", run=run)
+    wait_for(lambda: "tunelab ui:" in jobs.log(job["id"]), "the process to start", 120)
+    return job
+
+
+def _stop(client, job: dict) -> None:
+    from tests.ui.conftest import wait_for
+
+    client.post(f"/api/jobs/{job['id']}/stop")
+    wait_for(lambda: client.app.state.ui.jobs.get(job["id"])["state"] == "ended", "the job to stop", 60)
+
+
+def test_a_run_is_not_trained_twice_at_once(client, workdir):
+    """Resume pressed twice, or Start pressed again before the first process made the run folder, started a second
+    `tunelab train` on the same run folder; it only failed later, on the folder's lock, as a failed job."""
+    import os
+
+    from tunelab.rundir import process_started
+
+    make_run(workdir / "outputs", "r", status="stopped")
+    job = _long_job(client, "r")
+    fresh = _long_job(client, "n")  # a new run whose process has not made its folder yet
+    try:
+        res = client.post("/api/run/action", json={"name": "r", "action": "resume"})
+        assert res.status_code == 409 and "being trained right now by job" in res.json()["error"]
+        res = client.post("/api/train", json={"values": {"output.run_name": "n", "output.dir": "outputs"}})
+        assert res.status_code == 409 and "n is being trained right now" in res.json()["error"]
+    finally:
+        _stop(client, job)
+        _stop(client, fresh)
+    assert [j["id"] for j in client.get("/api/jobs").json()["jobs"]] == [fresh["id"], job["id"]]
+    # a run trained by a process of its own (a terminal), as its manifest records it
+    make_run(workdir / "outputs", "t", status="running", pid=os.getpid(), pid_started=process_started())
+    res = client.post("/api/run/action", json={"name": "t", "action": "resume"})
+    assert res.status_code == 409 and f"process {os.getpid()}" in res.json()["error"]
+    assert len(client.get("/api/jobs").json()["jobs"]) == 2

@@ -22,7 +22,7 @@ from tunelab.data.prepare import DATA_SUFFIXES as DATA_FILE_SUFFIXES
 from tunelab.data.readers import data_suffix
 from tunelab.data.text import TEXT_SUFFIXES
 from tunelab.errors import TunelabError
-from tunelab.rundir import pid_alive
+from tunelab.rundir import LIVE_STATUSES, pid_alive, run_status
 from tunelab.ui import forms, views
 from tunelab.ui.jobs import JobError
 
@@ -279,6 +279,15 @@ def stop_run(ui, name: str) -> dict[str, Any]:
     raise JobError(f"{name} has no training process this UI can reach; press Ctrl-C where it runs")
 
 
+def _refuse_live_run(ui, name: str) -> None:
+    """A run whose recorded training process is alive (started from a terminal, or by another UI) is not resumed
+    a second time: that process holds the run folder's lock, and the resume would only fail on it."""
+    manifest = runs.read_manifest(views.run_path(ui.root, name))
+    pid = manifest.get("pid")
+    if run_status(manifest) in LIVE_STATUSES and pid_alive(pid, manifest.get("pid_started")):
+        raise JobError(f"{name} is being trained right now (process {pid}); stop it first, then resume")
+
+
 def _run_routes(app: FastAPI) -> None:
     @app.post("/api/run/action")
     def action(request: Request, req: ActionRequest):
@@ -286,6 +295,8 @@ def _run_routes(app: FastAPI) -> None:
         views.run_path(ui.root, req.name)
         if req.action == "stop":
             return stop_run(ui, req.name)
+        if req.action == "resume":
+            _refuse_live_run(ui, req.name)
         args, outputs = run_command(ui, req.name, req.action)
         kind = "train" if req.action == "resume" else req.action
         job = ui.jobs.start(args, kind=kind, run=req.name, outputs=outputs)

@@ -46,6 +46,7 @@ class Jobs:
         self.workdir = Path(workdir)
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
 
     def _path(self, job_id: str) -> Path:
         if not job_id.isalnum():
@@ -53,7 +54,18 @@ class Jobs:
         return self.dir / f"{job_id}.json"
 
     def start(self, args: list[str], kind: str, run: str | None = None, outputs: list[str] | None = None) -> dict:
-        """Run `tunelab ARGS` in the working folder (python -m tunelab: the same install as this server)."""
+        """Run `tunelab ARGS` in the working folder (python -m tunelab: the same install as this server). A train
+        job for a run that one of this UI's train jobs is training now is refused (a double click on Start or
+        Resume would start a second process on the same run folder, which its lock then fails)."""
+        with self._start_lock:  # the check and the start as one step: two requests at once start one job
+            if kind == "train" and run is not None:
+                busy = [j for j in self.for_run(run) if j.get("kind") == "train" and j["state"] == "running"]
+                if busy:
+                    raise JobError(f"{run} is being trained right now by job {busy[0]['id']} "
+                                   f"({busy[0]['command']}); stop it or wait for it to end")
+            return self._start(args, kind, run, outputs)
+
+    def _start(self, args: list[str], kind: str, run: str | None, outputs: list[str] | None) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         job_id = dt.datetime.now().strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
         log = self.dir / f"{job_id}.log"
