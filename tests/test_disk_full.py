@@ -62,6 +62,26 @@ def test_other_failures_and_a_quota_are_told_as_they_are(tmp_path, monkeypatch):
         f"your disk quota is used up in {tmp_path}"
 
 
+def test_a_failure_that_is_not_the_disk_is_not_told_to_free_space(tmp_path, monkeypatch):
+    """A folder one may not write into (EACCES, a read-only disk) or a filesystem without a size (/proc reports
+    0 bytes free) was "the disk is full: 0 MiB free", with "free some space and ... again"."""
+    from tunelab.errors import TunelabError
+    from tunelab.files import writing
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(0, 0, 0))  # what /proc and /sys report
+    for error in (PermissionError(errno.EACCES, "Permission denied", "x"), OSError(errno.EROFS, "Read-only")):
+        with pytest.raises(TunelabError) as got, writing("the merged model m", tmp_path, TunelabError,
+                                                         "Nothing was written to m", "merge again"):
+            raise error
+        assert str(got.value) == f"could not write the merged model m: {write_failure(error, tmp_path)}. Nothing " \
+                                 "was written to m; fix that and merge again"
+        assert "disk is full" not in str(got.value)
+    _free(monkeypatch, 5)  # a real disk with 5 MiB left
+    with pytest.raises(TunelabError, match=r"the disk is full: 5 MiB free in .*; free some space and merge again"):
+        with writing("the merged model m", tmp_path, TunelabError, "Nothing was written to m", "merge again"):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0")
+
+
 def test_a_checkpoint_judges_the_disk_before_its_partial_files_are_removed(tmp_path, monkeypatch):
     """torch says nothing of the disk: the free space tells, and it was measured after the partial checkpoint was
     removed (room again), so a full disk read as 'RuntimeError: ... failed writing file'."""

@@ -63,10 +63,12 @@ def write_failure(e: BaseException, folder) -> str:
     if code == errno.EDQUOT or os.strerror(errno.EDQUOT) in said:
         return f"your disk quota is used up in {folder}"
     try:
-        free = shutil.disk_usage(folder).free
+        usage = shutil.disk_usage(folder)
+        free = usage.free if usage.total else None  # /proc, /sys: no size, so "0 free" tells nothing
     except OSError:
         free = None
-    if code == errno.ENOSPC or os.strerror(errno.ENOSPC) in said or (free is not None and free < _FULL_BELOW):
+    guess = code is None and free is not None and free < _FULL_BELOW  # EACCES, EROFS, ...: the error says why
+    if code == errno.ENOSPC or os.strerror(errno.ENOSPC) in said or guess:
         return "the disk is full" + (f": {free / 2**20:,.0f} MiB free in {folder}" if free is not None else "")
     return f"{type(e).__name__}: {e}"
 
@@ -74,17 +76,24 @@ def write_failure(e: BaseException, folder) -> str:
 _FULL_BELOW = 64 * 2**20  # a failed write that leaves less than this free was the disk filling up
 
 
+def retry_advice(why: str, again: str) -> str:
+    """What to do after a write failed for `why` (`write_failure`'s words) before doing `again` ("merge again")."""
+    return f"{'free some space' if why.startswith(('the disk is full', 'your disk quota')) else 'fix that'} and {again}"
+
+
 @contextmanager
-def writing(what: str, folder, error: type[TunelabError], then: str) -> Iterator[None]:
+def writing(what: str, folder, error: type[TunelabError], then: str, again: str | None = None) -> Iterator[None]:
     """Writing `what` (e.g. "the merged model models/m") into `folder`: any failure of the write becomes `error`
-    naming it, `write_failure`'s reason, and `then` (what was left: the caller removes the partial files, after
-    this has judged the free space they hold)."""
+    naming it, `write_failure`'s reason, `then` (what was left: the caller removes the partial files, after this
+    has judged the free space they hold) and, with `again`, what to do (`retry_advice`)."""
     try:
         yield
     except (TunelabError, MemoryError):
         raise
     except Exception as e:
-        raise error(f"could not write {what}: {write_failure(e, folder)}. {then}") from None
+        why = write_failure(e, folder)
+        raise error(f"could not write {what}: {why}. {then}" + (f"; {retry_advice(why, again)}" if again else "")
+                    ) from None
 
 
 def staging_dir(final: Path) -> Path:

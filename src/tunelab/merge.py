@@ -230,7 +230,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
 
     # every write into the staging folder: a failure (a full disk) names the output; the finally removes the folder
     written = partial(writing, f"the merged model {output}", output.parent, MergeError,
-                      f"Nothing was written to {output} and no partial copy was left; free some space and merge again")
+                      f"Nothing was written to {output} and no partial copy was left", "merge again")
     with written():
         tmp = staging_dir(output)
     try:

@@ -41,7 +41,7 @@ from tunelab.data.formats import FORMATS, RECORD_KEYS, TURN_KEYS, Conversation, 
 from tunelab.data.readers import DataError, FileError, FileInfo, RawItem, data_suffix
 from tunelab.data.text import TEXT_DOCUMENTS, TEXT_SUFFIXES, TextStats, encode_document, records_of
 from tunelab.data.prepared import PREPARED_FILES, PreparedData, is_empty_dir, is_prepared, load_prepared
-from tunelab.files import sha256_file, staging_dir, write_failure
+from tunelab.files import retry_advice, sha256_file, staging_dir, write_failure
 
 __all__ = ["prepare_dataset", "load_prepared", "is_prepared", "PreparedData", "PrepareResult", "DataError",
            "resolve_inputs"]
@@ -534,9 +534,9 @@ def prepare_dataset(inputs: list[str] | str, output: str | Path | None = None, *
     except OSError as e:  # the readers turn an input's OSErrors into FileErrors: this one is a write (a full disk)
         if workdir is None or (e.filename is not None and workdir not in Path(e.filename).parents):
             raise
-        raise DataError(f"could not write the prepared dataset {out_dir}: {write_failure(e, out_dir.parent)}. Nothing "
-                        f"was written to {out_dir} and no partial file was left; free some space and prepare "
-                        "again") from None
+        why = write_failure(e, out_dir.parent)
+        raise DataError(f"could not write the prepared dataset {out_dir}: {why}. Nothing was written to {out_dir} "
+                        f"and no partial file was left; {retry_advice(why, 'prepare again')}") from None
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

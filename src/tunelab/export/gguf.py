@@ -423,7 +423,7 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, quant: 
     tmp_mf = staging_file(mf) if mf else None
     # the GGUF and its Modelfile are written beside their places and renamed in together: a failure leaves neither
     writes = partial(writing, f"the GGUF export {output}", output.parent, ExportError,
-                     f"Nothing was written to {output} and no partial file was left; free some space and export again")
+                     f"Nothing was written to {output} and no partial file was left", "export again")
     try:
         w, arch, written, heads, kept_f16 = _writer(model_dir, tmp, cfg, tok, quant, stops)
         with writes():

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.files import as_umask_allows, sha256_file, write_failure
+from tunelab.files import as_umask_allows, retry_advice, sha256_file, write_failure
 from tunelab.rundir import resume_command
 
 STEP_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -186,7 +186,7 @@ def save_checkpoint(run: Path, name: str, save_model, *, optimizer=None, schedul
         why = write_failure(e, run)  # while the partial files still fill the disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise NotWritten(f"could not write {name} in {run}: {why}",
-                         f"{_kept(run)}; free some space and resume with: {resume_command(run)}") from None
+                         f"{_kept(run)}; {retry_advice(why, 'resume with: ' + resume_command(run))}") from None
     as_umask_allows(tmp)  # safetensors writes 0600: an adapter others on the machine could not serve
     old = run / f".{name}.old"
     if final.exists():  # replacing (e.g. checkpoint-best): keep the old one until the new one is in place
