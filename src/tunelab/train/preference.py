@@ -507,27 +507,47 @@ def finish(s: PrefSession) -> None:
 @torch.no_grad()
 def precompute_reference(s: PrefSession) -> None:
     """dpo (the config refuses it elsewhere): reference log-probs of every pair, once (cached in the run folder for
-    a resumed run)."""
-    path = s.life.path / "ref_logps.pt"
-    cache = torch.load(path) if path.is_file() else None
-    for split in ("train", "val"):
-        examples = getattr(s.data, split)
-        if cache is None or cache.get("fingerprint") != s.data.fingerprint:
-            values = []
-            for k in range(0, len(examples), s.cfg.training.batch_size):
-                part = examples[k:k + s.cfg.training.batch_size]
-                from tunelab.train.preference_loss import _to
+    a resumed run; written beside it and renamed into place, so a kill never leaves half a cache)."""
+    import os
 
-                batch = _to(collate_pairs(part, share_prompt=shares_prompts(s.inner)), s.accelerator.device)
-                with s.autocast():
-                    values += reference_logps(s.reference, batch, "dpo", s.cfg.training.loss_chunk_size)[
-                        "logps"].view(2, -1).t().tolist()
-        else:
-            values = cache[split]
-        for e, (c, r) in zip(examples, values):
+    path = s.life.path / "ref_logps.pt"
+    cache = _cached_reference(s, path)
+    if cache is None:
+        cache = {"fingerprint": s.data.fingerprint,
+                 **{split: _reference_pairs(s, getattr(s.data, split)) for split in ("train", "val")}}
+        if s.main:
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(cache, tmp)
+            os.replace(tmp, path)
+    for split in ("train", "val"):
+        for e, (c, r) in zip(getattr(s.data, split), cache[split]):
             e["ref_chosen"], e["ref_rejected"] = c, r
-    if s.main and cache is None:
-        torch.save({"fingerprint": s.data.fingerprint,
-                    **{sp: [(e["ref_chosen"], e["ref_rejected"]) for e in getattr(s.data, sp)]
-                       for sp in ("train", "val")}}, path)
     s.say(f"Reference log-probs precomputed for {len(s.data.train)} + {len(s.data.val)} pairs ({path.name})")
+
+
+def _cached_reference(s: PrefSession, path: Path) -> dict | None:
+    """The cache of an earlier start of this run, when it is whole and of this data; else None (computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path)
+        ok = cache.get("fingerprint") == s.data.fingerprint and all(
+            len(cache[split]) == len(getattr(s.data, split)) for split in ("train", "val"))
+    except Exception as e:  # a file cut short by a full disk, or not a cache at all
+        s.say(f"warning: {path.name} cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}): "
+              "the reference log-probs are computed again")
+        return None
+    return cache if ok else None
+
+
+def _reference_pairs(s: PrefSession, examples: list[dict]) -> list[tuple[float, float]]:
+    """(chosen, rejected) reference log-probs of each pair, `training.batch_size` pairs per forward."""
+    from tunelab.train.preference_loss import _to
+
+    values, bs = [], s.cfg.training.batch_size
+    for k in range(0, len(examples), bs):
+        batch = _to(collate_pairs(examples[k:k + bs], share_prompt=shares_prompts(s.inner)), s.accelerator.device)
+        with s.autocast():
+            logps = reference_logps(s.reference, batch, "dpo", s.cfg.training.loss_chunk_size)["logps"]
+        values += [tuple(v) for v in logps.view(2, -1).t().tolist()]
+    return values
