@@ -555,8 +555,9 @@ def test_an_answer_cut_at_the_end_of_the_context_says_so(tiny, model_dir, tmp_pa
 
 def test_compare_with_a_damaged_or_bare_merged_folder_says_so_before_loading(tiny_model_dir, tmp_path, monkeypatch,
                                                                             capsys):
-    """A merged folder's unreadable tunelab.json was a traceback (JSONDecodeError, or AttributeError for a list),
-    and one recording no base model was refused only after its answers had been generated."""
+    """A merged folder's unreadable tunelab.json was a traceback (JSONDecodeError, or AttributeError for a list)
+    after the model had loaded and answered, and one recording no base model was refused only after its answers
+    had been generated."""
     import shutil
 
     import tunelab.infer
@@ -567,10 +568,14 @@ def test_compare_with_a_damaged_or_bare_merged_folder_says_so_before_loading(tin
 
     merged = tmp_path / "merged"
     shutil.copytree(tiny_model_dir, merged)
+    real_load = tunelab.infer.load
     monkeypatch.setattr(tunelab.infer, "load", never)
     for record, says in (("{oops", f"cannot read {merged / 'tunelab.json'}: Expecting property name"),
                          ('["x"]', f"cannot read {merged / 'tunelab.json'}: a JSON object was expected, found list"),
                          ('{"method": "lora"}', f"{merged} records no base model; pass the base model")):
+        if "method" in record:  # the model loads (its chat template is checked first), nothing is answered
+            monkeypatch.setattr(tunelab.infer, "load", real_load)
+            monkeypatch.setattr(tunelab.infer, "generate", never)
         (merged / "tunelab.json").write_text(record)
         assert main(["infer", "--model", str(merged), "--compare", "--prompt", "hi"]) == 2
         err = capsys.readouterr().err

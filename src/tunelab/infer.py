@@ -437,6 +437,7 @@ def _not_answers(path: Path) -> str | None:
 
 
 class BatchInterrupted(TunelabError):
+    """A file of prompts stopped partway: the answers so far are written; the message says how far it got."""
     exit_code = 130
 
 
@@ -503,10 +504,10 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
     else:
         rec = read_tunelab_json(target)  # the base the merged model was made from, as training loaded it
         base_model = base_model or rec.get("base_model")
-        if base_model is None:  # before minutes of loading and answering, not after
-            raise TunelabError(f"{target} records no base model; pass the base model to compare against")
         tuned, tok = load(str(target), dtype=dtype)
         require_chat_template(tok, adapter_or_merged)
+        if base_model is None:  # before minutes of answering, not after
+            raise TunelabError(f"{target} records no base model; pass the base model to compare against")
         tuned_answers = generate(tuned, tok, convos, **gen)
         del tuned
         same = base_model == rec.get("base_model")
