@@ -80,6 +80,12 @@ def test_a_run_is_not_trained_twice_at_once(client, workdir):
     try:
         res = client.post("/api/run/action", json={"name": "r", "action": "resume"})
         assert res.status_code == 409 and "being trained right now by job" in res.json()["error"]
+        # stopped from the page: the manifest says its process ended the run while that process still exits, and
+        # Resume pressed at once is taken (the run folder's lock is free by then)
+        jobs, manifest = client.app.state.ui.jobs, workdir / "outputs" / "r" / "manifest.json"
+        for status, training in (("interrupted", None), ("running", job["id"])):
+            manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": status, "pid": job["pid"]}))
+            assert (jobs.training("r") or {}).get("id") == training
         res = client.post("/api/train", json={"values": {"output.run_name": "n", "output.dir": "outputs"}})
         assert res.status_code == 409 and "n is being trained right now" in res.json()["error"]
     finally:
@@ -91,3 +97,19 @@ def test_a_run_is_not_trained_twice_at_once(client, workdir):
     res = client.post("/api/run/action", json={"name": "t", "action": "resume"})
     assert res.status_code == 409 and f"process {os.getpid()}" in res.json()["error"]
     assert len(client.get("/api/jobs").json()["jobs"]) == 2
+
+
+def test_request_bodies_have_a_size_limit(client, workdir):
+    """Any JSON route read a body of any size into memory (a 1 GB POST to /api/config/render was parsed whole);
+    now a body over the limit is a 413, declared or chunked, while uploads keep their own, larger limit."""
+    from tunelab.ui.app import BODY_MAX_BYTES
+
+    big = b'{"yaml": "' + b"x" * BODY_MAX_BYTES + b'"}'
+    res = client.post("/api/config/render", content=big, headers={"content-type": "application/json"})
+    assert res.status_code == 413 and "larger than 16 MiB" in res.json()["error"]
+    chunks = iter([big[i:i + 2**20] for i in range(0, len(big), 2**20)])  # no Content-Length
+    res = client.post("/api/config/render", content=chunks, headers={"content-type": "application/json"})
+    assert res.status_code == 413 and "larger than 16 MiB" in res.json()["error"]
+    assert client.post("/api/config/render", json={"yaml": "{}"}).status_code == 200
+    res = client.put("/api/datasets/upload", params={"name": "big.jsonl"}, content=b"x" * (BODY_MAX_BYTES + 1))
+    assert res.status_code == 200

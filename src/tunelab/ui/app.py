@@ -28,6 +28,10 @@ from tunelab.ui.jobs import JobError, Jobs
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+# The largest request body other than a dataset upload (which streams to disk under --max-upload-mb): configs and
+# chat turns are far smaller, and every body below this is read into memory whole before it is checked.
+BODY_MAX_BYTES = 16 * 2**20
+STREAMED = ("/api/datasets/upload",)
 
 
 class UIState:
@@ -38,7 +42,7 @@ class UIState:
         self.max_upload_bytes = max_upload_mb * 2**20
         self.dir_arg = runs_dir  # as the user wrote it: commands shown use it
         self.root = (self.workdir / runs_dir).resolve() if not os.path.isabs(runs_dir) else Path(runs_dir)
-        self.jobs = Jobs(self.root / ".ui" / "jobs", self.workdir)
+        self.jobs = Jobs(self.root / ".ui" / "jobs", self.workdir, self.root)
         self.table = views.RunTable(self.root)
         self.poll_s = poll_s
         from tunelab.ui.chat import ChatModels
@@ -58,6 +62,7 @@ def create_app(runs_dir: str = "outputs", workdir: str | Path | None = None, tok
     app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = UIState(runs_dir, Path(workdir or Path.cwd()), poll_s, max_upload_mb)
     _guard(app, token, allowed_hosts)
+    app.add_middleware(BodyLimit, limit=BODY_MAX_BYTES)  # outermost: before a body is read
     _errors(app)
     _read_routes(app)
     actions.add_routes(app)
@@ -84,6 +89,34 @@ def _guard(app: FastAPI, token: str | None, allowed_hosts: tuple[str, ...] | Non
         if token and request.query_params.get("token"):
             response.set_cookie("tunelab_token", token, httponly=True, samesite="strict")
         return response
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes (413), declared or chunked, before a route reads it; STREAMED
+    routes limit their own. A chunked body is gathered here (at most `limit` bytes, as the route would read it whole
+    anyway) and handed on as it came."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in STREAMED:
+            return await self.app(scope, receive, send)
+        refused = JSONResponse({"error": f"request body larger than {self.limit // 2**20} MiB"}, 413)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await refused(scope, receive, send)
+        messages, seen = [], 0
+        while not messages or messages[-1]["type"] == "http.request" and messages[-1].get("more_body"):
+            messages.append(await receive())
+            seen += len(messages[-1].get("body", b""))
+            if seen > self.limit:
+                return await refused(scope, receive, send)
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _errors(app: FastAPI) -> None:

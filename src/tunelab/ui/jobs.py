@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.rundir import pid_alive, process_started, write_json_atomic
+from tunelab.rundir import LIVE_STATUSES, pid_alive, process_started, run_status, write_json_atomic
 
 
 class JobError(TunelabError):
@@ -41,9 +41,10 @@ def display_command(args: list[str]) -> str:
 
 
 class Jobs:
-    def __init__(self, state_dir: Path, workdir: Path):
+    def __init__(self, state_dir: Path, workdir: Path, runs_root: Path | None = None):
         self.dir = Path(state_dir)
         self.workdir = Path(workdir)
+        self.runs_root = runs_root  # the runs folder (output.dir): whose manifests say which runs still train
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
@@ -58,12 +59,26 @@ class Jobs:
         job for a run that one of this UI's train jobs is training now is refused (a double click on Start or
         Resume would start a second process on the same run folder, which its lock then fails)."""
         with self._start_lock:  # the check and the start as one step: two requests at once start one job
-            if kind == "train" and run is not None:
-                busy = [j for j in self.for_run(run) if j.get("kind") == "train" and j["state"] == "running"]
-                if busy:
-                    raise JobError(f"{run} is being trained right now by job {busy[0]['id']} "
-                                   f"({busy[0]['command']}); stop it or wait for it to end")
+            busy = self.training(run) if kind == "train" and run is not None else None
+            if busy:
+                raise JobError(f"{run} is being trained right now by job {busy['id']} ({busy['command']}); stop it "
+                               "or wait for it to end")
             return self._start(args, kind, run, outputs)
+
+    def training(self, run: str) -> dict[str, Any] | None:
+        """This UI's train job that trains `run` now: running, unless the run's manifest says that process ended
+        the run (a stopped run's process still exiting; resuming it now is fine: its lock is already free)."""
+        from tunelab.runs import read_manifest
+
+        try:
+            manifest = read_manifest(self.runs_root / run) if self.runs_root else {}
+        except TunelabError:  # no manifest yet (a new run still starting) or a damaged one
+            manifest = {}
+        for j in self.for_run(run):
+            ended = manifest.get("pid") == j["pid"] and run_status(manifest) not in LIVE_STATUSES
+            if j.get("kind") == "train" and j["state"] == "running" and not ended:
+                return j
+        return None
 
     def _start(self, args: list[str], kind: str, run: str | None, outputs: list[str] | None) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
