@@ -170,3 +170,22 @@ def test_bundled_dpo_example_moves_the_held_out_preference(tmp_path, monkeypatch
     before = run_eval(adapter=str(sft), data=str(dpo), output_dir=tmp_path / "sft-eval").result.metrics
     assert after["pairs"] == before["pairs"] == 8
     assert after["rewards/accuracy"] >= 0.9 and after["pref_accuracy"] > before["pref_accuracy"]
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_eval_of_a_run_without_reference_reports_its_training_rewards_not_dpo_rewards_against_the_base(
+        runs, tiny_model_dir, stage):
+    """orpo / simpo train without a reference: their logged rewards are beta x mean log-prob. `tunelab eval` reported
+    DPO rewards against the base (adapter disabled) under the same names, numbers that training never logged."""
+    from tunelab.evaluate.runner import run_eval
+
+    out, _, _ = runs
+    run = train(load_config(None, _common(tiny_model_dir, out) + [
+        f"data.train={out / 'pairs.jsonl'}", f"output.run_name={stage}", f"training.stage={stage}",
+        "training.max_steps=3", "training.learning_rate=5e-3", "preference.beta=0.5"]))
+    ev = run_eval(adapter=str(run))
+    m, final = ev.result.metrics, json.loads((run / "manifest.json").read_text())
+    assert not [k for k in m if k.startswith("rewards/")], m
+    assert ev.result.settings["reference_model"].startswith(f"none ({stage} needs no reference model")
+    assert m["pref_accuracy"] == pytest.approx(final["metrics"]["eval_rewards/accuracy"])
+    assert 0.5 * m["pref_margin"] == pytest.approx(final["metrics"]["eval_rewards/margin"], rel=1e-4, abs=1e-6)

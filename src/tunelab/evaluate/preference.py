@@ -12,7 +12,8 @@ Two views, both over the answer tokens only (the prompt is context), encoded exa
 - The DPO implicit reward against a reference, as training logs it (TRL's definitions: reward = beta x
   (log pi(answer) - log ref(answer)) summed over the answer; accuracy counts chosen > rejected, a tie is not a
   hit): `rewards/chosen`, `rewards/rejected`, `rewards/accuracy`, `rewards/margin`. Only with a `reference`: the
-  run's own (its starting SFT adapter, or the base with the adapter disabled).
+  run's own (its starting SFT adapter, or the base with the adapter disabled). An orpo / simpo run has none: its
+  training rewards are beta x mean log-prob, whose accuracy is `pref_accuracy` and margin beta x `pref_margin`.
 
 KTO's labelled answers (no pairs) get TRL's KTO view instead: `logps/chosen` / `logps/rejected` (mean log-prob per
 token of the desirable / undesirable answers) and, against the reference, `rewards/chosen` and `rewards/rejected`
@@ -232,6 +233,8 @@ def _reference(lm, ref: dict[str, Any]) -> tuple[Callable | None, str | None]:
 
     if not hasattr(lm, "disable_adapter"):
         return None, None
+    if ref.get("kind") == "none":  # orpo / simpo: their rewards are beta x mean log-prob, pref_accuracy / pref_margin
+        return None, f"none ({ref.get('why', 'the run trained without a reference model')})"
     if ref.get("kind") == "adapter":
         lm.load_adapter(ref["adapter"], adapter_name=REF_ADAPTER, is_trainable=False)
         lm.set_adapter("default")
