@@ -113,3 +113,16 @@ def test_request_bodies_have_a_size_limit(client, workdir):
     assert client.post("/api/config/render", json={"yaml": "{}"}).status_code == 200
     res = client.put("/api/datasets/upload", params={"name": "big.jsonl"}, content=b"x" * (BODY_MAX_BYTES + 1))
     assert res.status_code == 200
+
+
+def test_run_files_are_served_without_scripts_and_unknown_jobs_are_404(client, workdir):
+    """An HTML file in a run folder (a run copied from someone else) was served as a page of this origin: its
+    scripts could call the UI's routes, start processes included. A job id that does not exist was a 409."""
+    run = make_run(workdir / "outputs", "r")
+    (run / "x.html").write_text("<script>fetch('/api/train', {method: 'POST'})</script>")
+    res = client.get("/api/run/file", params={"name": "r", "path": "x.html"})
+    assert res.status_code == 200 and res.headers["content-security-policy"] == "sandbox"
+    assert res.headers["x-content-type-options"] == "nosniff"
+    for res in (client.get("/api/jobs/nosuchjob"), client.post("/api/jobs/nosuchjob/stop"),
+                client.get("/api/jobs/nosuchjob/log")):
+        assert res.status_code == 404 and res.json()["error"] == "no job 'nosuchjob'"

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from tunelab import runs
 from tunelab.errors import TunelabError
 from tunelab.ui import MAX_UPLOAD_MB, actions, views
-from tunelab.ui.jobs import JobError, Jobs
+from tunelab.ui.jobs import JobError, Jobs, NoJob
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -120,7 +120,7 @@ class BodyLimit:
 
 
 def _errors(app: FastAPI) -> None:
-    codes = {views.PathRefused: 403, runs.RunError: 404, JobError: 409, actions.TooLarge: 413}
+    codes = {views.PathRefused: 403, runs.RunError: 404, NoJob: 404, JobError: 409, actions.TooLarge: 413}
 
     @app.exception_handler(TunelabError)
     async def tunelab_error(_request: Request, exc: TunelabError):
@@ -161,7 +161,9 @@ def _read_routes(app: FastAPI) -> None:
         target = views.inside(views.run_path(ui.root, name), path, "file")
         if not target.is_file():
             raise runs.RunError(f"no file {path!r} in run {name!r}")
-        return FileResponse(target)
+        # a run folder may come from anyone (copied, downloaded): an HTML or SVG file in it is shown without
+        # scripts and away from this origin, so it cannot call this server's routes
+        return FileResponse(target, headers={"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/run/events")
     async def run_events(request: Request, name: str, offset: int = Query(0, ge=0)):

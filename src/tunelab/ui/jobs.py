@@ -31,6 +31,10 @@ class JobError(TunelabError):
     """A job that cannot be started or stopped."""
 
 
+class NoJob(JobError):
+    """A job id this UI has no record of (HTTP 404)."""
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -51,7 +55,7 @@ class Jobs:
 
     def _path(self, job_id: str) -> Path:
         if not job_id.isalnum():
-            raise JobError(f"no job {job_id!r}")
+            raise NoJob(f"no job {job_id!r}")
         return self.dir / f"{job_id}.json"
 
     def start(self, args: list[str], kind: str, run: str | None = None, outputs: list[str] | None = None) -> dict:
@@ -113,7 +117,7 @@ class Jobs:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise JobError(f"no job {job_id!r}") from None
+            raise NoJob(f"no job {job_id!r}") from None
         return self._with_liveness(record)
 
     def _with_liveness(self, record: dict[str, Any]) -> dict[str, Any]:
