@@ -411,6 +411,8 @@ def test_sigterm_during_an_answer_ends_the_chat(tiny_model_dir, monkeypatch, cap
 
 def test_an_output_that_is_not_an_answers_file_is_not_replaced(tmp_path, monkeypatch, capsys):
     """`--output data/train.jsonl` (any existing file) was silently replaced by the answers."""
+    import os
+
     import tunelab.infer
     from tunelab.cli import main
 
@@ -427,6 +429,10 @@ def test_an_output_that_is_not_an_answers_file_is_not_replaced(tmp_path, monkeyp
         assert main(["infer", "--model", "m", "--input", str(src), "--output", str(tmp_path / name)]) == 2
         assert (f"--output {tmp_path / name} exists and is not an answers file" in capsys.readouterr().err)
         assert (tmp_path / name).read_text(encoding="latin-1" if name == "latin.jsonl" else "utf-8") == text
+    os.mkfifo(tmp_path / "pipe")  # as /dev/stdout is on a pipe: renaming the answers there would replace it
+    assert main(["infer", "--model", "m", "--input", str(src), "--output", str(tmp_path / "pipe")]) == 2
+    assert f"--output {tmp_path / 'pipe'} exists and is not an answers file (not a regular file)" in \
+        capsys.readouterr().err
     assert main(["infer", "--model", "m", "--prompt", "hi", "--overwrite"]) == 2
     assert "--overwrite goes with --output" in capsys.readouterr().err
     for name in ("train.jsonl", "empty.jsonl", "answers.jsonl"):  # forced; empty; an earlier answers file

@@ -422,8 +422,8 @@ def check_batch(input_path: str | Path, output_path: str | Path,
 def _not_answers(path: Path) -> str | None:
     """Why the existing file `path` is not one that `answer_file` wrote (every line an object with an "answer"),
     or None: it is one, it is empty, or there is no file."""
-    if not path.is_file():
-        return None
+    if not path.is_file():  # a device or pipe (/dev/stdout) would be replaced by a file, not written to
+        return "not a regular file" if path.exists() else None
     try:
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
