@@ -430,9 +430,9 @@ def test_an_output_that_is_not_an_answers_file_is_not_replaced(tmp_path, monkeyp
         assert (f"--output {tmp_path / name} exists and is not an answers file" in capsys.readouterr().err)
         assert (tmp_path / name).read_text(encoding="latin-1" if name == "latin.jsonl" else "utf-8") == text
     os.mkfifo(tmp_path / "pipe")  # as /dev/stdout is on a pipe: renaming the answers there would replace it
-    assert main(["infer", "--model", "m", "--input", str(src), "--output", str(tmp_path / "pipe")]) == 2
-    assert f"--output {tmp_path / 'pipe'} exists and is not an answers file (not a regular file)" in \
-        capsys.readouterr().err
+    for force in ([], ["--overwrite"]):
+        assert main(["infer", "--model", "m", "--input", str(src), "--output", str(tmp_path / "pipe"), *force]) == 2
+        assert f"--output {tmp_path / 'pipe'} is not a regular file (a pipe or device)" in capsys.readouterr().err
     assert main(["infer", "--model", "m", "--prompt", "hi", "--overwrite"]) == 2
     assert "--overwrite goes with --output" in capsys.readouterr().err
     for name in ("train.jsonl", "empty.jsonl", "answers.jsonl"):  # forced; empty; an earlier answers file

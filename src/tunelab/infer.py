@@ -409,6 +409,8 @@ def check_batch(input_path: str | Path, output_path: str | Path,
     out = Path(output_path)
     if out.is_dir():
         raise TunelabError(f"--output {out} is a folder; give the .jsonl file to write")
+    if out.exists() and not out.is_file():  # the answers renamed there would replace the pipe or device
+        raise TunelabError(f"--output {out} is not a regular file (a pipe or device); give the .jsonl file to write")
     if out.resolve() == Path(input_path).resolve():
         raise TunelabError(f"--output {out} is the --input file: the answers would replace the prompts; give "
                            "another file")
@@ -422,8 +424,8 @@ def check_batch(input_path: str | Path, output_path: str | Path,
 def _not_answers(path: Path) -> str | None:
     """Why the existing file `path` is not one that `answer_file` wrote (every line an object with an "answer"),
     or None: it is one, it is empty, or there is no file."""
-    if not path.is_file():  # a device or pipe (/dev/stdout) would be replaced by a file, not written to
-        return "not a regular file" if path.exists() else None
+    if not path.is_file():
+        return None
     try:
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
