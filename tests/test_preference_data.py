@@ -89,3 +89,14 @@ def test_kto_label_balance_is_said_and_advised_as_trl_does():
     line = kto_balance([True] + [False] * 9, PreferenceConfig())
     assert "weighted 0.11 : 1" in line and "desirable_weight between 9.00 and 12.00" in line
     assert kto_balance([True] + [False] * 9, PreferenceConfig(desirable_weight=10)).startswith("KTO labels: 1 ")
+
+
+def test_token_line_of_a_file_with_no_accepted_record_says_so():
+    """It printed "tokens after the chat template (...): ; 0 of 0 (0.0%) had their answers cut"."""
+    from tunelab.data.preference import PreferenceStats
+
+    stats = PreferenceStats(512)
+    assert PreferenceStats.line(stats.report()) == "tokens after the chat template: none (no record was accepted)"
+    stats.add({"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], "truncated": 0})
+    assert PreferenceStats.line(stats.report()).startswith("tokens after the chat template (answers after the "
+                                                           "train-time cut): prompt p50 2")

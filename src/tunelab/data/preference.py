@@ -311,6 +311,8 @@ class PreferenceStats:
 
     @staticmethod
     def line(r: dict[str, Any]) -> str:
+        if not r["records"]:
+            return "tokens after the chat template: none (no record was accepted)"
         parts = "; ".join(f"{k} p50 {v['p50']} / p95 {v['p95']} / max {v['max']}" for k, v in r["parts"].items())
         return (f"tokens after the chat template (answers after the train-time cut): {parts}; "
                 f"{r['truncated']} of {r['records']} ({r['truncated_share']:.1%}) had their answers cut to fit "
