@@ -126,3 +126,27 @@ def test_run_files_are_served_without_scripts_and_unknown_jobs_are_404(client, w
     for res in (client.get("/api/jobs/nosuchjob"), client.post("/api/jobs/nosuchjob/stop"),
                 client.get("/api/jobs/nosuchjob/log")):
         assert res.status_code == 404 and res.json()["error"] == "no job 'nosuchjob'"
+
+
+def test_stop_signals_only_a_run_that_is_training(client, workdir):
+    """Stop on a finished run whose recorded process still lives (train() called from a notebook kernel that goes
+    on) sent that process SIGINT; on a killed run it said to press Ctrl-C where it runs, though nothing runs."""
+    import subprocess
+
+    from tunelab.rundir import process_started
+
+    alive = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        make_run(workdir / "outputs", "done", pid=alive.pid, pid_started=process_started(alive.pid))
+        res = client.post("/api/run/action", json={"name": "done", "action": "stop"})
+        assert res.status_code == 409 and "not training (status finished)" in res.json()["error"]
+        assert alive.poll() is None  # not interrupted
+        make_run(workdir / "outputs", "killed", status="running", pid=dead.pid)
+        res = client.post("/api/run/action", json={"name": "killed", "action": "stop"})
+        assert res.status_code == 409 and "is gone (killed?); resume it" in res.json()["error"]
+        assert client.get("/api/run", params={"name": "killed"}).json()["status"] == "stale"
+    finally:
+        alive.kill()
+        alive.wait()

@@ -273,9 +273,18 @@ def stop_run(ui, name: str) -> dict[str, Any]:
                 "job": ui.jobs.stop(live[0]["id"])}
     manifest = runs.read_manifest(path)
     pid = manifest.get("pid")
-    if pid_alive(pid, manifest.get("pid_started")):  # not a process that got a dead run's pid
-        os.kill(pid, signal.SIGINT)
+    alive = pid_alive(pid, manifest.get("pid_started"))  # False too for a process that got a dead run's pid
+    if alive and run_status(manifest) in LIVE_STATUSES:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except OSError as e:  # another user's process, or gone since
+            raise JobError(f"cannot stop process {pid} of {name}: {e.strerror or e}; press Ctrl-C where it "
+                           "runs") from None
         return {"stopped": pid, "command": f"kill -INT {pid}"}
+    if alive is False and run_status(manifest) in LIVE_STATUSES:
+        raise JobError(f"{name} is not training: its process {pid} is gone (killed?); resume it to continue")
+    if run_status(manifest) not in LIVE_STATUSES:
+        raise JobError(f"{name} is not training (status {run_status(manifest)}); nothing to stop")
     raise JobError(f"{name} has no training process this UI can reach; press Ctrl-C where it runs")
 
 
