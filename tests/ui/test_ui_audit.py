@@ -150,3 +150,12 @@ def test_stop_signals_only_a_run_that_is_training(client, workdir):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_an_upload_that_cannot_be_saved_says_why(client, workdir):
+    """data/raw being a file (or not writable) made an upload a 500 (FileExistsError / PermissionError)."""
+    (workdir / "data").mkdir()
+    (workdir / "data" / "raw").write_text("not a folder")
+    res = client.put("/api/datasets/upload", params={"name": "a.jsonl"}, content=b"{}\n")
+    assert res.status_code == 400 and res.json()["error"].startswith("cannot save 'a.jsonl' in data/raw/: ")
+    assert (workdir / "data" / "raw").read_text() == "not a folder"

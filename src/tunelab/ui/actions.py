@@ -357,9 +357,9 @@ def _data_routes(app: FastAPI) -> None:
         if declared.isdigit() and int(declared) > ui.max_upload_bytes:
             raise TooLarge(_too_large(name, ui.max_upload_bytes))
         folder = ui.workdir / "data" / "raw"
-        folder.mkdir(parents=True, exist_ok=True)
         part = folder / f".upload-{secrets.token_hex(8)}.part"  # hidden, not listed, until it is complete
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             size = 0
             with open(part, "xb") as f:
                 async for chunk in request.stream():
@@ -370,8 +370,11 @@ def _data_routes(app: FastAPI) -> None:
             if size == 0:
                 raise TunelabError(f"{name!r} is empty: nothing to upload")
             return {"path": str(_link_free_name(part, folder / clean).relative_to(ui.workdir))}
+        except OSError as e:  # data/raw is a file, not writable, the disk is full...
+            raise TunelabError(f"cannot save {clean!r} in data/raw/: {e.strerror or e}") from None
         finally:
-            part.unlink(missing_ok=True)
+            if folder.is_dir():
+                part.unlink(missing_ok=True)
 
     @app.post("/api/datasets/validate")
     def validate(request: Request, req: ValidateRequest):
