@@ -159,3 +159,22 @@ def test_an_upload_that_cannot_be_saved_says_why(client, workdir):
     res = client.put("/api/datasets/upload", params={"name": "a.jsonl"}, content=b"{}\n")
     assert res.status_code == 400 and res.json()["error"].startswith("cannot save 'a.jsonl' in data/raw/: ")
     assert (workdir / "data" / "raw").read_text() == "not a folder"
+
+
+def test_a_running_eval_job_does_not_keep_a_dead_run_live(client, workdir):
+    """A run whose manifest records no pid (an older tunelab) and whose train job failed showed `running` on its
+    page while an eval job of it ran, because the page asked the newest job of any kind; its live stream said
+    `stale`."""
+    import os
+
+    from tunelab.rundir import process_started
+
+    make_run(workdir / "outputs", "r", status="running")
+    jobs = workdir / "outputs" / ".ui" / "jobs"
+    jobs.mkdir(parents=True)
+    for job_id, kind, code in (("20260101000000aaaaaa", "train", 1), ("20260101000001bbbbbb", "eval", None)):
+        (jobs / f"{job_id}.json").write_text(json.dumps({
+            "id": job_id, "kind": kind, "run": "r", "args": [kind], "command": f"tunelab {kind}", "pid": os.getpid(),
+            "pid_started": process_started(), "started_at": "2026-01-01T00:00:00+00:00", "returncode": code}))
+    assert client.get("/api/run", params={"name": "r"}).json()["status"] == "stale"
+    assert client.get("/api/runs").json()["runs"][0]["status"] == "stale"

@@ -272,8 +272,9 @@ def run_detail(root: Path, name: str, run_arg: str, workdir: Path, jobs: list[di
         manifest_error = None
     except runs.RunError as e:
         manifest, manifest_error = {}, str(e)
-    live = [j for j in jobs if j.get("returncode") is None and j.get("kind") == "train"]
-    status, note = live_status(manifest, live[0] if live else (jobs[0] if jobs else None)) \
+    train_jobs = [j for j in jobs if j.get("kind") == "train"]  # newest first; an eval job says nothing of training
+    live = [j for j in train_jobs if j.get("returncode") is None]
+    status, note = live_status(manifest, (live or train_jobs or [None])[0]) \
         if not manifest_error else ("unreadable", manifest_error)
     config_file = path / "config.yaml"
     # the records and the offset the live stream continues from come from one read of complete lines: a line
