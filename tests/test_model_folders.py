@@ -144,3 +144,22 @@ def test_refuse_damaged_folder_for_verbs_that_read_a_folder_themselves(tiny_mode
         f.truncate(1000)
     with pytest.raises(ModelLoadError, match="model.safetensors is truncated or damaged"):
         refuse_damaged_folder(cut)
+
+
+def test_a_run_stopped_before_its_end_names_the_checkpoints_it_holds(tmp_path):
+    """`--adapter RUN` on a run with checkpoint-2 and checkpoint-4 but no checkpoint-final said only that it held
+    no adapter; the step checkpoints are usable adapters."""
+    from tunelab.model.loading import ModelLoadError, resolve_adapter_dir
+
+    run = tmp_path / "run"
+    for step in (2, 10, 4):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    (run / "checkpoint-best").mkdir()  # weights only, named by its own name: not listed as a step
+    with pytest.raises(ModelLoadError, match=rf"no checkpoint-final/ with one; it holds checkpoint-2, checkpoint-4, "
+                                             rf"checkpoint-10 \(a run stopped before its end\): pass one, e\.g\. "
+                                             rf"--adapter {run}/checkpoint-10, or resume"):
+        resolve_adapter_dir(run)
+    assert resolve_adapter_dir(run / "checkpoint-4") == run / "checkpoint-4"
+    with pytest.raises(ModelLoadError, match=r"no checkpoint-final/ with one$"):
+        resolve_adapter_dir(tmp_path)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -497,7 +498,14 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     for candidate in (p, p / "checkpoint-final"):
         if (candidate / "adapter_config.json").is_file() or (candidate / "config.json").is_file():
             return candidate
-    raise ModelLoadError(f"{p} holds no adapter (adapter_config.json) and no checkpoint-final/ with one")
+    steps = sorted((d for d in p.glob("checkpoint-*") if STEP_NAME.fullmatch(d.name)
+                    and (d / "adapter_config.json").is_file()), key=lambda d: int(d.name.split("-")[1]))
+    hint = (f"; it holds {', '.join(d.name for d in steps)} (a run stopped before its end): pass one, e.g. --adapter "
+            f"{steps[-1]}, or resume the run to finish it" if steps else "")
+    raise ModelLoadError(f"{p} holds no adapter (adapter_config.json) and no checkpoint-final/ with one{hint}")
+
+
+STEP_NAME = re.compile(r"checkpoint-\d+")
 
 
 def base_model_of(adapter_dir: Path) -> str:
