@@ -247,3 +247,24 @@ def test_resumed_pt_run_equals_uninterrupted_run(tiny_model_dir, tmp_path, signa
         assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5, (key, a, b)
     wa, wb = (load_file(r / "checkpoint-final" / "adapter_model.safetensors") for r in (full, split))
     assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_a_document_starts_with_bos_for_a_tokenizer_that_puts_one_before_every_text(tiny_tokenizer):
+    """pt tokenised every document without special tokens: for Llama / Gemma / Mistral, whose tokenizers (and
+    pretraining) start every text with BOS, no document had one (Gemma's output is garbage without it). The
+    document's first piece starts with BOS now; a tokenizer without one (SmolLM2, Qwen) is unchanged."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    plain = encode_text(tiny_tokenizer, DOCS[3], 16)[0]
+    assert plain[0][0] != tiny_tokenizer.bos_token_id
+    llama_like = copy.deepcopy(tiny_tokenizer)
+    bos = llama_like.bos_token_id
+    llama_like._tokenizer.post_processor = TemplateProcessing(single=f"{llama_like.bos_token} $A",
+                                                              special_tokens=[(llama_like.bos_token, bos)])
+    assert llama_like("a")["input_ids"][0] == bos
+    pieces, _ = encode_text(llama_like, DOCS[3], 16)
+    flat, ids = [t for p in pieces for t in p], [t for p in plain for t in p]
+    assert flat[0] == bos and flat[1:len(ids) + 1] == ids[:len(flat) - 1]
+    assert [p[0] for p in pieces[1:]].count(bos) == 0  # only the document's start, not every piece

@@ -18,8 +18,9 @@ Where documents come from:
 Every document is checked like SFT text (`tunelab.data.values`: no lone surrogates, no control characters other
 than tab/newline/CR, no NaN): a bad one is rejected with its file, line and reason; an empty one is `empty_field`.
 
-What a block is: every document is tokenised without special tokens and ends with the tokenizer's EOS (so the
-model learns where documents end). A document longer than `data.max_length` tokens is split into pieces of
+What a block is: every document is tokenised, starts with the tokenizer's BOS when the tokenizer puts one before
+every text (Llama, Gemma, Mistral; SmolLM2 and Qwen do not) and ends with its EOS (so the model learns where
+documents end). A document longer than `data.max_length` tokens is split into pieces of
 `max_length` (never cut: every token is trained; a last piece of one token, which would predict nothing, is
 dropped and counted). Pieces are packed in order, whole, into rows of at most `max_length` tokens: a block. Inside a
 block every piece is its own record: positions restart at 0 and attention never crosses a piece (the packed collate
@@ -162,9 +163,16 @@ def normalize_text(rec: Any, column_map: dict[str, str] | None = None) -> TextRe
 # ---------------------------------------------------------------- tokens, pieces and blocks
 
 
+def _bos(tokenizer) -> list[int]:
+    """[BOS] for a tokenizer that starts every text with it (Llama, Gemma, Mistral: their models were pretrained so,
+    and Gemma's output is garbage without it), else []: what a document starts with."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def encode_text(tokenizer, text: str, max_length: int) -> tuple[list[list[int]], int]:
-    """(pieces of at most max_length token ids, the document + EOS split in order; tokens dropped)."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """(pieces of at most max_length token ids, [BOS +] the document + EOS split in order; tokens dropped)."""
+    ids = _bos(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     pieces = [ids[k:k + max_length] for k in range(0, len(ids), max_length)]
