@@ -178,3 +178,13 @@ def test_a_running_eval_job_does_not_keep_a_dead_run_live(client, workdir):
             "pid_started": process_started(), "started_at": "2026-01-01T00:00:00+00:00", "returncode": code}))
     assert client.get("/api/run", params={"name": "r"}).json()["status"] == "stale"
     assert client.get("/api/runs").json()["runs"][0]["status"] == "stale"
+
+
+def test_a_yaml_config_without_a_run_name_gets_its_own_config_file(client, workdir):
+    """YAML edited without output.run_name was always saved as configs/run.yaml, so the second such run was refused
+    ("configs/run.yaml already exists with other content") though its run had a name of its own."""
+    (workdir / "configs").mkdir()
+    (workdir / "configs" / "run.yaml").write_text("training:\n  epochs: 3\n")
+    out = client.post("/api/config/render", json={"yaml": "training:\n  epochs: 2\n"}).json()
+    assert out["error"] is None and out["config_path"] == f"configs/{out['run']}.yaml"
+    assert out["args"] == ["train", "--config", out["config_path"], f"output.run_name={out['run']}"]

@@ -107,6 +107,10 @@ def _prepare(ui, req: ConfigRequest) -> dict[str, Any]:
     if cfg is not None and not cfg.output.run_name:
         # fix the name now (as a command-line override, the file stays as written) so the UI knows the folder
         name = _default_run_name({"model.name": cfg.model.name, "training.method": cfg.training.method})
+        if req.config_path is None:  # the config file takes the run's name (not configs/run.yaml for every run)
+            config_path = f"{CONFIG_DIR}/{name}.yaml"
+            path, args = config_file(ui, config_path), forms.train_command(config_path)
+            out.update(config_path=config_path)
         args.append(f"output.run_name={name}")
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_name": name})})
         out.update(command=forms.shown(args), args=args)
