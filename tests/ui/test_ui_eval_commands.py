@@ -61,3 +61,23 @@ def test_an_eval_result_shows_the_command_that_wrote_it(evaluated, capsys):
         assert {k: again[k] for k in ("model", "data", "metrics")} == {k: old[k] for k in ("model", "data", "metrics")}
         assert (again["base_metrics"] is None) == (old["base_metrics"] is None)
     assert sorted(p.name for p in eval_dir.glob("*.json")) == sorted(before)
+
+
+def test_eval_commands_of_other_layouts_and_older_results(tmp_path):
+    """An adapter saved in the run folder itself (no checkpoint-final) was rebuilt as `--adapter RUN/RUN`; a result
+    without a model section (older tunelab) keeps the run and its name; a model scored into the run's eval/ is
+    rebuilt without --adapter."""
+    from tunelab.ui.views import eval_args
+
+    run = tmp_path / "outputs" / "r"
+    run.mkdir(parents=True)
+    own = {"path": str(run), "split": "val"}
+    top = {"model": {"model": "base", "adapter": str(run), "base_model": "base", "run": str(run), "subject": "r"},
+           "data": own}
+    assert eval_args(run, "outputs/r", "r-val", top) == ["eval", "--adapter", "outputs/r"]
+    assert eval_args(run, "outputs/r", "val", {}) == ["eval", "--adapter", "outputs/r"]
+    assert eval_args(run, "outputs/r", "old", {"data": own}) == ["eval", "--adapter", "outputs/r", "--name", "old"]
+    merged = {"model": {"model": "models/m", "adapter": None, "base_model": "base", "run": None, "subject": "m"},
+              "data": {"path": "outputs/r", "split": "val"}, "base_metrics": {"perplexity": 3.0}}
+    assert eval_args(run, "outputs/r", "m-r-val", merged) == [
+        "eval", "--model", "models/m", "--data", "outputs/r", "--output-dir", "outputs/r/eval", "--compare-base"]

@@ -238,9 +238,9 @@ def eval_args(run: Path, run_arg: str, name: str, ev: dict[str, Any]) -> list[st
     data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
     adapter, subject = m.get("adapter"), runs.eval_source(ev)
     model_only = bool(m.get("model") and not adapter)  # a model scored on this run's data into its eval/
-    checkpoint = Path(str(adapter)).name if adapter else "checkpoint-final"
-    args = ["eval"] if model_only else [
-        "eval", "--adapter", run_arg if checkpoint == "checkpoint-final" else os.path.join(run_arg, checkpoint)]
+    checkpoint = Path(str(adapter)).name if adapter else ""  # else the run (its checkpoint-final, or itself)
+    in_run = checkpoint.startswith("checkpoint-") and checkpoint != "checkpoint-final"
+    args = ["eval"] if model_only else ["eval", "--adapter", os.path.join(run_arg, checkpoint) if in_run else run_arg]
     on_other = bool(adapter and subject and (subject.startswith("on ") or " on " in subject))
     if on_other or model_only:  # no adapter, or the adapter put on another model than its base
         args += ["--model", str(m["model"])]
@@ -255,7 +255,7 @@ def eval_args(run: Path, run_arg: str, name: str, ev: dict[str, Any]) -> list[st
         args += ["--split", "train"]
     if ev.get("base_metrics") is not None:
         args.append("--compare-base")
-        if not on_other and m.get("base_model") and m.get("model") and m["base_model"] != m["model"]:
+        if adapter and not on_other and m.get("base_model") and m.get("model") and m["base_model"] != m["model"]:
             args += ["--base", str(m["base_model"])]
     default = _default_name(str(run) if own else data_path, None if model_only else run, split, subject)
     if name != _safe_name(default):
