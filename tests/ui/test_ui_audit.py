@@ -188,3 +188,37 @@ def test_a_yaml_config_without_a_run_name_gets_its_own_config_file(client, workd
     out = client.post("/api/config/render", json={"yaml": "training:\n  epochs: 2\n"}).json()
     assert out["error"] is None and out["config_path"] == f"configs/{out['run']}.yaml"
     assert out["args"] == ["train", "--config", out["config_path"], f"output.run_name={out['run']}"]
+
+
+def test_stop_pressed_twice_does_not_abort_the_run(client, workdir):
+    """Each Stop sent SIGINT: a second press (an impatient double click) was the second Ctrl-C, which aborts the run
+    without the checkpoint the first one asked for."""
+    import os
+    import subprocess
+    import sys
+
+    from tunelab.rundir import process_started
+
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); " \
+           "time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        started = process_started(proc.pid)
+        jobs = workdir / "outputs" / ".ui" / "jobs"
+        jobs.mkdir(parents=True)
+        (jobs / "20260101000000aaaaaa.json").write_text(json.dumps({
+            "id": "20260101000000aaaaaa", "kind": "train", "run": "r", "args": ["train"], "command": "tunelab train",
+            "pid": proc.pid, "pid_started": started, "started_at": "2026-01-01T00:00:00+00:00", "returncode": None}))
+        assert client.post("/api/jobs/20260101000000aaaaaa/stop").status_code == 200
+        res = client.post("/api/jobs/20260101000000aaaaaa/stop")
+        assert res.status_code == 409 and "already stopping" in res.json()["error"]
+        # a run trained by a process this UI did not start, stopped from its page
+        make_run(workdir / "outputs", "t", status="running", pid=proc.pid, pid_started=started)
+        assert client.post("/api/run/action", json={"name": "t", "action": "stop"}).status_code == 200
+        res = client.post("/api/run/action", json={"name": "t", "action": "stop"})
+        assert res.status_code == 409 and "already stopping" in res.json()["error"]
+        assert proc.poll() is None and os.getpgid(proc.pid) == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -279,11 +278,8 @@ def stop_run(ui, name: str) -> dict[str, Any]:
     pid = manifest.get("pid")
     alive = pid_alive(pid, manifest.get("pid_started"))  # False too for a process that got a dead run's pid
     if alive and run_status(manifest) in LIVE_STATUSES:
-        try:
-            os.kill(pid, signal.SIGINT)
-        except OSError as e:  # another user's process, or gone since
-            raise JobError(f"cannot stop process {pid} of {name}: {e.strerror or e}; press Ctrl-C where it "
-                           "runs") from None
+        started = manifest.get("pid_started")
+        ui.jobs.interrupt(pid, started if isinstance(started, (int, float)) else None, name)
         return {"stopped": pid, "command": f"kill -INT {pid}"}
     if alive is False and run_status(manifest) in LIVE_STATUSES:
         raise JobError(f"{name} is not training: its process {pid} is gone (killed?); resume it to continue")

@@ -52,6 +52,7 @@ class Jobs:
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
+        self._interrupted: dict[tuple[int, float | None], str] = {}  # processes interrupted by interrupt(): when
 
     def _path(self, job_id: str) -> Path:
         if not job_id.isalnum():
@@ -106,10 +107,10 @@ class Jobs:
 
     def _wait(self, job_id: str, proc: subprocess.Popen) -> None:
         code = proc.wait()
-        record = self.get(job_id)
-        record.update(returncode=code, ended_at=now_iso())
-        write_json_atomic(self._path(job_id), record)
-        with self._lock:
+        with self._lock:  # one read-modify-write of the record at a time (stop() writes it too)
+            record = self.get(job_id)
+            record.update(returncode=code, ended_at=now_iso())
+            write_json_atomic(self._path(job_id), record)
             self._procs.pop(job_id, None)
 
     def get(self, job_id: str) -> dict[str, Any]:
@@ -157,12 +158,35 @@ class Jobs:
         return tail(self.dir / f"{job_id}.log", max_bytes)
 
     def stop(self, job_id: str) -> dict[str, Any]:
-        """SIGINT to the job's process group: what Ctrl-C in its terminal would do."""
-        record = self.get(job_id)
-        if record["state"] != "running":
-            raise JobError(f"job {job_id} is not running")
-        send_sigint(record["pid"])
+        """SIGINT to the job's process group: what Ctrl-C in its terminal would do. Once: a second Ctrl-C aborts
+        a run without the checkpoint the first one asked for, so Stop pressed again is refused."""
+        with self._lock:
+            record = self.get(job_id)
+            if record["state"] != "running":
+                raise JobError(f"job {job_id} is not running")
+            if record.get("stop_sent_at"):
+                raise JobError(ALREADY_STOPPING.format(what=f"job {job_id}", since=record["stop_sent_at"]))
+            send_sigint(record["pid"])
+            record["stop_sent_at"] = now_iso()
+            write_json_atomic(self._path(job_id), record)
         return record
+
+    def interrupt(self, pid: int, started: float | None, what: str) -> None:
+        """SIGINT to a training process this UI did not start (recorded in a run's manifest), once, as stop()."""
+        with self._lock:
+            if (pid, started) in self._interrupted:
+                raise JobError(ALREADY_STOPPING.format(what=what, since=self._interrupted[(pid, started)]))
+            try:
+                os.kill(pid, signal.SIGINT)
+            except OSError as e:  # another user's process, or gone since
+                raise JobError(f"cannot stop process {pid} of {what}: {e.strerror or e}; press Ctrl-C where it "
+                               "runs") from None
+            self._interrupted[(pid, started)] = now_iso()
+
+
+ALREADY_STOPPING = ("{what} is already stopping (asked at {since}): it finishes its step and writes a checkpoint "
+                    "first. A second Ctrl-C would abort it without that checkpoint; to do that, press Ctrl-C where "
+                    "it runs")
 
 
 def send_sigint(pid: int) -> None:
