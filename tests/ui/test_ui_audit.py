@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 
+import pytest
+
 from tests.ui.conftest import make_run
 
 
@@ -222,3 +224,27 @@ def test_stop_pressed_twice_does_not_abort_the_run(client, workdir):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_whose_loss_went_nan_still_shows(client, workdir):
+    """metrics.jsonl and the manifest hold `NaN` as json.dumps writes it; the runs table, the run page and compare
+    were 500s (JSON has no NaN) and the live stream sent `NaN`, which the browser's JSON.parse refuses."""
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan"), "grad_norm": float("inf")}]
+    make_run(workdir / "outputs", "nan", metrics=rows, metrics_final={"train_loss": float("nan")},
+             train_loss=float("nan"))
+    make_run(workdir / "outputs", "ok")
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    res = client.get("/api/runs")
+    assert res.status_code == 200 and {r["name"]: r for r in strict(res.text)["runs"]}["nan"]["train_loss"] == "NaN"
+    res = client.get("/api/run", params={"name": "nan"})
+    assert res.status_code == 200 and strict(res.text)["metrics"][1] == {"step": 2, "loss": "NaN",
+                                                                         "grad_norm": "Infinity"}
+    assert client.get("/api/compare", params={"names": "nan,ok"}).status_code == 200
+    with client.stream("GET", "/api/run/events", params={"name": "nan"}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:") and '"records"' in line:
+                assert strict(line[5:])["records"][1]["loss"] == "NaN"
+                break

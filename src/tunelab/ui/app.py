@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -59,7 +60,8 @@ def create_app(runs_dir: str = "outputs", workdir: str | Path | None = None, tok
     """`token`: required on every request when set. `allowed_hosts`: Host header names accepted (loopback
     servers pass their names, which stops DNS-rebinding pages from reaching them). `max_upload_mb`: the largest
     dataset upload (streamed to disk, never held in memory)."""
-    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=FiniteJSONResponse)
     app.state.ui = UIState(runs_dir, Path(workdir or Path.cwd()), poll_s, max_upload_mb)
     _guard(app, token, allowed_hosts)
     app.add_middleware(BodyLimit, limit=BODY_MAX_BYTES)  # outermost: before a body is read
@@ -89,6 +91,24 @@ def _guard(app: FastAPI, token: str | None, allowed_hosts: tuple[str, ...] | Non
         if token and request.query_params.get("token"):
             response.set_cookie("tunelab_token", token, httponly=True, samesite="strict")
         return response
+
+
+def finite(value: Any) -> Any:
+    """`value` with NaN and infinite floats as the strings "NaN", "Infinity", "-Infinity": JSON has no such numbers
+    (a run whose loss went NaN, which json.dumps writes into metrics.jsonl and manifests as it is, made every page
+    that showed it a 500, and its live stream unparseable); the page shows the word and leaves the point off charts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+class FiniteJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class BodyLimit:
@@ -199,7 +219,7 @@ def _read_routes(app: FastAPI) -> None:
 
 
 def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, default=str)}\n\n"
+    return f"event: {event}\ndata: {json.dumps(finite(data), ensure_ascii=False, default=str)}\n\n"
 
 
 def _status_payload(ui: UIState, name: str, path: Path) -> dict[str, Any]:
