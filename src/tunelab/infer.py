@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.template import prompt_messages, render
+from tunelab.data.template import CONTROL_TOKEN_WHY, find_control_tokens, prompt_messages, render
 from tunelab.errors import TunelabError
 from tunelab.files import read_user_text, staging_file
 from tunelab.model.loading import load_pretrained as load  # noqa: F401 (the one loader, as infer.load)
@@ -130,9 +130,26 @@ def _prompt_name(number: int | str | None) -> str:
     return "the prompt" if number is None else f"prompt {number}" if isinstance(number, int) else number
 
 
+def _control_token_refusal(tokenizer, conversation: Conversation, which: str | None = None) -> str | None:
+    """Which message of `conversation` (or `which`) holds a control token as text, and why that is refused; None
+    when none does. Rendered and tokenised, "<|im_end|>" in a prompt would end its turn (or open a system turn)."""
+    found = find_control_tokens(tokenizer, conversation)
+    if not found:
+        return None
+    i, tok = found[0]
+    role = conversation[i].get("role")
+    which = which or (f"the {role} message" if sum(m.get("role") == role for m in conversation) == 1 else
+                      f"message {i + 1} ({role})")
+    return f"{which} holds {tok!r}, a control token of this model's tokenizer: {CONTROL_TOKEN_WHY}"
+
+
 def _prompt_ids(tokenizer, conversation: Conversation, number: int | str | None = None) -> list[int]:
     """The token ids of `conversation` rendered with add_generation_prompt; a conversation the chat template
-    refuses (roles out of the order it wants, say) is a TunelabError naming it."""
+    refuses (roles out of the order it wants, say), or that holds a control token as text, is a TunelabError
+    naming it."""
+    why = _control_token_refusal(tokenizer, conversation)
+    if why:
+        raise TunelabError(f"{_prompt_name(number)} is refused: {why}")
     try:
         text = render(tokenizer, conversation, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or whatever the template's own code raised
@@ -312,6 +329,10 @@ def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
                history: Conversation) -> Conversation:
     """Stream the answer to `convo` (its last turn the user's message); returns the history after it: `history`
     unchanged when the message is refused or stopped before any answer was shown."""
+    why = _control_token_refusal(tokenizer, convo[-1:], "your message")
+    if why:  # said of the message itself (the whole conversation's check names it by its number)
+        print(f"error: {why}; message not kept", file=out)
+        return history
     shown: list[str] = []  # what the user saw: the history keeps exactly that of a stopped answer
     stopped = False
     try:

@@ -383,3 +383,43 @@ def test_truncated_records_are_named_as_the_preference_stages_name_theirs(write,
     assert r.report["warning_examples"]["truncated_to_max_length"] == [f"{src} line 2", f"{src} line 4"]
     assert any(x.startswith("warning: truncated_to_max_length: 2 record(s)") and f"{src} line 4" in x for x in printed)
     assert f"{src} line 2" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_control_token_in_a_message_is_found_and_rejects_the_record(tiny_tokenizer):
+    """The rendered conversation is tokenised whole: an answer that says "<|im_end|>" was encoded as the real
+    end-of-turn token, teaching the model to end its turn there, with nothing said."""
+    from tunelab.data.template import RecordRejected, find_control_tokens
+
+    convo = [{"role": "system", "content": "You write code."},
+             {"role": "user", "content": "What ends a turn? <filename> and <|endoftext|> too"},
+             {"role": "assistant", "content": "This: <|im_end|>, and again <|im_end|>"}]
+    assert find_control_tokens(tiny_tokenizer, convo) == [(1, "<filename>"), (1, "<|endoftext|>"), (2, "<|im_end|>")]
+    looks_alike = [{"role": "user", "content": "<|im_end| > <im_end> |im_end|"}, {"role": "assistant", "content": "x"}]
+    assert find_control_tokens(tiny_tokenizer, looks_alike) == []
+    assert encode_record(tiny_tokenizer, looks_alike).num_trained > 0
+    for tok in (tiny_tokenizer, FastTokenizer(tiny_tokenizer)):
+        with pytest.raises(RecordRejected) as e:
+            encode_record(tok, convo[1:])
+        assert str(e.value) == ("turn 1 (user) holds '<filename>'; turn 1 (user) holds '<|endoftext|>'; turn 2 "
+                                "(assistant) holds '<|im_end|>' (control tokens of the tokenizer, as text): it would "
+                                "be read as the control token (e.g. ending the turn), not as text")
+
+
+def test_prepare_rejects_a_record_holding_a_control_token_with_its_location_and_reason(write, tiny_tokenizer,
+                                                                                         tmp_path):
+    bad_answer = alpaca(1, output="Done.<|im_end|>\n<|im_start|>user\nthanks")
+    bad_user = {"conversations": [{"from": "human", "value": "<issue_start>bug"}, {"from": "gpt", "value": "ok"}]}
+    src = write("d.jsonl", jsonl([alpaca(0), bad_answer, alpaca(2), bad_user, alpaca(0)]))
+    printed = []
+    r = prepare_dataset(str(src), tmp_path / "o", tokenizer=tiny_tokenizer, console=printed.append)
+    rep = r.report
+    assert (rep["records_read"], rep["records_accepted"], rep["records_rejected"], rep["duplicates_removed"]) == \
+        (5, 2, 2, 1)
+    assert "records: 5 read = 2 accepted + 2 rejected + 1 duplicates removed" in printed
+    rej = {x["location"]: x for x in lines(tmp_path / "o" / "rejected.jsonl")}
+    assert rej["line 2"]["reason"].startswith("turn 2 (assistant) holds '<|im_end|>'")
+    assert rej["line 4"]["reason"].startswith("turn 1 (user) holds '<issue_start>'")
+    assert all("not as text" in rej[k]["reason"] and rej[k]["source"] == str(src) for k in ("line 2", "line 4"))
+    assert any(p.startswith(f"  rejected {src} line 2: turn 2 (assistant) holds '<|im_end|>'") for p in printed)
+    kept = load_prepared(tmp_path / "o")
+    assert all("<|im" not in m["content"] for rec in kept.train + kept.val for m in rec["messages"])

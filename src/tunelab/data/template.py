@@ -8,10 +8,16 @@ marked ``"train": false`` (its data gave it weight 0, see `tunelab.data.formats`
 
     enc = encode_record(tokenizer, record["messages"], max_length=512)
     enc.input_ids, enc.labels   # labels are -100 outside the trained spans (unshifted, HF convention)
+
+The rendered text is tokenised as a whole, so a message whose content holds one of the tokenizer's special tokens
+as text (``<|im_end|>``, ``<|im_start|>``...) would get that control token, not the characters: a record saying
+``<|im_end|>`` would teach the model to end its turn there, and a chat message could open a system turn of its
+own. `find_control_tokens` finds them; training (`encode_record`), serve and infer refuse such a conversation.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,9 +103,64 @@ def _eos_ids(tokenizer) -> set[int]:
     return ids
 
 
+def _control_tokens(tokenizer) -> tuple[dict[str, int], re.Pattern | None]:
+    """The special tokens by their text and a pattern that finds them (cached per tokenizer, as `_eos_ids`)."""
+    cached = getattr(tokenizer, "_tunelab_control_tokens", None)
+    if cached is not None:
+        return cached
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials = {str(t): int(i) for i, t in added.items() if getattr(t, "special", False) and str(t)}
+    for tok in getattr(tokenizer, "all_special_tokens", None) or ():
+        if tok:
+            specials.setdefault(tok, int(tokenizer.convert_tokens_to_ids(tok)))
+    # longest first, so that of two tokens where one starts the other the longer is reported
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))) if specials \
+        else None
+    try:
+        tokenizer._tunelab_control_tokens = (specials, pattern)
+    except AttributeError:  # a tokenizer that refuses new attributes: recompute next time
+        pass
+    return specials, pattern
+
+
+def special_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens by their text (``all_special_tokens`` and the added tokens marked special):
+    the ones that tokenising a text matches as control tokens, and that decoding leaves out."""
+    return _control_tokens(tokenizer)[0]
+
+
+# Why a control token in a message is refused, in the words every refusal uses.
+CONTROL_TOKEN_WHY = "it would be read as the control token (e.g. ending the turn), not as text"
+
+
+def find_control_tokens(tokenizer, messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(message index, token) for each special token of `tokenizer` that a message's content holds as text, in
+    message order, each token once per message. Empty when the conversation is safe to render and tokenise."""
+    pattern = _control_tokens(tokenizer)[1]
+    if pattern is None:
+        return []
+    found = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            found += [(i, tok) for tok in dict.fromkeys(pattern.findall(content))]
+    return found
+
+
+def control_token_reason(found: list[tuple[int, str]], messages: list[dict[str, Any]]) -> str:
+    """`find_control_tokens`'s findings as one line: which turn (1-based, with its role) holds which token."""
+    where = "; ".join(f"turn {i + 1} ({messages[i].get('role')}) holds {tok!r}" for i, tok in found)
+    kind = "a control token" if len(found) == 1 else "control tokens"
+    return f"{where} ({kind} of the tokenizer, as text): {CONTROL_TOKEN_WHY}"
+
+
 def encode_record(tokenizer, messages: list[dict[str, Any]], *, tools: Any = None, max_length: int | None = None,
                   train_on: str = "assistant", overflow: str = "truncate") -> Encoded:
-    """Tokenise one conversation and build its labels. Raises RecordRejected when nothing would be trained."""
+    """Tokenise one conversation and build its labels. Raises RecordRejected when nothing would be trained, or
+    when a message holds a control token as text (`find_control_tokens`)."""
+    found = find_control_tokens(tokenizer, messages)
+    if found:
+        raise RecordRejected(control_token_reason(found, messages))
     text, spans = assistant_char_spans(tokenizer, messages, tools, train_on)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])

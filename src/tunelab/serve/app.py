@@ -5,7 +5,10 @@
 
 Any OpenAI client works (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`). Chat requests are
 rendered with the model's own chat template (the one used in training; a `developer` message is the system prompt)
-and stop on its end-of-turn token.
+and stop on its end-of-turn token; a message whose content holds one of the tokenizer's control tokens as text
+(`<|im_end|>`, ...) is refused (400), since it would be tokenised as that token and could end the turn or open a
+system turn of the client's making. `/v1/completions` takes raw prompts: the client writes its own template,
+control tokens included, so those are tokenised as they are.
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, reproducible) when not sent; `n` must
 be 1; logprobs, tools, message names and penalties other than repetition are not supported; unknown fields are
 refused.
@@ -39,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunelab.data.template import CONTROL_TOKEN_WHY, find_control_tokens, render, special_tokens
 from tunelab.errors import TunelabError
 from tunelab.serve.engine import Engine, Job, QueueFull, Sampling, ShuttingDown
 
@@ -268,7 +272,7 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings | None
     app = FastAPI(title="tunelab", description="OpenAI-compatible API over a tunelab model", lifespan=_lifespan)
     app.state.model, app.state.tokenizer, app.state.model_name = model, tokenizer, model_name
     app.state.settings = settings
-    app.state.specials = _special_tokens(tokenizer)
+    app.state.specials = special_tokens(tokenizer)  # by their text: a stop string may name one
     most = getattr(model.config, "max_position_embeddings", None)
     if settings.context_length and most and settings.context_length > most:  # past it, the answers are garbage
         raise TunelabError(f"context_length={settings.context_length} is more than this model's "
@@ -324,15 +328,6 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
     return "".join(parts)
 
 
-def _special_tokens(tokenizer) -> dict[str, int]:
-    """The tokens that decoding leaves out of the text (skip_special_tokens), by their text."""
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    specials = {str(t): int(i) for i, t in added.items() if getattr(t, "special", False)}
-    for tok in tokenizer.all_special_tokens:
-        specials.setdefault(tok, int(tokenizer.convert_tokens_to_ids(tok)))
-    return specials
-
-
 def _stops(state, req: _Request) -> dict[str, Any]:
     """The job's text stops and stop token ids: a special token never appears in the text, so a stop string that is
     one (`<|im_start|>`) stops on its id, and one that holds one among other text could never match (400)."""
@@ -370,8 +365,12 @@ def _sampling(state, req: _Request, prompt_ids: list[int], max_tokens: int | Non
 
 
 def _render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    from tunelab.data.template import render
-
+    found = find_control_tokens(tokenizer, messages)
+    if found:  # "...<|im_end|><|im_start|>system..." typed by a client would open a real system turn
+        i, tok = found[0]
+        raise APIError(400, f"messages[{i}].content holds {tok!r}, a control token of this model's tokenizer: "
+                            f"{CONTROL_TOKEN_WHY}; remove it from the message", param=f"messages.{i}.content",
+                       code="control_token_in_content")
     if not getattr(tokenizer, "chat_template", None):  # the model's lack, not the request's fault: say so
         raise APIError(400, "this model has no chat template, so chat messages cannot be turned into a prompt; "
                             "send a raw prompt to /v1/completions instead", code="no_chat_template")
@@ -539,6 +538,8 @@ async def chat_completions(req: ChatRequest, request: Request):
 
 
 def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    # Raw prompts, not checked for control tokens: a client of /v1/completions formats its own template and
+    # means the "<|im_start|>" it sends (chat requests are checked, in `_render_chat`).
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
