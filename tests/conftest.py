@@ -155,3 +155,24 @@ def signal_after_step(monkeypatch):
         monkeypatch.setattr(monitor.Reporter, "advance", original if step is None else advance)
 
     return install
+
+
+@pytest.fixture
+def lr_schedule():
+    """`(cfg, steps) -> [lr]`: the learning rate each optimiser step of a run with `cfg` uses (its value before that
+    step's scheduler.step()), for checking what a run logged; it logged the next step's once (the last step of a
+    linear or cosine schedule printed LR 0)."""
+    import torch
+
+    from tunelab.train.recipe import make_scheduler
+
+    def used(cfg, steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.training.learning_rate)
+        scheduler, out = make_scheduler(optimizer, cfg, steps), []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    return used

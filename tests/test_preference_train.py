@@ -38,7 +38,7 @@ def _cfg(model_dir, data, out, name, stage, *extra):
 
 
 @pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "kto"])
-def test_preference_run(tiny_model_dir, pref_files, tmp_path, stage):
+def test_preference_run(tiny_model_dir, pref_files, tmp_path, stage, lr_schedule):
     data = pref_files / ("kto.jsonl" if stage == "kto" else "pairs.jsonl")
     run = train(_cfg(tiny_model_dir, data, tmp_path, stage, stage, "tracking.report_to=[tensorboard]"))
     man = json.loads((run / "manifest.json").read_text())
@@ -49,6 +49,8 @@ def test_preference_run(tiny_model_dir, pref_files, tmp_path, stage):
     assert (run / "tensorboard").is_dir()
     steps = [m for m in read_metrics(run) if "loss" in m and not m.get("final")]
     assert [m["step"] for m in steps] == list(range(1, man["total_steps"] + 1))
+    assert [m["lr"] for m in steps] == pytest.approx(lr_schedule(load_config(run / "config.yaml"),
+                                                                 man["total_steps"]))  # what each step used
     keys = {"rewards/chosen", "rewards/rejected", "rewards/margin"} | ({"kl"} if stage == "kto" else
                                                                          {"rewards/accuracy"})
     assert keys <= (set().union(*steps) if stage == "kto" else set(steps[0]))  # kto: a kind absent from a step

@@ -50,23 +50,7 @@ def _logged_lrs(metrics: list[dict]) -> list[float]:
     return [m["lr"] for m in sorted((m for m in metrics if "lr" in m), key=lambda m: m["step"])]
 
 
-def _schedule(cfg, steps: int) -> list[float]:
-    """The learning rate each of `steps` optimiser steps uses (the value before its scheduler.step()); the log
-    showed the next step's (the last step of a linear or cosine schedule printed LR 0)."""
-    import torch
-
-    from tunelab.train.recipe import make_scheduler
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.training.learning_rate)
-    scheduler, used = make_scheduler(optimizer, cfg, steps), []
-    for _ in range(steps):
-        used.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return used
-
-
-def test_train_log_has_the_briefs_monitoring_shape(tracked):
+def test_train_log_has_the_briefs_monitoring_shape(tracked, lr_schedule):
     text = (tracked["run"] / "train.log").read_text(encoding="utf-8")
     lines = text.splitlines()
     epochs = [i for i, line in enumerate(lines) if re.fullmatch(r"Epoch \d+/2:", line)]
@@ -83,7 +67,7 @@ def test_train_log_has_the_briefs_monitoring_shape(tracked):
         assert float(m.group(3)) == pytest.approx(next(x["lr"] for x in tracked["metrics"]
                                                        if x.get("step") == step and "lr" in x), rel=1e-2)
     assert re.search(r"  Eval @ step 3 \| Loss: \d+\.\d{4} \| Perplexity: \d+\.\d{2}", text)
-    assert _logged_lrs(tracked["metrics"]) == pytest.approx(_schedule(tracked["cfg"], 6))  # what each step used
+    assert _logged_lrs(tracked["metrics"]) == pytest.approx(lr_schedule(tracked["cfg"], 6))  # what each step used
 
     # the final evaluation block, after the last step line
     final = next(m for m in tracked["metrics"] if m.get("final"))

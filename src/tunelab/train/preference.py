@@ -109,6 +109,7 @@ class PrefSession:
     state: TrainState
     start_step: int
     epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)
+    lr: float = 0.0  # the learning rate the last optimiser step used (the scheduler already holds the next one)
 
     @property
     def main(self) -> bool:
@@ -365,6 +366,7 @@ def train_step(s: PrefSession, epoch: int, pos: int):
             f"training diverged at step {s.state.global_step + 1}: loss={loss}, grad_norm={grad_norm}; the batch "
             f"held {where}. The last good checkpoint is kept; lower training.learning_rate or check those records, "
             "then resume with --resume")
+    s.lr = s.scheduler.get_last_lr()[0]
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -388,7 +390,7 @@ def reward_metrics(sums: dict[str, float], n: int) -> dict[str, float]:
 
 def log_step(s: PrefSession, loss: float, grad_norm: float, metrics: dict, tokens_per_s: float) -> None:
     step, reporter = s.state.global_step, s.life.reporter
-    lr = s.scheduler.get_last_lr()[0]
+    lr = s.lr
     extra = "".join(f" | {label}: {metrics[k]:.3f}" for k, label in
                     (("rewards/accuracy", "Acc"), ("rewards/margin", "Margin"), ("kl", "KL")) if k in metrics)
     s.say(reporter.step_line(step, loss, lr, tokens_per_s, s.start_step) + extra)
