@@ -674,3 +674,16 @@ def test_a_control_token_in_prompt_or_a_prompt_file_is_refused_before_generating
                {"role": "user", "content": "c <issue_start>"}]
     with pytest.raises(TunelabError, match="^prompt 1 is refused: message 3 \\(user\\) holds '<issue_start>'"):
         generate(model, tok, [history])
+
+
+def test_a_conversation_that_ends_with_a_user_turn_is_answered_whole(tmp_path):
+    """[user, assistant, user] lost its last user turn without a word: the earlier assistant turn was taken as the
+    reference and the prompt cut before it, so the model answered the first question instead of the last."""
+    from tunelab.infer import read_prompts
+
+    src = tmp_path / "p.jsonl"
+    convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    src.write_text(json.dumps({"messages": convo}) + "\n" + json.dumps({"messages": convo[:2]}) + "\n")
+    rows = read_prompts(src)
+    assert rows[0]["messages"] == convo and rows[0]["reference"] is None
+    assert rows[1]["messages"] == convo[:1] and rows[1]["reference"] == "b"

@@ -408,7 +408,8 @@ def _prompt_row(line: str) -> dict[str, Any]:
                                                         and isinstance(m.get("role"), str) for m in msgs)):
             raise ValueError("\"messages\" must be a non-empty list of {\"role\", \"content\"} objects with text "
                              "content")
-        msgs, ref = prompt_messages(msgs)
+        # only a trailing assistant turn is the reference: [user, assistant, user] is a prompt, answered whole
+        msgs, ref = prompt_messages(msgs) if msgs[-1]["role"] == "assistant" else (msgs, None)
         if not any(m["role"] == "user" for m in msgs):  # a trailing assistant turn is the reference, not a prompt
             raise ValueError("no user turn to answer (the last assistant turn is taken as the reference answer)")
         return {"messages": msgs, "reference": ref, **{k: v for k, v in obj.items() if k != "messages"}}
