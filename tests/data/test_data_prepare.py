@@ -400,9 +400,9 @@ def test_a_control_token_in_a_message_is_found_and_rejects_the_record(tiny_token
     for tok in (tiny_tokenizer, FastTokenizer(tiny_tokenizer)):
         with pytest.raises(RecordRejected) as e:
             encode_record(tok, convo[1:])
-        assert str(e.value) == ("turn 1 (user) holds '<filename>'; turn 1 (user) holds '<|endoftext|>'; turn 2 "
-                                "(assistant) holds '<|im_end|>' (control tokens of the tokenizer, as text): it would "
-                                "be read as the control token (e.g. ending the turn), not as text")
+        assert str(e.value) == ("turn 1 (user) holds '<filename>', '<|endoftext|>'; turn 2 (assistant) holds "
+                                "'<|im_end|>' (control tokens of the tokenizer, as text): it would be read as the "
+                                "control token (e.g. ending the turn), not as text")
 
 
 def test_prepare_rejects_a_record_holding_a_control_token_with_its_location_and_reason(write, tiny_tokenizer,

@@ -149,7 +149,11 @@ def find_control_tokens(tokenizer, messages: list[dict[str, Any]]) -> list[tuple
 
 def control_token_reason(found: list[tuple[int, str]], messages: list[dict[str, Any]]) -> str:
     """`find_control_tokens`'s findings as one line: which turn (1-based, with its role) holds which token."""
-    where = "; ".join(f"turn {i + 1} ({messages[i].get('role')}) holds {tok!r}" for i, tok in found)
+    by_turn: dict[int, list[str]] = {}
+    for i, tok in found:
+        by_turn.setdefault(i, []).append(repr(tok))
+    where = "; ".join(f"turn {i + 1} ({messages[i].get('role')}) holds {', '.join(toks)}"
+                      for i, toks in by_turn.items())
     kind = "a control token" if len(found) == 1 else "control tokens"
     return f"{where} ({kind} of the tokenizer, as text): {CONTROL_TOKEN_WHY}"
 
