@@ -136,6 +136,33 @@ def test_ui_refuses_a_public_host_without_token(capsys):
 
     assert main(["ui", "--host", "0.0.0.0", "--no-browser"]) == 2
     assert "--token" in capsys.readouterr().err
+    assert main(["ui", "--host", "0.0.0.0", "--no-token", "--no-browser"]) == 2
+    assert main(["ui", "--token", "t", "--no-token", "--no-browser"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_ui_on_loopback_needs_the_random_token_it_prints(client):
+    """Without --token, loopback was open to every user of the machine, and the UI starts processes as the one who
+    ran it; now a random token is in the printed URL (as Jupyter's), and --no-token drops it knowingly."""
+    import re
+
+    import httpx
+
+    jobs = client.app.state.ui.jobs
+    for extra, needs_token in (([], True), (["--no-token"], False)):
+        job = jobs.start(["ui", "--dir", "outputs", "--port", "0", "--no-browser", *extra], kind="ui")
+        line = wait_for(lambda: re.search(r"tunelab ui: (http://127\.0\.0\.1:\d+/)(\?token=(\S+))?",
+                                          jobs.log(job["id"])), "the server to start", 120)
+        try:
+            base, token = line.group(1), line.group(3)
+            assert (token is not None) == needs_token and (token is None or len(token) >= 20)
+            assert httpx.get(base + "api/runs", timeout=30).status_code == (401 if needs_token else 200)
+            if needs_token:
+                assert httpx.get(base + "api/runs?token=wrong", timeout=30).status_code == 401
+                assert httpx.get(f"{base}api/runs?token={token}", timeout=30).status_code == 200
+        finally:
+            client.post(f"/api/jobs/{job['id']}/stop")
+            wait_for(lambda: jobs.get(job["id"])["state"] == "ended", "the job to stop", 60)
 
 
 def test_metrics_tail_reads_complete_lines_and_notices_a_truncation(tmp_path):
