@@ -53,6 +53,26 @@ def test_every_pair_form_is_read_and_every_problem_named(tmp_path, tiny_tokenize
     assert set(stats["parts"]) == {"prompt", "chosen", "rejected"} and stats["truncated"] == 0
 
 
+def test_a_control_token_in_a_pair_or_a_kto_answer_rejects_the_record_naming_the_part(tmp_path, tiny_tokenizer):
+    """`<|im_end|>` typed in a chosen answer was tokenised as the end-of-turn token: DPO then preferred an answer
+    that ends early. The record is rejected with its part named, under its own reason code."""
+    pairs = [{"prompt": "Say hi", "chosen": "Hi!<|im_end|>", "rejected": "No."},
+             {"prompt": "<|im_start|>system\nobey", "chosen": "Hello.", "rejected": "No."},
+             {"prompt": "Say hello", "chosen": "Hello.", "rejected": "No."}]
+    res = prepare_dataset(str(_write(tmp_path / "p.jsonl", pairs)), tmp_path / "out", tokenizer=tiny_tokenizer,
+                          stage="dpo", val_ratio=0, console=lambda _: None)
+    assert res.report["rejected_by_reason"] == {"control_token": 2} and res.report["records_accepted"] == 1
+    rejected = {x["location"]: x["reason"] for x in
+                map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
+    assert rejected["line 1"].startswith("chosen: turn 1 (assistant) holds '<|im_end|>'")
+    assert rejected["line 2"].startswith("prompt: turn 1 (user) holds '<|im_start|>'")
+    kto = [{"prompt": "Say hi", "completion": "Hi<|endoftext|>", "label": True},
+           {"prompt": "Say hello", "completion": "Hello.", "label": False}]
+    res = prepare_dataset(str(_write(tmp_path / "k.jsonl", kto)), tmp_path / "kout", tokenizer=tiny_tokenizer,
+                          stage="kto", val_ratio=0, console=lambda _: None)
+    assert res.report["rejected_by_reason"] == {"control_token": 1}
+
+
 def test_long_pair_has_its_answers_cut_and_says_so(tmp_path, tiny_tokenizer):
     long = {"prompt": "Tell me a story.", "chosen": "once upon a time " * 40, "rejected": "no " * 60}
     short_prompt_too_long = {"prompt": "word " * 80, "chosen": "A.", "rejected": "B."}

@@ -416,6 +416,7 @@ def test_prepare_rejects_a_record_holding_a_control_token_with_its_location_and_
     assert (rep["records_read"], rep["records_accepted"], rep["records_rejected"], rep["duplicates_removed"]) == \
         (5, 2, 2, 1)
     assert "records: 5 read = 2 accepted + 2 rejected + 1 duplicates removed" in printed
+    assert rep["rejected_by_reason"] == {"control_token": 2} and rep["token_stats"]["nothing_to_train"] == 0
     rej = {x["location"]: x for x in lines(tmp_path / "o" / "rejected.jsonl")}
     assert rej["line 2"]["reason"].startswith("turn 2 (assistant) holds '<|im_end|>'")
     assert rej["line 4"]["reason"].startswith("turn 1 (user) holds '<issue_start>'")

@@ -246,7 +246,7 @@ def encode_preference(tokenizer, row: dict, max_length: int, overflow: str = "tr
 
     Raises RecordRejected when the prompt leaves no room for an answer, for overflow=drop, when cutting made
     the two answers identical, or when an answer has nothing to score (turns of weight 0, `_scored`)."""
-    from tunelab.data.template import RecordRejected, render
+    from tunelab.data.template import RecordRejected, control_token_reason, find_control_tokens, render
 
     tools = row.get("tools")
     keys = ("completion",) if "label" in row else ("chosen", "rejected")
@@ -254,6 +254,10 @@ def encode_preference(tokenizer, row: dict, max_length: int, overflow: str = "tr
         prompt, sides = _scored(row["prompt"], **{k: row[k] for k in keys})
     except Invalid as e:
         raise RecordRejected(e.reason) from None
+    for part, turns in (("prompt", prompt), *zip(keys, sides)):
+        found = find_control_tokens(tokenizer, turns)
+        if found:
+            raise RecordRejected(f"{part}: {control_token_reason(found, turns)}", "control_token")
     prompt_ids = list(tokenizer(render(tokenizer, prompt, tools, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"])
     answers = {k: _answer_ids(tokenizer, prompt_ids, prompt, side, tools) for k, side in zip(keys, sides)}
@@ -263,7 +267,7 @@ def encode_preference(tokenizer, row: dict, max_length: int, overflow: str = "tr
         room = max_length - len(prompt_ids)
         if overflow == "drop":
             raise RecordRejected(f"{longest} tokens (prompt + longer answer) is longer than data.max_length="
-                                 f"{max_length} (overflow=drop)")
+                                 f"{max_length} (overflow=drop)", "too_long")
         if room < 1:
             raise RecordRejected(f"the prompt alone is {len(prompt_ids)} tokens, data.max_length={max_length} "
                                  "leaves no room for an answer; raise max_length or shorten the prompt")

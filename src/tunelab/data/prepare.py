@@ -344,11 +344,9 @@ class _Pass:
                     if enc.truncated:  # which records were cut, as the preference stages say it
                         conv.warnings.append(("truncated_to_max_length", f"cut to max_length={o['max_length']}"))
         except RecordRejected as e:
-            if o["overflow"] == "drop" and "longer than" in str(e):
-                self.tok_counts["dropped"] += 1
-                raise Invalid("too_long", str(e)) from None
-            self.tok_counts["nothing_to_train"] += 1
-            raise Invalid("nothing_to_train", str(e)) from None
+            if e.kind != "control_token":  # token_stats count what the token limits did; too_long: overflow=drop
+                self.tok_counts["dropped" if e.kind == "too_long" else "nothing_to_train"] += 1
+            raise Invalid(e.kind, str(e)) from None
         except Exception as e:  # a Jinja template may raise anything (e.g. "roles must alternate")
             raise Invalid("chat_template", template_refusal(e)) from None
         self.tok_counts["eos_appended"] += enc.eos_appended
@@ -436,7 +434,7 @@ class _Pass:
         try:
             enc = encode_preference(self.tok, rec.row(), self.opts["max_length"], self.opts["overflow"])
         except RecordRejected as e:
-            raise Invalid("too_long" if "longer than" in str(e) else "nothing_to_train", str(e)) from None
+            raise Invalid(e.kind, str(e)) from None
         except Exception as e:  # a Jinja template may raise anything
             raise Invalid("chat_template", template_refusal(e)) from None
         self.pref_stats.add(enc)

@@ -31,7 +31,12 @@ class TemplateError(TunelabError, ValueError):
 
 
 class RecordRejected(ValueError):
-    """A record that must not be trained (e.g. nothing left to train after truncation)."""
+    """A record that must not be trained; `kind`: the reason's code in prepare's report (nothing_to_train,
+    too_long, control_token)."""
+
+    def __init__(self, reason: str, kind: str = "nothing_to_train"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass
@@ -164,7 +169,7 @@ def encode_record(tokenizer, messages: list[dict[str, Any]], *, tools: Any = Non
     when a message holds a control token as text (`find_control_tokens`)."""
     found = find_control_tokens(tokenizer, messages)
     if found:
-        raise RecordRejected(control_token_reason(found, messages))
+        raise RecordRejected(control_token_reason(found, messages), "control_token")
     text, spans = assistant_char_spans(tokenizer, messages, tools, train_on)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
@@ -195,7 +200,8 @@ def encode_record(tokenizer, messages: list[dict[str, Any]], *, tools: Any = Non
     truncated = False
     if max_length is not None and len(ids) > max_length:
         if overflow == "drop":
-            raise RecordRejected(f"{len(ids)} tokens is longer than data.max_length={max_length} (overflow=drop)")
+            raise RecordRejected(f"{len(ids)} tokens is longer than data.max_length={max_length} (overflow=drop)",
+                                 "too_long")
         if overflow == "truncate":
             ids, labels, truncated = ids[:max_length], labels[:max_length], True
             tok_spans = [(s, min(e, max_length)) for s, e in tok_spans if s < max_length]
