@@ -28,6 +28,7 @@ def test_gzip_and_text_data_files_are_uploaded_listed_and_validated(client, work
     res = client.put("/api/datasets/upload", params={"name": "x.gz"}, content=body)
     assert res.status_code == 400 and ".jsonl" in res.json()["error"]
     listed = {d["path"] for d in client.get("/api/datasets").json()["datasets"]}
+    assert {".jsonl", ".txt", ".gz"} <= set(client.get("/api/datasets").json()["accept"])  # the file picker's
     assert listed == {"data/raw/x.jsonl.gz", "data/raw/x-2.jsonl.gz", "data/raw/corpus.txt"}
     report = client.post("/api/datasets/validate", json={"path": "data/raw/x-2.jsonl.gz"}).json()["report"]
     assert report["records_read"] == 12 and report["records_accepted"] == 12

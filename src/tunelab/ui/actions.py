@@ -343,7 +343,9 @@ def _data_routes(app: FastAPI) -> None:
                     found.append({"path": rel, "kind": "file", "bytes": p.stat().st_size})
                 elif p.is_dir() and (p / "train.jsonl").is_file():
                     found.append({"path": rel, "kind": "prepared"})
-        return {"datasets": found}
+        # what the upload's file picker offers: what prepare reads, and .gz (pickers match the last suffix only;
+        # the upload itself checks the one under it)
+        return {"datasets": found, "accept": [*DATA_SUFFIXES, ".gz"]}
 
     @app.put("/api/datasets/upload")
     async def upload(request: Request, name: str):

@@ -64,9 +64,9 @@ ROUTES.new = async (main) => {
 };
 
 async function datasetCard(form) {
-  const list = (await api("/api/datasets")).datasets;
+  const { datasets: list, accept } = await api("/api/datasets");
   const select = h("select", { id: "dataset" }, h("option", { value: "" }, "—"), list.map(d => h("option", { value: d.path }, d.path + (d.kind === "prepared" ? " (prepared)" : ""))));
-  const file = h("input", { type: "file", id: "upload", accept: ".json,.jsonl,.ndjson,.csv,.tsv,.parquet,.pq" });
+  const file = h("input", { type: "file", id: "upload", accept: accept.join(",") });
   const tok = h("input", { type: "checkbox", id: "tokstats" });
   const out = h("div", { id: "validate-report" });
   const setTrain = p => {
