@@ -342,7 +342,12 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer_and_keeps_what_was_shown
     threads = threading.active_count()
     lines = iter(["Tell me a story about a dragon", "And then?", "/exit"])
     out = Screen()
-    convo = chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=40)
+    # Python's Ctrl-C handler, even where the suite runs with SIGINT ignored (started in the background: `cmd &`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        convo = chat_loop(model, tok, input_fn=lambda _: next(lines), out=out, max_new_tokens=40)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     text = out.getvalue()
     assert "(answer stopped; the part shown stays in the conversation" in text
     shown = text.split("\n", 1)[1].split("\n(answer stopped")[0]  # after the help line
