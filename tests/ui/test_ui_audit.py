@@ -249,3 +249,29 @@ def test_a_run_whose_loss_went_nan_still_shows(client, workdir):
             if line.startswith("data:") and '"records"' in line:
                 assert strict(line[5:])["records"][1]["loss"] == "NaN"
                 break
+
+
+def test_a_job_stops_on_sigint_even_when_the_dashboard_ignores_it(tiny_model_dir):
+    """`nohup tunelab ui &` passes SIGINT on ignored to the jobs it starts, and Python then installs no Ctrl-C
+    handler: Stop (a SIGINT) left an eval, merge or export running (training sets its own). A chat waiting at its
+    prompt stands for them here."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tests.ui.conftest import wait_for
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNELAB_UI_JOB": "test"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "infer", "--model", str(tiny_model_dir), "--dtype",
+                             "fp32"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        wait_for(lambda: any(x.startswith("commands:") for x in lines), "the chat's prompt", 120)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0  # Ctrl-C at the prompt ends the chat
+    finally:
+        proc.kill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     module = importlib.import_module(VERBS[args.verb][0])
+    if os.environ.get("TUNELAB_UI_JOB") and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # the dashboard's Stop is a SIGINT; started in the background (`nohup tunelab ui &`) it passed on SIGINT
+        # ignored, and Python then installs no Ctrl-C handler: eval, merge or export never stopped
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = _sigterm_interrupts()
     try:
         return int(module.run(args) or 0)
