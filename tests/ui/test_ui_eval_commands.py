@@ -30,7 +30,9 @@ def evaluated(tiny_model_dir, tmp_path, monkeypatch) -> Path:
     shutil.copytree(tiny_model_dir, tmp_path / "other")
     for argv in (["eval", "--adapter", "outputs/r/checkpoint-1", "--compare-base"],
                  ["eval", "--adapter", "outputs/r", "--split", "train"],
-                 ["eval", "--model", "other", "--adapter", "outputs/r"]):
+                 ["eval", "--model", "other", "--adapter", "outputs/r"],
+                 ["eval", "--adapter", "outputs/r", "--name", "short", "--metrics", "perplexity,chrf", "--max-samples",
+                  "2", "--max-new-tokens", "3", "--max-length", "36", "--dtype", "bf16"]):
         assert main(argv) == 0
     return tmp_path
 
@@ -51,7 +53,9 @@ def test_an_eval_result_shows_the_command_that_wrote_it(evaluated, capsys):
     assert shown == {
         "eval/checkpoint-1-val.json": "tunelab eval --adapter outputs/r/checkpoint-1 --compare-base",
         "eval/train.json": "tunelab eval --adapter outputs/r --split train",
-        "eval/on-other-val.json": "tunelab eval --adapter outputs/r --model other"}
+        "eval/on-other-val.json": "tunelab eval --adapter outputs/r --model other",
+        "eval/short.json": "tunelab eval --adapter outputs/r --name short --metrics perplexity,chrf --max-length 36 "
+                           "--max-new-tokens 3 --max-samples 2 --dtype bf16"}
     before = {p.name: json.loads(p.read_text()) for p in eval_dir.glob("*.json")}
     for path, command in shown.items():  # each one, run again, writes the same file from the same model and data
         assert main(shlex.split(command)[1:]) == 0, capsys.readouterr()
@@ -59,6 +63,7 @@ def test_an_eval_result_shows_the_command_that_wrote_it(evaluated, capsys):
         old = before[Path(path).name]
         assert again["created_at"] >= old["created_at"]
         assert {k: again[k] for k in ("model", "data", "metrics")} == {k: old[k] for k in ("model", "data", "metrics")}
+        assert again["settings"] == old["settings"]  # the metrics, lengths, samples and dtype it was scored with
         assert (again["base_metrics"] is None) == (old["base_metrics"] is None)
     assert sorted(p.name for p in eval_dir.glob("*.json")) == sorted(before)
 
