@@ -275,3 +275,28 @@ def test_a_job_stops_on_sigint_even_when_the_dashboard_ignores_it(tiny_model_dir
         assert proc.wait(timeout=60) == 0  # Ctrl-C at the prompt ends the chat
     finally:
         proc.kill()
+
+
+def test_merge_and_export_of_runs_whose_names_differ_only_by_a_slash(client, workdir):
+    """Runs `a/b` and `a-b` both merged into models/a-b-merged: the second merge replaced the first (tunelab merge
+    replaces its own output), and Export of `a-b` then exported run `a/b`'s weights under a-b's name."""
+    from tunelab.ui.actions import run_command
+    from tunelab.ui.jobs import JobError
+
+    ui = client.app.state.ui
+    for name in ("a/b", "a-b"):
+        make_run(workdir / "outputs", name)
+    merges = {name: run_command(ui, name, "merge")[1][0] for name in ("a/b", "a-b")}
+    assert merges == {"a/b": "models/a/b-merged", "a-b": "models/a-b-merged"}
+    merged = workdir / "models" / "a-b-merged"
+    merged.mkdir(parents=True)
+    (merged / "tunelab.json").write_text(json.dumps({"merged_from": "outputs/a/b/checkpoint-final"}))
+    with pytest.raises(JobError, match="holds a merge of .*a/b/checkpoint-final, not of run a-b: merge this run"):
+        run_command(ui, "a-b", "export")
+    (merged / "tunelab.json").write_text(json.dumps({"merged_from": str(workdir / "outputs/a-b/checkpoint-final")}))
+    assert run_command(ui, "a-b", "export") == (
+        ["export", "--model", "models/a-b-merged", "--format", "gguf", "--output", "models/a-b.gguf"],
+        ["models/a-b.gguf"])
+    (merged / "tunelab.json").unlink()  # a folder tunelab merge did not write
+    with pytest.raises(JobError, match="not written by tunelab merge"):
+        run_command(ui, "a-b", "export")

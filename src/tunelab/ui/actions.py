@@ -6,6 +6,7 @@ saved), or a call to the same library function the CLI calls (dataset validation
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -243,7 +244,23 @@ def _save_config(path: Path, rel: str, text: str) -> str | None:
 
 
 def _merged_dir(name: str) -> str:
-    return f"models/{name.replace('/', '-')}-merged"
+    """models/<run name>-merged; a nested run `a/b` merges into models/a/b-merged (not models/a-b-merged, which
+    is run `a-b`'s)."""
+    return f"models/{name}-merged"
+
+
+def _merged_from_run(ui, merged: str, name: str) -> None:
+    """Export only what tunelab merge made from this run: the folder may be a merge of another run (a same-named
+    run removed and made again elsewhere) or not a merge at all."""
+    try:
+        source = json.loads((ui.workdir / merged / "tunelab.json").read_text(encoding="utf-8"))["merged_from"]
+        source = (ui.workdir / str(source)).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        raise JobError(f"{merged} was not written by tunelab merge (no readable tunelab.json with merged_from): "
+                       "merge this run first") from None
+    run = views.run_path(ui.root, name).resolve()
+    if source != run and run not in source.parents:
+        raise JobError(f"{merged} holds a merge of {source}, not of run {name}: merge this run first")
 
 
 def run_command(ui, name: str, action: str) -> tuple[list[str], list[str]]:
@@ -259,7 +276,8 @@ def run_command(ui, name: str, action: str) -> tuple[list[str], list[str]]:
     if action == "export":
         if not (ui.workdir / merged).is_dir():
             raise JobError(f"export needs a merged model: merge first (expected {merged})")
-        gguf = f"models/{name.replace('/', '-')}.gguf"
+        _merged_from_run(ui, merged, name)
+        gguf = f"models/{name}.gguf"
         return ["export", "--model", merged, "--format", "gguf", "--output", gguf], [gguf]
     if action == "report":
         report = f"{run_arg}/report.html"
