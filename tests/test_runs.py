@@ -125,6 +125,17 @@ def test_compare_marks_the_best_and_diffs_config_and_data(tmp_path, capsys):
     assert "★" in out and "DIFFERENT" in out and "training.learning_rate" in out
 
 
+def test_a_nan_metric_is_never_the_best(tmp_path):
+    """A run whose eval loss went NaN listed first: min(nan, 1.2) is nan, so no run was marked best; listed second
+    it was skipped only by luck of min's order."""
+    make_run(tmp_path, "nan", metrics={"eval_loss": float("nan"), "bleu": float("nan")})
+    make_run(tmp_path, "ok", metrics={"eval_loss": 1.2, "bleu": 5.0})
+    make_run(tmp_path, "worse", metrics={"eval_loss": 1.5, "bleu": 1.0})
+    for order in (["nan", "ok", "worse"], ["ok", "nan", "worse"]):
+        cmp = runs.compare_runs(order, tmp_path)
+        assert cmp.best["eval_loss"] == cmp.best["bleu"] == [order.index("ok")]
+
+
 def test_compare_marks_the_best_of_preference_training_metrics(tmp_path):
     """Preference training logs its held-out metrics with an eval_ prefix (eval_rewards/accuracy, ...)."""
     make_run(tmp_path, "a", metrics={"eval_rewards/accuracy": 0.6, "eval_rewards/margin": 0.2})

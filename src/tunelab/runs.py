@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,7 +437,8 @@ def compare_runs(runs: Sequence[str | os.PathLike], runs_dir: str | os.PathLike 
     for k in order:
         values = [r.get(k) for r in per_run]
         metrics[k] = values
-        direction, present = metric_direction(k), [(v, i) for i, v in enumerate(values) if v is not None]
+        direction = metric_direction(k)
+        present = [(v, i) for i, v in enumerate(values) if isinstance(v, (int, float)) and math.isfinite(v)]  # NaN: never best
         if direction and len(present) >= 2:
             target = (min if direction == "min" else max)(v for v, _ in present)
             best[k] = [i for v, i in present if v == target]

@@ -300,3 +300,14 @@ def test_merge_and_export_of_runs_whose_names_differ_only_by_a_slash(client, wor
     (merged / "tunelab.json").unlink()  # a folder tunelab merge did not write
     with pytest.raises(JobError, match="not written by tunelab merge"):
         run_command(ui, "a-b", "export")
+
+
+def test_a_nan_eval_loss_is_not_the_best(workdir):
+    """A run whose first eval went NaN showed NaN as its best eval loss (min() keeps a leading NaN), hiding the
+    finite evals after it."""
+    from tunelab.ui.views import best_eval_loss
+
+    rows = [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": 2.5}, {"step": 3, "eval_loss": 3.0}]
+    run = make_run(workdir / "outputs", "n", metrics=rows)
+    assert best_eval_loss(run, {"best_eval_loss": float("nan")}) == 2.5
+    assert best_eval_loss(run, {}) == 2.5

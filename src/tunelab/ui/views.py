@@ -8,6 +8,7 @@ is half-written, corrupt or from an older tunelab comes back with an `error`/`no
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _finite(v: Any) -> float | None:
+    v = _num(v)
+    return v if v is not None and math.isfinite(v) else None
+
+
 class RunTable:
     """The runs table: one row per run folder, re-read only when a run's manifest or metrics file changes."""
 
@@ -96,8 +102,8 @@ def file_stamp(path: Path) -> tuple[int, int]:
 
 
 def best_eval_loss(run: Path, manifest: dict[str, Any]) -> float | None:
-    """The lowest eval loss the run logged (only lines mentioning eval_loss are parsed)."""
-    best = _num(manifest.get("best_eval_loss"))
+    """The lowest eval loss the run logged (only lines mentioning eval_loss are parsed); a NaN eval is no best."""
+    best = _finite(manifest.get("best_eval_loss"))
     path = run / "metrics.jsonl"
     if best is None and path.is_file():
         values = []
@@ -105,12 +111,12 @@ def best_eval_loss(run: Path, manifest: dict[str, Any]) -> float | None:
             for line in f:
                 if '"eval_loss"' in line:
                     try:
-                        values.append(_num(json.loads(line).get("eval_loss")))
+                        values.append(_finite(json.loads(line).get("eval_loss")))
                     except ValueError:  # a torn last line
                         continue
         values = [v for v in values if v is not None]
         best = min(values) if values else None
-    return best if best is not None else _num(runs.final_metrics(manifest).get("eval_loss"))
+    return best if best is not None else _finite(runs.final_metrics(manifest).get("eval_loss"))
 
 
 def run_row(root: Path, path: Path) -> dict[str, Any]:
