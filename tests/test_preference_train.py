@@ -266,6 +266,24 @@ def test_dpo_early_stopping_and_best_checkpoint_as_sft(tiny_model_dir, pref_file
     assert json.loads((run / "checkpoint-best" / "tunelab.json").read_text())["stage"] == "dpo"
 
 
+def test_a_nan_eval_is_not_kept_as_the_best(tiny_model_dir, pref_files, tmp_path, monkeypatch):
+    """A first evaluation whose loss was NaN became the best: no later eval compares below NaN, so checkpoint-best
+    stayed the NaN step's weights and early stopping ended a run that was improving."""
+    from tunelab.train import preference
+
+    real = preference.preference_eval
+
+    def nan_first(s, examples):
+        res = real(s, examples)
+        return {**res, "eval_loss": float("nan") if s.state.global_step == 1 else res["eval_loss"] - s.state.global_step}
+
+    monkeypatch.setattr(preference, "preference_eval", nan_first)
+    run = train(_cfg(tiny_model_dir, pref_files / "pairs.jsonl", tmp_path, "nan", "dpo", "training.eval_steps=1",
+                     "training.early_stopping_patience=2", "training.epochs=3", "training.max_steps=3"))
+    evals = [line for line in (run / "train.log").read_text().splitlines() if "Eval @ step" in line]
+    assert [line.endswith("(best)") for line in evals] == [False, True], evals  # step 2's weights are the best
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_reference_of_a_new_adapter_is_the_starting_policy(tiny_model_dir, pref_files, tmp_path, method, stage):

@@ -10,6 +10,7 @@ Checkpoints written before hashes were recorded are checked by size only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -156,6 +157,12 @@ def all_rng_states() -> list[dict[str, Any]]:
     states: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
     return states
+
+
+def improves(loss: float, best: float | None) -> bool:
+    """Whether an eval loss makes a new checkpoint-best. A NaN or infinite one never does: kept as the best, a NaN
+    would also block every later one (nothing compares below NaN) and early stopping would end the run."""
+    return math.isfinite(loss) and (best is None or not math.isfinite(best) or loss < best)
 
 
 def _rng_file(rank: int) -> str:

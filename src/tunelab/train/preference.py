@@ -423,7 +423,7 @@ def evaluate(s: PrefSession) -> bool:
     s.life.run.log_metrics(rec)
     s.life.trackers.log(rec, step)
     acc = res.get("eval_rewards/accuracy")
-    improved = state.best_eval is None or res["eval_loss"] < state.best_eval
+    improved = ckpt.improves(res["eval_loss"], state.best_eval)
     s.say(f"  Eval @ step {step} | Loss: {res['eval_loss']:.4f}"
           + (f" | Reward accuracy: {acc:.1%} | Margin: {res['eval_rewards/margin']:.3f}" if acc is not None else "")
           + (" (best)" if improved else ""))
