@@ -311,3 +311,31 @@ def test_a_nan_eval_loss_is_not_the_best(workdir):
     run = make_run(workdir / "outputs", "n", metrics=rows)
     assert best_eval_loss(run, {"best_eval_loss": float("nan")}) == 2.5
     assert best_eval_loss(run, {}) == 2.5
+
+
+def test_an_unreadable_data_folder_is_named_not_a_500(client, workdir, monkeypatch, capsys):
+    """A data/ sub-folder the UI's user may not read (another user's, or a mount gone stale) made the whole
+    dataset list a 500, so the New run page showed nothing; and `tunelab ui --dir FILE` started a dashboard on
+    a file."""
+    import errno
+    from pathlib import Path
+
+    from tunelab.cli import main
+
+    (workdir / "data" / "raw").mkdir(parents=True)
+    (workdir / "data" / "raw" / "a.jsonl").write_bytes(_alpaca_lines(2))
+    (workdir / "data" / "processed").mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):  # as chmod 0 would, for a user who is not root (the suite may run as root)
+        if self.name == "processed":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    res = client.get("/api/datasets")
+    assert res.status_code == 200
+    assert [d["path"] for d in res.json()["datasets"]] == ["data/raw/a.jsonl"]
+    assert res.json()["notes"] == ["cannot list data/processed/: Permission denied"]
+    assert main(["ui", "--dir", str(workdir / "data" / "raw" / "a.jsonl"), "--no-browser"]) == 2
+    assert "is a file: give the folder" in capsys.readouterr().err

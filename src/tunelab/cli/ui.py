@@ -13,6 +13,7 @@ Runs in the foreground; Ctrl-C stops the web server only: runs started from it k
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 from urllib.parse import quote
 
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
                            "processes: add --token SECRET (every request then needs it)")
     if args.no_token and args.token:
         raise TunelabError("give --token SECRET or --no-token, not both")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise TunelabError(f"--dir {args.dir} is a file: give the folder that holds (or will hold) the run folders")
     token = None if args.no_token else args.token or secrets.token_urlsafe(16)
     try:
         import fastapi  # noqa: F401

@@ -243,6 +243,18 @@ def _save_config(path: Path, rel: str, text: str) -> str | None:
 # ---------------------------------------------------------------- run actions
 
 
+def _datasets_in(workdir: Path, base: Path) -> list[dict[str, Any]]:
+    """Data files and prepared folders directly in `base` (none when it is not a folder)."""
+    found = []
+    for p in sorted(base.iterdir()) if base.is_dir() else ():
+        rel = str(p.relative_to(workdir))
+        if p.is_file() and is_data_file(p):
+            found.append({"path": rel, "kind": "file", "bytes": p.stat().st_size})
+        elif p.is_dir() and (p / "train.jsonl").is_file():
+            found.append({"path": rel, "kind": "prepared"})
+    return found
+
+
 def _merged_dir(name: str) -> str:
     """models/<run name>-merged; a nested run `a/b` merges into models/a/b-merged (not models/a-b-merged, which
     is run `a-b`'s)."""
@@ -350,20 +362,15 @@ def _data_routes(app: FastAPI) -> None:
     @app.get("/api/datasets")
     def datasets(request: Request):
         ui = _ui(request)
-        found = []
+        found, notes = [], []
         for folder in ("data/raw", "data/processed", "data"):
-            base = ui.workdir / folder
-            if not base.is_dir():
-                continue
-            for p in sorted(base.iterdir()):
-                rel = str(p.relative_to(ui.workdir))
-                if p.is_file() and is_data_file(p):
-                    found.append({"path": rel, "kind": "file", "bytes": p.stat().st_size})
-                elif p.is_dir() and (p / "train.jsonl").is_file():
-                    found.append({"path": rel, "kind": "prepared"})
+            try:
+                found += _datasets_in(ui.workdir, ui.workdir / folder)
+            except OSError as e:  # a folder we may not read is named, the others still listed
+                notes.append(f"cannot list {folder}/: {e.strerror or e}")
         # what the upload's file picker offers: what prepare reads, and .gz (pickers match the last suffix only;
         # the upload itself checks the one under it)
-        return {"datasets": found, "accept": [*DATA_SUFFIXES, ".gz"]}
+        return {"datasets": found, "accept": [*DATA_SUFFIXES, ".gz"], "notes": notes}
 
     @app.put("/api/datasets/upload")
     async def upload(request: Request, name: str):

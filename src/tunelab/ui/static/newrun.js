@@ -64,7 +64,8 @@ ROUTES.new = async (main) => {
 };
 
 async function datasetCard(form) {
-  const { datasets: list, accept } = await api("/api/datasets");
+  const { datasets: list, accept, notes } = await api("/api/datasets");
+  (notes || []).forEach(n => toast(n, 8000));
   const select = h("select", { id: "dataset" }, h("option", { value: "" }, "—"), list.map(d => h("option", { value: d.path }, d.path + (d.kind === "prepared" ? " (prepared)" : ""))));
   const file = h("input", { type: "file", id: "upload", accept: accept.join(",") });
   const tok = h("input", { type: "checkbox", id: "tokstats" });
