@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from types import UnionType
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 from tunelab.errors import TunelabError
@@ -38,7 +41,24 @@ class _Section(BaseModel):
         if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
             raise ValueError(f"a number is due here, not the boolean {str(value).lower()} (YAML reads yes, no, on, "
                              "off, true and false as booleans)")
+        members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+        words = [w for m in members if get_origin(m) is Literal for w in get_args(m)]  # target_modules: all-linear
+        if isinstance(value, str) and any(get_origin(m) is list for m in members) and value not in words:
+            items = ", ".join(v.strip() for v in value.split(",") if v.strip()) or "..."
+            raise ValueError(f"a list is due here: write [{items}]" + "".join(f" or {w}" for w in words))
         return value
+
+
+def _expand_path(value: str | None) -> str | None:
+    """`~` and `$VAR` / `${VAR}` in a path, as a shell would expand them; an unset variable is refused (left as it
+    is, `output.dir: $RUNS/x` would make a folder named `$RUNS`)."""
+    if value is None:
+        return None
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:
+        raise ValueError(f"the environment variable {unset[0]} in {value!r} is not set")
+    return expanded
 
 
 class ModelConfig(_Section):
@@ -58,6 +78,11 @@ class ModelConfig(_Section):
                           "run folder or a checkpoint) on top of model.name; training continues that adapter, and it "
                           "is also the reference policy (its weights frozen as they started). sft and pt refuse it "
                           "(continue a run with --resume). A merged model needs no adapter: give it as model.name.")
+
+    @field_validator("adapter")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return _expand_path(value)
 
 
 class LoraConfig(_Section):
@@ -102,6 +127,11 @@ class DataConfig(_Section):
     map: dict[str, str] = Field(default_factory=dict,
                                 description="Column mapping for custom field names, e.g. {instruction: question}.")
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return _expand_path(value)
+
 
 class TrainingConfig(_Section):
     stage: Literal["sft", "pt", "dpo", "orpo", "simpo", "kto"] = Field(
@@ -112,7 +142,7 @@ class TrainingConfig(_Section):
         "lora", description="lora; qlora (4-bit NF4 base via bitsandbytes); dora (weight-decomposed LoRA); "
                             "full (every weight trained).")
     epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimiser steps to run; -1 means derive from epochs.")
+    max_steps: int = Field(-1, description="Optimiser steps to run; -1 (or 0) means derive from epochs.")
     batch_size: int = Field(4, ge=1, description="Records per micro-batch per process.")
     batch_tokens: int = Field(0, ge=0, description="Token budget per micro-batch per process instead of a record "
                                                    "count (0: off, batch_size records). Records are packed into "
@@ -151,6 +181,13 @@ class TrainingConfig(_Section):
                                                           "materialised for untrained tokens.")
     nan_guard: bool = Field(True, description="Stop on a NaN/inf loss or gradient norm, naming step and batch.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value < -1:
+            raise ValueError("give a number of optimiser steps (at least 1), or -1 to train training.epochs passes")
+        return value
 
 
 class PreferenceConfig(_Section):
@@ -192,6 +229,11 @@ class OutputConfig(_Section):
     dir: str = Field("outputs", description="Folder that holds the runs.")
     run_name: str | None = Field(None, description="Run folder name (a plain name, no path); default "
                                  "`<model>-<method>-<YYYYmmdd-HHMMSS>`.")
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return _expand_path(value)
 
     @field_validator("run_name")
     @classmethod
@@ -273,6 +315,10 @@ class Config(_Section):
         elif self.training.pass_tokens:
             raise ValueError("training.pass_tokens splits a token budget into passes: set training.batch_tokens "
                              "too (with batch_size, a micro-batch of records is one pass)")
+        if self.training.early_stopping_patience and not self.training.eval_steps:
+            raise ValueError("training.early_stopping_patience counts the evaluations made during training, and "
+                             "training.eval_steps is 0 (one evaluation, at the end): it would never stop a run. Set "
+                             "training.eval_steps too (e.g. 50), or early_stopping_patience: 0")
         if self.training.stage == "pt" and not self.training.packing:
             raise ValueError("training.stage=pt trains packed blocks of documents (each document attending only to "
                              "itself); set training.packing=true")
@@ -369,7 +415,8 @@ def format_validation_error(err: ValidationError, source: str = "config", source
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            problems.append(f"  - {path or '(top level)'}: {e['msg']}{shown} ({where})")
+            said = e["msg"].removeprefix("Value error, ")  # our own checks' words, without pydantic's prefix
+            problems.append(f"  - {path or '(top level)'}: {said}{shown} ({where})")
     n = len(problems)
     return f"{n} problem{'s' if n > 1 else ''} in {source}:\n" + "\n".join(problems)
 
@@ -391,6 +438,44 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def repeated_overrides(overrides: Sequence[str]) -> list[str]:
+    """A warning for each key given more than once (`training.epochs=1 ... training.epochs=3`): the last one
+    applies, as a script adding to a base command relies on, but in a long command it is mostly a slip."""
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        if "=" in item:
+            given.setdefault(item.partition("=")[0].strip(), []).append(item)
+    return [f"{key} is given {len(items)} times on the command line ({', '.join(items)}): the last one applies"
+            for key, items in given.items() if len(items) > 1]
+
+
+def _schema_type(parts: Sequence[str]) -> Any:
+    """The annotation of a dotted key in the schema; None for a key it does not have."""
+    model: Any = Config
+    for p in parts:
+        field = model.model_fields.get(p) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _is_setting(parts: Sequence[str]) -> bool:
+    """A key of the schema that holds a value (training.epochs), not a section or a mapping (data.map)."""
+    ann = _schema_type(parts)
+    section = isinstance(ann, type) and issubclass(ann, BaseModel)
+    return ann is not None and get_origin(ann) is not dict and not section
+
+
+def _as_typed(value: Any, text: str, annotation: Any) -> Any:
+    """A text setting (model.revision, data.system_prompt, ...) keeps the text as typed where YAML would read a
+    number, a boolean or a date: `model.revision=0123456` is a commit, not the octal number 42798."""
+    members = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    if str in members and not members & {int, float, bool} and isinstance(value, (int, float, bool, date)):
+        return text
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     problems = []
     for item in overrides:
@@ -399,17 +484,63 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             continue
         path, value = item.split("=", 1)
         parts = path.strip().split(".")
+        if not all(parts):
+            problems.append(f"  - {item!r}: the key is empty or has an empty part; write section.key=value")
+            continue
         node = data
-        for p in parts[:-1]:
-            if not isinstance(node.setdefault(p, {}), dict):
-                problems.append(f"  - {path}: {p} is not a section")
+        for i, p in enumerate(parts[:-1]):
+            if _is_setting(parts[:i + 1]) or not isinstance(node.setdefault(p, {}), dict):
+                kind = "a setting" if _is_setting(parts[:i + 1]) else "given a value"
+                problems.append(f"  - {path}: {'.'.join(parts[:i + 1])} is {kind}, not a section")
                 break
             node = node[p]
         else:
-            node[parts[-1]] = _parse_value(value)
+            node[parts[-1]] = _as_typed(_parse_value(value), value.strip(), _schema_type(parts))
     if problems:
         raise ConfigError("bad command-line override:\n" + "\n".join(problems))
     return data
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text` (None when empty), or a ConfigError naming `source`'s line: for a syntax error,
+    and for every key given twice in one mapping (PyYAML would keep the last one without a word: a second
+    `training:` section would drop everything the first one set)."""
+    try:
+        repeated = _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
+        if not repeated:
+            return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark, context = e.problem_mark or e.context_mark, e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        said = f" ({e.context} from line {context.line + 1})" if e.context and context and e.problem else ""
+        tabs = " (indent with spaces: YAML does not allow tabs there)" if "'\\t'" in str(e.problem) else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: {e.problem or e.context}{said}{tabs}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    n = len(repeated)
+    raise ConfigError(f"{n} problem{'s' if n > 1 else ''} in {source}:\n" + "\n".join(repeated))
+
+
+def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
+    """`  - training.epochs: given twice (lines 2 and 5); keep one` for each key repeated in a mapping."""
+    if node is None or id(node) in seen:  # an alias repeats a node already walked
+        return []
+    seen.add(id(node))
+    problems = []
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            problems += _repeated_keys(item, prefix, seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name != "<<" and name in lines:  # keys a `<<: *anchor` merge brings may be set
+                problems.append(f"  - {prefix}{name}: given twice (lines {lines[name]} and "
+                                f"{key.start_mark.line + 1}); keep one")
+            elif name is not None:
+                lines[name] = key.start_mark.line + 1
+            problems += _repeated_keys(value, f"{prefix}{name}.", seen)
+    return problems
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -423,10 +554,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"config {path} is not a regular file (a folder, device or pipe): give a YAML file")
         text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
         source = str(path)
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        data = read_yaml(text, source)
+        data = {} if data is None else data  # an empty file (or only comments): the defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, training: ...)")
     if overrides:
@@ -441,6 +570,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """A run folder's saved config.yaml (resume, reproduce): `load_config`, except that what an older tunelab
     accepted keeps the behaviour the run had: training.pass_tokens (such a run made one pass per micro-batch);
+    early_stopping_patience without eval_steps (it never stopped the run);
     preference.precompute_ref_logps off and data.format auto outside the stages that read them (they were
     ignored there); a run_name holding a path (its folder: output.dir/run_name) as output.dir + a plain name."""
     saved = yaml.safe_load(read_user_text(path, "config", ConfigError, "utf-8-sig")) if Path(path).is_file() \
@@ -459,6 +589,8 @@ def _legacy_overrides(saved: dict[str, Any]) -> list[str]:
         legacy.append("preference.precompute_ref_logps=false")
     if section["data"].get("format", "auto") != "auto" and stage != "sft":
         legacy.append("data.format=auto")
+    if training.get("early_stopping_patience") and not training.get("eval_steps"):
+        legacy.append("training.early_stopping_patience=0")  # it never stopped such a run: no evaluation to count
     name = section["output"].get("run_name")
     if isinstance(name, str) and ("/" in name or "\\" in name):
         where = Path(section["output"].get("dir") or "outputs") / name

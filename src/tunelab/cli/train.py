@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):  # `--resume training.eval_steps=5`
         args.overrides, args.resume = [args.resume, *args.overrides], "latest"
+    from tunelab.config import repeated_overrides
+
+    for warning in repeated_overrides(args.overrides) if "LOCAL_RANK" not in os.environ else []:  # launcher once
+        print(f"warning: {warning}", file=sys.stderr)
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args)
     return train_from_args(args.config, args.overrides, args.resume)

@@ -1,0 +1,141 @@
+"""The config front door off the happy path: odd YAML, odd overrides, settings that cannot work together.
+No model is loaded; every test reads configs only."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.config import ConfigError, load_config, load_run_config
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_key_given_twice_in_a_file_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: `epochs: 1 ... epochs: 5` trained 5 epochs, and a
+    second `training:` section dropped everything the first one set."""
+    path = _write(tmp_path, "training:\n  epochs: 1\n  batch_size: 2\n  epochs: 5\nlora:\n  r: 8\n"
+                            "training:\n  learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "2 problems in " in msg
+    assert "training.epochs: given twice (lines 2 and 4); keep one" in msg
+    assert "training: given twice (lines 1 and 7); keep one" in msg
+
+
+def test_a_merge_key_may_be_set_again_and_anchors_load(tmp_path):
+    """A key a `<<:` merge brings in may be set again beside it (that is what merge keys are for)."""
+    path = _write(tmp_path, "lora: &l {r: 8, alpha: 16}\ntraining:\n  epochs: 1\n"
+                            "eval: {<<: {max_samples: 4, batch_size: 2}, batch_size: 1}\n")
+    cfg = load_config(path)
+    assert (cfg.eval.max_samples, cfg.eval.batch_size, cfg.lora.r) == (4, 1, 8)
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_tabs(tmp_path):
+    """The message said `in "<unicode string>", line 2` and PyYAML's scanner words for a tab indentation."""
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, "training:\n\tepochs: 1\n"))
+    msg = str(e.value)
+    assert "<unicode string>" not in msg and "c.yaml is not valid YAML, line 2, column 1" in msg
+    assert "indent with spaces" in msg
+    with pytest.raises(ConfigError, match=r"line 3, column 1: .*from line 2\)$"):
+        load_config(_write(tmp_path, "training:\n  epochs: [1\n"))
+    assert load_config(_write(tmp_path, "# only a comment\n")).training.epochs == 3  # the defaults
+
+
+@pytest.mark.parametrize("key,text,says", [
+    ("lora.target_modules", "q_proj", "write [q_proj] or all-linear"),
+    ("lora.target_modules", "q_proj,v_proj", "write [q_proj, v_proj] or all-linear"),
+    ("eval.metrics", "bleu", "write [bleu]"),
+    ("tracking.report_to", "none", "write [none]"),
+])
+def test_a_list_setting_given_one_word_says_how_to_write_the_list(tmp_path, key, text, says):
+    """`target_modules: q_proj` gave two problems about `lora.target_modules.list[str]` and
+    `literal['all-linear']`, without a line; `metrics: bleu` said only 'Input should be a valid list'."""
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, f"{section}:\n  {name}: {text}\n"))
+    msg = str(e.value)
+    assert msg.startswith("1 problem in ") and f"{key}: a list is due here: {says}" in msg and ", line 2)" in msg
+    with pytest.raises(ConfigError, match=f"{key}: a list is due here: {says.replace('[', '.').replace(']', '.')}"):
+        load_config(None, [f"{key}={text}"])
+    assert load_config(None, ["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"
+
+
+def test_home_and_environment_variables_in_paths_are_expanded(tmp_path, monkeypatch):
+    """`output.dir: ~/runs` made a folder named `~` in the working folder, `$RUNS/x` one named `$RUNS`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TUNELAB_TEST_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("TUNELAB_TEST_UNSET", raising=False)
+    cfg = load_config(_write(tmp_path, "data:\n  train: ~/d.jsonl\n  eval: ${TUNELAB_TEST_DATA}/e.jsonl\n"
+                                       "output:\n  dir: $TUNELAB_TEST_DATA/runs\n"))
+    assert cfg.data.train == str(tmp_path / "home" / "d.jsonl")
+    assert cfg.data.eval == str(tmp_path / "data" / "e.jsonl")
+    assert cfg.output.dir == str(tmp_path / "data" / "runs")
+    adapter = load_config(None, ["training.stage=dpo", "model.adapter=~/runs/sft"]).model.adapter
+    assert adapter == str(tmp_path / "home" / "runs" / "sft")
+    with pytest.raises(ConfigError, match=r"output.dir: the environment variable TUNELAB_TEST_UNSET in "
+                                          r"'\$TUNELAB_TEST_UNSET/runs' is not set"):
+        load_config(None, ["output.dir=$TUNELAB_TEST_UNSET/runs"])
+    assert load_config(None, ["output.dir=runs"]).output.dir == "runs"  # a relative path stays relative
+
+
+def test_step_counts_that_cannot_work_are_refused_with_the_fix(tmp_path):
+    """max_steps: -5 trained training.epochs passes without a word; early_stopping_patience with eval_steps 0
+    never stopped a run (the only evaluation is the final one)."""
+    with pytest.raises(ConfigError, match=r"training.max_steps: give a number of optimiser steps \(at least 1\), "
+                                          r"or -1"):
+        load_config(None, ["training.max_steps=-5"])
+    with pytest.raises(ConfigError, match="would never stop a run. Set training.eval_steps too"):
+        load_config(None, ["training.early_stopping_patience=3"])
+    assert load_config(None, ["training.early_stopping_patience=3", "training.eval_steps=10"]) \
+        .training.early_stopping_patience == 3
+    assert load_config(None, ["training.max_steps=0"]).training.max_steps == 0  # as -1: epochs decide
+    # a run an older tunelab trained so keeps loading (resume, reproduce), with the behaviour it had
+    saved = _write(tmp_path, "training:\n  early_stopping_patience: 3\n")
+    assert load_run_config(saved).training.early_stopping_patience == 0
+
+
+def test_text_settings_keep_the_override_as_typed():
+    """YAML read `model.revision=0123456` as the octal number 42798 and `data.system_prompt=yes` as true, and
+    both were then refused as 'not a valid string'."""
+    cfg = load_config(None, ["model.revision=0123456", "data.system_prompt=yes", "output.run_name=2024-01-01",
+                             "data.train=1e5"])
+    assert (cfg.model.revision, cfg.data.system_prompt) == ("0123456", "yes")
+    assert (cfg.output.run_name, cfg.data.train) == ("2024-01-01", "1e5")
+    assert load_config(None, ["model.revision=null"]).model.revision is None  # null still clears it
+    assert load_config(None, ["training.epochs=2"]).training.epochs == 2.0  # numbers stay numbers
+
+
+@pytest.mark.parametrize("override,says", [
+    ("training.epochs.x=3", "training.epochs.x: training.epochs is a setting, not a section"),
+    ("=3", "'=3': the key is empty or has an empty part"),
+    ("training.=3", "'training.=3': the key is empty or has an empty part"),
+    (".epochs=3", "'.epochs=3': the key is empty or has an empty part"),
+])
+def test_override_keys_that_name_nothing_are_told_so(override, says):
+    """These were reported as 'training.epochs: Input should be a valid number' (no override named) or
+    ': unknown key'."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert says in str(e.value)
+
+
+def test_a_key_given_twice_on_the_command_line_is_named_in_a_warning(tmp_path, monkeypatch, capsys):
+    """`tunelab train training.epochs=1 ... training.epochs=3` trained 3 epochs without a word. The last one still
+    applies (a script adding to a base command relies on it), and the command line says so."""
+    from tunelab.cli import main
+    from tunelab.cli import train as train_cli
+
+    calls = []
+    monkeypatch.setattr(train_cli, "train_from_args", lambda *a: calls.append(a) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "training.epochs=1", "lora.r=8", "training.epochs=3"]) == 0
+    assert "warning: training.epochs is given 2 times on the command line (training.epochs=1, training.epochs=3): " \
+           "the last one applies" in capsys.readouterr().err
+    assert calls[0][1] == ["training.epochs=1", "lora.r=8", "training.epochs=3"]
+    assert main(["train", "training.epochs=1", "lora.r=8"]) == 0 and "warning" not in capsys.readouterr().err
