@@ -223,3 +223,16 @@ def test_a_config_that_is_not_a_regular_file_is_not_called_missing(tmp_path):
         load_config("/dev/null")  # it exists: "config file not found" was wrong
     with pytest.raises(ConfigError, match=r"^config file not found: .*nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_runs_list_tells_a_missing_or_file_dir_from_an_empty_one(tmp_path, capsys):
+    """`runs list --dir outptus` (a typo) and `--dir some.json` both said 'no runs in ...' and exited 0."""
+    from tunelab.cli import main
+
+    (tmp_path / "a.json").write_text("{}")
+    assert main(["runs", "list", "--dir", str(tmp_path / "a.json")]) == 2
+    assert "a.json is a file: give the folder that holds the runs" in capsys.readouterr().err
+    assert main(["runs", "list", "--dir", str(tmp_path / "outptus")]) == 0
+    assert "(no such folder: runs go to output.dir" in capsys.readouterr().out
+    assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"no runs in {tmp_path}"

@@ -7,6 +7,7 @@ does; the end-to-end tests train the tiny 2-layer model for a few steps with the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -605,4 +606,62 @@ def test_reproduce_says_a_stale_run_can_be_resumed(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "pid": gone.pid, "pid_started": 1.0}))
     with pytest.raises(ReproduceError, match=r"status 'stale'.*continue it with: tunelab train --resume"):
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+
+
+# ---------------------------------------------------------------- grids that repeat themselves
+
+
+@pytest.mark.parametrize("grid,overrides,says", [
+    (["lora.r=8,16,8"], [], "lora.r: the value 8 is given twice"),
+    (["training.learning_rate=1e-4,0.0001"], [], "learning_rate1e-4 and learning_rate0.0001"),
+    (["lora.r=8,16"], ["lora.r=4"], "lora.r: both a --grid axis and an override"),
+])
+def test_a_grid_that_would_train_a_config_twice_or_drop_a_setting_is_refused(tmp_path, grid, overrides, says):
+    """`lora.r=8,8` and `learning_rate=1e-4,0.0001` trained one config twice under one or two names; an override
+    of a grid axis was replaced by the grid's values without a word."""
+    from tunelab.errors import TunelabError
+
+    calls: list = []
+    with pytest.raises(TunelabError, match=re.escape(says)):
+        run_sweep(None, grid, overrides=[f"output.dir={tmp_path}", *overrides], train_fn=fake_train(calls),
+                  say=lambda *_: None)
+    assert calls == [] and not any(tmp_path.iterdir())
+
+
+def test_a_key_overridden_twice_in_a_sweep_is_named_in_a_warning(tmp_path):
+    said: list = []
+    run_sweep(None, ["lora.r=8"], overrides=[f"output.dir={tmp_path}", "training.epochs=1", "training.epochs=2"],
+              name="s", train_fn=fake_train([]), say=said.append)
+    assert said[0] == "warning: training.epochs is given 2 times on the command line (training.epochs=1, " \
+                      "training.epochs=2): the last one applies"
+
+
+def test_grid_values_that_make_the_same_folder_name_get_their_own_runs(tmp_path):
+    """`data.system_prompt=a b,a_b` made two combinations named system_prompta_b: the second config was trained
+    for both (the first never), and reported under the first's values."""
+    calls: list = []
+    res = run_sweep(None, ["data.system_prompt=a b,a_b"], overrides=[f"output.dir={tmp_path}"], name="s",
+                    train_fn=fake_train(calls), say=lambda *_: None)
+    assert [c for c, _ in calls] == ["system_prompta_b", "system_prompta_b-2"]
+    from tunelab.config import load_config
+
+    prompts = {r.combo: load_config(r.run_dir / "config.yaml").data.system_prompt for r in res.rows}
+    assert prompts == {"system_prompta_b": "a b", "system_prompta_b-2": "a_b"}
+
+
+def test_reproduce_refuses_a_run_folder_whose_config_was_edited_or_is_missing(tmp_path):
+    """Only the seed was compared with the manifest: a config.yaml edited to another method, stage or model was
+    trained as the 'reproduction', and a missing one was reported as 'config file not found'."""
+    run = _fabricated_run(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update(method="lora", stage="sft", model="bundled:smollm2-135m-instruct")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")  # as trained: fine
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("method: lora", "method: dora"))
+    with pytest.raises(ReproduceError, match=r"config.yaml was edited after the run \(method 'lora' in "
+                                             r"manifest.json, 'dora' in config.yaml\)"):
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+    (run / "config.yaml").unlink()
+    with pytest.raises(ReproduceError, match="has no config.yaml: the run records what it trained with there"):
         check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")

@@ -113,9 +113,7 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
             else ""
         raise ReproduceError(f"{run} has status {status!r}: only a finished run can be reproduced{hint}")
     cfg = _run_config(run)
-    if manifest.get("seed") is not None and manifest["seed"] != cfg.training.seed:
-        raise ReproduceError(f"{run}: the manifest's seed {manifest['seed']} differs from config.yaml's "
-                             f"training.seed {cfg.training.seed}; the run folder was edited")
+    _same_as_manifest(cfg, run, manifest)
     recorded = manifest.get("data_fingerprint")
     if not recorded:
         raise ReproduceError(f"{run}/manifest.json records no data_fingerprint, so the data cannot be checked")
@@ -127,6 +125,19 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
             "Restore the original data (same file, same records), or train a new run on the new data.")
     _same_eval_data(cfg, run, manifest)
     return cfg, manifest
+
+
+def _same_as_manifest(cfg, run: Path, manifest: dict) -> None:
+    """config.yaml says what the repeat trains; the manifest what the original trained. Where both name a setting
+    and they differ, the folder was edited after the run and the repeat would not be a repeat."""
+    recorded = {"seed": cfg.training.seed, "method": cfg.training.method, "stage": cfg.training.stage,
+                "model": cfg.model.name}
+    edited = [f"{key} {manifest[key]!r} in manifest.json, {now!r} in config.yaml" for key, now in recorded.items()
+              if manifest.get(key) is not None and manifest[key] != now]
+    if edited:
+        raise ReproduceError(f"{run}: config.yaml was edited after the run ({'; '.join(edited)}), so the repeat "
+                             "would train something else; restore the run's config.yaml, or train a new run with "
+                             "the new settings")
 
 
 def _same_eval_data(cfg, run: Path, manifest: dict) -> None:
@@ -149,6 +160,9 @@ def _run_config(run: Path):
 
     from tunelab.config import load_run_config
 
+    if not (run / "config.yaml").is_file():
+        raise ReproduceError(f"{run} has no config.yaml: the run records what it trained with there, and without it "
+                             "the run cannot be repeated")
     try:
         return load_run_config(run / "config.yaml")
     except yaml.YAMLError as e:  # load_run_config parses the file before load_config's check, which says it better

@@ -62,6 +62,8 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
             problems.append(f"  - {item!r}: a grid axis looks like section.key=v1,v2 (e.g. lora.r=8,16)")
             continue
         grid.append((key.strip(), vals))
+        problems += [f"  - {key.strip()}: the value {v} is given twice" for v in dict.fromkeys(vals)
+                     if vals.count(v) > 1]
     keys = [k for k, _ in grid]
     problems += [f"  - {k}: given twice" for k in sorted({k for k in keys if keys.count(k) > 1})]
     problems += [f"  - {k}: the sweep sets output.dir and output.run_name of each run itself (pass output.dir=... "
@@ -80,11 +82,16 @@ def combo_name(assignment: Sequence[tuple[str, str]]) -> str:
 
 
 def combinations(grid: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
-    """(name, overrides) of every point of the grid, in a stable order (the first axis varies slowest)."""
-    out = []
+    """(name, overrides) of every point of the grid, in a stable order (the first axis varies slowest). Names are
+    unique: values that differ only in characters a folder name cannot hold (`a b`, `a_b`) get -2, -3, ..."""
+    out, names = [], set()
     for values in itertools.product(*[vals for _, vals in grid]):
         assignment = [(k, v) for (k, _), v in zip(grid, values)]
-        out.append((combo_name(assignment), [f"{k}={v}" for k, v in assignment]))
+        name, n = combo_name(assignment), 2
+        while name.lower() in names:  # lower: two folders that differ in case are one on macOS and Windows
+            name, n = f"{combo_name(assignment)}-{n}", n + 1
+        names.add(name.lower())
+        out.append((name, [f"{k}={v}" for k, v in assignment]))
     return out
 
 
@@ -196,14 +203,20 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
               overrides: Sequence[str] = (), train_fn: Callable | None = None,
               say: Callable[[str], None] = print) -> SweepResult:
     """Train every point of `grid` (dotted key=v1,v2 axes) on top of `config` + `overrides`, one at a time."""
-    from tunelab.config import ConfigError, load_config
+    from tunelab.config import ConfigError, load_config, repeated_overrides
 
     check_metric(metric)
     if name is not None:
         check_name(name)
     if any(o.partition("=")[0].strip() == "output.run_name" for o in overrides):
         raise SweepError("output.run_name cannot be an override: each run of a sweep is named after its combination")
+    for warning in repeated_overrides(overrides):
+        say(f"warning: {warning}")
     axes = parse_grid(grid)
+    both = [k for k, _ in axes if any(o.partition("=")[0].strip() == k for o in overrides)]
+    if both:
+        raise SweepError(f"{', '.join(both)}: both a --grid axis and an override (the grid's values would replace "
+                         "the override in every run); keep one of them")
     combos = combinations(axes)
     # Validate every combination before training any: a typo in the last one must not surface hours later.
     cfgs, problems = {}, []
@@ -214,11 +227,26 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
             problems.append(f"{combo}: {e}")
     if problems:
         raise SweepError("the sweep has invalid combinations:\n" + "\n".join(problems))
+    _refuse_same_config(cfgs)
     base = next(iter(cfgs.values()))
     name = name or default_sweep_name(config, axes, overrides)
     folder = sweep_dir(base.output.dir, name)
     with _sweep_lock(folder, name):
         return _run_locked(config, axes, combos, cfgs, folder, name, metric, overrides, train_fn, say)
+
+
+def _refuse_same_config(cfgs: dict[str, Any]) -> None:
+    """Two grid values that read as the same setting (`1e-4,0.0001`, `8,8.0`) would train one config twice."""
+    seen: dict[str, str] = {}
+    same = []
+    for combo, cfg in cfgs.items():
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key in seen:
+            same.append(f"  - {seen[key]} and {combo}")
+        seen.setdefault(key, combo)
+    if same:
+        raise SweepError("these combinations train the same config (their grid values read as the same setting); "
+                         "drop the repeated values from --grid:\n" + "\n".join(same))
 
 
 @contextmanager

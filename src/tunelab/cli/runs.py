@@ -12,6 +12,7 @@ RUN is a run folder or a run name under --dir.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,9 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
     console = make_console()
     if args.action == "list":
+        if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+            raise runs.RunError(f"--dir {args.dir} is a file: give the folder that holds the runs (output.dir)")
         summaries = runs.list_runs(args.dir, sweep=args.sweep)
         if not summaries:
-            console.print(f"no runs in {args.dir}")
+            console.print(f"no runs in {args.dir}" + ("" if os.path.isdir(args.dir) else
+                                                      " (no such folder: runs go to output.dir, default outputs)"))
             return 0
         console.print(runs.runs_table(summaries))
     elif args.action == "show":
