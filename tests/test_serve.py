@@ -330,10 +330,12 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
     assert code == 0, proc.stdout.read()[-2000:]  # a clean stop (systemd, k8s), not "interrupted" / 130
 
 
-def test_shutdown_fails_answers_in_flight_with_503_and_an_sse_error_not_a_cut_connection(tiny, monkeypatch):
-    """SIGTERM / Ctrl-C with answers that outlast the grace period: they end as the docs promise, before uvicorn
-    cancels their tasks (a non-streamed one with a 503, a stream with an error event and [DONE])."""
+def shutdown_with_answers_in_flight(tiny, monkeypatch, grace: float, signals: int, log=None):
+    """A server whose answers outlast `grace`, sent SIGINT `signals` times (what uvicorn's handler is called with)
+    once a plain and a streamed request are both decoding: (the plain response, the stream's events). `log`: a
+    logging handler given uvicorn's errors."""
     import json
+    import logging
 
     from tunelab.serve import Engine, create_app, make_server
 
@@ -343,11 +345,13 @@ def test_shutdown_fails_answers_in_flight_with_503_and_an_sse_error_not_a_cut_co
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
-    srv = make_server(app, grace=1, log_level="critical")  # the engine stops after 0.5 s, uvicorn cancels at 1 s
+    srv = make_server(app, grace=grace, log_level="error" if log else "critical")
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started and thread.is_alive():
         time.sleep(0.05)
+    if log:  # after uvicorn has configured its loggers (which do not propagate to pytest's)
+        logging.getLogger("uvicorn.error").addHandler(log)
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 800}  # ~16 s of slowed decoding
     with ThreadPoolExecutor(1) as pool:
         plain = pool.submit(httpx.post, base, json=body, timeout=60)
@@ -359,9 +363,31 @@ def test_shutdown_fails_answers_in_flight_with_503_and_an_sse_error_not_a_cut_co
                     deadline = time.time() + 30
                     while app.state.engine.load()["active"] < 2 and time.time() < deadline:
                         time.sleep(0.05)
-                    srv.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+                    for _ in range(signals):
+                        srv.handle_exit(signal.SIGINT, None)
+                        time.sleep(0.3)  # uvicorn has begun its shutdown before the second one
         answer = plain.result()
     thread.join(timeout=30)
+    logging.getLogger("uvicorn.error").removeHandler(log)
+    assert not thread.is_alive()
+    return answer, [json.loads(line.removeprefix("data: ")) if line != "data: [DONE]" else "[DONE]"
+                    for line in lines if line]
+
+
+def test_shutdown_fails_answers_in_flight_with_503_and_an_sse_error_not_a_cut_connection(tiny, monkeypatch):
+    """SIGTERM / Ctrl-C with answers that outlast the grace period: they end as the docs promise, before uvicorn
+    cancels their tasks (a non-streamed one with a 503, a stream with an error event and [DONE])."""
+    # the engine stops after 0.5 s, uvicorn cancels at 1 s
+    answer, events = shutdown_with_answers_in_flight(tiny, monkeypatch, grace=1, signals=1)
     assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
-    events = [line.removeprefix("data: ") for line in lines if line]
-    assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
+    assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
+
+
+def test_a_second_ctrl_c_fails_answers_in_flight_at_once_with_no_traceback(tiny, monkeypatch, caplog):
+    """Ctrl-C twice (uvicorn's force quit) does not wait out the grace period, but the answers in flight still end
+    as after one: uvicorn alone left them to be cancelled with the loop (a plain-text 500, a cut stream, and an
+    'Exception in ASGI application' traceback per request)."""
+    answer, events = shutdown_with_answers_in_flight(tiny, monkeypatch, grace=60, signals=2, log=caplog.handler)
+    assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]

@@ -638,7 +638,11 @@ def make_server(app: FastAPI, grace: float = 10, **config: Any):
 class _Server(uvicorn.Server):
     """uvicorn cancels the requests still running when timeout_graceful_shutdown runs out and only then runs the
     lifespan's shutdown (which stops the engine), so those clients would get a cut connection. This server stops
-    the engine a little before that: its jobs fail with ShuttingDown and their answers go out while it waits."""
+    the engine a little before that: its jobs fail with ShuttingDown and their answers go out while it waits.
+
+    A second Ctrl-C (uvicorn's force quit) stops the engine at once too; uvicorn itself would stop waiting and leave
+    the requests to be cancelled when the loop closes: a plain-text 500 or a cut stream for each client, and a
+    traceback per request in the log."""
 
     def __init__(self, config, app: FastAPI):
         super().__init__(config)
@@ -656,3 +660,9 @@ class _Server(uvicorn.Server):
         finally:
             if stop is not None:
                 stop.cancel()
+        if self.force_exit:  # fail every job now and let those answers go out before the loop closes
+            self.app.state.engine.stop(timeout=0)
+            deadline = time.monotonic() + 2
+            while self.server_state.tasks and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await self.lifespan.shutdown()
