@@ -647,8 +647,8 @@ def test_a_control_token_typed_in_the_chat_is_refused_and_the_chat_goes_on(tiny)
     assert [m["role"] for m in convo] == ["user", "assistant"] and convo[0]["content"] == "Hello"
 
 
-def test_a_control_token_in_prompt_or_a_prompt_file_is_refused_before_generating(tiny, tiny_model_dir, tmp_path,
-                                                                                  monkeypatch, capsys):
+def test_a_control_token_in_prompt_or_a_prompt_file_is_refused_before_generating(tiny, tiny_model_dir, run_dir,
+                                                                                  tmp_path, monkeypatch, capsys):
     """The same text in --prompt or a line of --input was answered as if the user had written a system turn: a
     one-line error naming the prompt (file:line for --input), before any answer is generated."""
     from tunelab.cli import main
@@ -675,6 +675,11 @@ def test_a_control_token_in_prompt_or_a_prompt_file_is_refused_before_generating
     err = capsys.readouterr().err
     assert f"{src}:2: the prompt is refused: the user message holds '<file_sep>'" in err and "Traceback" not in err
     assert not dst.exists()
+    # --compare named a file's prompt by its place in the list ("prompt 2"), not by its line
+    src.write_text("\n".join([json.dumps("fine"), "", json.dumps(smuggled)]) + "\n")
+    assert main(["infer", "--adapter", str(run_dir), "--compare", "--input", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:3: the prompt is refused: the user message holds '<file_sep>'" in err and "Traceback" not in err
     history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                {"role": "user", "content": "c <issue_start>"}]
     with pytest.raises(TunelabError, match="^prompt 1 is refused: message 3 \\(user\\) holds '<issue_start>'"):
@@ -692,3 +697,47 @@ def test_a_conversation_that_ends_with_a_user_turn_is_answered_whole(tmp_path):
     rows = read_prompts(src)
     assert rows[0]["messages"] == convo and rows[0]["reference"] is None
     assert rows[1]["messages"] == convo[:1] and rows[1]["reference"] == "b"
+
+
+def test_an_empty_system_prompt_is_an_empty_system_turn(tiny):
+    """`--system ""` was dropped as if not given, so SmolLM2's template put in its default system prompt ("You are a
+    helpful AI assistant named SmolLM...") that the user had asked to leave out."""
+    from tunelab.data.template import render
+    from tunelab.infer import as_conversation
+
+    _, tok = tiny
+    assert as_conversation("Hi", "") == [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    assert as_conversation("Hi") == [{"role": "user", "content": "Hi"}]
+    default = render(tok, as_conversation("Hi"), add_generation_prompt=True)
+    empty = render(tok, as_conversation("Hi", ""), add_generation_prompt=True)
+    assert "You are a helpful AI assistant" in default and "You are a helpful" not in empty
+
+
+def test_a_system_prompt_that_fills_the_context_is_named_in_the_chat(tiny):
+    """A system prompt longer than the model's context made every message fail with "the prompt has N tokens",
+    however short the message, without saying that the system prompt (kept in every turn) was what filled it."""
+    import io
+
+    from tunelab.infer import chat_loop
+
+    model, tok = tiny
+    system = "word " * (model.config.max_position_embeddings + 10)
+    lines = iter(["Hi", "/exit"])
+    out = io.StringIO()
+    chat_loop(model, tok, system=system, input_fn=lambda _: next(lines), out=out, max_new_tokens=2)
+    n = len(tok(system, add_special_tokens=False)["input_ids"])
+    assert f"message not kept (the system prompt alone is {n} tokens and stays in every turn: /system TEXT sets a " \
+           "shorter one)" in out.getvalue()
+
+
+def test_an_input_row_that_holds_an_answer_is_said_to_be_replaced(tiny, tmp_path, caplog):
+    """{"prompt": ..., "answer": <the expected answer>} lines came back with the model's answer in "answer" and the
+    expected one gone, without a word."""
+    from tunelab.infer import answer_file
+
+    model, tok = tiny
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "answer": "gold"}) + "\n")
+    with caplog.at_level("WARNING", logger="tunelab.infer"):
+        answer_file(model, tok, src, tmp_path / "out.jsonl", max_new_tokens=2)
+    assert f"1 prompts of {src} already hold an \"answer\" (line 2 first): the output replaces it" in caplog.text

@@ -60,8 +60,10 @@ def require_chat_template(tokenizer, name: str) -> None:
 
 
 def as_conversation(prompt: str | Conversation, system: str | None = None) -> Conversation:
+    """`prompt` as a conversation, `system` as its first turn unless it has one. `system=""` is an empty system
+    turn, which templates with a default system prompt (SmolLM2's, Qwen's) then leave out; None adds none."""
     convo = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system and not (convo and convo[0]["role"] == "system"):
+    if system is not None and not (convo and convo[0]["role"] == "system"):
         convo = [{"role": "system", "content": system}] + convo
     return convo
 
@@ -344,7 +346,7 @@ def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
                 shown.append(piece)  # first: a Ctrl-C lands after print's write more often than before it
                 print(piece, end="", file=out, flush=True)
     except TunelabError as e:  # longer than the context, or refused by the template: say so, keep the history
-        print(f"error: {e}; message not kept", file=out)
+        print(f"error: {e}; message not kept{_system_share(tokenizer, convo)}", file=out)
         return history
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated):
@@ -365,16 +367,26 @@ def _chat_turn(model, tokenizer, convo: Conversation, out, gen: dict[str, Any],
     return [m for m in convo if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
 
 
+def _system_share(tokenizer, convo: Conversation) -> str:
+    """What the system prompt takes of a prompt too long for the context: it stays in every turn, so a long one
+    leaves no room however short the message."""
+    if not convo or convo[0]["role"] != "system" or not convo[0]["content"]:
+        return ""
+    n = len(tokenizer(convo[0]["content"], add_special_tokens=False)["input_ids"])
+    return f" (the system prompt alone is {n} tokens and stays in every turn: /system TEXT sets a shorter one)"
+
+
 # ---------------------------------------------------------------- files of prompts
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """JSONL lines: {"prompt": "..."}, {"messages": [...]} (a trailing assistant turn becomes the reference),
     or a plain JSON string per line. Every bad line is reported at once, as file:line: why."""
-    return [row for _, row in _numbered_prompts(path)]
+    return [row for _, row in numbered_prompts(path)]
 
 
-def _numbered_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+def numbered_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, prompt row) per prompt of a file, as `read_prompts` reads them."""
     rows, problems = [], []
     # "\n" only: str.splitlines() also splits at U+2028, U+0085 ..., which JSON strings may hold as they are
     for n, line in enumerate(read_user_text(path, "prompts", encoding="utf-8-sig").split("\n"), 1):
@@ -440,7 +452,7 @@ def check_batch(input_path: str | Path, output_path: str | Path,
     if why:
         raise TunelabError(f"--output {out} exists and is not an answers file ({why}); give another file, or "
                            "--overwrite to replace it")
-    return _numbered_prompts(input_path)
+    return numbered_prompts(input_path)
 
 
 def _not_answers(path: Path) -> str | None:
@@ -473,6 +485,11 @@ def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Pat
     The file is answered `8 * batch_size` prompts at a time, in its order: stopped (Ctrl-C, SIGTERM) after the
     first of those, the output keeps the answers so far and `BatchInterrupted` says how far it got."""
     numbered = check_batch(input_path, output_path, overwrite)
+    held = [n for n, row in numbered if "answer" in row]
+    if held:
+        log.warning("%d prompts of %s already hold an \"answer\" (line %d first): the output replaces it with this "
+                    "model's answer (a reference answer belongs in \"reference\", or as the last assistant turn of "
+                    "\"messages\")", len(held), input_path, held[0])
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)  # an output that cannot be written fails before generating
     tmp = staging_file(out)  # this process's own: not a user's X.tmp, nor another run's writing the same output
@@ -507,8 +524,10 @@ def answer_file(model, tokenizer, input_path: str | Path, output_path: str | Pat
 
 
 def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: list[str | Conversation],
-                    system: str | None = None, dtype: str = "auto", **gen: Any) -> list[tuple[str, str, str]]:
-    """(prompt, base answer, fine-tuned answer) per prompt.
+                    system: str | None = None, dtype: str = "auto", labels: list[str] | None = None,
+                    **gen: Any) -> list[tuple[str, str, str]]:
+    """(prompt, base answer, fine-tuned answer) per prompt. `labels`: how a prompt that cannot be answered is
+    named (as `generate`; "file:line: the prompt" for a file's).
 
     `adapter_or_merged` is a run folder, an adapter checkpoint or a merged model folder. With an adapter the
     base is loaded once and its answers come from the same weights with the adapter switched off; `base_model`
@@ -517,14 +536,14 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
     from tunelab.model.loading import read_tunelab_json, resolve_adapter_dir
 
     convos = [as_conversation(p, system) for p in prompts]
-    labels = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
     target = resolve_adapter_dir(adapter_or_merged)
     if (target / "adapter_config.json").is_file():
         model, tok = load(base_model, adapter=str(target), dtype=dtype)
         require_chat_template(tok, adapter_or_merged)
         with model.disable_adapter():
-            base_answers = generate(model, tok, convos, **gen)
-        tuned_answers = generate(model, tok, convos, **gen)
+            base_answers = generate(model, tok, convos, labels=labels, **gen)
+        tuned_answers = generate(model, tok, convos, labels=labels, **gen)
     else:
         rec = read_tunelab_json(target)  # the base the merged model was made from, as training loaded it
         base_model = base_model or rec.get("base_model")
@@ -532,13 +551,13 @@ def compare_answers(base_model: str | None, adapter_or_merged: str, prompts: lis
         require_chat_template(tok, adapter_or_merged)
         if base_model is None:  # before minutes of answering, not after
             raise TunelabError(f"{target} records no base model; pass the base model to compare against")
-        tuned_answers = generate(tuned, tok, convos, **gen)
+        tuned_answers = generate(tuned, tok, convos, labels=labels, **gen)
         del tuned
         same = base_model == rec.get("base_model")
         base, _ = load(base_model, dtype=dtype, revision=rec.get("revision") if same else None,
                        trust_remote_code=bool(rec.get("trust_remote_code")) if same else None)
-        base_answers = generate(base, tok, convos, **gen)
-    return list(zip(labels, base_answers, tuned_answers))
+        base_answers = generate(base, tok, convos, labels=labels, **gen)
+    return list(zip(shown, base_answers, tuned_answers))
 
 
 def print_comparison(rows: list[tuple[str, str, str]], console=None, titles=("base", "fine-tuned")) -> None:

@@ -47,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.compare:
+        labels = None
         if args.input:
-            prompts = [r["messages"] for r in infer.read_prompts(args.input)]
+            numbered = infer.numbered_prompts(args.input)
+            prompts = [r["messages"] for _, r in numbered]
+            labels = [f"{args.input}:{n}: the prompt" for n, _ in numbered]
         else:
             prompts = [args.prompt] if args.prompt else DEFAULT_COMPARE_PROMPTS
-        if args.adapter:
-            rows = infer.compare_answers(args.model, args.adapter, prompts, system=args.system, dtype=args.dtype, **gen)
-        else:
-            rows = infer.compare_answers(None, args.model, prompts, system=args.system, dtype=args.dtype, **gen)
+        base, tuned = (args.model, args.adapter) if args.adapter else (None, args.model)
+        rows = infer.compare_answers(base, tuned, prompts, system=args.system, dtype=args.dtype, labels=labels, **gen)
         infer.print_comparison(rows)
         return 0
     if args.input:
