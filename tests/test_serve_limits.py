@@ -333,6 +333,24 @@ def test_a_context_length_beyond_the_models_is_refused_at_startup(tiny, tiny_mod
     assert len(err) == 1 and err[0].startswith("error: context_length=") and str(most) in err[0]
 
 
+def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(tiny_model_dir, capsys):
+    """It loaded the model, printed "serving ... at http://127.0.0.1:PORT/v1", then uvicorn logged the bind error
+    and the process exited with 3."""
+    import socket
+
+    from tunelab.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_model_dir), "--dtype", "fp32", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "serving" not in out
+    assert err.strip() == f"error: cannot listen on 127.0.0.1:{port}: another program is listening there; stop it " \
+                          f"or give another --port"
+
+
 def test_an_empty_tools_list_and_parallel_tool_calls_ask_nothing_and_are_accepted(client):
     """Clients that send `"tools": []` or `"parallel_tool_calls": false` by default got 400 unknown field."""
     for extra in ({"tools": []}, {"parallel_tool_calls": False}, {"tools": None}):
@@ -357,8 +375,8 @@ def test_a_model_without_a_chat_template_says_so_at_startup_and_on_chat_requests
     config = json.loads((plain / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(serve_app, "make_server", lambda app, **kw: type("S", (), {"run": lambda self: None})())
-    serve_app.serve(str(plain), dtype="fp32")
+    monkeypatch.setattr(serve_app, "make_server", lambda app, **kw: type("S", (), {"run": lambda self, **kw: None})())
+    serve_app.serve(str(plain), dtype="fp32", port=0)
     assert f"{plain} has no chat template" in caplog.text and "/v1/completions serves raw prompts" in caplog.text
     tok = __import__("copy").deepcopy(tiny[1])
     tok.chat_template = None

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import errno
 import json
 import logging
 import secrets
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -600,6 +602,8 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     import torch
 
     settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
+    sock = _listen(host, port)  # a port in use is said now, not after loading the model and claiming to serve
+    port = sock.getsockname()[1]  # --port 0: the one the system picked
     # torch computes in the engine's thread; load with one thread here, so that this thread keeps no team of
     # OpenMP workers next to the engine's: with both, one-client decoding ran ~35% slower (bench/README.md)
     threads = torch.get_num_threads()
@@ -624,9 +628,29 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "
           f"http://{host}:{port}/v1 (OpenAI-compatible){' with an API key' if settings.api_key else ''}")
     try:
-        make_server(app, host=host, port=port, log_level="info").run()
+        make_server(app, host=host, port=port, log_level="info").run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on (uvicorn.run catches it too): done
         pass
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; a one-line TunelabError when it cannot be."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise TunelabError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "another program is listening there; stop it or give another --port" \
+            if e.errno == errno.EADDRINUSE else e.strerror
+        raise TunelabError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
 
 
 def make_server(app: FastAPI, grace: float = 10, **config: Any):
