@@ -236,3 +236,19 @@ def test_runs_list_tells_a_missing_or_file_dir_from_an_empty_one(tmp_path, capsy
     assert "(no such folder: runs go to output.dir" in capsys.readouterr().out
     assert main(["runs", "list", "--dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"no runs in {tmp_path}"
+
+
+def test_prepare_refuses_options_that_contradict_each_other(tmp_path, capsys):
+    """`--eval-file F --val-ratio 0.3` dropped --val-ratio without a word; `--show-samples -1` was taken as 0."""
+    from tunelab.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    args = ["prepare", "-i", str(data), "--no-tokenizer", "--check"]
+    assert main([*args, "--eval-file", str(data), "--val-ratio", "0.3"]) == 2
+    assert "--val-ratio and --eval-file exclude each other" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--show-samples", "-1"])
+    assert e.value.code == 2 and "--show-samples: '-1' is not a whole number of at least 0" in capsys.readouterr().err
+    assert main([*args, "--val-ratio", "0.5"]) == 0 and "val_ratio=0.5" in capsys.readouterr().out
+    assert main(args) == 0 and "val_ratio=0.1" in capsys.readouterr().out  # the default

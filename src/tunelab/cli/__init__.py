@@ -49,6 +49,7 @@ def _number(kind, ok, rule: str):
 
 
 positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+non_negative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
 port_number = _number(int, lambda v: 0 <= v <= 65535, "a port number (0-65535)")
 non_negative = _number(float, lambda v: 0 <= v < float("inf"), "a number of at least 0")
 positive = _number(float, lambda v: 0 < v < float("inf"), "a number above 0")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.cli import non_negative_int
+
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"  # the same default as model.name in tunelab.config
 
 
@@ -48,7 +50,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", default=None, help="system prompt added to records that carry none")
     p.add_argument("--max-reject-ratio", type=float, default=1.0,
                    help="fail (exit 1) when more than this share of records is rejected (default 1.0: never)")
-    p.add_argument("--show-samples", type=int, default=0, metavar="N",
+    p.add_argument("--show-samples", type=non_negative_int, default=0, metavar="N",
                    help="print N rendered records with the trained span marked [[ ]]")
     p.add_argument("--stage", default="sft", choices=["sft", "pt", "dpo", "orpo", "simpo", "kto"],
                    help="what the data trains (training.stage): sft conversations (default), pt raw text, "
@@ -64,9 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--output", "-o", default=None, help="prepared folder (default data/processed/<name>)")
     p.add_argument("--name", default=None, help="dataset name (default: the first input's file name)")
-    p.add_argument("--val-ratio", type=float, default=0.1, help="share held out for validation (default 0.1)")
+    p.add_argument("--val-ratio", type=float, default=None, help="share held out for validation (default 0.1)")
     p.add_argument("--eval-file", nargs="+", default=None, metavar="FILE",
-                   help="explicit validation data instead of --val-ratio")
+                   help="explicit validation data instead of --val-ratio (every input record then trains)")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/validation split (default 42)")
     p.add_argument("--check", action="store_true", help="validate and report only; write nothing")
 
@@ -90,11 +92,15 @@ def run_prepare(args: argparse.Namespace, inputs: list[str], check: bool) -> int
 
     if args.text_documents and args.stage != "pt":
         raise DataError(f"--text-documents applies to --stage pt (raw text), not --stage {args.stage}")
+    val_ratio = getattr(args, "val_ratio", None)  # validate has neither option
+    if getattr(args, "eval_file", None) and val_ratio is not None:
+        raise DataError("--val-ratio and --eval-file exclude each other: with --eval-file the validation split is "
+                        "that file and every input record trains; give one of them")
     tokenizer = None if args.no_tokenizer else load_stats_tokenizer(args.model)
     result = prepare_dataset(
         inputs, getattr(args, "output", None), format=args.format, column_map=args.map, tokenizer=tokenizer,
         max_length=args.max_length, overflow=args.overflow, train_on=args.train_on,
-        val_ratio=getattr(args, "val_ratio", 0.1), eval_inputs=getattr(args, "eval_file", None),
+        val_ratio=0.1 if val_ratio is None else val_ratio, eval_inputs=getattr(args, "eval_file", None),
         seed=getattr(args, "seed", 42), system_prompt=args.system_prompt, check=check,
         max_reject_ratio=args.max_reject_ratio, show_samples=args.show_samples, name=getattr(args, "name", None),
         stage=args.stage, text_documents=args.text_documents or "auto")
