@@ -268,3 +268,22 @@ def test_a_document_starts_with_bos_for_a_tokenizer_that_puts_one_before_every_t
     flat, ids = [t for p in pieces for t in p], [t for p in plain for t in p]
     assert flat[0] == bos and flat[1:len(ids) + 1] == ids[:len(flat) - 1]
     assert [p[0] for p in pieces[1:]].count(bos) == 0  # only the document's start, not every piece
+
+
+def test_control_tokens_written_in_a_document_are_trained_as_text(tmp_path, tiny_tokenizer):
+    """A document that held "<|im_end|>" or "<|endoftext|>" as text (code about tokenizers, a chat log, corpora
+    joined by a separator) was tokenised with those as the control tokens: the model learnt to end a turn or a
+    document there. They are its characters now, and prepare says which records held them."""
+    text = "A chat log: <|im_start|>user\nhi<|im_end|> and the end marker <|endoftext|> in prose."
+    pieces, _ = encode_text(tiny_tokenizer, text, 512)
+    ids = [t for p in pieces for t in p]
+    assert ids[-1] == tiny_tokenizer.eos_token_id and tiny_tokenizer.eos_token_id not in ids[:-1]
+    assert not set(ids[:-1]) & set(tiny_tokenizer.all_special_ids)
+    assert tiny_tokenizer.decode(ids[:-1]) == text
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in (DOCS[0], text, DOCS[1])) + "\n")
+    r = prepare_dataset([str(src)], tmp_path / "out", tokenizer=tiny_tokenizer, stage="pt", max_length=64,
+                        val_ratio=0.0, console=_quiet)
+    assert r.report["records_accepted"] == 3
+    assert r.report["warnings"]["control_token_as_text"] == 1
+    assert r.report["warning_examples"]["control_token_as_text"] == [f"{src} line 2"]

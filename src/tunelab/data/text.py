@@ -39,6 +39,7 @@ from typing import Any, Sequence
 from tunelab.data.formats import Invalid, _type_name, apply_map
 from tunelab.data.readers import (FileError, FileInfo, RawItem, _compression, _sniff_encoding, _text_lines,
                                   data_suffix, guarded, open_bytes, read_file)
+from tunelab.data.template import find_control_tokens
 from tunelab.data.values import text_problem
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
@@ -171,8 +172,12 @@ def _bos(tokenizer) -> list[int]:
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> tuple[list[list[int]], int]:
-    """(pieces of at most max_length token ids, [BOS +] the document + EOS split in order; tokens dropped)."""
-    ids = _bos(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """(pieces of at most max_length token ids, [BOS +] the document + EOS split in order; tokens dropped).
+
+    The document is text throughout: "<|endoftext|>" or "<|im_end|>" written in it are tokenised as those
+    characters, not as the control tokens (which would teach the model to end a document or a turn there); only
+    the BOS and EOS added here are control tokens."""
+    ids = _bos(tokenizer) + list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     pieces = [ids[k:k + max_length] for k in range(0, len(ids), max_length)]
@@ -187,6 +192,10 @@ def encode_document(tokenizer, rec: TextRecord, role: str, stats: "TextStats") -
     pieces, dropped = encode_text(tokenizer, rec.text, stats.max_length)
     if not pieces:
         raise Invalid("nothing_to_train", "the document is a single token: nothing to predict")
+    found = find_control_tokens(tokenizer, [{"content": rec.text}])
+    if found:
+        rec.warnings.append(("control_token_as_text", f"holds {found[0][1]!r} as text: trained as those characters, "
+                             "not as the control token; documents go in records of their own, not joined by it"))
     stats.add(role, pieces, dropped)
     return pieces
 
