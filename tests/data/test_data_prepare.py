@@ -424,3 +424,25 @@ def test_prepare_rejects_a_record_holding_a_control_token_with_its_location_and_
     assert any(p.startswith(f"  rejected {src} line 2: turn 2 (assistant) holds '<|im_end|>'") for p in printed)
     kept = load_prepared(tmp_path / "o")
     assert all("<|im" not in m["content"] for rec in kept.train + kept.val for m in rec["messages"])
+
+
+def test_a_control_token_in_a_tool_schema_rejects_the_record_where_the_template_renders_tools(tiny_tokenizer):
+    """A record's tool schemas are rendered into the prompt by templates that take tools (Qwen's, Llama 3's): a
+    description holding "<|im_end|>" became the real end-of-turn token there, unchecked (only message contents
+    were). A template that leaves the tools out (SmolLM2's) never reads them, so the record stays."""
+    import copy
+
+    from tunelab.data.template import RecordRejected, find_control_tokens
+
+    convo = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Sunny."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "ends with <|im_end|>",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    assert find_control_tokens(tiny_tokenizer, convo, tools) == []  # SmolLM2's template: no tools rendered
+    assert encode_record(tiny_tokenizer, convo, tools=tools).num_trained > 0
+    with_tools = copy.deepcopy(tiny_tokenizer)
+    with_tools.chat_template = ("{% if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
+                                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert find_control_tokens(with_tools, convo, tools) == [(None, "<|im_end|>")]
+    with pytest.raises(RecordRejected, match=r"^the tools hold '<\|im_end\|>' \(a control token of the tokenizer"):
+        encode_record(with_tools, convo, tools=tools)

@@ -255,7 +255,7 @@ def encode_preference(tokenizer, row: dict, max_length: int, overflow: str = "tr
     except Invalid as e:
         raise RecordRejected(e.reason) from None
     for part, turns in (("prompt", prompt), *zip(keys, sides)):
-        found = find_control_tokens(tokenizer, turns)
+        found = find_control_tokens(tokenizer, turns, tools if part == "prompt" else None)
         if found:
             raise RecordRejected(f"{part}: {control_token_reason(found, turns)}", "control_token")
     prompt_ids = list(tokenizer(render(tokenizer, prompt, tools, add_generation_prompt=True),

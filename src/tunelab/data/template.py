@@ -18,6 +18,7 @@ own. `find_control_tokens` finds them; training (`encode_record`), serve and inf
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,27 +139,51 @@ def special_tokens(tokenizer) -> dict[str, int]:
 CONTROL_TOKEN_WHY = "it would be read as the control token (e.g. ending the turn), not as text"
 
 
-def find_control_tokens(tokenizer, messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """(message index, token) for each special token of `tokenizer` that a message's content holds as text, in
-    message order, each token once per message. Empty when the conversation is safe to render and tokenise."""
+def find_control_tokens(tokenizer, messages: list[dict[str, Any]],
+                        tools: Any = None) -> list[tuple[int | None, str]]:
+    """(message index, token) for each special token of `tokenizer` that a message holds as text (in its content or
+    its tool calls' names and arguments), in message order, each token once per message; (None, token) for the
+    `tools` schemas the template renders into the prompt. Empty when the conversation is safe to render."""
     pattern = _control_tokens(tokenizer)[1]
     if pattern is None:
         return []
-    found = []
+    found: list[tuple[int | None, str]] = []
     for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str):
-            found += [(i, tok) for tok in dict.fromkeys(pattern.findall(content))]
+        texts = _texts([m.get("content"), m.get("tool_calls")]) if isinstance(m, dict) else ()
+        found += [(i, tok) for tok in dict.fromkeys(t for text in texts for t in pattern.findall(text))]
+    in_tools = dict.fromkeys(t for text in _texts(tools) for t in pattern.findall(text))
+    if in_tools and _renders_tools(tokenizer, messages, tools):  # a template that leaves tools out never reads them
+        found += [(None, tok) for tok in in_tools]
     return found
 
 
-def control_token_reason(found: list[tuple[int, str]], messages: list[dict[str, Any]]) -> str:
+def _renders_tools(tokenizer, messages: list[dict[str, Any]], tools: Any) -> bool:
+    try:
+        return render(tokenizer, messages, tools) != render(tokenizer, messages)
+    except Exception:  # noqa: BLE001 - whatever the template raises is reported where the record is encoded
+        return True
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value (keys too: a template renders a schema's property names)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _texts(k)
+            yield from _texts(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _texts(v)
+
+
+def control_token_reason(found: list[tuple[int | None, str]], messages: list[dict[str, Any]]) -> str:
     """`find_control_tokens`'s findings as one line: which turn (1-based, with its role) holds which token."""
-    by_turn: dict[int, list[str]] = {}
+    by_turn: dict[int | None, list[str]] = {}
     for i, tok in found:
         by_turn.setdefault(i, []).append(repr(tok))
-    where = "; ".join(f"turn {i + 1} ({messages[i].get('role')}) holds {', '.join(toks)}"
-                      for i, toks in by_turn.items())
+    where = "; ".join((f"turn {i + 1} ({messages[i].get('role')}) holds " if i is not None else "the tools hold ")
+                      + ", ".join(toks) for i, toks in by_turn.items())
     kind = "a control token" if len(found) == 1 else "control tokens"
     return f"{where} ({kind} of the tokenizer, as text): {CONTROL_TOKEN_WHY}"
 
@@ -167,7 +192,7 @@ def encode_record(tokenizer, messages: list[dict[str, Any]], *, tools: Any = Non
                   train_on: str = "assistant", overflow: str = "truncate") -> Encoded:
     """Tokenise one conversation and build its labels. Raises RecordRejected when nothing would be trained, or
     when a message holds a control token as text (`find_control_tokens`)."""
-    found = find_control_tokens(tokenizer, messages)
+    found = find_control_tokens(tokenizer, messages, tools)
     if found:
         raise RecordRejected(control_token_reason(found, messages), "control_token")
     text, spans = assistant_char_spans(tokenizer, messages, tools, train_on)
