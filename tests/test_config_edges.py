@@ -139,3 +139,13 @@ def test_a_key_given_twice_on_the_command_line_is_named_in_a_warning(tmp_path, m
            "the last one applies" in capsys.readouterr().err
     assert calls[0][1] == ["training.epochs=1", "lora.r=8", "training.epochs=3"]
     assert main(["train", "training.epochs=1", "lora.r=8"]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_a_repeated_key_is_reported_with_every_other_problem_of_the_file(tmp_path):
+    """The repeated keys came alone, and the file's other problems only after they were fixed."""
+    path = _write(tmp_path, "training:\n  epochs: 1\n  epochs: 2\n  batch_sise: 4\nlora:\n  r: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith("3 problems in ") and "training.epochs: given twice (lines 2 and 3)" in msg
+    assert "training.batch_sise: unknown key" in msg and "lora.r: " in msg and "line 6" in msg

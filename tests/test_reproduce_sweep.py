@@ -665,3 +665,35 @@ def test_reproduce_refuses_a_run_folder_whose_config_was_edited_or_is_missing(tm
     (run / "config.yaml").unlink()
     with pytest.raises(ReproduceError, match="has no config.yaml: the run records what it trained with there"):
         check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+
+
+def test_an_unknown_grid_key_is_named_once_with_the_key_meant(tmp_path):
+    """A misspelt axis was reported once per combination (a 3 x 3 grid: nine copies of one mistake)."""
+    with pytest.raises(SweepError) as e:
+        _sweep(tmp_path, ["lora.rr=8,16,32", "training.lr=1e-4,2e-4,3e-4"])
+    msg = str(e.value)
+    assert msg.count("lora.rr") == 1 and "lora.rr: unknown key (did you mean lora.r?)" in msg
+    assert msg.count("training.lr") == 1 and "(did you mean training.learning_rate?)" in msg
+    assert [k for k, _ in parse_grid(["data.map.instruction=q,question"])] == ["data.map.instruction"]
+
+
+def test_reproduce_says_which_tunelab_made_a_run_whose_config_this_one_cannot_read(tmp_path):
+    """A run from another tunelab version whose config.yaml holds a key this version does not know was refused as
+    an ordinary config mistake, with no word that the run came from another version."""
+    from tunelab.config import ConfigError
+    from tunelab.rundir import package_versions
+
+    run = _fabricated_run(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("training:\n",
+                                                                               "training:\n  warmup_steps: 5\n"))
+    (run / "manifest.json").write_text(json.dumps({**manifest, "versions": {"tunelab": "0.0.1"}}))
+    with pytest.raises(ReproduceError) as e:
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+    assert "training.warmup_steps: unknown key" in str(e.value)
+    now = package_versions()["tunelab"]
+    assert f"The run was trained by tunelab 0.0.1, and this is tunelab {now}" in str(e.value)
+    # the same version: the config mistake alone
+    (run / "manifest.json").write_text(json.dumps({**manifest, "versions": {"tunelab": now}}))
+    with pytest.raises(ConfigError, match="training.warmup_steps: unknown key"):
+        check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")

@@ -362,7 +362,7 @@ _OTHER_TOOLS_NAMES = {"lr": "learning_rate", "num_train_epochs": "epochs", "per_
                       "model_name_or_path": "name", "cutoff_len": "max_length", "lora_target": "target_modules"}
 
 
-def _hint(path: str) -> str:
+def key_hint(path: str) -> str:
     """The key meant: every key of that name in another section (batch_size: training. or eval.), else a close
     spelling of the path, else every key with a name close to it. Other tools' names (lr, num_train_epochs,
     lora_alpha, ...) count as ours."""
@@ -375,6 +375,12 @@ def _hint(path: str) -> str:
         near = difflib.get_close_matches(leaf, [p.split(".")[-1] for p in leaves], n=1, cutoff=0.75)
         close = [p for p in leaves if p.split(".")[-1] in near]
     return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def is_key(path: str) -> bool:
+    """A dotted key the schema has (sections too), or one inside a mapping setting (data.map.instruction)."""
+    return path in KEY_PATHS or any(path.startswith(f"{p}.") and get_origin(_schema_type(p.split("."))) is dict
+                                    for p in KEY_PATHS)
 
 
 def _line_of(path: str, source_text: str | None) -> str:
@@ -402,16 +408,17 @@ def _line_of(path: str, source_text: str | None) -> str:
     return ""
 
 
-def format_validation_error(err: ValidationError, source: str = "config", source_text: str | None = None,
-                            overridden: Sequence[str] = ()) -> str:
-    """Every problem, each with where it came from: the file's line, or the command-line override that set it."""
-    problems = []
-    for e in err.errors():
+def format_validation_error(err: ValidationError | None, source: str = "config", source_text: str | None = None,
+                            overridden: Sequence[str] = (), also: Sequence[str] = ()) -> str:
+    """Every problem (`also`: found before validation, e.g. repeated keys), each with where it came from: the
+    file's line, or the command-line override that set it."""
+    problems = list(also)
+    for e in err.errors() if err is not None else ():
         path = ".".join(str(p) for p in e["loc"])
         given = next((o for o in reversed(overridden) if o.partition("=")[0].strip() == path), None)
         where = f"command-line override {given}" if given else f"{source}{_line_of(path, source_text)}"
         if e["type"] == "extra_forbidden":
-            problems.append(f"  - {path}: unknown key ({where}){_hint(path)}")
+            problems.append(f"  - {path}: unknown key ({where}){key_hint(path)}")
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -501,14 +508,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(text: str, source: str) -> Any:
-    """The YAML document in `text` (None when empty), or a ConfigError naming `source`'s line: for a syntax error,
-    and for every key given twice in one mapping (PyYAML would keep the last one without a word: a second
-    `training:` section would drop everything the first one set)."""
+def read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
+    """The YAML document in `text` (None when empty) and a problem for every key given twice in one mapping
+    (PyYAML keeps the last one without a word: a second `training:` section would drop everything the first one
+    set), or a ConfigError naming `source`'s line and column for a syntax error."""
     try:
-        repeated = _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
-        if not repeated:
-            return yaml.safe_load(text)
+        return yaml.safe_load(text), _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
     except yaml.MarkedYAMLError as e:
         mark, context = e.problem_mark or e.context_mark, e.context_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -517,8 +522,6 @@ def read_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML{where}: {e.problem or e.context}{said}{tabs}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
-    n = len(repeated)
-    raise ConfigError(f"{n} problem{'s' if n > 1 else ''} in {source}:\n" + "\n".join(repeated))
 
 
 def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
@@ -546,7 +549,7 @@ def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate."""
     data: dict[str, Any] = {}
-    text, source = None, "defaults"
+    text, source, repeated = None, "defaults", []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -554,7 +557,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"config {path} is not a regular file (a folder, device or pipe): give a YAML file")
         text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
         source = str(path)
-        data = read_yaml(text, source)
+        data, repeated = read_yaml(text, source)
         data = {} if data is None else data  # an empty file (or only comments): the defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, training: ...)")
@@ -562,9 +565,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = apply_overrides(data, list(overrides))
         source = f"{source} + command-line overrides" if path else "command-line overrides"
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, text, overrides or ())) from None
+        raise ConfigError(format_validation_error(e, source, text, overrides or (), repeated)) from None
+    if repeated:
+        raise ConfigError(format_validation_error(None, source, also=repeated))
+    return cfg
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -112,7 +112,7 @@ def check_reproducible(run: Path, fingerprint_fn: Callable | None = None):
         hint = f"; continue it with: {resume_command(run)}" if status in ("interrupted", "failed", "stale") \
             else ""
         raise ReproduceError(f"{run} has status {status!r}: only a finished run can be reproduced{hint}")
-    cfg = _run_config(run)
+    cfg = _run_config(run, manifest)
     _same_as_manifest(cfg, run, manifest)
     recorded = manifest.get("data_fingerprint")
     if not recorded:
@@ -155,10 +155,11 @@ def _same_eval_data(cfg, run: Path, manifest: dict) -> None:
                              "Restore the original eval data, or train a new run on the new data.")
 
 
-def _run_config(run: Path):
+def _run_config(run: Path, manifest: dict):
     import yaml
 
-    from tunelab.config import load_run_config
+    from tunelab.config import ConfigError, load_run_config
+    from tunelab.rundir import package_versions
 
     if not (run / "config.yaml").is_file():
         raise ReproduceError(f"{run} has no config.yaml: the run records what it trained with there, and without it "
@@ -168,6 +169,12 @@ def _run_config(run: Path):
     except yaml.YAMLError as e:  # load_run_config parses the file before load_config's check, which says it better
         raise ReproduceError(f"{run / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]}): the run records "
                              "what it trained with there; restore the file to reproduce it") from None
+    except ConfigError as e:
+        then, now = (manifest.get("versions") or {}).get("tunelab"), package_versions()["tunelab"]
+        if not then or then == now:
+            raise
+        raise ReproduceError(f"{e}\nThe run was trained by tunelab {then}, and this is tunelab {now}, which does not "
+                             f"read its config.yaml as it stands: repeat it with tunelab {then}") from None
 
 
 def _repro_name(parent: Path, name: str) -> tuple[str, bool]:

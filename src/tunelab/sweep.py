@@ -54,6 +54,8 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    from tunelab.config import is_key, key_hint
+
     grid, problems = [], []
     for item in items:
         key, sep, values = item.partition("=")
@@ -65,6 +67,7 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
         problems += [f"  - {key.strip()}: the value {v} is given twice" for v in dict.fromkeys(vals)
                      if vals.count(v) > 1]
     keys = [k for k, _ in grid]
+    problems += [f"  - {k}: unknown key{key_hint(k)}" for k in dict.fromkeys(keys) if not is_key(k)]
     problems += [f"  - {k}: given twice" for k in sorted({k for k in keys if keys.count(k) > 1})]
     problems += [f"  - {k}: the sweep sets output.dir and output.run_name of each run itself (pass output.dir=... "
                  "as an override to choose where the sweep goes)" for k in keys if k.startswith("output.")]
