@@ -252,3 +252,13 @@ def test_prepare_refuses_options_that_contradict_each_other(tmp_path, capsys):
     assert e.value.code == 2 and "--show-samples: '-1' is not a whole number of at least 0" in capsys.readouterr().err
     assert main([*args, "--val-ratio", "0.5"]) == 0 and "val_ratio=0.5" in capsys.readouterr().out
     assert main(args) == 0 and "val_ratio=0.1" in capsys.readouterr().out  # the default
+
+
+def test_merge_refuses_a_tolerance_for_a_verification_it_skips(tmp_path, capsys):
+    """`--no-verify --tolerance 0.5` merged without checking anything, the tolerance dropped without a word."""
+    from tunelab.cli import main
+
+    assert main(["merge", "--adapter", str(tmp_path / "run"), "--output", str(tmp_path / "m"), "--no-verify",
+                 "--tolerance", "0.5"]) == 2
+    assert "--tolerance is the bound of the verification that --no-verify skips" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tunelab.runs import newest_run_checkpoint
 
+    if args.tolerance is not None and not args.verify:
+        from tunelab.merge import MergeError
+
+        raise MergeError("--tolerance is the bound of the verification that --no-verify skips: drop one of them")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     adapter = newest_run_checkpoint(args.adapter)
     if adapter is not None:
