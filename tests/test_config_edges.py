@@ -149,3 +149,14 @@ def test_a_repeated_key_is_reported_with_every_other_problem_of_the_file(tmp_pat
     msg = str(e.value)
     assert msg.startswith("3 problems in ") and "training.epochs: given twice (lines 2 and 3)" in msg
     assert "training.batch_sise: unknown key" in msg and "lora.r: " in msg and "line 6" in msg
+
+
+def test_a_malformed_override_is_reported_with_the_file_s_problems(tmp_path):
+    """An override without `=` stopped at 'bad command-line override' and hid the file's own problems."""
+    path = _write(tmp_path, "lora:\n  alpah: 16\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["training.epochs", "training.batch_size=0"])
+    msg = str(e.value)
+    assert msg.startswith("3 problems in ") and "'training.epochs': overrides look like section.key=value" in msg
+    assert "lora.alpah: unknown key" in msg and "line 2" in msg and "did you mean lora.alpha?" in msg
+    assert "training.batch_size: " in msg and "(command-line override training.batch_size=0)" in msg

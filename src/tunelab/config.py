@@ -484,6 +484,15 @@ def _as_typed(value: Any, text: str, annotation: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`data` with the dotted overrides set in it, or a ConfigError naming every override that cannot be."""
+    problems = _set_overrides(data, overrides)
+    if problems:
+        raise ConfigError("bad command-line override:\n" + "\n".join(problems))
+    return data
+
+
+def _set_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """Set each `section.key=value` in `data`; a problem for each one that names no key (it is left out)."""
     problems = []
     for item in overrides:
         if "=" not in item:
@@ -503,9 +512,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node[p]
         else:
             node[parts[-1]] = _as_typed(_parse_value(value), value.strip(), _schema_type(parts))
-    if problems:
-        raise ConfigError("bad command-line override:\n" + "\n".join(problems))
-    return data
+    return problems
 
 
 def read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
@@ -549,7 +556,7 @@ def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate."""
     data: dict[str, Any] = {}
-    text, source, repeated = None, "defaults", []
+    text, source, problems = None, "defaults", []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -557,19 +564,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"config {path} is not a regular file (a folder, device or pipe): give a YAML file")
         text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
         source = str(path)
-        data, repeated = read_yaml(text, source)
+        data, problems = read_yaml(text, source)  # keys given twice: reported with every other problem
         data = {} if data is None else data  # an empty file (or only comments): the defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, training: ...)")
     if overrides:
-        data = apply_overrides(data, list(overrides))
+        problems += _set_overrides(data, overrides)  # overrides that name no key, likewise
         source = f"{source} + command-line overrides" if path else "command-line overrides"
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, text, overrides or (), repeated)) from None
-    if repeated:
-        raise ConfigError(format_validation_error(None, source, also=repeated))
+        raise ConfigError(format_validation_error(e, source, text, overrides or (), problems)) from None
+    if problems:
+        raise ConfigError(format_validation_error(None, source, also=problems))
     return cfg
 
 
