@@ -160,3 +160,14 @@ def test_a_malformed_override_is_reported_with_the_file_s_problems(tmp_path):
     assert msg.startswith("3 problems in ") and "'training.epochs': overrides look like section.key=value" in msg
     assert "lora.alpah: unknown key" in msg and "line 2" in msg and "did you mean lora.alpha?" in msg
     assert "training.batch_size: " in msg and "(command-line override training.batch_size=0)" in msg
+
+
+def test_text_settings_in_a_file_keep_the_text_as_written(tmp_path):
+    """`revision: 0123456` was refused as 'not a valid string (got 42798)', YAML's octal reading, and
+    `system_prompt: no` as the boolean false; numbers and quoted text are unchanged."""
+    cfg = load_config(_write(tmp_path, "model:\n  revision: 0123456\ndata:\n  system_prompt: no\n"
+                                       "output:\n  run_name: 2024-01-01\ntraining:\n  epochs: 2\n  packing: no\n"
+                                       "lora:\n  r: 8\n"))
+    assert (cfg.model.revision, cfg.data.system_prompt, cfg.output.run_name) == ("0123456", "no", "2024-01-01")
+    assert (cfg.training.epochs, cfg.training.packing, cfg.lora.r) == (2, False, 8)
+    assert load_config(_write(tmp_path, "model:\n  revision: null\n")).model.revision is None

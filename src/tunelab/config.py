@@ -519,8 +519,13 @@ def read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
     """The YAML document in `text` (None when empty) and a problem for every key given twice in one mapping
     (PyYAML keeps the last one without a word: a second `training:` section would drop everything the first one
     set), or a ConfigError naming `source`'s line and column for a syntax error."""
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text), _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
+        root = loader.get_single_node()
+        repeated = _repeated_keys(root, "", set())  # before constructing: it merges `<<:` keys into the nodes
+        data = loader.construct_document(root) if root is not None else None
+        _text_as_written(data, root)
+        return data, repeated
     except yaml.MarkedYAMLError as e:
         mark, context = e.problem_mark or e.context_mark, e.context_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -529,6 +534,23 @@ def read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
         raise ConfigError(f"{source} is not valid YAML{where}: {e.problem or e.context}{said}{tabs}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _text_as_written(data: Any, root: Any) -> None:
+    """A text setting written plainly in a section keeps its text where YAML reads a number, a boolean or a date
+    (`revision: 0123456` is a commit, not the octal number 42798; `system_prompt: no` is the word)."""
+    if not (isinstance(data, dict) and isinstance(root, yaml.MappingNode)):
+        return
+    for section_key, section_node in root.value:
+        section = data.get(section_key.value) if isinstance(section_key, yaml.ScalarNode) else None
+        if not (isinstance(section, dict) and isinstance(section_node, yaml.MappingNode)):
+            continue
+        for key, node in section_node.value:
+            if isinstance(key, yaml.ScalarNode) and isinstance(node, yaml.ScalarNode) and key.value in section:
+                section[key.value] = _as_typed(section[key.value], node.value,
+                                               _schema_type([section_key.value, key.value]))
 
 
 def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
