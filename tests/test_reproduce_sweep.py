@@ -697,3 +697,14 @@ def test_reproduce_says_which_tunelab_made_a_run_whose_config_this_one_cannot_re
     (run / "manifest.json").write_text(json.dumps({**manifest, "versions": {"tunelab": now}}))
     with pytest.raises(ConfigError, match="training.warmup_steps: unknown key"):
         check_reproducible(run, fingerprint_fn=lambda cfg, name: "sha256:old")
+
+
+def test_a_config_mistake_every_combination_shares_is_said_once(tmp_path):
+    """A missing --config (or a typo in it) was reported once per combination of the grid."""
+    with pytest.raises(SweepError) as e:
+        _sweep(tmp_path, ["lora.r=8,16", "training.learning_rate=1e-4,2e-4"], config=str(tmp_path / "nope.yaml"))
+    msg = str(e.value)
+    assert msg.count("config file not found") == 1 and "every combination: config file not found" in msg
+    with pytest.raises(SweepError) as e:  # per combination where they differ
+        _sweep(tmp_path, ["lora.r=8,0,-1"])
+    assert "\nr0: " in str(e.value) and "\nr-1: " in str(e.value) and "r8" not in str(e.value)

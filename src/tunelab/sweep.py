@@ -222,14 +222,16 @@ def run_sweep(config: str | None, grid: Sequence[str], *, metric: str = "eval_lo
                          "the override in every run); keep one of them")
     combos = combinations(axes)
     # Validate every combination before training any: a typo in the last one must not surface hours later.
-    cfgs, problems = {}, []
+    cfgs, problems = {}, {}
     for combo, ovr in combos:
         try:
             cfgs[combo] = load_config(config, list(overrides) + ovr)
         except ConfigError as e:
-            problems.append(f"{combo}: {e}")
+            problems.setdefault(str(e), []).append(combo)  # a mistake in the config: said once, not per run
     if problems:
-        raise SweepError("the sweep has invalid combinations:\n" + "\n".join(problems))
+        raise SweepError("the sweep has invalid combinations:\n" + "\n".join(
+            f"{'every combination' if len(names) == len(combos) > 1 else ', '.join(names)}: {said}"
+            for said, names in problems.items()))
     _refuse_same_config(cfgs)
     base = next(iter(cfgs.values()))
     name = name or default_sweep_name(config, axes, overrides)
