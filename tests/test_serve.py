@@ -287,6 +287,33 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(slow_served):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
+def test_a_queued_client_that_disconnects_is_dropped_before_it_is_generated(slow_served):
+    """A non-streaming client that left was noticed by a poll once a second: a request queued behind a busy batch
+    was still admitted and generated to its end when the rows freed within that second, for nobody."""
+    import json
+
+    base, app = slow_served
+    engine = app.state.engine
+    assert wait_until_idle(base)["active"] == 0
+    streams = [open_stream(base) for _ in range(2)]  # both batch rows decoding
+    body = json.dumps({"model": NAME, "messages": HELLO, "max_tokens": 3}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    plain = socket.create_connection((host, int(port)))
+    plain.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.time() + 30
+    while httpx.get(base + "/health").json()["queued"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert httpx.get(base + "/health").json()["queued"] == 1
+    finished, prefills = engine.stats["finished"], engine.stats["prefills"]
+    plain.close()  # gone while queued; then the rows free up at once
+    for _, close in streams:
+        close()
+    assert wait_until_idle(base)["active"] == 0
+    time.sleep(1.5)  # past the old poll, which would have noticed too late
+    assert engine.stats["prefills"] == prefills and engine.stats["finished"] == finished
+
+
 def test_twenty_concurrent_clients(server, tiny):
     want = expected(tiny, HELLO, 6)
 

@@ -423,20 +423,26 @@ async def _answer(request: Request, prompts: list[list[int]], samplings: list[Sa
     jobs = [Job(ids, s, **stops, sink=lambda piece, ev=ev: piece is None and loop.call_soon_threadsafe(ev.set))
             for ids, s, ev in zip(prompts, samplings, events)]
     _submit(state, jobs)
+    answered = asyncio.ensure_future(asyncio.gather(*(ev.wait() for ev in events)))
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
-        for ev in events:
-            while not ev.is_set():
-                try:
-                    await asyncio.wait_for(ev.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
+        await asyncio.wait((answered, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not answered.done():
+            return None
     finally:
+        answered.cancel()
+        gone.cancel()
         for job in jobs:
             state.engine.release(job)
     for job in jobs:
         _raise_if_failed(job)
     return jobs
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client has closed its connection: its request is then dropped at once, queued or decoding."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _stream(request: Request, prompt_ids: list[int], sampling: Sampling, stops: dict[str, Any], chunk, final,
