@@ -171,3 +171,10 @@ def test_text_settings_in_a_file_keep_the_text_as_written(tmp_path):
     assert (cfg.model.revision, cfg.data.system_prompt, cfg.output.run_name) == ("0123456", "no", "2024-01-01")
     assert (cfg.training.epochs, cfg.training.packing, cfg.lora.r) == (2, False, 8)
     assert load_config(_write(tmp_path, "model:\n  revision: null\n")).model.revision is None
+
+
+def test_a_config_path_with_a_home_tilde_is_found(tmp_path, monkeypatch):
+    """`--config "~/c.yaml"` (quoted, so the shell left the ~) was 'config file not found: ~/c.yaml'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write(tmp_path, "training:\n  epochs: 2\n")
+    assert load_config("~/c.yaml").training.epochs == 2

@@ -580,7 +580,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     text, source, problems = None, "defaults", []
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()  # `--config "~/x.yaml"`: quoted, the shell left the ~
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}" if not path.exists() else
                               f"config {path} is not a regular file (a folder, device or pipe): give a YAML file")

@@ -102,7 +102,8 @@ def default_sweep_name(config: str | None, grid: list[tuple[str, list[str]]], ov
     """`<config stem>-sweep-<hash>` of the grid, the overrides and the config's text: the same command finds the
     same sweep again, and an edited config starts a new one instead of mixing results."""
     stem = Path(config).stem if config else "defaults"
-    text = Path(config).read_text(encoding="utf-8") if config and Path(config).is_file() else ""
+    path = Path(config).expanduser() if config else None
+    text = path.read_text(encoding="utf-8") if path and path.is_file() else ""
     digest = hashlib.sha256(json.dumps([grid, list(overrides), text]).encode()).hexdigest()[:6]
     return f"{stem}-sweep-{digest}"
 
