@@ -708,3 +708,15 @@ def test_a_config_mistake_every_combination_shares_is_said_once(tmp_path):
     with pytest.raises(SweepError) as e:  # per combination where they differ
         _sweep(tmp_path, ["lora.r=8,0,-1"])
     assert "\nr0: " in str(e.value) and "\nr-1: " in str(e.value) and "r8" not in str(e.value)
+
+
+def test_the_default_sweep_name_follows_a_config_named_under_home(tmp_path, monkeypatch):
+    """`--config "~/c.yaml"`: the file was not read, so an edited config kept the sweep name (and its results)."""
+    from tunelab.sweep import default_sweep_name
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    grid = parse_grid(["lora.r=8"])
+    (tmp_path / "c.yaml").write_text("training:\n  epochs: 1\n")
+    first = default_sweep_name("~/c.yaml", grid, [])
+    (tmp_path / "c.yaml").write_text("training:\n  epochs: 2\n")
+    assert default_sweep_name("~/c.yaml", grid, []) != first
