@@ -720,3 +720,19 @@ def test_the_default_sweep_name_follows_a_config_named_under_home(tmp_path, monk
     first = default_sweep_name("~/c.yaml", grid, [])
     (tmp_path / "c.yaml").write_text("training:\n  epochs: 2\n")
     assert default_sweep_name("~/c.yaml", grid, []) != first
+
+
+def test_reproduce_refuses_a_name_that_is_taken_before_fingerprinting(tmp_path):
+    """`--name` of the original (or another run) went through the data check and on to training, which then
+    refused it with advice about output.run_name."""
+    from tunelab.reproduce import reproduce
+
+    run = _fabricated_run(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text("{}")
+    fingerprinted = []
+    for name, says in ((run.name, "is the run itself"), ("other", "is a run")):
+        with pytest.raises(ReproduceError, match=f"--name {name}: .*{says}; the repeat goes beside the original"):
+            reproduce(run, name=name, fingerprint_fn=lambda cfg, n: fingerprinted.append(n) or "sha256:old",
+                      train_fn=lambda *a, **k: pytest.fail("trained"))
+    assert fingerprinted == []

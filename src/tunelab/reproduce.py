@@ -200,6 +200,10 @@ def reproduce(run: str | os.PathLike, *, runs_dir: str | os.PathLike = "outputs"
     from tunelab.runs import final_metrics, read_manifest, resolve_run
 
     original = resolve_run(run, runs_dir)
+    if name and (original.parent / name / "manifest.json").exists():  # found before the data is fingerprinted
+        taken = "the run itself" if (original.parent / name).resolve() == original.resolve() else "a run"
+        raise ReproduceError(f"--name {name}: {original.parent / name} is {taken}; the repeat goes beside the "
+                             f"original, so give a name not taken there (or none: {original.name}-repro)")
     cfg, manifest = check_reproducible(original, fingerprint_fn)
     before = loss_curves(original)  # read now: a damaged file is reported before the repeat, not after it
     cfg.output.dir = str(original.parent)
