@@ -127,6 +127,29 @@ def test_capacity_is_batch_plus_queue_and_release_frees_a_slot_at_once(tiny):
     engine.submit(Job([1, 2, 3], Sampling(4)))
 
 
+def test_load_counts_a_released_job_left_in_the_queue_in_neither_running_nor_queued(tiny):
+    """/health said one running and one queued with one running and none queued: a cancelled job still sitting in
+    the queue was counted as queued and taken off the running ones."""
+    import torch
+
+    from tunelab.serve import Engine, Job, Sampling
+
+    engine = Engine(*tiny, max_batch_size=1, max_queue=4)  # not started: the test admits by hand
+    jobs = [Job([1, 2, 3], Sampling(4)) for _ in range(3)]
+    for job in jobs:
+        engine.submit(job)
+    with torch.inference_mode():
+        engine._admit()  # the first one takes the only row
+    assert engine.load() == {"active": 1, "queued": 2, "capacity": 5}
+    engine.release(jobs[1])  # its client left while it waited
+    assert engine.load() == {"active": 1, "queued": 1, "capacity": 5}
+    engine.release(jobs[0])
+    with torch.inference_mode():
+        engine._step()  # the running one leaves; the released one is dropped, the last one admitted
+        engine._admit()
+    assert engine.load() == {"active": 1, "queued": 0, "capacity": 5} and jobs[1].finish_reason == "cancelled"
+
+
 def test_prompts_waiting_together_are_prefilled_in_one_padded_forward(tiny):
     from tunelab.serve import Engine, Job, Sampling
 

@@ -89,6 +89,7 @@ class Job:
     finish_reason: str | None = None  # stop | length | cancelled
     error: BaseException | None = None
     _released: bool = False
+    _queued: bool = False  # submitted, not yet taken by the worker, not released
 
     @property
     def prompt_tokens(self) -> int:
@@ -149,6 +150,7 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # jobs submitted and not yet released: the slots in use
+        self._waiting = 0  # of those, the ones still in the queue
         self._rows: list[_Row] = []
         from tunelab.decode import KERNELS, decode_step_for  # torch is imported when an engine is made, not before
 
@@ -177,6 +179,8 @@ class Engine:
             if self._pending >= self.capacity:
                 raise QueueFull(f"all {self.capacity} slots are busy")
             self._pending += 1
+            self._waiting += 1
+            job._queued = True
         self._queue.put(job)
 
     def release(self, job: Job) -> None:
@@ -186,13 +190,19 @@ class Engine:
             if not job._released:
                 job._released = True
                 self._pending -= 1
+                self._dequeued(job)
+
+    def _dequeued(self, job: Job) -> None:
+        """The job has left the queue's count: taken by the worker, or released (under the lock)."""
+        if job._queued:
+            job._queued = False
+            self._waiting -= 1
 
     def load(self) -> dict[str, int]:
-        """Slots in use: running (decoding or being prefilled) and queued; a released job counts in neither."""
+        """Slots in use: running (decoding or being prefilled) and queued; a released job counts in neither (though
+        it may sit in the queue until the worker drops it)."""
         with self._lock:
-            pending = self._pending
-        queued = min(pending, self._queue.qsize())  # a cancelled job may still sit in the queue until admitted
-        return {"active": pending - queued, "queued": queued, "capacity": self.capacity}
+            return {"active": self._pending - self._waiting, "queued": self._waiting, "capacity": self.capacity}
 
     def run(self, jobs: list[Job]) -> None:
         """Answer `jobs` in the calling thread, batched as the worker would, and return when all have finished.
@@ -243,6 +253,9 @@ class Engine:
             except queue.Empty:
                 break
             block = False
+            if job is not None:
+                with self._lock:
+                    self._dequeued(job)
             if job is None or self._stopping.is_set():
                 if job is not None:
                     self._finish(job, None, ShuttingDown("the server is shutting down"))
