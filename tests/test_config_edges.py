@@ -178,3 +178,18 @@ def test_a_config_path_with_a_home_tilde_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _write(tmp_path, "training:\n  epochs: 2\n")
     assert load_config("~/c.yaml").training.epochs == 2
+
+
+def test_misspelt_and_flattened_sections_are_told_what_was_meant(tmp_path):
+    """`trainig:` got 'did you mean training.seed?', `grad_accum` 'training.max_grad_norm?', `model: Qwen/...`
+    pydantic's 'valid dictionary or instance of ModelConfig', and a `training:` whose keys were all commented out
+    was refused as None."""
+    path = _write(tmp_path, "Trainig:\n  epochs: 1\nmodel: Qwen/Qwen2.5-1.5B-Instruct\nlora:\n  grad_accum: 4\n"
+                            "  max_seq_length: 8\n")
+    msg = str(pytest.raises(ConfigError, load_config, path).value)
+    assert "Trainig: unknown key" in msg and "(did you mean training?)" in msg
+    assert "model: a section is due here, with its settings under it (e.g. model: {name: ...})" in msg
+    assert "lora.grad_accum: unknown key" in msg and "(did you mean training.gradient_accumulation_steps?)" in msg
+    assert "(did you mean data.max_length?)" in msg
+    cfg = load_config(_write(tmp_path, "training:\n  # epochs: 1\nlora:\n  r: 8\n"))
+    assert cfg.training.epochs == 3 and cfg.lora.r == 8

@@ -34,9 +34,13 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _numbers_are_not_booleans(cls, value: Any, info) -> Any:
-        """pydantic reads true / false as 1 / 0 where a number is due, and YAML reads yes / no / on / off as those."""
+    def _as_meant(cls, value: Any, info) -> Any:
+        """A section left empty (`training:` with its keys commented out) holds the defaults; a boolean is no number
+        (pydantic reads true / false as 1 / 0, and YAML reads yes / no / on / off as those); a list setting given
+        one word says how to write the list."""
         annotation = cls.model_fields[info.field_name].annotation
+        if value is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return {}
         kinds = {annotation, *get_args(annotation)}
         if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
             raise ValueError(f"a number is due here, not the boolean {str(value).lower()} (YAML reads yes, no, on, "
@@ -359,17 +363,25 @@ SECTION_PATHS = {p for p in KEY_PATHS if f"{p}." in " ".join(KEY_PATHS)}  # mode
 # transformers' TrainingArguments, peft's LoraConfig and LLaMA-Factory's names for keys of ours
 _OTHER_TOOLS_NAMES = {"lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
                       "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-                      "model_name_or_path": "name", "cutoff_len": "max_length", "lora_target": "target_modules"}
+                      "model_name_or_path": "name", "cutoff_len": "max_length", "lora_target": "target_modules",
+                      # TRL, axolotl and common shorthand
+                      "max_seq_length": "max_length", "max_seq_len": "max_length", "sequence_len": "max_length",
+                      "micro_batch_size": "batch_size", "num_epochs": "epochs", "base_model": "name",
+                      "grad_accum": "gradient_accumulation_steps",
+                      "gradient_accumulation": "gradient_accumulation_steps",
+                      "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules"}
 
 
 def key_hint(path: str) -> str:
     """The key meant: every key of that name in another section (batch_size: training. or eval.), else a close
     spelling of the path, else every key with a name close to it. Other tools' names (lr, num_train_epochs,
     lora_alpha, ...) count as ours."""
-    leaf = path.split(".")[-1]
+    leaf = path.split(".")[-1].lower()
     leaf = _OTHER_TOOLS_NAMES.get(leaf, leaf)
     leaves = [p for p in KEY_PATHS if p not in SECTION_PATHS]
     close = [p for p in leaves if p.split(".")[-1] == leaf and p != path]
+    if not close and "." not in path:  # a misspelt section (trainig:, Training:)
+        close = difflib.get_close_matches(path.lower(), sorted(SECTION_PATHS), n=1, cutoff=0.75)
     close = close or difflib.get_close_matches(path, leaves, n=1, cutoff=0.6)
     if not close:
         near = difflib.get_close_matches(leaf, [p.split(".")[-1] for p in leaves], n=1, cutoff=0.75)
@@ -423,6 +435,9 @@ def format_validation_error(err: ValidationError | None, source: str = "config",
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             said = e["msg"].removeprefix("Value error, ")  # our own checks' words, without pydantic's prefix
+            if path in SECTION_PATHS and e["type"] == "model_type":  # `model: Qwen/...`, `training: 3`
+                first = next(iter(Config.model_fields[path].annotation.model_fields))
+                said = f"a section is due here, with its settings under it (e.g. {path}: {{{first}: ...}})"
             problems.append(f"  - {path or '(top level)'}: {said}{shown} ({where})")
     n = len(problems)
     return f"{n} problem{'s' if n > 1 else ''} in {source}:\n" + "\n".join(problems)
