@@ -3,6 +3,8 @@ No model is loaded; every test reads configs only."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tunelab.config import ConfigError, load_config, load_run_config
@@ -193,3 +195,25 @@ def test_misspelt_and_flattened_sections_are_told_what_was_meant(tmp_path):
     assert "(did you mean data.max_length?)" in msg
     cfg = load_config(_write(tmp_path, "training:\n  # epochs: 1\nlora:\n  r: 8\n"))
     assert cfg.training.epochs == 3 and cfg.lora.r == 8
+
+
+@pytest.mark.parametrize("name,content", [
+    ("d.json", '[{"instruction": "a", "output": "b"}]'),
+    ("d.jsonl", '{"instruction": "a", "output": "b"}\n'),  # alpaca's `output` is no section
+    ("d2.jsonl", '{"a": 1}\n{"b": 2}\n'),
+    ("d.csv", "instruction,output\na,b\n"),
+])
+def test_a_dataset_given_as_the_config_is_told_so(tmp_path, name, content):
+    """`tunelab train --config data.jsonl` reported 'output: Input should be a valid dictionary', 'instruction:
+    unknown key', 'top level must be a mapping' or a YAML parse error, never that a dataset was given."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"looks like a dataset, not a config .*give the data as "
+                                          f"data.train={re.escape(str(path))}"):
+        load_config(path)
+
+
+def test_a_config_written_as_json_still_loads(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"training": {"epochs": 2}, "output": {"dir": "runs"}}')
+    assert load_config(path).training.epochs == 2

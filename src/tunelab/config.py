@@ -599,9 +599,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}" if not path.exists() else
                               f"config {path} is not a regular file (a folder, device or pipe): give a YAML file")
-        text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
         source = str(path)
-        data, problems = read_yaml(text, source)  # keys given twice: reported with every other problem
+        try:
+            text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
+            data, problems = read_yaml(text, source)  # keys given twice: reported with every other problem
+        except ConfigError:
+            _not_a_dataset(path, None)
+            raise
+        _not_a_dataset(path, data)
         data = {} if data is None else data  # an empty file (or only comments): the defaults
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, training: ...)")
@@ -615,6 +620,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(format_validation_error(None, source, also=problems))
     return cfg
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq", ".gz", ".txt", ".md")
+
+
+def _not_a_dataset(path: Path, data: Any) -> None:
+    """`--config data/raw/my_data.json`: a data file where the config goes (JSON is YAML too, so a config may be
+    written as .json; one with a section of settings in it is read as one, Alpaca's `output: text` is no section)."""
+    sections = [k for k, v in data.items() if k in Config.model_fields and isinstance(v, (dict, type(None)))] \
+        if isinstance(data, dict) else []
+    if path.suffix.lower() in _DATA_SUFFIXES and not sections:
+        raise ConfigError(f"{path} looks like a dataset, not a config (a YAML file of sections model:, lora:, "
+                          f"training: ...): give the data as data.train={path}, and --config a YAML file")
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
