@@ -72,6 +72,21 @@ def test_limits_answer_400_or_413_in_openai_shape(client):
     assert client.post("/v1/completions", json={**COMPLETE, "prompt": ["a", "b", "c"]}).status_code == 200
 
 
+def test_a_type_error_in_a_union_field_names_the_field_not_pydantics_branch(client):
+    """param was "stop.str" for five stop strings and "prompt.str" for a prompt of token ids: no such field."""
+    for path, body, param in (("/v1/chat/completions", {**CHAT, "stop": list("abcde")}, "stop"),
+                              ("/v1/completions", {**COMPLETE, "prompt": [1, 2, 3]}, "prompt"),
+                              ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]},
+                               "messages.0.content"),
+                              ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"x": 1}]}]},
+                               "messages.0.content"),
+                              ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a", "nme": 1}]},
+                               "messages.0.nme")):
+        r = client.post(path, json=body)
+        assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, r.json()
+        assert "str" not in r.json()["error"]["message"].split(":")[0].split("."), r.json()
+
+
 def test_api_key_guards_every_route_but_health(client):
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", f"/v1/models/{NAME}", "/v1/nothing"):
         r = client.get(path, headers={"Authorization": ""})

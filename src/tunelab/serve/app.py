@@ -217,8 +217,21 @@ async def _api_error(request: Request, exc: APIError):
     return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
+_FIELDS = {name for m in (ChatRequest, CompletionRequest, ChatMessage, ContentPart, StreamOptions)
+           for name in m.model_fields}
+
+
+def _where(e: dict[str, Any]) -> str:
+    """The field an error is about (`messages.0.content`), without the union branches pydantic puts in its path
+    (`stop.str`, `stop.list[str]`, `messages.0.content.list[ContentPart].0.type`), which name no field."""
+    loc = [x for x in e.get("loc", ()) if x != "body"]
+    unknown = e.get("type") == "extra_forbidden"  # the last element is the client's own (unknown) field name
+    return ".".join(str(x) for i, x in enumerate(loc) if isinstance(x, int) or x in _FIELDS
+                    or (unknown and i == len(loc) - 1)) or "body"
+
+
 def _describe(e: dict[str, Any]) -> str:
-    where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+    where = _where(e)
     if e.get("type") == "extra_forbidden":
         name = str(e.get("loc", ("",))[-1])
         near = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1)
@@ -230,9 +243,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     errs = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errs):
         return _error(400, "the request body is not valid JSON", code="invalid_json")
-    first = errs[0] if errs else {}
-    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-    return _error(400, "invalid request: " + "; ".join(_describe(e) for e in errs[:10]), param=param)
+    param = _where(errs[0]) if errs else None
+    return _error(400, "invalid request: " + "; ".join(dict.fromkeys(_describe(e) for e in errs[:10])), param=param)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
