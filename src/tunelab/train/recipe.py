@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -157,6 +157,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     life.say(f"Data: {data.data_info['train_records']} train / {data.data_info['val_records']} eval records, "
              f"{data.data_info['train_target_tokens']:,} trained tokens per epoch (fingerprint {data.fingerprint[:12]})")
     model, choice = build_model(cfg, accelerator, life.say)
+    _refuse_past_positions(model, cfg, data.train + data.val)  # records kept past data.max_length
     base = same_base(cfg, life)
     refuse_short_disk(life, model, t_cfg.method)
     loss_fn = CausalLMLoss(model, chunk_size=t_cfg.loss_chunk_size)
@@ -479,14 +480,23 @@ def load_base(cfg: Config, accelerator, say):
     return model, choice
 
 
-def _refuse_past_positions(model, cfg: Config) -> None:
+def _refuse_past_positions(model, cfg: Config, records: Sequence[dict] = ()) -> None:
     """A record longer than the model's positions trains on positions it never had (rotary models) or fails in
     the embedding lookup (learned positions); packed rows restart positions at each record, so the record's
-    length is what counts."""
+    length is what counts. `records` (encoded): data.overflow=keep trains records past data.max_length whole."""
     positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and cfg.data.max_length > positions:
+    if not isinstance(positions, int):
+        return
+    if cfg.data.max_length > positions:
         raise TunelabError(f"data.max_length={cfg.data.max_length} is more than {cfg.model.name}'s "
                            f"max_position_embeddings ({positions}); give data.max_length at most {positions}")
+    over = [e for e in records if len(e["input_ids"]) > positions]
+    if over:
+        longest = max(over, key=lambda e: len(e["input_ids"]))
+        raise TunelabError(f"{len(over)} record(s) kept whole by data.overflow={cfg.data.overflow} are longer than "
+                           f"{cfg.model.name}'s max_position_embeddings ({positions}); the longest has "
+                           f"{len(longest['input_ids'])} tokens ({longest['where']}). Set data.overflow=truncate (or "
+                           "drop) to train at most data.max_length tokens of each")
 
 
 def ready_to_train(model, accelerator, say, lora_dropout: float):
