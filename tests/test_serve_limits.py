@@ -87,6 +87,17 @@ def test_a_type_error_in_a_union_field_names_the_field_not_pydantics_branch(clie
         assert "str" not in r.json()["error"]["message"].split(":")[0].split("."), r.json()
 
 
+def test_max_completion_tokens_errors_name_it_and_no_max_tokens_is_not_none(client):
+    """A too-large max_completion_tokens was refused as "max_tokens=33 ..." with param max_tokens, a field the
+    client had not sent; a prompt filling the context without max_tokens was "max_tokens asks for None"."""
+    r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": None, "max_completion_tokens": 33})
+    assert is_openai_error(r, 400) and r.json()["error"]["param"] == "max_completion_tokens"
+    assert r.json()["error"]["message"].startswith("max_completion_tokens=33 ")
+    r = client.post("/v1/completions", json={**COMPLETE, "prompt": "word " * 300, "max_tokens": None})
+    assert is_openai_error(r, 400) and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "None" not in r.json()["error"]["message"] and "no room is left" in r.json()["error"]["message"]
+
+
 def test_api_key_guards_every_route_but_health(client):
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", f"/v1/models/{NAME}", "/v1/nothing"):
         r = client.get(path, headers={"Authorization": ""})

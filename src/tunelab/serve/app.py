@@ -362,18 +362,21 @@ def _stops(state, req: _Request) -> dict[str, Any]:
     return {"stops": texts, "stop_ids": frozenset(ids)}
 
 
-def _sampling(state, req: _Request, prompt_ids: list[int], max_tokens: int | None, param: str) -> Sampling:
+def _sampling(state, req: _Request, prompt_ids: list[int], param: str) -> Sampling:
     limit, context = state.settings.max_tokens_limit, state.context
+    # chat's max_completion_tokens is what newer OpenAI clients send; it wins over the deprecated max_tokens
+    name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    max_tokens = getattr(req, name)
     if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({limit})",
-                       param="max_tokens", code="max_tokens_exceeded")
+        raise APIError(400, f"{name}={max_tokens} is more than this server allows ({limit})",
+                       param=name, code="max_tokens_exceeded")
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param=param)
     room = context - len(prompt_ids)
     if room < 1 or (max_tokens is not None and max_tokens > room):
+        asks = f"{name} asks for {max_tokens}" if max_tokens is not None else "no room is left for an answer"
         raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
-                            f"{len(prompt_ids)} and max_tokens asks for {max_tokens}",
-                       param=param, code="context_length_exceeded")
+                            f"{len(prompt_ids)} and {asks}", param=param, code="context_length_exceeded")
     return Sampling(max_new_tokens=min(max_tokens or limit, room, limit), temperature=req.temperature or 0.0,
                     top_p=req.top_p or 1.0, repetition_penalty=req.repetition_penalty, seed=req.seed)
 
@@ -533,7 +536,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                 for m in req.messages]
     prompt_ids = await _off_loop(state, _render_chat, state.tokenizer, messages)
-    sampling = _sampling(state, req, prompt_ids, req.max_completion_tokens or req.max_tokens, "messages")
+    sampling = _sampling(state, req, prompt_ids, "messages")
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": state.model_name}
     if req.stream:
@@ -576,7 +579,7 @@ async def completions(req: CompletionRequest, request: Request):
     if req.echo:
         raise APIError(400, "echo is not supported", param="echo")
     encoded = await _off_loop(state, _encode_prompts, state.tokenizer, [_clean(p, "prompt") for p in prompts])
-    samplings = [_sampling(state, req, ids, req.max_tokens, "prompt") for ids in encoded]
+    samplings = [_sampling(state, req, ids, "prompt") for ids in encoded]
     rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": now, "model": state.model_name}
     if req.stream:
@@ -611,6 +614,24 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
           weights: str = "model", **fields: Any) -> None:
     """Load the model (and adapter) and serve it until interrupted; `fields` override `settings`; `weights`: what
     decode steps multiply with (`tunelab.decode.set_decode_weights`: "model" or opt-in "int8")."""
+    settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
+    # a port in use is said now, not after loading the model and claiming to serve; closed however serving ends
+    with _listen(host, port) as sock:
+        app, described = _load_app(model, adapter, model_name, dtype, settings, weights)
+        port = sock.getsockname()[1]  # the one picked, for --port 0
+        print(f"serving {described} at http://{host}:{port}/v1 (OpenAI-compatible)"
+              f"{' with an API key' if settings.api_key else ''}")
+        try:
+            make_server(app, host=host, port=port, log_level="info").run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on (uvicorn.run catches it too): done
+            pass
+
+
+def _load_app(model: str | None, adapter: str | None, model_name: str | None, dtype: str, settings: ServeSettings,
+              weights: str) -> tuple[FastAPI, str]:
+    """The app over the loaded model, and how `serve` describes it ("'name' (bf16, up to 32 requests per batch)")."""
     from pathlib import Path
 
     from tunelab.decode import set_decode_weights
@@ -619,9 +640,6 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
 
     import torch
 
-    settings = ServeSettings.model_validate({**(settings or ServeSettings()).model_dump(), **fields})
-    sock = _listen(host, port)  # a port in use is said now, not after loading the model and claiming to serve
-    port = sock.getsockname()[1]  # --port 0: the one the system picked
     # torch computes in the engine's thread; load with one thread here, so that this thread keeps no team of
     # OpenMP workers next to the engine's: with both, one-client decoding ran ~35% slower (bench/README.md)
     threads = torch.get_num_threads()
@@ -637,20 +655,11 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
         folder = Path(adapter).resolve()
         name = folder.parent.name if folder.name == "checkpoint-final" else folder.name
     name = name or (Path(model).resolve().name if Path(model).exists() else model)
-    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     app = create_app(m, tok, name, settings)
     app.state.torch_threads = threads  # the engine's worker decodes with these
     dtype_name = str(next(m.parameters()).dtype).removeprefix("torch.")
     dtype_name += ", int8 decode weights" if weights == "int8" else ""
-    print(f"serving '{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch) at "
-          f"http://{host}:{port}/v1 (OpenAI-compatible){' with an API key' if settings.api_key else ''}")
-    try:
-        make_server(app, host=host, port=port, log_level="info").run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on (uvicorn.run catches it too): done
-        pass
-    finally:
-        sock.close()
+    return app, f"'{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch)"
 
 
 def _listen(host: str, port: int) -> socket.socket:
