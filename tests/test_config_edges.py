@@ -217,3 +217,22 @@ def test_a_config_written_as_json_still_loads(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"training": {"epochs": 2}, "output": {"dir": "runs"}}')
     assert load_config(path).training.epochs == 2
+
+
+def test_every_problem_has_its_line_in_flow_style_merges_and_lists_too(tmp_path):
+    """Lines were found by scanning the text: none for flow style (`training: {epochs: many}`), none for a list
+    item, none for a check across settings; a list with a bad item also got 'should be all-linear'."""
+    path = _write(tmp_path, "lora: {r: 8}\ntraining: {epochs: many, batch_sise: 2}\nx: &b {max_samples: 0}\n"
+                            "eval:\n  <<: *b\n  metrics:\n    - bleu\n    - bleurt\n")
+    msg = str(pytest.raises(ConfigError, load_config, path).value)
+    assert "training.epochs: Input should be a valid number" in msg and "(got 'many') (" in msg
+    assert f"{path}, line 2)" in msg and "training.batch_sise: unknown key (" in msg
+    assert f"eval.max_samples: Input should be greater than or equal to 1 (got 0) ({path}, line 3)" in msg
+    assert "eval.metrics.1: Input should be" in msg and f"(got 'bleurt') ({path}, line 8)" in msg
+    modules = _write(tmp_path, "lora:\n  target_modules:\n    - q_proj\n    - 3\n")
+    msg = str(pytest.raises(ConfigError, load_config, modules).value)
+    assert msg.startswith("1 problem") and f"lora.target_modules.1: Input should be a valid string (got 3) " \
+                                           f"({modules}, line 4)" in msg
+    both = _write(tmp_path, "training:\n  packing: true\n  group_by_length: true\n")
+    msg = str(pytest.raises(ConfigError, load_config, both).value)
+    assert "exclude each other" in msg and f"({both}, line 2)" in msg

@@ -47,9 +47,10 @@ class _Section(BaseModel):
                              "off, true and false as booleans)")
         members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
         words = [w for m in members if get_origin(m) is Literal for w in get_args(m)]  # target_modules: all-linear
-        if isinstance(value, str) and any(get_origin(m) is list for m in members) and value not in words:
-            items = ", ".join(v.strip() for v in value.split(",") if v.strip()) or "..."
-            raise ValueError(f"a list is due here: write [{items}]" + "".join(f" or {w}" for w in words))
+        listed = any(get_origin(m) is list for m in members) and not isinstance(value, list)
+        if listed and value not in words and (value is not None or type(None) not in members):
+            items = ", ".join(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else ""
+            raise ValueError(f"a list is due here: write [{items or '...'}]" + "".join(f" or {w}" for w in words))
         return value
 
 
@@ -395,46 +396,76 @@ def is_key(path: str) -> bool:
                                     for p in KEY_PATHS)
 
 
-def _line_of(path: str, source_text: str | None) -> str:
-    """Best-effort 'line N' for a dotted key in the YAML text it came from."""
-    if not source_text:
-        return ""
-    parts = path.split(".")
-    depth, want = 0, parts[0]
-    indent_stack: list[int] = []
-    for lineno, raw in enumerate(source_text.splitlines(), 1):
-        stripped = raw.lstrip()
-        if not stripped or stripped.startswith("#") or ":" not in stripped:
-            continue
-        indent = len(raw) - len(stripped)
-        while indent_stack and indent <= indent_stack[-1]:
-            indent_stack.pop()
-            depth -= 1
-        key = stripped.split(":", 1)[0].strip().strip("'\"")
-        nested = bool(indent_stack) or indent > 0  # the key is in a section the path does not go through
-        if depth < len(parts) and key == parts[depth] and (depth > 0 or not nested):
-            if depth == len(parts) - 1:
-                return f", line {lineno}"
-            indent_stack.append(indent)
-            depth += 1
-    return ""
+def _key_lines(node: Any, prefix: str = "", lines: dict[str, int] | None = None) -> dict[str, int]:
+    """The line of every dotted key (and list item: lora.target_modules.1) in a composed YAML document, flow style
+    and `<<:` merges included (a key set beside a merge is the one that counts)."""
+    lines = {} if lines is None else lines
+    if prefix.count(".") > 4:  # deeper than any setting (and no end to a recursive alias)
+        return lines
+    if isinstance(node, yaml.MappingNode):
+        merged_first = sorted(node.value, key=lambda kv: getattr(kv[0], "value", None) != "<<")
+        for key, value in merged_first:
+            if getattr(key, "value", None) == "<<":
+                for part in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                    _key_lines(part, prefix, lines)
+            elif isinstance(key, yaml.ScalarNode):
+                lines[prefix + key.value] = key.start_mark.line + 1
+                _key_lines(value, f"{prefix}{key.value}.", lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[f"{prefix}{i}"] = item.start_mark.line + 1
+    return lines
 
 
-def format_validation_error(err: ValidationError | None, source: str = "config", source_text: str | None = None,
-                            overridden: Sequence[str] = (), also: Sequence[str] = ()) -> str:
+def _line_of(path: str, lines: dict[str, int] | None, said: str = "") -> str:
+    """', line N' of a dotted key (or of the nearest section holding it); for a check across settings (no path),
+    of the first setting its message names."""
+    lines = lines or {}
+    parts = path.split(".") if path else []
+    while parts and ".".join(parts) not in lines:
+        parts.pop()
+    if not path:
+        parts = next(([k] for k in re.findall(r"[a-z_]+\.[a-z_]+", said) if k in lines), [])
+    return f", line {lines['.'.join(parts)]}" if parts else ""
+
+
+def _problem_path(e: dict) -> str:
+    """The dotted key of a pydantic error, without the union member it was tried as (`list[str]`)."""
+    return ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+
+
+def _union_errors(errors: list[dict]) -> list[dict]:
+    """A union setting (target_modules: a list or all-linear) given a list: only the list branch's errors (an item
+    that is no string), not also 'should be all-linear'."""
+    def tag_of(e):
+        return next((i for i, p in enumerate(e["loc"]) if isinstance(p, str) and "[" in p), None)
+
+    kept = []
+    for e in errors:
+        i = tag_of(e)
+        whole = next((x.get("input") for x in errors if tag_of(x) == i and len(x["loc"]) == i + 1
+                      and x["loc"][:i] == e["loc"][:i]), None) if i is not None else None
+        if i is None or not isinstance(whole, list) or e["loc"][i].startswith("list"):
+            kept.append(e)
+    return kept
+
+
+def format_validation_error(err: ValidationError | None, source: str = "config",
+                            lines: dict[str, int] | None = None, overridden: Sequence[str] = (),
+                            also: Sequence[str] = ()) -> str:
     """Every problem (`also`: found before validation, e.g. repeated keys), each with where it came from: the
     file's line, or the command-line override that set it."""
     problems = list(also)
-    for e in err.errors() if err is not None else ():
-        path = ".".join(str(p) for p in e["loc"])
+    for e in _union_errors(err.errors()) if err is not None else []:
+        path = _problem_path(e)
         given = next((o for o in reversed(overridden) if o.partition("=")[0].strip() == path), None)
-        where = f"command-line override {given}" if given else f"{source}{_line_of(path, source_text)}"
+        said = e["msg"].removeprefix("Value error, ")  # our own checks' words, without pydantic's prefix
+        where = f"command-line override {given}" if given else f"{source}{_line_of(path, lines, said)}"
         if e["type"] == "extra_forbidden":
             problems.append(f"  - {path}: unknown key ({where}){key_hint(path)}")
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            said = e["msg"].removeprefix("Value error, ")  # our own checks' words, without pydantic's prefix
             if path in SECTION_PATHS and e["type"] == "model_type":  # `model: Qwen/...`, `training: 3`
                 first = next(iter(Config.model_fields[path].annotation.model_fields))
                 said = f"a section is due here, with its settings under it (e.g. {path}: {{{first}: ...}})"
@@ -530,17 +561,17 @@ def _set_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
     return problems
 
 
-def read_yaml(text: str, source: str) -> tuple[Any, list[str]]:
-    """The YAML document in `text` (None when empty) and a problem for every key given twice in one mapping
-    (PyYAML keeps the last one without a word: a second `training:` section would drop everything the first one
-    set), or a ConfigError naming `source`'s line and column for a syntax error."""
+def read_yaml(text: str, source: str) -> tuple[Any, list[str], dict[str, int]]:
+    """The YAML document in `text` (None when empty), a problem for every key given twice in one mapping (PyYAML
+    keeps the last one without a word: a second `training:` section would drop everything the first one set) and
+    the line of every key; or a ConfigError naming `source`'s line and column for a syntax error."""
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
-        repeated = _repeated_keys(root, "", set())  # before constructing: it merges `<<:` keys into the nodes
-        data = loader.construct_document(root) if root is not None else None
+        repeated, lines = _repeated_keys(root, "", set()), _key_lines(root)  # before constructing: it merges
+        data = loader.construct_document(root) if root is not None else None  # `<<:` keys into the nodes
         _text_as_written(data, root)
-        return data, repeated
+        return data, repeated, lines
     except yaml.MarkedYAMLError as e:
         mark, context = e.problem_mark or e.context_mark, e.context_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -593,7 +624,7 @@ def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate."""
     data: dict[str, Any] = {}
-    text, source, problems = None, "defaults", []
+    lines, source, problems = None, "defaults", []
     if path is not None:
         path = Path(path).expanduser()  # `--config "~/x.yaml"`: quoted, the shell left the ~
         if not path.is_file():
@@ -602,7 +633,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         try:
             text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
-            data, problems = read_yaml(text, source)  # keys given twice: reported with every other problem
+            data, problems, lines = read_yaml(text, source)  # keys given twice: reported with the others
         except ConfigError:
             _not_a_dataset(path, None)
             raise
@@ -616,7 +647,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, text, overrides or (), problems)) from None
+        raise ConfigError(format_validation_error(e, source, lines, overrides or (), problems)) from None
     if problems:
         raise ConfigError(format_validation_error(None, source, also=problems))
     return cfg
