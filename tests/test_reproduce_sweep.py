@@ -736,3 +736,10 @@ def test_reproduce_refuses_a_name_that_is_taken_before_fingerprinting(tmp_path):
             reproduce(run, name=name, fingerprint_fn=lambda cfg, n: fingerprinted.append(n) or "sha256:old",
                       train_fn=lambda *a, **k: pytest.fail("trained"))
     assert fingerprinted == []
+
+
+def test_a_sweep_whose_output_dir_is_a_file_says_so(tmp_path):
+    """It said only 'Not a directory: <file>/<sweep>', with no word of output.dir."""
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SweepError, match=r"cannot make the sweep folder .*f/s: Not a directory \(check output.dir\)"):
+        _sweep(tmp_path, overrides=[f"output.dir={tmp_path / 'f'}"], name="s")

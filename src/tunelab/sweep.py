@@ -262,7 +262,10 @@ def _sweep_lock(folder: Path, name: str):
     killed (every check that can refuse the sweep has run before: no folder is made for a refused one)."""
     from filelock import FileLock, Timeout
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # output.dir names a file, a read-only place, ...
+        raise SweepError(f"cannot make the sweep folder {folder}: {e.strerror or e} (check output.dir)") from None
     lock = FileLock(folder / ".sweep.lock", timeout=0)
     try:
         lock.acquire()
