@@ -262,3 +262,19 @@ def test_merge_refuses_a_tolerance_for_a_verification_it_skips(tmp_path, capsys)
                  "--tolerance", "0.5"]) == 2
     assert "--tolerance is the bound of the verification that --no-verify skips" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["train", "--training.epochs=1"], "--training.epochs=1 (config settings go without dashes: training.epochs=1)"),
+    (["train", "--lr", "1e-4"], "--lr (config settings go without dashes: training.learning_rate=...)"),
+    (["sweep", "--grid", "lora.r=8", "--lora_r=4"], "--lora_r=4 (config settings go without dashes: lora.r=4)"),
+    (["eval", "--epochs", "1"], "unrecognized arguments: --epochs 1\n"),  # eval takes no config overrides
+])
+def test_a_config_setting_written_as_a_flag_is_shown_as_an_override(argv, says, capsys):
+    """`tunelab train --training.epochs=1` (as other tools' command lines take it) said only 'unrecognized
+    arguments'."""
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=verb if verb in VERBS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_setting_hint(args, unknown)}")
     if not args.verb:
         parser.print_help()
         return 0
@@ -122,6 +124,22 @@ def main(argv: list[str] | None = None, *, command_line: bool | None = None) -> 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _setting_hint(args: argparse.Namespace, unknown: list[str]) -> str:
+    """`--training.epochs=1` or `--epochs 1` (other tools' flags) to a verb that takes config overrides: the
+    override it meant."""
+    if not hasattr(args, "overrides"):
+        return ""
+    from tunelab.config import KEY_PATHS, key_hint
+
+    for item in unknown:
+        name, _, value = item.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        hint = key if key in KEY_PATHS else key_hint(key).removeprefix(" (did you mean ").removesuffix("?)")
+        if item.startswith("--") and hint:
+            return f" (config settings go without dashes: {hint.split(' or ')[0]}={value or '...'})"
+    return ""
 
 
 def _sigterm_interrupts() -> dict[int, Any]:
