@@ -407,6 +407,7 @@ def test_shutdown_fails_answers_in_flight_with_503_and_an_sse_error_not_a_cut_co
     # the engine stops after 0.5 s, uvicorn cancels at 1 s
     answer, events = shutdown_with_answers_in_flight(tiny, monkeypatch, grace=1, signals=1)
     assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+    assert answer.headers["Retry-After"] == "1"  # as a 429's: the openai client waits that long, then retries
     assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
 
 

@@ -412,7 +412,7 @@ def _submit(state, jobs: list[Job]) -> None:
             for done in jobs[:i]:
                 state.engine.release(done)
             if isinstance(e, ShuttingDown):
-                raise APIError(503, str(e), "server_error") from None
+                raise _shutting_down(e) from None
             raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
 
@@ -422,9 +422,14 @@ def _usage(jobs: list[Job]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def _shutting_down(e: ShuttingDown) -> APIError:
+    # Retry-After: the client may retry (the server restarting, or another replica behind a load balancer)
+    return APIError(503, str(e), "server_error", headers={"Retry-After": "1"})
+
+
 def _raise_if_failed(job: Job) -> None:
     if isinstance(job.error, ShuttingDown):
-        raise APIError(503, str(job.error), "server_error")
+        raise _shutting_down(job.error)
     if job.error is not None:  # the engine logged the traceback
         raise APIError(500, "the server had an error while generating this answer (see the server log)",
                        "server_error")
