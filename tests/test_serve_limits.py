@@ -343,6 +343,14 @@ def test_unsupported_parameters_are_refused_not_ignored(client):
         assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, body
     assert client.post("/v1/completions", json={**COMPLETE, "logprobs": None}).status_code == 200
     assert client.post("/v1/chat/completions", json={**CHAT, "logprobs": False}).status_code == 200
+    # OpenAI's own fields without a place here: said to be unsupported, not "unknown field" as if misspelt
+    for path, body in (("/v1/chat/completions", {**CHAT, "logprobs": False, "top_logprobs": 2}),
+                       ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}),
+                       ("/v1/completions", {**COMPLETE, "best_of": 2})):
+        r = client.post(path, json=body)
+        name = next(iter(set(body) - set(CHAT) - set(COMPLETE) - {"logprobs"}))
+        assert is_openai_error(r, 400) and r.json()["error"]["param"] == name
+        assert r.json()["error"]["message"] == f"invalid request: {name}: not supported by this server"
 
 
 def test_a_context_length_beyond_the_models_is_refused_at_startup(tiny, tiny_model_dir, capsys):

@@ -230,10 +230,17 @@ def _where(e: dict[str, Any]) -> str:
                     or (unknown and i == len(loc) - 1)) or "body"
 
 
+# OpenAI request fields this server has no model field for: "not supported" says more than "unknown field"
+_UNSUPPORTED = {"top_logprobs", "logit_bias", "response_format", "tool_choice", "functions", "function_call",
+                "modalities", "audio", "prediction", "reasoning_effort", "web_search_options", "best_of", "suffix"}
+
+
 def _describe(e: dict[str, Any]) -> str:
     where = _where(e)
     if e.get("type") == "extra_forbidden":
         name = str(e.get("loc", ("",))[-1])
+        if name in _UNSUPPORTED and len(e.get("loc", ())) == 2:  # a request field, not one inside a message
+            return f"{where}: not supported by this server"
         near = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1)
         return f"{where}: unknown field" + (f" (did you mean '{near[0]}'?)" if near else "")
     return f"{where}: {e.get('msg')}"
