@@ -90,6 +90,19 @@ def test_explicit_eval_file(write, tmp_path):
     data = load_prepared(r.output)
     assert len(data.train) == 5 and len(data.val) == 3 and r.report["duplicates_removed"] == 1
     assert [f["role"] for f in r.report["files"]] == ["train", "eval"]
+    assert r.report["warning_examples"]["eval_record_is_a_duplicate"] == [f"{ev} line 4"]
+    assert "no_validation_split" not in r.report["warnings"]
+
+
+def test_an_eval_file_that_only_repeats_the_training_data_is_said_to_hold_nothing_out(write, tmp_path):
+    """`--eval-file` naming the training file (or a copy) left 0 validation records, every one removed as a
+    duplicate, with nothing but the duplicate count to say so."""
+    train = write("t.jsonl", jsonl([alpaca(i) for i in range(4)]))
+    printed = []
+    r = prepare_dataset(str(train), tmp_path / "o", eval_inputs=str(train), console=printed.append)
+    assert r.report["split"]["val"] == 0 and r.report["warnings"]["eval_record_is_a_duplicate"] == 4
+    assert r.report["warnings"]["no_validation_split"] == 1
+    assert any(line.startswith("warning: no_validation_split") and "nothing held out" in line for line in printed)
 
 
 def test_check_writes_nothing(messy, tmp_path, monkeypatch):

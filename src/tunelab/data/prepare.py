@@ -384,6 +384,8 @@ class _Pass:
         self._saw_format(conv.format, item, fstats)
         first = self.seen.get(key)
         if first is not None:
+            if role == "eval":  # held out no more: it scores a record the model trains on (or one already held out)
+                self.warn("eval_record_is_a_duplicate", f"{source} {item.location}")
             return self.reject(source, item, "duplicate", "duplicate of an earlier record", fstats,
                                duplicate_of=self._where(first))
         # One int per record keeps memory flat: the file, and its line (or, for Parquet, the row number).
@@ -648,6 +650,11 @@ def _split(p: _Pass, workdir: Path | None, val_ratio: float | None, seed: int, r
     if val_ratio is None:  # an explicit eval file
         counts = {"train": n, "val": p.counts_by_role["eval"], "how": "explicit eval file"}
         val_idx: set[int] = set()
+        if not counts["val"]:
+            report["warnings"]["no_validation_split"] = 1
+            report["warning_examples"]["no_validation_split"] = [
+                "no record of the eval file is left (each one rejected, or a duplicate of a training record): "
+                "nothing held out"]
     else:
         k = round(n * val_ratio)
         if val_ratio > 0 and k == 0 and n >= 2:
