@@ -450,7 +450,7 @@ async def _answer(request: Request, prompts: list[list[int]], samplings: list[Sa
     jobs = [Job(ids, s, **stops, sink=lambda piece, ev=ev: piece is None and loop.call_soon_threadsafe(ev.set))
             for ids, s, ev in zip(prompts, samplings, events)]
     _submit(state, jobs)
-    answered = asyncio.ensure_future(asyncio.gather(*(ev.wait() for ev in events)))
+    answered = asyncio.ensure_future(_all_set(events))  # a task, not a gather: cancelled, it logs nothing
     gone = asyncio.ensure_future(_disconnect(request))
     try:
         await asyncio.wait((answered, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -464,6 +464,11 @@ async def _answer(request: Request, prompts: list[list[int]], samplings: list[Sa
     for job in jobs:
         _raise_if_failed(job)
     return jobs
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for ev in events:
+        await ev.wait()
 
 
 async def _disconnect(request: Request) -> None:
