@@ -4,10 +4,13 @@ No model is loaded; every test reads configs only."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from tunelab.config import ConfigError, load_config, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _write(tmp_path, text: str):
@@ -236,3 +239,29 @@ def test_every_problem_has_its_line_in_flow_style_merges_and_lists_too(tmp_path)
     both = _write(tmp_path, "training:\n  packing: true\n  group_by_length: true\n")
     msg = str(pytest.raises(ConfigError, load_config, both).value)
     assert "exclude each other" in msg and f"({both}, line 2)" in msg
+
+
+def test_settings_this_run_does_not_read_are_named_in_a_warning(tmp_path, monkeypatch, capsys):
+    """quantization.* under method lora, lora.* under full, preference.* for sft, data.val_ratio beside data.eval
+    and training.batch_size under batch_tokens were accepted and did nothing, without a word."""
+    from tunelab.cli import main
+    from tunelab.config import ignored_settings
+    from tunelab.train import recipe
+
+    assert ignored_settings(load_config(str(REPO / "config.yaml"))) == []  # the brief's config: every key is read
+    cfg = load_config(None, ["training.method=full", "lora.r=8", "lora.alpha=4", "quantization.quant_type=fp4",
+                             "preference.beta=0.3", "data.eval=e.jsonl", "data.val_ratio=0.2",
+                             "training.batch_tokens=1024", "training.batch_size=8"])
+    assert ignored_settings(cfg) == [
+        "quantization.quant_type is not used by this run (training.method is full: only qlora quantises the base "
+        "model)",
+        "lora.r, lora.alpha are not used by this run (training.method is full: it trains every weight, no adapter)",
+        "preference.beta is not used by this run (training.stage is sft: preference settings are read by dpo, orpo, "
+        "simpo and kto)",
+        "data.val_ratio is not used by this run (data.eval is the validation set)",
+        "training.batch_size is not used by this run (training.batch_tokens sets what a micro-batch holds)"]
+    assert ignored_settings(load_config(None, ["training.stage=dpo", "preference.beta=0.3", "lora.r=8"])) == []
+    monkeypatch.setattr(recipe, "train", lambda cfg, config_path=None: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "training.method=full", "lora.r=8"]) == 0
+    assert "warning: lora.r is not used by this run (training.method is full" in capsys.readouterr().err

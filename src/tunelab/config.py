@@ -502,6 +502,31 @@ def repeated_overrides(overrides: Sequence[str]) -> list[str]:
             for key, items in given.items() if len(items) > 1]
 
 
+def ignored_settings(cfg: Config) -> list[str]:
+    """A warning for each group of settings given a value (other than the default) that this run does not read:
+    `quantization.bits` under method lora, `lora.r` under full, `data.val_ratio` beside `data.eval`..."""
+    default = Config()
+    t = cfg.training
+
+    def changed(section: str, only: Sequence[str] = ()) -> list[str]:
+        ours, theirs = getattr(cfg, section), getattr(default, section)
+        return [f"{section}.{k}" for k in type(ours).model_fields
+                if (not only or k in only) and getattr(ours, k) != getattr(theirs, k)]
+
+    unused = [(changed("quantization"), f"training.method is {t.method}: only qlora quantises the base model")
+              if t.method != "qlora" else ([], ""),
+              (changed("lora"), "training.method is full: it trains every weight, no adapter")
+              if t.method == "full" else ([], ""),
+              (changed("preference"), f"training.stage is {t.stage}: preference settings are read by dpo, orpo, simpo "
+                                                  "and kto")
+              if t.stage in ("sft", "pt") else ([], ""),
+              (changed("data", ("val_ratio",)), "data.eval is the validation set") if cfg.data.eval else ([], ""),
+              (changed("training", ("batch_size",)), "training.batch_tokens sets what a micro-batch holds")
+              if t.batch_tokens else ([], "")]
+    return [f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} not used by this run ({why})"
+            for keys, why in unused if keys]
+
+
 def _schema_type(parts: Sequence[str]) -> Any:
     """The annotation of a dotted key in the schema; None for a key it does not have."""
     model: Any = Config

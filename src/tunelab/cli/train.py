@@ -57,10 +57,12 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def train_from_args(config: str | None, overrides: list[str], resume: str | None = None) -> int:
-    from tunelab.config import load_config
+    from tunelab.config import ignored_settings, load_config
     from tunelab.train.recipe import train
 
     cfg = load_config(config, overrides)
+    for warning in ignored_settings(cfg) if os.environ.get("LOCAL_RANK", "0") == "0" else []:
+        print(f"warning: {warning}", file=sys.stderr)
     if not resume:
         train(cfg, config_path=config)
         return 0
