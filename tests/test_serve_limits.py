@@ -98,6 +98,17 @@ def test_max_completion_tokens_errors_name_it_and_no_max_tokens_is_not_none(clie
     assert "None" not in r.json()["error"]["message"] and "no room is left" in r.json()["error"]["message"]
 
 
+def test_more_prompts_than_slots_is_a_400_not_a_429_to_retry_forever(tiny):
+    """With 2 slots (batch + queue) and max_prompts 16, 3 prompts got 429 "retry shortly", however idle the server."""
+    from tunelab.serve import create_app
+
+    with TestClient(create_app(*tiny, NAME, max_batch_size=1, max_queue=1)) as c:
+        r = c.post("/v1/completions", json={**COMPLETE, "prompt": ["a", "b", "c"]})
+        assert is_openai_error(r, 400) and r.json()["error"]["code"] == "too_many_prompts"
+        assert "(2)" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={**COMPLETE, "prompt": ["a", "b"]}).status_code == 200
+
+
 def test_api_key_guards_every_route_but_health(client):
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", f"/v1/models/{NAME}", "/v1/nothing"):
         r = client.get(path, headers={"Authorization": ""})

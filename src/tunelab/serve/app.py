@@ -590,9 +590,11 @@ async def completions(req: CompletionRequest, request: Request):
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if len(prompts) > state.settings.max_prompts:
-        raise APIError(400, f"{len(prompts)} prompts is more than this server accepts in one request "
-                            f"({state.settings.max_prompts})", param="prompt", code="too_many_prompts")
+    # each prompt takes a slot: more than all of them would be a 429 however long the client waited
+    most = min(state.settings.max_prompts, state.engine.capacity)
+    if len(prompts) > most:
+        raise APIError(400, f"{len(prompts)} prompts is more than this server accepts in one request ({most})",
+                       param="prompt", code="too_many_prompts")
     if req.echo:
         raise APIError(400, "echo is not supported", param="echo")
     encoded = await _off_loop(state, _encode_prompts, state.tokenizer, [_clean(p, "prompt") for p in prompts])
