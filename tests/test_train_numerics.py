@@ -78,7 +78,8 @@ MODES = {"tokens": ["training.batch_tokens=256", "training.pass_tokens=128"],
 def test_one_steps_gradient_is_the_reference_token_mean_over_its_records(model_dir, tiny_tokenizer, dtype, mode):
     """Several passes of uneven token counts make one step: its loss and every adapter gradient equal the
     reference's mean token loss over the step's records (fp32: float rounding, measured ~1e-6 of each gradient's
-    largest value; bf16: within its rounding, measured ~4% with every lever off too); no base weight gets one."""
+    largest value; bf16: within its rounding, measured <= 3% of a gradient's norm, as with every lever off); no
+    base weight gets one."""
     from accelerate import Accelerator
 
     from tunelab.train.recipe import forward_backward, make_plan
@@ -101,10 +102,14 @@ def test_one_steps_gradient_is_the_reference_token_mean_over_its_records(model_d
     reference.backward()
     expected = _adapter_grads(ref)
     assert mine.keys() == expected.keys() == {n for n, p in ref.named_parameters() if p.requires_grad}
-    tol = 1e-5 if dtype == "fp32" else 6e-2
-    assert loss == pytest.approx(float(reference.detach()), rel=tol / 10)
-    for name, g in expected.items():
-        assert float((mine[name] - g).abs().max()) <= tol * float(g.abs().max()), name
+    if dtype == "fp32":
+        assert loss == pytest.approx(float(reference.detach()), rel=1e-6)
+        for name, g in expected.items():
+            assert float((mine[name] - g).abs().max()) <= 1e-5 * float(g.abs().max()), name
+    else:  # the bf16 base's rounding: measured 3e-4 of the loss, <= 3% of each gradient's norm
+        assert loss == pytest.approx(float(reference.detach()), rel=3e-3)
+        for name, g in expected.items():
+            assert float((mine[name] - g).norm()) <= 0.08 * float(g.norm()), name
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
