@@ -109,6 +109,20 @@ def test_more_prompts_than_slots_is_a_400_not_a_429_to_retry_forever(tiny):
         assert c.post("/v1/completions", json={**COMPLETE, "prompt": ["a", "b"]}).status_code == 200
 
 
+def test_a_json_body_without_the_json_content_type_is_told_to_send_it(client):
+    """`curl -d '{...}'` (a form's content type) got "body: Input should be a valid dictionary or object to extract
+    fields from"; the JSON is still not read (a web page could send it unasked), but the answer says why."""
+    body = json.dumps(CHAT).encode()
+    for kind in ("application/x-www-form-urlencoded", "text/plain", None):
+        r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": kind} if kind else {})
+        assert is_openai_error(r, 400) and r.json()["error"]["code"] == "invalid_content_type", kind
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", content=b"[]", headers={"Content-Type": "application/json"})
+    assert is_openai_error(r, 400) and r.json()["error"]["code"] is None  # JSON, of the wrong shape: as before
+    assert client.post("/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+
+
 def test_api_key_guards_every_route_but_health(client):
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", f"/v1/models/{NAME}", "/v1/nothing"):
         r = client.get(path, headers={"Authorization": ""})

@@ -250,6 +250,13 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     errs = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errs):
         return _error(400, "the request body is not valid JSON", code="invalid_json")
+    kind = request.headers.get("content-type", "")
+    mime = kind.split(";")[0].strip().lower()
+    json_type = mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    if not json_type and all(_where(e) == "body" for e in errs):
+        # not read as JSON at all (curl -d sends a form's type); a page in a browser cannot send this type unasked
+        return _error(400, f"send the request body as JSON with 'Content-Type: application/json' (this one "
+                           f"{'was ' + repr(kind) if kind else 'had none'})", code="invalid_content_type")
     param = _where(errs[0]) if errs else None
     return _error(400, "invalid request: " + "; ".join(dict.fromkeys(_describe(e) for e in errs[:10])), param=param)
 
