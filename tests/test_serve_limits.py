@@ -80,8 +80,8 @@ def test_a_type_error_in_a_union_field_names_the_field_not_pydantics_branch(clie
                                "messages.0.content"),
                               ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"x": 1}]}]},
                                "messages.0.content"),
-                              ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a", "nme": 1}]},
-                               "messages.0.nme")):
+                              ("/v1/chat/completions",
+                               {**CHAT, "messages": [{"role": "user", "content": "a", "nme": 1}]}, "messages.0.nme")):
         r = client.post(path, json=body)
         assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, r.json()
         assert "str" not in r.json()["error"]["message"].split(":")[0].split("."), r.json()
