@@ -274,6 +274,32 @@ def test_v1_dpo_record_uses_chosen_messages():
     assert normalize(rec).messages == msgs(("user", "q"), ("assistant", "good"))
 
 
+@pytest.mark.parametrize("rec", [
+    {"instruction": "q", "input": "", "chosen": "good", "rejected": "bad"},
+    {"messages": [{"role": "user", "content": "q"}], "chosen": {"role": "assistant", "content": "good"},
+     "rejected": {"role": "assistant", "content": "bad"}},
+    {"prompt": "q", "chosen": "good", "rejected": "bad"},
+    {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+     "rejected": [{"role": "assistant", "content": "bad"}]},
+    {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+     "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]},
+])
+def test_every_dpo_form_the_dpo_stage_reads_trains_its_chosen_answer_in_sft(rec):
+    """docs/data.md: a DPO record in an SFT run trains its prompt and chosen answer. Only ShareGPT pairs and
+    chosen_messages did; these forms, which --stage dpo reads, were rejected as 'missing field output', 'ends
+    without an assistant answer' or 'not a recognised record', never pointing at the preference stages."""
+    c = normalize(rec)
+    assert c.messages == msgs(("user", "q"), ("assistant", "good"))
+    assert [w[0] for w in c.warnings] == ["preference_chosen_used"]
+
+
+def test_a_trl_kto_record_in_sft_is_kept_when_labelled_true():
+    assert normalize({"prompt": "q", "completion": "a", "label": True}).messages == msgs(("user", "q"),
+                                                                                        ("assistant", "a"))
+    e = rejected({"prompt": "q", "completion": "a", "label": False})
+    assert e.category == "preference_rejected" and "training.stage=kto" in e.reason
+
+
 def test_kto_false_is_rejected_true_is_kept():
     base = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     assert rejected({**base, "label": False}).category == "preference_rejected"

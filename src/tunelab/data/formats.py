@@ -359,6 +359,9 @@ def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = N
     notes = Counter() if notes is None else notes
     if not isinstance(rec, dict):
         raise Invalid("wrong_type", f"a record must be a JSON object, got {_type_name(rec)}")
+    stage = _preference_stage(rec) if fmt == "auto" else None
+    if stage:
+        return _preference_as_sft(rec, stage, column_map, system_prompt, notes)
     rec, turn_map = apply_map(rec, column_map, RECORD_KEYS)
     kind = _detect(rec) if fmt == "auto" else fmt
     try:
@@ -366,6 +369,39 @@ def normalize(rec: Any, fmt: str = "auto", column_map: dict[str, str] | None = N
     except Invalid as e:
         e.format = kind  # counted per format in the report even when rejected (mixed-format files)
         raise
+
+
+def _preference_stage(rec: dict) -> str | None:
+    """"dpo" or "kto" for a preference record in a form the SFT formats do not read (TRL's prompt/chosen/rejected
+    and prompt/completion/label, an instruction or messages with chosen/rejected), as the preference stages read
+    it; None for the others (ShareGPT pairs, v1 chosen_messages and labelled conversations are read below)."""
+    if "chosen" in rec and "rejected" in rec and "conversations" not in rec:
+        return "dpo"
+    if ("label" in rec or "kto_tag" in rec) and "completion" in rec:
+        return "kto"
+    return None
+
+
+def _preference_as_sft(rec: dict, stage: str, column_map: dict[str, str] | None, system_prompt: str | None,
+                       notes: Counter) -> Conversation:
+    """A preference record as an SFT conversation: its prompt and chosen answer (a KTO answer only when labelled
+    true), read by `tunelab.data.preference` exactly as `--stage dpo` / `kto` would read it."""
+    from tunelab.data.preference import normalize_preference
+
+    warnings: list[tuple[str, str]] = []
+    if stage == "kto":
+        _kto_label(rec, warnings)  # false: rejected, an undesirable answer is not learnt
+    else:
+        warnings.append(("preference_chosen_used", "preference record: trained on the chosen answer only"))
+    try:
+        pref = normalize_preference(rec, stage, notes, system_prompt, column_map)
+    except Invalid as e:
+        e.format = "preference"
+        raise
+    msgs = pref.messages
+    if not any(m["role"] == ASSISTANT and is_trained(m) for m in msgs):
+        raise Invalid("nothing_to_train", "every assistant turn has weight 0 (loss_weight / weight): nothing to train")
+    return Conversation(msgs, pref.tools, pref.format, pref.warnings + warnings)
 
 
 def _normalize_as(kind: str, rec: dict, turn_map: dict[str, str], system_prompt: str | None,
