@@ -161,3 +161,22 @@ def test_a_record_kept_past_the_models_positions_is_refused_before_training(toke
         train(load_config(None, options + ["data.overflow=keep"]))
     assert not list((tmp_path / "out").glob("*/checkpoint-*")), "nothing trained"
     train(load_config(None, options + ["data.overflow=truncate", "output.run_name=cut"]))  # cut to 48: trains
+
+
+def test_weights_trained_beside_the_adapter_on_a_bf16_base_are_fp32_and_take_every_step(model_dir):
+    """lora.modules_to_save's copy of a bf16 base's head (and lora.bias's biases) stayed bf16, where AdamW's
+    learning-rate-sized steps round away: one 2e-4 step left ~2/3 of this head's weights unchanged. Every trained
+    weight is an fp32 master copy now (tied copies still one Parameter), and a step moves it."""
+    cfg, model, _ = _recipe_model(model_dir, "bf16", "lora.modules_to_save=[lm_head]")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    base = model.base_model.model
+    head = base.lm_head.modules_to_save["default"].weight
+    assert head is base.model.embed_tokens.modules_to_save["default"].weight, "the tied copies are one Parameter"
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16, "the frozen base stays"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p.dtype)
+    before = head.detach().clone()
+    optimizer.step()
+    assert float((head.detach() != before).float().mean()) > 0.99

@@ -60,7 +60,7 @@ class LoraFn(torch.autograd.Function):
         ctx.rebuild = rebuild and rebuild.share
         if rebuild:
             rebuild.share.join()
-        ctx.scaling, ctx.keep, ctx.dtype, ctx.has_bias = scaling, keep, dtype, bias is not None
+        ctx.scaling, ctx.keep, ctx.dtype, ctx.bias_dtype = scaling, keep, dtype, bias is not None and bias.dtype
         ctx.adapter_dtype = lora_a.dtype
         return out
 
@@ -86,7 +86,7 @@ class LoraFn(torch.autograd.Function):
                 apply_mask(gx, mask.view(gx.shape), inplace=True)
             gx.addmm_(g, weight.to(dtype))  # + g W, into the same buffer
             grad_x = gx.view(x.shape).to(x.dtype)
-        grad_bias = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_bias = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype and ctx.needs_input_grad[2] else None
         return (grad_x, None, grad_bias, grad_a.to(ctx.adapter_dtype), grad_b.to(ctx.adapter_dtype), None, None, None,
                 None, None)
 

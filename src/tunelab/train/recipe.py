@@ -441,10 +441,22 @@ def build_model(cfg: Config, accelerator, say):
 
     model, choice = load_base(cfg, accelerator, say)
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
-    model = ready_to_train(apply_method(model, cfg, say), accelerator, say, cfg.lora.dropout)
+    model = ready_to_train(_fp32_trainable(apply_method(model, cfg, say)), accelerator, say, cfg.lora.dropout)
     trainable, total = parameter_counts(model)
     say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
     return model, choice
+
+
+def _fp32_trainable(model):
+    """Every trained weight in fp32, the optimiser's master copy (matmuls run in the run's dtype under autocast).
+    peft makes its adapters fp32 itself, but the copies of lora.modules_to_save and the biases of lora.bias
+    kept a bf16 base's dtype, where AdamW's learning-rate-sized steps round away (one 2e-4 step left 68% of
+    weights of magnitude 0.15 unchanged). Weights that share storage (tied copies) stay shared."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()  # the same Parameter object: modules holding it still share it
+    return model
 
 
 def load_base(cfg: Config, accelerator, say):
