@@ -451,11 +451,10 @@ def _fp32_trainable(model):
     """Every trained weight in fp32, the optimiser's master copy (matmuls run in the run's dtype under autocast).
     peft makes its adapters fp32 itself, but the copies of lora.modules_to_save and the biases of lora.bias
     kept a bf16 base's dtype, where AdamW's learning-rate-sized steps round away (one 2e-4 step left 68% of
-    weights of magnitude 0.15 unchanged). Weights that share storage (tied copies) stay shared."""
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-                p.data = p.data.float()  # the same Parameter object: modules holding it still share it
+    weights of magnitude 0.15 unchanged). Tied copies (one Parameter held by two modules) stay tied."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()  # the same Parameter object: every module holding it sees the fp32 copy
     return model
 
 
