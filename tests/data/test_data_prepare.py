@@ -459,3 +459,16 @@ def test_a_control_token_in_a_tool_schema_rejects_the_record_where_the_template_
     assert find_control_tokens(with_tools, convo, tools) == [(None, "<|im_end|>")]
     with pytest.raises(RecordRejected, match=r"^the tools hold '<\|im_end\|>' \(a control token of the tokenizer"):
         encode_record(with_tools, convo, tools=tools)
+
+
+def test_a_map_whose_column_no_record_has_is_a_warning(write, tmp_path):
+    """`--map instruction=quest` (a typo of question) on a file without that column read each record's own
+    `instruction` without a word; the map read nothing."""
+    src = write("d.jsonl", jsonl([alpaca(i) for i in range(3)]))
+    r = prepare_dataset(str(src), tmp_path / "o", column_map={"instruction": "quest"}, console=quiet)
+    assert r.report["records_accepted"] == 3
+    assert r.report["warning_examples"]["map_column_not_found"] == [
+        "--map instruction=quest: no record has a column 'quest' (each record's own 'instruction' was read)"]
+    used = write("q.jsonl", jsonl([{"quest": "q", "output": "a"}]))
+    r = prepare_dataset(str(used), tmp_path / "q", column_map={"instruction": "quest"}, val_ratio=0, console=quiet)
+    assert "map_column_not_found" not in r.report["warnings"]

@@ -273,6 +273,10 @@ class _Pass:
         self.rejected_file = open(workdir / "rejected.jsonl", "w", encoding="utf-8") if workdir else None
         self.sinks: dict[str, Any] = {}
         self.counts_by_role: Counter = Counter()
+        # --map's record columns (not a turn's role/content keys), and those some record holds
+        self.map_sources = {src for dst, src in (opts.get("column_map") or {}).items()
+                            if dst not in ("role", "content") and src != dst}
+        self.map_seen: set[str] = set()
         self.pending: list[tuple] = []  # records waiting to be encoded together (ENCODE_CHUNK at a time)
         self.format_first: dict[str, str] = {}  # of the file being read: format -> location of its first record
         self.stage = opts.get("stage", "sft")  # preference stages read pairs / labelled answers (data/preference.py)
@@ -359,6 +363,8 @@ class _Pass:
         if item.error:
             category = "encoding" if "UTF" in item.error else "invalid_json" if "JSON" in item.error else "malformed"
             return self.reject(source, item, category, item.error, fstats)
+        if self.map_sources and isinstance(item.value, dict):
+            self.map_seen.update(self.map_sources.intersection(item.value))
         try:
             if self.stage == "pt":
                 from tunelab.data.text import normalize_text
@@ -615,6 +621,10 @@ def _build_report(p: _Pass, files, file_reports, options, tok_id, name, max_reje
     fp, states = fingerprint(files, options, tok_id)
     for file_report, state in zip(file_reports, states):
         file_report.update(state)
+    for dst, src in (options["column_map"] or {}).items():  # a map that read nothing: each record's own field was
+        if src in p.map_sources - p.map_seen and p.read:
+            p.warn("map_column_not_found", f"--map {dst}={src}: no record has a column '{src}' (each record's own "
+                                           f"'{dst}' was read)")
     notes = dict(p.notes)
     if p.duplicates:
         notes["duplicates removed"] = p.duplicates
