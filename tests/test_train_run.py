@@ -166,3 +166,23 @@ def test_max_length_past_the_models_positions_is_refused(tiny_model_dir, demo_fi
     with pytest.raises(TunelabError, match=r"data.max_length=2048 .* max_position_embeddings \(1024\)"):
         train(_cfg(tiny_model_dir, demo_files, tmp_path, "too-long", "data.max_length=2048"))
     assert not (tmp_path / "too-long").exists()  # nothing trained: no run folder left behind
+
+
+def test_a_nan_eval_is_not_the_best_and_evaluation_without_eval_records_is_said(tiny_model_dir, demo_files, tmp_path,
+                                                                                 monkeypatch):
+    """A first evaluation whose loss was NaN became the best (nothing compares below NaN): checkpoint-best kept the
+    NaN step's weights and every later, better evaluation counted as no improvement. And with nothing held out
+    (data.val_ratio 0), training.eval_steps silently never evaluated."""
+    from tunelab.train import recipe
+
+    real = recipe._val_loss
+    monkeypatch.setattr(recipe, "_val_loss", lambda s: (float("nan"), 1) if s.state.global_step == 1 else real(s))
+    run = train(_cfg(tiny_model_dir, demo_files, tmp_path, "nan", "training.eval_steps=1", "training.max_steps=3"))
+    log = (run / "train.log").read_text()
+    evals = [line for line in log.splitlines() if "Eval @ step" in line]
+    assert [line.endswith("(best)") for line in evals][:2] == [False, True], evals  # step 2: the first finite one
+    assert "warning: no eval records" not in log
+    run = train(_cfg(tiny_model_dir, demo_files, tmp_path, "none", "training.eval_steps=1", "training.max_steps=1",
+                     "data.val_ratio=0"))
+    assert "warning: no eval records are held out, so training.eval_steps 1 do nothing" in \
+        (run / "train.log").read_text()

@@ -44,7 +44,7 @@ from tunelab.train.monitor import fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
 from tunelab.train.recipe import (Plan, TrainState, make_plan, make_scheduler, param_groups, refuse_short_disk,
-                                  restore_state, same_base, unsaved)
+                                  restore_state, same_base, unsaved, warn_no_eval)
 
 REF_ADAPTER = "ref"
 
@@ -146,6 +146,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     life.say(f"Run: {life.path}")
     life.say(f"Data ({stage}): {len(data.train)} train / {len(data.val)} eval examples (fingerprint "
              f"{data.fingerprint[:12]})")
+    warn_no_eval(cfg, len(data.val), life.say)
     model, choice, reference, ref_info = build_policy(cfg, accelerator, life.say)
     base = same_base(cfg, life)
     refuse_short_disk(life, model, t_cfg.method)

@@ -156,6 +156,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
     life.say(f"Run: {life.path}")
     life.say(f"Data: {data.data_info['train_records']} train / {data.data_info['val_records']} eval records, "
              f"{data.data_info['train_target_tokens']:,} trained tokens per epoch (fingerprint {data.fingerprint[:12]})")
+    warn_no_eval(cfg, len(data.val), life.say)
     model, choice = build_model(cfg, accelerator, life.say)
     _refuse_past_positions(model, cfg, data.train + data.val)  # records kept past data.max_length
     base = same_base(cfg, life)
@@ -361,6 +362,15 @@ def _val_loss(s: Session) -> tuple[float, int]:
                      s.accelerator.device, s.plan.pass_tokens)
 
 
+def warn_no_eval(cfg: Config, val_records: int, say: Callable[[str], None]) -> None:
+    """Evaluation asked for with nothing held out (data.val_ratio 0, no data.eval) would silently never run."""
+    t = cfg.training
+    if not val_records and t.eval_steps:
+        say(f"warning: no eval records are held out, so training.eval_steps {t.eval_steps}"
+            f"{' and early_stopping_patience' if t.early_stopping_patience else ''} do nothing (no eval loss, no "
+            "checkpoint-best); set data.val_ratio (e.g. 0.1) or data.eval to evaluate")
+
+
 def evaluate(s: Session) -> bool:
     """Eval loss + perplexity; keep the best checkpoint; True when early stopping should stop."""
     step, state = s.state.global_step, s.state
@@ -370,7 +380,7 @@ def evaluate(s: Session) -> bool:
            "eval_tokens": n}
     s.life.run.log_metrics(rec)
     s.life.trackers.log(rec, step)
-    improved = state.best_eval is None or ev < state.best_eval
+    improved = ckpt.improves(ev, state.best_eval)
     s.say(f"  Eval @ step {step} | Loss: {ev:.4f} | Perplexity: {ppl:.2f}{' (best)' if improved else ''}")
     if not improved:
         state.bad_evals += 1
