@@ -43,8 +43,8 @@ from tunelab.train.lifecycle import RunLife, TrainingDiverged, TrainingInterrupt
 from tunelab.train.monitor import fmt_lr
 from tunelab.train.preference_loss import (collate_kto, collate_pairs, preference_step, reference_logps,
                                            shares_prompts)
-from tunelab.train.recipe import (Plan, TrainState, make_plan, make_scheduler, param_groups, refuse_short_disk,
-                                  restore_state, same_base, unsaved, warn_no_eval)
+from tunelab.train.recipe import (Plan, TrainState, make_plan, make_scheduler, param_groups, refuse_past_positions,
+                                  refuse_short_disk, restore_state, same_base, unsaved, warn_no_eval)
 
 REF_ADAPTER = "ref"
 
@@ -148,6 +148,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
              f"{data.fingerprint[:12]})")
     warn_no_eval(cfg, len(data.val), life.say)
     model, choice, reference, ref_info = build_policy(cfg, accelerator, life.say)
+    refuse_past_positions(model, cfg, data.train + data.val)  # pairs kept past data.max_length
     base = same_base(cfg, life)
     refuse_short_disk(life, model, t_cfg.method)
     if not life.fresh:

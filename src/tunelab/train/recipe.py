@@ -158,7 +158,7 @@ def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, con
              f"{data.data_info['train_target_tokens']:,} trained tokens per epoch (fingerprint {data.fingerprint[:12]})")
     warn_no_eval(cfg, len(data.val), life.say)
     model, choice = build_model(cfg, accelerator, life.say)
-    _refuse_past_positions(model, cfg, data.train + data.val)  # records kept past data.max_length
+    refuse_past_positions(model, cfg, data.train + data.val)  # records kept past data.max_length
     base = same_base(cfg, life)
     refuse_short_disk(life, model, t_cfg.method)
     loss_fn = CausalLMLoss(model, chunk_size=t_cfg.loss_chunk_size)
@@ -493,7 +493,7 @@ def load_base(cfg: Config, accelerator, say):
                           attn_implementation=cfg.model.attn_implementation, quantization=quant,
                           device_map={"": accelerator.device} if quant is not None and torch.cuda.is_available() else None)
     model.config.use_cache = False
-    _refuse_past_positions(model, cfg)
+    refuse_past_positions(model, cfg)
     if cfg.training.packing and lever_enabled("packed_attention") and use_packed_attention(model):
         say("Attention: per-record causal SDPA over packed rows (no scores across records)")
     if cfg.training.gradient_checkpointing:
@@ -501,7 +501,7 @@ def load_base(cfg: Config, accelerator, say):
     return model, choice
 
 
-def _refuse_past_positions(model, cfg: Config, records: Sequence[dict] = ()) -> None:
+def refuse_past_positions(model, cfg: Config, records: Sequence[dict] = ()) -> None:
     """A record longer than the model's positions trains on positions it never had (rotary models) or fails in
     the embedding lookup (learned positions); packed rows restart positions at each record, so the record's
     length is what counts. `records` (encoded): data.overflow=keep trains records past data.max_length whole."""
@@ -511,13 +511,21 @@ def _refuse_past_positions(model, cfg: Config, records: Sequence[dict] = ()) -> 
     if cfg.data.max_length > positions:
         raise TunelabError(f"data.max_length={cfg.data.max_length} is more than {cfg.model.name}'s "
                            f"max_position_embeddings ({positions}); give data.max_length at most {positions}")
-    over = [e for e in records if len(e["input_ids"]) > positions]
+    over = [e for e in records if _positions_used(e) > positions]
     if over:
-        longest = max(over, key=lambda e: len(e["input_ids"]))
+        longest = max(over, key=_positions_used)
         raise TunelabError(f"{len(over)} record(s) kept whole by data.overflow={cfg.data.overflow} are longer than "
                            f"{cfg.model.name}'s max_position_embeddings ({positions}); the longest has "
-                           f"{len(longest['input_ids'])} tokens ({longest['where']}). Set data.overflow=truncate (or "
+                           f"{_positions_used(longest)} tokens ({longest['where']}). Set data.overflow=truncate (or "
                            "drop) to train at most data.max_length tokens of each")
+
+
+def _positions_used(example: dict) -> int:
+    """An encoded example's longest sequence: its tokens, or (preference stages) its prompt and longest answer."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    answers = [len(v) for k, v in example.items() if k.endswith("_ids") and k != "prompt_ids"]
+    return len(example["prompt_ids"]) + max(answers, default=0)
 
 
 def ready_to_train(model, accelerator, say, lora_dropout: float):
