@@ -117,7 +117,8 @@ class DataConfig(_Section):
                                              "data.train is one); else `val_ratio` of train.")
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = Field("auto", description="Record format of raw files.")
     val_ratio: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation (by seed).")
-    max_length: int = Field(512, ge=8, description="Maximum tokens per record after the chat template.")
+    max_length: int = Field(512, ge=8, description="Maximum tokens per record after the chat template (stage pt: "
+                                                  "the length of a training block of raw text).")
     overflow: Literal["truncate", "drop", "keep"] = Field(
         "truncate", description="What to do with records longer than max_length (counted in the report).")
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
