@@ -136,6 +136,21 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def short_context_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 1-layer random Llama with only 64 positions: records longer than the model's context, cheaply."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("short-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def signal_after_step(monkeypatch):
     """signal_after_step(step, signum=SIGTERM): training sends `signum` to this process once `step` is done (as a

@@ -312,24 +312,16 @@ def test_precomputed_reference_gives_the_losses_of_a_reference_run_every_step(ti
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
-def test_a_pair_kept_past_the_models_positions_is_refused_before_training(tokenizer_dir, tmp_path):
+def test_a_pair_kept_past_the_models_positions_is_refused_before_training(short_context_model_dir, tmp_path):
     """SFT refuses a record that data.overflow=keep leaves longer than the model's max_position_embeddings; the
     preference stages trained such a pair on positions the model never had."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from tunelab.errors import TunelabError
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
     pairs = [{"prompt": f"Say {i}", "chosen": f"ok {i}", "rejected": "no"} for i in range(8)]
     pairs.insert(2, {"prompt": "Say it", "chosen": "long " * 80, "rejected": "no"})
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
-    cfg = _cfg(tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "out", "long", "dpo", "data.max_length=48",
-               "data.overflow=keep", "data.val_ratio=0", "training.max_steps=1")
+    cfg = _cfg(short_context_model_dir, tmp_path / "pairs.jsonl", tmp_path / "out", "long", "dpo",
+               "data.max_length=48", "data.overflow=keep", "data.val_ratio=0", "training.max_steps=1")
     with pytest.raises(TunelabError, match=r"1 record\(s\) kept whole by data.overflow=keep are longer than .*"
                                            r"\(64\); the longest has \d+ tokens \(.*pairs.jsonl:line 3"):
         train(cfg)

@@ -134,25 +134,17 @@ def test_eval_loss_is_the_reference_mean_token_loss_with_dropout_off(model_dir, 
 
 
 @pytest.mark.model
-def test_a_record_kept_past_the_models_positions_is_refused_before_training(tokenizer_dir, tmp_path):
+def test_a_record_kept_past_the_models_positions_is_refused_before_training(short_context_model_dir, tmp_path):
     """data.overflow=keep trains records past data.max_length whole; one longer than the model's
     max_position_embeddings was trained on positions the model never had (rotary: silently; learned positions: an
     index error mid-run). It is refused with the record and the fix, before a step."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from tunelab.errors import TunelabError
     from tunelab.train.recipe import train
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
     records = [{"instruction": f"Say {i}", "output": f"ok {i}"} for i in range(12)]
     records.insert(3, {"instruction": "Say " + "long " * 80, "output": "ok"})
     (tmp_path / "data.json").write_text(json.dumps(records))
-    options = [f"model.name={tmp_path / 'model'}", "model.dtype=fp32", f"data.train={tmp_path / 'data.json'}",
+    options = [f"model.name={short_context_model_dir}", "model.dtype=fp32", f"data.train={tmp_path / 'data.json'}",
                f"output.dir={tmp_path / 'out'}", "data.max_length=48", "data.val_ratio=0", "training.max_steps=2",
                "tracking.report_to=[none]", "eval.metrics=[perplexity]"]
     with pytest.raises(TunelabError, match=r"1 record\(s\) kept whole by data.overflow=keep are longer than .*"
