@@ -300,6 +300,20 @@ def test_a_trl_kto_record_in_sft_is_kept_when_labelled_true():
     assert e.category == "preference_rejected" and "training.stage=kto" in e.reason
 
 
+def test_an_sft_record_with_preference_like_columns_keeps_its_own_answer():
+    """Only a record without an answer of its own is read as a preference record: an Alpaca `output` or a
+    conversation ending in an assistant turn is trained as before, whatever chosen/rejected/label columns sit beside
+    it, and a `label` that is not true/false is not a KTO label."""
+    answered = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert normalize({"instruction": "q", "output": "a", "chosen": "A", "rejected": "B"}).messages == \
+        msgs(("user", "q"), ("assistant", "a"))
+    assert normalize({**answered, "chosen": "A", "rejected": "B"}).messages == msgs(("user", "q"), ("assistant", "a"))
+    assert normalize({**answered, "completion": "x", "label": True}).messages == msgs(("user", "q"),
+                                                                                      ("assistant", "a"))
+    for label in ("positive", 1):
+        assert rejected({"prompt": "q", "completion": "a", "label": label}).category == "unknown_format"
+
+
 def test_kto_false_is_rejected_true_is_kept():
     base = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     assert rejected({**base, "label": False}).category == "preference_rejected"

@@ -375,11 +375,19 @@ def _preference_stage(rec: dict) -> str | None:
     """"dpo" or "kto" for a preference record in a form the SFT formats do not read (TRL's prompt/chosen/rejected
     and prompt/completion/label, an instruction or messages with chosen/rejected), as the preference stages read
     it; None for the others (ShareGPT pairs, v1 chosen_messages and labelled conversations are read below)."""
-    if "chosen" in rec and "rejected" in rec and "conversations" not in rec:
+    if "conversations" in rec or "output" in rec or _ends_with_answer(rec.get("messages")):
+        return None  # an SFT record with its own answer: other columns beside it change nothing
+    if "chosen" in rec and "rejected" in rec:
         return "dpo"
-    if ("label" in rec or "kto_tag" in rec) and "completion" in rec:
-        return "kto"
+    label = rec["label"] if "label" in rec else rec.get("kto_tag")
+    if isinstance(label, bool) and "completion" in rec and "messages" not in rec:
+        return "kto"  # a label that is no true/false (a class column) is not a KTO label
     return None
+
+
+def _ends_with_answer(messages: Any) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == ASSISTANT
 
 
 def _preference_as_sft(rec: dict, stage: str, column_map: dict[str, str] | None, system_prompt: str | None,
