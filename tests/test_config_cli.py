@@ -278,3 +278,23 @@ def test_a_config_setting_written_as_a_flag_is_shown_as_an_override(argv, says, 
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("local_rank,num_processes,says", [(None, 1, True), ("0", 1, True), ("1", 1, False),
+                                                            (None, 2, False)])  # the launcher: its rank 0 says it
+def test_a_repeated_override_is_told_once_under_a_launcher_too(local_rank, num_processes, says, monkeypatch, capsys):
+    """Under `torchrun tunelab train` / `accelerate launch` every process has LOCAL_RANK, so nobody said it."""
+    import argparse
+
+    from tunelab.cli import train as cli_train
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(cli_train, "train_from_args", lambda *a: 0)
+    monkeypatch.setattr(cli_train, "_launch", lambda args: 0)
+    args = argparse.Namespace(config=None, overrides=["training.epochs=1", "training.epochs=2"], resume=None,
+                              num_processes=num_processes)
+    assert cli_train.run(args) == 0
+    assert ("training.epochs" in capsys.readouterr().err) == says

@@ -277,3 +277,31 @@ def test_a_final_checkpoint_asks_room_for_its_weights_not_for_an_optimiser_it_do
     model = torch.nn.Linear(1000, 1000, bias=False)  # 1M trainable parameters, fp32
     assert checkpoint_bytes(model, "lora") == 12_000_000 + 20 * 2**20  # weights and two Adam moments
     assert checkpoint_bytes(model, "lora", optimizer=False) == 4_000_000 + 20 * 2**20
+
+
+def test_resume_checks_command_line_overrides_against_the_run_s_own_config(tmp_path, monkeypatch):
+    """`tunelab train --resume RUN training.early_stopping_patience=5` (safe on resume) for a run with eval_steps: 50
+    was refused: the override was checked against the defaults (eval_steps 0) instead of the run's config."""
+    from tunelab.cli.train import train_from_args
+    from tunelab.config import save_config
+
+    run = tmp_path / "r"
+    run.mkdir()
+    save_config(load_config(None, ["training.eval_steps=50", f"output.dir={tmp_path}", "output.run_name=r"]),
+                run / "config.yaml")
+    given = {}
+    monkeypatch.setattr("tunelab.train.recipe.train", lambda cfg, **kw: given.update(cfg=cfg, **kw))
+    assert train_from_args(None, ["training.early_stopping_patience=5"], resume=str(run)) == 0
+    assert given["cfg"].training.eval_steps == 50 and given["cfg"].training.early_stopping_patience == 5
+    assert given["resume"] == str(run) and given["overrides"] == ["training.early_stopping_patience=5"]
+
+
+def test_the_stage_of_a_run_saved_with_patience_and_no_eval_steps_is_read(tmp_path):
+    """A run an older tunelab trained with early_stopping_patience and eval_steps 0 (patience did nothing) could not
+    resume: the stage was read from its config.yaml with today's stricter checks, not as a run's config."""
+    from tunelab.train.recipe import _stage
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.yaml").write_text("training: {stage: sft, early_stopping_patience: 3, eval_steps: 0}\n")
+    assert _stage(load_config(None, ["training.stage=kto"]), str(run)) == "sft"

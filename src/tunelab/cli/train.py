@@ -7,8 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from tunelab.cli import positive_int
+
+if TYPE_CHECKING:
+    from tunelab.config import Config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,19 +31,20 @@ def run(args: argparse.Namespace) -> int:
         args.overrides, args.resume = [args.resume, *args.overrides], "latest"
     from tunelab.config import repeated_overrides
 
-    for warning in repeated_overrides(args.overrides) if "LOCAL_RANK" not in os.environ else []:  # launcher once
+    launching = args.num_processes > 1 and "LOCAL_RANK" not in os.environ  # its rank 0 says it, under any launcher
+    for warning in repeated_overrides(args.overrides) if os.environ.get("LOCAL_RANK", "0") == "0" and not launching \
+            else []:
         print(f"warning: {warning}", file=sys.stderr)
-    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if launching:
         return _launch(args)
     return train_from_args(args.config, args.overrides, args.resume)
 
 
 def _launch(args: argparse.Namespace) -> int:
     """torchrun with N local workers; what can be checked before they start is checked here, once."""
-    from tunelab.config import load_config
     from tunelab.train.distributed import require_run_name
 
-    require_run_name(load_config(args.config, args.overrides), args.resume, args.num_processes)
+    require_run_name(_config(args.config, args.overrides, args.resume)[0], args.resume, args.num_processes)
     cmd = [sys.executable, "-c", "import sys; from tunelab.train.distributed import torchrun; "
            "sys.exit(torchrun(sys.argv[1:]))", "--standalone", f"--nproc_per_node={args.num_processes}",
            "-m", "tunelab", "train"]
@@ -57,10 +62,10 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def train_from_args(config: str | None, overrides: list[str], resume: str | None = None) -> int:
-    from tunelab.config import ignored_settings, load_config
+    from tunelab.config import ignored_settings
     from tunelab.train.recipe import train
 
-    cfg = load_config(config, overrides)
+    cfg, resume = _config(config, overrides, resume)
     for warning in ignored_settings(cfg) if os.environ.get("LOCAL_RANK", "0") == "0" else []:
         print(f"warning: {warning}", file=sys.stderr)
     if not resume:
@@ -73,3 +78,18 @@ def train_from_args(config: str | None, overrides: list[str], resume: str | None
     from_file = config_file_overrides(cfg, config, resume, overrides) if config else []
     train(cfg, resume=resume, overrides=from_file + list(overrides))
     return 0
+
+
+def _config(config: str | None, overrides: list[str], resume: str | None) -> tuple[Config, str | None]:
+    """The config to train, and the run to resume. `--resume` without --config: the overrides are checked against the
+    run's own config.yaml, not the defaults (`training.early_stopping_patience=5` for a run with eval_steps 50)."""
+    from tunelab.config import load_config, load_run_config
+    from tunelab.train.lifecycle import find_resume_run
+
+    if not resume or config:
+        return load_config(config, overrides), resume
+    located = load_config(None, [o for o in overrides if o.split("=", 1)[0].strip().startswith("output.")])
+    run = find_resume_run(located, resume)
+    if not (run / "config.yaml").is_file():
+        return load_config(None, overrides), resume  # open_run says what is wrong with the folder
+    return load_run_config(run / "config.yaml", overrides), str(run)
