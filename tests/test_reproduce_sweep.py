@@ -743,3 +743,14 @@ def test_a_sweep_whose_output_dir_is_a_file_says_so(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(SweepError, match=r"cannot make the sweep folder .*f/s: Not a directory \(check output.dir\)"):
         _sweep(tmp_path, overrides=[f"output.dir={tmp_path / 'f'}"], name="s")
+
+
+def test_a_sweep_compares_a_run_saved_with_patience_and_no_eval_steps(tmp_path):
+    """Such a run (an older tunelab trained it; patience did nothing) was skipped without a word by the check that a
+    sweep continues the config it started with: its config.yaml was read with today's stricter checks."""
+    from tunelab.config import load_config
+    from tunelab.sweep import trained_from_another_config
+
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "c1" / "config.yaml").write_text("lora: {r: 8}\ntraining: {early_stopping_patience: 3, eval_steps: 0}\n")
+    assert trained_from_another_config(tmp_path, {"c1": load_config(None, ["lora.r=16"])}) == {"c1": ["lora.r"]}

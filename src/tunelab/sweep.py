@@ -135,7 +135,7 @@ def trained_from_another_config(folder: Path, cfgs: dict[str, Any]) -> dict[str,
     dotted keys that differ (the output section aside: the sweep sets it per run). The runs' own config.yaml is what
     their results came from, so this is the one check that a sweep continues the config it was started with; a key
     a newer tunelab adds reads back as its default on both sides, so an upgrade alone does not stop a sweep."""
-    from tunelab.config import load_config
+    from tunelab.config import load_run_config
     from tunelab.runs import flatten
 
     changed = {}
@@ -144,7 +144,7 @@ def trained_from_another_config(folder: Path, cfgs: dict[str, Any]) -> dict[str,
         if not path.is_file():
             continue
         try:
-            ran = flatten(load_config(path).to_dict())
+            ran = flatten(load_run_config(path).to_dict())
         except TunelabError:  # unreadable: resuming or skipping it will say so
             continue
         want = flatten(cfg.to_dict())

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tunelab.config import Config, load_config
+from tunelab.config import Config, load_run_config
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.data.batching import collate_packed, collate_padded, micro_batches_per_epoch, step_batches_for_epoch
@@ -136,7 +136,7 @@ def _stage(cfg: Config, resume) -> str:
     from tunelab.train.lifecycle import find_resume_run
 
     saved = find_resume_run(cfg, resume) / "config.yaml"
-    return load_config(saved).training.stage if saved.is_file() else cfg.training.stage
+    return load_run_config(saved).training.stage if saved.is_file() else cfg.training.stage
 
 
 def setup(cfg: Config, life: RunLife, accelerator, resume_from: Path | None, config_path: str | None) -> Session:
