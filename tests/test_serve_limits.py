@@ -123,6 +123,16 @@ def test_a_json_body_without_the_json_content_type_is_told_to_send_it(client):
                        headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
 
 
+def test_a_body_of_the_wrong_shape_names_no_field(client):
+    """A JSON body that is not an object ([], a string) had param "body", which is no request field; a field's own
+    error still names the field."""
+    for body in (b"[]", b'"hi"', b"3"):
+        r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert is_openai_error(r, 400) and r.json()["error"]["param"] is None, (body, r.json())
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": "hi"})
+    assert is_openai_error(r, 400) and r.json()["error"]["param"] == "messages"
+
+
 def test_api_key_guards_every_route_but_health(client):
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", f"/v1/models/{NAME}", "/v1/nothing"):
         r = client.get(path, headers={"Authorization": ""})

@@ -257,7 +257,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
         # not read as JSON at all (curl -d sends a form's type); a page in a browser cannot send this type unasked
         return _error(400, f"send the request body as JSON with 'Content-Type: application/json' (this one "
                            f"{'was ' + repr(kind) if kind else 'had none'})", code="invalid_content_type")
-    param = _where(errs[0]) if errs else None
+    param = _where(errs[0]) if errs else None  # the whole body ([] or a string) names no field: null, as OpenAI
+    param = None if param == "body" else param
     return _error(400, "invalid request: " + "; ".join(dict.fromkeys(_describe(e) for e in errs[:10])), param=param)
 
 
