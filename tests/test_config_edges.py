@@ -265,3 +265,25 @@ def test_settings_this_run_does_not_read_are_named_in_a_warning(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert main(["train", "training.method=full", "lora.r=8"]) == 0
     assert "warning: lora.r is not used by this run (training.method is full" in capsys.readouterr().err
+
+
+def test_an_old_run_s_patience_is_kept_when_the_resume_sets_eval_steps(tmp_path):
+    """A run saved with early_stopping_patience and eval_steps 0 reads back with patience off (it never stopped the
+    run); resuming it with training.eval_steps=50 kept patience 0 without a word: the override now decides."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("training: {early_stopping_patience: 3, eval_steps: 0}\n")
+    assert load_run_config(saved).training.early_stopping_patience == 0
+    t = load_run_config(saved, ["training.eval_steps=50"]).training
+    assert (t.eval_steps, t.early_stopping_patience) == (50, 3)
+
+
+def test_a_dollar_in_a_run_s_saved_path_is_part_of_the_name(tmp_path, monkeypatch):
+    """A run's config.yaml holds its paths as used: `$` there was expanded (or refused as an unset variable), so
+    resume and reproduce of such a run failed; a config the user writes still expands it."""
+    monkeypatch.delenv("TUNELAB_NO_SUCH_VAR", raising=False)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(f"data: {{train: {tmp_path}/$TUNELAB_NO_SUCH_VAR/d.jsonl}}\noutput: {{dir: {tmp_path}/a$b}}\n")
+    cfg = load_run_config(saved)
+    assert cfg.data.train == f"{tmp_path}/$TUNELAB_NO_SUCH_VAR/d.jsonl" and cfg.output.dir == f"{tmp_path}/a$b"
+    with pytest.raises(ConfigError, match="TUNELAB_NO_SUCH_VAR in .* is not set"):
+        load_config(saved)

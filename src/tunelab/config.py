@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin
 import yaml
 from tunelab.errors import TunelabError
 from tunelab.files import read_user_text
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 
@@ -54,11 +54,12 @@ class _Section(BaseModel):
         return value
 
 
-def _expand_path(value: str | None) -> str | None:
+def _expand_path(value: str | None, info: ValidationInfo) -> str | None:
     """`~` and `$VAR` / `${VAR}` in a path, as a shell would expand them; an unset variable is refused (left as it
-    is, `output.dir: $RUNS/x` would make a folder named `$RUNS`)."""
-    if value is None:
-        return None
+    is, `output.dir: $RUNS/x` would make a folder named `$RUNS`). A run's saved config.yaml holds its paths as they
+    were used: a `$` there is part of the name."""
+    if value is None or (info.context or {}).get("saved"):
+        return value if value is None else os.path.expanduser(value)
     expanded = os.path.expandvars(os.path.expanduser(value))
     unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
     if unset:
@@ -86,8 +87,8 @@ class ModelConfig(_Section):
 
     @field_validator("adapter")
     @classmethod
-    def _expand(cls, value: str | None) -> str | None:
-        return _expand_path(value)
+    def _expand(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _expand_path(value, info)
 
 
 class LoraConfig(_Section):
@@ -135,8 +136,8 @@ class DataConfig(_Section):
 
     @field_validator("train", "eval")
     @classmethod
-    def _expand(cls, value: str | None) -> str | None:
-        return _expand_path(value)
+    def _expand(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _expand_path(value, info)
 
 
 class TrainingConfig(_Section):
@@ -238,8 +239,8 @@ class OutputConfig(_Section):
 
     @field_validator("dir")
     @classmethod
-    def _expand(cls, value: str | None) -> str | None:
-        return _expand_path(value)
+    def _expand(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _expand_path(value, info)
 
     @field_validator("run_name")
     @classmethod
@@ -647,8 +648,9 @@ def _repeated_keys(node: Any, prefix: str, seen: set[int]) -> list[str]:
     return problems
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, saved: bool = False) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply dotted overrides, validate. `saved`: a run's
+    own config.yaml (its paths are literal: no `$VAR` expanded)."""
     data: dict[str, Any] = {}
     lines, source, problems = None, "defaults", []
     if path is not None:
@@ -671,7 +673,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         problems += _set_overrides(data, overrides)  # overrides that name no key, likewise
         source = f"{source} + command-line overrides" if path else "command-line overrides"
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, context={"saved": saved})
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, lines, overrides or (), problems)) from None
     if problems:
@@ -700,7 +702,10 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Con
     ignored there); a run_name holding a path (its folder: output.dir/run_name) as output.dir + a plain name."""
     saved = yaml.safe_load(read_user_text(path, "config", ConfigError, "utf-8-sig")) if Path(path).is_file() \
         else None
-    return load_config(path, [*_legacy_overrides(saved if isinstance(saved, dict) else {}), *(overrides or [])])
+    saved = saved if isinstance(saved, dict) else {}
+    _set_overrides(saved, overrides or [])  # judged as the overrides leave it (`training.eval_steps=50` keeps
+    # patience); load_config names any override that cannot be set
+    return load_config(path, [*_legacy_overrides(saved), *(overrides or [])], saved=True)
 
 
 def _legacy_overrides(saved: dict[str, Any]) -> list[str]:
