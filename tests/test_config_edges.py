@@ -287,3 +287,16 @@ def test_a_dollar_in_a_run_s_saved_path_is_part_of_the_name(tmp_path, monkeypatc
     assert cfg.data.train == f"{tmp_path}/$TUNELAB_NO_SUCH_VAR/d.jsonl" and cfg.output.dir == f"{tmp_path}/a$b"
     with pytest.raises(ConfigError, match="TUNELAB_NO_SUCH_VAR in .* is not set"):
         load_config(saved)
+
+
+def test_a_json_config_s_typo_keeps_its_line_and_an_empty_one_is_the_defaults(tmp_path):
+    """Every read or parse error of a .json config was told 'looks like a dataset' (line and column lost), and `{}`
+    (the defaults, as an empty YAML file) was refused as a dataset."""
+    broken = tmp_path / "c.json"
+    broken.write_text('{"training": {"epochs": 1}\n')
+    with pytest.raises(ConfigError, match=r"is not valid YAML, line \d+, column \d+") as e:
+        load_config(broken)
+    assert "dataset" not in str(e.value)
+    empty = tmp_path / "e.json"
+    empty.write_text("{}\n")
+    assert load_config(empty).training.epochs == load_config(None).training.epochs

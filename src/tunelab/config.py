@@ -661,12 +661,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         try:
             text = read_user_text(path, "config", ConfigError, encoding="utf-8-sig")
-            data, problems, lines = read_yaml(text, source)  # keys given twice: reported with the others
-        except ConfigError:
+        except ConfigError:  # not text: parquet, gzip
             _not_a_dataset(path, None)
             raise
-        _not_a_dataset(path, data)
-        data = {} if data is None else data  # an empty file (or only comments): the defaults
+        try:
+            data, problems, lines = read_yaml(text, source)  # keys given twice: reported with the others
+        except ConfigError:  # not YAML: JSON Lines, CSV; a .json config's own typo keeps its line and column
+            if path.suffix.lower() != ".json":
+                _not_a_dataset(path, None)
+            raise
+        if data:  # an empty file, only comments or `{}`: the defaults
+            _not_a_dataset(path, data)
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, training: ...)")
     if overrides:
