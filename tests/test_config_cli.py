@@ -269,6 +269,8 @@ def test_merge_refuses_a_tolerance_for_a_verification_it_skips(tmp_path, capsys)
     (["train", "--lr", "1e-4"], "--lr (config settings go without dashes: training.learning_rate=...)"),
     (["sweep", "--grid", "lora.r=8", "--lora_r=4"], "--lora_r=4 (config settings go without dashes: lora.r=4)"),
     (["eval", "--epochs", "1"], "unrecognized arguments: --epochs 1\n"),  # eval takes no config overrides
+    (["train", "--output_dir=x"], "--output_dir=x (config settings go without dashes: output.dir=x)"),
+    (["train", "--training"], "unrecognized arguments: --training\n"),  # a section is no setting
 ])
 def test_a_config_setting_written_as_a_flag_is_shown_as_an_override(argv, says, capsys):
     """`tunelab train --training.epochs=1` (as other tools' command lines take it) said only 'unrecognized

@@ -372,7 +372,8 @@ _OTHER_TOOLS_NAMES = {"lr": "learning_rate", "num_train_epochs": "epochs", "per_
                       "micro_batch_size": "batch_size", "num_epochs": "epochs", "base_model": "name",
                       "grad_accum": "gradient_accumulation_steps",
                       "gradient_accumulation": "gradient_accumulation_steps",
-                      "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules"}
+                      "lr_scheduler_type": "lr_scheduler", "lora_target_modules": "target_modules",
+                      "output_dir": "dir"}
 
 
 def key_hint(path: str) -> str:

@@ -131,14 +131,15 @@ def _setting_hint(args: argparse.Namespace, unknown: list[str]) -> str:
     override it meant."""
     if not hasattr(args, "overrides"):
         return ""
-    from tunelab.config import KEY_PATHS, key_hint
+    from tunelab.config import KEY_PATHS, SECTION_PATHS, key_hint
 
     for item in unknown:
         name, _, value = item.lstrip("-").partition("=")
         key = name.replace("-", "_")
         hint = key if key in KEY_PATHS else key_hint(key).removeprefix(" (did you mean ").removesuffix("?)")
-        if item.startswith("--") and hint:
-            return f" (config settings go without dashes: {hint.split(' or ')[0]}={value or '...'})"
+        keys = [k for k in hint.split(" or ") if k and k not in SECTION_PATHS]  # `output=...` sets no setting
+        if item.startswith("--") and keys:
+            return f" (config settings go without dashes: {keys[0]}={value or '...'})"
     return ""
 
 
