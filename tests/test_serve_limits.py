@@ -416,8 +416,41 @@ def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(tiny_model_dir
         assert main(["serve", "--model", str(tiny_model_dir), "--dtype", "fp32", "--port", str(port)]) == 2
     out, err = capsys.readouterr()
     assert "serving" not in out
-    assert err.strip() == f"error: cannot listen on 127.0.0.1:{port}: another program is listening there; stop it " \
-                          f"or give another --port"
+    assert err.strip() == f"error: cannot listen on 127.0.0.1 port {port}: another program is listening there; " \
+                          f"stop it or give another --port"
+
+
+def test_host_localhost_listens_on_ipv4_where_the_hosts_file_lists_ipv6_first(tiny_model_dir, monkeypatch):
+    """serve bound the first of getaddrinfo's answers: with `::1 localhost` first in /etc/hosts, --host localhost
+    listened on IPv6 only and http://127.0.0.1:PORT was refused. uvicorn (and `tunelab ui`) take IPv4 unless the
+    host has a ':'."""
+    import socket
+
+    import tunelab.serve.app as serve_app
+    from tunelab.cli import main
+
+    real = socket.getaddrinfo
+
+    def ipv6_first(host, port, family=0, type=0, proto=0, flags=0):
+        if host != "localhost":
+            return real(host, port, family, type, proto, flags)
+        v6 = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port or 0, 0, 0))]
+        v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return {socket.AF_UNSPEC: v6 + v4, socket.AF_INET: v4, socket.AF_INET6: v6}[family]
+
+    served = []
+
+    class Server:
+        def run(self, sockets):
+            sock = sockets[0]
+            with socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=5):  # waits in the backlog
+                served.append(sock.family)
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    monkeypatch.setattr(serve_app, "make_server", lambda app, **config: Server())
+    assert main(["serve", "--model", str(tiny_model_dir), "--dtype", "fp32", "--host", "localhost",
+                 "--port", "0"]) == 0
+    assert served == [socket.AF_INET]
 
 
 def test_an_empty_tools_list_and_parallel_tool_calls_ask_nothing_and_are_accepted(client):

@@ -18,6 +18,7 @@ import secrets
 from urllib.parse import quote
 
 from tunelab.cli import port_number, positive_int
+from tunelab.listening import listen
 from tunelab.ui import MAX_UPLOAD_MB
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -74,28 +75,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
-
-
-def listen(host: str, port: int):
-    """A socket listening on host:port (connections wait in its backlog until the server takes them), or an error
-    that names the port."""
-    import socket
-
-    from tunelab.errors import TunelabError
-
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except OSError as e:
-        raise TunelabError(f"cannot listen on --host {host}: {e.strerror or e}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-closed server's port is free
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise TunelabError(f"cannot listen on {host} port {port}: {e.strerror or e} (another server there? pick "
-                           "another --port)") from None
-    return sock

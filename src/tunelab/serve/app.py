@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import errno
 import json
 import logging
 import secrets
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.data.template import CONTROL_TOKEN_WHY, find_control_tokens, render, special_tokens
 from tunelab.errors import TunelabError
+from tunelab.listening import listen
 from tunelab.serve.engine import Engine, Job, QueueFull, Sampling, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -645,7 +644,7 @@ def serve(model: str | None, adapter: str | None = None, host: str = "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     # a port in use is said now, not after loading the model and claiming to serve; closed however serving ends
-    with _listen(host, port) as sock:
+    with listen(host, port) as sock:
         app, described = _load_app(model, adapter, model_name, dtype, settings, weights)
         port = sock.getsockname()[1]  # the one picked, for --port 0
         print(f"serving {described} at http://{host}:{port}/v1 (OpenAI-compatible)"
@@ -687,24 +686,6 @@ def _load_app(model: str | None, adapter: str | None, model_name: str | None, dt
     dtype_name = str(next(m.parameters()).dtype).removeprefix("torch.")
     dtype_name += ", int8 decode weights" if weights == "int8" else ""
     return app, f"'{name}' ({dtype_name}, up to {settings.max_batch_size} requests per batch)"
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), as uvicorn would bind it; a one-line TunelabError when it cannot be."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise TunelabError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        why = "another program is listening there; stop it or give another --port" \
-            if e.errno == errno.EADDRINUSE else e.strerror
-        raise TunelabError(f"cannot listen on {host}:{port}: {why}") from None
-    return sock
 
 
 def make_server(app: FastAPI, grace: float = 10, **config: Any):
