@@ -79,6 +79,9 @@ def test_merged_logits_equal_adapter_logits(run_dir, tiny_model_dir, tiny_tokeni
             "tokenizer_config.json", "tunelab.json"} <= files
     assert not list(tmp_path.glob(".merged*"))  # no temporary folder left behind
     assert "adapter_config.json" not in files
+    # where it came from, found again from any working folder (the dashboard's Export checks it)
+    assert json.loads((tmp_path / "merged" / "tunelab.json").read_text())["merged_from"] == \
+        str((run_dir / "checkpoint-final").resolve())
 
 
 def test_merged_folder_loads_without_tunelab(run_dir, tmp_path):

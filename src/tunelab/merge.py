@@ -252,8 +252,10 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, dtype: 
                     f"{agree:.1%} (need {MIN_AGREEMENT[dtype]:.0%}). Nothing was written to {output}. Try --dtype "
                     "fp32, or check that the adapter matches its base model")
         check_templates({"training": tok, "merged": AutoTokenizer.from_pretrained(tmp)})
-        record = {"merged_from": str(adapter_dir), "base_model": base_name, "revision": meta.get("revision"),
-                  "trust_remote_code": bool(meta.get("trust_remote_code")), "method": method, "dtype": dtype,
+        # merged_from absolute: found again from any working folder (the dashboard's Export checks it)
+        record = {"merged_from": str(Path(adapter_dir).resolve()), "base_model": base_name,
+                  "revision": meta.get("revision"), "trust_remote_code": bool(meta.get("trust_remote_code")),
+                  "method": method, "dtype": dtype,
                   "run_name": meta.get("run_name"), "verification": {k: v for k, v in asdict(report).items() if k in (
                       "verified", "max_logit_diff", "relative_diff", "token_agreement", "positions", "tolerance")},
                   "eos_token_ids": stops, "notes": notes,

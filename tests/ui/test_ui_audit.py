@@ -300,6 +300,14 @@ def test_merge_and_export_of_runs_whose_names_differ_only_by_a_slash(client, wor
     (merged / "tunelab.json").unlink()  # a folder tunelab merge did not write
     with pytest.raises(JobError, match="not written by tunelab merge"):
         run_command(ui, "a-b", "export")
+    # a nested run merged before this change (models/a-b-merged) is still exported, once its record says so
+    (merged / "tunelab.json").write_text(json.dumps({"merged_from": str(workdir / "outputs/a/b/checkpoint-final")}))
+    assert run_command(ui, "a/b", "export")[0][:3] == ["export", "--model", "models/a-b-merged"]
+    nested = workdir / "models" / "a" / "b-merged"
+    nested.mkdir(parents=True)
+    (nested / "config.json").write_text("{}")
+    (merged / "config.json").write_text("{}")
+    assert client.get("/api/chat/targets").json()["targets"] == ["models/a/b-merged", "models/a-b-merged"]
 
 
 def test_a_nan_eval_loss_is_not_the_best(workdir):

@@ -255,6 +255,19 @@ def _datasets_in(workdir: Path, base: Path) -> list[dict[str, Any]]:
     return found
 
 
+def _model_folders(root: Path, depth: int = 4) -> list[Path]:
+    """Model folders (a config.json) under `root`, nested ones too (a nested run `a/b` merges into
+    models/a/b-merged); a model folder's own sub-folders are not searched."""
+    if depth < 0 or not root.is_dir():
+        return []
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # a folder we may not read: its models are not offered
+        return []
+    models = [p for p in subs if (p / "config.json").is_file()]
+    return sorted(models + [m for p in subs if p not in models for m in _model_folders(p, depth - 1)])
+
+
 def _merged_dir(name: str) -> str:
     """models/<run name>-merged; a nested run `a/b` merges into models/a/b-merged (not models/a-b-merged, which
     is run `a-b`'s)."""
@@ -279,6 +292,9 @@ def run_command(ui, name: str, action: str) -> tuple[list[str], list[str]]:
     """(tunelab arguments, outputs) of a run action: the same command a person would type."""
     run_arg = ui.run_arg(name)
     merged = _merged_dir(name)
+    legacy = f"models/{name.replace('/', '-')}-merged"  # where a nested run's merge went before
+    if action == "export" and not (ui.workdir / merged).is_dir() and (ui.workdir / legacy).is_dir():
+        merged = legacy  # exported only if its tunelab.json says it was merged from this run (below)
     if action == "resume":
         return ["train", "--resume", run_arg], []
     if action == "eval":
@@ -481,10 +497,7 @@ def _chat_routes(app: FastAPI) -> None:
     def targets(request: Request):
         ui = _ui(request)
         found = [r["name"] for r in ui.table.rows() if (ui.root / r["name"] / "checkpoint-final").is_dir()]
-        models = ui.workdir / "models"
-        if models.is_dir():
-            found += [str(p.relative_to(ui.workdir)) for p in sorted(models.iterdir())
-                      if (p / "config.json").is_file()]
+        found += [str(p.relative_to(ui.workdir)) for p in _model_folders(ui.workdir / "models")]
         return {"targets": found}
 
     @app.post("/api/chat")
