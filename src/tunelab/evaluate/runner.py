@@ -223,6 +223,17 @@ def run_folder_of(adapter: str | os.PathLike | None) -> Path | None:
     return None
 
 
+# What `tunelab eval` uses for an option neither given nor set by the run (run_eval).
+EVAL_DEFAULTS = {"metrics": ["perplexity", "bleu"], "max_length": 512, "train_on": "assistant", "overflow": "truncate",
+                 "chunk_size": 1024, "max_new_tokens": 64, "max_samples": 32, "batch_size": 8, "dtype": "auto"}
+
+
+def eval_defaults(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, Any]:
+    """The settings `tunelab eval --adapter` takes when given no option: the run's (its config.yaml and the
+    adapter's tunelab.json) over EVAL_DEFAULTS."""
+    return {**EVAL_DEFAULTS, **_defaults_from(adapter_dir, run_dir)}
+
+
 def _defaults_from(adapter_dir: Path | None, run_dir: Path | None) -> dict[str, Any]:
     """Settings the run was trained with (so eval masks, truncates and computes exactly as training did)."""
     out: dict[str, Any] = {}
@@ -344,13 +355,14 @@ def run_eval(model: str | None = None, adapter: str | None = None, data: str | N
         if run_dir is None:
             raise EvalError("give --data (a prepared folder or a raw file) to evaluate on")
         data = str(run_dir)
-    d = _defaults_from(adapter_dir, run_dir) if run_dir else _defaults_of_related_run(model, data, console)
-    metrics = normalize_metrics(metrics if metrics else d.get("metrics", ["perplexity", "bleu"]))
-    opts = dict(max_length=max_length or d.get("max_length", 512), train_on=train_on or d.get("train_on", "assistant"),
-                overflow=d.get("overflow", "truncate"), chunk_size=d.get("chunk_size", 1024),
-                max_new_tokens=max_new_tokens or d.get("max_new_tokens", 64),
-                max_samples=max_samples or d.get("max_samples", 32), batch_size=batch_size or d.get("batch_size", 8))
-    dtype = dtype or d.get("dtype", "auto")
+    d = {**EVAL_DEFAULTS,
+         **(_defaults_from(adapter_dir, run_dir) if run_dir else _defaults_of_related_run(model, data, console))}
+    metrics = normalize_metrics(metrics if metrics else d["metrics"])
+    opts = dict(max_length=max_length or d["max_length"], train_on=train_on or d["train_on"],
+                overflow=d["overflow"], chunk_size=d["chunk_size"],
+                max_new_tokens=max_new_tokens or d["max_new_tokens"], max_samples=max_samples or d["max_samples"],
+                batch_size=batch_size or d["batch_size"])
+    dtype = dtype or d["dtype"]
     stage = d.get("stage") if d.get("stage") in RAW_STAGES else None
     ev_data = load_eval_data(data, split, stage or "sft", console=console)  # raw files read as the run's
     from tunelab.evaluate.preference import is_preference_data

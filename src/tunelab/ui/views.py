@@ -270,25 +270,20 @@ def eval_args(run: Path, run_arg: str, name: str, ev: dict[str, Any]) -> list[st
     return args + _setting_args(run, trained if trained.is_dir() else None, ev.get("settings"))
 
 
-# `tunelab eval`'s own defaults, where the run's config does not set one (tunelab.evaluate.runner.run_eval)
-_EVAL_DEFAULTS = {"metrics": ["perplexity", "bleu"], "max_length": 512, "max_new_tokens": 64, "max_samples": 32,
-                  "dtype": "auto"}
-
-
 def _setting_args(run: Path, adapter: Path | None, settings: Any) -> list[str]:
     """--metrics / --max-length / --max-new-tokens / --max-samples / --dtype where the result was scored with other
     values than `tunelab eval` takes from the run's config and adapter."""
     import yaml
 
-    from tunelab.evaluate.runner import _defaults_from, normalize_metrics
+    from tunelab.evaluate.runner import EVAL_DEFAULTS, eval_defaults, normalize_metrics
 
     if not isinstance(settings, dict):
         return []
     try:
-        defaults = {**_EVAL_DEFAULTS, **_defaults_from(adapter, run)}
+        defaults = eval_defaults(adapter, run)
         defaults["metrics"] = normalize_metrics(defaults["metrics"])
-    except (OSError, ValueError, AttributeError, TypeError, TunelabError, yaml.YAMLError):  # unreadable: tunelab eval's own defaults
-        defaults = dict(_EVAL_DEFAULTS)
+    except (OSError, ValueError, AttributeError, TypeError, TunelabError, yaml.YAMLError):  # unreadable: eval's own
+        defaults = dict(EVAL_DEFAULTS)
     asked = {**settings, "max_length": settings.get("max_length_asked", settings.get("max_length"))}
     if "max_samples" not in settings:  # no generation metric was asked: nothing generated, nothing to repeat
         asked.pop("max_new_tokens", None)
