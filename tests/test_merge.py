@@ -23,8 +23,8 @@ def make_adapter(model_dir: Path, out: Path, method: str = "lora", use_dora: boo
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"], use_dora=use_dora)
+    torch.manual_seed(seed)  # lora_A's random init too: the adapter must not depend on the tests run before
     model = get_peft_model(base, cfg)
-    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
