@@ -451,7 +451,7 @@ def build_model(cfg: Config, accelerator, say):
 
     model, choice = load_base(cfg, accelerator, say)
     torch.manual_seed(cfg.training.seed)  # adapter initialisation
-    model = ready_to_train(_fp32_trainable(apply_method(model, cfg, say)), accelerator, say, cfg.lora.dropout)
+    model = ready_to_train(apply_method(model, cfg, say), accelerator, say, cfg.lora.dropout)
     trainable, total = parameter_counts(model)
     say(f"Method: {cfg.training.method} | trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)")
     return model, choice
@@ -537,6 +537,7 @@ def ready_to_train(model, accelerator, say, lora_dropout: float):
 
     # from_pretrained returns the model in eval mode and peft's wrapper does not change its layers: transformers
     # checkpoints a layer only in training mode, and dropout only drops in it
+    _fp32_trainable(model)  # a new adapter, or one loaded to train on (preference stages' model.adapter)
     model.train()
     if accelerator.device.type == "cpu" and lever_enabled("fast_dropout") and install_fast_dropout(model):
         say(f"LoRA dropout {lora_dropout}: masks from packed random bits on CPU (tunelab.train.dropout)")
